@@ -1,0 +1,223 @@
+"""The metadata contract between ``convert/`` (writer) and ``service/`` (reader).
+
+A dense model is one ONNX file whose ``metadata_props`` hold one JSON document under the
+key :data:`METADATA_KEY`. This module is the only place that defines that document; the
+converter builds a :class:`ModelMetadata` and calls :meth:`ModelMetadata.to_props`, the
+engine calls :meth:`ModelMetadata.from_props` on what onnxruntime or onnx reads back.
+
+Geometry conventions (all per axis, as ``(h, w)`` tuples of ints):
+
+- ``window`` R: the training input size of the classifier. Cell ``(i, j)`` of the map at the
+  native stride is the classifier applied to the crop whose top-left corner is
+  ``(origin_h + i*S_h, origin_w + j*S_w)`` and whose size is R. ``origin`` is ``(0, 0)`` for
+  every model the converter writes.
+- ``stride`` S: the total stride of the trunk (the native output stride).
+- ``receptive_field``: the true receptive field of one cell, padding included, and
+  ``receptive_field_offset``: where it starts relative to the window's top-left corner
+  (negative for padded nets, whose field hangs over the window). For unpadded nets the field
+  lies inside the window.
+- ``effective_window``: the part of R that actually influences a cell (a strided trunk can
+  ignore trailing pixels of R); ``effective_window <= window``.
+- ``padded``: whether any conv/pool before the head pads. Padded nets are NOT equal to
+  crop-by-crop evaluation (crops see zeros at their border); see README "Exactness".
+- Cells per axis on an image of size W: ``n = (W - R) // S + 1``; an image smaller than R
+  has no cell. The engine crops any extra cell a model returns (ceil_mode pooling) to n.
+
+Variants: à-trous networks with a finer output stride S/k, stored as separate ONNX files
+next to the main one, listed in ``variants`` with their output stride and file name.
+
+Bump :data:`CONTRACT_VERSION` on any incompatible change; readers refuse newer versions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+from service.errors import ModelLoadError
+
+CONTRACT_VERSION = 1
+METADATA_KEY = "densemap"
+
+LAYOUTS = ("NCHW", "NHWC")
+COLOR_ORDERS = ("RGB", "BGR", "L")
+OUTPUT_KINDS = ("logits", "probabilities")
+
+Pair = tuple[int, int]
+
+
+def _pair(value, name: str) -> Pair:
+    """Return ``value`` as an (h, w) pair of ints; an int means a square."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value, value)
+    try:
+        h, w = value
+    except (TypeError, ValueError):
+        raise ModelLoadError(f"metadata field {name!r} must be an int or [h, w], got {value!r}")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (h, w)):
+        raise ModelLoadError(f"metadata field {name!r} must hold integers, got {value!r}")
+    return (h, w)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where each cell of the map looks in the input image (see module docstring)."""
+
+    window: Pair
+    stride: Pair
+    receptive_field: Pair
+    receptive_field_offset: Pair = (0, 0)
+    effective_window: Pair | None = None
+    origin: Pair = (0, 0)
+    padded: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("window", "stride", "receptive_field", "receptive_field_offset", "origin"):
+            object.__setattr__(self, name, _pair(getattr(self, name), name))
+        ew = self.window if self.effective_window is None else self.effective_window
+        object.__setattr__(self, "effective_window", _pair(ew, "effective_window"))
+        if min(self.window) < 1 or min(self.stride) < 1 or min(self.receptive_field) < 1:
+            raise ModelLoadError(f"geometry sizes must be >= 1, got {self}")
+
+    def cells(self, height: int, width: int) -> Pair:
+        """Number of cells (n_h, n_w) on an image of this size; (0, 0)-free: may be <= 0."""
+        return (
+            (height - self.window[0]) // self.stride[0] + 1,
+            (width - self.window[1]) // self.stride[1] + 1,
+        )
+
+    def box(self, i: int, j: int) -> tuple[int, int, int, int]:
+        """Pixel box (top, left, bottom, right) of cell (i, j), bottom/right exclusive."""
+        top = self.origin[0] + i * self.stride[0]
+        left = self.origin[1] + j * self.stride[1]
+        return (top, left, top + self.window[0], left + self.window[1])
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How raw pixels become the model's input tensor: ``(pixel * scale - mean) / std``.
+
+    ``color`` is the channel order the model expects (``L`` = one grey channel).
+    ``mean``/``std`` have one entry per channel, in that order.
+    """
+
+    layout: str = "NCHW"
+    color: str = "RGB"
+    scale: float = 1.0 / 255.0
+    mean: tuple[float, ...] = (0.0, 0.0, 0.0)
+    std: tuple[float, ...] = (1.0, 1.0, 1.0)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        if self.layout not in LAYOUTS:
+            raise ModelLoadError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.color not in COLOR_ORDERS:
+            raise ModelLoadError(f"color must be one of {COLOR_ORDERS}, got {self.color!r}")
+        channels = self.channels
+        if len(self.mean) != channels or len(self.std) != channels:
+            raise ModelLoadError(
+                f"mean and std need {channels} values for color {self.color!r}, "
+                f"got mean={self.mean} std={self.std}"
+            )
+        if any(s == 0 or not math.isfinite(s) for s in self.std):
+            raise ModelLoadError(f"std values must be finite and non-zero, got {self.std}")
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.color == "L" else 3
+
+
+@dataclass(frozen=True)
+class Variant:
+    """An à-trous network with a finer output stride, stored next to the main model."""
+
+    stride: Pair
+    file: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stride", _pair(self.stride, "variants.stride"))
+        if "/" in self.file or "\\" in self.file or self.file in ("", ".", ".."):
+            raise ModelLoadError(f"variant file must be a bare file name, got {self.file!r}")
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    """Everything the service needs to know about a dense model, beyond its graph."""
+
+    geometry: Geometry
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    labels: tuple[str, ...] = ()
+    output_kind: str = "logits"
+    input_name: str = "input"
+    output_name: str = "scores"
+    variants: tuple[Variant, ...] = ()
+    source: str = ""
+    converter_version: str = ""
+    version: int = CONTRACT_VERSION
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", tuple(str(v) for v in self.labels))
+        object.__setattr__(self, "variants", tuple(self.variants))
+        if self.output_kind not in OUTPUT_KINDS:
+            raise ModelLoadError(
+                f"output_kind must be one of {OUTPUT_KINDS}, got {self.output_kind!r}"
+            )
+
+    # -- serialisation -------------------------------------------------------------------
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    def to_props(self) -> dict[str, str]:
+        """The ``metadata_props`` entries to write into the ONNX model."""
+        return {METADATA_KEY: self.to_json()}
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelMetadata:
+        try:
+            doc = json.loads(text)
+        except (TypeError, ValueError) as exc:
+            raise ModelLoadError(f"densemap metadata is not valid JSON: {exc}") from None
+        if not isinstance(doc, dict):
+            raise ModelLoadError("densemap metadata must be a JSON object")
+        version = doc.get("version")
+        if not isinstance(version, int) or version < 1:
+            raise ModelLoadError(f"densemap metadata has no valid 'version' (got {version!r})")
+        if version > CONTRACT_VERSION:
+            raise ModelLoadError(
+                f"model metadata is contract version {version}, this densemap reads up to "
+                f"{CONTRACT_VERSION}: upgrade densemap"
+            )
+        try:
+            return cls(
+                geometry=Geometry(**doc["geometry"]),
+                preprocessing=Preprocessing(**doc.get("preprocessing", {})),
+                labels=tuple(doc.get("labels", ())),
+                output_kind=doc.get("output_kind", "logits"),
+                input_name=doc.get("input_name", "input"),
+                output_name=doc.get("output_name", "scores"),
+                variants=tuple(Variant(**v) for v in doc.get("variants", ())),
+                source=doc.get("source", ""),
+                converter_version=doc.get("converter_version", ""),
+                version=version,
+            )
+        except ModelLoadError:
+            raise
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelLoadError(f"densemap metadata is malformed: {exc!r}") from None
+
+    @classmethod
+    def from_props(cls, props: dict[str, str]) -> ModelMetadata:
+        """Read the contract from ONNX ``metadata_props`` (a plain str -> str mapping)."""
+        if METADATA_KEY not in props:
+            raise ModelLoadError(
+                f"the ONNX model has no '{METADATA_KEY}' metadata: convert it with "
+                "'densemap convert' first"
+            )
+        return cls.from_json(props[METADATA_KEY])
+
+    @property
+    def supported_strides(self) -> tuple[Pair, ...]:
+        """Output strides this model gives in one pass: native first, then variants."""
+        return (self.geometry.stride, *(v.stride for v in self.variants))

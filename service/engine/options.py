@@ -1,0 +1,49 @@
+"""Typed configuration of the engine and per-request scoring options."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_MAX_PIXELS = 256 * 1024 * 1024  # 16384 x 16384: refuse bigger images before decoding
+DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of activations per pass before the engine tiles
+DEFAULT_INTRA_OP_THREADS = 0  # 0 lets onnxruntime choose (one per physical core)
+DEFAULT_IMAGE_TOP_K = 5
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How an :class:`~service.engine.Engine` loads and runs its model."""
+
+    device: str = "auto"  # "auto" (CUDA when it really loads, else CPU), "cpu" or "cuda"
+    intra_op_threads: int = DEFAULT_INTRA_OP_THREADS
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    memory_budget: int = DEFAULT_MEMORY_BUDGET
+    tiling: bool = True  # False: an image over the budget is refused (ImageTooLarge)
+    warmup: bool = True
+
+
+@dataclass(frozen=True)
+class ScoreOptions:
+    """What to compute for one image. Defaults give the native-stride probability map.
+
+    - ``output_stride``: None for the native stride S, else an int S/k that the model
+      supports (à-trous variant in one pass, else shift-and-stitch).
+    - ``scales``: image scales; each gives its own map, image scores average over them.
+    - ``probabilities``: softmax over the class axis (True) or raw logits (False).
+    - ``dtype``: "float32" or "float16" for returned maps.
+    - ``top_k``: per-cell top-k classes (0 = off).
+    - ``classes``: keep only these class indices in the returned map (None = all).
+    - ``argmax``: also return the per-cell label map.
+    - ``include_map``: return the score map itself (False: only top-k/argmax/image scores).
+    - ``image_top_k``: how many image-level classes to report.
+    """
+
+    output_stride: int | None = None
+    scales: tuple[float, ...] = (1.0,)
+    probabilities: bool = True
+    dtype: str = "float32"
+    top_k: int = 0
+    classes: tuple[int, ...] | None = None
+    argmax: bool = False
+    include_map: bool = True
+    image_top_k: int = DEFAULT_IMAGE_TOP_K

@@ -1,0 +1,62 @@
+"""What the engine returns: score maps with the geometry that places every cell."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class MapGeometry:
+    """Places cell (i, j) of one map in ORIGINAL-image pixels.
+
+    ``stride`` and ``window`` are in pixels of the image the net saw (the image resized
+    by ``scale``); ``resize`` is the exact (h, w) ratio resized/original used for that map.
+    """
+
+    stride: tuple[int, int]
+    window: tuple[int, int]
+    origin: tuple[int, int]
+    receptive_field: tuple[int, int]
+    receptive_field_offset: tuple[int, int]
+    scale: float = 1.0
+    resize: tuple[float, float] = (1.0, 1.0)
+
+    def box(self, i: int, j: int) -> tuple[float, float, float, float]:
+        """(top, left, bottom, right) of cell (i, j) in original-image pixels."""
+        top = (self.origin[0] + i * self.stride[0]) / self.resize[0]
+        left = (self.origin[1] + j * self.stride[1]) / self.resize[1]
+        return (top, left, top + self.window[0] / self.resize[0], left + self.window[1] / self.resize[1])
+
+
+@dataclass
+class ScaleMap:
+    """One map: ``scores`` is [C, n_h, n_w] (None when not requested)."""
+
+    geometry: MapGeometry
+    scores: np.ndarray | None = None
+    top_k_indices: np.ndarray | None = None  # [k, n_h, n_w] int32, best first
+    top_k_scores: np.ndarray | None = None  # [k, n_h, n_w]
+    argmax: np.ndarray | None = None  # [n_h, n_w] int32
+    classes: tuple[int, ...] | None = None  # class index of each channel of ``scores``
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(n_h, n_w): cells per axis."""
+        for arr in (self.scores, self.argmax, self.top_k_indices):
+            if arr is not None:
+                return tuple(arr.shape[-2:])
+        raise ValueError("map holds no array")
+
+
+@dataclass
+class ScoreMap:
+    """The result of :meth:`Engine.score`: one :class:`ScaleMap` per requested scale."""
+
+    maps: list[ScaleMap]
+    image_scores: np.ndarray  # [num_classes] mean cell probability, averaged over scales
+    image_top_k: list[tuple[int, float]]  # (class index, score), best first
+    labels: tuple[str, ...] = ()
+    image_size: tuple[int, int] = (0, 0)  # (h, w) of the original image
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: decode, infer, ...
