@@ -16,7 +16,10 @@ from service.errors import DensemapError
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "convert": ("convert.cli", "convert a classifier into a dense (fully-convolutional) ONNX model"),
+    "convert": (
+        "convert.cli",
+        "convert a classifier into a dense (fully-convolutional) ONNX model",
+    ),
     "serve": ("service.serve_cli", "serve a model repository over gRPC"),
     "score": ("service.score_cli", "score image files and folders into maps and heat-maps"),
 }

@@ -54,7 +54,9 @@ def _pair(value, name: str) -> Pair:
     try:
         h, w = value
     except (TypeError, ValueError):
-        raise ModelLoadError(f"metadata field {name!r} must be an int or [h, w], got {value!r}")
+        raise ModelLoadError(
+            f"metadata field {name!r} must be an int or [h, w], got {value!r}"
+        ) from None
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in (h, w)):
         raise ModelLoadError(f"metadata field {name!r} must hold integers, got {value!r}")
     return (h, w)

@@ -27,7 +27,12 @@ class MapGeometry:
         """(top, left, bottom, right) of cell (i, j) in original-image pixels."""
         top = (self.origin[0] + i * self.stride[0]) / self.resize[0]
         left = (self.origin[1] + j * self.stride[1]) / self.resize[1]
-        return (top, left, top + self.window[0] / self.resize[0], left + self.window[1] / self.resize[1])
+        return (
+            top,
+            left,
+            top + self.window[0] / self.resize[0],
+            left + self.window[1] / self.resize[1],
+        )
 
 
 @dataclass
