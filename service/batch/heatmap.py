@@ -1,0 +1,141 @@
+"""Heat-map pictures: a score map drawn over its image, same size as the image.
+
+Each image pixel takes the cell whose window centre is nearest (in the resized image the
+map was computed on); pixels that no window covers (the last ``(W - R) mod S`` columns and
+rows) stay unpainted. Two modes:
+
+- top class: the colour of the cell's best class (a fixed 20-colour palette), opacity
+  proportional to its confidence, with a legend of the classes shown;
+- one class: that class's probability through a perceptual colour ramp (dark blue ->
+  green -> yellow), with a colour bar.
+
+Logit maps are turned into probabilities (softmax over the class axis) for drawing only.
+Uses only numpy and Pillow; the first map (first ``--scales`` entry) is drawn.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from service.engine.result import ScaleMap
+
+# 20 distinct colours (RGB), cycled for class indices >= 20.
+CLASS_PALETTE = np.array(
+    [
+        (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+        (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
+        (0, 128, 128), (220, 190, 255), (170, 110, 40), (255, 250, 200), (128, 0, 0),
+        (170, 255, 195), (128, 128, 0), (255, 215, 180), (0, 0, 128), (128, 128, 128),
+    ],
+    dtype=np.uint8,
+)  # fmt: skip
+# Anchors of the ramp for one class, from 0.0 to 1.0 (approximately viridis).
+_RAMP_ANCHORS = np.array(
+    [(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)],
+    dtype=np.float64,
+)
+TOP_CLASS_MAX_ALPHA = 0.65
+CLASS_ALPHA = 0.55
+
+
+def ramp_table() -> np.ndarray:
+    """[256, 3] uint8 colour ramp, linear between the anchors."""
+    x = np.linspace(0.0, 1.0, 256)
+    knots = np.linspace(0.0, 1.0, len(_RAMP_ANCHORS))
+    channels = [np.interp(x, knots, _RAMP_ANCHORS[:, c]) for c in range(3)]
+    return np.round(np.stack(channels, axis=1)).astype(np.uint8)
+
+
+RAMP = ramp_table()
+
+
+def pixel_cells(size: int, *, cells: int, stride: int, window: int, origin: int, resize: float):
+    """For each pixel along one axis, the index of its nearest cell, or -1 if uncovered."""
+    centre = (np.arange(size, dtype=np.float64) + 0.5) * resize  # in resized-image pixels
+    index = np.floor((centre - origin - window / 2.0) / stride + 0.5).astype(np.int64)
+    index = np.clip(index, 0, cells - 1)
+    covered = (centre >= origin) & (centre < origin + (cells - 1) * stride + window)
+    return np.where(covered, index, -1)
+
+
+def probabilities_of(scores: np.ndarray, *, probabilities: bool) -> np.ndarray:
+    """[C, n_h, n_w] float32 probabilities (softmax over classes for logit maps)."""
+    values = scores.astype(np.float32)
+    if probabilities:
+        return values
+    values = values - values.max(axis=0, keepdims=True)
+    np.exp(values, out=values)
+    return values / values.sum(axis=0, keepdims=True)
+
+
+def _as_rgb(image: np.ndarray) -> Image.Image:
+    pixels = np.asarray(image)
+    if pixels.dtype != np.uint8:
+        pixels = np.clip(pixels, 0, 255).astype(np.uint8)
+    if pixels.ndim == 3 and pixels.shape[2] == 1:
+        pixels = pixels[:, :, 0]
+    return Image.fromarray(pixels).convert("RGB")
+
+
+def _draw_legend(picture: Image.Image, entries: list[tuple[tuple[int, int, int], str]]) -> None:
+    if picture.width < 96 or picture.height < 48 or not entries:
+        return
+    draw = ImageDraw.Draw(picture, "RGBA")
+    line = 14
+    width = min(picture.width - 4, 16 + max(draw.textlength(t) for _, t in entries) + 8)
+    draw.rectangle((2, 2, 2 + width, 4 + line * len(entries)), fill=(0, 0, 0, 150))
+    for n, (colour, text) in enumerate(entries):
+        y = 4 + n * line
+        draw.rectangle((5, y + 2, 14, y + 11), fill=tuple(int(c) for c in colour))
+        draw.text((18, y), text, fill=(255, 255, 255))
+
+
+def render_heatmap(
+    image: np.ndarray,
+    scale_map: ScaleMap,
+    *,
+    labels: tuple[str, ...] = (),
+    class_index: int | None = None,
+    probabilities: bool = True,
+) -> Image.Image:
+    """The image (H x W, grey or RGB) with the map drawn over it, as an RGB picture."""
+    if scale_map.scores is None:
+        raise ValueError("the heat-map needs the score map itself")
+    base = _as_rgb(image)
+    geo = scale_map.geometry
+    probs = probabilities_of(scale_map.scores, probabilities=probabilities)
+    channel_classes = scale_map.classes or tuple(range(probs.shape[0]))
+    n_h, n_w = probs.shape[1:]
+    rows = pixel_cells(
+        base.height, cells=n_h, stride=geo.stride[0], window=geo.window[0],
+        origin=geo.origin[0], resize=geo.resize[0],
+    )  # fmt: skip
+    cols = pixel_cells(
+        base.width, cells=n_w, stride=geo.stride[1], window=geo.window[1],
+        origin=geo.origin[1], resize=geo.resize[1],
+    )  # fmt: skip
+    cell_rgba = np.zeros((n_h + 1, n_w + 1, 4), dtype=np.uint8)  # last row/col: uncovered
+
+    def name(i: int) -> str:
+        return labels[i] if i < len(labels) else str(i)
+
+    if class_index is None:
+        top = probs.argmax(axis=0)
+        confidence = probs.max(axis=0)
+        cell_rgba[:n_h, :n_w, :3] = CLASS_PALETTE[top % len(CLASS_PALETTE)]
+        cell_rgba[:n_h, :n_w, 3] = np.round(confidence * TOP_CLASS_MAX_ALPHA * 255)
+        shown, counts = np.unique(top, return_counts=True)
+        order = shown[np.argsort(-counts, kind="stable")][:8]
+        legend = [(CLASS_PALETTE[c % len(CLASS_PALETTE)], name(channel_classes[c])) for c in order]
+    else:
+        channel = channel_classes.index(class_index)
+        level = np.round(np.clip(probs[channel], 0.0, 1.0) * 255).astype(np.intp)
+        cell_rgba[:n_h, :n_w, :3] = RAMP[level]
+        cell_rgba[:n_h, :n_w, 3] = round(CLASS_ALPHA * 255)
+        legend = [(RAMP[255], f"{name(class_index)}: 1.0"), (RAMP[0], "0.0")]
+    overlay = cell_rgba[rows[:, None], cols[None, :]]  # -1 picks the transparent last row/col
+    picture = Image.alpha_composite(base.convert("RGBA"), Image.fromarray(overlay, "RGBA"))
+    picture = picture.convert("RGB")
+    _draw_legend(picture, legend)
+    return picture

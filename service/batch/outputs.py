@@ -1,0 +1,129 @@
+"""Per-image outputs: one ``.npz`` holding the maps, geometry, labels and options.
+
+Layout of ``<out>/<relpath>.npz`` (load with ``numpy.load``, no pickle needed):
+
+- ``scores_<k>``: the map of scale ``k`` (in ``--scales`` order), ``[C, n_h, n_w]``;
+- ``top_k_indices_<k>``, ``top_k_scores_<k>``: per-cell top-k (with ``--top-k``);
+- ``argmax_<k>``, ``classes_<k>``: when the engine returns them;
+- ``image_scores``: ``[C]`` image-level scores; ``labels``: ``[C]`` class names;
+- ``meta``: a JSON string: source relpath, image size, model, options, and per map its
+  shape and geometry (stride, window, origin, receptive field, scale, resize).
+
+The file is a plain uncompressed zip written with fixed timestamps, so equal results give
+byte-identical files (local and Ray runs compare bit for bit). Every file is written to a
+temp file in the run's partial folder, then renamed into place: a killed run never leaves
+a partial output under its final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+import zipfile
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+from service.engine.options import ScoreOptions
+from service.engine.result import MapGeometry, ScaleMap, ScoreMap
+
+NPZ_SUFFIX = ".npz"
+HEATMAP_SUFFIX = ".heatmap.png"
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+_PER_MAP_ARRAYS = ("scores", "top_k_indices", "top_k_scores", "argmax")
+
+
+def write_atomic(target: Path, write: Callable[[BinaryIO], None], *, partial_dir: Path) -> None:
+    """Write ``target`` through a temp file in ``partial_dir`` and an atomic rename."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = partial_dir / f"{uuid.uuid4().hex}-{target.name}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def options_to_json(options: ScoreOptions) -> dict:
+    return asdict(options)
+
+
+def encode_result(
+    result: ScoreMap, *, relpath: str, model_name: str, options: ScoreOptions
+) -> dict[str, np.ndarray]:
+    """The named arrays of one image's ``.npz`` (see module docstring)."""
+    arrays: dict[str, np.ndarray] = {}
+    maps_meta = []
+    for k, scale_map in enumerate(result.maps):
+        for name in _PER_MAP_ARRAYS:
+            value = getattr(scale_map, name)
+            if value is not None:
+                arrays[f"{name}_{k}"] = np.ascontiguousarray(value)
+        if scale_map.classes is not None:
+            arrays[f"classes_{k}"] = np.asarray(scale_map.classes, dtype=np.int32)
+        maps_meta.append({"shape": list(scale_map.shape), "geometry": asdict(scale_map.geometry)})
+    arrays["image_scores"] = np.ascontiguousarray(result.image_scores)
+    arrays["labels"] = np.array(list(result.labels), dtype=np.str_)
+    meta = {
+        "source": relpath,
+        "image_size": list(result.image_size),
+        "model": model_name,
+        "options": options_to_json(options),
+        "maps": maps_meta,
+        "image_top_k": [[int(i), float(s)] for i, s in result.image_top_k],
+    }
+    arrays["meta"] = np.array(json.dumps(meta, sort_keys=True))
+    return arrays
+
+
+def write_npz(f: BinaryIO, arrays: dict[str, np.ndarray]) -> None:
+    """An ``.npz`` readable by ``numpy.load`` whose bytes depend only on the arrays."""
+    with zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, array in arrays.items():
+            info = zipfile.ZipInfo(name + ".npy", date_time=_ZIP_EPOCH)
+            info.external_attr = 0o644 << 16
+            with zf.open(info, mode="w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
+
+
+def read_meta(path: Path) -> dict:
+    """The ``meta`` document of an output file plus its ``labels`` (reads only those two)."""
+    with np.load(path, allow_pickle=False) as npz:
+        meta = json.loads(str(npz["meta"]))
+        meta["labels"] = [str(v) for v in npz["labels"]]
+    return meta
+
+
+def _geometry(doc: dict) -> MapGeometry:
+    return MapGeometry(**{k: tuple(v) if isinstance(v, list) else v for k, v in doc.items()})
+
+
+def load_result(path: Path | str) -> tuple[ScoreMap, dict]:
+    """Read an output ``.npz`` back into a :class:`ScoreMap` plus its ``meta`` document."""
+    with np.load(path, allow_pickle=False) as npz:
+        meta = json.loads(str(npz["meta"]))
+        maps = []
+        for k, map_doc in enumerate(meta["maps"]):
+            fields = {name: npz[f"{name}_{k}"] for name in _PER_MAP_ARRAYS if f"{name}_{k}" in npz}
+            classes = npz[f"classes_{k}"] if f"classes_{k}" in npz else None
+            maps.append(
+                ScaleMap(
+                    geometry=_geometry(map_doc["geometry"]),
+                    classes=None if classes is None else tuple(int(c) for c in classes),
+                    **fields,
+                )
+            )
+        result = ScoreMap(
+            maps=maps,
+            image_scores=npz["image_scores"],
+            image_top_k=[(int(i), float(s)) for i, s in meta["image_top_k"]],
+            labels=tuple(str(v) for v in npz["labels"]),
+            image_size=tuple(meta["image_size"]),
+        )
+    return result, meta

@@ -1,0 +1,129 @@
+"""Batch scoring on Ray Data: the same per-image work as local mode, on an actor pool.
+
+Pipeline::
+
+    from_items([{source, relpath}, ...])            # paths only; resume filtered them
+      .map_batches(ScoreActor, compute=ActorPoolStrategy(size=N),
+                   num_gpus=1 (with --gpus), num_cpus=0.5, batch_size=4)
+      .iter_batches()                                # summary rows stream back here
+
+Each actor holds one engine (one onnxruntime session) and runs the local
+:func:`~service.batch.pipeline.run_pipeline` on its batch, so it reads, decodes and writes
+in threads around inference and writes exactly the files local mode writes. Inputs, the
+output folder and ``--models`` must be paths every node can see (a shared file system);
+the driver only receives the small summary rows.
+
+Needs the ``distributed`` extra (``pip install 'densemap[distributed]'``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.batch.pipeline import PipelineConfig, run_pipeline
+from service.batch.scorers import ModelChoice, open_engine_scorer
+from service.batch.walk import ImageJob
+from service.batch.writer import OutputConfig, ResultWriter
+from service.engine.options import ScoreOptions
+from service.errors import InvalidOption
+
+logger = logging.getLogger("densemap.score")
+ACTOR_THREADS = 2  # decode/write threads inside each actor
+
+
+@dataclass(frozen=True)
+class ActorSpec:
+    """What every actor needs (pickled once per actor)."""
+
+    model: ModelChoice
+    output: OutputConfig
+    options: ScoreOptions
+    debug: bool = False
+
+
+class ScoreActor:
+    """One engine per actor; each call scores a batch of paths and returns summary rows."""
+
+    def __init__(self, spec: ActorSpec) -> None:
+        self.spec = spec
+        self.scorer = open_engine_scorer(spec.model)
+        self.writer = ResultWriter(spec.output)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        jobs = [
+            ImageJob(source=str(s), relpath=str(r))
+            for s, r in zip(batch["source"], batch["relpath"], strict=True)
+        ]
+        rows: list[dict] = []
+        run_pipeline(
+            jobs,
+            scorer=self.scorer,
+            writer=self.writer,
+            options=self.spec.options,
+            report=rows.append,
+            config=PipelineConfig(workers=ACTOR_THREADS, debug=self.spec.debug),
+        )
+        return {"row": np.array([json.dumps(row) for row in rows], dtype=object)}
+
+
+def _connect(address: str | None):
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    kwargs = {"log_to_driver": True, "logging_level": logging.WARNING}
+    if address in (None, "", "local"):
+        kwargs["include_dashboard"] = False
+    try:
+        ray.init(address=None if address in ("", "local") else address, **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise InvalidOption(f"cannot connect to Ray at {address!r}: {exc}") from None
+    return ray
+
+
+def _pool_size(ray, actors: int | None, gpus: bool) -> int:
+    if actors:
+        return actors
+    if gpus:
+        count = int(ray.cluster_resources().get("GPU", 0))
+        if count < 1:
+            raise InvalidOption("--gpus: the Ray cluster has no GPU; drop --gpus or add GPU nodes")
+        return count
+    return max(1, sum(1 for node in ray.nodes() if node.get("Alive")))
+
+
+def run_ray(jobs: list[ImageJob], *, request, output: OutputConfig, report: Callable) -> None:
+    """Score ``jobs`` on Ray, calling ``report(row)`` on the driver as rows stream back."""
+    if not jobs:
+        return
+    config = request.ray
+    ray = _connect(config.address)
+    from ray.data import ActorPoolStrategy, DataContext
+
+    context = DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    size = min(_pool_size(ray, config.actors, config.gpus), len(jobs))
+    spec = ActorSpec(
+        model=request.model, output=output, options=request.options, debug=request.debug
+    )
+    items = [{"source": job.source, "relpath": job.relpath} for job in jobs]
+    blocks = max(1, min(len(items), size * 4, -(-len(items) // config.batch_size)))
+    dataset = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+        ScoreActor,
+        fn_constructor_kwargs={"spec": spec},
+        compute=ActorPoolStrategy(size=size),
+        batch_size=config.batch_size,
+        batch_format="numpy",
+        num_cpus=config.actor_cpus,
+        num_gpus=1 if config.gpus else 0,
+    )
+    logger.info("Ray: %d image(s) on %d actor(s)", len(items), size)
+    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+        for text in batch["row"]:
+            report(json.loads(text))

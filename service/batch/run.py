@@ -1,0 +1,160 @@
+"""One batch run, start to end: find images, open the output folder, resume, score, summarise.
+
+Local mode scores in this process (or through ``--server``) with :mod:`.pipeline`; Ray mode
+hands the same per-image work to actors (:mod:`.ray_pipeline`). Both write identical
+per-image files; this module writes ``summary.jsonl`` and drives the progress display.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from service.batch.pipeline import PipelineConfig, run_pipeline
+from service.batch.progress import Progress
+from service.batch.rundir import OutputDir, RunSettings, heatmap_path, npz_path
+from service.batch.scorers import ModelChoice, open_engine_scorer
+from service.batch.summary import SummaryWriter, read_rows, skipped_row
+from service.batch.walk import ImageJob, find_images
+from service.batch.writer import OutputConfig, ResultWriter
+from service.engine.options import ScoreOptions
+from service.errors import InvalidOption
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """How to run on Ray: cluster address, actor pool, resources per actor."""
+
+    address: str | None = None  # None: RAY_ADDRESS or a new local cluster; "auto"; ray://...
+    actors: int | None = None  # None: one per GPU with gpus, else one per node
+    gpus: bool = False
+    actor_cpus: float = 0.5  # >= 1 with few CPUs deadlocks Ray Data (shared/NOTES.md section 8)
+    batch_size: int = 4
+
+
+@dataclass(frozen=True)
+class BatchRequest:
+    """Everything ``densemap score`` was asked to do."""
+
+    paths: tuple[str, ...]
+    out_dir: str
+    options: ScoreOptions = ScoreOptions()
+    model: ModelChoice = ModelChoice()
+    globs: tuple[str, ...] = ()
+    server: str | None = None
+    heatmap: bool = False
+    heatmap_class: str | None = None
+    overwrite: bool = False
+    workers: int = 4
+    ray: RayConfig | None = None
+    debug: bool = False
+
+
+@dataclass
+class BatchOutcome:
+    progress: Progress
+    out_dir: str
+    failed_paths: list[str] = field(default_factory=list)
+
+    @property
+    def failed(self) -> int:
+        return self.progress.failed
+
+
+def resolve_class(name: str | None, labels: tuple[str, ...]) -> int | None:
+    """A ``--heatmap-class`` (label or index) as a class index."""
+    if name is None:
+        return None
+    if name in labels:
+        return labels.index(name)
+    if name.isdigit() and int(name) < max(len(labels), 1):
+        return int(name)
+    shown = ", ".join(labels[:20]) + (", ..." if len(labels) > 20 else "")
+    raise InvalidOption(f"--heatmap-class {name!r} is not a class of this model; classes: {shown}")
+
+
+def _open_scorer(request: BatchRequest, stack: contextlib.ExitStack):
+    if request.server:
+        from service.batch.scorers import open_remote_scorer
+
+        return stack.enter_context(open_remote_scorer(request.server, request.model.model))
+    scorer = open_engine_scorer(request.model)
+    stack.callback(scorer.close)
+    return scorer
+
+
+def _skipped_rows(out: OutputDir, done: list[ImageJob]) -> list[dict]:
+    """Rows of the images a former run completed (from its summary, else their .npz)."""
+    previous = read_rows(out.summary_path) if done else {}
+    rows = []
+    for job in done:
+        files = [npz_path(out.root, job), heatmap_path(out.root, job)]
+        outputs = [p.relative_to(out.root).as_posix() for p in files if p.is_file()]
+        rows.append(skipped_row(job, files[0], outputs, previous.get(job.relpath)))
+    return rows
+
+
+def run_batch(request: BatchRequest, *, tty: bool | None = None) -> BatchOutcome:
+    """Run the batch; per-image failures are counted, not raised."""
+    out_root = Path(request.out_dir)
+    jobs = find_images(request.paths, globs=request.globs, exclude=(str(out_root),))
+    with contextlib.ExitStack() as stack:
+        scorer = _open_scorer(request, stack)
+        class_index = resolve_class(request.heatmap_class, scorer.labels)
+        out = stack.enter_context(OutputDir(out_root))
+        settings = RunSettings(
+            model=scorer.model_name,
+            options=request.options,
+            heatmap=request.heatmap,
+            heatmap_class=request.heatmap_class,
+        )
+        out.check_settings(settings, overwrite=request.overwrite)
+        todo, done = out.split_done(jobs, heatmap=request.heatmap, overwrite=request.overwrite)
+        skipped_rows = _skipped_rows(out, done)
+        summary = SummaryWriter(out.summary_path, partial_dir=out.partial)
+        for row in skipped_rows:
+            summary.add(row)
+        if done:
+            print(
+                f"densemap score: skipping {len(done)} image(s) whose outputs exist "
+                "(--overwrite redoes them)",
+                file=sys.stderr,
+            )
+        progress = Progress(len(todo), skipped=len(done), tty=tty)
+        outcome = BatchOutcome(progress=progress, out_dir=str(out.root))
+
+        def report(row: dict) -> None:
+            summary.add(row)
+            progress.update(row)
+            if row["status"] == "failed":
+                outcome.failed_paths.append(row["path"])
+
+        output = OutputConfig(
+            out_dir=str(out.root),
+            partial_dir=str(out.partial),
+            model_name=scorer.model_name,
+            options=request.options,
+            heatmap=request.heatmap,
+            heatmap_class=class_index,
+            color=getattr(scorer, "color", "RGB"),
+        )
+        try:
+            if request.ray is not None:
+                from service.batch.ray_pipeline import run_ray
+
+                run_ray(todo, request=request, output=output, report=report)
+            else:
+                run_pipeline(
+                    todo,
+                    scorer=scorer,
+                    writer=ResultWriter(output),
+                    options=request.options,
+                    report=report,
+                    config=PipelineConfig(workers=request.workers, debug=request.debug),
+                )
+        finally:
+            progress.close()
+            summary.finish()
+    return outcome

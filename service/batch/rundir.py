@@ -1,0 +1,141 @@
+"""The output folder of a batch run: lock, temp files, run settings and resume.
+
+``<out>/`` holds the per-image outputs (mirroring the input tree), ``summary.jsonl``,
+``densemap-run.json`` (model and options of the outputs, so a rerun with other settings
+cannot silently mix results), ``.partial/`` (temp files; a killed run may leave some, the
+next run deletes them) and ``.lock`` (one run at a time per folder).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from service.batch.outputs import HEATMAP_SUFFIX, NPZ_SUFFIX, options_to_json, write_atomic
+from service.batch.walk import ImageJob
+from service.engine.options import ScoreOptions
+from service.errors import InvalidOption
+
+RUN_FILE = "densemap-run.json"
+SUMMARY_FILE = "summary.jsonl"
+PARTIAL_DIR = ".partial"
+LOCK_FILE = ".lock"
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What decides the content of the outputs; a resumed run must ask for the same."""
+
+    model: str
+    options: ScoreOptions
+    heatmap: bool = False
+    heatmap_class: str | None = None  # None: top class with its confidence
+
+    def to_json(self) -> dict:
+        return {
+            "model": self.model,
+            "options": options_to_json(self.options),
+            "heatmap": self.heatmap,
+            "heatmap_class": self.heatmap_class,
+        }
+
+
+def npz_path(out_dir: Path, job: ImageJob) -> Path:
+    return out_dir / (job.relpath + NPZ_SUFFIX)
+
+
+def heatmap_path(out_dir: Path, job: ImageJob) -> Path:
+    return out_dir / (job.relpath + HEATMAP_SUFFIX)
+
+
+def _describe(doc: dict) -> str:
+    return f"model {doc.get('model')!r} with options {doc.get('options')}"
+
+
+class OutputDir:
+    """Owns ``<out>/`` for the length of a run (use as a context manager)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).absolute()
+        self.partial = self.root / PARTIAL_DIR
+        self.summary_path = self.root / SUMMARY_FILE
+        self._lock_fd: int | None = None
+
+    def __enter__(self) -> OutputDir:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InvalidOption(f"cannot create output folder {self.root}: {exc}") from None
+        self._lock()
+        shutil.rmtree(self.partial, ignore_errors=True)
+        self.partial.mkdir()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        shutil.rmtree(self.partial, ignore_errors=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
+
+    def _lock(self) -> None:
+        self._lock_fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no cross-process lock
+            return
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            raise InvalidOption(
+                f"another 'densemap score' is writing to {self.root}: wait for it to finish "
+                "or choose another --out"
+            ) from None
+
+    def check_settings(self, settings: RunSettings, *, overwrite: bool) -> None:
+        """Refuse to mix outputs of different settings, then record this run's settings."""
+        run_file = self.root / RUN_FILE
+        new = json.loads(json.dumps(settings.to_json()))  # tuples -> lists, as read back
+        old = None
+        if run_file.exists():
+            try:
+                old = json.loads(run_file.read_text())
+            except (OSError, ValueError):
+                old = None
+        if old is not None and not overwrite:
+            differs = old.get("model") != new["model"] or old.get("options") != new["options"]
+            both_heat = old.get("heatmap") and new["heatmap"]
+            if both_heat and old.get("heatmap_class") != new["heatmap_class"]:
+                differs = True
+            if differs:
+                raise InvalidOption(
+                    f"{self.root} holds outputs of {_describe(old)} (heat-map class "
+                    f"{old.get('heatmap_class')!r}); this run asks for {_describe(new)} "
+                    f"(heat-map class {new['heatmap_class']!r}): pass --overwrite to redo "
+                    "them, or choose another --out"
+                )
+            if old.get("heatmap") and not new["heatmap"]:
+                new["heatmap"], new["heatmap_class"] = True, old.get("heatmap_class")
+        text = json.dumps(new, indent=2, sort_keys=True) + "\n"
+        write_atomic(run_file, lambda f: f.write(text.encode()), partial_dir=self.partial)
+
+    def is_complete(self, job: ImageJob, *, heatmap: bool) -> bool:
+        """Whether every output of ``job`` exists (each was renamed into place whole)."""
+        if not npz_path(self.root, job).is_file():
+            return False
+        return not heatmap or heatmap_path(self.root, job).is_file()
+
+    def split_done(
+        self, jobs: list[ImageJob], *, heatmap: bool, overwrite: bool
+    ) -> tuple[list[ImageJob], list[ImageJob]]:
+        """(to score, already complete); with ``overwrite`` everything is to score."""
+        if overwrite:
+            return list(jobs), []
+        todo, done = [], []
+        for job in jobs:
+            (done if self.is_complete(job, heatmap=heatmap) else todo).append(job)
+        return todo, done

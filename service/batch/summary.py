@@ -1,0 +1,114 @@
+"""``summary.jsonl``: one JSON row per image of the latest run.
+
+Row fields: ``path`` (as read), ``relpath`` (output key), ``status`` (``ok``, ``skipped``
+or ``failed``), ``size`` [h, w], ``map_shape`` ([n_h, n_w] per scale), ``top`` (image-level
+classes: index, label, score), ``seconds`` (engine time), ``outputs`` (files written,
+relative to the output folder) and, for failures, ``error``.
+
+Rows are appended while the run goes (one ``write`` call per row, so a killed run leaves
+whole lines), then the file is rewritten sorted by ``relpath`` through a temp file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+from service.batch.outputs import read_meta, write_atomic
+from service.batch.walk import ImageJob
+from service.engine.result import ScoreMap
+
+
+def ok_row(
+    job: ImageJob, result: ScoreMap, *, seconds: float, outputs: list[str], labels: tuple[str, ...]
+) -> dict:
+    return {
+        "path": job.source,
+        "relpath": job.relpath,
+        "status": "ok",
+        "size": list(result.image_size),
+        "map_shape": [list(m.shape) for m in result.maps],
+        "top": top_classes(result.image_top_k, labels),
+        "seconds": round(seconds, 6),
+        "outputs": outputs,
+    }
+
+
+def failed_row(job: ImageJob, reason: str) -> dict:
+    return {"path": job.source, "relpath": job.relpath, "status": "failed", "error": reason}
+
+
+def top_classes(image_top_k, labels: tuple[str, ...]) -> list[dict]:
+    return [
+        {
+            "index": int(i),
+            "label": labels[int(i)] if int(i) < len(labels) else str(int(i)),
+            "score": float(s),
+        }
+        for i, s in image_top_k
+    ]
+
+
+def read_rows(path: Path) -> dict[str, dict]:
+    """Rows of an earlier summary by relpath (whole lines only; a damaged line is dropped)."""
+    rows: dict[str, dict] = {}
+    try:
+        text = path.read_text()
+    except OSError:
+        return rows
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and "relpath" in row:
+            rows[row["relpath"]] = row
+    return rows
+
+
+def skipped_row(job: ImageJob, npz: Path, outputs: list[str], previous: dict | None) -> dict:
+    """The row of an image whose outputs a former run wrote (from its row, else its .npz)."""
+    if previous is not None and previous.get("status") in ("ok", "skipped"):
+        row = dict(previous)
+    else:
+        try:
+            meta = read_meta(npz)
+        except (OSError, ValueError, KeyError) as exc:
+            return {**failed_row(job, f"existing output unreadable: {exc}"), "status": "skipped"}
+        row = {
+            "size": meta["image_size"],
+            "map_shape": [m["shape"] for m in meta["maps"]],
+            "top": top_classes(meta["image_top_k"], tuple(meta["labels"])),
+            "seconds": None,
+        }
+    row.update(path=job.source, relpath=job.relpath, status="skipped", outputs=outputs)
+    return row
+
+
+class SummaryWriter:
+    """Collects rows from any thread; :meth:`finish` writes the sorted file."""
+
+    def __init__(self, path: Path, *, partial_dir: Path) -> None:
+        self.path = path
+        self.partial_dir = partial_dir
+        self.rows: list[dict] = []
+        self._lock = threading.Lock()
+        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND)
+
+    def add(self, row: dict) -> None:
+        line = (json.dumps(row, sort_keys=True) + "\n").encode()
+        with self._lock:
+            self.rows.append(row)
+            if self._fd is not None:
+                os.write(self._fd, line)
+
+    def finish(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+            rows = sorted(self.rows, key=lambda r: r["relpath"])
+        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+        write_atomic(self.path, lambda f: f.write(text.encode()), partial_dir=self.partial_dir)

@@ -1,0 +1,69 @@
+"""Writes one image's outputs (``.npz``, optional heat-map PNG) and returns its summary row.
+
+Shared by the local pipeline (writer threads) and the Ray actors, so both modes produce
+the same files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from service.batch.heatmap import render_heatmap
+from service.batch.outputs import encode_result, write_atomic, write_npz
+from service.batch.rundir import heatmap_path, npz_path
+from service.batch.summary import ok_row
+from service.batch.walk import ImageJob
+from service.engine.options import ScoreOptions
+from service.engine.result import ScoreMap
+
+PNG_COMPRESS_LEVEL = 3  # zlib level: level 6 (Pillow's default) is ~2x slower, ~5% smaller
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Where and what to write for every image of a run."""
+
+    out_dir: str
+    partial_dir: str
+    model_name: str
+    options: ScoreOptions
+    heatmap: bool = False
+    heatmap_class: int | None = None  # class index; None draws the top class
+    color: str = "RGB"  # channel order of the decoded images ("RGB", "BGR" or "L")
+
+
+class ResultWriter:
+    """Turns (job, image, result) into files under ``out_dir`` and a summary row."""
+
+    def __init__(self, config: OutputConfig) -> None:
+        self.config = config
+        self.out_dir = Path(config.out_dir)
+        self.partial_dir = Path(config.partial_dir)
+
+    def write(self, job: ImageJob, image: np.ndarray, result: ScoreMap, *, seconds: float) -> dict:
+        cfg = self.config
+        arrays = encode_result(
+            result, relpath=job.relpath, model_name=cfg.model_name, options=cfg.options
+        )
+        npz = npz_path(self.out_dir, job)
+        write_atomic(npz, lambda f: write_npz(f, arrays), partial_dir=self.partial_dir)
+        outputs = [npz.relative_to(self.out_dir).as_posix()]
+        if cfg.heatmap:
+            picture = render_heatmap(
+                image[:, :, ::-1] if cfg.color == "BGR" else image,
+                result.maps[0],
+                labels=result.labels,
+                class_index=cfg.heatmap_class,
+                probabilities=cfg.options.probabilities,
+            )
+            png = heatmap_path(self.out_dir, job)
+            write_atomic(
+                png,
+                lambda f: picture.save(f, format="PNG", compress_level=PNG_COMPRESS_LEVEL),
+                partial_dir=self.partial_dir,
+            )
+            outputs.append(png.relative_to(self.out_dir).as_posix())
+        return ok_row(job, result, seconds=seconds, outputs=outputs, labels=result.labels)

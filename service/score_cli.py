@@ -1,0 +1,158 @@
+"""``densemap score PATH... --out DIR``: score image files and folders into maps and heat-maps.
+
+Light to import: the engine, the gRPC client and ray load only when the command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+
+from service.errors import InvalidOption
+
+_SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_RAY_ADDRESS = re.compile(r"auto|local|[a-z][a-z0-9+]*://\S+|[\w.\-]+:\d+")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("paths", nargs="*", metavar="PATH", help="image files and folders")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    parser.add_argument(
+        "--glob",
+        action="append",
+        default=[],
+        metavar="PAT",
+        help="only files whose path (relative to the folder) matches, e.g. '*.png' (repeatable)",
+    )
+    model = parser.add_argument_group("model")
+    model.add_argument("--models", metavar="DIR", help="model repository (default: bundled)")
+    model.add_argument("--model", default=None, metavar="NAME", help="model name (default: digits)")
+    model.add_argument("--server", metavar="HOST:PORT", help="score through a 'densemap serve'")
+    opts = parser.add_argument_group("scoring options (as the engine's)")
+    opts.add_argument("--output-stride", type=int, metavar="N", help="output stride (S/k)")
+    opts.add_argument("--scales", default="1", metavar="LIST", help="image scales, e.g. 1,1.5")
+    opts.add_argument("--logits", action="store_true", help="raw logits instead of probabilities")
+    opts.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="map dtype")
+    opts.add_argument("--top-k", type=int, default=0, metavar="K", help="per-cell top-k classes")
+    opts.add_argument(
+        "--memory-budget",
+        metavar="BYTES",
+        help="activation bytes per pass before tiling (512M, 2G)",
+    )
+    out = parser.add_argument_group("outputs")
+    out.add_argument("--heatmap", action="store_true", help="also write a PNG overlay per image")
+    out.add_argument(
+        "--heatmap-class",
+        metavar="NAME",
+        help="draw this class (label or index) [implies --heatmap]",
+    )
+    out.add_argument("--overwrite", action="store_true", help="redo images whose outputs exist")
+    run = parser.add_argument_group("execution")
+    run.add_argument("--workers", type=int, metavar="N", help="decode/write threads (Ray: actors)")
+    run.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="run on Ray Data: no address = RAY_ADDRESS or a local cluster; 'auto'; ray://HOST:10001",
+    )
+    run.add_argument("--gpus", action="store_true", help="Ray: one GPU per actor")
+
+
+def parse_bytes(text: str) -> int:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise InvalidOption(f"--memory-budget {text!r} is not a size: use bytes, or 512M, 2G")
+    value = int(float(match.group(1)) * _SIZE_SUFFIXES[match.group(2).upper()])
+    if value <= 0:
+        raise InvalidOption("--memory-budget must be positive")
+    return value
+
+
+def parse_scales(text: str) -> tuple[float, ...]:
+    try:
+        scales = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise InvalidOption(f"--scales {text!r} must be numbers separated by commas") from None
+    if not scales or any(not (s > 0 and s < float("inf")) for s in scales):
+        raise InvalidOption(f"--scales {text!r} must hold positive finite numbers")
+    return scales
+
+
+def split_ray_address(ray: str | None, paths: list[str]) -> tuple[str | None, list[str]]:
+    """``--ray PATH`` (no address given, a path after it) puts PATH back among the inputs."""
+    if ray is None or ray == "":
+        return ray, paths
+    if _RAY_ADDRESS.fullmatch(ray) and not os.path.exists(ray):
+        return ray, paths
+    return "", [ray, *paths]
+
+
+def build_request(args: argparse.Namespace):
+    from service.batch.run import BatchRequest, RayConfig
+    from service.batch.scorers import DEFAULT_MODEL, ModelChoice
+    from service.engine.options import EngineConfig, ScoreOptions
+
+    ray_address, paths = split_ray_address(args.ray, list(args.paths))
+    if not paths:
+        raise InvalidOption("give at least one image file or folder to score")
+    if args.server and (args.models or args.memory_budget):
+        raise InvalidOption(
+            "--models and --memory-budget apply to in-process scoring, not --server"
+        )
+    if args.server and args.ray is not None:
+        raise InvalidOption(
+            "--server and --ray are exclusive: Ray actors load the model themselves"
+        )
+    if args.gpus and args.ray is None:
+        raise InvalidOption("--gpus applies to --ray; in-process scoring uses CUDA when present")
+    if args.top_k < 0:
+        raise InvalidOption("--top-k must be >= 0")
+    if args.workers is not None and args.workers < 1:
+        raise InvalidOption("--workers must be >= 1")
+    engine = EngineConfig()
+    if args.memory_budget:
+        engine = EngineConfig(memory_budget=parse_bytes(args.memory_budget))
+    options = ScoreOptions(
+        output_stride=args.output_stride,
+        scales=parse_scales(args.scales),
+        probabilities=not args.logits,
+        dtype="float16" if args.dtype == "fp16" else "float32",
+        top_k=args.top_k,
+    )
+    ray = None
+    if args.ray is not None:
+        ray = RayConfig(address=ray_address or None, actors=args.workers, gpus=args.gpus)
+    return BatchRequest(
+        paths=tuple(paths),
+        out_dir=args.out,
+        options=options,
+        model=ModelChoice(model=args.model or DEFAULT_MODEL, models_dir=args.models, engine=engine),
+        globs=tuple(args.glob),
+        server=args.server,
+        heatmap=bool(args.heatmap or args.heatmap_class),
+        heatmap_class=args.heatmap_class,
+        overwrite=args.overwrite,
+        workers=args.workers or min(4, os.cpu_count() or 1),
+        ray=ray,
+        debug=bool(getattr(args, "debug", False)),
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from service.batch.run import run_batch
+
+    request = build_request(args)
+    outcome = run_batch(request)
+    if outcome.failed:
+        print(
+            f"densemap score: {outcome.failed} image(s) failed (listed above, and with "
+            f"status 'failed' in {os.path.join(outcome.out_dir, 'summary.jsonl')})",
+            file=sys.stderr,
+            flush=True,
+        )
+    print(outcome.progress.final_line(outcome.out_dir), flush=True)
+    return 1 if outcome.failed else 0
