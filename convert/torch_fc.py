@@ -1,0 +1,137 @@
+"""Turn a torch window classifier into an equivalent fully-convolutional module.
+
+``fully_convolutional(model, input_size=224)`` traces the model with torch.fx, runs one
+dummy batch at ``input_size`` to learn every tensor's shape, then rewrites the head:
+
+- the first Linear after the trunk becomes ``Conv2d(C, O, (h, w))`` where ``C x h x w`` is
+  the trunk output at ``input_size``; its weight is ``weight.view(O, C, h, w)`` because
+  PyTorch flattens C, H, W in that order. Later Linears become 1x1 convs;
+- flatten / view / reshape / squeeze between the trunk and the head are removed;
+- an adaptive pool that is an identity at ``input_size`` is removed; a global average (max)
+  pool feeding the head (``AdaptiveAvgPool2d(1)``, ``x.mean((2, 3))``, ``amax``) becomes a
+  sliding ``AvgPool2d((h, w), stride=1)`` (``MaxPool2d``) over the trunk output;
+- a final softmax / log-softmax runs over the channel axis (dim 1) of the NCHW map.
+
+Anything with no exact dense form (a global op inside the trunk, an attention head, a
+non-identity adaptive pool) raises :class:`~service.errors.ConversionError` naming the layer.
+The result is checked against the original at ``input_size`` before it is returned.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from convert import torch_head, torch_rewrite
+from convert.torch_trace import (
+    dummy_input,
+    infer_in_channels,
+    normalize_size,
+    propagate_shapes,
+    trace,
+)
+from service.errors import ConversionError
+
+# Max |dense - original| at input_size, relative to 1 + max|original|. fp64 must agree to
+# rounding; fp32 conv and matmul sum in different orders (error ~ sqrt(C*h*w) * 6e-8).
+CHECK_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-3}
+LOW_PRECISION_TOLERANCE = 5e-2
+
+
+@dataclass(frozen=True)
+class TorchConversion:
+    """A converted module and what the conversion found out about the classifier."""
+
+    module: nn.Module
+    input_size: tuple[int, int]
+    in_channels: int
+    trunk_output: tuple[int, int, int]  # C, h, w of the trunk at input_size
+    head_pool: str  # "none", "identity", "avg" or "max"
+    num_classes: int
+    final_activation: str | None  # "softmax", "log_softmax" or None
+    removed: tuple[str, ...]  # module paths / node names taken out of the graph
+
+    @property
+    def ends_in_softmax(self) -> bool:
+        return self.final_activation == "softmax"
+
+
+def fully_convolutional(
+    model: nn.Module, *, input_size: tuple[int, int] | int, in_channels: int | None = None
+) -> nn.Module:
+    """An eval-mode fully-convolutional copy of ``model`` (``model`` is not modified)."""
+    return convert_classifier(model, input_size=input_size, in_channels=in_channels).module
+
+
+def convert_classifier(
+    model: nn.Module, *, input_size: tuple[int, int] | int, in_channels: int | None = None
+) -> TorchConversion:
+    """Like :func:`fully_convolutional`, also reporting trunk size, head pool and softmax."""
+    if not isinstance(model, nn.Module):
+        raise ConversionError(f"expected a torch nn.Module, got {type(model).__name__}")
+    size = normalize_size(input_size)
+    gm = trace(copy.deepcopy(model).eval())
+    channels = in_channels if in_channels is not None else infer_in_channels(gm)
+    image_nchw = dummy_input(gm, size=size, in_channels=channels)
+    reference = propagate_shapes(gm, image_nchw)
+
+    head = torch_head.find_head(gm, size=size)
+    torch_head.check_trunk(gm, head)
+    removed = torch_rewrite.rewrite(gm, head)
+    gm.graph.lint()
+    gm.recompile()
+    gm.delete_all_unused_submodules()
+    gm.eval()
+
+    _check_against_original(gm, image_nchw, reference, size)
+    return TorchConversion(
+        module=gm,
+        input_size=size,
+        in_channels=channels,
+        trunk_output=head.trunk_output,
+        head_pool=head.pool_kind,
+        num_classes=int(reference.shape[1]),
+        final_activation=head.final_activation,
+        removed=tuple(removed),
+    )
+
+
+def ends_in_softmax(model: nn.Module) -> bool:
+    """Whether ``model`` (original or converted) ends in a softmax over the classes, so its
+    scores are probabilities. A final log-softmax does not count (log-probabilities)."""
+    return final_activation(model) == "softmax"
+
+
+def final_activation(model: nn.Module) -> str | None:
+    """'softmax', 'log_softmax' or None: the last non-trivial op of ``model``'s forward."""
+    gm = model if isinstance(model, fx.GraphModule) else trace(copy.deepcopy(model).eval())
+    return torch_head.final_activation(gm)
+
+
+def _check_against_original(
+    gm: fx.GraphModule, image_nchw: torch.Tensor, reference: torch.Tensor, size
+) -> None:
+    """The dense module at input_size must give the original's scores in a 1x1 map."""
+    with torch.no_grad():
+        score_map = gm(image_nchw)
+    expected = (reference.shape[0], reference.shape[1], 1, 1)
+    if not isinstance(score_map, torch.Tensor) or tuple(score_map.shape) != expected:
+        got = tuple(score_map.shape) if isinstance(score_map, torch.Tensor) else score_map
+        raise ConversionError(
+            f"internal check failed: the converted module gives {got} at input size "
+            f"{size[0]}x{size[1]}, expected {expected}. Please report this model."
+        )
+    scores = score_map.flatten(1)
+    diff = (scores - reference).abs().max().item()
+    scale = 1.0 + reference.abs().max().item()
+    tolerance = CHECK_TOLERANCE.get(reference.dtype, LOW_PRECISION_TOLERANCE)
+    if not diff <= tolerance * scale:
+        raise ConversionError(
+            f"internal check failed: the converted module differs from the original by "
+            f"{diff:.3g} at input size {size[0]}x{size[1]} (allowed {tolerance * scale:.3g}). "
+            "The head contains an op the converter does not understand: please report it."
+        )

@@ -1,0 +1,138 @@
+"""Rewrite a traced classifier's head into convolutions (the graph surgery half).
+
+:func:`rewrite` takes the :class:`~convert.torch_head.Head` that ``find_head`` and
+``check_trunk`` validated and, in place on the ``GraphModule``:
+
+- removes identity adaptive pools and the flatten/view/reshape nodes before the head;
+- turns a global average/max pool into ``AvgPool2d((h, w), stride=1)`` / ``MaxPool2d``;
+- turns the first Linear into ``Conv2d(C, O, (h, w))`` and later ones into 1x1 convs, copying
+  weights with asserted shapes; BatchNorm1d after a Linear becomes BatchNorm2d;
+- makes a softmax / log-softmax run over dim 1, the classes of the NCHW map.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from convert.torch_head import Head
+from convert.torch_ops import module_of, op_name, single_input, softmax_kind
+from convert.torch_trace import shape_of
+from service.errors import ConversionError
+
+
+def rewrite(gm: fx.GraphModule, head: Head) -> list[str]:
+    """Rewrite ``gm``'s graph in place into the fully-convolutional form; returns the names
+    of the layers taken out."""
+    graph = gm.graph
+    removed = []
+    for node in head.identity_pools + ([head.pool] if head.pool_kind == "identity" else []):
+        removed.append(str(node.target) if node.op == "call_module" else node.name)
+        node.replace_all_uses_with(single_input(node))
+        graph.erase_node(node)
+    for node in head.reshapes:
+        removed.append(str(node.target) if node.op == "call_module" else node.name)
+        node.replace_all_uses_with(single_input(node))
+        graph.erase_node(node)
+    if head.pool_kind in ("avg", "max"):
+        _slide_pool(gm, head)
+    first_linear = True
+    for node in head.chain:
+        module = module_of(gm, node)
+        if isinstance(module, nn.Linear):
+            volume = head.feature_volume if first_linear else (module.in_features, 1, 1)
+            _set_submodule(gm, str(node.target), _linear_to_conv(module, volume, node.target))
+            first_linear = False
+        elif isinstance(module, nn.BatchNorm1d):
+            _set_submodule(gm, str(node.target), _batchnorm_2d(module))
+        elif isinstance(module, (nn.Softmax, nn.LogSoftmax)):
+            module.dim = 1  # classes are the channel axis of the NCHW map
+        elif softmax_kind(gm, node) is not None:
+            _set_softmax_dim(node)
+    _erase_dead_size_nodes(graph)
+    return removed
+
+
+def _slide_pool(gm: fx.GraphModule, head: Head) -> None:
+    """Global pool over the trunk's h x w -> the same pool sliding with stride 1."""
+    _, height, width = head.trunk_output
+    pool_type = nn.AvgPool2d if head.pool_kind == "avg" else nn.MaxPool2d
+    sliding = pool_type((height, width), stride=1, padding=0)
+    node = head.pool
+    if node.op == "call_module":
+        _set_submodule(gm, str(node.target), sliding)
+        return
+    name = "head_pool"
+    while hasattr(gm, name):
+        name += "_"
+    gm.add_submodule(name, sliding)
+    with gm.graph.inserting_after(node):
+        new_node = gm.graph.call_module(name, (head.trunk_end,))
+    node.replace_all_uses_with(new_node)
+    gm.graph.erase_node(node)
+
+
+def _linear_to_conv(linear: nn.Linear, volume, path) -> nn.Conv2d:
+    channels, height, width = volume
+    out_features, in_features = linear.weight.shape
+    if in_features != channels * height * width:
+        raise ConversionError(
+            f"layer '{path}' expects {in_features} input features but the trunk gives "
+            f"C x h x w = {channels}x{height}x{width} = {channels * height * width}: pass "
+            "the classifier's training input size."
+        )
+    weight = linear.weight
+    conv = nn.Conv2d(
+        channels, out_features, (height, width), bias=linear.bias is not None,
+        device=weight.device, dtype=weight.dtype,
+    )  # fmt: skip
+    # PyTorch flattens N x C x H x W in C, H, W order, so feature c*h*w + y*w + x of the
+    # Linear is kernel tap (c, y, x): a plain view. Assert the shapes before each copy:
+    # copy_ broadcasts, so a wrong shape could otherwise copy silently.
+    kernel = weight.detach().reshape(out_features, channels, height, width)
+    assert conv.weight.shape == kernel.shape, (conv.weight.shape, kernel.shape)
+    with torch.no_grad():
+        conv.weight.copy_(kernel)
+        if linear.bias is not None:
+            assert conv.bias.shape == linear.bias.shape, (conv.bias.shape, linear.bias.shape)
+            conv.bias.copy_(linear.bias)
+    return conv.eval()
+
+
+def _batchnorm_2d(norm: nn.BatchNorm1d) -> nn.BatchNorm2d:
+    """A BatchNorm1d on (N, F) features after the first Linear sees them as F channels."""
+    reference = next(iter(norm.buffers()), None) if norm.weight is None else norm.weight
+    replacement = nn.BatchNorm2d(
+        norm.num_features, eps=norm.eps, momentum=norm.momentum, affine=norm.affine,
+        track_running_stats=norm.track_running_stats,
+        device=None if reference is None else reference.device,
+        dtype=None if reference is None else reference.dtype,
+    )  # fmt: skip
+    state = norm.state_dict()
+    for key, value in replacement.state_dict().items():
+        # Same per-feature vectors, only the module class changes: shapes must agree.
+        assert state[key].shape == value.shape, (key, state[key].shape, value.shape)
+    replacement.load_state_dict(state)
+    return replacement.eval()
+
+
+def _set_softmax_dim(node: fx.Node) -> None:
+    if "dim" in node.kwargs or len(node.args) < 2:
+        node.kwargs = {**node.kwargs, "dim": 1}
+    else:
+        node.args = (node.args[0], 1, *node.args[2:])
+
+
+def _set_submodule(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = gm.get_submodule(parent_path) if parent_path else gm
+    setattr(parent, name, module)
+
+
+def _erase_dead_size_nodes(graph: fx.Graph) -> None:
+    """Remove size()/shape/getitem nodes left without users by the reshape removal."""
+    for node in reversed(list(graph.nodes)):
+        dead = not node.users and shape_of(node) is None
+        if dead and op_name(node) in ("size", "getattr", "getitem", "dim"):
+            graph.erase_node(node)
