@@ -1,0 +1,171 @@
+"""Read-only access to an ONNX graph: attributes, constants, shapes, producers, consumers.
+
+The geometry tracer, the head rewriter and the à-trous pass all need the same small set of
+facts about a graph; this module computes them once per graph (:class:`GraphIndex`).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from service.errors import ConversionError
+
+
+def node_label(node: onnx.NodeProto) -> str:
+    """How error messages name a node: op type plus its name (or first output)."""
+    return f"{node.op_type} node {node.name or node.output[0]!r}"
+
+
+def attributes(node: onnx.NodeProto) -> dict:
+    """The node's attributes as plain Python values (bytes decoded to str)."""
+    values = {}
+    for attr in node.attribute:
+        value = helper.get_attribute_value(attr)
+        values[attr.name] = value.decode() if isinstance(value, bytes) else value
+    return values
+
+
+def set_attribute(node: onnx.NodeProto, name: str, value) -> None:
+    """Set (replace or add) one attribute of ``node``."""
+    for index, attr in enumerate(node.attribute):
+        if attr.name == name:
+            del node.attribute[index]
+            break
+    node.attribute.append(helper.make_attribute(name, value))
+
+
+def opset_version(model: onnx.ModelProto) -> int:
+    """The default-domain opset the model imports."""
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    raise ConversionError("the ONNX model imports no default-domain opset: re-export it")
+
+
+def image_input(graph: onnx.GraphProto) -> onnx.ValueInfoProto:
+    """The graph's image input: its only input that is not an initializer."""
+    initializers = {init.name for init in graph.initializer}
+    inputs = [value for value in graph.input if value.name not in initializers]
+    if len(inputs) != 1:
+        names = [value.name for value in inputs]
+        raise ConversionError(
+            f"expected a classifier with exactly one image input, found {len(inputs)}: {names}"
+        )
+    rank = len(inputs[0].type.tensor_type.shape.dim)
+    if rank != 4:
+        raise ConversionError(
+            f"input {inputs[0].name!r} has rank {rank}; densemap converts 2-D image "
+            "classifiers with a rank-4 input (NCHW or NHWC)"
+        )
+    return inputs[0]
+
+
+def static_dims(value: onnx.ValueInfoProto) -> list[int | None]:
+    """Dimensions of a value's declared shape, ``None`` where symbolic or unknown."""
+    return [
+        dim.dim_value if dim.HasField("dim_value") else None
+        for dim in value.type.tensor_type.shape.dim
+    ]
+
+
+@dataclass
+class GraphIndex:
+    """Producers, consumers, constant values and known static shapes of one graph."""
+
+    graph: onnx.GraphProto
+    producer: dict[str, onnx.NodeProto] = field(default_factory=dict)
+    consumers: dict[str, list[onnx.NodeProto]] = field(default_factory=lambda: defaultdict(list))
+    constants: dict[str, np.ndarray] = field(default_factory=dict)
+    shapes: dict[str, tuple[int | None, ...]] = field(default_factory=dict)
+    opset: int = 20
+
+    @classmethod
+    def build(cls, graph: onnx.GraphProto) -> GraphIndex:
+        index = cls(graph=graph)
+        for init in graph.initializer:
+            index.constants[init.name] = numpy_helper.to_array(init)
+        for value in (*graph.input, *graph.value_info, *graph.output):
+            if value.type.tensor_type.HasField("shape"):
+                index.shapes[value.name] = tuple(static_dims(value))
+        for node in graph.node:
+            for name in node.output:
+                index.producer[name] = node
+            for name in node.input:
+                if name:
+                    index.consumers[name].append(node)
+            if node.op_type == "Constant" and node.output:
+                attr = node.attribute[0]
+                if attr.name == "value":
+                    index.constants[node.output[0]] = numpy_helper.to_array(attr.t)
+                elif attr.name in ("value_float", "value_int"):
+                    index.constants[node.output[0]] = np.array(helper.get_attribute_value(attr))
+                elif attr.name in ("value_floats", "value_ints"):
+                    index.constants[node.output[0]] = np.array(helper.get_attribute_value(attr))
+        for name, array in index.constants.items():
+            index.shapes.setdefault(name, tuple(array.shape))
+        return index
+
+    def constant(self, name: str) -> np.ndarray | None:
+        """The value of a constant tensor (initializer or Constant output), else ``None``."""
+        if not name:
+            return None
+        return self.constants.get(name)
+
+    def shape(self, name: str) -> tuple[int | None, ...] | None:
+        return self.shapes.get(name)
+
+    def sole_consumer(self, name: str) -> onnx.NodeProto | None:
+        """The one node reading ``name``; ``None`` when it is a graph output or unread."""
+        outputs = {value.name for value in self.graph.output}
+        readers = self.consumers.get(name, [])
+        if name in outputs or len(readers) != 1:
+            return None
+        return readers[0]
+
+
+def topological_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The graph's nodes in an order where every node follows the producers of its inputs."""
+    available = {init.name for init in graph.initializer} | {value.name for value in graph.input}
+    available.add("")
+    pending = list(graph.node)
+    ordered: list[onnx.NodeProto] = []
+    while pending:
+        remaining = []
+        for node in pending:
+            if all(name in available for name in node.input):
+                ordered.append(node)
+                available.update(node.output)
+            else:
+                remaining.append(node)
+        if len(remaining) == len(pending):
+            missing = sorted({n for node in remaining for n in node.input} - available)
+            raise ConversionError(
+                f"the ONNX graph is not a DAG or reads undefined tensors {missing[:5]}: "
+                "check it with onnx.checker"
+            )
+        pending = remaining
+    return ordered
+
+
+def remove_dead_nodes(graph: onnx.GraphProto) -> None:
+    """Drop nodes and initializers that no longer contribute to a graph output."""
+    live = {value.name for value in graph.output}
+    kept: list[onnx.NodeProto] = []
+    for node in reversed(topological_nodes(graph)):
+        if any(name in live for name in node.output):
+            kept.append(node)
+            live.update(name for name in node.input if name)
+    kept.reverse()
+    del graph.node[:]
+    graph.node.extend(kept)
+    initializers = [init for init in graph.initializer if init.name in live]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    inputs = [value for value in graph.input if value.name in live]
+    del graph.input[:]
+    graph.input.extend(inputs)

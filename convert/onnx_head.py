@@ -1,0 +1,240 @@
+"""Rewrite the head of a fixed-size ONNX classifier into convolutions (framework-agnostic).
+
+Two head shapes are recognised after the trunk's last feature map F (C x h x w at the
+training size R):
+
+- **FC head**: F -> Flatten/Reshape (with Transposes) -> Gemm | MatMul(+Add) -> ...
+  The first FC layer becomes a Conv with an (h, w) kernel whose weight is the FC weight
+  laid out in the graph's own flatten order (C,H,W for PyTorch/Caffe, H,W,C for Keras/TF);
+  later FC layers become 1x1 convs.
+- **Global-pool head**: F -> GlobalAveragePool | ReduceMean(H,W) (or the max versions) ->
+  Flatten/Reshape/Squeeze -> Gemm | MatMul -> ... The global pool becomes an
+  AveragePool/MaxPool with an (h, w) kernel and stride 1, the FC layers 1x1 convs.
+
+Elementwise ops between FC layers stay as they are; a final Softmax runs over channels.
+The image input keeps its name, layout and dtype; batch, height and width become dynamic.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from convert.flatten_order import (
+    MOVEMENT_OPS,
+    PASS_OPS,
+    UnknownOrder,
+    detect_feature_order,
+    feature_coordinates,
+    named_order,
+)
+from convert.geometry import BINARY_OPS, CHANNEL_AXIS_OPS, UNARY_OPS, trace_graph
+from convert.onnx_graph import (
+    GraphIndex,
+    attributes,
+    image_input,
+    node_label,
+    opset_version,
+    static_dims,
+)
+from convert.onnx_head_build import HeadPlan, Linear, assemble, freeze_auto_pad, read_linear
+from service.errors import ConversionError
+
+FLATTEN_ORDERS = ("auto", "chw", "hwc")
+AVERAGE_OPS = {"GlobalAveragePool": "AveragePool", "ReduceMean": "AveragePool"}
+MAX_OPS = {"GlobalMaxPool": "MaxPool", "ReduceMax": "MaxPool"}
+
+
+def _fixed_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy with a batch of 1 and all shapes inferred (data propagation resolves Reshapes)."""
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    image = image_input(work.graph)
+    dims = image.type.tensor_type.shape.dim
+    if not dims[0].HasField("dim_value"):
+        dims[0].Clear()
+        dims[0].dim_value = 1
+    try:
+        return onnx.shape_inference.infer_shapes(work, data_prop=True)
+    except Exception as exc:  # onnx raises several unrelated types here
+        raise ConversionError(f"ONNX shape inference failed on the classifier: {exc}") from None
+
+
+def _window(image: onnx.ValueInfoProto, axes: tuple[int, int]) -> tuple[int, int]:
+    dims = static_dims(image)
+    window = tuple(dims[a] for a in axes)
+    if None in window:
+        raise ConversionError(
+            f"input {image.name!r} has no fixed height and width ({dims}): export the "
+            "classifier at its training input size, the window R of the dense model"
+        )
+    return window
+
+
+def _head_start(trace, model, index):
+    if not trace.collapses:
+        raise ConversionError(
+            "the model has no fully-connected or global-pool head: its output is already a "
+            "feature map (nothing to convert)"
+        )
+    if len(trace.collapses) > 1:
+        names = ", ".join(node_label(node) for node, _ in trace.collapses)
+        raise ConversionError(
+            f"the feature map collapses at several nodes ({names}): one head only"
+        )
+    node, source = trace.collapses[0]
+    outputs = [value.name for value in model.graph.output]
+    if len(outputs) != 1 or outputs[0] not in trace.global_origin:
+        raise ConversionError(f"expected one classifier output computed by the head, got {outputs}")
+    if node.op_type in ("MatMul", "Gemm") or (
+        node.op_type not in MOVEMENT_OPS and node.op_type not in AVERAGE_OPS | MAX_OPS
+    ):
+        raise ConversionError(
+            f"the head starts with {node_label(node)}, which is neither a flatten nor an "
+            "average/max global pool (attention or a global operation?): no exact dense form"
+        )
+    return node, source
+
+
+def _walk_chain(start: str, index: GraphIndex):
+    """Movement nodes from ``start`` up to the first FC node."""
+    chain, name = [], start
+    while True:
+        node = index.sole_consumer(name)
+        if node is None:
+            raise ConversionError(f"tensor {name!r} of the head feeds several nodes or no FC layer")
+        if node.op_type in ("Gemm", "MatMul"):
+            return chain, node
+        if node.op_type not in MOVEMENT_OPS | PASS_OPS:
+            raise ConversionError(
+                f"{node_label(node)} sits between the feature map and the first fully-connected "
+                "layer; only Flatten, Reshape, Transpose and Squeeze are supported there"
+            )
+        chain.append(node)
+        name = node.output[0]
+
+
+def _global_pool(node, field, index, source_shape):
+    axes = set(field.axes)
+    if node.op_type.startswith("Reduce"):
+        rank = len(source_shape)
+        attrs = attributes(node)
+        raw = attrs.get("axes")
+        if raw is None and len(node.input) > 1:
+            value = index.constant(node.input[1])
+            raw = None if value is None else value.reshape(-1).tolist()
+        if raw is None or {int(a) % rank for a in raw} != axes:
+            raise ConversionError(f"{node_label(node)} must reduce exactly the H and W axes")
+        keep = attrs.get("keepdims", 1)
+    else:
+        keep = 1
+    channel_axis = ({0, 1, 2, 3} - axes - {0}).pop()
+    pooled_shape = tuple(1 if a in axes else n for a, n in enumerate(source_shape))
+    if not keep:
+        channel_axis -= sum(1 for a in axes if a < channel_axis)
+        pooled_shape = tuple(n for a, n in enumerate(source_shape) if a not in axes)
+    pool_op = (AVERAGE_OPS | MAX_OPS)[node.op_type]
+    return pool_op, pooled_shape, channel_axis
+
+
+def _feature_map_order(chain, index, source_shape, field, flatten_order, fc):
+    """(c, y, x) per FC input feature, detected from the graph or named by the user."""
+    channel_axis = ({0, 1, 2, 3} - set(field.axes) - {0}).pop()
+    channels, height, width = (source_shape[a] for a in (channel_axis, *field.axes))
+    try:
+        flat = detect_feature_order(chain, index, source_shape)
+    except UnknownOrder as unknown:
+        if flatten_order == "auto" and channels > 1 and height * width > 1:
+            raise ConversionError(
+                f"cannot tell the flatten order feeding {node_label(fc)} (tensor {unknown} has "
+                "no known shape): pass flatten_order 'chw' (PyTorch, Caffe) or 'hwc' (Keras, "
+                "TensorFlow); on the command line --flatten-order chw|hwc"
+            ) from None
+        order = "chw" if flatten_order == "auto" else flatten_order
+        return named_order(order, channels, height, width)
+    coords = feature_coordinates(
+        flat, source_shape, channel_axis=channel_axis, spatial_axes=field.axes
+    )
+    if flatten_order != "auto" and not all(
+        np.array_equal(a, b)
+        for a, b in zip(coords, named_order(flatten_order, channels, height, width), strict=True)
+    ):
+        raise ConversionError(
+            f"the graph flattens the feature map in another order than flatten_order="
+            f"{flatten_order!r}: leave it on 'auto', the graph's order is exact"
+        )
+    return coords
+
+
+def _read_tail(fc, index, model) -> tuple[list[Linear], list]:
+    """Read FC layers and the elementwise ops between them up to the output."""
+    first = read_linear(fc, index)
+    linears, edits = [first], []
+    output = model.graph.output[0].name
+    name, features = first.output, first.weight.shape[0]
+    opset = opset_version(model)
+    while name != output:
+        node = index.sole_consumer(name)
+        if node is None:
+            raise ConversionError(f"head tensor {name!r} feeds several nodes")
+        if node.op_type in ("Gemm", "MatMul"):
+            linear = read_linear(node, index)
+            linears.append(linear)
+            name, features = linear.output, linear.weight.shape[0]
+            continue
+        if node.op_type in CHANNEL_AXIS_OPS:
+            axis = attributes(node).get("axis", 1 if opset < 13 else -1)
+            if axis not in (1, -1):
+                raise ConversionError(f"{node_label(node)} does not run over the class axis")
+            edits.append(("softmax", node, features))
+        elif node.op_type in BINARY_OPS:
+            edits.append(("broadcast", node, features))
+        elif node.op_type not in UNARY_OPS | PASS_OPS:
+            raise ConversionError(f"{node_label(node)} in the classifier head is not supported")
+        name = node.output[0]
+    return linears, edits
+
+
+def rewrite_head(model: onnx.ModelProto, *, flatten_order: str = "auto") -> onnx.ModelProto:
+    """Turn a fixed-size ONNX classifier into a dense model (see module docstring)."""
+    if flatten_order not in FLATTEN_ORDERS:
+        raise ConversionError(
+            f"flatten_order must be one of {FLATTEN_ORDERS}, got {flatten_order!r}"
+        )
+    work = _fixed_copy(model)
+    freeze_auto_pad(work.graph, GraphIndex.build(work.graph))
+    index = GraphIndex.build(work.graph)
+    trace = trace_graph(work, index=index, allow_collapse=True)
+    _window(image_input(model.graph), (2, 3) if trace.layout == "NCHW" else (1, 2))
+    node, source = _head_start(trace, work, index)
+    field, source_shape = trace.fields[source], index.shape(source)
+    if source_shape is None or None in source_shape or len(source_shape) != 4:
+        raise ConversionError(f"the feature map {source!r} before the head has no known shape")
+    kernel = tuple(source_shape[a] for a in field.axes)
+    if node.op_type in AVERAGE_OPS or node.op_type in MAX_OPS:
+        pool_op, pooled_shape, channel_axis = _global_pool(node, field, index, source_shape)
+        chain, fc = _walk_chain(node.output[0], index)
+        try:
+            flat = detect_feature_order(chain, index, pooled_shape)
+        except UnknownOrder:  # only channels remain: any reshape keeps their order
+            flat = np.arange(int(np.prod(pooled_shape)))
+        channel = np.unravel_index(flat, pooled_shape)[channel_axis]
+        coords = (channel, np.zeros_like(channel), np.zeros_like(channel))
+        plan_pool, conv_kernel = (pool_op, kernel), (1, 1)
+    else:
+        chain, fc = _walk_chain(source, index)
+        coords = _feature_map_order(chain, index, source_shape, field, flatten_order, fc)
+        plan_pool, conv_kernel = None, kernel
+    linears, edits = _read_tail(fc, index, work)
+    plan = HeadPlan(
+        source=source,
+        field=field,
+        linears=linears,
+        edits=edits,
+        coords=coords,
+        channels=source_shape[({0, 1, 2, 3} - set(field.axes) - {0}).pop()],
+        conv_kernel=conv_kernel,
+        pool=plan_pool,
+        layout=trace.layout,
+    )
+    return assemble(work, index=index, trace=trace, plan=plan)

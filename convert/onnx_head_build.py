@@ -1,0 +1,285 @@
+"""Build the convolutional head that replaces a classifier's FC head (see ``onnx_head``).
+
+:func:`read_linear` turns a Gemm or MatMul(+Add) into an effective ``(O, I)`` weight and a
+bias; :func:`assemble` writes the Conv (and pool) nodes in place of the FC nodes, fixes the
+elementwise ops of the head for an NCHW map, drops the dead flatten chain and makes batch,
+height and width dynamic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from convert.geometry import WINDOW_OPS, Field, Trace
+from convert.onnx_graph import (
+    GraphIndex,
+    attributes,
+    image_input,
+    node_label,
+    opset_version,
+    remove_dead_nodes,
+    set_attribute,
+)
+from service.errors import ConversionError
+
+
+@dataclass
+class Linear:
+    """One FC layer: ``output = input @ weight.T + bias``."""
+
+    nodes: list[onnx.NodeProto]
+    input: str
+    output: str
+    weight: np.ndarray  # (O, I)
+    bias: np.ndarray | None  # (O,)
+
+
+@dataclass
+class HeadPlan:
+    """Everything :func:`assemble` needs, found by ``onnx_head.rewrite_head``."""
+
+    source: str  # the trunk's last feature map
+    field: Field
+    linears: list[Linear]
+    edits: list[tuple[str, onnx.NodeProto, int]]  # (kind, node, channels at that node)
+    coords: tuple[np.ndarray, np.ndarray, np.ndarray]  # (c, y, x) per first-FC feature
+    channels: int
+    conv_kernel: tuple[int, int]
+    pool: tuple[str, tuple[int, int]] | None
+    layout: str
+
+
+def _constant_weight(node: onnx.NodeProto, index: GraphIndex, name: str) -> np.ndarray:
+    value = index.constant(name)
+    if value is None:
+        raise ConversionError(f"{node_label(node)} has non-constant weights: cannot convert")
+    if value.dtype.kind != "f":
+        raise ConversionError(f"{node_label(node)} has {value.dtype} weights; expected floats")
+    return value
+
+
+def _bias(node: onnx.NodeProto, value: np.ndarray, outputs: int) -> np.ndarray:
+    if value.size == 1:
+        return np.full(outputs, value.reshape(-1)[0], dtype=value.dtype)
+    if value.size != outputs:
+        raise ConversionError(f"{node_label(node)} has a bias of shape {list(value.shape)}")
+    return value.reshape(outputs)
+
+
+def read_linear(node: onnx.NodeProto, index: GraphIndex) -> Linear:
+    """The FC layer computed by a Gemm, or by a MatMul and the Add that may follow it."""
+    if node.op_type == "Gemm":
+        attrs = attributes(node)
+        if attrs.get("transA", 0):
+            raise ConversionError(f"{node_label(node)} transposes its input (transA=1)")
+        b = _constant_weight(node, index, node.input[1])
+        weight = (b if attrs.get("transB", 0) else b.T) * b.dtype.type(attrs.get("alpha", 1.0))
+        bias = None
+        if len(node.input) > 2 and node.input[2]:
+            c = _constant_weight(node, index, node.input[2])
+            bias = _bias(node, c * c.dtype.type(attrs.get("beta", 1.0)), weight.shape[0])
+        return Linear([node], node.input[0], node.output[0], weight, bias)
+    b = _constant_weight(node, index, node.input[1])
+    if b.ndim != 2:
+        raise ConversionError(f"{node_label(node)} multiplies by a rank-{b.ndim} tensor")
+    linear = Linear([node], node.input[0], node.output[0], b.T, None)
+    add = index.sole_consumer(node.output[0])
+    if add is not None and add.op_type == "Add":
+        other = [name for name in add.input if name != node.output[0]]
+        value = index.constant(other[0]) if len(other) == 1 else None
+        if value is not None and value.size in (1, b.shape[1]):
+            linear.nodes.append(add)
+            linear.output = add.output[0]
+            linear.bias = _bias(add, value, b.shape[1])
+    return linear
+
+
+def freeze_auto_pad(graph: onnx.GraphProto, index: GraphIndex) -> None:
+    """Replace auto_pad by the explicit pads it gives at the classifier's fixed size."""
+    for node in graph.node:
+        attrs = attributes(node)
+        mode = attrs.get("auto_pad", "NOTSET")
+        if node.op_type not in WINDOW_OPS or mode == "NOTSET":
+            continue
+        shape = index.shape(node.input[0])
+        kernel = attrs.get("kernel_shape") or list(index.shape(node.input[1])[2:])
+        strides = attrs.get("strides", [1, 1])
+        dilations = attrs.get("dilations", [1, 1])
+        if mode == "VALID":
+            pads = [0, 0, 0, 0]
+        elif shape is None or None in shape[2:]:
+            continue  # the tracer reports it if the padding depends on the size
+        else:
+            totals = [
+                max((-(-n // s) - 1) * s + d * (k - 1) + 1 - n, 0)
+                for n, s, d, k in zip(shape[2:], strides, dilations, kernel, strict=True)
+            ]
+            begins = [t // 2 if mode == "SAME_UPPER" else t - t // 2 for t in totals]
+            pads = begins + [t - b for t, b in zip(totals, begins, strict=True)]
+        set_attribute(node, "auto_pad", "NOTSET")
+        set_attribute(node, "pads", pads)
+
+
+class _Names:
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.used = {init.name for init in graph.initializer} | {v.name for v in graph.input}
+        self.used |= {name for node in graph.node for name in (*node.input, *node.output)}
+        self.used |= {node.name for node in graph.node}
+
+    def fresh(self, base: str) -> str:
+        name, n = base, 0
+        while name in self.used:
+            n += 1
+            name = f"{base}_{n}"
+        self.used.add(name)
+        return name
+
+
+def _canonical(plan: HeadPlan, trace: Trace, index: GraphIndex, names: _Names):
+    """An NCHW name for the feature map, plus any Transpose node needed to get it."""
+    axes = plan.field.axes
+    if axes == (2, 3):
+        return plan.source, []
+    producer = index.producer.get(plan.source)
+    if producer is not None and producer.op_type == "Transpose":
+        before = trace.fields.get(producer.input[0])
+        if before is not None and before.axes == (2, 3):
+            return producer.input[0], []
+    channel_axis = ({0, 1, 2, 3} - set(axes) - {0}).pop()
+    name = names.fresh(f"{plan.source}_nchw")
+    perm = [0, channel_axis, *axes]
+    return name, [helper.make_node("Transpose", [plan.source], [name], perm=perm, name=name)]
+
+
+def _conv(linear, weight, names, source, kernel) -> tuple[onnx.NodeProto, list]:
+    w_name = names.fresh(f"{linear.output}_conv_weight")
+    inits = [numpy_helper.from_array(weight, w_name)]
+    inputs = [source, w_name]
+    if linear.bias is not None:
+        b_name = names.fresh(f"{linear.output}_conv_bias")
+        inits.append(numpy_helper.from_array(linear.bias.astype(weight.dtype), b_name))
+        inputs.append(b_name)
+    node = helper.make_node(
+        "Conv",
+        inputs,
+        [linear.output],
+        name=names.fresh(f"{linear.output}_conv"),
+        kernel_shape=list(kernel),
+        strides=[1, 1],
+        pads=[0, 0, 0, 0],
+        dilations=[1, 1],
+    )
+    return node, inits
+
+
+def _first_layer(plan, trace, index, names) -> tuple[list, list]:
+    source, nodes = _canonical(plan, trace, index, names)
+    if plan.pool is not None and plan.pool[1] != (1, 1):
+        op, kernel = plan.pool
+        pooled = names.fresh(f"{plan.source}_pooled")
+        nodes.append(
+            helper.make_node(
+                op, [source], [pooled], name=pooled, kernel_shape=list(kernel), strides=[1, 1]
+            )
+        )
+        source = pooled
+    first = plan.linears[0]
+    out_channels = first.weight.shape[0]
+    weight = np.zeros((out_channels, plan.channels, *plan.conv_kernel), dtype=first.weight.dtype)
+    c, y, x = plan.coords
+    weight[:, c, y, x] = first.weight  # feature f of the FC reads element (c[f], y[f], x[f])
+    conv, inits = _conv(first, weight, names, source, plan.conv_kernel)
+    return [*nodes, conv], inits
+
+
+def _edit(kind, node, channels, names, opset) -> tuple[list, list]:
+    """Adapt one elementwise head op from [N, channels] to [N, channels, h, w]."""
+    if kind == "softmax":
+        if opset >= 13:
+            set_attribute(node, "axis", 1)
+            return [node], []
+        # before opset 13 Softmax flattens from `axis` on: run it on the last axis of NHWC
+        nhwc, out = names.fresh(f"{node.output[0]}_nhwc"), names.fresh(f"{node.output[0]}_sm")
+        before = helper.make_node("Transpose", [node.input[0]], [nhwc], perm=[0, 2, 3, 1])
+        set_attribute(node, "axis", 3)
+        final = node.output[0]
+        node.input[0], node.output[0] = nhwc, out
+        after = helper.make_node("Transpose", [out], [final], perm=[0, 3, 1, 2])
+        return [before, node, after], []
+    inits = []
+    for position, name in enumerate(node.input):
+        value = names.constants.get(name)
+        if value is None or value.size == 1:
+            continue
+        if value.size != channels:
+            raise ConversionError(f"{node_label(node)} combines the scores with a {value.shape}")
+        new_name = names.fresh(f"{name}_nchw")
+        inits.append(numpy_helper.from_array(value.reshape(1, channels, 1, 1), new_name))
+        node.input[position] = new_name
+    return [node], inits
+
+
+def make_dynamic(model: onnx.ModelProto, *, layout: str, classes: int) -> None:
+    """Dynamic batch, height and width on the input; an [N, classes, h, w] output."""
+    graph = model.graph
+    image = image_input(graph)
+    dims = image.type.tensor_type.shape.dim
+    spatial = (2, 3) if layout == "NCHW" else (1, 2)
+    for axis, param in ((0, "N"), (spatial[0], "H"), (spatial[1], "W")):
+        dims[axis].Clear()
+        dims[axis].dim_param = param
+    del graph.value_info[:]
+    output = graph.output[0]
+    elem_type = output.type.tensor_type.elem_type
+    output.CopyFrom(
+        helper.make_tensor_value_info(output.name, elem_type, ["N", classes, "cells_h", "cells_w"])
+    )
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+        graph.value_info.extend(inferred.graph.value_info)
+    except Exception:  # shapes are an optimisation hint only; the checker runs later
+        pass
+
+
+def assemble(model: onnx.ModelProto, *, index: GraphIndex, trace: Trace, plan: HeadPlan):
+    """Rewrite ``model`` (a working copy) according to ``plan``; returns it."""
+    graph = model.graph
+    names = _Names(graph)
+    names.constants = index.constants
+    replaced = {id(node) for linear in plan.linears for node in linear.nodes}
+    inserts: dict[int, tuple[list, list]] = {
+        id(plan.linears[0].nodes[0]): _first_layer(plan, trace, index, names)
+    }
+    for linear in plan.linears[1:]:
+        out_channels, in_channels = linear.weight.shape
+        weight = linear.weight.reshape(out_channels, in_channels, 1, 1)
+        node, inits = _conv(linear, weight, names, linear.input, (1, 1))
+        inserts[id(linear.nodes[0])] = ([node], inits)
+    opset = opset_version(model)
+    for kind, node, channels in plan.edits:
+        inserts[id(node)] = _edit(kind, node, channels, names, opset)
+    nodes, initializers = [], []
+    for node in list(graph.node):
+        new_nodes, inits = inserts.get(id(node), (None, []))
+        if new_nodes is not None:
+            nodes.extend(new_nodes)
+            initializers.extend(inits)
+        elif id(node) not in replaced:
+            nodes.append(node)
+    nodes = [_copy(node) for node in nodes]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(initializers)
+    remove_dead_nodes(graph)
+    make_dynamic(model, layout=plan.layout, classes=plan.linears[-1].weight.shape[0])
+    return model
+
+
+def _copy(node: onnx.NodeProto) -> onnx.NodeProto:
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    return copy
