@@ -1,0 +1,24 @@
+"""The dense scoring engine (no gRPC, no torch): see docs/engine.md.
+
+``Engine(model_path).score(image, ScoreOptions(...)) -> ScoreMap`` is the entry point;
+``ModelRepository(root)`` serves a folder of models by name.
+"""
+
+from service.engine.engine import Engine
+from service.engine.image_input import preprocess
+from service.engine.options import EngineConfig, ScoreOptions
+from service.engine.repository import ModelRepository, ReloadReport, default_models_dir
+from service.engine.result import MapGeometry, ScaleMap, ScoreMap
+
+__all__ = [
+    "Engine",
+    "EngineConfig",
+    "MapGeometry",
+    "ModelRepository",
+    "ReloadReport",
+    "ScaleMap",
+    "ScoreMap",
+    "ScoreOptions",
+    "default_models_dir",
+    "preprocess",
+]

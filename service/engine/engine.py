@@ -1,0 +1,287 @@
+"""The dense scoring engine: one converted model (plus its à-trous variants) in onnxruntime.
+
+``Engine.score(image, options)`` is the one entry point the server, the folder scorer and
+Ray workers call. Per requested scale it resizes the image (Pillow bilinear), picks the
+net for the output stride (an à-trous variant in one pass, else shift-and-stitch over the
+coarsest net whose stride the requested one divides), runs each pass in one go or in exact
+tiles when the activation estimate exceeds the memory budget, and turns the raw maps into
+the requested outputs. Errors are those of :mod:`service.errors`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from service.contract import ModelMetadata, Pair
+from service.engine import image_input
+from service.engine.dense import PixelSource, check_cancel, shift_and_stitch
+from service.engine.loading import load_nets
+from service.engine.options import EngineConfig, ScoreOptions
+from service.engine.postprocess import build_scale_map, plan_outputs, rank_image_scores
+from service.engine.result import MapGeometry, ScoreMap
+from service.engine.tiling import plan_tiles, run_region
+from service.errors import ImageTooLarge, ImageTooSmall, InvalidImage, InvalidOption
+
+log = logging.getLogger("densemap.engine")
+
+MAX_SCALES = 16
+
+
+def _common_divisors(stride: Pair) -> tuple[int, ...]:
+    divisors = [d for d in range(1, min(stride) + 1) if stride[0] % d == 0 and stride[1] % d == 0]
+    return tuple(sorted(divisors, reverse=True))
+
+
+class Engine:
+    """A converted dense model, ready to score images (thread-safe: sessions are shared)."""
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        config: EngineConfig = EngineConfig(),
+        name: str | None = None,
+        labels: Sequence[str] | None = None,
+    ) -> None:
+        path = Path(model_path)
+        self._config = config
+        self._name = name or (path.parent.name if path.name == "model.onnx" else path.stem)
+        loaded = load_nets(path, config=config, labels=labels, name=self._name)
+        self._metadata: ModelMetadata = loaded.metadata
+        self._labels = loaded.labels
+        self._num_classes = loaded.num_classes
+        self._nets = loaded.nets  # main net first, then à-trous variants
+        self._providers = loaded.providers
+
+    # -- properties ----------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def metadata(self) -> ModelMetadata:
+        return self._metadata
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self._labels
+
+    @property
+    def num_classes(self) -> int:
+        return self._num_classes
+
+    @property
+    def providers(self) -> tuple[str, ...]:
+        """onnxruntime providers the sessions really run on, best first."""
+        return self._providers
+
+    @property
+    def config(self) -> EngineConfig:
+        return self._config
+
+    @property
+    def supported_strides(self) -> tuple[int, ...]:
+        """Output strides ``score`` accepts: native first, then every S/k with integer S/k."""
+        return _common_divisors(self._metadata.geometry.stride)
+
+    @property
+    def atrous_strides(self) -> tuple[int, ...]:
+        """Output strides served in one pass by an à-trous variant."""
+        return tuple(v.stride[0] for v in self._metadata.variants if v.stride[0] == v.stride[1])
+
+    # -- public helpers ------------------------------------------------------------------
+    def decode(self, data: bytes) -> np.ndarray:
+        """Encoded image -> uint8 HxWxC in the model's color order, EXIF orientation applied."""
+        preprocessing = self._metadata.preprocessing
+        return image_input.decode(
+            data, color=preprocessing.color, max_pixels=self._config.max_pixels
+        )
+
+    def estimate_bytes(self, height: int, width: int, *, output_stride: int | None = None) -> int:
+        """Activation bytes of the largest pass on a height x width image (untiled)."""
+        net, _ = self._plan_stride(output_stride)
+        return net.estimate_bytes(height, width)
+
+    # -- scoring -------------------------------------------------------------------------
+    def score(
+        self,
+        image: bytes | np.ndarray,
+        options: ScoreOptions = ScoreOptions(),
+        *,
+        cancel: Callable[[], bool] | None = None,
+    ) -> ScoreMap:
+        """Score one image: one :class:`ScaleMap` per scale, plus image-level scores."""
+        started = time.perf_counter()
+        timings = dict.fromkeys(("decode", "preprocess", "infer", "postprocess"), 0.0)
+        plan = plan_outputs(
+            options, num_classes=self._num_classes, output_kind=self._metadata.output_kind
+        )
+        net, factor = self._plan_stride(options.output_stride)
+        scales = self._check_scales(options.scales)
+        check_cancel(cancel, "before decoding")
+        uint8_hwc, float_chw = self._read_image(image, timings)
+        pixels = uint8_hwc if uint8_hwc is not None else float_chw.transpose(1, 2, 0)
+        height, width = pixels.shape[:2]
+        sizes = [image_input.resized_size(height, width, s) for s in scales]
+        for scale, size in zip(scales, sizes, strict=True):
+            self._check_size(size, scale, net)
+        maps, image_scores = [], []
+        for scale, size in zip(scales, sizes, strict=True):
+            check_cancel(cancel, f"before scale {scale}")
+            tic = time.perf_counter()
+            if uint8_hwc is not None:
+                source = PixelSource(
+                    preprocessing=self._metadata.preprocessing,
+                    uint8_hwc=image_input.resize_uint8(uint8_hwc, size),
+                )
+            else:
+                source = PixelSource(
+                    preprocessing=self._metadata.preprocessing,
+                    float_chw=image_input.resize_float(float_chw, size),
+                )
+            timings["preprocess"] += time.perf_counter() - tic
+            tic = time.perf_counter()
+            raw = self._dense_map(net, factor, source, cancel)
+            timings["infer"] += time.perf_counter() - tic - source.seconds
+            timings["preprocess"] += source.seconds
+            tic = time.perf_counter()
+            scale_map, scale_scores = build_scale_map(
+                raw, plan, self._map_geometry(net.grid.stride, factor, scale, size, (height, width))
+            )
+            maps.append(scale_map)
+            image_scores.append(scale_scores)
+            timings["postprocess"] += time.perf_counter() - tic
+        mean_scores = np.mean(image_scores, axis=0)
+        timings["total"] = time.perf_counter() - started
+        return ScoreMap(
+            maps=maps,
+            image_scores=mean_scores.astype(np.float32),
+            image_top_k=rank_image_scores(mean_scores, plan),
+            labels=self._labels,
+            image_size=(int(height), int(width)),
+            timings=timings,
+        )
+
+    # -- internals -----------------------------------------------------------------------
+    def _plan_stride(self, output_stride: int | None):
+        """(net, (k_h, k_w)): the net to run and the shift-and-stitch factor per axis."""
+        if output_stride is None:
+            return self._nets[0], (1, 1)
+        supported = self.supported_strides
+        if (
+            not isinstance(output_stride, (int, np.integer))
+            or isinstance(output_stride, bool)
+            or output_stride not in supported
+        ):
+            raise InvalidOption(
+                f"output_stride {output_stride!r} is not supported by model {self._name!r}: "
+                f"use one of {supported} (S/k with an integer step; à-trous in one pass: "
+                f"{self.atrous_strides or 'none'}), or None for the native stride"
+            )
+        candidates = [
+            n for n in self._nets if n.grid.stride[0] % output_stride == 0
+            and n.grid.stride[1] % output_stride == 0
+        ]  # fmt: skip
+        net = min(candidates, key=lambda n: n.grid.stride[0] * n.grid.stride[1])
+        return net, (net.grid.stride[0] // output_stride, net.grid.stride[1] // output_stride)
+
+    def _check_scales(self, scales) -> tuple[float, ...]:
+        try:
+            values = tuple(float(s) for s in scales)
+        except (TypeError, ValueError):
+            raise InvalidOption(f"scales must be a sequence of numbers, got {scales!r}") from None
+        if not values or len(values) > MAX_SCALES:
+            raise InvalidOption(f"give between 1 and {MAX_SCALES} scales, got {len(values)}")
+        if any(not math.isfinite(s) or s <= 0 for s in values):
+            raise InvalidOption(f"scales must be finite and > 0, got {values}")
+        return values
+
+    def _read_image(self, image, timings):
+        preprocessing = self._metadata.preprocessing
+        limit = self._config.max_pixels
+        tic = time.perf_counter()
+        if isinstance(image, (bytes, bytearray, memoryview)):
+            pixels = self.decode(image)
+            timings["decode"] = time.perf_counter() - tic
+            return pixels, None
+        if not isinstance(image, np.ndarray):
+            raise InvalidImage(
+                f"image must be encoded bytes or a numpy array, got {type(image).__name__}"
+            )
+        if image.dtype == np.uint8:
+            channels = preprocessing.channels
+            return image_input.check_uint8(image, channels=channels, max_pixels=limit), None
+        if np.issubdtype(image.dtype, np.floating):
+            float_chw = image_input.check_float(
+                image, channels=preprocessing.channels, max_pixels=limit
+            )
+            timings["preprocess"] += time.perf_counter() - tic
+            return None, float_chw
+        raise InvalidImage(
+            f"arrays must be uint8 HxWxC or float32 CxHxW (preprocessed), got {image.dtype}"
+        )
+
+    def _check_size(self, size: Pair, scale: float, net) -> None:
+        window = self._metadata.geometry.window
+        at = "" if scale == 1.0 else f" at scale {scale}"
+        if size[0] < window[0] or size[1] < window[1]:
+            raise ImageTooSmall(
+                f"the image is {size[0]}x{size[1]} pixels{at}, smaller than the model's window "
+                f"R = {window[0]}x{window[1]}: no window position fits; send a bigger image"
+            )
+        if size[0] * size[1] > self._config.max_pixels:
+            raise ImageTooLarge(
+                f"the image is {size[0]}x{size[1]} pixels{at}, over the limit of "
+                f"{self._config.max_pixels} pixels: use a smaller scale or image"
+            )
+        budget = self._config.memory_budget
+        need = net.estimate_bytes(*size)
+        if need > budget:
+            if not self._config.tiling:
+                raise ImageTooLarge(
+                    f"the image{at} needs about {need} bytes of activations, over the memory "
+                    f"budget of {budget} bytes, and tiling is off: send a smaller image, "
+                    "raise EngineConfig.memory_budget or enable tiling"
+                )
+            plan_tiles(net.grid, *size, fits=lambda h, w: net.estimate_bytes(h, w) <= budget)
+
+    def _dense_map(self, net, factor: Pair, source: PixelSource, cancel) -> np.ndarray:
+        size = (source.height, source.width)
+
+        def run_pass(top: int, left: int) -> np.ndarray:
+            return run_region(
+                net,
+                source,
+                top=top,
+                left=left,
+                height=size[0] - top,
+                width=size[1] - left,
+                budget=self._config.memory_budget,
+                tiling=self._config.tiling,
+                cancel=cancel,
+            )
+
+        if factor == (1, 1):
+            return run_pass(0, 0)
+        return shift_and_stitch(run_pass, grid=net.grid, factor=factor, size=size, cancel=cancel)
+
+    def _map_geometry(self, net_stride, factor, scale, size, original) -> MapGeometry:
+        geometry = self._metadata.geometry
+        return MapGeometry(
+            stride=(net_stride[0] // factor[0], net_stride[1] // factor[1]),
+            window=geometry.window,
+            origin=geometry.origin,
+            receptive_field=geometry.receptive_field,
+            receptive_field_offset=geometry.receptive_field_offset,
+            scale=scale,
+            resize=(size[0] / original[0], size[1] / original[1]),
+        )
+
+    def __repr__(self) -> str:
+        return f"Engine(name={self._name!r}, providers={self._providers})"

@@ -1,0 +1,127 @@
+"""Image input: decoding (with a header-only pixel limit), array checks, preprocessing, resizing.
+
+Every path into the network goes through :func:`preprocess`, so crop-based references
+(the converter's verify, tests) and the dense engine feed the net identical numbers.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from service.contract import Preprocessing
+from service.errors import DensemapError, ImageTooLarge, InvalidImage
+
+FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "BMP", "TIFF")  # MPO: multi-picture camera JPEGs
+RESAMPLE = Image.Resampling.BILINEAR
+RESAMPLE_NAME = "bilinear (Pillow Image.resize, BILINEAR; antialiased when downscaling)"
+
+
+def _check_pixels(height: int, width: int, max_pixels: int) -> None:
+    if height * width > max_pixels:
+        raise ImageTooLarge(
+            f"image is {width}x{height} = {height * width} pixels, over the limit of "
+            f"{max_pixels} pixels: downscale it or raise EngineConfig.max_pixels"
+        )
+
+
+def decode(data: bytes, *, color: str, max_pixels: int) -> np.ndarray:
+    """Encoded bytes -> uint8 HxWxC (HxWx1 for ``L``) in ``color`` order, EXIF orientation applied.
+
+    The pixel count is checked from the header before any pixel is decoded.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) == 0:
+        raise InvalidImage("image bytes are empty: send an encoded PNG, JPEG, WebP, BMP or TIFF")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(bytes(data)), formats=FORMATS)
+            _check_pixels(image.height, image.width, max_pixels)
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            if color == "L":
+                pixels = np.asarray(image.convert("L"))[:, :, None]
+            else:
+                pixels = np.asarray(image.convert("RGB"))
+                if color == "BGR":
+                    pixels = pixels[:, :, ::-1]
+    except DensemapError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(f"image refused as a decompression bomb: {exc}") from None
+    except MemoryError:
+        raise ImageTooLarge("not enough memory to decode this image: send a smaller one") from None
+    except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, struct.error...)
+        raise InvalidImage(
+            f"cannot decode the image ({type(exc).__name__}: {exc}); "
+            f"supported formats: {', '.join(f for f in FORMATS if f != 'MPO')}"
+        ) from None
+    return np.ascontiguousarray(pixels)
+
+
+def check_uint8(image: np.ndarray, *, channels: int, max_pixels: int) -> np.ndarray:
+    """A uint8 HxW or HxWxC array -> HxWxC with the model's channel count."""
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.ndim != 3:
+        raise InvalidImage(f"a uint8 image must be HxW or HxWxC, got shape {image.shape}")
+    _check_pixels(image.shape[0], image.shape[1], max_pixels)
+    if image.shape[2] == 1 and channels == 3:
+        image = np.repeat(image, 3, axis=2)
+    if image.shape[2] != channels:
+        raise InvalidImage(
+            f"the model wants {channels} channel(s) per pixel in its color order, got an "
+            f"array of shape {image.shape}: convert it, or send the encoded image bytes"
+        )
+    return np.ascontiguousarray(image)
+
+
+def check_float(image: np.ndarray, *, channels: int, max_pixels: int) -> np.ndarray:
+    """A preprocessed float CxHxW array -> float32, rejecting NaN/Inf and wrong shapes."""
+    if image.ndim != 3 or image.shape[0] != channels:
+        raise InvalidImage(
+            f"a float image must be preprocessed CxHxW with C={channels}, got shape {image.shape}"
+        )
+    _check_pixels(image.shape[1], image.shape[2], max_pixels)
+    image_chw = np.ascontiguousarray(image, dtype=np.float32)
+    if not np.isfinite(image_chw).all():
+        raise InvalidImage("the float image holds NaN or Inf values (after conversion to float32)")
+    return image_chw
+
+
+def preprocess(image_hwc_uint8: np.ndarray, preprocessing: Preprocessing) -> np.ndarray:
+    """uint8 HxWxC in the model's color order -> float32 CxHxW: ``(pixel*scale - mean)/std``."""
+    pixels_chw = np.asarray(image_hwc_uint8, dtype=np.float32).transpose(2, 0, 1)
+    scale = np.float32(preprocessing.scale)
+    mean = np.asarray(preprocessing.mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(preprocessing.std, dtype=np.float32)[:, None, None]
+    return np.ascontiguousarray((pixels_chw * scale - mean) / std, dtype=np.float32)
+
+
+def resized_size(height: int, width: int, scale: float) -> tuple[int, int]:
+    """Size of the image at ``scale``: each side rounded to the nearest pixel, at least 1."""
+    return (max(1, round(height * scale)), max(1, round(width * scale)))
+
+
+def resize_uint8(image_hwc: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize a uint8 HxWxC image to (h, w) with :data:`RESAMPLE`."""
+    if image_hwc.shape[:2] == size:
+        return image_hwc
+    planes = [
+        np.asarray(Image.fromarray(image_hwc[:, :, c]).resize(size[::-1], RESAMPLE))
+        for c in range(image_hwc.shape[2])
+    ]
+    return np.ascontiguousarray(np.stack(planes, axis=2))
+
+
+def resize_float(image_chw: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize a float32 CxHxW image to (h, w) with :data:`RESAMPLE`, one plane at a time."""
+    if image_chw.shape[1:] == size:
+        return image_chw
+    planes = [
+        np.asarray(Image.fromarray(plane).resize(size[::-1], RESAMPLE)) for plane in image_chw
+    ]
+    return np.ascontiguousarray(np.stack(planes), dtype=np.float32)

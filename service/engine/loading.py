@@ -1,0 +1,151 @@
+"""Loading a model folder's ONNX files into :class:`~service.engine.dense.DenseNet` objects.
+
+Reads the metadata contract (``onnx.load(..., load_external_data=False)``), opens the main
+model and every à-trous variant named in the metadata (same folder), checks the input and
+output names and the class count, and warms every session up once on a window-size input.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from service.contract import ModelMetadata
+from service.engine.dense import DenseNet, Grid
+from service.engine.memory import ActivationEstimator
+from service.engine.options import EngineConfig
+from service.engine.session import CPU, create_session, cuda_fallback_reason
+from service.errors import ModelLoadError
+
+log = logging.getLogger("densemap.engine")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    metadata: ModelMetadata
+    labels: tuple[str, ...]
+    num_classes: int
+    nets: tuple[DenseNet, ...]  # main net first
+    providers: tuple[str, ...]
+
+
+def read_proto(path: Path) -> onnx.ModelProto:
+    """The ONNX graph and metadata of ``path``, without external weight files."""
+    if not path.is_file():
+        raise ModelLoadError(f"model file {path} does not exist")
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf DecodeError, OSError...
+        raise ModelLoadError(f"{path} is not a readable ONNX model: {exc}") from None
+
+
+def read_metadata(proto: onnx.ModelProto) -> ModelMetadata:
+    return ModelMetadata.from_props({p.key: p.value for p in proto.metadata_props})
+
+
+def _check_config(config: EngineConfig) -> None:
+    for name in ("max_pixels", "memory_budget"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or value < 1:
+            raise ModelLoadError(f"EngineConfig.{name} must be a positive int, got {value!r}")
+
+
+def _open_net(path: Path, proto, metadata: ModelMetadata, grid: Grid, config) -> DenseNet:
+    session = create_session(path, config)
+    inputs = [i.name for i in session.get_inputs()]
+    outputs = [o.name for o in session.get_outputs()]
+    if metadata.input_name not in inputs or metadata.output_name not in outputs:
+        raise ModelLoadError(
+            f"{path.name}: metadata names input {metadata.input_name!r} and output "
+            f"{metadata.output_name!r}, but the graph has inputs {inputs} and outputs {outputs}"
+        )
+    estimator = ActivationEstimator(
+        proto, input_name=metadata.input_name, layout=metadata.preprocessing.layout
+    )
+    return DenseNet(
+        session,
+        grid=grid,
+        estimator=estimator,
+        input_name=metadata.input_name,
+        output_name=metadata.output_name,
+        layout=metadata.preprocessing.layout,
+        label=path.name,
+    )
+
+
+def _variant_grid(main: Grid, stride, path: Path) -> Grid:
+    if any(s < 1 or m % s for m, s in zip(main.stride, stride, strict=True)):
+        raise ModelLoadError(
+            f"variant {path.name}: stride {stride} must divide the native stride {main.stride}"
+        )
+    return Grid(stride, main.window, main.receptive_field, main.receptive_field_offset)
+
+
+def _count_classes(net: DenseNet, channels: int) -> int:
+    """Run the net once on a window-size input (warm-up) and read the class count."""
+    window = net.grid.window
+    shape = (channels, *window)
+    scores = net.run(np.zeros(shape, dtype=np.float32))
+    if scores.shape[1:] != (1, 1):
+        raise ModelLoadError(
+            f"{net.label}: a window-size input gave {scores.shape[1:]} cells, expected 1x1"
+        )
+    return int(scores.shape[0])
+
+
+def load_nets(
+    path: Path, *, config: EngineConfig, labels: Sequence[str] | None, name: str
+) -> LoadedModel:
+    """Open a converted model and its variants; raise ModelLoadError saying what is wrong."""
+    started = time.perf_counter()
+    _check_config(config)
+    proto = read_proto(path)
+    metadata = read_metadata(proto)
+    geometry = metadata.geometry
+    grid = Grid(
+        geometry.stride, geometry.window, geometry.receptive_field, geometry.receptive_field_offset
+    )
+    nets = [_open_net(path, proto, metadata, grid, config)]
+    del proto
+    for variant in metadata.variants:
+        variant_path = path.parent / variant.file
+        variant_grid = _variant_grid(grid, variant.stride, variant_path)
+        nets.append(
+            _open_net(variant_path, read_proto(variant_path), metadata, variant_grid, config)
+        )
+    channels = metadata.preprocessing.channels
+    counts = {net.label: _count_classes(net, channels) for net in nets}
+    if len(set(counts.values())) != 1:
+        raise ModelLoadError(f"the model and its variants disagree on the class count: {counts}")
+    num_classes = next(iter(counts.values()))
+    if config.warmup:  # one multi-cell pass per net: first requests then run at steady speed
+        for net in nets:
+            size = [2 * r for r in net.grid.window]
+            net.run(np.zeros((channels, *size), dtype=np.float32))
+    chosen = tuple(labels) if labels is not None else metadata.labels
+    if chosen and len(chosen) != num_classes:
+        raise ModelLoadError(
+            f"model {name!r} has {num_classes} classes but {len(chosen)} labels: fix the "
+            "labels (labels.txt: one per line) or the metadata"
+        )
+    providers = tuple(nets[0].session.get_providers())
+    fallback = cuda_fallback_reason() if config.device == "auto" else None
+    where = providers[0] + (
+        f" (CUDA not used: {fallback})" if fallback and CPU == providers[0] else ""
+    )
+    log.info(
+        "model %r loaded on %s: %d classes, stride %s, à-trous %s, %.2fs",
+        name,
+        where,
+        num_classes,
+        geometry.stride,
+        [v.stride for v in metadata.variants] or "none",
+        time.perf_counter() - started,
+    )
+    return LoadedModel(metadata, tuple(str(x) for x in chosen), num_classes, tuple(nets), providers)

@@ -1,0 +1,108 @@
+"""Activation memory of one pass, estimated from the model graph at a concrete input size.
+
+At load, the graph is copied without its weights (large initializers become typed graph
+inputs), so ONNX shape inference at any (H, W) is cheap. The estimate is the peak of live
+activation bytes when the nodes run in order and each tensor is freed after its last use,
+which is how onnxruntime plans its buffers. Weights and the cuDNN workspace are not counted.
+The same number decides whether a request is tiled and whether it is refused.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import onnx
+from onnx import helper, shape_inference
+
+from service.errors import ModelLoadError
+
+_KEEP_INITIALIZER_ELEMENTS = 64  # small constants (shapes, axes) stay: inference may read them
+
+
+def _element_size(elem_type: int) -> int:
+    try:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        return 4
+
+
+def _strip_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    graph = model.graph
+    kept, typed_inputs = [], []
+    for tensor in graph.initializer:
+        if int(np.prod(tensor.dims, dtype=np.int64)) <= _KEEP_INITIALIZER_ELEMENTS and (
+            tensor.data_location != onnx.TensorProto.EXTERNAL
+        ):
+            kept.append(tensor)
+        else:
+            typed_inputs.append(
+                helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
+            )
+    initializer_names = {t.name for t in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in initializer_names]
+    skeleton = helper.make_graph(
+        list(graph.node), graph.name, inputs + typed_inputs, list(graph.output), kept
+    )
+    copy = helper.make_model(skeleton, opset_imports=list(model.opset_import))
+    copy.ir_version = model.ir_version
+    return copy
+
+
+class ActivationEstimator:
+    """Peak activation bytes of one pass of a model, for any input height and width."""
+
+    def __init__(self, model: onnx.ModelProto, *, input_name: str, layout: str) -> None:
+        names = [i.name for i in model.graph.input]
+        if input_name not in names:
+            raise ModelLoadError(f"the model has no input {input_name!r} (inputs: {names})")
+        self._skeleton = _strip_weights(model)
+        self._input_name = input_name
+        self._layout = layout
+        self._weights = {t.name for t in model.graph.initializer}
+        self.activation_bytes = functools.lru_cache(maxsize=4096)(self._activation_bytes)
+
+    def _shapes(self, height: int, width: int) -> dict[str, int]:
+        model = onnx.ModelProto()
+        model.CopyFrom(self._skeleton)
+        for value in model.graph.input:
+            if value.name == self._input_name:
+                dims = value.type.tensor_type.shape.dim
+                axes = (2, 3) if self._layout == "NCHW" else (1, 2)
+                dims[0].ClearField("dim_param")
+                dims[0].dim_value = 1
+                for axis, size in zip(axes, (height, width), strict=True):
+                    dims[axis].ClearField("dim_param")
+                    dims[axis].dim_value = size
+        inferred = shape_inference.infer_shapes(model)
+        sizes: dict[str, int] = {}
+        graph = inferred.graph
+        for value in [*graph.input, *graph.value_info, *graph.output]:
+            tensor_type = value.type.tensor_type
+            dims = tensor_type.shape.dim
+            if dims and all(d.HasField("dim_value") for d in dims):
+                count = int(np.prod([d.dim_value for d in dims], dtype=np.int64))
+                sizes[value.name] = count * _element_size(tensor_type.elem_type)
+        return sizes
+
+    def _activation_bytes(self, height: int, width: int) -> int:
+        sizes = self._shapes(height, width)
+        nodes = self._skeleton.graph.node
+        last_use: dict[str, int] = {}
+        for index, node in enumerate(nodes):
+            for name in node.input:
+                last_use[name] = index
+        outputs = {o.name for o in self._skeleton.graph.output}
+        live = {self._input_name: sizes.get(self._input_name, 0)}
+        peak = sum(live.values())
+        for index, node in enumerate(nodes):
+            known_inputs = [live[n] for n in node.input if n in live]
+            fallback = max(known_inputs, default=0)
+            for name in node.output:
+                if name:
+                    live[name] = sizes.get(name, fallback)
+            peak = max(peak, sum(live.values()))
+            for name in node.input:
+                if name in live and last_use.get(name) == index and name not in outputs:
+                    del live[name]
+        return int(peak)

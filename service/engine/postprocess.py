@@ -1,0 +1,136 @@
+"""From a raw map to what the caller asked for: softmax, class subset, top-k, argmax, dtype.
+
+Rules (documented in docs/engine.md):
+
+- ``probabilities``: softmax over the class axis (axis 0 of [C, n_h, n_w]) of a logits
+  model; a model whose ``output_kind`` is ``probabilities`` is returned as it is.
+- ``classes``: the returned map keeps these channels, in this order; per-cell top-k and
+  argmax then rank only these classes, and report their ORIGINAL class indices.
+- image scores: the mean over cells of the class probabilities (softmax even when logits
+  are returned), computed in float64 and averaged over scales; image top-k ranks the
+  selected classes, clipped to their number.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.engine.options import ScoreOptions
+from service.engine.result import MapGeometry, ScaleMap
+from service.errors import InvalidOption
+
+DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """Validated output options for a model with ``num_classes`` classes."""
+
+    probabilities: bool
+    model_gives_probabilities: bool
+    dtype: type
+    classes: tuple[int, ...] | None
+    top_k: int
+    image_top_k: int
+    argmax: bool
+    include_map: bool
+
+
+def plan_outputs(options: ScoreOptions, *, num_classes: int, output_kind: str) -> OutputPlan:
+    """Check the output options against the model; raise InvalidOption naming the fix."""
+    gives_probabilities = output_kind == "probabilities"
+    if not options.probabilities and gives_probabilities:
+        raise InvalidOption(
+            "this model outputs probabilities (a softmax is part of it), so logits cannot be "
+            "returned: ask for probabilities=True"
+        )
+    if options.dtype not in DTYPES:
+        raise InvalidOption(f"dtype must be one of {tuple(DTYPES)}, got {options.dtype!r}")
+    classes = options.classes
+    if classes is not None:
+        classes = tuple(classes)
+        if not classes:
+            raise InvalidOption("classes is empty: give at least one class index, or None")
+        bad = [c for c in classes if not isinstance(c, (int, np.integer)) or isinstance(c, bool)]
+        bad += [c for c in classes if c not in bad and not 0 <= c < num_classes]
+        if bad:
+            raise InvalidOption(
+                f"classes {bad} are not class indices of this model (0..{num_classes - 1})"
+            )
+        if len(set(classes)) != len(classes):
+            raise InvalidOption(f"classes holds duplicates: {classes}")
+        classes = tuple(int(c) for c in classes)
+    selectable = num_classes if classes is None else len(classes)
+    for name in ("top_k", "image_top_k"):
+        value = getattr(options, name)
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+            raise InvalidOption(f"{name} must be an int >= 0, got {value!r}")
+    if options.top_k > selectable:
+        raise InvalidOption(
+            f"top_k={options.top_k} but only {selectable} classes can be ranked: "
+            f"ask for at most {selectable}"
+        )
+    return OutputPlan(
+        probabilities=bool(options.probabilities),
+        model_gives_probabilities=gives_probabilities,
+        dtype=DTYPES[options.dtype],
+        classes=classes,
+        top_k=int(options.top_k),
+        image_top_k=min(int(options.image_top_k), selectable),
+        argmax=bool(options.argmax),
+        include_map=bool(options.include_map),
+    )
+
+
+def softmax(scores: np.ndarray) -> np.ndarray:
+    """Softmax over axis 0 (the class axis of a [C, n_h, n_w] map), float32."""
+    shifted = scores - scores.max(axis=0, keepdims=True)
+    exp = np.exp(shifted, dtype=np.float32)
+    return exp / exp.sum(axis=0, keepdims=True)
+
+
+def _top_k_order(values: np.ndarray, k: int) -> np.ndarray:
+    """Indices [k, n_h, n_w] of the k largest values along axis 0, best first."""
+    negated = -values.astype(np.float32)
+    if k < negated.shape[0]:
+        candidates = np.argpartition(negated, k - 1, axis=0)[:k]
+    else:
+        candidates = np.broadcast_to(
+            np.arange(negated.shape[0])[:, None, None], negated.shape
+        ).copy()
+    ranks = np.argsort(np.take_along_axis(negated, candidates, axis=0), axis=0, kind="stable")
+    return np.take_along_axis(candidates, ranks, axis=0)
+
+
+def build_scale_map(
+    raw: np.ndarray, plan: OutputPlan, geometry: MapGeometry
+) -> tuple[ScaleMap, np.ndarray]:
+    """The ScaleMap for one raw map and this scale's mean cell probabilities (float64)."""
+    probabilities = raw if plan.model_gives_probabilities else softmax(raw)
+    image_scores = probabilities.mean(axis=(1, 2), dtype=np.float64)
+    values = probabilities if plan.probabilities else raw
+    if plan.classes is not None:
+        values = values[list(plan.classes)]
+    values = values.astype(plan.dtype, copy=False)
+    index_map = np.asarray(plan.classes if plan.classes is not None else [], dtype=np.int32)
+    result = ScaleMap(geometry=geometry, classes=plan.classes)
+    if plan.include_map:
+        result.scores = values
+    if plan.top_k:
+        order = _top_k_order(values, plan.top_k)
+        result.top_k_scores = np.take_along_axis(values, order, axis=0)
+        result.top_k_indices = (index_map[order] if plan.classes else order).astype(np.int32)
+    if plan.argmax:
+        best = np.argmax(values, axis=0)
+        result.argmax = (index_map[best] if plan.classes else best).astype(np.int32)
+    return result, image_scores
+
+
+def rank_image_scores(image_scores: np.ndarray, plan: OutputPlan) -> list[tuple[int, float]]:
+    """Image top-k (class index, mean probability), best first, among the selected classes."""
+    candidates = np.arange(image_scores.shape[0]) if plan.classes is None else plan.classes
+    candidates = np.asarray(candidates)
+    order = np.argsort(-image_scores[candidates], kind="stable")[: plan.image_top_k]
+    return [(int(candidates[i]), float(image_scores[candidates[i]])) for i in order]

@@ -1,0 +1,169 @@
+"""The model repository: one folder per model, ``root/<name>/model.onnx``.
+
+A folder may also hold the à-trous variant files its metadata names and ``labels.txt``
+(one label per line; it overrides the metadata labels). Names are looked up in the
+scanned index only, never joined into paths. :meth:`ModelRepository.reload` rescans: new
+or changed folders (any file's size or mtime) are loaded, removed ones dropped, and a model
+that fails to load is logged and recorded in :attr:`ModelRepository.errors`; it NEVER
+replaces a working version of the same name.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import service
+from service.engine.engine import Engine
+from service.engine.options import EngineConfig
+from service.errors import DensemapError, ModelLoadError, ModelNotFound
+
+log = logging.getLogger("densemap.engine")
+
+MODEL_FILE = "model.onnx"
+LABELS_FILE = "labels.txt"
+MODELS_ENV = "DENSEMAP_MODELS"
+
+Signature = tuple[tuple[str, int, int], ...]
+
+
+def _is_model_folder(path: Path) -> bool:
+    return path.is_dir() and not path.name.startswith(".") and (path / MODEL_FILE).is_file()
+
+
+def default_models_dir() -> Path:
+    """$DENSEMAP_MODELS if set, else ./models if it holds model folders, else the repo's."""
+    env = os.environ.get(MODELS_ENV)
+    if env:
+        return Path(env)
+    local = Path.cwd() / "models"
+    if local.is_dir() and any(_is_model_folder(p) for p in local.iterdir()):
+        return local
+    return Path(service.__file__).resolve().parent.parent / "models"
+
+
+def read_labels(path: Path) -> tuple[str, ...] | None:
+    """Labels of ``labels.txt`` (one per line, trailing blank lines ignored), or None."""
+    if not path.is_file():
+        return None
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"cannot read labels file {path}: {exc}") from None
+    while lines and not lines[-1].strip():
+        lines.pop()
+    return tuple(line.strip() for line in lines)
+
+
+def _signature(folder: Path) -> Signature:
+    entries = []
+    for entry in sorted(folder.iterdir()):
+        if entry.is_file():
+            stat = entry.stat()
+            entries.append((entry.name, stat.st_size, stat.st_mtime_ns))
+    return tuple(entries)
+
+
+@dataclass
+class ReloadReport:
+    """What one :meth:`ModelRepository.reload` changed (model names)."""
+
+    loaded: list[str] = field(default_factory=list)  # new names
+    updated: list[str] = field(default_factory=list)  # changed and reloaded
+    removed: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # name -> error (old version kept)
+    unchanged: list[str] = field(default_factory=list)
+
+
+class ModelRepository:
+    """Engines for every model folder under ``root``; thread-safe."""
+
+    def __init__(self, root: str | Path, *, config: EngineConfig = EngineConfig()) -> None:
+        self.root = Path(root)
+        self.config = config
+        self._engines: dict[str, Engine] = {}
+        self._signatures: dict[str, Signature] = {}
+        self._errors: dict[str, str] = {}
+        self._lock = threading.Lock()  # guards the index
+        self._reload_lock = threading.Lock()  # one reload at a time
+        self.reload()
+
+    @property
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._engines)
+
+    @property
+    def errors(self) -> dict[str, str]:
+        """Model name -> message, for folders whose current files failed to load."""
+        with self._lock:
+            return dict(self._errors)
+
+    def get(self, name: str) -> Engine:
+        with self._lock:
+            engine = self._engines.get(name)
+            error = self._errors.get(name) if isinstance(name, str) else None
+            available = sorted(self._engines)
+        if engine is not None:
+            return engine
+        if error is not None:
+            raise ModelNotFound(f"model {name!r} failed to load: {error}")
+        raise ModelNotFound(
+            f"model {name!r} is not in the repository {self.root}; available: "
+            f"{', '.join(available) or 'none'}"
+        )
+
+    def _load(self, name: str, folder: Path) -> Engine:
+        labels = read_labels(folder / LABELS_FILE)
+        return Engine(folder / MODEL_FILE, config=self.config, name=name, labels=labels)
+
+    def reload(self) -> ReloadReport:
+        """Rescan the root folder; see the module docstring for the rules."""
+        report = ReloadReport()
+        with self._reload_lock:
+            try:
+                folders = {p.name: p for p in self.root.iterdir() if _is_model_folder(p)}
+            except OSError as exc:
+                log.warning("model repository %s cannot be read: %s", self.root, exc)
+                folders = {}
+            with self._lock:
+                engines, signatures = dict(self._engines), dict(self._signatures)
+                errors = dict(self._errors)
+            for name in sorted(set(engines) - set(folders)):
+                del engines[name]
+                signatures.pop(name, None)
+                report.removed.append(name)
+            for name in set(errors) - set(folders):
+                del errors[name]
+            for name in set(signatures) - set(folders):
+                del signatures[name]
+            for name, folder in sorted(folders.items()):
+                try:
+                    signature = _signature(folder)
+                except OSError as exc:
+                    errors[name] = f"cannot read {folder}: {exc}"
+                    report.failed[name] = errors[name]
+                    continue
+                if signatures.get(name) == signature:
+                    report.unchanged.append(name)
+                    continue
+                try:
+                    engine = self._load(name, folder)
+                except DensemapError as exc:
+                    message = str(exc)
+                    keep = " (the previous version stays served)" if name in engines else ""
+                    log.error("model %r failed to load%s: %s", name, keep, message)
+                    errors[name] = message
+                    report.failed[name] = message
+                    signatures[name] = signature  # do not retry until the files change
+                    continue
+                (report.updated if name in engines else report.loaded).append(name)
+                engines[name] = engine
+                signatures[name] = signature
+                errors.pop(name, None)
+            with self._lock:
+                self._engines, self._signatures, self._errors = engines, signatures, errors
+        return report

@@ -1,0 +1,123 @@
+"""onnxruntime session creation: provider choice, threads, cuDNN search, arena policy.
+
+CUDA is used only when it really loads: a session is created with the CUDA provider first
+and ``session.get_providers()`` is checked afterwards (``get_available_providers()`` only
+says that the package was built with CUDA). On a machine without a CUDA driver CUDA is not
+tried at all, and a failed attempt is made with onnxruntime's default logger silenced, so a
+CPU-only machine gets one info line instead of onnxruntime's error and warning at every
+session creation. The outcome of the first attempt is remembered for the process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import threading
+from pathlib import Path
+
+import onnxruntime as ort
+
+from service.engine.options import EngineConfig
+from service.errors import ModelLoadError
+
+log = logging.getLogger("densemap.engine")
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+DEVICES = ("auto", "cpu", "cuda")
+ORT_DEFAULT_SEVERITY = 2  # onnxruntime's own default (warning)
+_QUIET_SEVERITY = 4  # fatal only, while CUDA is tried
+
+_cuda_state: dict[str, str | bool] = {}  # "usable": bool, "reason": str (process-wide)
+_cuda_lock = threading.Lock()
+
+
+def cuda_provider_options() -> dict[str, str]:
+    """CUDA EP settings: heuristic conv search, an arena that grows only as requested."""
+    return {
+        "device_id": "0",
+        "cudnn_conv_algo_search": "HEURISTIC",
+        "arena_extend_strategy": "kSameAsRequested",
+        "do_copy_in_default_stream": "1",
+    }
+
+
+def session_options(config: EngineConfig) -> ort.SessionOptions:
+    """Session settings shared by every model and variant."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = max(0, int(config.intra_op_threads))
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Every request has its own shape: a CPU arena would keep the largest one forever and
+    # memory patterns would be planned per shape. Plain malloc/free returns big buffers.
+    options.enable_cpu_mem_arena = False
+    options.enable_mem_pattern = False
+    options.log_severity_level = 3  # no "nodes not assigned to the preferred EP" warnings
+    return options
+
+
+def _has_cuda_driver() -> bool:
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
+def _open(source: str | bytes, config: EngineConfig, providers: list) -> ort.InferenceSession:
+    return ort.InferenceSession(source, sess_options=session_options(config), providers=providers)
+
+
+def _try_cuda(source: str | bytes, config: EngineConfig) -> ort.InferenceSession | None:
+    """A session on CUDA, or None (and remember why) when CUDA does not really load."""
+    with _cuda_lock:
+        if _cuda_state.get("usable") is False:
+            return None
+        if CUDA not in ort.get_available_providers():
+            reason = "this onnxruntime build has no CUDA provider"
+        elif not _has_cuda_driver():
+            reason = "no CUDA driver (libcuda.so.1) on this machine"
+        else:
+            ort.set_default_logger_severity(_QUIET_SEVERITY)
+            try:
+                session = _open(source, config, [(CUDA, cuda_provider_options()), CPU])
+            except Exception as exc:  # noqa: BLE001 - retried on CPU below, which reports
+                session, reason = None, f"CUDA session failed: {exc}"
+            finally:
+                ort.set_default_logger_severity(ORT_DEFAULT_SEVERITY)
+            if session is not None and CUDA in session.get_providers():
+                _cuda_state["usable"] = True
+                return session
+            if session is not None:
+                reason = "the CUDA provider did not load (CUDA 13 / cuDNN 9 libraries missing?)"
+        _cuda_state.update(usable=False, reason=reason)
+        return None
+
+
+def create_session(path: Path, config: EngineConfig) -> ort.InferenceSession:
+    """An onnxruntime session for ``path`` on the device ``config.device`` asks for."""
+    if config.device not in DEVICES:
+        raise ModelLoadError(f"EngineConfig.device must be one of {DEVICES}, got {config.device!r}")
+    if not path.is_file():
+        raise ModelLoadError(f"model file {path} does not exist")
+    source = os.fspath(path)
+    if config.device in ("auto", "cuda"):
+        session = _try_cuda(source, config)
+        if session is not None:
+            return session
+        if config.device == "cuda":
+            raise ModelLoadError(
+                f"EngineConfig(device='cuda') but CUDA is not usable: {_cuda_state['reason']}; "
+                "use device='auto' to fall back to CPU"
+            )
+    try:
+        return _open(source, config, [CPU])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph
+        raise ModelLoadError(f"onnxruntime cannot load {path}: {exc}") from None
+
+
+def cuda_fallback_reason() -> str | None:
+    """Why CUDA is not used in this process (None if it was never tried or it works)."""
+    return None if _cuda_state.get("usable") is not False else str(_cuda_state["reason"])

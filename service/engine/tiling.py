@@ -1,0 +1,119 @@
+"""Exact tiling of images whose activations exceed the memory budget.
+
+Per axis, cells are split into consecutive runs of c cells. The tile for cells [j0, j1)
+starts on the net's stride grid, at or before the first cell's window and true receptive
+field, and ends after the last cell's window and receptive field, both clipped to the image.
+So every kept cell sees, at every layer, exactly the units (and the zero padding, which then
+lies only at the real image border) that it sees in the single pass: the stitched map equals
+the single pass bit for bit, padded nets included. Tiles overlap by about
+``receptive_field - stride`` (``window - stride`` for unpadded nets).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.engine.dense import DenseNet, Grid, PixelSource, check_cancel
+from service.errors import ImageTooLarge
+
+
+@dataclass(frozen=True)
+class AxisTile:
+    """Pixels [start, end) of the pass image, giving the global cells [first, stop)."""
+
+    start: int
+    end: int
+    first: int
+    stop: int
+
+
+def plan_axis(length: int, grid: Grid, axis: int, cells_per_tile: int) -> list[AxisTile]:
+    """Tiles along one axis (0 = rows, 1 = columns) holding ``cells_per_tile`` cells each."""
+    stride, window = grid.stride[axis], grid.window[axis]
+    field, offset = grid.receptive_field[axis], grid.receptive_field_offset[axis]
+    cells = (length - window) // stride + 1
+    tiles = []
+    for first in range(0, cells, cells_per_tile):
+        stop = min(cells, first + cells_per_tile)
+        start = max(0, first * stride + (min(0, offset) // stride) * stride)
+        end = min(length, (stop - 1) * stride + max(window, offset + field))
+        tiles.append(AxisTile(start, end, first, stop))
+    return tiles
+
+
+def plan_tiles(
+    grid: Grid, height: int, width: int, *, fits: Callable[[int, int], bool]
+) -> tuple[list[AxisTile], list[AxisTile]]:
+    """The largest square-ish tiling whose biggest tile ``fits(tile_h, tile_w)``."""
+    n_h, n_w = grid.cells(height, width)
+
+    def tiling(c: int) -> tuple[list[AxisTile], list[AxisTile]]:
+        return plan_axis(height, grid, 0, min(c, n_h)), plan_axis(width, grid, 1, min(c, n_w))
+
+    def biggest_fits(c: int) -> bool:
+        rows, cols = tiling(c)
+        return fits(max(t.end - t.start for t in rows), max(t.end - t.start for t in cols))
+
+    if not biggest_fits(1):
+        raise ImageTooLarge(
+            f"even a tile of one cell (window {grid.window}, receptive field "
+            f"{grid.receptive_field}) needs more activation memory than "
+            "EngineConfig.memory_budget: raise the budget"
+        )
+    low, high = 1, max(n_h, n_w)  # biggest_fits(low) holds
+    while low < high:
+        middle = (low + high + 1) // 2
+        if biggest_fits(middle):
+            low = middle
+        else:
+            high = middle - 1
+    return tiling(low)
+
+
+def run_region(
+    net: DenseNet,
+    source: PixelSource,
+    *,
+    top: int,
+    left: int,
+    height: int,
+    width: int,
+    budget: int,
+    tiling: bool,
+    cancel: Callable[[], bool] | None,
+) -> np.ndarray:
+    """The net's map of the source region, in one pass or in exact tiles within ``budget``."""
+    need = net.estimate_bytes(height, width)
+    if need <= budget:
+        check_cancel(cancel, "before a pass")
+        return net.run(source.region(top, left, height, width))
+    if not tiling:
+        raise ImageTooLarge(
+            f"a {height}x{width} pass needs about {need} bytes of activations, over the "
+            f"memory budget of {budget} bytes, and tiling is off: send a smaller image, "
+            "raise EngineConfig.memory_budget or enable tiling"
+        )
+    rows, cols = plan_tiles(
+        net.grid, height, width, fits=lambda h, w: net.estimate_bytes(h, w) <= budget
+    )
+    n_h, n_w = net.grid.cells(height, width)
+    stitched: np.ndarray | None = None
+    for row in rows:
+        for col in cols:
+            check_cancel(cancel, f"before tile at ({row.start}, {col.start})")
+            tile_chw = source.region(
+                top + row.start, left + col.start, row.end - row.start, col.end - col.start
+            )
+            tile_map = net.run(tile_chw)
+            if stitched is None:
+                stitched = np.empty((tile_map.shape[0], n_h, n_w), dtype=tile_map.dtype)
+            skip_h = row.first - row.start // net.grid.stride[0]
+            skip_w = col.first - col.start // net.grid.stride[1]
+            stitched[:, row.first : row.stop, col.first : col.stop] = tile_map[
+                :, skip_h : skip_h + row.stop - row.first, skip_w : skip_w + col.stop - col.first
+            ]
+    assert stitched is not None
+    return stitched
