@@ -15,7 +15,7 @@ from PIL import Image, ImageOps
 from service.contract import Preprocessing
 from service.errors import DensemapError, ImageTooLarge, InvalidImage
 
-FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "BMP", "TIFF")  # MPO: multi-picture camera JPEGs
+FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF")  # JPEG includes multi-picture (MPO) files
 RESAMPLE = Image.Resampling.BILINEAR
 RESAMPLE_NAME = "bilinear (Pillow Image.resize, BILINEAR; antialiased when downscaling)"
 
@@ -35,6 +35,7 @@ def decode(data: bytes, *, color: str, max_pixels: int) -> np.ndarray:
     """
     if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) == 0:
         raise InvalidImage("image bytes are empty: send an encoded PNG, JPEG, WebP, BMP or TIFF")
+    Image.init()  # register every plugin, so ``formats`` below can name them all
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -51,13 +52,16 @@ def decode(data: bytes, *, color: str, max_pixels: int) -> np.ndarray:
     except DensemapError:
         raise
     except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(f"image refused as a decompression bomb: {exc}") from None
+        raise ImageTooLarge(
+            f"image refused before decoding, its header declares too many pixels for Pillow's "
+            f"decompression bomb guard ({exc}); the engine's limit is {max_pixels} pixels"
+        ) from None
     except MemoryError:
         raise ImageTooLarge("not enough memory to decode this image: send a smaller one") from None
     except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, struct.error...)
         raise InvalidImage(
             f"cannot decode the image ({type(exc).__name__}: {exc}); "
-            f"supported formats: {', '.join(f for f in FORMATS if f != 'MPO')}"
+            f"supported formats: {', '.join(FORMATS)}"
         ) from None
     return np.ascontiguousarray(pixels)
 
@@ -86,7 +90,8 @@ def check_float(image: np.ndarray, *, channels: int, max_pixels: int) -> np.ndar
             f"a float image must be preprocessed CxHxW with C={channels}, got shape {image.shape}"
         )
     _check_pixels(image.shape[1], image.shape[2], max_pixels)
-    image_chw = np.ascontiguousarray(image, dtype=np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        image_chw = np.ascontiguousarray(image, dtype=np.float32)
     if not np.isfinite(image_chw).all():
         raise InvalidImage("the float image holds NaN or Inf values (after conversion to float32)")
     return image_chw
