@@ -1,0 +1,123 @@
+"""densemap's converter: window classifier -> exact fully-convolutional ONNX model.
+
+Public API (``import convert`` never imports torch; the torch entry points do, lazily):
+
+- :func:`convert_torch` — a torch ``nn.Module`` classifier to a dense ONNX file;
+- :func:`convert_onnx` — a fixed-size ONNX classifier (any framework) to a dense ONNX file;
+- :func:`verify` — compare a written dense model with its classifier, crop by crop;
+- :func:`fully_convolutional` — the torch-side rewrite alone (returns an ``nn.Module``).
+
+Both converters end in :func:`convert.pipeline.finish_dense`: geometry from the graph,
+à-trous variants, the metadata contract of :mod:`service.contract`, onnx.checker, one
+onnxruntime run, then an atomic write (nothing is left at the output path on failure).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Imported eagerly: a lazy ``from convert.verify import ...`` would rebind ``convert.verify``
+# to the submodule and shadow this function. verify.py imports no torch at module level.
+from convert.verify import VerifyReport, verify
+
+__all__ = [
+    "VerifyReport",
+    "ConversionResult",
+    "convert_onnx",
+    "convert_torch",
+    "fully_convolutional",
+    "load_onnx_classifier",
+    "verify",
+]
+
+
+def convert_torch(
+    model,
+    output: str | os.PathLike,
+    *,
+    input_size,
+    in_channels: int | None = None,
+    labels=(),
+    preprocessing=None,
+    strides=(),
+    source: str = "",
+):
+    """Convert a torch classifier trained on ``input_size`` windows; returns a
+    :class:`~convert.pipeline.ConversionResult`. Needs ``pip install 'densemap[convert]'``."""
+    from convert.export import export_onnx
+    from convert.pipeline import finish_dense
+    from convert.torch_fc import convert_classifier
+
+    conversion = convert_classifier(model, input_size=input_size, in_channels=in_channels)
+    dense = export_onnx(
+        conversion.module, input_size=conversion.input_size, in_channels=conversion.in_channels
+    )
+    return finish_dense(
+        dense,
+        output,
+        window=conversion.input_size,
+        preprocessing=preprocessing,
+        labels=labels,
+        source=source or f"torch:{type(model).__name__}",
+        strides=strides,
+    )
+
+
+def load_onnx_classifier(path: str | os.PathLike):
+    """Read an ONNX file, turning every read failure into a clear ConversionError."""
+    import onnx
+
+    from service.errors import ConversionError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"cannot read {path}: no such file")
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # DecodeError, OSError, missing external data...
+        raise ConversionError(
+            f"{path} is not a readable ONNX model (truncated or corrupt?): {exc}"
+        ) from None
+    if not model.graph.node:
+        raise ConversionError(f"{path} holds no ONNX graph (empty, truncated or not ONNX)")
+    return model
+
+
+def convert_onnx(
+    path: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    flatten_order: str = "auto",
+    labels=(),
+    preprocessing=None,
+    strides=(),
+):
+    """Convert a fixed-size ONNX classifier; the window R is its input size."""
+    from convert.onnx_head import classifier_window, rewrite_head
+    from convert.pipeline import finish_dense
+
+    model = load_onnx_classifier(path)
+    window = classifier_window(model)
+    dense = rewrite_head(model, flatten_order=flatten_order)
+    return finish_dense(
+        dense,
+        output,
+        window=window,
+        preprocessing=preprocessing,
+        labels=labels,
+        source=Path(path).name,
+        strides=strides,
+    )
+
+
+def __getattr__(name: str):
+    if name == "fully_convolutional":
+        from convert.torch_fc import fully_convolutional
+
+        return fully_convolutional
+    if name == "ConversionResult":
+        from convert.pipeline import ConversionResult
+
+        return ConversionResult
+    raise AttributeError(f"module 'convert' has no attribute {name!r}")

@@ -28,7 +28,7 @@ from convert.flatten_order import (
     feature_coordinates,
     named_order,
 )
-from convert.geometry import BINARY_OPS, CHANNEL_AXIS_OPS, UNARY_OPS, trace_graph
+from convert.geometry import BINARY_OPS, CHANNEL_AXIS_OPS, UNARY_OPS, detect_layout, trace_graph
 from convert.onnx_graph import (
     GraphIndex,
     attributes,
@@ -69,6 +69,13 @@ def _window(image: onnx.ValueInfoProto, axes: tuple[int, int]) -> tuple[int, int
             "classifier at its training input size, the window R of the dense model"
         )
     return window
+
+
+def classifier_window(model: onnx.ModelProto) -> tuple[int, int]:
+    """The fixed input size (h, w) of a classifier: the window R of its dense model."""
+    image = image_input(model.graph)
+    layout = detect_layout(GraphIndex.build(model.graph), image.name)
+    return _window(image, (2, 3) if layout == "NCHW" else (1, 2))
 
 
 def _head_start(trace, model, index):

@@ -1,0 +1,162 @@
+"""À-trous variants: a dense model with a finer output stride S/k in one pass.
+
+DeepLab's ``output_stride`` rule, applied to the ONNX graph as a DAG: a tensor whose
+original jump J exceeds the target T = S/k is computed at jump ``min(J, T)`` with rate
+``r = J / min(J, T)``. So in topological order,
+
+- a strided Conv/pool whose output jump would pass T gets the stride that lands on T
+  (usually 1), and the rate of everything after it grows by the removed factor;
+- every later Conv AND pool reads its input at rate r: dilation *= r and pads *= r
+  (same-padding k//2 becomes d*(k-1)/2), so it sees exactly the pixels it saw before;
+- parallel branches (a ResNet's downsample path) get the same treatment because the rule
+  depends only on each tensor's jump, so their sum stays aligned.
+
+The result equals k x k shift-and-stitch of the dense model on unpadded nets, bit for bit
+in exact arithmetic. ceil_mode on a pool whose stride becomes 1 changes nothing (ceil(x/1)
+= x). AveragePool has ``dilations`` only from opset 19: older models are converted to opset
+19 with ``onnx.version_converter`` first (a depthwise-Conv replacement would not be
+bit-identical to the pool and is exact only without padding), or refused with an error.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from convert.geometry import WINDOW_OPS, trace_graph, window_params
+from convert.onnx_graph import GraphIndex, node_label, opset_version, set_attribute
+from service.errors import ConversionError
+
+Pair = tuple[int, int]
+AVERAGE_POOL_DILATION_OPSET = 19
+
+
+def _axis_plan(jump_in: int, stride: int, target: int) -> tuple[int, int] | None:
+    """(new stride, input rate) of one window op along one axis, or None if impossible."""
+    new_in = min(jump_in, target)
+    jump_out = jump_in * stride
+    new_out = min(jump_out, target)
+    if jump_in % new_in or new_out % new_in or (jump_out >= target and jump_out % target):
+        return None
+    return new_out // new_in, jump_in // new_in
+
+
+def _window_nodes(model: onnx.ModelProto):
+    index = GraphIndex.build(model.graph)
+    trace = trace_graph(model, index=index)
+    stride = trace.fields[model.graph.output[0].name].jump
+    nodes = []
+    for node in model.graph.node:
+        if node.op_type in WINDOW_OPS or (node.op_type == "Pad" and node.input[0] in trace.fields):
+            nodes.append((node, trace.fields[node.input[0]].jump))
+    return index, stride, nodes
+
+
+def _axis_supported(nodes, index, axis: int, target: int) -> bool:
+    for node, jump in nodes:
+        stride = 1 if node.op_type == "Pad" else window_params(node, index)["strides"][axis]
+        if _axis_plan(jump[axis], stride, target) is None:
+            return False
+    return True
+
+
+def supported_strides(dense: onnx.ModelProto) -> tuple[Pair, ...]:
+    """Every output stride (h, w) an à-trous variant of ``dense`` can have, coarsest first."""
+    index, stride, nodes = _window_nodes(dense)
+    per_axis = [
+        [
+            t
+            for t in range(stride[a], 0, -1)
+            if stride[a] % t == 0 and _axis_supported(nodes, index, a, t)
+        ]
+        for a in range(2)
+    ]
+    return tuple(itertools.product(*per_axis))
+
+
+def _unsupported(dense, factor, stride) -> ConversionError:
+    options = supported_strides(dense)
+    heights = sorted({h for h, _ in options}, reverse=True)
+    widths = sorted({w for _, w in options}, reverse=True)
+    return ConversionError(
+        f"output stride {stride} / {factor} is not reachable by removing trailing strides; "
+        f"supported output strides: height {heights}, width {widths}"
+    )
+
+
+def _scale_pad_node(node, index, model, rate: Pair, axes: Pair) -> None:
+    """Multiply a Pad node's spatial pads by the rate of its input."""
+    value = index.constant(node.input[1]) if len(node.input) > 1 else None
+    if value is None or (len(node.input) > 3 and node.input[3]):
+        raise ConversionError(f"{node_label(node)}: only constant pads over all axes can dilate")
+    pads = value.reshape(-1).copy()
+    rank = len(pads) // 2
+    for axis, r in zip(axes, rate, strict=True):
+        pads[axis] *= r
+        pads[axis + rank] *= r
+    name = f"{node.input[1]}_rate{rate[0]}x{rate[1]}"
+    model.graph.initializer.append(numpy_helper.from_array(pads.astype(np.int64), name))
+    node.input[1] = name
+
+
+def _needs_newer_opset(model, target) -> bool:
+    """Whether a pool gets dilated that this opset cannot dilate (AveragePool < 19, ...)."""
+    opset = opset_version(model)
+    oldest = {"AveragePool": AVERAGE_POOL_DILATION_OPSET, "MaxPool": 10, "LpPool": 18}
+    _, _, nodes = _window_nodes(model)
+    return any(
+        opset < oldest.get(node.op_type, 0)
+        and any(j > t for j, t in zip(jump, target, strict=True))
+        for node, jump in nodes
+    )
+
+
+def _upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        upgraded = onnx.version_converter.convert_version(model, AVERAGE_POOL_DILATION_OPSET)
+    except Exception as exc:  # the converter raises assorted types
+        raise ConversionError(
+            f"dilating this pool needs opset {AVERAGE_POOL_DILATION_OPSET}, and converting "
+            f"this opset-{opset_version(model)} model failed ({exc}): re-export it at opset 19"
+        ) from None
+    return upgraded
+
+
+def make_atrous(dense: onnx.ModelProto, *, factor: Pair | int) -> onnx.ModelProto:
+    """A copy of ``dense`` whose output stride is S / factor (per axis)."""
+    factor = (factor, factor) if isinstance(factor, int) else tuple(int(k) for k in factor)
+    model = onnx.ModelProto()
+    model.CopyFrom(dense)
+    index, stride, nodes = _window_nodes(model)
+    if min(factor) < 1 or any(s % k for s, k in zip(stride, factor, strict=True)):
+        raise _unsupported(dense, factor, stride)
+    target = tuple(s // k for s, k in zip(stride, factor, strict=True))
+    if target not in supported_strides(model):
+        raise _unsupported(dense, factor, stride)
+    if _needs_newer_opset(model, target):
+        model = _upgrade_opset(model)
+        index, stride, nodes = _window_nodes(model)
+    for node, jump in nodes:
+        if node.op_type == "Pad":
+            rate = tuple(j // min(j, t) for j, t in zip(jump, target, strict=True))
+            if rate != (1, 1):
+                _scale_pad_node(node, index, model, rate, (2, 3))
+            continue
+        params = window_params(node, index)
+        plans = [_axis_plan(jump[a], params["strides"][a], target[a]) for a in range(2)]
+        strides = [p[0] for p in plans]
+        rate = [p[1] for p in plans]
+        dilations = [d * r for d, r in zip(params["dilations"], rate, strict=True)]
+        pads = [p * rate[i % 2] for i, p in enumerate(params["pads"])]
+        present = {attr.name for attr in node.attribute}
+        if "auto_pad" in present:
+            set_attribute(node, "auto_pad", "NOTSET")
+        if "dilations" in present or dilations != [1, 1]:
+            set_attribute(node, "dilations", dilations)
+        set_attribute(node, "strides", strides)
+        set_attribute(node, "pads", pads)
+    del model.graph.value_info[:]
+    return model

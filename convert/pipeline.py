@@ -1,0 +1,253 @@
+"""The one finishing path of both converters: geometry, metadata, checks, atomic write.
+
+:func:`finish_dense` takes a dense ONNX model (from the torch or the ONNX path), computes
+its geometry from the graph, builds the à-trous variants, writes the metadata contract,
+checks every model with ``onnx.checker`` and one onnxruntime run (CPU) on an image of
+R + 2S, and only then moves the files into place. Nothing is left at the output path
+when any step fails: the files are written into a temporary folder beside the output and
+renamed with ``os.replace``.
+
+Cell cropping rule: a dense model may return more cells than n = (W - R) // S + 1 per axis
+(ceil_mode pooling, or a trunk that ignores trailing pixels of R); the engine, and
+:mod:`convert.verify`, keep the first n.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from convert.atrous import make_atrous
+from convert.geometry import compute_geometry, trace_graph
+from convert.onnx_graph import image_input, static_dims
+from convert.runtime import cpu_session, image_shape, numpy_dtype, run_scores
+from service.contract import METADATA_KEY, Geometry, ModelMetadata, Preprocessing, Variant
+from service.errors import ConversionError, ModelLoadError
+
+Pair = tuple[int, int]
+EXTERNAL_DATA_THRESHOLD = 2_000_000_000  # bytes of weights; protobuf's hard limit is 2 GiB
+
+
+def converter_version() -> str:
+    try:
+        return importlib.metadata.version("densemap")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+@dataclass(frozen=True)
+class ConversionResult:
+    """What a conversion wrote: the main model, its metadata and the variant files."""
+
+    path: Path
+    metadata: ModelMetadata
+    variant_paths: tuple[Path, ...] = ()
+
+
+def as_pair(value, name: str) -> Pair:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value, value)
+    try:
+        h, w = (int(v) for v in value)
+    except (TypeError, ValueError):
+        raise ConversionError(f"{name} must be an int or (h, w), got {value!r}") from None
+    if h < 1 or w < 1:
+        raise ConversionError(f"{name} must be positive, got {value!r}")
+    return (h, w)
+
+
+def output_kind(model: onnx.ModelProto) -> str:
+    """'probabilities' when the output is computed by a Softmax, else 'logits'."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    node = producers.get(model.graph.output[0].name)
+    while node is not None and node.op_type in ("Identity", "Transpose"):
+        node = producers.get(node.input[0])
+    return "probabilities" if node is not None and node.op_type == "Softmax" else "logits"
+
+
+def default_preprocessing(layout: str, channels: int) -> Preprocessing:
+    if channels not in (1, 3):
+        raise ConversionError(
+            f"the model reads {channels} input channels; densemap's image contract supports "
+            "1 (grey) or 3 (RGB/BGR)"
+        )
+    color = "L" if channels == 1 else "RGB"
+    return Preprocessing(layout=layout, color=color, mean=(0.0,) * channels, std=(1.0,) * channels)
+
+
+def _check_preprocessing(prep: Preprocessing, layout: str, channels: int) -> None:
+    if prep.layout != layout:
+        raise ConversionError(
+            f"preprocessing says layout {prep.layout} but the model input is {layout}"
+        )
+    if prep.channels != channels:
+        raise ConversionError(
+            f"preprocessing color {prep.color!r} has {prep.channels} channels but the model "
+            f"reads {channels}"
+        )
+
+
+def variant_file(output: Path, stride: Pair) -> str:
+    stem = output.name[: -len(".onnx")] if output.name.endswith(".onnx") else output.name
+    tag = f"{stride[0]}" if stride[0] == stride[1] else f"{stride[0]}x{stride[1]}"
+    return f"{stem}.s{tag}.onnx"
+
+
+def _with_metadata(model: onnx.ModelProto, metadata: ModelMetadata) -> onnx.ModelProto:
+    kept = [p for p in model.metadata_props if p.key != METADATA_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    onnx.helper.set_model_props(model, {**{p.key: p.value for p in kept}, **metadata.to_props()})
+    return model
+
+
+def _weight_bytes(model: onnx.ModelProto) -> int:
+    return sum(len(init.raw_data) or init.ByteSize() for init in model.graph.initializer)
+
+
+def _save(model: onnx.ModelProto, path: Path) -> list[Path]:
+    """Save as one file, or with one external data file past 2 GB; returns the files."""
+    if _weight_bytes(model) < EXTERNAL_DATA_THRESHOLD:
+        onnx.save_model(model, str(path))
+        return [path]
+    data = path.with_name(path.name + ".data")
+    onnx.save_model(model, str(path), save_as_external_data=True, location=data.name)
+    return [path, data]
+
+
+def _check_runs(path: Path, geometry: Geometry, classes: int | None, prep: Preprocessing) -> int:
+    """onnx.checker plus one onnxruntime run on an R + 2S image; returns the class count."""
+    try:
+        onnx.checker.check_model(str(path), full_check=False)
+    except onnx.checker.ValidationError as exc:
+        raise ConversionError(f"the dense model fails onnx.checker: {exc}") from None
+    session = cpu_session(str(path))
+    size = tuple(r + 2 * s for r, s in zip(geometry.window, geometry.stride, strict=True))
+    shape = image_shape(layout=prep.layout, channels=prep.channels, size=size)
+    image = np.random.default_rng(0).random(shape).astype(numpy_dtype(session))
+    scores = run_scores(session, image)
+    expected = geometry.cells(*size)
+    if scores.ndim != 4 or scores.shape[2] < expected[0] or scores.shape[3] < expected[1]:
+        raise ConversionError(
+            f"the dense model gives scores of shape {list(scores.shape)} on a {size} image, "
+            f"expected [1, classes, >={expected[0]}, >={expected[1]}]"
+        )
+    if classes is not None and scores.shape[1] != classes:
+        raise ConversionError(f"variant gives {scores.shape[1]} classes, expected {classes}")
+    if not np.all(np.isfinite(scores)):
+        raise ConversionError("the dense model gives non-finite scores on a random image")
+    return int(scores.shape[1])
+
+
+def finish_dense(
+    dense: onnx.ModelProto,
+    output: str | os.PathLike,
+    *,
+    window: Pair | int,
+    preprocessing: Preprocessing | None = None,
+    labels: tuple[str, ...] | list[str] = (),
+    source: str = "",
+    strides=(),
+) -> ConversionResult:
+    """Check ``dense``, add its metadata and variants, and write them atomically."""
+    output = Path(output)
+    if output.is_dir() or not output.parent.is_dir():
+        raise ConversionError(f"output {output} must be a file path in an existing folder")
+    window = as_pair(window, "window")
+    geometry = compute_geometry(dense, window=window)
+    layout = trace_graph(dense).layout
+    image = image_input(dense.graph)
+    channels = static_dims(image)[1 if layout == "NCHW" else 3]
+    prep = preprocessing or default_preprocessing(layout, channels)
+    _check_preprocessing(prep, layout, channels)
+    variants = _variants(dense, output, geometry, strides)
+    metadata = ModelMetadata(
+        geometry=geometry,
+        preprocessing=prep,
+        labels=tuple(labels),
+        output_kind=output_kind(dense),
+        input_name=image.name,
+        output_name=dense.graph.output[0].name,
+        variants=tuple(Variant(stride=v_geom.stride, file=name) for name, _, v_geom in variants),
+        source=source,
+        converter_version=converter_version(),
+    )
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        staged = _stage(staging, output, dense, metadata, variants)
+        return _move_into_place(staged, output, metadata)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _variants(dense, output, geometry, strides) -> list:
+    wanted = []
+    for value in strides:
+        stride = as_pair(value, "stride")
+        if stride != geometry.stride and stride not in wanted:
+            wanted.append(stride)
+    result = []
+    for stride in wanted:
+        if any(s % t for s, t in zip(geometry.stride, stride, strict=True)):
+            raise ConversionError(
+                f"stride {stride} does not divide the native stride {geometry.stride}"
+            )
+        factor = tuple(s // t for s, t in zip(geometry.stride, stride, strict=True))
+        model = make_atrous(dense, factor=factor)
+        v_geom = compute_geometry(model, window=geometry.window)
+        result.append((variant_file(output, stride), model, v_geom))
+    return result
+
+
+def _stage(staging: Path, output: Path, dense, metadata, variants) -> list[tuple[Path, Path]]:
+    """Write and check every file in ``staging``; returns (staged, final) path pairs."""
+    main = _with_metadata(_copy(dense), metadata)
+    main_files = _save(main, staging / output.name)
+    classes = _check_runs(main_files[0], metadata.geometry, None, metadata.preprocessing)
+    if metadata.labels and len(metadata.labels) != classes:
+        raise ConversionError(
+            f"{len(metadata.labels)} labels were given but the model has {classes} classes"
+        )
+    files = [*main_files]
+    for name, model, v_geom in variants:
+        v_meta = ModelMetadata(**{**metadata.__dict__, "geometry": v_geom, "variants": ()})
+        v_files = _save(_with_metadata(model, v_meta), staging / name)
+        _check_runs(v_files[0], v_geom, classes, metadata.preprocessing)
+        files = [*v_files, *files]
+    return [(path, output.parent / path.name) for path in files]
+
+
+def _move_into_place(staged, output: Path, metadata) -> ConversionResult:
+    moved: list[Path] = []
+    try:
+        for source, target in staged:
+            os.replace(source, target)
+            moved.append(target)
+    except OSError as exc:
+        for target in moved:
+            target.unlink(missing_ok=True)
+        raise ConversionError(f"cannot write {output}: {exc}") from None
+    variant_paths = tuple(output.parent / v.file for v in metadata.variants)
+    return ConversionResult(path=output, metadata=metadata, variant_paths=variant_paths)
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
+def read_metadata(path: str | os.PathLike) -> ModelMetadata:
+    """The contract stored in a dense model written by :func:`finish_dense`."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError, OSError, ...
+        raise ModelLoadError(f"cannot read ONNX model {path}: {exc}") from None
+    return ModelMetadata.from_props({p.key: p.value for p in model.metadata_props})

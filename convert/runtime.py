@@ -1,0 +1,105 @@
+"""onnxruntime on CPU for the converter's checks and verification (no GPU needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+from service.errors import ConversionError
+
+ORT_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
+    "tensor(float16)": np.float16,
+}
+
+
+def cpu_session(model: str | bytes) -> ort.InferenceSession:
+    """An onnxruntime CPU session; errors become :class:`ConversionError`."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # no per-session warnings about missing CUDA
+    try:
+        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise ConversionError(f"onnxruntime cannot load the model: {exc}") from None
+
+
+def numpy_dtype(session: ort.InferenceSession) -> np.dtype:
+    kind = session.get_inputs()[0].type
+    if kind not in ORT_DTYPES:
+        raise ConversionError(f"the model input has type {kind}; expected a float tensor")
+    return np.dtype(ORT_DTYPES[kind])
+
+
+def image_shape(*, layout: str, channels: int, size: tuple[int, int], batch: int = 1):
+    """The input tensor shape of ``batch`` images of ``size`` (h, w) in ``layout``."""
+    if layout == "NCHW":
+        return (batch, channels, *size)
+    return (batch, *size, channels)
+
+
+def run_scores(session: ort.InferenceSession, image: np.ndarray) -> np.ndarray:
+    """The first output of one run, as an array."""
+    try:
+        return session.run(None, {session.get_inputs()[0].name: image})[0]
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise ConversionError(f"onnxruntime cannot run the model: {exc}") from None
+
+
+def to_float64(model):
+    """A float64 copy of an ONNX model, to be run with ``onnx.reference``.
+
+    onnxruntime has no double Conv/AveragePool kernels, so fp64 exactness checks evaluate
+    the graph with onnx's reference evaluator instead (slow, fine for small test nets).
+    """
+    import onnx
+    from onnx import TensorProto, numpy_helper
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    graph = copy.graph
+    for index, init in enumerate(graph.initializer):
+        if init.data_type == TensorProto.FLOAT:
+            array = numpy_helper.to_array(init).astype(np.float64)
+            graph.initializer[index].CopyFrom(numpy_helper.from_array(array, init.name))
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.name == "to" and attr.i == TensorProto.FLOAT:
+                attr.i = TensorProto.DOUBLE
+            if attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == TensorProto.FLOAT:
+                attr.t.CopyFrom(
+                    numpy_helper.from_array(
+                        numpy_helper.to_array(attr.t).astype(np.float64), attr.t.name
+                    )
+                )
+    for value in (*graph.input, *graph.output):
+        if value.type.tensor_type.elem_type == TensorProto.FLOAT:
+            value.type.tensor_type.elem_type = TensorProto.DOUBLE
+    del graph.value_info[:]
+    return copy
+
+
+class Float64Runner:
+    """Runs an ONNX model in float64 with ``onnx.reference`` (see :func:`to_float64`)."""
+
+    def __init__(self, model) -> None:
+        from onnx.reference import ReferenceEvaluator
+
+        from convert.onnx_graph import image_input
+
+        self.evaluator = ReferenceEvaluator(to_float64(model))
+        self.input_name = image_input(model.graph).name
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        return self.evaluator.run(None, {self.input_name: image.astype(np.float64)})[0]
+
+
+class OrtRunner:
+    """Runs an ONNX model with onnxruntime on CPU in its own dtype."""
+
+    def __init__(self, model: str | bytes) -> None:
+        self.session = cpu_session(model)
+        self.dtype = numpy_dtype(self.session)
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        return run_scores(self.session, image.astype(self.dtype))

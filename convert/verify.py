@@ -1,0 +1,222 @@
+"""Check a dense model against its classifier: crop by crop, on random images.
+
+For each image size (R + 3S plus a remainder, non-square by default) every window crop
+runs through the original classifier (batched), the dense model runs once, and the map is
+cropped to n = (W - R) // S + 1 cells per axis (the engine's rule). Max |difference|:
+
+- **unpadded nets** must agree to the tolerance (fp32: 1e-4 x max(1, max|score|), the
+  rounding of summing in another order; fp64: 1e-9 x the same);
+- **padded nets** differ by design: a crop sees zero padding at its border where the dense
+  pass sees real neighbours (VGG paper, section 3.2). The crop rows are reported as
+  expected, and exactness is checked against the converted torch module instead (torch
+  path), plus the classifier on an image of exactly R, where both see the same zeros.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from convert.onnx_graph import image_input
+from convert.pipeline import read_metadata
+from convert.runtime import Float64Runner, OrtRunner
+from service.contract import ModelMetadata
+from service.errors import ConversionError
+
+Pair = tuple[int, int]
+TOLERANCE = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-9}
+CROP_BATCH = 32
+
+
+@dataclass(frozen=True)
+class VerifyRow:
+    size: Pair
+    cells: Pair
+    against: str
+    max_diff: float
+    limit: float | None  # None: a difference that is expected (padding), not checked
+
+    @property
+    def ok(self) -> bool:
+        return self.limit is None or self.max_diff <= self.limit
+
+    @property
+    def verdict(self) -> str:
+        if self.limit is None:
+            return "expected (padding)"
+        return "ok" if self.ok else "FAIL"
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    rows: tuple[VerifyRow, ...]
+    padded: bool
+    dtype: str
+
+    @property
+    def passed(self) -> bool:
+        return all(row.ok for row in self.rows)
+
+    @property
+    def max_checked_diff(self) -> float:
+        return max((row.max_diff for row in self.rows if row.limit is not None), default=0.0)
+
+    def table(self) -> str:
+        lines = [
+            f"verify ({self.dtype}): dense model vs window-by-window classifier",
+            f"  {'image':>9}  {'cells':>6}  {'compared with':<26}{'max|diff|':>10}  "
+            f"{'limit':>8}  result",
+        ]
+        for row in self.rows:
+            limit = "-" if row.limit is None else f"{row.limit:.1e}"
+            lines.append(
+                f"  {row.size[0]:>4}x{row.size[1]:<4}  {row.cells[0]:>2}x{row.cells[1]:<3}  "
+                f"{row.against:<26}{row.max_diff:>10.2e}  {limit:>8}  {row.verdict}"
+            )
+        if self.padded:
+            lines.append(
+                "  padded net: each crop sees zero padding at its border where the dense pass "
+                "sees real neighbours (VGG paper sec. 3.2), so crop differences are expected; "
+                "exactness is checked against the converted module and at the window size."
+            )
+        lines.append("  PASSED" if self.passed else "  FAILED: differences past the limit")
+        return "\n".join(lines)
+
+
+def default_sizes(window: Pair, stride: Pair) -> tuple[Pair, ...]:
+    """R + 3S plus a remainder on one axis, R + 2S or R + S on the other: non-square."""
+    rest = tuple(s // 2 for s in stride)
+    return (
+        (window[0] + 3 * stride[0] + rest[0], window[1] + 2 * stride[1] + rest[1] + 1 % stride[1]),
+        (window[0] + stride[0] + 1 % stride[0], window[1] + 3 * stride[1] + rest[1]),
+    )
+
+
+class _Classifier:
+    """Runs the original classifier on a batch of crops (torch module or ONNX file)."""
+
+    def __init__(self, classifier, dtype: np.dtype) -> None:
+        self.torch_module = None
+        if isinstance(classifier, (str, os.PathLike)):
+            self.run = _onnx_classifier(Path(classifier), dtype)
+        else:
+            import torch
+
+            module = copy.deepcopy(classifier).eval()
+            module = module.double() if dtype == np.float64 else module.float()
+            self.torch_module = module
+
+            def run(batch: np.ndarray) -> np.ndarray:
+                with torch.no_grad():
+                    return module(torch.from_numpy(batch)).numpy()
+
+            self.run = run
+
+
+def _onnx_classifier(path: Path, dtype: np.dtype):
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # onnx raises DecodeError, OSError, ...
+        raise ConversionError(f"cannot read the classifier {path}: {exc}") from None
+    batch_dim = image_input(model.graph).type.tensor_type.shape.dim[0]
+    fixed_batch = batch_dim.dim_value if batch_dim.HasField("dim_value") else None
+    single = Float64Runner(model) if dtype == np.float64 else OrtRunner(model.SerializeToString())
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        if fixed_batch is None:
+            return single(batch)
+        chunks = []
+        for start in range(0, len(batch), fixed_batch):
+            chunk = batch[start : start + fixed_batch]
+            padded = np.concatenate([chunk] + [chunk[-1:]] * (fixed_batch - len(chunk)))
+            chunks.append(single(padded)[: len(chunk)])
+        return np.concatenate(chunks)
+
+    return run
+
+
+def _crop_scores(classify, image, meta: ModelMetadata, cells: Pair) -> np.ndarray:
+    """[classes, n_h, n_w] scores of the classifier on every window crop."""
+    (r_h, r_w), (s_h, s_w) = meta.geometry.window, meta.geometry.stride
+    nchw = meta.preprocessing.layout == "NCHW"
+    crops = []
+    for i in range(cells[0]):
+        for j in range(cells[1]):
+            rows, cols = slice(i * s_h, i * s_h + r_h), slice(j * s_w, j * s_w + r_w)
+            crops.append(image[:, :, rows, cols] if nchw else image[:, rows, cols, :])
+    batch = np.concatenate(crops)
+    scores = np.concatenate(
+        [classify(batch[k : k + CROP_BATCH]) for k in range(0, len(batch), CROP_BATCH)]
+    )
+    return scores.reshape(cells[0], cells[1], -1).transpose(2, 0, 1)
+
+
+def _dense_runner(dense_path: Path, dtype: np.dtype):
+    if dtype == np.float64:
+        return Float64Runner(onnx.load(str(dense_path)))
+    return OrtRunner(str(dense_path))
+
+
+def _random_image(rng, meta: ModelMetadata, size: Pair, dtype) -> np.ndarray:
+    prep = meta.preprocessing
+    shape = (1, prep.channels, *size) if prep.layout == "NCHW" else (1, *size, prep.channels)
+    return rng.standard_normal(shape).astype(dtype)
+
+
+def _max_diff(a: np.ndarray, b: np.ndarray, dtype) -> tuple[float, float]:
+    limit = TOLERANCE[np.dtype(dtype)] * max(1.0, float(np.abs(b).max()))
+    return float(np.abs(a - b).max()), limit
+
+
+def verify(
+    classifier,
+    dense_path: str | os.PathLike,
+    *,
+    sizes=None,
+    seed: int = 0,
+    dtype=np.float32,
+) -> VerifyReport:
+    """Compare the dense model at ``dense_path`` with ``classifier`` (module or ONNX path)."""
+    dtype = np.dtype(dtype)
+    if dtype not in TOLERANCE:
+        raise ConversionError(f"verify runs in float32 or float64, not {dtype}")
+    meta = read_metadata(dense_path)
+    geometry = meta.geometry
+    classify = _Classifier(classifier, dtype)
+    dense = _dense_runner(Path(dense_path), dtype)
+    rng = np.random.default_rng(seed)
+    rows = []
+    window_image = _random_image(rng, meta, geometry.window, dtype)
+    diff, limit = _max_diff(dense(window_image)[0, :, 0, 0], classify.run(window_image)[0], dtype)
+    rows.append(VerifyRow(geometry.window, (1, 1), "classifier, whole window", diff, limit))
+    module = None
+    if geometry.padded and classify.torch_module is not None:
+        from convert.torch_fc import fully_convolutional
+
+        module = fully_convolutional(classify.torch_module, input_size=geometry.window)
+    for size in sizes or default_sizes(geometry.window, geometry.stride):
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        cells = geometry.cells(*size)
+        if min(cells) < 1:
+            raise ConversionError(
+                f"verify size {size} is smaller than the window {geometry.window}"
+            )
+        image = _random_image(rng, meta, size, dtype)
+        score_map = dense(image)[0, :, : cells[0], : cells[1]]
+        crops = _crop_scores(classify.run, image, meta, cells)
+        diff, limit = _max_diff(score_map, crops, dtype)
+        label = f"crops ({cells[0] * cells[1]} windows)"
+        rows.append(VerifyRow(size, cells, label, diff, None if geometry.padded else limit))
+        if module is not None:
+            import torch
+
+            with torch.no_grad():
+                expected = module(torch.from_numpy(image)).numpy()[0, :, : cells[0], : cells[1]]
+            diff, limit = _max_diff(score_map, expected, dtype)
+            rows.append(VerifyRow(size, cells, "converted torch module", diff, limit))
+    return VerifyReport(rows=tuple(rows), padded=geometry.padded, dtype=dtype.name)
