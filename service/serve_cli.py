@@ -1,0 +1,264 @@
+"""``densemap serve``: serve a model repository over gRPC (densemap.v1, KServe v2, health).
+
+Every flag has an environment twin: ``--max-queue`` <-> ``DENSEMAP_MAX_QUEUE``. A flag
+given on the command line wins over its variable; both fall back to the documented default.
+Signals: SIGTERM/SIGINT drain gracefully (readiness NOT_SERVING, new calls UNAVAILABLE,
+in-flight calls finish within --grace-seconds, exit 0; a second signal stops at once);
+SIGHUP reloads the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+
+from service.engine.options import DEFAULT_MAX_PIXELS, DEFAULT_MEMORY_BUDGET, EngineConfig
+from service.server import config as defaults
+
+log = logging.getLogger("densemap.server")
+ENV_PREFIX = "DENSEMAP_"
+TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+MIB = 1024 * 1024
+
+
+def _env_name(flag: str) -> str:
+    return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+
+
+def _env_bool(flag: str) -> bool:
+    value = os.environ.get(_env_name(flag), "").strip().lower()
+    if value not in TRUE_WORDS + FALSE_WORDS:
+        raise SystemExit(f"densemap serve: {_env_name(flag)}={value!r} is not a boolean (1/0)")
+    return value in TRUE_WORDS
+
+
+def _add(
+    parser, flag: str, *, default, help: str, aliases: tuple[str, ...] = (), shown=None, **kwargs
+) -> None:
+    """A flag whose default comes from its DENSEMAP_* twin, documented in --help."""
+    env = _env_name(flag)
+    shown = shown or ("off" if default is None else default)
+    parser.add_argument(
+        flag,
+        *aliases,
+        default=os.environ.get(env, default),
+        help=f"{help} (env {env}; default {shown})",
+        **kwargs,
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    _add(
+        parser,
+        "--models",
+        default=None,
+        type=Path,
+        metavar="DIR",
+        shown="./models",
+        help="model repository, one folder per model",
+    )
+    _add(parser, "--host", default=defaults.DEFAULT_HOST, help="address to listen on")
+    _add(
+        parser,
+        "--port",
+        default=defaults.DEFAULT_PORT,
+        type=int,
+        help="gRPC port; 0 picks a free port and logs it",
+    )
+    _add(
+        parser,
+        "--metrics-port",
+        default=defaults.DEFAULT_METRICS_PORT,
+        type=int,
+        help="Prometheus /metrics port; 0 turns metrics off",
+    )
+    _add(
+        parser,
+        "--max-message-mb",
+        default=defaults.DEFAULT_MAX_MESSAGE_BYTES // MIB,
+        type=int,
+        help="max gRPC message size received and sent, MiB",
+    )
+    _add(
+        parser, "--workers", default=defaults.DEFAULT_WORKERS, type=int, help="gRPC handler threads"
+    )
+    _add(
+        parser,
+        "--max-in-flight",
+        default=defaults.DEFAULT_MAX_IN_FLIGHT,
+        type=int,
+        help="engine calls running at once per model",
+    )
+    _add(
+        parser,
+        "--max-queue",
+        default=defaults.DEFAULT_MAX_QUEUE,
+        type=int,
+        help="requests waiting per model before RESOURCE_EXHAUSTED",
+    )
+    _add(
+        parser,
+        "--grace-seconds",
+        default=defaults.DEFAULT_GRACE_SECONDS,
+        type=float,
+        aliases=("--grace",),
+        help="drain time for in-flight calls on SIGTERM/SIGINT",
+    )
+    _add(
+        parser,
+        "--poll-seconds",
+        default=defaults.DEFAULT_POLL_SECONDS,
+        type=float,
+        help="reload the repository every N seconds; 0: only on SIGHUP",
+    )
+    _add(
+        parser,
+        "--max-connection-age-seconds",
+        type=float,
+        default=defaults.DEFAULT_MAX_CONNECTION_AGE_SECONDS,
+        help="close client connections after N seconds so clients rebalance; 0: never",
+    )
+    _add(parser, "--tls-cert", default=None, type=Path, metavar="PEM", help="TLS certificate")
+    _add(parser, "--tls-key", default=None, type=Path, metavar="PEM", help="TLS private key")
+    _add(
+        parser,
+        "--auth-token",
+        default=None,
+        metavar="TOKEN",
+        help="require 'authorization: Bearer TOKEN' (health and reflection stay open); "
+        "prefer the env variable, command lines are visible to other users",
+    )
+    _add(
+        parser,
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="onnxruntime device",
+    )
+    _add(parser, "--threads", default=0, type=int, help="onnxruntime intra-op threads; 0: auto")
+    _add(
+        parser,
+        "--max-pixels",
+        default=DEFAULT_MAX_PIXELS,
+        type=int,
+        help="refuse images with more pixels",
+    )
+    _add(
+        parser,
+        "--memory-budget-mb",
+        default=DEFAULT_MEMORY_BUDGET // MIB,
+        type=int,
+        help="activation memory per pass before the engine tiles, MiB",
+    )
+    parser.add_argument(
+        "--no-tiling",
+        action="store_true",
+        default=_env_bool("--no-tiling"),
+        help="refuse images over the memory budget instead of tiling "
+        f"(env {_env_name('--no-tiling')}=1)",
+    )
+    parser.add_argument(
+        "--log-json",
+        action="store_true",
+        default=_env_bool("--log-json"),
+        help=f"log JSON lines (env {_env_name('--log-json')}=1)",
+    )
+    _add(parser, "--log-level", default="info", choices=("debug", "info", "warning", "error"),
+         help="log level; debug logs one line per request")  # fmt: skip
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and any ``extra`` fields."""
+
+    _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        doc.update({k: v for k, v in vars(record).items() if k not in self._STANDARD})
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        return json.dumps(doc, default=str)
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    level = (
+        logging.DEBUG if getattr(args, "debug", False) else getattr(logging, args.log_level.upper())
+    )
+    handler = logging.StreamHandler()
+    if args.log_json:
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+
+
+def build_config(args: argparse.Namespace):
+    from service.engine.repository import default_models_dir
+    from service.server.config import ServerConfig
+
+    return ServerConfig(
+        models_dir=args.models if args.models is not None else default_models_dir(),
+        host=args.host,
+        port=args.port,
+        metrics_port=args.metrics_port,
+        max_message_bytes=args.max_message_mb * MIB,
+        workers=args.workers,
+        max_in_flight=args.max_in_flight,
+        max_queue=args.max_queue,
+        grace_seconds=args.grace_seconds,
+        poll_seconds=args.poll_seconds,
+        max_connection_age_seconds=args.max_connection_age_seconds,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        auth_token=args.auth_token or None,
+        engine=EngineConfig(
+            device=args.device,
+            intra_op_threads=args.threads,
+            max_pixels=args.max_pixels,
+            memory_budget=args.memory_budget_mb * MIB,
+            tiling=not args.no_tiling,
+        ),
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    _configure_logging(args)
+    from service.server.app import create_server
+
+    config = build_config(args)
+    stop = threading.Event()
+    server_box: list = []
+
+    def on_stop(signum, _frame) -> None:
+        if stop.is_set() and server_box:  # a second signal: no more grace
+            log.warning("second %s: stopping now", signal.Signals(signum).name)
+            threading.Thread(target=server_box[0].stop, args=(0,), daemon=True).start()
+        stop.set()
+
+    def on_reload(_signum, _frame) -> None:
+        if server_box:
+            threading.Thread(target=server_box[0].reload, name="densemap-reload").start()
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, on_reload)
+    server, _port = create_server(config)
+    server_box.append(server)
+    while not stop.wait(1.0):
+        pass
+    log.info("shutdown requested: draining (grace %.0f s)", config.grace_seconds)
+    finished = server.drain()
+    log.info("stopped%s", "" if finished else " (some calls were cut at the end of the grace)")
+    return 0

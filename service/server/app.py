@@ -1,0 +1,249 @@
+"""The gRPC server: densemap.v1, KServe v2, health and reflection on one port.
+
+Life cycle (:class:`DensemapServer`):
+
+1. ``start()`` binds the port and serves at once: ``liveness`` is SERVING, ``readiness``
+   and "" are NOT_SERVING, scoring calls get UNAVAILABLE while models load in a thread.
+2. Once the repository is loaded: readiness, "" and one health name per model SERVING.
+3. ``reload()`` (SIGHUP, ``poll_seconds``) re-reads the repository; a broken new model
+   is logged and never replaces a working one.
+4. ``drain()`` (SIGTERM/SIGINT): readiness NOT_SERVING, new calls UNAVAILABLE, in-flight
+   calls finish within the grace period, then the server stops.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+
+from service._proto.densemap.v1 import densemap_pb2, densemap_pb2_grpc
+from service.errors import InvalidOption, ModelLoadError
+from service.server import kserve_proto
+from service.server.auth import BearerTokenInterceptor
+from service.server.config import ServerConfig
+from service.server.densemap_servicer import SERVICE_NAME, DensemapServicer, load_failures
+from service.server.kserve_servicer import KServeServicer
+from service.server.limits import Admission, ServingState
+from service.server.metrics import ServerMetrics
+from service.server.scoring import Models, ScoringCore
+
+log = logging.getLogger("densemap.server")
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+SERVICE_NAMES = (
+    SERVICE_NAME,
+    kserve_proto.SERVICE_NAME,
+    health.SERVICE_NAME,
+    reflection.SERVICE_NAME,
+)
+
+
+def open_model_repository(config: ServerConfig):
+    """The default repository: ``config.models_dir`` with ``config.engine``."""
+    from service.engine import ModelRepository
+
+    return ModelRepository(config.models_dir, config=config.engine)
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+class DensemapServer:
+    """One server process's gRPC server, model repository, health and metrics."""
+
+    def __init__(
+        self, config: ServerConfig, *, open_repository: Callable[[], object] | None = None
+    ) -> None:
+        self.config = config
+        self._open_repository = open_repository or (lambda: open_model_repository(config))
+        self.state = ServingState()
+        self.models = Models()
+        self.metrics = ServerMetrics()
+        self.health = health.HealthServicer()
+        self.port = 0
+        self.metrics_port = 0
+        self._ready_event = threading.Event()
+        self._stopped = threading.Event()
+        self._reload_lock = threading.Lock()
+        self._published: set[str] = set()
+        admission = Admission(
+            max_in_flight=config.max_in_flight,
+            max_queue=config.max_queue,
+            max_admitted=config.max_admitted,
+        )
+        core = ScoringCore(
+            models=self.models, state=self.state, admission=admission, metrics=self.metrics
+        )
+        self._grpc = self._build_grpc_server(core)
+
+    def _build_grpc_server(self, core: ScoringCore) -> grpc.Server:
+        config = self.config
+        options = [
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+        ]
+        if config.max_connection_age_seconds > 0:
+            options.append(
+                ("grpc.max_connection_age_ms", int(1000 * config.max_connection_age_seconds))
+            )
+            options.append(("grpc.max_connection_age_grace_ms", int(1000 * config.grace_seconds)))
+        interceptors = [BearerTokenInterceptor(config.auth_token)] if config.auth_token else []
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="densemap"),
+            interceptors=interceptors,
+            options=options,
+            maximum_concurrent_rpcs=config.workers * 4,
+        )
+        densemap_pb2_grpc.add_DensemapServicer_to_server(DensemapServicer(core), server)
+        kserve_proto.add_servicer_to_server(KServeServicer(core), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        pool = kserve_proto.reflection_pool(
+            [densemap_pb2.DESCRIPTOR, health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR]
+        )
+        reflection.enable_server_reflection(SERVICE_NAMES, server, pool=pool)
+        for name in ("", "readiness"):
+            self.health.set(name, NOT_SERVING)
+        self.health.set("liveness", SERVING)
+        return server
+
+    # -- life cycle -----------------------------------------------------------------------
+    def start(self) -> int:
+        """Bind, serve, start loading models in the background; returns the bound port."""
+        config = self.config
+        if not config.models_dir.is_dir():
+            raise ModelLoadError(
+                f"model repository {str(config.models_dir)!r} is not a folder: pass --models DIR "
+                "(one sub-folder per model)"
+            )
+        address = _address(config.host, config.port)
+        try:
+            if config.tls_cert is not None:
+                credentials = grpc.ssl_server_credentials(
+                    [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())]
+                )
+                self.port = self._grpc.add_secure_port(address, credentials)
+            else:
+                self.port = self._grpc.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise InvalidOption(f"cannot listen on {address}: {exc}; pick another --port") from None
+        if self.port == 0:
+            raise InvalidOption(f"cannot listen on {address}: pick another --port or --host")
+        self._grpc.start()
+        if config.metrics_port:
+            self.metrics_port = self.metrics.start(host=config.host, port=config.metrics_port)
+        log.info(
+            "densemap serving on %s (models %s)",
+            _address(config.host, self.port),
+            config.models_dir,
+            extra={"port": self.port, "host": config.host},
+        )
+        threading.Thread(target=self._load, name="densemap-load", daemon=True).start()
+        if config.poll_seconds > 0:
+            threading.Thread(target=self._poll, name="densemap-poll", daemon=True).start()
+        return self.port
+
+    def _load(self) -> None:
+        with self._reload_lock:
+            try:
+                repository = self._open_repository()
+            except Exception as exc:  # logged; SIGHUP or polling retries
+                log.error("cannot load the model repository %s: %s", self.config.models_dir, exc)
+                return
+            self.models.repository = repository
+            self._publish()
+        if self.state.draining:
+            return
+        self.state.set_ready(True)
+        for name in ("", "readiness"):
+            self.health.set(name, SERVING)
+        self._ready_event.set()
+        names = self.models.names()
+        if not names:
+            log.warning(
+                "no model in %s: every scoring call will be NOT_FOUND", self.config.models_dir
+            )
+        log.info("ready: %d model(s): %s", len(names), ", ".join(names), extra={"models": names})
+
+    def _publish(self) -> None:
+        """Health and metrics per model after a load or reload; log load failures."""
+        names = self.models.names()
+        status = NOT_SERVING if self.state.draining else SERVING
+        for name in names:
+            self.health.set(name, status)
+        for name in self._published - set(names):
+            self.health.set(name, NOT_SERVING)
+        self.metrics.set_loaded(names, self._published)
+        self._published = set(names)
+        for name, message in load_failures(self.models.repository):
+            log.error("model %s failed to load: %s", name, message, extra={"model": name})
+
+    def reload(self) -> None:
+        """Re-read the repository; broken new models keep their working predecessor."""
+        if self.models.repository is None:
+            self._load()
+            return
+        with self._reload_lock:
+            try:
+                self.models.repository.reload()
+            except Exception as exc:
+                log.error(
+                    "reload of %s failed, keeping the loaded models: %s",
+                    self.config.models_dir,
+                    exc,
+                )
+            self._publish()
+        log.info("reloaded: %s", ", ".join(self.models.names()) or "no model")
+
+    def _poll(self) -> None:
+        while not self._stopped.wait(self.config.poll_seconds):
+            if self.state.draining:
+                return
+            self.reload()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        return self._ready_event.wait(timeout)
+
+    def drain(self, grace: float | None = None) -> bool:
+        """Stop taking calls, let in-flight ones finish (<= grace s), stop. True if all did."""
+        grace = self.config.grace_seconds if grace is None else grace
+        self.state.begin_drain()
+        for name in ("", "readiness", *self._published):
+            self.health.set(name, NOT_SERVING)
+        log.info("draining: %d call(s) in flight, grace %.0f s", self.state.active, grace)
+        finished = self.state.wait_idle(grace)
+        if not finished:
+            log.warning(
+                "grace period over with %d call(s) in flight: cancelling them", self.state.active
+            )
+        self.stop(grace=0)
+        return finished
+
+    def stop(self, grace: float | None = 0) -> None:
+        self._stopped.set()
+        self.state.begin_drain()
+        self._grpc.stop(grace).wait()
+        self.metrics.stop()
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return self._grpc.wait_for_termination(timeout)
+
+    def __enter__(self) -> DensemapServer:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop(grace=0)
+
+
+def create_server(
+    config: ServerConfig, *, open_repository: Callable[[], object] | None = None
+) -> tuple[DensemapServer, int]:
+    """Build and start a server; returns it and its bound port (models load in background)."""
+    server = DensemapServer(config, open_repository=open_repository)
+    return server, server.start()

@@ -1,0 +1,219 @@
+"""densemap.v1 messages <-> numpy arrays and engine types, in both directions.
+
+The server decodes requests and encodes responses; :mod:`service.client` does the
+opposite with the same functions, so both sides agree on one wire format: raw
+little-endian row-major bytes with shape and dtype (:class:`Tensor`).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from service._proto.densemap.v1 import densemap_pb2 as pb
+from service.engine.options import DEFAULT_IMAGE_TOP_K, ScoreOptions
+from service.engine.result import MapGeometry, ScaleMap, ScoreMap
+from service.errors import InvalidImage, InvalidOption
+
+WIRE_DTYPES: dict[int, np.dtype] = {
+    pb.UINT8: np.dtype("<u1"),
+    pb.FLOAT32: np.dtype("<f4"),
+    pb.FLOAT16: np.dtype("<f2"),
+    pb.INT32: np.dtype("<i4"),
+}
+IMAGE_DTYPES = {pb.UINT8: (2, 3), pb.FLOAT32: (3,)}  # accepted dtype -> accepted ranks
+MAP_DTYPES = {"float32": pb.FLOAT32, "float16": pb.FLOAT16}
+MAX_SCALES = 16
+
+
+# -- tensors --------------------------------------------------------------------------------
+def fill_tensor(tensor: pb.Tensor, array: np.ndarray) -> None:
+    """Write ``array`` into ``tensor`` as raw little-endian bytes."""
+    for code, dtype in WIRE_DTYPES.items():
+        if array.dtype.kind == dtype.kind and array.dtype.itemsize == dtype.itemsize:
+            tensor.dtype = code
+            tensor.shape[:] = array.shape
+            tensor.data = np.ascontiguousarray(array, dtype=dtype).tobytes()
+            return
+    if array.dtype.kind in "iub":  # other integer widths: class indices travel as INT32
+        fill_tensor(tensor, array.astype(np.int32))
+    elif array.dtype.kind == "f":
+        fill_tensor(tensor, array.astype(np.float32))
+    else:
+        raise TypeError(f"no wire dtype for numpy dtype {array.dtype}")
+
+
+def read_tensor(tensor: pb.Tensor, *, what: str) -> np.ndarray:
+    """The array a Tensor holds (read-only view of its bytes), checking shape and size."""
+    dtype = WIRE_DTYPES.get(tensor.dtype)
+    if dtype is None:
+        name = pb.DType.Name(tensor.dtype) if tensor.dtype in pb.DType.values() else tensor.dtype
+        raise InvalidImage(f"{what}.dtype {name} is not supported: use UINT8 or FLOAT32")
+    shape = tuple(tensor.shape)
+    if not shape or any(side < 1 for side in shape):
+        raise InvalidImage(f"{what}.shape must hold positive sizes, got {list(shape)}")
+    expected = math.prod(shape) * dtype.itemsize
+    if expected != len(tensor.data):
+        raise InvalidImage(
+            f"{what} has shape {list(shape)} of {pb.DType.Name(tensor.dtype)}, which needs "
+            f"{expected} bytes, but data holds {len(tensor.data)}: send raw row-major "
+            "little-endian bytes that match the shape"
+        )
+    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+
+
+# -- images ---------------------------------------------------------------------------------
+def image_to_proto(image: bytes | np.ndarray | str | Path, out: pb.Image) -> None:
+    """Client side: encoded bytes, a file path, or a uint8 HW/HWC / float32 CHW array."""
+    if isinstance(image, (str, Path)):
+        image = Path(image).read_bytes()
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        out.encoded = bytes(image)
+    elif isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 and image.dtype != np.float32:
+            raise InvalidImage(f"send a uint8 or float32 array, got {image.dtype}")
+        fill_tensor(out.array, image)
+    else:
+        raise InvalidImage(f"an image is bytes, a path or a numpy array, got {type(image)}")
+
+
+def image_from_proto(image: pb.Image) -> bytes | np.ndarray:
+    """Server side: what Engine.score takes (encoded bytes or an array)."""
+    source = image.WhichOneof("source")
+    if source == "encoded":
+        if not image.encoded:
+            raise InvalidImage("image.encoded is empty: send the bytes of a PNG/JPEG/... file")
+        return image.encoded
+    if source != "array":
+        raise InvalidImage("the request has no image: set image.encoded or image.array")
+    array = read_tensor(image.array, what="image.array")
+    ranks = IMAGE_DTYPES.get(image.array.dtype)
+    if ranks is None:
+        raise InvalidImage(
+            f"image.array.dtype {pb.DType.Name(image.array.dtype)} is not an image type: "
+            "send UINT8 [H, W] or [H, W, C], or preprocessed FLOAT32 [C, H, W]"
+        )
+    if array.ndim not in ranks:
+        raise InvalidImage(
+            f"image.array of {pb.DType.Name(image.array.dtype)} must have rank "
+            f"{' or '.join(map(str, ranks))}, got shape {list(array.shape)}: UINT8 is "
+            "[H, W] or [H, W, C], FLOAT32 is [C, H, W]"
+        )
+    return array
+
+
+# -- options --------------------------------------------------------------------------------
+def options_to_proto(options: ScoreOptions, out: pb.ScoreOptions) -> None:
+    out.output_stride = options.output_stride or 0
+    out.scales[:] = options.scales
+    out.output = pb.PROBABILITIES if options.probabilities else pb.LOGITS
+    if options.dtype not in MAP_DTYPES:
+        raise InvalidOption(f"dtype must be one of {sorted(MAP_DTYPES)}, got {options.dtype!r}")
+    out.dtype = MAP_DTYPES[options.dtype]
+    out.top_k = options.top_k
+    if options.classes is not None:
+        out.classes[:] = options.classes
+    out.argmax = options.argmax
+    out.omit_map = not options.include_map
+    out.image_top_k = options.image_top_k
+
+
+def options_from_proto(options: pb.ScoreOptions) -> ScoreOptions:
+    """The engine options a request asks for; obvious mistakes are INVALID_ARGUMENT here."""
+    if options.output_stride < 0:
+        raise InvalidOption(f"output_stride must be >= 0 (0 = native), got {options.output_stride}")
+    scales = tuple(options.scales) or (1.0,)
+    if len(scales) > MAX_SCALES or not all(math.isfinite(s) and s > 0 for s in scales):
+        raise InvalidOption(
+            f"scales must be 1..{MAX_SCALES} finite values > 0, got {list(options.scales)}"
+        )
+    if options.output not in (pb.OUTPUT_UNSPECIFIED, pb.PROBABILITIES, pb.LOGITS):
+        raise InvalidOption(f"output {options.output} is unknown: use PROBABILITIES or LOGITS")
+    dtypes = {pb.DTYPE_UNSPECIFIED: "float32", pb.FLOAT32: "float32", pb.FLOAT16: "float16"}
+    if options.dtype not in dtypes:
+        raise InvalidOption(f"dtype must be FLOAT32 or FLOAT16 for maps, got {options.dtype}")
+    image_top_k = options.image_top_k if options.HasField("image_top_k") else DEFAULT_IMAGE_TOP_K
+    if options.top_k < 0 or image_top_k < 0:
+        raise InvalidOption(
+            f"top_k and image_top_k must be >= 0, got {options.top_k}, {image_top_k}"
+        )
+    return ScoreOptions(
+        output_stride=options.output_stride or None,
+        scales=scales,
+        probabilities=options.output != pb.LOGITS,
+        dtype=dtypes[options.dtype],
+        top_k=options.top_k,
+        classes=tuple(options.classes) or None,
+        argmax=options.argmax,
+        include_map=not options.omit_map,
+        image_top_k=image_top_k,
+    )
+
+
+# -- results --------------------------------------------------------------------------------
+def _fill_geometry(out: pb.MapGeometry, geometry: MapGeometry) -> None:
+    for name in ("stride", "window", "origin", "receptive_field", "receptive_field_offset"):
+        pair = getattr(out, name)
+        pair.h, pair.w = getattr(geometry, name)
+    out.scale = geometry.scale
+    out.resize_h, out.resize_w = geometry.resize
+
+
+def _read_geometry(geometry: pb.MapGeometry) -> MapGeometry:
+    def pair(name: str) -> tuple[int, int]:
+        value = getattr(geometry, name)
+        return (value.h, value.w)
+
+    return MapGeometry(
+        stride=pair("stride"),
+        window=pair("window"),
+        origin=pair("origin"),
+        receptive_field=pair("receptive_field"),
+        receptive_field_offset=pair("receptive_field_offset"),
+        scale=geometry.scale,
+        resize=(geometry.resize_h, geometry.resize_w),
+    )
+
+
+def fill_response(out: pb.ScoreResponse, result: ScoreMap) -> None:
+    """Server side: the maps, image-level scores and image size of ``result``."""
+    for scale_map in result.maps:
+        map_pb = out.maps.add()
+        _fill_geometry(map_pb.geometry, scale_map.geometry)
+        if scale_map.classes is not None:
+            map_pb.classes[:] = scale_map.classes
+        for name in ("scores", "top_k_indices", "top_k_scores", "argmax"):
+            array = getattr(scale_map, name)
+            if array is not None:
+                fill_tensor(getattr(map_pb, name), array)
+    out.image_scores[:] = np.asarray(result.image_scores, dtype=np.float32)
+    for index, score in result.image_top_k:
+        label = result.labels[index] if index < len(result.labels) else ""
+        out.image_top_k.add(index=index, label=label, score=score)
+    out.image_size.h, out.image_size.w = result.image_size
+
+
+def result_from_response(response: pb.ScoreResponse, *, labels: tuple[str, ...] = ()) -> ScoreMap:
+    """Client side: a :class:`ScoreMap` with numpy arrays, timings in seconds."""
+    maps = []
+    for map_pb in response.maps:
+        arrays = {
+            name: read_tensor(getattr(map_pb, name), what=name) if map_pb.HasField(name) else None
+            for name in ("scores", "top_k_indices", "top_k_scores", "argmax")
+        }
+        classes = tuple(map_pb.classes) or None
+        maps.append(ScaleMap(geometry=_read_geometry(map_pb.geometry), classes=classes, **arrays))
+    timing = response.timing
+    return ScoreMap(
+        maps=maps,
+        image_scores=np.asarray(response.image_scores, dtype=np.float32),
+        image_top_k=[(c.index, c.score) for c in response.image_top_k],
+        labels=labels,
+        image_size=(response.image_size.h, response.image_size.w),
+        timings={
+            stage: getattr(timing, f"{stage}_ms") / 1000.0
+            for stage in ("decode", "queue", "infer", "encode", "total")
+        },
+    )

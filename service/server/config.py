@@ -1,0 +1,88 @@
+"""Typed configuration of the gRPC server, with its documented defaults.
+
+Every field has a ``densemap serve`` flag and a ``DENSEMAP_*`` environment twin
+(``service/serve_cli.py``); the defaults below are the ones both document.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from service.engine.options import EngineConfig
+from service.errors import InvalidOption
+
+DEFAULT_HOST = "0.0.0.0"
+DEFAULT_PORT = 50051
+DEFAULT_MODELS_DIR = Path("models")
+DEFAULT_METRICS_PORT = 9090  # 0 turns the Prometheus endpoint off
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # receive and send
+DEFAULT_WORKERS = 32  # gRPC handler threads (inference runs in them, off the event loop)
+DEFAULT_MAX_IN_FLIGHT = 2  # engine calls running at once, per model
+DEFAULT_MAX_QUEUE = 16  # requests waiting for a slot, per model; beyond: RESOURCE_EXHAUSTED
+DEFAULT_GRACE_SECONDS = 30.0  # drain time for in-flight calls on SIGTERM/SIGINT
+DEFAULT_POLL_SECONDS = 0.0  # 0: reload the repository only on SIGHUP
+DEFAULT_MAX_CONNECTION_AGE_SECONDS = 0.0  # 0: connections live forever
+RESERVED_WORKERS = 4  # handler threads kept free for health, metadata and listing calls
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """How :func:`service.server.app.create_server` binds, limits and loads.
+
+    - ``models_dir``: repository root, one folder per model.
+    - ``host``/``port``: where gRPC listens; port 0 picks a free port.
+    - ``metrics_port``: Prometheus HTTP port on the same host; 0 = off.
+    - ``max_message_bytes``: max receive and send message size.
+    - ``workers``: gRPC handler threads; at most ``workers - RESERVED_WORKERS`` scoring
+      requests are admitted (running or queued) at once, so health always answers.
+    - ``max_in_flight``/``max_queue``: per model, engine calls running / waiting.
+    - ``grace_seconds``: how long a drain lets in-flight calls finish.
+    - ``poll_seconds``: reload the repository every N seconds (0 = only on SIGHUP).
+    - ``max_connection_age_seconds``: close client connections after this long, so
+      clients re-resolve and spread over replicas (0 = never).
+    - ``tls_cert``/``tls_key``: PEM files; both or neither. ``auth_token``: required bearer
+      token (None = no auth).
+    - ``engine``: how models are loaded and run.
+    """
+
+    models_dir: Path = DEFAULT_MODELS_DIR
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    metrics_port: int = DEFAULT_METRICS_PORT
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    workers: int = DEFAULT_WORKERS
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+    max_queue: int = DEFAULT_MAX_QUEUE
+    grace_seconds: float = DEFAULT_GRACE_SECONDS
+    poll_seconds: float = DEFAULT_POLL_SECONDS
+    max_connection_age_seconds: float = DEFAULT_MAX_CONNECTION_AGE_SECONDS
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    auth_token: str | None = None
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "models_dir", Path(self.models_dir))
+        problems = []
+        if not 0 <= self.port <= 65535 or not 0 <= self.metrics_port <= 65535:
+            problems.append(f"ports must be in 0..65535 (got {self.port}, {self.metrics_port})")
+        if self.max_message_bytes < 1024 or self.max_message_bytes > 2**31 - 1:
+            problems.append("max_message_bytes must be in 1 KiB..2 GiB-1 (protobuf's limit)")
+        if self.workers <= RESERVED_WORKERS:
+            problems.append(f"workers must exceed {RESERVED_WORKERS} (got {self.workers})")
+        if self.max_in_flight < 1 or self.max_queue < 0:
+            problems.append("max_in_flight must be >= 1 and max_queue >= 0")
+        if self.grace_seconds < 0 or self.poll_seconds < 0 or self.max_connection_age_seconds < 0:
+            problems.append("grace, poll and connection-age seconds must be >= 0")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            problems.append("TLS needs both a certificate and a key file")
+        if self.auth_token is not None and not self.auth_token.strip():
+            problems.append("auth_token must not be empty (use None for no auth)")
+        if problems:
+            raise InvalidOption("invalid server configuration: " + "; ".join(problems))
+
+    @property
+    def max_admitted(self) -> int:
+        """Scoring requests admitted (running + queued) over all models at once."""
+        return self.workers - RESERVED_WORKERS

@@ -1,0 +1,134 @@
+"""densemap.v1.Densemap: Score, ScoreStream, ListModels, GetModel.
+
+The servicer only translates messages to engine calls and back (``codec``); gating,
+backpressure, timing and status codes live in ``scoring``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+
+from service._proto.densemap.v1 import densemap_pb2 as pb
+from service._proto.densemap.v1 import densemap_pb2_grpc as pb_grpc
+from service.server import codec
+from service.server.scoring import Call, ScoringCore
+from service.server.status import NotServing, abort
+
+SERVICE_NAME = "densemap.v1.Densemap"
+_FATAL = (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def fill_model_info(out: pb.ModelInfo, engine, *, name: str, with_labels: bool) -> None:
+    """Describe a loaded engine: classes, geometry, strides, preprocessing."""
+    metadata = engine.metadata
+    geometry = metadata.geometry
+    out.name = name
+    out.num_classes = engine.num_classes
+    if with_labels:
+        out.labels[:] = engine.labels
+    for field in ("window", "stride", "origin", "receptive_field", "receptive_field_offset"):
+        pair = getattr(out.geometry, field)
+        pair.h, pair.w = getattr(geometry, field)
+    out.geometry.effective_window.h, out.geometry.effective_window.w = geometry.effective_window
+    out.geometry.padded = geometry.padded
+    out.supported_strides[:] = [int(s) for s in engine.supported_strides]
+    prep = metadata.preprocessing
+    out.preprocessing.layout = prep.layout
+    out.preprocessing.color = prep.color
+    out.preprocessing.scale = prep.scale
+    out.preprocessing.mean[:] = prep.mean
+    out.preprocessing.std[:] = prep.std
+    out.preprocessing.channels = prep.channels
+    out.output_kind = metadata.output_kind
+    out.providers[:] = list(engine.providers)
+    out.source = metadata.source
+    out.contract_version = metadata.version
+
+
+def load_failures(repository) -> list[tuple[str, str]]:
+    """(name, message) of each model whose latest load failed."""
+    errors = getattr(repository, "errors", None) or {}
+    items = errors.items() if hasattr(errors, "items") else enumerate(errors)
+    return sorted((str(name), str(message)) for name, message in items)
+
+
+class DensemapServicer(pb_grpc.DensemapServicer):
+    def __init__(self, core: ScoringCore) -> None:
+        self._core = core
+
+    def _score(self, call: Call, request: pb.ScoreRequest) -> pb.ScoreResponse:
+        engine = call.engine(request.model)
+        with call.timed("decode"):
+            image = codec.image_from_proto(request.image)
+            options = codec.options_from_proto(request.options)
+        result = call.score(engine, image, options)
+        response = pb.ScoreResponse(model=request.model, request_id=request.request_id)
+        with call.timed("encode"):
+            codec.fill_response(response, result)
+        timing = call.timing_ms()
+        for stage, value in timing.items():
+            setattr(response.timing, f"{stage}_ms", value)
+        return response
+
+    def Score(self, request, context):
+        return self._core.unary(
+            context, "densemap.Score", lambda call: self._score(call, request), scoring=True
+        )
+
+    def ScoreStream(self, request_iterator, context) -> Iterator[pb.ScoreResponse]:
+        core = self._core
+        slot = core.admission.call_slot()
+        try:
+            core.state.check_serving()
+            core.state.track(context)
+            slot.__enter__()
+        except Exception as exc:
+            abort(context, exc)
+        try:
+            for request in request_iterator:
+                call = Call(core, context, "densemap.ScoreStream")
+                response, code, message = core.stream_item(
+                    call, lambda c, r=request: self._score(c, r)
+                )
+                if code in _FATAL:
+                    context.abort(code, message)
+                if response is None:
+                    response = pb.ScoreResponse(model=request.model, request_id=request.request_id)
+                    response.error.code = code.value[0]
+                    response.error.code_name = code.name
+                    response.error.message = message
+                yield response
+                if core.state.draining:
+                    abort(
+                        context,
+                        NotServing(
+                            "the server is shutting down: send the remaining images to "
+                            "another replica or after it restarts"
+                        ),
+                    )
+        finally:
+            slot.__exit__(None, None, None)
+
+    def ListModels(self, request, context):
+        def list_models(call: Call) -> pb.ListModelsResponse:
+            response = pb.ListModelsResponse()
+            repository = self._core.models.repository  # one snapshot; set once ready
+            for name in sorted(repository.names):
+                info = response.models.add()
+                fill_model_info(info, repository.get(name), name=name, with_labels=False)
+            for name, message in load_failures(repository):
+                response.failures.add(name=name, message=message)
+            return response
+
+        return self._core.unary(context, "densemap.ListModels", list_models)
+
+    def GetModel(self, request, context):
+        def get_model(call: Call) -> pb.ModelInfo:
+            engine = call.engine(request.name)
+            info = pb.ModelInfo()
+            fill_model_info(info, engine, name=request.name, with_labels=True)
+            return info
+
+        return self._core.unary(context, "densemap.GetModel", get_model)

@@ -1,0 +1,102 @@
+"""KServe request parameters -> engine ScoreOptions, strictly typed.
+
+tritonclient maps Python values to parameters as str -> string_param, bool -> bool_param,
+int -> int64_param, float -> double_param. An unknown name is INVALID_ARGUMENT listing the
+known ones; tritonclient's reserved names (sequence_id, priority, ...) are ignored.
+"""
+
+from __future__ import annotations
+
+from service.engine.options import DEFAULT_IMAGE_TOP_K, ScoreOptions
+from service.errors import InvalidOption
+from service.server.codec import MAX_SCALES
+
+PARAMETERS = {
+    "output_stride": "int: output stride in pixels (default: the model's native stride)",
+    "scales": 'string: comma-separated image scales, e.g. "1,1.5" (default "1")',
+    "probabilities": "bool: softmax per cell (true, default) or raw logits (false)",
+    "top_k": "int: per-cell top-k classes (default 0 = off)",
+    "dtype": 'string: "fp32" (default) or "fp16" for score maps',
+    "classes": 'string: comma-separated class indices to keep in the map, e.g. "3,7"',
+    "image_top_k": f"int: image-level top-k reported (default {DEFAULT_IMAGE_TOP_K})",
+}
+RESERVED = frozenset(
+    (
+        "sequence_id",
+        "sequence_start",
+        "sequence_end",
+        "priority",
+        "timeout",
+        "headers",
+        "binary_data_output",
+    )
+)
+DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16"}
+
+
+def _typed(name: str, parameter, kinds: tuple[str, ...]):
+    kind = parameter.WhichOneof("parameter_choice")
+    if kind not in kinds:
+        raise InvalidOption(
+            f"parameter {name!r} must be {PARAMETERS[name]}; got {kind or 'an empty parameter'}"
+        )
+    return getattr(parameter, kind)
+
+
+def _int(name: str, parameter, *, minimum: int) -> int:
+    value = int(_typed(name, parameter, ("int64_param", "uint64_param")))
+    if value < minimum:
+        raise InvalidOption(f"parameter {name!r} must be >= {minimum}, got {value}")
+    return value
+
+
+def _numbers(name: str, parameter, cast, kinds: tuple[str, ...]) -> tuple:
+    value = _typed(name, parameter, ("string_param", *kinds))
+    if not isinstance(value, str):
+        return (cast(value),)
+    try:
+        numbers = tuple(cast(item) for item in value.split(",") if item.strip())
+    except ValueError:
+        raise InvalidOption(
+            f"parameter {name!r} must be {PARAMETERS[name]}; got {value!r}"
+        ) from None
+    if not numbers:
+        raise InvalidOption(f"parameter {name!r} is empty: {PARAMETERS[name]}")
+    return numbers
+
+
+def options_from_parameters(parameters) -> ScoreOptions:
+    """The ScoreOptions a ModelInferRequest's ``parameters`` map asks for."""
+    unknown = sorted(name for name in parameters if name not in PARAMETERS and name not in RESERVED)
+    if unknown:
+        known = "; ".join(f"{name} ({doc})" for name, doc in PARAMETERS.items())
+        raise InvalidOption(f"unknown parameter(s) {unknown[:5]}; known parameters: {known}")
+    options: dict = {}
+    if "output_stride" in parameters:
+        stride = _int("output_stride", parameters["output_stride"], minimum=0)
+        options["output_stride"] = stride or None
+    if "scales" in parameters:
+        options["scales"] = _numbers(
+            "scales", parameters["scales"], float, ("double_param", "int64_param")
+        )
+    if "probabilities" in parameters:
+        options["probabilities"] = bool(
+            _typed("probabilities", parameters["probabilities"], ("bool_param",))
+        )
+    if "top_k" in parameters:
+        options["top_k"] = _int("top_k", parameters["top_k"], minimum=0)
+    if "image_top_k" in parameters:
+        options["image_top_k"] = _int("image_top_k", parameters["image_top_k"], minimum=0)
+    if "dtype" in parameters:
+        value = _typed("dtype", parameters["dtype"], ("string_param",))
+        if value.lower() not in DTYPES:
+            raise InvalidOption(f"parameter 'dtype' must be {PARAMETERS['dtype']}; got {value!r}")
+        options["dtype"] = DTYPES[value.lower()]
+    if "classes" in parameters:
+        options["classes"] = _numbers("classes", parameters["classes"], int, ("int64_param",))
+    scales = options.get("scales", (1.0,))
+    if len(scales) > MAX_SCALES or not all(0 < s < float("inf") for s in scales):
+        raise InvalidOption(
+            f"parameter 'scales' must hold 1..{MAX_SCALES} finite values > 0, got {list(scales)}"
+        )
+    return ScoreOptions(**options)

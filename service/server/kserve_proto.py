@@ -1,0 +1,82 @@
+"""KServe v2 message classes from a PRIVATE descriptor pool, and their method handlers.
+
+Stock tritonclient registers ``inference.*`` messages (its own grpc_service.proto) in
+protobuf's default pool, and protobuf refuses a second definition of a symbol in one
+process. So the server builds its KServe classes from the generated FileDescriptorSet
+(``service/_proto/inference/grpc_service_descriptor.py``) in a pool of its own: the server,
+tritonclient and their tests share one process, and the wire format is the same.
+
+:func:`reflection_pool` gathers every served service (densemap.v1, KServe, health,
+reflection) into one more private pool for server reflection.
+"""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+from service._proto.inference.grpc_service_descriptor import FILE_DESCRIPTOR_SET
+
+SERVICE_NAME = "inference.GRPCInferenceService"
+RPCS = (  # (method, request message, response message): all unary
+    ("ServerLive", "ServerLiveRequest", "ServerLiveResponse"),
+    ("ServerReady", "ServerReadyRequest", "ServerReadyResponse"),
+    ("ModelReady", "ModelReadyRequest", "ModelReadyResponse"),
+    ("ServerMetadata", "ServerMetadataRequest", "ServerMetadataResponse"),
+    ("ModelMetadata", "ModelMetadataRequest", "ModelMetadataResponse"),
+    ("ModelInfer", "ModelInferRequest", "ModelInferResponse"),
+)
+
+_FILES = descriptor_pb2.FileDescriptorSet.FromString(FILE_DESCRIPTOR_SET).file
+POOL = descriptor_pool.DescriptorPool()
+_CLASSES = message_factory.GetMessages(list(_FILES), pool=POOL)
+
+
+def message_class(name: str):
+    """The class of ``inference.<name>`` (e.g. "ModelInferRequest")."""
+    return _CLASSES[f"inference.{name}"]
+
+
+ModelInferRequest = message_class("ModelInferRequest")
+ModelInferResponse = message_class("ModelInferResponse")
+ModelMetadataResponse = message_class("ModelMetadataResponse")
+InferParameter = message_class("InferParameter")
+
+
+def add_servicer_to_server(servicer, server: grpc.Server) -> None:
+    """Register ``servicer``'s methods (named as the RPCs) under the KServe service name."""
+    handlers = {
+        method: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, method),
+            request_deserializer=message_class(request).FromString,
+            response_serializer=message_class(response).SerializeToString,
+        )
+        for method, request, response in RPCS
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+def reflection_pool(default_pool_files) -> descriptor_pool.DescriptorPool:
+    """A pool with the KServe files and copies of ``default_pool_files`` (FileDescriptors
+    from the default pool, dependencies included), for the reflection service."""
+    pool = descriptor_pool.DescriptorPool()
+    added: set[str] = set()
+
+    def add(file_proto: descriptor_pb2.FileDescriptorProto) -> None:
+        if file_proto.name not in added:
+            pool.Add(file_proto)
+            added.add(file_proto.name)
+
+    def add_default(descriptor) -> None:
+        for dependency in descriptor.dependencies:
+            add_default(dependency)
+        file_proto = descriptor_pb2.FileDescriptorProto()
+        descriptor.CopyToProto(file_proto)
+        add(file_proto)
+
+    for file_proto in _FILES:
+        add(file_proto)
+    for descriptor in default_pool_files:
+        add_default(descriptor)
+    return pool

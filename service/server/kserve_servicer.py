@@ -1,0 +1,207 @@
+"""KServe v2 (Open Inference Protocol) for stock tritonclient: live, ready, metadata, infer.
+
+A dense model takes ONE input, either ``image`` (UINT8 [H, W, C] in the model's color
+order) or ``image_bytes`` (BYTES [1], an encoded image). Outputs, always sent in
+``raw_output_contents`` (tritonclient's ``as_numpy`` reads nothing else), per scale i
+(suffix "" for the first scale, "_<i>" for the others): ``scores`` [C, n_h, n_w],
+``top_k_indices``/``top_k_scores`` [k, n_h, n_w], ``argmax`` [n_h, n_w]; plus
+``image_scores`` [num_classes]. Options are request parameters (see PARAMETERS).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import math
+import struct
+
+import numpy as np
+
+from service.engine.options import ScoreOptions
+from service.errors import InvalidImage, InvalidOption
+from service.server.kserve_parameters import options_from_parameters
+from service.server.kserve_proto import ModelInferResponse, ModelMetadataResponse, message_class
+from service.server.scoring import Call, ScoringCore
+
+PLATFORM = "onnxruntime_onnx"
+INPUTS = {"image": "UINT8", "image_bytes": "BYTES"}
+MAP_OUTPUTS = ("scores", "top_k_indices", "top_k_scores", "argmax")
+DATATYPES = {"float32": "FP32", "float16": "FP16", "int32": "INT32"}
+GEOMETRY_PAIRS = ("stride", "window", "origin", "receptive_field", "receptive_field_offset")
+
+
+def _server_version() -> str:
+    try:
+        return importlib.metadata.version("densemap")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def _output_name(base: str, scale_index: int) -> str:
+    return base if scale_index == 0 else f"{base}_{scale_index}"
+
+
+def _set_geometry(output, geometry) -> None:
+    """Geometry of the map an output belongs to, as output parameters."""
+    output.parameters["scale"].double_param = geometry.scale
+    output.parameters["resize"].string_param = ",".join(repr(v) for v in geometry.resize)
+    for pair in GEOMETRY_PAIRS:
+        output.parameters[pair].string_param = ",".join(str(v) for v in getattr(geometry, pair))
+
+
+def _read_input(request) -> np.ndarray | bytes:
+    """The image of a ModelInferRequest: a uint8 array or encoded bytes."""
+    if len(request.inputs) != 1:
+        raise InvalidImage(
+            f"send exactly one input, 'image' (UINT8 [H, W, C]) or 'image_bytes' (BYTES [1]); "
+            f"got {len(request.inputs)}"
+        )
+    tensor = request.inputs[0]
+    if tensor.name not in INPUTS:
+        raise InvalidImage(
+            f"unknown input {tensor.name[:80]!r}: use 'image' (UINT8 [H, W, C]) or "
+            "'image_bytes' (BYTES [1])"
+        )
+    if tensor.datatype != INPUTS[tensor.name]:
+        raise InvalidImage(
+            f"input {tensor.name!r} must be {INPUTS[tensor.name]}, got {tensor.datatype[:20]!r}"
+        )
+    shape = list(tensor.shape)
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidImage(f"{len(raw)} raw_input_contents entries for 1 input: send one entry")
+    if tensor.name == "image_bytes":
+        if math.prod(shape) != 1:
+            raise InvalidImage(
+                f"input 'image_bytes' holds one encoded image: shape [1], got {shape}"
+            )
+        if not raw:
+            if len(tensor.contents.bytes_contents) != 1:
+                raise InvalidImage("input 'image_bytes' needs one element in bytes_contents")
+            return tensor.contents.bytes_contents[0]
+        data = raw[0]
+        if len(data) < 4 or struct.unpack_from("<I", data)[0] != len(data) - 4:
+            raise InvalidImage(
+                "raw 'image_bytes' must be one element: a 4-byte little-endian length, then "
+                "that many bytes of an encoded image"
+            )
+        return data[4:]
+    if len(shape) not in (2, 3) or min(shape, default=0) < 1:
+        raise InvalidImage(f"input 'image' is UINT8 [H, W, C] (or [H, W]), got shape {shape}")
+    count = math.prod(shape)
+    if raw:
+        if len(raw[0]) != count:
+            raise InvalidImage(
+                f"input 'image' has shape {shape}, which needs {count} bytes of raw data, got "
+                f"{len(raw[0])}: send the row-major pixels of exactly that shape"
+            )
+        return np.frombuffer(raw[0], dtype=np.uint8).reshape(shape)
+    values = np.asarray(tensor.contents.uint_contents, dtype=np.uint32)
+    if values.size != count or (values.size and values.max() > 255):
+        raise InvalidImage(
+            f"input 'image' has shape {shape}: send {count} values in 0..255 "
+            f"(raw_input_contents or uint_contents), got {values.size}"
+        )
+    return values.astype(np.uint8).reshape(shape)
+
+
+def _requested_outputs(request, options: ScoreOptions, scale_count: int) -> ScoreOptions:
+    """Narrow the options to the requested outputs (empty: all the options produce)."""
+    names = [output.name for output in request.outputs]
+    valid = {"image_scores"} | {
+        _output_name(base, i) for base in MAP_OUTPUTS for i in range(scale_count)
+    }
+    unknown = [name for name in names if name not in valid]
+    if unknown:
+        raise InvalidOption(
+            f"unknown output(s) {unknown[:5]}: this request can give {sorted(valid)}"
+        )
+    if not names:
+        return options
+    wanted = {name.rsplit("_", 1)[0] if name[-1].isdigit() else name for name in names}
+    if wanted & {"top_k_indices", "top_k_scores"} and options.top_k == 0:
+        raise InvalidOption("top-k outputs need the request parameter top_k > 0")
+    return ScoreOptions(
+        **{
+            **options.__dict__,
+            "include_map": "scores" in wanted,
+            "argmax": "argmax" in wanted,
+            "top_k": options.top_k if wanted & {"top_k_indices", "top_k_scores"} else 0,
+        }
+    )
+
+
+class KServeServicer:
+    """The six KServe RPCs; registered by ``kserve_proto.add_servicer_to_server``."""
+
+    def __init__(self, core: ScoringCore) -> None:
+        self._core = core
+        self._version = _server_version()
+
+    def _ready(self) -> bool:
+        state = self._core.state
+        return state.ready and not state.draining
+
+    def ServerLive(self, request, context):
+        return message_class("ServerLiveResponse")(live=True)
+
+    def ServerReady(self, request, context):
+        return message_class("ServerReadyResponse")(ready=self._ready())
+
+    def ModelReady(self, request, context):
+        ready = self._ready() and request.name in self._core.models.names()
+        return message_class("ModelReadyResponse")(ready=ready)
+
+    def ServerMetadata(self, request, context):
+        return message_class("ServerMetadataResponse")(name="densemap", version=self._version)
+
+    def ModelMetadata(self, request, context):
+        def metadata(call: Call):
+            engine = call.engine(request.name)
+            response = ModelMetadataResponse(name=request.name, versions=["1"], platform=PLATFORM)
+            channels = engine.metadata.preprocessing.channels
+            response.inputs.add(name="image", datatype="UINT8", shape=[-1, -1, channels])
+            response.inputs.add(name="image_bytes", datatype="BYTES", shape=[1])
+            response.outputs.add(name="scores", datatype="FP32", shape=[-1, -1, -1])
+            response.outputs.add(name="image_scores", datatype="FP32", shape=[engine.num_classes])
+            response.outputs.add(name="top_k_indices", datatype="INT32", shape=[-1, -1, -1])
+            response.outputs.add(name="top_k_scores", datatype="FP32", shape=[-1, -1, -1])
+            response.outputs.add(name="argmax", datatype="INT32", shape=[-1, -1])
+            return response
+
+        return self._core.unary(context, "kserve.ModelMetadata", metadata)
+
+    def ModelInfer(self, request, context):
+        return self._core.unary(
+            context, "kserve.ModelInfer", lambda call: self._infer(call, request), scoring=True
+        )
+
+    def _infer(self, call: Call, request):
+        engine = call.engine(request.model_name)
+        with call.timed("decode"):
+            options = options_from_parameters(request.parameters)
+            options = _requested_outputs(request, options, len(options.scales))
+            image = _read_input(request)
+        result = call.score(engine, image, options)
+        response = ModelInferResponse(model_name=request.model_name, model_version="1")
+        response.id = request.id
+        wanted = {output.name for output in request.outputs} or None
+        with call.timed("encode"):
+            for index, scale_map in enumerate(result.maps):
+                for base in MAP_OUTPUTS:
+                    array, name = getattr(scale_map, base), _output_name(base, index)
+                    if array is not None and (wanted is None or name in wanted):
+                        output = self._add_output(response, name, array)
+                        _set_geometry(output, scale_map.geometry)
+            if wanted is None or "image_scores" in wanted:
+                self._add_output(response, "image_scores", np.asarray(result.image_scores))
+        for stage, value in call.timing_ms().items():
+            response.parameters[f"{stage}_ms"].double_param = value
+        return response
+
+    @staticmethod
+    def _add_output(response, name: str, array: np.ndarray):
+        kind = "int32" if array.dtype.kind in "iu" else str(array.dtype)
+        array = np.ascontiguousarray(array, dtype=np.dtype(kind).newbyteorder("<"))
+        output = response.outputs.add(name=name, datatype=DATATYPES[kind], shape=array.shape)
+        response.raw_output_contents.append(array.tobytes())
+        return output

@@ -1,0 +1,183 @@
+"""Backpressure, deadlines, cancellation and the serving state (loading, ready, draining).
+
+- :class:`ServingState`: whether new calls are accepted, and how many are in flight (a
+  call counts until gRPC reports it terminated, so a drain waits for responses to be sent).
+- :class:`Admission`: a global cap on scoring calls (so health and listing calls always
+  find a handler thread), then per model a max in-flight count and a bounded FIFO queue.
+  Beyond both: RESOURCE_EXHAUSTED at once, never unbounded memory.
+- :class:`CallGuard`: the ``cancel`` hook passed to ``Engine.score``; it turns a client
+  that went away or a passed deadline into CANCELLED / DEADLINE_EXCEEDED.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import grpc
+
+from service.errors import Cancelled
+from service.server.status import DeadlineExceeded, NotServing, ServerBusy, quote_name
+
+QUEUE_POLL_SECONDS = 0.05  # queued calls re-check cancellation and deadline this often
+
+
+class CallGuard:
+    """Cancel hook of one call: true once the client cancelled or the deadline passed."""
+
+    def __init__(self, context: grpc.ServicerContext) -> None:
+        self._context = context
+        self._deadline_passed = False
+
+    def __call__(self) -> bool:
+        if self._context.time_remaining() <= 0:
+            self._deadline_passed = True
+            return True
+        return not self._context.is_active()
+
+    def remaining(self) -> float:
+        return self._context.time_remaining()
+
+    def error(self) -> Cancelled:
+        if self._deadline_passed:
+            return DeadlineExceeded(
+                "the call's deadline passed before scoring finished: allow a longer deadline, "
+                "send a smaller image, or retry when the server is less busy"
+            )
+        return Cancelled("the client cancelled the call; the work was stopped")
+
+    def check(self) -> None:
+        """Raise the matching error when the call should not go on."""
+        if self():
+            raise self.error()
+
+
+class ServingState:
+    """Loading -> ready -> draining, and the count of calls in flight."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self.ready = False
+        self.draining = False
+        self._active = 0
+
+    def set_ready(self, ready: bool) -> None:
+        with self._cond:
+            self.ready = ready
+
+    def begin_drain(self) -> None:
+        with self._cond:
+            self.draining = True
+
+    def check_serving(self) -> None:
+        if self.draining:
+            raise NotServing(
+                "the server is shutting down: retry on another replica or after it restarts"
+            )
+        if not self.ready:
+            raise NotServing("the server is still loading its models: retry in a few seconds")
+
+    def track(self, context: grpc.ServicerContext) -> None:
+        """Count this call as in flight until gRPC reports it terminated."""
+        with self._cond:
+            self._active += 1
+        done = threading.Event()
+
+        def release() -> None:
+            if not done.is_set():
+                done.set()
+                with self._cond:
+                    self._active -= 1
+                    self._cond.notify_all()
+
+        if not context.add_callback(release):  # already terminated
+            release()
+
+    @property
+    def active(self) -> int:
+        return self._active
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no call is in flight; False when ``timeout`` passed first."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._active > 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+
+class _ModelQueue:
+    def __init__(self) -> None:
+        self.running = 0
+        self.waiting: collections.deque[object] = collections.deque()
+
+
+class Admission:
+    """Global cap on scoring calls, then per-model in-flight slots with a FIFO queue."""
+
+    def __init__(self, *, max_in_flight: int, max_queue: int, max_admitted: int) -> None:
+        self.max_in_flight = max_in_flight
+        self.max_queue = max_queue
+        self.max_admitted = max_admitted
+        self._cond = threading.Condition()
+        self._admitted = 0
+        self._models: dict[str, _ModelQueue] = {}
+
+    @contextmanager
+    def call_slot(self) -> Iterator[None]:
+        """A scoring call (or a whole ScoreStream) holds one of the global slots."""
+        with self._cond:
+            if self._admitted >= self.max_admitted:
+                raise ServerBusy(
+                    f"the server already handles {self._admitted} scoring calls (limit "
+                    f"{self.max_admitted}, from --workers): retry later with backoff"
+                )
+            self._admitted += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._admitted -= 1
+
+    @contextmanager
+    def model_slot(self, model: str, guard: CallGuard) -> Iterator[float]:
+        """Run one engine call of ``model``; yields the seconds spent queued."""
+        start = time.perf_counter()
+        ticket = object()
+        with self._cond:
+            queue = self._models.setdefault(model, _ModelQueue())
+            full = queue.running >= self.max_in_flight or queue.waiting
+            if full and len(queue.waiting) >= self.max_queue:
+                raise ServerBusy(
+                    f"model {quote_name(model)} has {queue.running} requests running and "
+                    f"{len(queue.waiting)} queued (limits --max-in-flight {self.max_in_flight}, "
+                    f"--max-queue {self.max_queue}): retry later with backoff or add replicas"
+                )
+            queue.waiting.append(ticket)
+            try:
+                while queue.running >= self.max_in_flight or queue.waiting[0] is not ticket:
+                    guard.check()
+                    self._cond.wait(min(QUEUE_POLL_SECONDS, max(guard.remaining(), 0.001)))
+                guard.check()  # a request whose deadline already passed is not started
+            finally:
+                queue.waiting.remove(ticket)
+                self._cond.notify_all()
+            queue.running += 1
+        try:
+            yield time.perf_counter() - start
+        finally:
+            with self._cond:
+                queue.running -= 1
+                self._cond.notify_all()
+
+    def counts(self, model: str) -> tuple[int, int]:
+        """(running, queued) for ``model``."""
+        with self._cond:
+            queue = self._models.get(model)
+            return (queue.running, len(queue.waiting)) if queue else (0, 0)

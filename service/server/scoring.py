@@ -1,0 +1,186 @@
+"""What every densemap.v1 and KServe call shares: gating, admission, timing, status, logs.
+
+A servicer method hands a function of :class:`Call` to :meth:`ScoringCore.unary` (or
+:meth:`ScoringCore.stream_item` per ScoreStream item). The core checks that the server
+serves, counts the call in flight, maps any exception to its status through the one table
+(``service.server.status``), records metrics and writes one debug log line per request.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
+from typing import TypeVar
+
+import grpc
+
+from service.engine.options import ScoreOptions
+from service.engine.result import ScoreMap
+from service.errors import ModelNotFound
+from service.server.limits import Admission, CallGuard, ServingState
+from service.server.metrics import UNKNOWN_MODEL, ServerMetrics
+from service.server.status import NotServing, quote_name, status_for
+
+log = logging.getLogger("densemap.server")
+T = TypeVar("T")
+
+
+class Models:
+    """The current repository (None while loading); swapped whole on reload."""
+
+    def __init__(self) -> None:
+        self.repository = None
+
+    def names(self) -> list[str]:
+        repository = self.repository
+        return sorted(repository.names) if repository is not None else []
+
+    def get(self, name: str):
+        repository = self.repository
+        if repository is None:
+            raise NotServing("the server is still loading its models: retry in a few seconds")
+        names = repository.names
+        if name not in names:  # matched against the index, never used as a path
+            failure = repository.errors.get(name)
+            if failure is not None:
+                raise ModelNotFound(
+                    f"model {quote_name(name)} is not served: it failed to load ({failure}); "
+                    "fix its files, then reload the server (SIGHUP)"
+                )
+            served = ", ".join(sorted(names)) or "none"
+            raise ModelNotFound(
+                f"model {quote_name(name)} is not served here (served: {served}); "
+                "ListModels or ModelMetadata show the names"
+            )
+        return repository.get(name)
+
+
+class Call:
+    """One request: its model label, stage timings (seconds) and input size."""
+
+    def __init__(self, core: ScoringCore, context: grpc.ServicerContext, api: str) -> None:
+        self._core = core
+        self.context = context
+        self.api = api
+        self.model = UNKNOWN_MODEL
+        self.seconds: dict[str, float] = {"decode": 0.0, "queue": 0.0, "infer": 0.0}
+        self.pixels = 0
+        self.start = time.perf_counter()
+
+    def engine(self, name: str):
+        engine = self._core.models.get(name)
+        self.model = name
+        return engine
+
+    @contextmanager
+    def timed(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+    def score(self, engine, image, options: ScoreOptions) -> ScoreMap:
+        """Engine.score behind the model's queue, with the call's cancel hook."""
+        guard = CallGuard(self.context)
+        guard.check()  # a request whose deadline already passed is not started
+        core = self._core
+        with core.admission.model_slot(self.model, guard) as queued:
+            self.seconds["queue"] = queued
+            gauge = core.metrics.in_flight.labels(self.model)
+            gauge.inc()
+            start = time.perf_counter()
+            try:
+                result = engine.score(image, options, cancel=guard)
+            except Exception as exc:
+                if guard():  # the engine stopped because of the hook: say which reason
+                    raise guard.error() from exc
+                raise
+            finally:
+                gauge.dec()
+            wall = time.perf_counter() - start
+        timings = result.timings
+        decode = float(timings.get("decode", 0.0)) + float(timings.get("preprocess", 0.0))
+        self.seconds["decode"] += decode
+        self.seconds["infer"] = max(wall - decode, 0.0)
+        self.pixels = result.image_size[0] * result.image_size[1]
+        return result
+
+    def timing_ms(self) -> dict[str, float]:
+        """decode/queue/infer/encode/total in milliseconds, for the response."""
+        timing = {stage: 1000.0 * self.seconds.get(stage, 0.0) for stage in self._STAGES}
+        timing["total"] = 1000.0 * (time.perf_counter() - self.start)
+        return timing
+
+    _STAGES = ("decode", "queue", "infer", "encode")
+
+
+class ScoringCore:
+    """Shared by both servicers: the models, the serving state, admission and metrics."""
+
+    def __init__(
+        self, *, models: Models, state: ServingState, admission: Admission, metrics: ServerMetrics
+    ) -> None:
+        self.models = models
+        self.state = state
+        self.admission = admission
+        self.metrics = metrics
+
+    def unary(
+        self,
+        context: grpc.ServicerContext,
+        api: str,
+        handler: Callable[[Call], T],
+        *,
+        scoring: bool = False,
+    ) -> T:
+        """Run one unary call; errors end it with their status (no traceback leaves)."""
+        call = Call(self, context, api)
+        code = grpc.StatusCode.OK
+        try:
+            self.state.check_serving()
+            self.state.track(context)
+            with self.admission.call_slot() if scoring else nullcontext():
+                return handler(call)
+        except Exception as exc:
+            code, message = status_for(exc)
+            context.abort(code, message)
+        finally:
+            self.finish(call, code)
+
+    def stream_item(self, call: Call, handler: Callable[[Call], T]) -> tuple[T | None, str, str]:
+        """Run one ScoreStream item: (result or None, status code name, message)."""
+        code, message, result = grpc.StatusCode.OK, "", None
+        try:
+            result = handler(call)
+        except Exception as exc:
+            code, message = status_for(exc)
+        self.finish(call, code)
+        return result, code, message
+
+    def finish(self, call: Call, code: grpc.StatusCode) -> None:
+        model = call.model
+        self.metrics.requests.labels(model, call.api, code.name).inc()
+        if call.pixels:
+            self.metrics.input_pixels.labels(model).observe(call.pixels)
+            self.metrics.observe_stages(model, call.seconds)
+        if log.isEnabledFor(logging.DEBUG):
+            elapsed_ms = 1000.0 * (time.perf_counter() - call.start)
+            log.debug(
+                "%s model=%s code=%s %.1f ms pixels=%d",
+                call.api,
+                model,
+                code.name,
+                elapsed_ms,
+                call.pixels,
+                extra={
+                    "api": call.api,
+                    "model": model,
+                    "code": code.name,
+                    "ms": round(elapsed_ms, 3),
+                    "pixels": call.pixels,
+                    **{f"{k}_ms": round(1000.0 * v, 3) for k, v in call.seconds.items()},
+                },
+            )
