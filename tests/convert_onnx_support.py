@@ -1,0 +1,176 @@
+"""Shared helpers for the ONNX-path converter tests (tests/test_convert_onnx*.py, ...).
+
+References here are independent of the code under test: crops are cut and run in torch
+(float64), the dense ONNX graph is evaluated with onnx's reference evaluator on a float64
+copy (onnxruntime has no double Conv), and shift-and-stitch is written out in full.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+from convert.runtime import Float64Runner
+
+ORT_IR_VERSION = 10  # onnxruntime 1.31 reads IR <= 10
+
+
+def export_classifier(model: nn.Module, size, *, dynamo: bool, channels: int = 3, opset=None):
+    """A fixed-size ONNX classifier exported by torch's legacy or dynamo exporter."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    image = torch.randn(1, channels, *size)
+    model = model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.disable(logging.WARNING)
+        try:
+            if dynamo:
+                program = torch.onnx.export(
+                    model, (image,), dynamo=True, input_names=["input"], opset_version=opset
+                )
+                proto = program.model_proto
+            else:
+                buffer = io.BytesIO()
+                kwargs = {"opset_version": opset} if opset else {}
+                torch.onnx.export(
+                    model, (image,), buffer, dynamo=False, input_names=["input"], **kwargs
+                )
+                proto = onnx.load_from_string(buffer.getvalue())
+        finally:
+            logging.disable(logging.NOTSET)
+    return proto
+
+
+def torch_crops64(model: nn.Module, image64: np.ndarray, *, window, stride, cells):
+    """[classes, n_h, n_w]: the classifier on every window crop, in float64 torch."""
+    module = model.double().eval()
+    rows = []
+    with torch.no_grad():
+        for i in range(cells[0]):
+            row = []
+            for j in range(cells[1]):
+                top, left = i * stride[0], j * stride[1]
+                crop = image64[:, :, top : top + window[0], left : left + window[1]]
+                row.append(module(torch.from_numpy(np.ascontiguousarray(crop)))[0].numpy())
+            rows.append(np.stack(row, axis=-1))
+    model.float()
+    return np.stack(rows, axis=-2)
+
+
+def dense64(model: onnx.ModelProto, image: np.ndarray) -> np.ndarray:
+    """Run an ONNX model in float64 with onnx.reference."""
+    return Float64Runner(model)(image)
+
+
+def ort32(model: onnx.ModelProto, image: np.ndarray) -> np.ndarray:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    return session.run(None, {session.get_inputs()[0].name: image.astype(np.float32)})[0]
+
+
+def cells(size, window, stride):
+    return tuple((n - r) // s + 1 for n, r, s in zip(size, window, stride, strict=True))
+
+
+def shift_and_stitch(run, image: np.ndarray, *, window, stride, k) -> np.ndarray:
+    """k x k shift-and-stitch: pass (p, q) runs on the image CROPPED by (p*d, q*d)."""
+    delta = tuple(s // f for s, f in zip(stride, k, strict=True))
+    size = image.shape[2:]
+    n = tuple((w - r) // d + 1 for w, r, d in zip(size, window, delta, strict=True))
+    stitched = None
+    for p in range(k[0]):
+        for q in range(k[1]):
+            shifted = np.ascontiguousarray(image[:, :, p * delta[0] :, q * delta[1] :])
+            score_map = run(shifted)
+            if stitched is None:
+                stitched = np.full((1, score_map.shape[1], *n), np.nan, dtype=score_map.dtype)
+            target = stitched[:, :, p :: k[0], q :: k[1]]
+            target[...] = score_map[:, :, : target.shape[2], : target.shape[3]]
+    assert not np.isnan(stitched).any()
+    return stitched
+
+
+# -- hand-built ONNX graphs --------------------------------------------------------------
+
+
+class GraphBuilder:
+    """A small builder of NCHW ONNX graphs with random float32 weights."""
+
+    def __init__(self, channels: int = 1, *, seed: int = 0, layout: str = "NCHW") -> None:
+        self.rng = np.random.default_rng(seed)
+        self.nodes, self.inits = [], []
+        self.channels = channels
+        self._input_channels = channels
+        self.layout = layout
+        self.current = "input"
+        self.count = 0
+
+    def _name(self, base: str) -> str:
+        self.count += 1
+        return f"{base}{self.count}"
+
+    def const(self, array: np.ndarray, base: str = "w") -> str:
+        name = self._name(base)
+        self.inits.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def node(self, op: str, inputs=None, **attrs) -> str:
+        out = self._name(op.lower())
+        inputs = [self.current] if inputs is None else inputs
+        self.nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
+        self.current = out
+        return out
+
+    def conv(self, out_channels, kernel, stride=1, pad=0, dilation=1, **attrs) -> str:
+        kernel = (kernel, kernel) if isinstance(kernel, int) else kernel
+        pair = lambda v: [v, v] if isinstance(v, int) else list(v)  # noqa: E731
+        pads = pad if isinstance(pad, (list, tuple)) and len(pad) == 4 else pair(pad) * 2
+        weight = self.rng.standard_normal((out_channels, self.channels, *kernel)) * 0.3
+        bias = self.rng.standard_normal(out_channels) * 0.1
+        inputs = [
+            self.current,
+            self.const(weight.astype(np.float32)),
+            self.const(bias.astype(np.float32), "b"),
+        ]
+        self.channels = out_channels
+        return self.node(
+            "Conv", inputs, kernel_shape=list(kernel), strides=pair(stride), pads=list(pads),
+            dilations=pair(dilation), **attrs,
+        )  # fmt: skip
+
+    def pool(self, op, kernel, stride, pad=0, **attrs) -> str:
+        pair = lambda v: [v, v] if isinstance(v, int) else list(v)  # noqa: E731
+        return self.node(op, kernel_shape=pair(kernel), strides=pair(stride), pads=pair(pad) * 2, **attrs)  # fmt: skip
+
+    def model(self, size, *, opset: int = 20, output_dims=None) -> onnx.ModelProto:
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        dims = [1, "C", *size] if self.layout == "NCHW" else [1, *size, "C"]
+        channels = self._input_channels
+        dims = [channels if d == "C" else d for d in dims]
+        graph = helper.make_graph(
+            self.nodes,
+            "g",
+            [helper.make_tensor_value_info("input", TensorProto.FLOAT, dims)],
+            [
+                helper.make_tensor_value_info(
+                    self.current, TensorProto.FLOAT, output_dims or ["n", "c", "h", "w"]
+                )
+            ],
+            self.inits,
+        )
+        model = helper.make_model(
+            graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=ORT_IR_VERSION
+        )
+        onnx.checker.check_model(model)
+        return model
