@@ -108,7 +108,7 @@ def ends_in_softmax(model: nn.Module) -> bool:
 
 def final_activation(model: nn.Module) -> str | None:
     """'softmax', 'log_softmax' or None: the last non-trivial op of ``model``'s forward."""
-    gm = model if isinstance(model, fx.GraphModule) else trace(copy.deepcopy(model).eval())
+    gm = model if isinstance(model, fx.GraphModule) else trace(model)  # tracing runs nothing
     return torch_head.final_activation(gm)
 
 

@@ -137,10 +137,12 @@ class GapNet(nn.Module):
             return self.fc(x.mean((2, 3)))
         if self.pool_style == "amax":
             return self.fc(x.amax(dim=(-1, -2), keepdim=True).flatten(1))
+        if self.pool_style == "functional":  # torchvision MobileNetV2 / DenseNet style
+            return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, (1, 1)), 1))
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-@pytest.mark.parametrize("pool,kind", [("avg", "avg"), ("max", "max"), ("mean", "avg"), ("amax", "max")])  # fmt: skip
+@pytest.mark.parametrize("pool,kind", [("avg", "avg"), ("max", "max"), ("mean", "avg"), ("amax", "max"), ("functional", "avg")])  # fmt: skip
 def test_global_pool_head_becomes_sliding_pool(pool, kind):
     # 19x23 -> 17x21 -> conv 3/2: 8x10 -> conv 3: 6x8; S = 2.
     model = GapNet(pool).double()
