@@ -73,13 +73,13 @@ class DensemapServer:
         self._stopped = threading.Event()
         self._reload_lock = threading.Lock()
         self._published: set[str] = set()
-        admission = Admission(
+        self.admission = Admission(
             max_in_flight=config.max_in_flight,
             max_queue=config.max_queue,
             max_admitted=config.max_admitted,
         )
         core = ScoringCore(
-            models=self.models, state=self.state, admission=admission, metrics=self.metrics
+            models=self.models, state=self.state, admission=self.admission, metrics=self.metrics
         )
         self._grpc = self._build_grpc_server(core)
 

@@ -29,6 +29,10 @@ MAX_SCALES = 16
 
 
 # -- tensors --------------------------------------------------------------------------------
+def _dtype_name(code: int) -> str:
+    return pb.DType.Name(code) if code in pb.DType.values() else str(code)
+
+
 def fill_tensor(tensor: pb.Tensor, array: np.ndarray) -> None:
     """Write ``array`` into ``tensor`` as raw little-endian bytes."""
     for code, dtype in WIRE_DTYPES.items():
@@ -49,15 +53,18 @@ def read_tensor(tensor: pb.Tensor, *, what: str) -> np.ndarray:
     """The array a Tensor holds (read-only view of its bytes), checking shape and size."""
     dtype = WIRE_DTYPES.get(tensor.dtype)
     if dtype is None:
-        name = pb.DType.Name(tensor.dtype) if tensor.dtype in pb.DType.values() else tensor.dtype
-        raise InvalidImage(f"{what}.dtype {name} is not supported: use UINT8 or FLOAT32")
+        raise InvalidImage(
+            f"{what}.dtype {_dtype_name(tensor.dtype)} is not supported: use UINT8 or FLOAT32"
+        )
     shape = tuple(tensor.shape)
     if not shape or any(side < 1 for side in shape):
-        raise InvalidImage(f"{what}.shape must hold positive sizes, got {list(shape)}")
+        raise InvalidImage(
+            f"{what}.shape must hold positive sizes, got {list(shape)}: send the array's shape"
+        )
     expected = math.prod(shape) * dtype.itemsize
     if expected != len(tensor.data):
         raise InvalidImage(
-            f"{what} has shape {list(shape)} of {pb.DType.Name(tensor.dtype)}, which needs "
+            f"{what} has shape {list(shape)} of {_dtype_name(tensor.dtype)}, which needs "
             f"{expected} bytes, but data holds {len(tensor.data)}: send raw row-major "
             "little-endian bytes that match the shape"
         )
@@ -92,12 +99,12 @@ def image_from_proto(image: pb.Image) -> bytes | np.ndarray:
     ranks = IMAGE_DTYPES.get(image.array.dtype)
     if ranks is None:
         raise InvalidImage(
-            f"image.array.dtype {pb.DType.Name(image.array.dtype)} is not an image type: "
+            f"image.array.dtype {_dtype_name(image.array.dtype)} is not an image type: "
             "send UINT8 [H, W] or [H, W, C], or preprocessed FLOAT32 [C, H, W]"
         )
     if array.ndim not in ranks:
         raise InvalidImage(
-            f"image.array of {pb.DType.Name(image.array.dtype)} must have rank "
+            f"image.array of {_dtype_name(image.array.dtype)} must have rank "
             f"{' or '.join(map(str, ranks))}, got shape {list(array.shape)}: UINT8 is "
             "[H, W] or [H, W, C], FLOAT32 is [C, H, W]"
         )
@@ -123,7 +130,10 @@ def options_to_proto(options: ScoreOptions, out: pb.ScoreOptions) -> None:
 def options_from_proto(options: pb.ScoreOptions) -> ScoreOptions:
     """The engine options a request asks for; obvious mistakes are INVALID_ARGUMENT here."""
     if options.output_stride < 0:
-        raise InvalidOption(f"output_stride must be >= 0 (0 = native), got {options.output_stride}")
+        raise InvalidOption(
+            f"output_stride {options.output_stride} is negative: use 0 for the native stride or "
+            "one of the model's supported_strides (GetModel)"
+        )
     scales = tuple(options.scales) or (1.0,)
     if len(scales) > MAX_SCALES or not all(math.isfinite(s) and s > 0 for s in scales):
         raise InvalidOption(
@@ -133,7 +143,10 @@ def options_from_proto(options: pb.ScoreOptions) -> ScoreOptions:
         raise InvalidOption(f"output {options.output} is unknown: use PROBABILITIES or LOGITS")
     dtypes = {pb.DTYPE_UNSPECIFIED: "float32", pb.FLOAT32: "float32", pb.FLOAT16: "float16"}
     if options.dtype not in dtypes:
-        raise InvalidOption(f"dtype must be FLOAT32 or FLOAT16 for maps, got {options.dtype}")
+        raise InvalidOption(
+            f"options.dtype {_dtype_name(options.dtype)} is not a score map type: use FLOAT32 "
+            "or FLOAT16"
+        )
     image_top_k = options.image_top_k if options.HasField("image_top_k") else DEFAULT_IMAGE_TOP_K
     if options.top_k < 0 or image_top_k < 0:
         raise InvalidOption(

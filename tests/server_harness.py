@@ -1,0 +1,104 @@
+"""Shared fixtures of the server and client tests: tiny model repositories and servers.
+
+Test modules import the fixtures they use (``from server_harness import repo, server``).
+Servers listen on 127.0.0.1 port 0 only.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import socket
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from dense_models import build_dense_model
+from PIL import Image
+
+from service.engine import Engine
+from service.server.app import create_server
+from service.server.config import ServerConfig
+
+HOST = "127.0.0.1"
+TINY = "tiny"  # RGB, 5 classes, window 12x16, stride 4, à-trous variant at stride 2
+GREY = "grey"  # L, 3 classes, same layers, probabilities output
+
+
+def build_repository(root: Path) -> Path:
+    build_dense_model(root / TINY, channels=3, classes=5, with_atrous=(2,), seed=1)
+    build_dense_model(
+        root / GREY,
+        channels=1,
+        classes=3,
+        seed=2,
+        output_kind="probabilities",
+        labels=("a", "b", "c"),
+    )
+    return root
+
+
+@pytest.fixture(scope="session")
+def repo(tmp_path_factory) -> Path:
+    """A repository with the TINY and GREY models (built once per session)."""
+    return build_repository(tmp_path_factory.mktemp("repo"))
+
+
+def copy_repository(source: Path, target: Path, names=(TINY, GREY)) -> Path:
+    target.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        shutil.copytree(source / name, target / name)
+    return target
+
+
+def test_config(models_dir: Path, **overrides) -> ServerConfig:
+    settings = dict(models_dir=models_dir, host=HOST, port=0, metrics_port=0, grace_seconds=5.0)
+    settings.update(overrides)
+    return ServerConfig(**settings)
+
+
+test_config.__test__ = False  # not a test, despite its name
+
+
+def start_server(models_dir: Path, **overrides):
+    """(server, port) of a ready server."""
+    server, port = create_server(test_config(models_dir, **overrides))
+    assert server.wait_ready(30), "models did not load within 30 s"
+    return server, port
+
+
+@pytest.fixture(scope="module")
+def server(repo):
+    """A ready server on the shared repository: (server, "127.0.0.1:<port>")."""
+    srv, port = start_server(repo)
+    yield srv, f"{HOST}:{port}"
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def engines(repo) -> dict[str, Engine]:
+    """In-process engines of the same model files: the reference for every remote result."""
+    return {name: Engine(repo / name / "model.onnx", name=name) for name in (TINY, GREY)}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def rgb_image(height: int = 40, width: int = 50, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def channel(target: str) -> grpc.Channel:
+    limit = 256 * 1024 * 1024
+    options = [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
+    return grpc.insecure_channel(target, options=options)

@@ -1,0 +1,253 @@
+"""Bad requests: each gets its exact status code and a helpful message; the server lives on."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc.service_pb2 as kserve_pb
+import tritonclient.grpc.service_pb2_grpc as kserve_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from server_harness import (  # noqa: F401  (fixtures)
+    GREY,
+    TINY,
+    channel,
+    png_bytes,
+    repo,
+    rgb_image,
+    server,
+    start_server,
+)
+
+from service._proto.densemap.v1 import densemap_pb2 as pb
+from service._proto.densemap.v1 import densemap_pb2_grpc as pb_grpc
+from service.engine import EngineConfig
+
+Code = grpc.StatusCode
+
+
+def array_request(image: np.ndarray, *, model: str = TINY, dtype=pb.UINT8, **options):
+    request = pb.ScoreRequest(model=model, options=pb.ScoreOptions(**options))
+    request.image.array.data = image.tobytes()
+    request.image.array.shape[:] = image.shape
+    request.image.array.dtype = dtype
+    return request
+
+
+def raw_request(data: bytes, shape, dtype, model: str = TINY) -> pb.ScoreRequest:
+    request = pb.ScoreRequest(model=model)
+    request.image.array.data = data
+    request.image.array.shape[:] = shape
+    request.image.array.dtype = dtype
+    return request
+
+
+GOOD = rgb_image(30, 30)
+NAN_CHW = np.full((3, 30, 30), np.nan, dtype=np.float32)
+
+
+def options_request(**options) -> pb.ScoreRequest:
+    encoded = png_bytes(GOOD)
+    return pb.ScoreRequest(model=TINY, image={"encoded": encoded}, options=options)
+
+
+# case -> (request, status code, a word the message must contain)
+DENSEMAP_CASES = {
+    "unknown model": (array_request(GOOD, model="nope"), Code.NOT_FOUND, "nope"),
+    "model name as a path": (array_request(GOOD, model=f"../{TINY}"), Code.NOT_FOUND, "served"),
+    "no image": (pb.ScoreRequest(model=TINY), Code.INVALID_ARGUMENT, "no image"),
+    "empty encoded image": (
+        pb.ScoreRequest(model=TINY, image={"encoded": b""}),
+        Code.INVALID_ARGUMENT,
+        "empty",
+    ),
+    "undecodable bytes": (
+        pb.ScoreRequest(model=TINY, image={"encoded": b"GIF89a not really"}),
+        Code.INVALID_ARGUMENT,
+        "decode",
+    ),
+    "shape and bytes mismatch": (
+        raw_request(b"\0" * 100, [30, 30, 3], pb.UINT8),
+        Code.INVALID_ARGUMENT,
+        "2700 bytes",
+    ),
+    "int32 image": (raw_request(b"\0" * 3600, [30, 30], pb.INT32), Code.INVALID_ARGUMENT, "INT32"),
+    "unspecified dtype": (
+        raw_request(b"\0" * 900, [30, 30], pb.DTYPE_UNSPECIFIED),
+        Code.INVALID_ARGUMENT,
+        "DTYPE_UNSPECIFIED",
+    ),
+    "rank-4 uint8": (
+        raw_request(b"\0" * 2700, [1, 30, 30, 3], pb.UINT8),
+        Code.INVALID_ARGUMENT,
+        "rank",
+    ),
+    "rank-2 float": (
+        raw_request(b"\0" * 3600, [30, 30], pb.FLOAT32),
+        Code.INVALID_ARGUMENT,
+        "rank",
+    ),
+    "zero-sized dimension": (
+        raw_request(b"", [0, 30, 3], pb.UINT8),
+        Code.INVALID_ARGUMENT,
+        "positive",
+    ),
+    "four channels for an RGB model": (
+        raw_request(b"\0" * 3600, [30, 30, 4], pb.UINT8),
+        Code.INVALID_ARGUMENT,
+        "channel",
+    ),
+    "image smaller than the window": (
+        array_request(rgb_image(8, 30)),
+        Code.INVALID_ARGUMENT,
+        "window",
+    ),
+    "NaN in a float image": (
+        array_request(NAN_CHW, dtype=pb.FLOAT32),
+        Code.INVALID_ARGUMENT,
+        "NaN",
+    ),
+    "unsupported output stride": (
+        options_request(output_stride=3),
+        Code.INVALID_ARGUMENT,
+        "stride",
+    ),
+    "negative output stride": (options_request(output_stride=-2), Code.INVALID_ARGUMENT, "stride"),
+    "zero scale": (options_request(scales=[1.0, 0.0]), Code.INVALID_ARGUMENT, "scales"),
+    "top-k above the class count": (options_request(top_k=6), Code.INVALID_ARGUMENT, "top_k"),
+    "class index out of range": (options_request(classes=[0, 5]), Code.INVALID_ARGUMENT, "[5]"),
+    "int32 map dtype": (options_request(dtype=pb.INT32), Code.INVALID_ARGUMENT, "FLOAT16"),
+    "unknown output enum": (options_request(output=7), Code.INVALID_ARGUMENT, "LOGITS"),
+    "logits from a softmax model": (
+        array_request(GOOD[:, :, :1], model=GREY, output=pb.LOGITS),
+        Code.INVALID_ARGUMENT,
+        "probabilities",
+    ),
+}
+
+
+def kserve_request(*, name="image", datatype="UINT8", shape=(30, 30, 3), raw=None, **params):
+    request = kserve_pb.ModelInferRequest(model_name=TINY)
+    request.inputs.add(name=name, datatype=datatype, shape=list(shape))
+    request.raw_input_contents.append(GOOD.tobytes() if raw is None else raw)
+    for key, value in params.items():
+        field = {bool: "bool_param", int: "int64_param", str: "string_param"}[type(value)]
+        setattr(request.parameters[key], field, value)
+    return request
+
+
+def two_inputs() -> kserve_pb.ModelInferRequest:
+    request = kserve_request()
+    request.inputs.add(name="image_bytes", datatype="BYTES", shape=[1])
+    request.raw_input_contents.append(b"\0\0\0\0")
+    return request
+
+
+def unknown_output() -> kserve_pb.ModelInferRequest:
+    request = kserve_request()
+    request.outputs.add(name="scores_1")  # one scale only
+    return request
+
+
+def top_k_output_without_top_k() -> kserve_pb.ModelInferRequest:
+    request = kserve_request()
+    request.outputs.add(name="top_k_indices")
+    return request
+
+
+KSERVE_CASES = {
+    "unknown parameter": (kserve_request(stride=2), Code.INVALID_ARGUMENT),
+    "output_stride as a string": (kserve_request(output_stride="2"), Code.INVALID_ARGUMENT),
+    "bad scales string": (kserve_request(scales="1,x"), Code.INVALID_ARGUMENT),
+    "dtype int8": (kserve_request(dtype="int8"), Code.INVALID_ARGUMENT),
+    "negative top_k": (kserve_request(top_k=-1), Code.INVALID_ARGUMENT),
+    "two inputs": (two_inputs(), Code.INVALID_ARGUMENT),
+    "unknown input name": (kserve_request(name="pixels"), Code.INVALID_ARGUMENT),
+    "FP32 image input": (kserve_request(datatype="FP32"), Code.INVALID_ARGUMENT),
+    "raw size mismatch": (kserve_request(raw=b"\0" * 10), Code.INVALID_ARGUMENT),
+    "BYTES without length prefix": (
+        kserve_request(name="image_bytes", datatype="BYTES", shape=(1,), raw=png_bytes(GOOD)),
+        Code.INVALID_ARGUMENT,
+    ),
+    "unknown output": (unknown_output(), Code.INVALID_ARGUMENT),
+    "top-k output without top_k": (top_k_output_without_top_k(), Code.INVALID_ARGUMENT),
+    "unknown model": (
+        kserve_pb.ModelInferRequest(model_name="nope", inputs=[{"name": "image"}]),
+        Code.NOT_FOUND,
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def stubs(server):  # noqa: F811
+    _, target = server
+    with channel(target) as chan:
+        yield pb_grpc.DensemapStub(chan), kserve_grpc.GRPCInferenceServiceStub(chan), chan
+
+
+def assert_code(call, request, code: grpc.StatusCode) -> str:
+    with pytest.raises(grpc.RpcError) as caught:
+        call(request, timeout=30)
+    assert caught.value.code() == code, caught.value.details()
+    details = caught.value.details()
+    assert details and "Traceback" not in details
+    return details
+
+
+@pytest.mark.parametrize("case", sorted(DENSEMAP_CASES))
+def test_densemap_bad_request(stubs, case):
+    request, code, word = DENSEMAP_CASES[case]
+    assert word in assert_code(stubs[0].Score, request, code)
+
+
+@pytest.mark.parametrize("case", sorted(KSERVE_CASES))
+def test_kserve_bad_request(stubs, case):
+    request, code = KSERVE_CASES[case]
+    assert_code(stubs[1].ModelInfer, request, code)
+
+
+def test_unknown_names_in_metadata_calls(stubs):
+    assert_code(stubs[0].GetModel, pb.GetModelRequest(name="nope"), Code.NOT_FOUND)
+    assert_code(stubs[1].ModelMetadata, kserve_pb.ModelMetadataRequest(name="nope"), Code.NOT_FOUND)
+
+
+def test_triton_only_rpc_is_unimplemented(stubs):
+    assert_code(stubs[1].ModelConfig, kserve_pb.ModelConfigRequest(name=TINY), Code.UNIMPLEMENTED)
+
+
+def test_deadline_too_short_is_deadline_exceeded(stubs):
+    with pytest.raises(grpc.RpcError) as caught:
+        stubs[0].Score(array_request(rgb_image(400, 400), output_stride=1), timeout=0.001)
+    assert caught.value.code() == Code.DEADLINE_EXCEEDED
+
+
+def test_server_still_serves_after_all_bad_requests(stubs):
+    for case in sorted(DENSEMAP_CASES):
+        request, code, _ = DENSEMAP_CASES[case]
+        assert_code(stubs[0].Score, request, code)
+    response = stubs[0].Score(array_request(GOOD), timeout=30)
+    assert list(response.maps[0].scores.shape) == [5, 5, 4]  # (30-12)//4+1, (30-16)//4+1
+    health = health_pb2_grpc.HealthStub(stubs[2])
+    status = health.Check(health_pb2.HealthCheckRequest(service="readiness"), timeout=5).status
+    assert status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_limits_give_resource_exhausted(repo):  # noqa: F811
+    engine = EngineConfig(max_pixels=40 * 40, memory_budget=30_000, tiling=False)
+    srv, port = start_server(repo, engine=engine, max_message_bytes=1 << 20)
+    try:
+        with channel(f"127.0.0.1:{port}") as chan:
+            stub = pb_grpc.DensemapStub(chan)
+            over_pixels = assert_code(
+                stub.Score, array_request(rgb_image(50, 50)), Code.RESOURCE_EXHAUSTED
+            )
+            assert "pixels" in over_pixels
+            over_memory = assert_code(
+                stub.Score, array_request(rgb_image(40, 40)), Code.RESOURCE_EXHAUSTED
+            )
+            assert "budget" in over_memory
+            too_big = raw_request(b"\0" * (2 << 20), [1024, 2048], pb.UINT8)
+            assert_code(stub.Score, too_big, Code.RESOURCE_EXHAUSTED)  # gRPC's message limit
+            assert stub.Score(array_request(rgb_image(20, 20)), timeout=30).maps
+    finally:
+        srv.stop()

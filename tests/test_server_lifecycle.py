@@ -1,0 +1,191 @@
+"""Health transitions, drain, reflection, backpressure, deadlines and cancellation."""
+
+from __future__ import annotations
+
+import threading
+import urllib.request
+
+import grpc
+import pytest
+import tritonclient.grpc.service_pb2 as kserve_pb
+import tritonclient.grpc.service_pb2_grpc as kserve_grpc
+from google.protobuf.descriptor_pool import DescriptorPool
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+from server_fakes import BlockingRepository, wait_until
+from server_harness import (  # noqa: F401  (fixtures)
+    HOST,
+    TINY,
+    channel,
+    free_port,
+    repo,
+    rgb_image,
+    server,
+    start_server,
+    test_config,
+)
+from test_server_errors import array_request
+
+from service._proto.densemap.v1 import densemap_pb2_grpc as pb_grpc
+from service.engine import ModelRepository
+from service.server.app import create_server
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+Code = grpc.StatusCode
+
+
+def health_of(chan: grpc.Channel, service: str):
+    request = health_pb2.HealthCheckRequest(service=service)
+    try:
+        return health_pb2_grpc.HealthStub(chan).Check(request, timeout=5).status
+    except grpc.RpcError as exc:
+        return exc.code()
+
+
+def score_code(stub, request, timeout: float = 30) -> grpc.StatusCode:
+    try:
+        stub.Score(request, timeout=timeout)
+    except grpc.RpcError as exc:
+        return exc.code()
+    return Code.OK
+
+
+@pytest.fixture()
+def blocking_server(repo):  # noqa: F811
+    """(server, channel, release event, blocking repository) with max_in_flight=1, max_queue=1."""
+    release = threading.Event()
+    load = threading.Event()
+    holder = {}
+
+    def open_repository():
+        assert load.wait(20)
+        holder["repo"] = BlockingRepository(ModelRepository(repo), release)
+        return holder["repo"]
+
+    srv, port = create_server(
+        test_config(repo, max_in_flight=1, max_queue=1), open_repository=open_repository
+    )
+    chan = channel(f"{HOST}:{port}")
+    try:
+        yield srv, chan, release, load, holder
+    finally:
+        release.set()
+        load.set()
+        chan.close()
+        srv.stop()
+
+
+def test_health_transitions_load_serve_drain(blocking_server):
+    srv, chan, release, load, holder = blocking_server
+    stub = pb_grpc.DensemapStub(chan)
+    kserve = kserve_grpc.GRPCInferenceServiceStub(chan)
+    # loading: alive, not ready, scoring refused
+    assert health_of(chan, "liveness") == SERVING
+    assert health_of(chan, "readiness") == NOT_SERVING
+    assert health_of(chan, "") == NOT_SERVING
+    assert health_of(chan, TINY) == Code.NOT_FOUND
+    assert not kserve.ServerReady(kserve_pb.ServerReadyRequest(), timeout=5).ready
+    assert kserve.ServerLive(kserve_pb.ServerLiveRequest(), timeout=5).live
+    assert score_code(stub, array_request(rgb_image())) == Code.UNAVAILABLE
+    # loaded: ready, per-model status
+    load.set()
+    assert srv.wait_ready(20)
+    for service in ("", "readiness", "liveness", TINY):
+        assert health_of(chan, service) == SERVING
+    assert kserve.ModelReady(kserve_pb.ModelReadyRequest(name=TINY), timeout=5).ready
+    # drain with one request in flight: it finishes, new calls are refused
+    in_flight = stub.Score.future(array_request(rgb_image()), timeout=30)
+    wait_until(holder["repo"].get(TINY).started.is_set, what="the request to start")
+    drained = {}
+    drainer = threading.Thread(target=lambda: drained.update(done=srv.drain(grace=20)))
+    drainer.start()
+    wait_until(lambda: srv.state.draining, what="drain to start")
+    assert health_of(chan, "readiness") == NOT_SERVING
+    assert health_of(chan, TINY) == NOT_SERVING
+    assert health_of(chan, "liveness") == SERVING
+    assert not kserve.ServerReady(kserve_pb.ServerReadyRequest(), timeout=5).ready
+    assert score_code(stub, array_request(rgb_image())) == Code.UNAVAILABLE
+    assert in_flight.running()
+    release.set()
+    assert in_flight.result(timeout=20).maps  # the in-flight call completed
+    drainer.join(20)
+    assert drained == {"done": True}
+
+
+def test_queue_full_is_resource_exhausted_and_deadline_in_queue_never_starts(blocking_server):
+    srv, chan, release, load, holder = blocking_server
+    load.set()
+    assert srv.wait_ready(20)
+    stub = pb_grpc.DensemapStub(chan)
+    first = stub.Score.future(array_request(rgb_image()), timeout=30)
+    engine = holder["repo"].get(TINY)
+    wait_until(engine.started.is_set, what="the first request to start")
+    queued = stub.Score.future(array_request(rgb_image()), timeout=0.5)
+    wait_until(lambda: srv.admission.counts(TINY) == (1, 1), what="the second request to queue")
+    assert score_code(stub, array_request(rgb_image())) == Code.RESOURCE_EXHAUSTED
+    with pytest.raises(grpc.RpcError) as caught:
+        queued.result(timeout=20)
+    assert caught.value.code() == Code.DEADLINE_EXCEEDED
+    release.set()
+    assert first.result(timeout=20).maps
+    assert engine.calls == 1  # the expired request was never started
+    assert score_code(stub, array_request(rgb_image())) == Code.OK
+
+
+def test_client_cancel_reaches_the_engine_cancel_hook(blocking_server):
+    srv, chan, release, load, holder = blocking_server
+    load.set()
+    assert srv.wait_ready(20)
+    stub = pb_grpc.DensemapStub(chan)
+    call = stub.Score.future(array_request(rgb_image()), timeout=30)
+    wait_until(holder["repo"].get(TINY).started.is_set, what="the request to start")
+    call.cancel()
+    cancelled = srv.metrics.requests.labels(TINY, "densemap.Score", "CANCELLED")
+    wait_until(lambda: cancelled._value.get() == 1, what="the engine to stop")
+    assert srv.admission.counts(TINY) == (0, 0)
+
+
+def test_reflection_lists_and_describes_every_service(server):  # noqa: F811
+    _, target = server
+    with channel(target) as chan:
+        stub = reflection_pb2_grpc.ServerReflectionStub(chan)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        (response,) = list(stub.ServerReflectionInfo(iter([request]), timeout=5))
+        names = {s.name for s in response.list_services_response.service}
+        assert names == {
+            "densemap.v1.Densemap",
+            "inference.GRPCInferenceService",
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1alpha.ServerReflection",
+        }
+        pool = DescriptorPool(ProtoReflectionDescriptorDatabase(chan))
+        infer = pool.FindServiceByName("inference.GRPCInferenceService").FindMethodByName(
+            "ModelInfer"
+        )
+        assert infer.input_type.fields_by_name["raw_input_contents"].number == 7
+        score = pool.FindServiceByName("densemap.v1.Densemap").FindMethodByName("ScoreStream")
+        assert score.client_streaming and score.server_streaming
+
+
+def test_metrics_endpoint_reports_requests_stages_and_models(repo):  # noqa: F811
+    srv, port = start_server(repo, metrics_port=free_port())
+    try:
+        with channel(f"{HOST}:{port}") as chan:
+            stub = pb_grpc.DensemapStub(chan)
+            assert score_code(stub, array_request(rgb_image())) == Code.OK
+            assert score_code(stub, array_request(rgb_image(), model="nope")) == Code.NOT_FOUND
+        url = f"http://{HOST}:{srv.metrics_port}/metrics"
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+    finally:
+        srv.stop()
+    assert 'densemap_requests_total{api="densemap.Score",code="OK",model="tiny"} 1.0' in text
+    assert 'code="NOT_FOUND",model="_unknown"} 1.0' in text
+    for stage in ("queue", "decode", "infer", "encode"):
+        assert f'densemap_stage_seconds_count{{model="tiny",stage="{stage}"}} 1.0' in text
+    assert 'densemap_input_pixels_count{model="tiny"} 1.0' in text
+    assert 'densemap_in_flight_requests{model="tiny"} 0.0' in text
+    assert 'densemap_model_loaded{model="tiny"} 1.0' in text
