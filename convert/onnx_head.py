@@ -109,7 +109,12 @@ def _walk_chain(start: str, index: GraphIndex):
     while True:
         node = index.sole_consumer(name)
         if node is None:
-            raise ConversionError(f"tensor {name!r} of the head feeds several nodes or no FC layer")
+            producer = index.producer.get(name)
+            where = node_label(producer) if producer is not None else f"tensor {name!r}"
+            raise ConversionError(
+                f"the head is not a flatten -> fully-connected chain: {where} feeds several "
+                "nodes or no FC layer (attention or a global operation?): no exact dense form"
+            )
         if node.op_type in ("Gemm", "MatMul"):
             return chain, node
         if node.op_type not in MOVEMENT_OPS | PASS_OPS:

@@ -65,6 +65,21 @@ def torch_crops64(model: nn.Module, image64: np.ndarray, *, window, stride, cell
     return np.stack(rows, axis=-2)
 
 
+def onnx_crops64(classifier: onnx.ModelProto, image64, *, window, stride, cells):
+    """[classes, n_h, n_w]: an NCHW ONNX classifier on every window crop, in float64."""
+    run = Float64Runner(classifier)
+    scores = np.zeros((0,))
+    for i in range(cells[0]):
+        for j in range(cells[1]):
+            top, left = i * stride[0], j * stride[1]
+            crop = image64[:, :, top : top + window[0], left : left + window[1]]
+            row = run(np.ascontiguousarray(crop))[0]
+            if scores.size == 0:
+                scores = np.zeros((row.shape[0], *cells))
+            scores[:, i, j] = row
+    return scores
+
+
 def dense64(model: onnx.ModelProto, image: np.ndarray) -> np.ndarray:
     """Run an ONNX model in float64 with onnx.reference."""
     return Float64Runner(model)(image)

@@ -1,0 +1,254 @@
+"""ONNX path: dense model == crop-by-crop classifier, exactly (fp64), for unpadded nets.
+
+Classifiers are tiny torch nets exported by both torch exporters (legacy: Flatten->Gemm;
+dynamo: Reshape->Gemm), plus a hand-built Keras-style NHWC graph. The dense model runs in
+float64 through onnx.reference (onnxruntime has no double Conv); crops run in float64
+torch, or through the classifier graph itself.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from convert_onnx_support import (
+    GraphBuilder,
+    cells,
+    dense64,
+    export_classifier,
+    onnx_crops64,
+    ort32,
+    torch_crops64,
+)
+from torch import nn
+from torch.nn import functional as F
+
+from convert.geometry import compute_geometry
+from convert.onnx_head import rewrite_head
+
+EXACT = 1e-9  # fp64: the dense pass sums the same products in another order
+
+
+class Plain(nn.Module):
+    """conv/pool trunk, Flatten, Linear-ReLU-Dropout-Linear; window (19, 23), stride 4."""
+
+    window = (19, 23)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3), nn.ReLU(),
+            nn.MaxPool2d(2),
+        )  # fmt: skip
+        self.classifier = nn.Sequential(
+            nn.Linear(4 * 3 * 4, 6), nn.ReLU(), nn.Dropout(), nn.Linear(6, 3)
+        )
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+class StridedOverlap(nn.Module):
+    """AlexNet-like: conv 5/2, overlapping max pools 3/2; the trunk ignores R's last pixels."""
+
+    window = (39, 39)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 4, 5, stride=2), nn.ReLU(), nn.MaxPool2d(3, 2), nn.Conv2d(4, 4, 3),
+            nn.ReLU(), nn.MaxPool2d(3, 2),
+        )  # fmt: skip
+        self.classifier = nn.Sequential(nn.Linear(4 * 2 * 2, 5), nn.ReLU(), nn.Linear(5, 3))
+
+    def forward(self, x):
+        return self.classifier(self.features(x).flatten(1))
+
+
+class HwcFlatten(Plain):
+    """Keras/TF order: the trunk output is permuted to N,H,W,C before the flatten."""
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.features(x).permute(0, 2, 3, 1), 1))
+
+
+class GapHead(nn.Module):
+    """ResNet-style: strided conv trunk with BatchNorm, global average pool, one Linear."""
+
+    window = (14, 18)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 4, 3, stride=2), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 5, 3),
+            nn.ReLU(),
+        )  # fmt: skip
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
+
+
+class MeanSoftmaxHead(GapHead):
+    def forward(self, x):
+        return torch.softmax(self.fc(self.features(x).mean(dim=(2, 3))), dim=1)
+
+
+class MaxHead(GapHead):
+    def forward(self, x):
+        return self.fc(torch.flatten(F.adaptive_max_pool2d(self.features(x), 1), 1))
+
+
+def _seeded(cls):
+    torch.manual_seed(0)
+    model = cls().eval()
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+    return model
+
+
+def _assert_dense_equals_crops(model, dense, sizes, classifier=None):
+    """Dense map == every crop through the classifier: its ONNX graph (fp64) if given, so
+    an exporter's float32 BatchNorm folding is common to both sides, else the torch model."""
+    geometry = compute_geometry(dense, window=model.window)
+    rng = np.random.default_rng(1)
+    for size in sizes:
+        image = rng.standard_normal((1, 3, *size))
+        n = cells(size, model.window, geometry.stride)
+        score_map = dense64(dense, image)
+        assert score_map.shape[2] >= n[0] and score_map.shape[3] >= n[1]
+        if classifier is None:
+            expected = torch_crops64(
+                model, image, window=model.window, stride=geometry.stride, cells=n
+            )
+        else:
+            expected = onnx_crops64(
+                classifier, image, window=model.window, stride=geometry.stride, cells=n
+            )
+        np.testing.assert_allclose(score_map[0, :, : n[0], : n[1]], expected, rtol=0, atol=EXACT)
+    return geometry
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
+@pytest.mark.parametrize(
+    "cls", [Plain, StridedOverlap, HwcFlatten, GapHead, MeanSoftmaxHead, MaxHead]
+)
+def test_dense_equals_crops_fp64(cls, dynamo):
+    model = _seeded(cls)
+    classifier = export_classifier(model, model.window, dynamo=dynamo)
+    dense = rewrite_head(classifier)
+    onnx.checker.check_model(dense, full_check=True)
+    ops = [node.op_type for node in dense.graph.node]
+    assert not {"Gemm", "MatMul", "Flatten", "Reshape", "GlobalAveragePool"} & set(ops)
+    r_h, r_w = model.window
+    # sizes that are not R + a multiple of S, non-square
+    sizes = [(r_h + 9, r_w + 2), (r_h + 3, r_w + 14)]
+    geometry = _assert_dense_equals_crops(model, dense, sizes, classifier)
+    # the torch model itself, in fp32 through onnxruntime: same scores up to fp32 rounding
+    image = np.random.default_rng(4).standard_normal((1, 3, *sizes[0])).astype(np.float32)
+    n = cells(sizes[0], model.window, geometry.stride)
+    expected = torch_crops64(
+        model, image.astype(np.float64), window=model.window, stride=geometry.stride, cells=n
+    )
+    np.testing.assert_allclose(ort32(dense, image)[0, :, : n[0], : n[1]], expected, atol=1e-5)
+    assert not geometry.padded
+    image = dense.graph.input[0]
+    assert image.name == "input"
+    dims = [d.dim_param or d.dim_value for d in image.type.tensor_type.shape.dim]
+    assert dims == ["N", 3, "H", "W"]
+
+
+def test_strided_trunk_returns_extra_cells_that_the_crop_rule_drops():
+    model = _seeded(StridedOverlap)
+    dense = rewrite_head(export_classifier(model, model.window, dynamo=False))
+    geometry = compute_geometry(dense, window=model.window)
+    assert geometry.effective_window == (33, 33)  # 5, +2*2 = 9, +2*4 = 17, +2*4 = 25, +8 = 33
+    size = (39 + 8 * 2 + 6, 39 + 6)
+    n = cells(size, model.window, geometry.stride)
+    raw = ort32(dense, np.zeros((1, 3, *size), np.float32))
+    assert raw.shape[2:] == (n[0] + 1, n[1] + 1)
+
+
+def test_softmax_head_runs_over_classes():
+    model = _seeded(MeanSoftmaxHead)
+    dense = rewrite_head(export_classifier(model, model.window, dynamo=True))
+    score_map = ort32(dense, np.random.default_rng(0).standard_normal((1, 3, 30, 31)))
+    np.testing.assert_allclose(score_map.sum(axis=1), 1.0, atol=1e-5)
+    softmax = [n for n in dense.graph.node if n.op_type == "Softmax"]
+    assert [a.i for a in softmax[0].attribute if a.name == "axis"] == [1]
+
+
+def test_softmax_before_opset_13_is_wrapped_in_transposes():
+    model = _seeded(MeanSoftmaxHead)
+    classifier = export_classifier(model, model.window, dynamo=False, opset=11)
+    dense = rewrite_head(classifier)
+    _assert_dense_equals_crops(model, dense, [(20, 25)], classifier)
+
+
+def _keras_style_classifier(flatten_shape_known: bool = True):
+    """NHWC input -> Transpose -> conv trunk -> Transpose(0,2,3,1) -> Reshape -> MatMul+Add."""
+    g = GraphBuilder(3, layout="NHWC", seed=3)
+    g.node("Transpose", perm=[0, 3, 1, 2])
+    g.conv(4, 3)
+    g.node("Relu")
+    g.pool("MaxPool", 2, 2)
+    g.conv(3, (2, 3))
+    g.node("Transpose", perm=[0, 2, 3, 1])  # [1, 2, 3, 3] at window (9, 13)
+    if flatten_shape_known:
+        target = g.const(np.array([1, -1], dtype=np.int64), "shape")
+    else:  # a target computed by a Cast: shape inference cannot resolve it
+        as_float = g.const(np.array([1.0, -1.0], dtype=np.float32), "shape")
+        target = g.node("Cast", [as_float], to=onnx.TensorProto.INT64)
+        g.current = g.nodes[-2].output[0]
+    flat = g.node("Reshape", [g.current, target])
+    hidden = g.node("MatMul", [flat, g.const(g.rng.standard_normal((18, 5)).astype(np.float32))])
+    g.node("Add", [hidden, g.const(g.rng.standard_normal(5).astype(np.float32), "b")])
+    g.node("Relu")
+    scores = g.node(
+        "MatMul", [g.current, g.const(g.rng.standard_normal((5, 4)).astype(np.float32))]
+    )
+    g.node("Add", [scores, g.const(g.rng.standard_normal((1, 4)).astype(np.float32), "b")])
+    g.node("Softmax", axis=-1)
+    return g.model((9, 13), output_dims=[1, 4])
+
+
+def _assert_nhwc_dense_equals_classifier(classifier, dense):
+    window, image = (9, 13), np.random.default_rng(2).standard_normal((1, 23, 20, 3))
+    n = cells(image.shape[1:3], window, (2, 2))
+    score_map = dense64(dense, image)
+    for i in range(n[0]):
+        for j in range(n[1]):
+            crop = image[:, 2 * i : 2 * i + window[0], 2 * j : 2 * j + window[1], :]
+            expected = dense64(classifier, np.ascontiguousarray(crop))[0]
+            np.testing.assert_allclose(score_map[0, :, i, j], expected, rtol=0, atol=EXACT)
+    return score_map
+
+
+def test_keras_style_nhwc_graph_with_hwc_flatten():
+    classifier = _keras_style_classifier()
+    dense = rewrite_head(classifier)
+    dims = [d.dim_param or d.dim_value for d in dense.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["N", "H", "W", 3]  # the input keeps its NHWC layout
+    _assert_nhwc_dense_equals_classifier(classifier, dense)
+
+
+def test_undetectable_flatten_order_asks_for_the_flag_and_obeys_it():
+    classifier = _keras_style_classifier(flatten_shape_known=False)
+    with pytest.raises(Exception, match="--flatten-order chw\\|hwc"):
+        rewrite_head(classifier)
+    dense = rewrite_head(classifier, flatten_order="hwc")
+    _assert_nhwc_dense_equals_classifier(classifier, dense)
+    wrong = rewrite_head(classifier, flatten_order="chw")  # the pitfall: silently wrong
+    with pytest.raises(AssertionError):
+        _assert_nhwc_dense_equals_classifier(classifier, wrong)
+
+
+def test_flatten_order_contradicting_the_graph_is_refused():
+    model = _seeded(HwcFlatten)
+    classifier = export_classifier(model, model.window, dynamo=False)
+    with pytest.raises(Exception, match="another order"):
+        rewrite_head(classifier, flatten_order="chw")
+    rewrite_head(classifier, flatten_order="hwc")  # agrees with the graph
