@@ -76,7 +76,8 @@ def encode_result(
         "model": model_name,
         "options": options_to_json(options),
         "maps": maps_meta,
-        "image_top_k": [[int(i), float(s)] for i, s in result.image_top_k],
+        # float32 like image_scores: the engine ranks in float64, the server sends float32
+        "image_top_k": [[int(i), float(np.float32(s))] for i, s in result.image_top_k],
     }
     arrays["meta"] = np.array(json.dumps(meta, sort_keys=True))
     return arrays

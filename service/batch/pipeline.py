@@ -3,11 +3,11 @@
 Three stages, two bounded thread pools::
 
     decode pool (N threads) -- read file, decode -->  [<= 2N decoded images in flight]
-    calling thread          -- scorer.score()    -->  [<= 2N results being written]
+    score pool (1 thread)   -- scorer.score()    -->  [<= 2N results being written]
     write pool (N threads)  -- .npz, heat-map, summary row
 
-The calling thread scores images in input order, one at a time (the engine itself uses every
-core). Both queues are bounded, so memory stays at about 4N decoded images. A failure on
+Images are scored in input order, one at a time by default (the engine itself uses every
+core); a remote server takes several calls at once. Both queues are bounded, so memory stays at about 4N decoded images. A failure on
 one image (unreadable, undecodable, too small, write error) becomes a ``failed`` row and the
 batch goes on.
 """
@@ -36,19 +36,27 @@ logger = logging.getLogger("densemap.score")
 
 
 class Scorer(Protocol):
-    """What the pipeline needs from a model: in-process engine or remote server."""
+    """What the pipeline needs from a model: in-process engine or remote server.
+
+    ``decode`` turns file bytes into what ``score`` takes (and the writer draws heat-maps
+    on): a uint8 HxWxC array in the model's colour order, or the bytes themselves when
+    the server decodes. ``cancel`` is polled by the engine between passes and tiles.
+    """
 
     model_name: str
     labels: tuple[str, ...]
 
-    def decode(self, data: bytes) -> np.ndarray: ...
+    def decode(self, data: bytes) -> np.ndarray | bytes: ...
 
-    def score(self, image: np.ndarray, options: ScoreOptions) -> ScoreMap: ...
+    def score(
+        self, image, options: ScoreOptions, *, cancel: Callable[[], bool] | None = None
+    ) -> ScoreMap: ...
 
 
 @dataclass(frozen=True)
 class PipelineConfig:
     workers: int = 4  # threads for decoding, and as many for writing
+    concurrency: int = 1  # score calls at once (1 for an engine using every core)
     debug: bool = False  # log a traceback for every failure
 
 
@@ -64,7 +72,7 @@ def describe_failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def load_image(job: ImageJob, scorer: Scorer) -> np.ndarray:
+def load_image(job: ImageJob, scorer: Scorer):
     with open(job.source, "rb") as f:
         data = f.read()
     return scorer.decode(data)
@@ -85,11 +93,19 @@ def run_pipeline(
     report: Report,
     config: PipelineConfig = PipelineConfig(),
 ) -> None:
-    """Score every job, calling ``report(row)`` once per image (from any thread)."""
+    """Score every job, calling ``report(row)`` once per image (from any thread).
+
+    On an exception in the calling thread (Ctrl-C), running score calls are cancelled,
+    results already computed are written whole, then the exception propagates.
+    """
     workers = max(1, config.workers)
     depth = 2 * workers
+    concurrency = max(1, config.concurrency)
+    score_slots = threading.Semaphore(concurrency)
     write_slots = threading.Semaphore(depth)
+    stop = threading.Event()
     decode_pool = ThreadPoolExecutor(workers, thread_name_prefix="densemap-decode")
+    score_pool = ThreadPoolExecutor(concurrency, thread_name_prefix="densemap-score")
     write_pool = ThreadPoolExecutor(workers, thread_name_prefix="densemap-write")
     pending: deque[tuple[ImageJob, Future]] = deque()
     queue = iter(jobs)
@@ -101,13 +117,26 @@ def run_pipeline(
                 return
             pending.append((job, decode_pool.submit(load_image, job, scorer)))
 
-    def write(job: ImageJob, image: np.ndarray, result: ScoreMap, seconds: float) -> None:
+    def write(job: ImageJob, image, result: ScoreMap, seconds: float) -> None:
         try:
             report(writer.write(job, image, result, seconds=seconds))
         except Exception as exc:
             _fail(job, exc, report, config.debug)
         finally:
             write_slots.release()
+
+    def score(job: ImageJob, image) -> None:
+        try:
+            start = time.perf_counter()
+            result = scorer.score(image, options, cancel=stop.is_set)
+            seconds = time.perf_counter() - start
+            write_slots.acquire()
+            write_pool.submit(write, job, image, result, seconds)
+        except Exception as exc:
+            if not stop.is_set():  # a run being stopped does not blame its images
+                _fail(job, exc, report, config.debug)
+        finally:
+            score_slots.release()
 
     try:
         refill()
@@ -116,14 +145,15 @@ def run_pipeline(
             refill()
             try:
                 image = decoded.result()
-                start = time.perf_counter()
-                result = scorer.score(image, options)
-                seconds = time.perf_counter() - start
             except Exception as exc:
                 _fail(job, exc, report, config.debug)
                 continue
-            write_slots.acquire()
-            write_pool.submit(write, job, image, result, seconds)
+            score_slots.acquire()
+            score_pool.submit(score, job, image)
+    except BaseException:
+        stop.set()
+        raise
     finally:
         decode_pool.shutdown(wait=True, cancel_futures=True)
+        score_pool.shutdown(wait=True)
         write_pool.shutdown(wait=True)  # results already scored are written whole

@@ -15,7 +15,7 @@ from pathlib import Path
 from service.batch.pipeline import PipelineConfig, run_pipeline
 from service.batch.progress import Progress
 from service.batch.rundir import OutputDir, RunSettings, heatmap_path, npz_path
-from service.batch.scorers import ModelChoice, open_engine_scorer
+from service.batch.scorers import REMOTE_CONCURRENCY, ModelChoice, open_engine_scorer
 from service.batch.summary import SummaryWriter, read_rows, skipped_row
 from service.batch.walk import ImageJob, find_images
 from service.batch.writer import OutputConfig, ResultWriter
@@ -152,7 +152,11 @@ def run_batch(request: BatchRequest, *, tty: bool | None = None) -> BatchOutcome
                     writer=ResultWriter(output),
                     options=request.options,
                     report=report,
-                    config=PipelineConfig(workers=request.workers, debug=request.debug),
+                    config=PipelineConfig(
+                        workers=request.workers,
+                        concurrency=REMOTE_CONCURRENCY if request.server else 1,
+                        debug=request.debug,
+                    ),
                 )
         finally:
             progress.close()

@@ -1,18 +1,23 @@
 """The two ways the batch pipeline reaches a model: in-process engine, or a running server.
 
-Both turn encoded bytes into the model's uint8 HxWxC array with the engine's own decoder
-(so a heat-map and the server see the same pixels) and return a
+The engine scorer decodes in the pipeline's decode threads (the engine's own decoder);
+the remote scorer sends the encoded bytes as they are (smaller than pixels) and the server
+decodes them with the same decoder; heat-maps then decode locally. Both return a
 :class:`~service.engine.result.ScoreMap`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from service.engine.options import EngineConfig, ScoreOptions
 from service.engine.result import ScoreMap
+
+REMOTE_CONCURRENCY = 4  # score calls in flight to a server (its queue absorbs them)
 
 DEFAULT_MODEL = "digits"
 
@@ -38,8 +43,8 @@ class EngineScorer:
     def decode(self, data: bytes) -> np.ndarray:
         return self.engine.decode(data)
 
-    def score(self, image: np.ndarray, options: ScoreOptions) -> ScoreMap:
-        return self.engine.score(image, options)
+    def score(self, image: np.ndarray, options: ScoreOptions, *, cancel=None) -> ScoreMap:
+        return self.engine.score(image, options, cancel=cancel)
 
     def close(self) -> None:
         close = getattr(self.engine, "close", None)
@@ -54,3 +59,28 @@ def open_engine_scorer(choice: ModelChoice) -> EngineScorer:
     root = choice.models_dir or default_models_dir()
     repository = ModelRepository(root, config=choice.engine)
     return EngineScorer(repository.get(choice.model))
+
+
+class RemoteScorer:
+    """Scores through a running ``densemap serve`` with :class:`service.client.DensemapClient`."""
+
+    def __init__(self, client, model: str) -> None:
+        info = client.get_model(model)  # fails early (RemoteError) when unreachable/unknown
+        self.client = client
+        self.model_name: str = info.name
+        self.labels: tuple[str, ...] = tuple(info.labels)
+        self.color: str = info.preprocessing.color
+
+    def decode(self, data: bytes) -> bytes:
+        return data  # the server decodes; RemoteError(INVALID_ARGUMENT) names the problem
+
+    def score(self, image, options: ScoreOptions, *, cancel=None) -> ScoreMap:
+        return self.client.score(image, model=self.model_name, **asdict(options))
+
+
+@contextlib.contextmanager
+def open_remote_scorer(target: str, model: str) -> Iterator[RemoteScorer]:
+    from service.client import DensemapClient
+
+    with DensemapClient(target) as client:
+        yield RemoteScorer(client, model)

@@ -16,6 +16,8 @@ import os
 import threading
 from pathlib import Path
 
+import numpy as np
+
 from service.batch.outputs import read_meta, write_atomic
 from service.batch.walk import ImageJob
 from service.engine.result import ScoreMap
@@ -45,7 +47,7 @@ def top_classes(image_top_k, labels: tuple[str, ...]) -> list[dict]:
         {
             "index": int(i),
             "label": labels[int(i)] if int(i) < len(labels) else str(int(i)),
-            "score": float(s),
+            "score": float(np.float32(s)),  # as precise as image_scores, in every mode
         }
         for i, s in image_top_k
     ]

@@ -16,7 +16,8 @@ from service.batch.outputs import encode_result, write_atomic, write_npz
 from service.batch.rundir import heatmap_path, npz_path
 from service.batch.summary import ok_row
 from service.batch.walk import ImageJob
-from service.engine.options import ScoreOptions
+from service.engine.image_input import decode
+from service.engine.options import DEFAULT_MAX_PIXELS, ScoreOptions
 from service.engine.result import ScoreMap
 
 PNG_COMPRESS_LEVEL = 3  # zlib level: level 6 (Pillow's default) is ~2x slower, ~5% smaller
@@ -43,7 +44,9 @@ class ResultWriter:
         self.out_dir = Path(config.out_dir)
         self.partial_dir = Path(config.partial_dir)
 
-    def write(self, job: ImageJob, image: np.ndarray, result: ScoreMap, *, seconds: float) -> dict:
+    def write(
+        self, job: ImageJob, image: np.ndarray | bytes, result: ScoreMap, *, seconds: float
+    ) -> dict:
         cfg = self.config
         arrays = encode_result(
             result, relpath=job.relpath, model_name=cfg.model_name, options=cfg.options
@@ -52,6 +55,8 @@ class ResultWriter:
         write_atomic(npz, lambda f: write_npz(f, arrays), partial_dir=self.partial_dir)
         outputs = [npz.relative_to(self.out_dir).as_posix()]
         if cfg.heatmap:
+            if isinstance(image, bytes):  # remote scoring: the server decoded it
+                image = decode(image, color=cfg.color, max_pixels=DEFAULT_MAX_PIXELS)
             picture = render_heatmap(
                 image[:, :, ::-1] if cfg.color == "BGR" else image,
                 result.maps[0],
