@@ -120,9 +120,10 @@ class GraphIndex:
         return self.shapes.get(name)
 
     def sole_consumer(self, name: str) -> onnx.NodeProto | None:
-        """The one node reading ``name``; ``None`` when it is a graph output or unread."""
+        """The one node reading ``name``'s values; ``None`` when it is a graph output, unread
+        or read by several nodes. Shape/Size nodes read only the shape and do not count."""
         outputs = {value.name for value in self.graph.output}
-        readers = self.consumers.get(name, [])
+        readers = [n for n in self.consumers.get(name, []) if n.op_type not in ("Shape", "Size")]
         if name in outputs or len(readers) != 1:
             return None
         return readers[0]
