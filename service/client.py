@@ -206,8 +206,9 @@ class DensemapClient:
         include_map, image_top_k). ``timings`` of the result are server-side seconds.
         """
         request = self._request(image, model, options)
+        labels = self._model_labels(model)  # cached; fetched first, while the server answers
         response = self._call(self._stub.Score, request, timeout)
-        return result_from_response(response, labels=self._model_labels(model))
+        return result_from_response(response, labels=labels)
 
     def score_stream(
         self,

@@ -189,3 +189,30 @@ def test_metrics_endpoint_reports_requests_stages_and_models(repo):  # noqa: F81
     assert 'densemap_input_pixels_count{model="tiny"} 1.0' in text
     assert 'densemap_in_flight_requests{model="tiny"} 0.0' in text
     assert 'densemap_model_loaded{model="tiny"} 1.0' in text
+
+
+def test_drain_ends_an_open_stream_after_its_current_image(blocking_server):
+    srv, chan, release, load, holder = blocking_server
+    load.set()
+    assert srv.wait_ready(20)
+    stub = pb_grpc.DensemapStub(chan)
+    more = threading.Event()
+
+    def requests():
+        yield array_request(rgb_image())
+        more.wait(20)  # the client would go on sending; the server ends the stream first
+        yield array_request(rgb_image())
+
+    responses = stub.ScoreStream(requests(), timeout=30)
+    wait_until(holder["repo"].get(TINY).started.is_set, what="the first image to start")
+    drainer = threading.Thread(target=srv.drain, kwargs={"grace": 20})
+    drainer.start()
+    wait_until(lambda: srv.state.draining, what="drain to start")
+    release.set()
+    assert next(responses).maps  # the image in flight completes
+    with pytest.raises(grpc.RpcError) as caught:
+        next(responses)
+    assert caught.value.code() == Code.UNAVAILABLE
+    more.set()
+    drainer.join(20)
+    assert not drainer.is_alive()

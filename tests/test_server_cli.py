@@ -1,0 +1,199 @@
+"""`densemap serve` as a process: port 0, JSON logs, SIGHUP reload, SIGTERM drain, env twins."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import grpc
+import pytest
+from server_fakes import wait_until
+from server_harness import (  # noqa: F401  (fixtures)
+    GREY,
+    HOST,
+    TINY,
+    copy_repository,
+    free_port,
+    repo,
+    rgb_image,
+)
+
+from service.cli import build_parser
+from service.client import DensemapClient, RemoteError
+from service.serve_cli import build_config
+
+STARTUP_SECONDS = 60.0
+
+
+class ServeProcess:
+    """``python -m service.cli serve ...`` with its JSON log lines collected by a thread."""
+
+    def __init__(self, *args: str, env: dict | None = None) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve", "--log-json", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.records: list[dict] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.put(line)
+
+    def wait_for(self, predicate, timeout: float = STARTUP_SECONDS) -> dict:
+        """The first JSON log record that satisfies ``predicate`` (bounded wait)."""
+        deadline = time.monotonic() + timeout
+        for record in self.records:
+            if predicate(record):
+                return record
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.2)
+            except queue.Empty:
+                assert self.process.poll() is None, "densemap serve exited early"
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # e.g. onnxruntime's own lines
+            self.records.append(record)
+            if predicate(record):
+                return record
+        raise AssertionError(f"no matching log line within {timeout} s: {self.records[-5:]}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(10)
+
+
+def in_flight(metrics_port: int) -> float:
+    url = f"http://{HOST}:{metrics_port}/metrics"
+    for line in urllib.request.urlopen(url, timeout=5).read().decode().splitlines():
+        if line.startswith(f'densemap_in_flight_requests{{model="{TINY}"}}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_sighup_reloads_and_sigterm_drains_an_in_flight_request(repo, tmp_path):  # noqa: F811
+    root = copy_repository(repo, tmp_path / "models", names=(TINY,))
+    metrics_port = free_port()
+    serve = ServeProcess(
+        "--models", str(root), "--host", HOST, "--port", "0", "--grace-seconds", "30",
+        env={"DENSEMAP_METRICS_PORT": str(metrics_port)},
+    )  # fmt: skip
+    try:
+        port = serve.wait_for(lambda r: "port" in r)["port"]
+        assert port > 0 and isinstance(port, int)
+        serve.wait_for(lambda r: r["message"].startswith("ready"))
+        with DensemapClient(f"{HOST}:{port}", timeout=60) as client:
+            assert {m.name for m in client.list_models()} == {TINY}
+            shutil.copytree(repo / GREY, root / GREY)
+            serve.process.send_signal(signal.SIGHUP)
+            wait_until(lambda: len(client.list_models()) == 2, what="SIGHUP reload")
+
+            slow = {}
+            request = threading.Thread(
+                target=lambda: slow.update(
+                    result=client.score(rgb_image(1000, 1000), model=TINY, output_stride=1)
+                )
+            )
+            request.start()
+            wait_until(lambda: in_flight(metrics_port) == 1.0, timeout=30, what="in-flight request")
+            serve.process.send_signal(signal.SIGTERM)
+            serve.wait_for(lambda r: r["message"].startswith("draining"))
+            with pytest.raises(RemoteError) as caught:
+                client.score(rgb_image(), model=TINY)
+            assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+            request.join(60)
+            assert slow["result"].maps[0].scores.shape == (5, 989, 985)
+        assert serve.process.wait(30) == 0
+        serve.wait_for(lambda r: r["message"].startswith("stopped"), timeout=5)
+    finally:
+        serve.stop()
+
+
+def test_sigint_with_no_traffic_exits_zero_quickly(repo):  # noqa: F811
+    serve = ServeProcess(
+        "--models", str(repo), "--host", HOST, "--port", "0", "--metrics-port", "0"
+    )
+    try:
+        serve.wait_for(lambda r: r["message"].startswith("ready"))
+        started = time.monotonic()
+        serve.process.send_signal(signal.SIGINT)
+        assert serve.process.wait(30) == 0
+        assert time.monotonic() - started < 10  # nothing in flight: no waiting for the grace
+    finally:
+        serve.stop()
+
+
+def test_missing_models_dir_fails_with_a_clear_message(tmp_path):
+    serve = subprocess.run(
+        [sys.executable, "-m", "service.cli", "serve", "--models", str(tmp_path / "none")]
+        + ["--host", HOST, "--port", "0", "--metrics-port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert serve.returncode == 2
+    assert "--models" in serve.stderr and "Traceback" not in serve.stderr
+
+
+def test_every_flag_has_an_env_twin(monkeypatch, tmp_path):
+    env = {
+        "DENSEMAP_MODELS": str(tmp_path),
+        "DENSEMAP_HOST": HOST,
+        "DENSEMAP_PORT": "6000",
+        "DENSEMAP_METRICS_PORT": "0",
+        "DENSEMAP_MAX_MESSAGE_MB": "64",
+        "DENSEMAP_WORKERS": "9",
+        "DENSEMAP_MAX_IN_FLIGHT": "3",
+        "DENSEMAP_MAX_QUEUE": "4",
+        "DENSEMAP_GRACE_SECONDS": "5",
+        "DENSEMAP_POLL_SECONDS": "2",
+        "DENSEMAP_MAX_CONNECTION_AGE_SECONDS": "300",
+        "DENSEMAP_AUTH_TOKEN": "t0ken",
+        "DENSEMAP_DEVICE": "cpu",
+        "DENSEMAP_THREADS": "1",
+        "DENSEMAP_MAX_PIXELS": "1000000",
+        "DENSEMAP_MEMORY_BUDGET_MB": "32",
+        "DENSEMAP_NO_TILING": "1",
+        "DENSEMAP_LOG_JSON": "true",
+        "DENSEMAP_LOG_LEVEL": "debug",
+        "DENSEMAP_TLS_CERT": str(tmp_path / "c.pem"),
+        "DENSEMAP_TLS_KEY": str(tmp_path / "k.pem"),
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    args = build_parser().parse_args(["serve"])
+    config = build_config(args)
+    assert (config.models_dir, config.host, config.port, config.metrics_port) == (
+        tmp_path, HOST, 6000, 0,
+    )  # fmt: skip
+    assert config.max_message_bytes == 64 << 20 and config.workers == 9
+    assert (config.max_in_flight, config.max_queue, config.grace_seconds) == (3, 4, 5.0)
+    assert (config.poll_seconds, config.max_connection_age_seconds) == (2.0, 300.0)
+    assert config.auth_token == "t0ken" and config.tls_key == tmp_path / "k.pem"
+    engine = config.engine
+    assert (engine.device, engine.intra_op_threads, engine.max_pixels) == ("cpu", 1, 1000000)
+    assert engine.memory_budget == 32 << 20 and engine.tiling is False
+    assert args.log_json is True and args.log_level == "debug"
+    # the command line wins over the environment
+    args = build_parser().parse_args(["serve", "--port", "7000", "--max-queue", "1"])
+    assert (args.port, args.max_queue) == (7000, 1)
+    # every flag of `densemap serve` is covered above
+    serve_parser = build_parser()._subparsers._group_actions[0].choices["serve"]
+    flags = {a.option_strings[0] for a in serve_parser._actions if a.option_strings[0] != "-h"}
+    assert {"DENSEMAP_" + f[2:].replace("-", "_").upper() for f in flags} == set(env)
