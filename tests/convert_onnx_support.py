@@ -189,3 +189,81 @@ class GraphBuilder:
         )
         onnx.checker.check_model(model)
         return model
+
+
+# -- a tap-order evaluator: the same taps summed in the same order, whatever the dilation --
+
+
+def _window_taps(x, kernel, strides, dilations, pads, fill):
+    """Yield (tap index, strided view of x for that tap), in row-major tap order."""
+    padded = np.pad(
+        x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])), constant_values=fill
+    )
+    size = [
+        (padded.shape[2 + a] - dilations[a] * (kernel[a] - 1) - 1) // strides[a] + 1
+        for a in range(2)
+    ]
+    for ky in range(kernel[0]):
+        for kx in range(kernel[1]):
+            top, left = ky * dilations[0], kx * dilations[1]
+            yield (
+                (ky, kx),
+                padded[
+                    :,
+                    :,
+                    top : top + strides[0] * (size[0] - 1) + 1 : strides[0],
+                    left : left + strides[1] * (size[1] - 1) + 1 : strides[1],
+                ],
+            )
+
+
+def _attrs(node):
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def tap_evaluate(model: onnx.ModelProto, image: np.ndarray) -> np.ndarray:
+    """Evaluate a dense CNN graph in float64, summing every window's taps in one fixed order
+    (channel, then kernel row, then kernel column). A dilated conv and the strided conv it
+    replaces then do bit-identical arithmetic, so à trous vs shift-and-stitch can be compared
+    with ``array_equal``. Supports Conv (group 1), Max/AveragePool, Relu, Add, Identity."""
+    values = {i.name: numpy_helper.to_array(i).astype(np.float64) for i in model.graph.initializer}
+    values[model.graph.input[0].name] = image.astype(np.float64)
+    for node in model.graph.node:
+        a, ins = _attrs(node), [values[n] for n in node.input if n]
+        x = ins[0]
+        if node.op_type in ("Conv", "MaxPool", "AveragePool"):
+            kernel = a.get("kernel_shape") or list(ins[1].shape[2:])
+            strides, dilations = a.get("strides", [1, 1]), a.get("dilations", [1, 1])
+            pads = a.get("pads", [0, 0, 0, 0])
+            assert a.get("auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET") and not a.get("ceil_mode")
+            fill = -np.inf if node.op_type == "MaxPool" else 0.0
+            taps = list(_window_taps(x, kernel, strides, dilations, pads, fill))
+        if node.op_type == "Conv":
+            assert a.get("group", 1) == 1
+            weight = ins[1]
+            out = np.zeros((x.shape[0], weight.shape[0], *taps[0][1].shape[2:]))
+            for c in range(x.shape[1]):
+                for (ky, kx), view in taps:
+                    out += weight[None, :, c, ky, kx, None, None] * view[:, c : c + 1]
+            if len(ins) > 2:
+                out += ins[2][None, :, None, None]
+        elif node.op_type == "MaxPool":
+            out = taps[0][1]
+            for _, view in taps[1:]:
+                out = np.maximum(out, view)
+        elif node.op_type == "AveragePool":
+            assert not any(pads) or a.get("count_include_pad", 0)
+            out = np.zeros_like(taps[0][1])
+            for _, view in taps:
+                out = out + view
+            out = out / len(taps)
+        elif node.op_type == "Relu":
+            out = np.maximum(x, 0.0)
+        elif node.op_type == "Add":
+            out = ins[0] + ins[1]
+        elif node.op_type == "Identity":
+            out = x
+        else:
+            raise NotImplementedError(node.op_type)
+        values[node.output[0]] = out
+    return values[model.graph.output[0].name]
