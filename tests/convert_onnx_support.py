@@ -18,35 +18,38 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
+from convert.export import export_classifier_onnx
 from convert.runtime import Float64Runner
 
 ORT_IR_VERSION = 10  # onnxruntime 1.31 reads IR <= 10
 
 
 def export_classifier(model: nn.Module, size, *, dynamo: bool, channels: int = 3, opset=None):
-    """A fixed-size ONNX classifier exported by torch's legacy or dynamo exporter."""
+    """A fixed-size ONNX classifier (dynamic batch) from torch's legacy or dynamo exporter,
+    through convert.export; ``opset`` asks torch.onnx.export for an older opset directly."""
     size = (size, size) if isinstance(size, int) else tuple(size)
+    if opset is None:
+        return export_classifier_onnx(
+            model.eval(), input_size=size, in_channels=channels, dynamo=dynamo
+        )
     image = torch.randn(1, channels, *size)
-    model = model.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logging.disable(logging.WARNING)
         try:
             if dynamo:
                 program = torch.onnx.export(
-                    model, (image,), dynamo=True, input_names=["input"], opset_version=opset
+                    model.eval(), (image,), dynamo=True, input_names=["input"], opset_version=opset
                 )
-                proto = program.model_proto
-            else:
-                buffer = io.BytesIO()
-                kwargs = {"opset_version": opset} if opset else {}
-                torch.onnx.export(
-                    model, (image,), buffer, dynamo=False, input_names=["input"], **kwargs
-                )
-                proto = onnx.load_from_string(buffer.getvalue())
+                return program.model_proto
+            buffer = io.BytesIO()
+            torch.onnx.export(
+                model.eval(), (image,), buffer, dynamo=False, input_names=["input"],
+                opset_version=opset,
+            )  # fmt: skip
+            return onnx.load_from_string(buffer.getvalue())
         finally:
             logging.disable(logging.NOTSET)
-    return proto
 
 
 def torch_crops64(model: nn.Module, image64: np.ndarray, *, window, stride, cells):
