@@ -1,0 +1,126 @@
+"""Benchmark: ``densemap score`` on a folder vs the bare engine on the same preloaded images.
+
+Both use the same model (the benchmark mini-VGG: 64x64 window, stride 8, 10 classes) with
+the same onnxruntime threads, on the same PNGs. The engine row scores the images already
+decoded in memory, one after the other; the ``densemap score`` rows read, decode, score and
+write ``.npz`` files (and heat-map PNGs) through the threaded pipeline, timed from the
+first image to the last write (model loading excluded). Runs alternate and the best of
+``ROUNDS`` is kept, since other processes share this CPU. Target: >= 95% of the engine.
+
+Run: ``.venv/bin/python tests/bench/bench_score.py`` (or ``pytest <file> -s``).
+DENSEMAP_BENCH_IMAGES / DENSEMAP_BENCH_SIZE change the folder (default 48 images of 512x512).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from bench_engine_common import BENCH_DIR, THREADS, dense_model, machine, print_table
+from PIL import Image
+
+from service.batch.run import BatchRequest, run_batch
+from service.batch.scorers import ModelChoice
+from service.engine import Engine, EngineConfig, ScoreOptions
+
+IMAGES = int(os.environ.get("DENSEMAP_BENCH_IMAGES", "48"))
+SIZE = int(os.environ.get("DENSEMAP_BENCH_SIZE", "512"))
+ROUNDS = 3
+MODEL = "mini_vgg"
+
+
+def _repository() -> Path:
+    """A repository holding only the benchmark mini-VGG (a link to its cached folder)."""
+    model = dense_model(MODEL).parent
+    root = BENCH_DIR / "score_repository"
+    root.mkdir(parents=True, exist_ok=True)
+    link = root / MODEL
+    if not link.exists():
+        link.symlink_to(model, target_is_directory=True)
+    return root
+
+
+def _folder(root: Path) -> list[bytes]:
+    """IMAGES photo-like PNGs (smooth gradients plus noise); returns their bytes."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:SIZE, 0:SIZE] / SIZE
+    encoded = []
+    for n in range(IMAGES):
+        base = np.stack([np.sin(6 * x + n), np.cos(5 * y - n), np.sin(4 * (x + y))], axis=2)
+        pixels = (base * 80 + 128 + rng.normal(0, 12, base.shape)).clip(0, 255).astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG")
+        (root / f"page{n:03d}.png").write_bytes(buffer.getvalue())
+        encoded.append(buffer.getvalue())
+    return encoded
+
+
+def _engine_seconds(engine: Engine, images: list[np.ndarray]) -> float:
+    start = time.perf_counter()
+    for image in images:
+        engine.score(image, ScoreOptions())
+    return time.perf_counter() - start
+
+
+def _cli_seconds(repository: Path, folder: Path, out: Path, *, heatmap: bool) -> float:
+    shutil.rmtree(out, ignore_errors=True)
+    request = BatchRequest(
+        paths=(str(folder),),
+        out_dir=str(out),
+        model=ModelChoice(
+            model=MODEL,
+            models_dir=str(repository),
+            engine=EngineConfig(intra_op_threads=THREADS),
+        ),
+        heatmap=heatmap,
+        workers=min(4, os.cpu_count() or 1),
+    )
+    outcome = run_batch(request, tty=False)
+    assert outcome.progress.scored == IMAGES and outcome.failed == 0
+    return outcome.progress.elapsed()  # from the first image on: model loading excluded
+
+
+def test_bench_score_vs_engine() -> None:
+    repository = _repository()
+    engine = Engine(
+        repository / MODEL / "model.onnx", config=EngineConfig(intra_op_threads=THREADS)
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "in"
+        folder.mkdir()
+        images = [engine.decode(data) for data in _folder(folder)]
+        for image in images[:2]:
+            engine.score(image, ScoreOptions())  # warm-up
+        best = {"engine": float("inf"), "score": float("inf"), "heatmap": float("inf")}
+        for _ in range(ROUNDS):
+            best["engine"] = min(best["engine"], _engine_seconds(engine, images))
+            best["score"] = min(
+                best["score"], _cli_seconds(repository, folder, Path(tmp) / "o", heatmap=False)
+            )
+            best["heatmap"] = min(
+                best["heatmap"], _cli_seconds(repository, folder, Path(tmp) / "h", heatmap=True)
+            )
+    megapixels = IMAGES * SIZE * SIZE / 1e6
+    rows = []
+    labels = {
+        "engine": "bare engine, preloaded arrays",
+        "score": "densemap score (files -> .npz)",
+        "heatmap": "densemap score --heatmap",
+    }
+    for key, seconds in best.items():
+        rows.append([labels[key], IMAGES, seconds, IMAGES / seconds, megapixels / seconds,
+                     f"{best['engine'] / seconds:.1%}"])  # fmt: skip
+    print_table(
+        f"densemap score vs engine: {IMAGES} PNGs of {SIZE}x{SIZE}, {MODEL}; {machine()}",
+        ["mode", "images", "seconds", "images/s", "MP/s", "vs engine"],
+        rows,
+    )
+
+
+if __name__ == "__main__":
+    test_bench_score_vs_engine()

@@ -1,0 +1,95 @@
+"""Small pieces of ``densemap score``: argument parsing, walking, heat-map geometry, npz bytes."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+
+from service.batch.heatmap import RAMP, pixel_cells
+from service.batch.outputs import write_npz
+from service.batch.progress import Progress
+from service.batch.walk import find_images, has_image_signature
+from service.errors import InvalidOption
+from service.score_cli import parse_bytes, parse_scales, split_ray_address
+
+
+def test_ray_address_or_path_after_ray(tmp_path):
+    assert split_ray_address(None, ["a"]) == (None, ["a"])
+    assert split_ray_address("", ["a"]) == ("", ["a"])
+    assert split_ray_address("auto", ["a"]) == ("auto", ["a"])
+    assert split_ray_address("ray://head:10001", ["a"]) == ("ray://head:10001", ["a"])
+    assert split_ray_address("10.0.0.5:6379", ["a"]) == ("10.0.0.5:6379", ["a"])
+    folder = tmp_path / "images"
+    assert split_ray_address(str(folder), ["b"]) == ("", [str(folder), "b"])
+    folder.mkdir()
+    (tmp_path / "auto").mkdir()  # an existing folder named like an address is a path
+    assert split_ray_address(str(tmp_path / "auto"), []) == ("", [str(tmp_path / "auto")])
+
+
+def test_sizes_and_scales_parse_or_explain():
+    assert parse_bytes("1073741824") == 1 << 30
+    assert parse_bytes("512M") == 512 << 20 and parse_bytes("2GiB") == 2 << 30
+    assert parse_bytes("1.5k") == 1536
+    for bad in ("lots", "-1", "0"):
+        with pytest.raises(InvalidOption, match="memory-budget"):
+            parse_bytes(bad)
+    assert parse_scales("1,1.5") == (1.0, 1.5)
+    for bad in ("1,x", "0", "-1", "inf", ""):
+        with pytest.raises(InvalidOption, match="scales"):
+            parse_scales(bad)
+
+
+def test_pixel_cells_nearest_window_centre_and_uncovered_tail():
+    # W = 30, R = 12, S = 4: n = 5 windows cover [0, 28); pixels 28-29 are uncovered.
+    cells = pixel_cells(30, cells=5, stride=4, window=12, origin=0, resize=1.0)
+    centres = 4 * np.arange(5) + 6  # window centres 6, 10, 14, 18, 22
+    for x in range(28):  # each covered pixel takes a window whose centre is nearest
+        assert abs(centres[cells[x]] - (x + 0.5)) == np.abs(centres - (x + 0.5)).min()
+    assert list(cells[28:]) == [-1, -1]
+    # an image scored at scale 2: pixel x of the original is x*2 in the map's image
+    half = pixel_cells(15, cells=5, stride=4, window=12, origin=0, resize=2.0)
+    assert list(half[14:]) == [-1] and half[0] == 0 and half[13] == 4
+
+
+def test_ramp_goes_from_dark_to_bright():
+    assert RAMP.shape == (256, 3) and RAMP.dtype == np.uint8
+    brightness = RAMP.astype(int).sum(axis=1)
+    assert brightness[0] < brightness[128] < brightness[255]
+
+
+def test_npz_bytes_depend_only_on_the_arrays():
+    arrays = {"scores_0": np.arange(12, dtype=np.float32).reshape(3, 2, 2), "meta": np.array("x")}
+    first, second = io.BytesIO(), io.BytesIO()
+    write_npz(first, arrays)
+    write_npz(second, {k: v.copy() for k, v in arrays.items()})
+    assert first.getvalue() == second.getvalue()
+    with np.load(io.BytesIO(first.getvalue()), allow_pickle=False) as npz:
+        np.testing.assert_array_equal(npz["scores_0"], arrays["scores_0"])
+
+
+def test_walk_sniffs_signatures_and_skips_non_images(tmp_path):
+    (tmp_path / "scan.dat").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 20)  # JPEG magic
+    (tmp_path / "readme.md").write_text("# not an image")
+    (tmp_path / "broken.jpg").write_bytes(b"nope")  # image extension: tried, then reported
+    jobs = find_images([str(tmp_path)])
+    assert [j.relpath for j in jobs] == ["broken.jpg", "scan.dat"]
+    assert has_image_signature(str(tmp_path / "scan.dat"))
+    assert not has_image_signature(str(tmp_path / "readme.md"))
+    with pytest.raises(InvalidOption, match="at least one"):
+        find_images([])
+
+
+def test_plain_progress_lines_name_failures():
+    stream = io.StringIO()
+    progress = Progress(3, skipped=1, tty=False, interval=0.0, stream=stream)
+    progress.update({"status": "ok", "size": [1000, 2000], "path": "a.png"})
+    progress.update({"status": "failed", "path": "bad.png", "error": "cannot decode"})
+    progress.close()
+    text = stream.getvalue()
+    assert "failed: bad.png: cannot decode" in text
+    assert "2/3 images (67%)" in text and "images/s" in text and "MP/s" in text
+    assert "ETA" in text and "1 failed" in text
+    final = progress.final_line("out")
+    assert "scored 1, skipped 1, failed 1 of 4 images" in final
