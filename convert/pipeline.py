@@ -118,7 +118,9 @@ def _save(model: onnx.ModelProto, path: Path) -> list[Path]:
         onnx.save_model(model, str(path))
         return [path]
     data = path.with_name(path.name + ".data")
-    onnx.save_model(model, str(path), save_as_external_data=True, location=data.name)
+    onnx.save_model(
+        model, str(path), save_as_external_data=True, location=data.name, size_threshold=0
+    )
     return [path, data]
 
 
