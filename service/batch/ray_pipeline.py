@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -72,17 +73,19 @@ class ScoreActor:
 
 
 def _connect(address: str | None):
+    """Join the cluster at ``address`` (None: RAY_ADDRESS, else a new local one)."""
     import ray
 
     if ray.is_initialized():
         return ray
     kwargs = {"log_to_driver": True, "logging_level": logging.WARNING}
-    if address in (None, "", "local"):
+    starts_local = address == "local" or (not address and not os.environ.get("RAY_ADDRESS"))
+    if starts_local:
         kwargs["include_dashboard"] = False
     try:
-        ray.init(address=None if address in ("", "local") else address, **kwargs)
+        ray.init(address=address or None, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise InvalidOption(f"cannot connect to Ray at {address!r}: {exc}") from None
+        raise InvalidOption(f"cannot connect to Ray at {address or 'RAY_ADDRESS'}: {exc}") from None
     return ray
 
 
