@@ -44,6 +44,7 @@ class Progress:
         self._start = time.perf_counter()
         self._last_line = self._start
         self._bar = None
+        self._closed = False
         if tty:
             from tqdm import tqdm
 
@@ -100,6 +101,9 @@ class Progress:
 
     def close(self) -> None:
         with self._lock:
+            if self._closed:
+                return
+            self._closed = True
             if self._bar is not None:
                 self._bar.close()
                 self._bar = None

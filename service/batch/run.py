@@ -158,6 +158,10 @@ def run_batch(request: BatchRequest, *, tty: bool | None = None) -> BatchOutcome
                         debug=request.debug,
                     ),
                 )
+        except KeyboardInterrupt:
+            progress.close()
+            print(f"{progress.final_line(str(out.root))} (interrupted: rerun to resume)")
+            raise
         finally:
             progress.close()
             summary.finish()
