@@ -31,7 +31,7 @@ from service.batch.scorers import ModelChoice, open_engine_scorer
 from service.batch.walk import ImageJob
 from service.batch.writer import OutputConfig, ResultWriter
 from service.engine.options import ScoreOptions
-from service.errors import InvalidOption
+from service.errors import DensemapError, InvalidOption
 
 logger = logging.getLogger("densemap.score")
 ACTOR_THREADS = 2  # decode/write threads inside each actor
@@ -127,6 +127,15 @@ def run_ray(jobs: list[ImageJob], *, request, output: OutputConfig, report: Call
         num_gpus=1 if config.gpus else 0,
     )
     logger.info("Ray: %d image(s) on %d actor(s)", len(items), size)
-    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-        for text in batch["row"]:
-            report(json.loads(text))
+    try:
+        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            for text in batch["row"]:
+                report(json.loads(text))
+    except DensemapError:
+        raise
+    except Exception as exc:  # an actor that cannot start (model missing on a node...)
+        summary = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise DensemapError(
+            f"the Ray pipeline failed ({type(exc).__name__}: {summary}); outputs written so "
+            "far are kept: fix the cause and rerun to resume (--debug shows the traceback)"
+        ) from exc

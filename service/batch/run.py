@@ -75,6 +75,10 @@ def resolve_class(name: str | None, labels: tuple[str, ...]) -> int | None:
     raise InvalidOption(f"--heatmap-class {name!r} is not a class of this model; classes: {shown}")
 
 
+def _class_name(index: int, labels: tuple[str, ...]) -> str:
+    return labels[index] if index < len(labels) else str(index)
+
+
 def _open_scorer(request: BatchRequest, stack: contextlib.ExitStack):
     if request.server:
         from service.batch.scorers import open_remote_scorer
@@ -108,7 +112,7 @@ def run_batch(request: BatchRequest, *, tty: bool | None = None) -> BatchOutcome
             model=scorer.model_name,
             options=request.options,
             heatmap=request.heatmap,
-            heatmap_class=request.heatmap_class,
+            heatmap_class=None if class_index is None else _class_name(class_index, scorer.labels),
         )
         out.check_settings(settings, overwrite=request.overwrite)
         todo, done = out.split_done(jobs, heatmap=request.heatmap, overwrite=request.overwrite)
