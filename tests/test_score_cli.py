@@ -222,3 +222,22 @@ def test_unknown_model_is_a_clear_error(capsys, repo, tmp_path):
     code, _, stderr = score(capsys, str(tmp_path), "--out", str(tmp_path / "o"), "--models",
                             str(repo), "--model", "nope")  # fmt: skip
     assert code == 2 and "'nope'" in stderr and MODEL in stderr
+
+
+def test_default_model_is_the_bundled_digits(capsys, tmp_path):
+    from service.engine.repository import MODEL_FILE, ModelRepository, default_models_dir
+
+    model_file = default_models_dir() / "digits" / MODEL_FILE
+    if not model_file.is_file():
+        pytest.skip(f"the bundled digits model is not built yet ({model_file})")
+    engine = ModelRepository(default_models_dir()).get("digits")
+    height = engine.metadata.geometry.window[0] * 3
+    width = engine.metadata.geometry.window[1] * 4
+    image = tmp_path / "page.png"
+    image.write_bytes(encode(random_image(height, width, 7), "PNG"))
+    code, stdout, _ = score(capsys, str(image), "--out", str(tmp_path / "out"))
+    assert code == 0 and "scored 1," in stdout
+    result, meta = load_result(tmp_path / "out" / "page.png.npz")
+    assert meta["model"] == "digits" and result.labels == engine.labels
+    reference = engine.score(engine.decode(image.read_bytes()), ScoreOptions())
+    np.testing.assert_array_equal(result.maps[0].scores, reference.maps[0].scores)
