@@ -69,21 +69,22 @@ class VerifyReport:
     def table(self) -> str:
         lines = [
             f"verify ({self.dtype}): dense model vs window-by-window classifier",
-            f"  {'image':>9}  {'cells':>6}  {'compared with':<26}{'max|diff|':>10}  "
-            f"{'limit':>8}  result",
+            f"  {'image':>9}  {'cells':>5}  {'compared with':<26}  {'max|diff|':>9}  "
+            f"{'limit':>7}  result",
         ]
         for row in self.rows:
+            size, cells = f"{row.size[0]}x{row.size[1]}", f"{row.cells[0]}x{row.cells[1]}"
             limit = "-" if row.limit is None else f"{row.limit:.1e}"
             lines.append(
-                f"  {row.size[0]:>4}x{row.size[1]:<4}  {row.cells[0]:>2}x{row.cells[1]:<3}  "
-                f"{row.against:<26}{row.max_diff:>10.2e}  {limit:>8}  {row.verdict}"
+                f"  {size:>9}  {cells:>5}  {row.against:<26}  {row.max_diff:>9.2e}  "
+                f"{limit:>7}  {row.verdict}"
             )
         if self.padded:
-            lines.append(
-                "  padded net: each crop sees zero padding at its border where the dense pass "
-                "sees real neighbours (VGG paper sec. 3.2), so crop differences are expected; "
-                "exactness is checked against the converted module and at the window size."
-            )
+            lines += [
+                "  padded net: each crop sees zero padding at its border where the dense pass",
+                "  sees real neighbours (VGG paper sec. 3.2), so crop differences are expected;",
+                "  exactness is checked against the converted module and at the window size.",
+            ]
         lines.append("  PASSED" if self.passed else "  FAILED: differences past the limit")
         return "\n".join(lines)
 

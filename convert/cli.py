@@ -1,0 +1,223 @@
+"""``densemap convert``: a classifier (reference architecture + weights, or ONNX) -> dense ONNX.
+
+    densemap convert --arch vgg16 --weights vgg16.pth --input-size 224 -o vgg16.onnx
+    densemap convert CLASSIFIER.onnx -o DENSE.onnx [--flatten-order hwc] [--verify]
+
+Light to import: torch is imported inside :func:`run`, and only for ``--arch``.
+Every bad input ends in one line on stderr and a non-zero exit; nothing is left at the
+output path (``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from service.errors import ConversionError, DensemapError, ModelLoadError
+
+QUIET_LOGGERS = ("onnx_ir", "onnxscript", "torch.onnx", "torch.export")
+TORCH_MISSING = (
+    "converting a torch architecture needs torch: pip install 'densemap[convert]' "
+    "(ONNX classifiers convert without it)"
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "classifier", nargs="?", type=Path, help="a fixed-size ONNX classifier to convert"
+    )
+    parser.add_argument("--arch", help="a reference architecture (lenet5, alexnet, vgg16, ...)")
+    parser.add_argument("--weights", type=Path, help="state_dict (.pth) for --arch")
+    parser.add_argument("--num-classes", type=int, help="classes of --arch (default: its own)")
+    parser.add_argument("--input-size", help="training window of --arch: 224 or HxW")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="dense ONNX to write")
+    parser.add_argument("--labels", type=Path, help="text file, one class label per line")
+    parser.add_argument("--preprocessing", type=Path, help="JSON: layout, color, scale, mean, std")
+    parser.add_argument(
+        "--strides", help="output strides to provide, e.g. 32,16,8 (à-trous variants)"
+    )
+    parser.add_argument(
+        "--flatten-order",
+        choices=("auto", "chw", "hwc"),
+        default="auto",
+        help="flatten order of an ONNX classifier when the graph does not tell",
+    )
+    parser.add_argument(
+        "--verify", action="store_true", help="compare with crop-by-crop evaluation"
+    )
+    parser.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow --weights to be a pickled module (runs code from the file)",
+    )
+
+
+def parse_size(text: str, name: str) -> tuple[int, int]:
+    parts = text.lower().replace("x", ",").split(",")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise ConversionError(f"{name} must be N or HxW, got {text!r}") from None
+    if len(values) == 1:
+        values *= 2
+    if len(values) != 2 or min(values) < 1:
+        raise ConversionError(f"{name} must be N or HxW with positive numbers, got {text!r}")
+    return (values[0], values[1])
+
+
+def parse_strides(text: str | None) -> list[tuple[int, int]]:
+    if not text:
+        return []
+    return [parse_size(part, "--strides") for part in text.split(",") if part.strip()]
+
+
+def read_labels(path: Path | None) -> tuple[str, ...]:
+    if path is None:
+        return ()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConversionError(f"cannot read --labels {path}: {exc}") from None
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if not lines:
+        raise ConversionError(f"--labels {path} is empty: give one label per line")
+    return tuple(line.strip() for line in lines)
+
+
+def read_preprocessing(path: Path | None):
+    if path is None:
+        return None
+    from service.contract import Preprocessing
+
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        return Preprocessing(**doc)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ConversionError(f"cannot read --preprocessing {path}: {exc}") from None
+    except (TypeError, ModelLoadError) as exc:
+        raise ConversionError(
+            f"--preprocessing {path}: {exc} (fields: layout, color, scale, mean, std)"
+        ) from None
+
+
+def _check_arguments(args) -> None:
+    if (args.classifier is None) == (args.arch is None):
+        raise ConversionError("give either an ONNX classifier file or --arch NAME (not both)")
+    if args.arch is None:
+        extra = [
+            flag
+            for flag, value in (
+                ("--weights", args.weights),
+                ("--num-classes", args.num_classes),
+                ("--input-size", args.input_size),
+                ("--trust-pickle", args.trust_pickle),
+            )
+            if value
+        ]
+        if extra:
+            raise ConversionError(f"{', '.join(extra)} only apply with --arch")
+    elif args.flatten_order != "auto":
+        raise ConversionError("--flatten-order only applies to ONNX classifiers")
+
+
+def _convert_arch(args, labels, preprocessing, strides):
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise ConversionError(TORCH_MISSING) from None
+    from convert import archs, convert_torch
+    from convert.weights import load_weights
+
+    spec = archs.get_spec(args.arch)
+    size = parse_size(args.input_size, "--input-size") if args.input_size else spec.input_size
+    model = archs.build(args.arch, num_classes=args.num_classes, input_size=size)
+    source = f"{spec.name}"
+    if args.weights is not None:
+        model = load_weights(model, args.weights, trust_pickle=args.trust_pickle) or model
+        source = f"{spec.name}:{args.weights.name}"
+    model.eval()
+    result = convert_torch(
+        model,
+        args.output,
+        input_size=size,
+        labels=labels,
+        preprocessing=preprocessing or spec.preprocessing,
+        strides=strides,
+        source=source,
+    )
+    return result, model
+
+
+def _summary(result) -> str:
+    g = result.metadata.geometry
+    lines = [
+        f"wrote {result.path}: window {g.window[0]}x{g.window[1]}, stride "
+        f"{g.stride[0]}x{g.stride[1]}, receptive field {g.receptive_field[0]}x"
+        f"{g.receptive_field[1]} at offset {g.receptive_field_offset}, "
+        f"{'padded' if g.padded else 'unpadded'}, {result.metadata.output_kind}"
+    ]
+    lines += [
+        f"wrote {path} (stride {v.stride[0]}x{v.stride[1]})"
+        for path, v in zip(result.variant_paths, result.metadata.variants, strict=True)
+    ]
+    return "\n".join(lines)
+
+
+def _remove_outputs(result) -> None:
+    for path in (result.path, *result.variant_paths):
+        path.unlink(missing_ok=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except DensemapError:
+        raise
+    except Exception as exc:  # one clear line instead of a traceback, unless --debug
+        if getattr(args, "debug", False):
+            raise
+        raise ConversionError(
+            f"unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)"
+        ) from None
+
+
+def _run(args: argparse.Namespace) -> int:
+    from convert import convert_onnx, verify
+
+    if not getattr(args, "debug", False):  # the exporters' optimiser logs every pass at INFO
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+    _check_arguments(args)
+    labels = read_labels(args.labels)
+    preprocessing = read_preprocessing(args.preprocessing)
+    strides = parse_strides(args.strides)
+    if args.arch is not None:
+        result, classifier = _convert_arch(args, labels, preprocessing, strides)
+    else:
+        classifier = args.classifier
+        result = convert_onnx(
+            classifier,
+            args.output,
+            flatten_order=args.flatten_order,
+            labels=labels,
+            preprocessing=preprocessing,
+            strides=strides,
+        )
+    print(_summary(result))
+    if not args.verify:
+        return 0
+    try:
+        report = verify(classifier, result.path)
+    except BaseException:
+        _remove_outputs(result)
+        raise
+    print(report.table())
+    if not report.passed:
+        _remove_outputs(result)
+        print(f"densemap convert: verification failed, removed {result.path}")
+        return 1
+    return 0

@@ -1,0 +1,156 @@
+"""``densemap convert`` end to end: subprocesses for the real command, in-process for errors."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+import onnx
+import pytest
+import torch
+from convert_onnx_support import export_classifier
+from torch import nn
+
+from convert import archs
+from service.cli import main
+from service.contract import ModelMetadata
+
+verify_module = importlib.import_module("convert.verify")  # `convert.verify` is the function
+
+
+def _densemap(*args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", "convert", *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
+
+
+def _metadata(path) -> ModelMetadata:
+    model = onnx.load(str(path))
+    return ModelMetadata.from_props({p.key: p.value for p in model.metadata_props})
+
+
+@pytest.fixture(scope="module")
+def lenet_weights(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "lenet5.pth"
+    torch.save(archs.build("lenet5").state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def onnx_classifier(tmp_path_factory):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)
+    )
+    path = tmp_path_factory.mktemp("classifier") / "cls.onnx"
+    onnx.save_model(export_classifier(model, 10, dynamo=True), str(path))
+    return path
+
+
+def test_arch_with_weights_and_verify(lenet_weights, tmp_path):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join(f"digit {i}" for i in range(10)) + "\n")
+    (tmp_path / "out").mkdir()
+    done = _densemap(
+        "--arch", "lenet5", "--weights", lenet_weights, "-o", "out/lenet5.onnx",
+        "--labels", labels, "--strides", "4,2", "--verify", cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "PASSED" in done.stdout and "crops (12 windows)" in done.stdout
+    assert sorted(os.listdir(tmp_path / "out")) == ["lenet5.onnx", "lenet5.s2.onnx"]
+    meta = _metadata(tmp_path / "out" / "lenet5.onnx")
+    assert meta.labels[3] == "digit 3" and meta.geometry.stride == (4, 4)
+    assert meta.preprocessing.color == "L" and meta.source == "lenet5:lenet5.pth"
+
+
+def test_onnx_classifier(onnx_classifier, tmp_path):
+    done = _densemap(onnx_classifier, "-o", "dense.onnx", "--verify", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "PASSED" in done.stdout
+    assert _metadata(tmp_path / "dense.onnx").geometry.window == (10, 10)
+    assert "torch" not in done.stderr
+
+
+def test_truncated_onnx_file(onnx_classifier, tmp_path):
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(onnx_classifier.read_bytes()[:300])
+    done = _densemap(truncated, "-o", "dense.onnx", cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().startswith("densemap convert: error:")
+    assert "truncated" in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "dense.onnx").exists()
+
+
+def test_pth_with_wrong_keys(lenet_weights, tmp_path):
+    state = torch.load(lenet_weights)
+    state["extra.weight"] = state.pop(next(iter(state)))
+    wrong = tmp_path / "wrong.pth"
+    torch.save(state, wrong)
+    done = _densemap("--arch", "lenet5", "--weights", wrong, "-o", "x.onnx", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "extra.weight" in done.stderr and "Traceback" not in done.stderr
+    assert os.listdir(tmp_path) == ["wrong.pth"]
+
+
+def _run_in_process(argv, capsys):
+    code = main(["convert", *map(str, argv)])
+    return code, capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "either an ONNX classifier file or --arch"),
+        (["CLS", "--arch", "lenet5"], "not both"),
+        (["CLS", "--weights", "w.pth"], "--weights only apply with --arch"),
+        (["--arch", "lenet5", "--flatten-order", "hwc"], "only applies to ONNX classifiers"),
+        (["--arch", "nonet"], "unknown architecture 'nonet'"),
+        (["--arch", "lenet5", "--input-size", "ax3"], "--input-size must be N or HxW"),
+        (["CLS", "--strides", "16,x"], "--strides must be N or HxW"),
+        (["CLS", "--labels", "missing.txt"], "cannot read --labels"),
+        (["CLS", "--preprocessing", "PREP"], "--preprocessing .*fields: layout"),
+        (["CLS", "--strides", "3"], "does not divide"),
+        (["--arch", "lenet5", "--weights", "nope.pth"], "nope.pth"),
+    ],
+)
+def test_bad_inputs_exit_2_with_one_line(argv, message, onnx_classifier, tmp_path, capsys):
+    (tmp_path / "prep.json").write_text(json.dumps({"colour": "RGB"}))
+    argv = [
+        {"CLS": onnx_classifier, "PREP": tmp_path / "prep.json"}.get(a, a)
+        if not a.endswith((".txt", ".pth"))
+        else tmp_path / a
+        for a in argv
+    ]
+    code, captured = _run_in_process([*argv, "-o", tmp_path / "out.onnx"], capsys)
+    assert code == 2
+    assert captured.err.count("\n") == 1
+    assert captured.err.startswith("densemap convert: error:")
+    assert __import__("re").search(message, captured.err), captured.err
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_failed_verify_exits_1_and_removes_the_output(onnx_classifier, tmp_path, capsys, monkeypatch):  # fmt: skip
+    monkeypatch.setattr(verify_module, "TOLERANCE", {k: -1.0 for k in verify_module.TOLERANCE})
+    code, captured = _run_in_process(
+        [onnx_classifier, "-o", tmp_path / "d.onnx", "--strides", "2", "--verify"], capsys
+    )
+    assert code == 1
+    assert "FAILED" in captured.out and "verification failed" in captured.out
+    assert os.listdir(tmp_path) == []
+
+
+def test_missing_torch_gives_the_install_hint(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
+    code, captured = _run_in_process(["--arch", "lenet5", "-o", tmp_path / "x.onnx"], capsys)
+    assert code == 2
+    assert "pip install 'densemap[convert]'" in captured.err
