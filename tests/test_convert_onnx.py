@@ -252,3 +252,32 @@ def test_flatten_order_contradicting_the_graph_is_refused():
     with pytest.raises(Exception, match="another order"):
         rewrite_head(classifier, flatten_order="chw")
     rewrite_head(classifier, flatten_order="hwc")  # agrees with the graph
+
+
+def test_resnet18_onnx_path_matches_the_converted_torch_module():
+    """Issue 7: a torchvision-layout ResNet-18 (padded, BatchNorm folded by the legacy
+    exporter, GAP head) through the ONNX path equals the converted torch module in fp32;
+    its à-trous variant equals the dense map on its even cells (NOTES 2, padded nets)."""
+    from convert import archs, fully_convolutional
+    from convert.atrous import make_atrous
+
+    torch.manual_seed(0)
+    model = archs.build("resnet18", num_classes=5).eval()
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 2)
+    dense = rewrite_head(export_classifier(model, 64, dynamo=False))
+    geometry = compute_geometry(dense, window=(64, 64))
+    assert geometry.stride == (32, 32) and geometry.padded
+    image = np.random.default_rng(0).standard_normal((1, 3, 64 + 32 + 5, 64 + 64 + 3))
+    with torch.no_grad():
+        expected = fully_convolutional(model, input_size=64)(torch.from_numpy(image).float())
+    score_map = ort32(dense, image)
+    # fp32: BatchNorm folded into conv weights in float32 and another conv algorithm
+    np.testing.assert_allclose(score_map, expected.numpy(), rtol=0, atol=2e-4)
+    n = cells(image.shape[2:], (64, 64), (32, 32))
+    fine = ort32(make_atrous(dense, factor=2), image)[:, :, ::2, ::2]
+    np.testing.assert_allclose(
+        fine[:, :, : n[0], : n[1]], score_map[:, :, : n[0], : n[1]], rtol=0, atol=2e-4
+    )
