@@ -55,7 +55,7 @@ def mini_vgg_layers(*, padded: bool = False) -> tuple[Layer, ...]:
     """Mini-VGG for a 64x64 window: total stride 8, ~30 MMAC per window (unpadded)."""
     pad = 1 if padded else 0
     return (
-        Conv(16, 3, pad), Conv(16, 3, pad), Pool(),
+        Conv(16, 3, pad), Conv(24, 3, pad), Pool(),
         Conv(32, 3, pad), Conv(32, 3, pad), Pool(),
         Conv(64, 3, pad), Pool(),
     )  # fmt: skip

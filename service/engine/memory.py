@@ -27,7 +27,8 @@ def _element_size(elem_type: int) -> int:
         return 4
 
 
-def _strip_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+def strip_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of the graph whose large initializers are typed inputs (no weight bytes)."""
     graph = model.graph
     kept, typed_inputs = [], []
     for tensor in graph.initializer:
@@ -49,6 +50,40 @@ def _strip_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     return copy
 
 
+def infer_at_size(
+    skeleton: onnx.ModelProto, input_name: str, layout: str, height: int, width: int
+) -> onnx.ModelProto:
+    """``skeleton`` with every shape inferred for a batch of one height x width image."""
+    model = onnx.ModelProto()
+    model.CopyFrom(skeleton)
+    for value in model.graph.input:
+        if value.name == input_name:
+            dims = value.type.tensor_type.shape.dim
+            axes = (2, 3) if layout == "NCHW" else (1, 2)
+            dims[0].ClearField("dim_param")
+            dims[0].dim_value = 1
+            for axis, size in zip(axes, (height, width), strict=True):
+                dims[axis].ClearField("dim_param")
+                dims[axis].dim_value = size
+    return shape_inference.infer_shapes(model)
+
+
+def conv_macs(model: onnx.ModelProto, input_name: str, height: int, width: int) -> int:
+    """Multiply-accumulates of every Conv node on one height x width NCHW image."""
+    inferred = infer_at_size(strip_weights(model), input_name, "NCHW", height, width).graph
+    shapes = {
+        v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+        for v in [*inferred.input, *inferred.value_info, *inferred.output]
+    }
+    total = 0
+    for node in inferred.node:
+        if node.op_type == "Conv":
+            weight = shapes[node.input[1]]  # [out, in/groups, kh, kw]: groups counted
+            out = shapes[node.output[0]]
+            total += int(np.prod(out, dtype=np.int64)) * int(np.prod(weight[1:], dtype=np.int64))
+    return total
+
+
 class ActivationEstimator:
     """Peak activation bytes of one pass of a model, for any input height and width."""
 
@@ -56,27 +91,15 @@ class ActivationEstimator:
         names = [i.name for i in model.graph.input]
         if input_name not in names:
             raise ModelLoadError(f"the model has no input {input_name!r} (inputs: {names})")
-        self._skeleton = _strip_weights(model)
+        self._skeleton = strip_weights(model)
         self._input_name = input_name
         self._layout = layout
         self._weights = {t.name for t in model.graph.initializer}
         self.activation_bytes = functools.lru_cache(maxsize=4096)(self._activation_bytes)
 
     def _shapes(self, height: int, width: int) -> dict[str, int]:
-        model = onnx.ModelProto()
-        model.CopyFrom(self._skeleton)
-        for value in model.graph.input:
-            if value.name == self._input_name:
-                dims = value.type.tensor_type.shape.dim
-                axes = (2, 3) if self._layout == "NCHW" else (1, 2)
-                dims[0].ClearField("dim_param")
-                dims[0].dim_value = 1
-                for axis, size in zip(axes, (height, width), strict=True):
-                    dims[axis].ClearField("dim_param")
-                    dims[axis].dim_value = size
-        inferred = shape_inference.infer_shapes(model)
+        graph = infer_at_size(self._skeleton, self._input_name, self._layout, height, width).graph
         sizes: dict[str, int] = {}
-        graph = inferred.graph
         for value in [*graph.input, *graph.value_info, *graph.output]:
             tensor_type = value.type.tensor_type
             dims = tensor_type.shape.dim
