@@ -15,8 +15,10 @@ import grpc
 import numpy as np
 import pytest
 from dense_models import build_dense_model
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
+from service._proto.densemap.v1 import densemap_pb2 as pb
 from service.engine import Engine
 from service.server.app import create_server
 from service.server.config import ServerConfig
@@ -102,3 +104,25 @@ def channel(target: str) -> grpc.Channel:
     limit = 256 * 1024 * 1024
     options = [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
     return grpc.insecure_channel(target, options=options)
+
+
+def array_request(image: np.ndarray, *, model: str = TINY, dtype=pb.UINT8, **options):
+    """A densemap.v1 ScoreRequest carrying ``image`` as a raw array."""
+    request = pb.ScoreRequest(model=model, options=pb.ScoreOptions(**options))
+    request.image.array.data = image.tobytes()
+    request.image.array.shape[:] = image.shape
+    request.image.array.dtype = dtype
+    return request
+
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def health_of(chan: grpc.Channel, service: str):
+    """The health status of ``service``, or the status code of a failed check."""
+    request = health_pb2.HealthCheckRequest(service=service)
+    try:
+        return health_pb2_grpc.HealthStub(chan).Check(request, timeout=5).status
+    except grpc.RpcError as exc:
+        return exc.code()

@@ -11,6 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server_harness import (  # noqa: F401  (fixtures)
     GREY,
     TINY,
+    array_request,
     channel,
     png_bytes,
     repo,
@@ -24,14 +25,6 @@ from service._proto.densemap.v1 import densemap_pb2_grpc as pb_grpc
 from service.engine import EngineConfig
 
 Code = grpc.StatusCode
-
-
-def array_request(image: np.ndarray, *, model: str = TINY, dtype=pb.UINT8, **options):
-    request = pb.ScoreRequest(model=model, options=pb.ScoreOptions(**options))
-    request.image.array.data = image.tobytes()
-    request.image.array.shape[:] = image.shape
-    request.image.array.dtype = dtype
-    return request
 
 
 def raw_request(data: bytes, shape, dtype, model: str = TINY) -> pb.ScoreRequest:

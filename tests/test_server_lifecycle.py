@@ -10,7 +10,6 @@ import pytest
 import tritonclient.grpc.service_pb2 as kserve_pb
 import tritonclient.grpc.service_pb2_grpc as kserve_grpc
 from google.protobuf.descriptor_pool import DescriptorPool
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
@@ -18,32 +17,25 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from server_fakes import BlockingRepository, wait_until
 from server_harness import (  # noqa: F401  (fixtures)
     HOST,
+    NOT_SERVING,
+    SERVING,
     TINY,
+    array_request,
     channel,
     free_port,
+    health_of,
     repo,
     rgb_image,
     server,
     start_server,
     test_config,
 )
-from test_server_errors import array_request
 
 from service._proto.densemap.v1 import densemap_pb2_grpc as pb_grpc
 from service.engine import ModelRepository
 from service.server.app import create_server
 
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 Code = grpc.StatusCode
-
-
-def health_of(chan: grpc.Channel, service: str):
-    request = health_pb2.HealthCheckRequest(service=service)
-    try:
-        return health_pb2_grpc.HealthStub(chan).Check(request, timeout=5).status
-    except grpc.RpcError as exc:
-        return exc.code()
 
 
 def score_code(stub, request, timeout: float = 30) -> grpc.StatusCode:

@@ -14,14 +14,15 @@ from server_fakes import wait_until
 from server_harness import (  # noqa: F401  (fixtures)
     GREY,
     HOST,
+    SERVING,
     TINY,
     channel,
     copy_repository,
+    health_of,
     repo,
     rgb_image,
     start_server,
 )
-from test_server_lifecycle import SERVING, health_of
 from tritonclient.utils import InferenceServerException
 
 from service.client import DensemapClient, RemoteError

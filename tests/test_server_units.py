@@ -8,8 +8,15 @@ import threading
 import grpc
 import pytest
 from server_fakes import wait_until
-from server_harness import HOST, TINY, channel, repo, rgb_image, test_config  # noqa: F401
-from test_server_errors import array_request
+from server_harness import (  # noqa: F401  (fixtures)
+    HOST,
+    TINY,
+    array_request,
+    channel,
+    repo,
+    rgb_image,
+    test_config,
+)
 
 from service._proto.densemap.v1 import densemap_pb2_grpc as pb_grpc
 from service.engine import ModelRepository
