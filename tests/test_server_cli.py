@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import grpc
 import pytest
@@ -24,6 +25,7 @@ from server_harness import (  # noqa: F401  (fixtures)
     free_port,
     repo,
     rgb_image,
+    start_server,
 )
 
 from service.cli import build_parser
@@ -197,3 +199,32 @@ def test_every_flag_has_an_env_twin(monkeypatch, tmp_path):
     serve_parser = build_parser()._subparsers._group_actions[0].choices["serve"]
     flags = {a.option_strings[0] for a in serve_parser._actions if a.option_strings[0] != "-h"}
     assert {"DENSEMAP_" + f[2:].replace("-", "_").upper() for f in flags} == set(env)
+
+
+BUNDLED = Path(__file__).resolve().parent.parent / "models"
+
+
+def test_defaults_serve_the_bundled_repository_on_50051(monkeypatch):
+    monkeypatch.delenv("DENSEMAP_MODELS", raising=False)
+    monkeypatch.chdir(BUNDLED.parent)
+    config = build_config(build_parser().parse_args(["serve"]))
+    assert config.models_dir.resolve() == BUNDLED and config.port == 50051
+    assert config.metrics_port == 9090 and config.grace_seconds == 30.0
+
+
+@pytest.mark.skipif(
+    not (BUNDLED / "digits" / "model.onnx").is_file(), reason="the digits demo model is not built"
+)
+def test_bundled_digits_model_is_served():
+    srv, port = start_server(BUNDLED)
+    try:
+        with DensemapClient(f"{HOST}:{port}", timeout=30) as client:
+            assert "digits" in {m.name for m in client.list_models()}
+            model = client.get_model("digits")
+            window = model.geometry.window
+            channels = model.preprocessing.channels
+            image = rgb_image(window[0] * 2, window[1] * 2)[:, :, :channels]
+            result = client.score(image, model="digits")
+            assert result.maps[0].scores.shape[0] == model.num_classes
+    finally:
+        srv.stop()
