@@ -143,6 +143,18 @@ def test_score_page_and_find_digits_on_a_constructed_map(split):
     found = find_digits(probabilities, grid, background=BACKGROUND)
     assert sorted(d.label for d in found) == sorted(p.label for p in page.placements)
     assert all(d.score == pytest.approx(0.9) and d.cells in (1, 2) for d in found)
+    # a fringe cell naming another class next to a digit is dropped (less mass, too close)
+    first = page.placements[0]
+    i, j = grid.nearest_cell(first.centre)
+    fringe = probabilities.copy()
+    other = (first.label + 1) % 10
+    below = i + 1 if i + 1 < n else i - 1
+    fringe[:, below, j] = 0.0
+    fringe[other, below, j] = 0.95
+    labels = sorted(d.label for d in find_digits(fringe, grid, background=BACKGROUND))
+    assert labels == sorted(p.label for p in page.placements)
+    kept = find_digits(fringe, grid, background=BACKGROUND, min_distance=0.0)
+    assert len(kept) == len(page.placements) + 1
     # one wrong cell on blank paper counts as a false positive
     blank = ~touched_cells((n, n), grid, page.placements)
     i, j = np.argwhere(blank)[0]

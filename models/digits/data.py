@@ -50,7 +50,7 @@ class Split:
     test_labels: np.ndarray
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Placement:
     """One digit on a canvas: which glyph, its side and its top-left corner (may be < 0)."""
 

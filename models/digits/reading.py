@@ -7,7 +7,9 @@ nearest a point y is ``i = round((y - o - R/2) / S)``.
 - :func:`score_page` checks the cell nearest each drawn digit (does it name the digit?) and
   every "blank" cell, whose window touches no digit box (does it say background?).
 - :func:`find_digits` turns a map into detections: 8-connected groups of cells with the
-  same digit class, each reported at its most confident cell.
+  same digit class, each reported at its most confident cell; a group closer than
+  ``min_distance`` px to a group with more probability mass (usually a few fringe cells
+  naming a look-alike class next to a digit) is dropped.
 """
 
 from __future__ import annotations
@@ -114,10 +116,16 @@ class Detection:
     score: float
     centre: tuple[float, float]
     cells: int  # size of the group of cells that named it
+    mass: float  # sum of the group's cell probabilities for its class
 
 
 def find_digits(
-    probabilities: np.ndarray, grid: Grid, *, background: int, min_score: float = 0.5
+    probabilities: np.ndarray,
+    grid: Grid,
+    *,
+    background: int,
+    min_score: float = 0.5,
+    min_distance: float = 10.0,
 ) -> list[Detection]:
     """Detections from a [C, n_h, n_w] probability map, most confident first."""
     label_map = probabilities.argmax(axis=0)
@@ -149,6 +157,16 @@ def find_digits(
                 score=float(peak[best]),
                 centre=grid.cell_centre(*best),
                 cells=len(group),
+                mass=float(sum(peak[cell] for cell in group)),
             )
         )
-    return sorted(found, key=lambda d: -d.score)
+    kept: list[Detection] = []
+    for det in sorted(found, key=lambda d: -d.mass):
+        if all(_distance(det.centre, other.centre) > min_distance for other in kept):
+            kept.append(det)
+    return sorted(kept, key=lambda d: -d.score)
+
+
+def _distance(a: tuple[float, float], b: tuple[float, float]) -> float:
+    """Chebyshev distance in pixels."""
+    return max(abs(a[0] - b[0]), abs(a[1] - b[1]))
