@@ -98,12 +98,20 @@ def check_float(image: np.ndarray, *, channels: int, max_pixels: int) -> np.ndar
 
 
 def preprocess(image_hwc_uint8: np.ndarray, preprocessing: Preprocessing) -> np.ndarray:
-    """uint8 HxWxC in the model's color order -> float32 CxHxW: ``(pixel*scale - mean)/std``."""
-    pixels_chw = np.asarray(image_hwc_uint8, dtype=np.float32).transpose(2, 0, 1)
+    """uint8 HxWxC in the model's color order -> float32 CxHxW: ``(pixel*scale - mean)/std``.
+
+    Computed in float32, one channel plane at a time and in place (no full-size temporaries).
+    """
+    height, width, channels = image_hwc_uint8.shape
     scale = np.float32(preprocessing.scale)
-    mean = np.asarray(preprocessing.mean, dtype=np.float32)[:, None, None]
-    std = np.asarray(preprocessing.std, dtype=np.float32)[:, None, None]
-    return np.ascontiguousarray((pixels_chw * scale - mean) / std, dtype=np.float32)
+    image_chw = np.empty((channels, height, width), dtype=np.float32)
+    for channel in range(channels):
+        plane = image_chw[channel]
+        plane[...] = image_hwc_uint8[:, :, channel]
+        plane *= scale
+        plane -= np.float32(preprocessing.mean[channel])
+        plane /= np.float32(preprocessing.std[channel])
+    return image_chw
 
 
 def resized_size(height: int, width: int, scale: float) -> tuple[int, int]:
