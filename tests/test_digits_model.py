@@ -16,7 +16,7 @@ from models.digits.card import CARD_FILE, heldout_line, reading_rows  # noqa: E4
 from models.digits.data import LABELS, STRIDE, WINDOW, load_split  # noqa: E402
 from models.digits.pages import sample_pages  # noqa: E402
 from service.contract import ModelMetadata  # noqa: E402
-from service.engine import Engine, EngineConfig, ScoreOptions  # noqa: E402
+from service.engine import Engine, ScoreOptions  # noqa: E402
 
 FOLDER = Path(__file__).resolve().parent.parent / "models" / "digits"
 MODEL = FOLDER / "model.onnx"
@@ -42,7 +42,7 @@ def classifier():
 
 @pytest.fixture(scope="module")
 def report():
-    return digits_eval.evaluate(MODEL, config=EngineConfig(intra_op_threads=1, warmup=False))
+    return digits_eval.evaluate(MODEL)  # CPU, as the card states
 
 
 def test_shipped_files_are_small_and_labelled():
@@ -77,7 +77,7 @@ def test_engine_maps_equal_the_classifier_on_every_crop(classifier, stride):
 
     prep = _metadata().preprocessing
     page = sample_pages(*_held_out())[0].image[:60, :84]  # a corner with digits
-    engine = Engine(MODEL, config=EngineConfig(intra_op_threads=1, warmup=False))
+    engine = Engine(MODEL, config=digits_eval.CPU)
     logits = engine.score(page, ScoreOptions(output_stride=stride, probabilities=False))
     score_map = logits.maps[0].scores
     n_h, n_w = (60 - WINDOW) // stride + 1, (84 - WINDOW) // stride + 1

@@ -45,3 +45,17 @@ def test_preprocessing_matches_the_engine():
     ours = train.to_tensor(images, prep).numpy()
     for k in range(3):
         assert np.array_equal(ours[k], preprocess(images[k][:, :, None], prep))
+
+
+def test_training_is_seeded():
+    from models.digits.data import load_split
+
+    split = load_split()
+    config = train.TrainConfig(epochs=1, windows_per_epoch=128, batch_size=32, train_glyphs=300)
+    runs = [train.train_classifier(split, config=config, log=lambda _: None) for _ in range(2)]
+    (first, prep_a), (second, prep_b) = runs
+    assert prep_a == prep_b
+    for (name, a), (_, b) in zip(
+        first.state_dict().items(), second.state_dict().items(), strict=True
+    ):
+        assert np.array_equal(a.numpy(), b.numpy()), name
