@@ -7,7 +7,7 @@ import io
 import numpy as np
 import pytest
 
-from service.batch.heatmap import RAMP, pixel_cells
+from service.batch.heatmap import RAMP, pixel_cells, render_heatmap
 from service.batch.outputs import write_npz
 from service.batch.progress import Progress
 from service.batch.walk import find_images, has_image_signature
@@ -93,3 +93,24 @@ def test_plain_progress_lines_name_failures():
     assert "ETA" in text and "1 failed" in text
     final = progress.final_line("out")
     assert "scored 1, skipped 1, failed 1 of 4 images" in final
+
+
+def test_background_cells_stay_unpainted_in_top_class_mode():
+    from service.engine.result import MapGeometry, ScaleMap
+
+    geometry = MapGeometry(stride=(4, 4), window=(8, 8), origin=(0, 0),
+                           receptive_field=(8, 8), receptive_field_offset=(0, 0))  # fmt: skip
+    scores = np.zeros((2, 4, 4), dtype=np.float32)
+    scores[0] = 0.9  # "background" wins everywhere ...
+    scores[1] = 0.1
+    scores[:, 0, 0] = (0.2, 0.8)  # ... except cell (0, 0): "digit"
+    image = np.random.default_rng(0).integers(0, 256, (20, 20, 3), dtype=np.uint8)
+    picture = np.asarray(
+        render_heatmap(
+            image, ScaleMap(geometry=geometry, scores=scores), labels=("background", "digit")
+        )
+    )
+    # Pixels nearest cell (0, 0) are rows/cols 0-5 (centres 4, 8, ...); the rest is untouched.
+    assert (picture[:6, :6] != image[:6, :6]).any(axis=2).all()
+    np.testing.assert_array_equal(picture[6:], image[6:])
+    np.testing.assert_array_equal(picture[:, 6:], image[:, 6:])

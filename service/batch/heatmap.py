@@ -5,7 +5,8 @@ map was computed on); pixels that no window covers (the last ``(W - R) mod S`` c
 rows) stay unpainted. Two modes:
 
 - top class: the colour of the cell's best class (a fixed 20-colour palette), opacity
-  proportional to its confidence, with a legend of the classes shown;
+  proportional to its confidence, with a legend of the classes shown; cells whose best
+  class is labelled ``background`` (or ``__background__``, ``bg``) stay unpainted;
 - one class: that class's probability through a perceptual colour ramp (dark blue ->
   green -> yellow), with a colour bar.
 
@@ -36,6 +37,7 @@ _RAMP_ANCHORS = np.array(
     dtype=np.float64,
 )
 TOP_CLASS_MAX_ALPHA = 0.65
+BACKGROUND_LABELS = frozenset({"background", "__background__", "bg"})  # left unpainted
 CLASS_ALPHA = 0.55
 
 
@@ -125,8 +127,15 @@ def render_heatmap(
         confidence = probs.max(axis=0)
         cell_rgba[:n_h, :n_w, :3] = CLASS_PALETTE[top % len(CLASS_PALETTE)]
         cell_rgba[:n_h, :n_w, 3] = np.round(confidence * TOP_CLASS_MAX_ALPHA * 255)
+        for c, class_index in enumerate(channel_classes):
+            if name(class_index).strip().lower() in BACKGROUND_LABELS:
+                cell_rgba[:n_h, :n_w, 3][top == c] = 0  # the image shows through
         shown, counts = np.unique(top, return_counts=True)
-        order = shown[np.argsort(-counts, kind="stable")][:8]
+        order = [
+            c
+            for c in shown[np.argsort(-counts, kind="stable")]
+            if name(channel_classes[c]).strip().lower() not in BACKGROUND_LABELS
+        ][:8]
         legend = [(CLASS_PALETTE[c % len(CLASS_PALETTE)], name(channel_classes[c])) for c in order]
     else:
         channel = channel_classes.index(class_index)
