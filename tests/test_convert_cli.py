@@ -154,3 +154,15 @@ def test_missing_torch_gives_the_install_hint(tmp_path, capsys, monkeypatch):
     code, captured = _run_in_process(["--arch", "lenet5", "-o", tmp_path / "x.onnx"], capsys)
     assert code == 2
     assert "pip install 'densemap[convert]'" in captured.err
+
+
+def test_preprocessing_file_goes_into_the_contract(onnx_classifier, tmp_path, capsys):
+    prep = {"layout": "NCHW", "color": "BGR", "scale": 1.0, "mean": [1, 2, 3], "std": [2, 2, 2]}
+    (tmp_path / "prep.json").write_text(json.dumps(prep))
+    code, captured = _run_in_process(
+        [onnx_classifier, "-o", tmp_path / "d.onnx", "--preprocessing", tmp_path / "prep.json"],
+        capsys,
+    )
+    assert code == 0, captured.err
+    meta = _metadata(tmp_path / "d.onnx")
+    assert meta.preprocessing.color == "BGR" and meta.preprocessing.mean == (1.0, 2.0, 3.0)

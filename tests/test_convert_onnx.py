@@ -281,3 +281,31 @@ def test_resnet18_onnx_path_matches_the_converted_torch_module():
     np.testing.assert_allclose(
         fine[:, :, : n[0], : n[1]], score_map[:, :, : n[0], : n[1]], rtol=0, atol=2e-4
     )
+
+
+def test_gemm_without_transpose_alpha_beta_and_constant_nodes():
+    """Gemm(transB=0, alpha, beta) with its weight in a Constant node, a LeakyRelu, a
+    Dropout and a per-class Mul between FC layers: the dense map equals the classifier."""
+    g = GraphBuilder(2, seed=7)
+    g.conv(3, 3)
+    g.pool("AveragePool", 2, 2)
+    flat = g.node("Flatten")
+    weight = g.rng.standard_normal((3 * 2 * 2, 4)).astype(np.float32)  # (features, out)
+    g.nodes.append(
+        onnx.helper.make_node(
+            "Constant", [], ["fc1_w"], value=onnx.numpy_helper.from_array(weight, "fc1_w")
+        )
+    )
+    bias = g.const(g.rng.standard_normal((1, 4)).astype(np.float32), "b")
+    g.node("Gemm", [flat, "fc1_w", bias], transB=0, alpha=0.5, beta=2.0)
+    g.node("LeakyRelu", alpha=0.1)
+    g.node("Dropout")
+    g.node("Mul", [g.current, g.const(np.array([1.0, -2.0, 3.0, 0.5], np.float32), "scale")])
+    second = g.rng.standard_normal((3, 4)).astype(np.float32)
+    g.node("Gemm", [g.current, g.const(second), g.const(np.float32([0.1, 0.2, 0.3]), "b")], transB=1)  # fmt: skip
+    classifier = g.model(6, output_dims=[1, 3])
+    dense = rewrite_head(classifier)
+    image = np.random.default_rng(1).standard_normal((1, 2, 13, 10))
+    score_map = dense64(dense, image)
+    expected = onnx_crops64(classifier, image, window=(6, 6), stride=(2, 2), cells=(4, 3))
+    np.testing.assert_allclose(score_map[0, :, :4, :3], expected, rtol=0, atol=EXACT)
