@@ -140,6 +140,18 @@ def test_score_page_and_find_digits_on_a_constructed_map(split):
     score = score_page(probabilities.argmax(0), grid, page.placements, background=BACKGROUND)
     assert score.digits == len(page.placements) == score.read
     assert score.blank_false == 0 and score.blank_cells > 0
+    # off-centre cells, by brute force: touch a digit, centre >= a stride from every digit
+    touched = touched_cells((n, n), grid, page.placements)
+    off_cells = off_false = 0
+    for i in range(n):
+        for j in range(n):
+            ci, cj = grid.cell_centre(i, j)
+            near = min(max(abs(ci - p.centre[0]), abs(cj - p.centre[1])) for p in page.placements)
+            if touched[i, j] and near >= STRIDE:
+                off_cells += 1
+                off_false += int(probabilities[:, i, j].argmax() != BACKGROUND)
+    assert (score.off_cells, score.off_false) == (off_cells, off_false)
+    assert off_false > 0  # some right neighbours sit a stride or more from the centre
     found = find_digits(probabilities, grid, background=BACKGROUND)
     assert sorted(d.label for d in found) == sorted(p.label for p in page.placements)
     assert all(d.score == pytest.approx(0.9) and d.cells in (1, 2) for d in found)

@@ -116,6 +116,9 @@ def test_page_reading_meets_targets(report, index):
     assert reading.score.reading_accuracy >= digits_eval.THRESHOLDS["reading_accuracy"]
     assert reading.score.blank_cells >= 1000
     assert reading.score.blank_false_positive_rate <= digits_eval.THRESHOLDS["blank_fp_rate"]
+    assert reading.score.off_cells >= 10_000
+    limit = digits_eval.THRESHOLDS["off_centre_fp_rate"]
+    assert reading.score.off_centre_false_positive_rate <= limit
     assert reading.recall >= 0.9 and reading.precision >= 0.9
     assert not digits_eval.failures(report)
 

@@ -38,6 +38,7 @@ def reading_rows(report: Report) -> list[str]:
         rows.append(
             f"| {r.stride} ({kind}) | {s.read}/{s.digits} = {s.reading_accuracy:.2%} | "
             f"{s.blank_false}/{s.blank_cells} = {s.blank_false_positive_rate:.2%} | "
+            f"{s.off_false}/{s.off_cells} = {s.off_centre_false_positive_rate:.2%} | "
             f"{r.precision:.2%} | {r.recall:.2%} |"
         )
     return rows
@@ -116,12 +117,15 @@ def render(
         f"{EVAL_PAGE_DIGITS} held-out digits each. *Read*: the cell centred nearest a "
         f"digit's centre names its class (target >= {THRESHOLDS['reading_accuracy']:.0%}). "
         "*Blank FP*: cells whose window touches no digit box but do not say background "
-        f"(target <= {THRESHOLDS['blank_fp_rate']:.0%}). *Precision/recall*: detections "
+        f"(target <= {THRESHOLDS['blank_fp_rate']:.0%}). *Off-centre FP*: cells whose window "
+        f"touches a digit but whose centre is {STRIDE} px or more from every digit centre, "
+        f"yet name a digit (localisation; target <= {THRESHOLDS['off_centre_fp_rate']:.0%}). "
+        "*Precision/recall*: detections "
         "(8-connected groups of cells naming one digit, at their most confident cell, "
         f"probability >= 0.5) matched to a digit of that class within {MATCH_RADIUS:g} px.",
         "",
-        "| stride | read | blank FP | detection precision | detection recall |",
-        "|---|---|---|---|---|",
+        "| stride | read | blank FP | off-centre FP | detection precision | detection recall |",
+        "|---|---|---|---|---|---|",
         *reading_rows(report),
         "",
         "## Reproduce",

@@ -15,11 +15,11 @@ nearest a point y is ``i = round((y - o - R/2) / S)``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import numpy as np
 
-from models.digits.data import Placement
+from models.digits.data import OFF_CENTRE_MIN, Placement
 
 
 @dataclass(frozen=True)
@@ -51,14 +51,11 @@ class PageScore:
     read: int = 0  # digits whose nearest cell names their class
     blank_cells: int = 0  # cells whose window touches no digit box
     blank_false: int = 0  # ... of which do not say background
+    off_cells: int = 0  # cells touching a digit, all digit centres >= off_centre px away
+    off_false: int = 0  # ... of which name a digit (a digit seen off its centre)
 
     def __add__(self, other: PageScore) -> PageScore:
-        return PageScore(
-            self.digits + other.digits,
-            self.read + other.read,
-            self.blank_cells + other.blank_cells,
-            self.blank_false + other.blank_false,
-        )
+        return PageScore(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
 
     @property
     def reading_accuracy(self) -> float:
@@ -67,6 +64,10 @@ class PageScore:
     @property
     def blank_false_positive_rate(self) -> float:
         return self.blank_false / self.blank_cells if self.blank_cells else float("nan")
+
+    @property
+    def off_centre_false_positive_rate(self) -> float:
+        return self.off_false / self.off_cells if self.off_cells else float("nan")
 
 
 def touched_cells(
@@ -89,8 +90,26 @@ def touched_cells(
     return touched
 
 
+def centre_distance(
+    shape: tuple[int, int], grid: Grid, placements: Sequence[Placement]
+) -> np.ndarray:
+    """[n_h, n_w]: Chebyshev distance (px) from each cell centre to the nearest digit centre."""
+    rows = grid.origin[0] + np.arange(shape[0]) * grid.stride[0] + grid.window[0] / 2
+    cols = grid.origin[1] + np.arange(shape[1]) * grid.stride[1] + grid.window[1] / 2
+    distance = np.full(shape, np.inf)
+    for p in placements:
+        d = np.maximum(np.abs(rows - p.centre[0])[:, None], np.abs(cols - p.centre[1])[None, :])
+        np.minimum(distance, d, out=distance)
+    return distance
+
+
 def score_page(
-    label_map: np.ndarray, grid: Grid, placements: Sequence[Placement], *, background: int
+    label_map: np.ndarray,
+    grid: Grid,
+    placements: Sequence[Placement],
+    *,
+    background: int,
+    off_centre: float = OFF_CENTRE_MIN,
 ) -> PageScore:
     """Check a [n_h, n_w] class map against the digits drawn on the page."""
     n_h, n_w = label_map.shape
@@ -99,12 +118,15 @@ def score_page(
         i, j = grid.nearest_cell(p.centre)
         if 0 <= i < n_h and 0 <= j < n_w and label_map[i, j] == p.label:
             read += 1
-    blank = ~touched_cells((n_h, n_w), grid, placements)
+    touched = touched_cells((n_h, n_w), grid, placements)
+    off = touched & (centre_distance((n_h, n_w), grid, placements) >= off_centre)
     return PageScore(
         digits=len(placements),
         read=read,
-        blank_cells=int(blank.sum()),
-        blank_false=int((label_map[blank] != background).sum()),
+        blank_cells=int((~touched).sum()),
+        blank_false=int((label_map[~touched] != background).sum()),
+        off_cells=int(off.sum()),
+        off_false=int((label_map[off] != background).sum()),
     )
 
 
