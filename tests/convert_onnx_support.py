@@ -162,8 +162,10 @@ class GraphBuilder:
             self.const(bias.astype(np.float32), "b"),
         ]
         self.channels = out_channels
+        if "auto_pad" not in attrs:  # pads and auto_pad are exclusive in ONNX
+            attrs["pads"] = list(pads)
         return self.node(
-            "Conv", inputs, kernel_shape=list(kernel), strides=pair(stride), pads=list(pads),
+            "Conv", inputs, kernel_shape=list(kernel), strides=pair(stride),
             dilations=pair(dilation), **attrs,
         )  # fmt: skip
 

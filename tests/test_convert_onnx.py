@@ -309,3 +309,18 @@ def test_gemm_without_transpose_alpha_beta_and_constant_nodes():
     score_map = dense64(dense, image)
     expected = onnx_crops64(classifier, image, window=(6, 6), stride=(2, 2), cells=(4, 3))
     np.testing.assert_allclose(score_map[0, :, :4, :3], expected, rtol=0, atol=EXACT)
+
+
+def test_same_auto_pad_with_stride_is_frozen_at_the_window_size():
+    g = GraphBuilder(3, seed=2)
+    g.conv(2, 3, stride=2, auto_pad="SAME_UPPER", pad=0)  # at R = 8: 4 outputs, pads 0 / 1
+    flat = g.node("Flatten")
+    g.node("Gemm", [flat, g.const(g.rng.standard_normal((3, 32)).astype(np.float32))], transB=1)
+    classifier = g.model(8, output_dims=[1, 3])
+    dense = rewrite_head(classifier)
+    conv = dense.graph.node[0]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in conv.attribute}
+    assert attrs["pads"] == [0, 0, 1, 1] and attrs["auto_pad"] == b"NOTSET"
+    assert compute_geometry(dense, window=8).padded
+    image = np.random.default_rng(0).standard_normal((1, 3, 8, 8))
+    np.testing.assert_allclose(dense64(dense, image)[0, :, 0, 0], dense64(classifier, image)[0], atol=EXACT)  # fmt: skip
