@@ -20,7 +20,8 @@ def test_train_cli_writes_a_servable_exact_model(tmp_path, capsys):
         ["--out", str(tmp_path), "--epochs", "1", "--windows", "256", "--skip-evaluation"]
     )
     assert code == 0
-    assert "epoch 1/1" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "epoch 1/1" in out and "PASSED" in out  # the recipe runs convert.verify
     for name in ("model.onnx", "model.s2.onnx", "model.s1.onnx", "classifier.pt"):
         assert (tmp_path / name).is_file(), name
     assert (tmp_path / "labels.txt").read_text().splitlines() == list(LABELS)

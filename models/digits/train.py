@@ -6,7 +6,8 @@
 Steps: split ``load_digits`` (fixed seed, before augmentation); train densemap's
 ``lenet5`` architecture (unpadded, window 28x28, stride 4, 11 classes) on freshly
 synthesised windows every epoch; save the weights (``classifier.pt``); convert with
-densemap's converter to ``model.onnx`` plus à-trous variants at strides 2 and 1; write
+densemap's converter to ``model.onnx`` plus à-trous variants at strides 2 and 1 and
+check it with ``convert.verify`` against the trained classifier (crop by crop); write
 ``labels.txt`` and the sample pages; measure the shipped ONNX through the engine
 (:mod:`models.digits.evaluate`) and write ``MODEL_CARD.md`` from those numbers.
 
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from convert import archs, convert_torch
+from convert import archs, convert_torch, verify
 from models.digits.data import LABELS, NUM_CLASSES, STRIDE, WINDOW, Split, load_split
 from models.digits.windows import sample_windows
 from service.contract import Preprocessing
@@ -185,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     save_weights(model, args.out / WEIGHTS_FILE)
     result = export_model(model, preprocessing, args.out)
     print(f"wrote {result.path} and {len(result.variant_paths)} à-trous variant(s)")
+    check = verify(model, result.path)
+    print(check.table())
+    if not check.passed:
+        return 1
     if args.skip_evaluation:
         return 0
     from models.digits.card import write_model_card
