@@ -48,3 +48,21 @@ def test_probes_use_the_health_services_the_server_registers():
     text = (ROOT / "deploy" / "k8s" / "deployment.yaml").read_text()
     assert "service: readiness" in text and "service: liveness" in text
     assert "nvidia.com/gpu: 1" in text.split("limits:")[1]
+
+
+def test_every_densemap_variable_in_deploy_files_is_a_serve_setting():
+    import re
+
+    help_text = subprocess.run(
+        [sys.executable, "-m", "service.cli", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    ).stdout
+    known = set(re.findall(r"DENSEMAP_[A-Z_]+", help_text))
+    assert "DENSEMAP_PORT" in known, help_text
+    used = set()
+    for path in [ROOT / "deploy" / "Dockerfile", *CORE_MANIFESTS]:
+        used |= set(re.findall(r"DENSEMAP_[A-Z_]+", path.read_text()))
+    assert used and used <= known, f"unknown settings in deploy/: {sorted(used - known)}"
