@@ -26,8 +26,15 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from convert.geometry import WINDOW_OPS, trace_graph, window_params
-from convert.onnx_graph import GraphIndex, node_label, opset_version, set_attribute
+from convert.geometry import trace_graph
+from convert.onnx_graph import (
+    WINDOW_OPS,
+    GraphIndex,
+    node_label,
+    opset_version,
+    set_attribute,
+    window_params,
+)
 from service.errors import ConversionError
 
 Pair = tuple[int, int]

@@ -22,33 +22,25 @@ from dataclasses import dataclass, field, replace
 import onnx
 
 from convert.onnx_graph import (
+    BINARY_OPS,
+    CHANNEL_AXIS_OPS,
+    COLLAPSE_OPS,
+    META_OPS,
+    REDUCE_OPS,
+    UNARY_OPS,
+    WINDOW_OPS,
     GraphIndex,
     attributes,
     image_input,
     node_label,
     opset_version,
     topological_nodes,
+    window_params,
 )
 from service.contract import Geometry
 from service.errors import ConversionError
 
 Pair = tuple[int, int]
-
-WINDOW_OPS = frozenset({"Conv", "MaxPool", "AveragePool", "LpPool"})
-UNARY_OPS = frozenset(
-    "Relu LeakyRelu PRelu Sigmoid Tanh Clip Elu Selu Celu HardSigmoid HardSwish Gelu Softplus "
-    "Softsign Mish Identity Dropout BatchNormalization LRN Cast Neg Abs Exp Log Sqrt Reciprocal "
-    "Erf Floor Ceil Round Sign Not ThresholdedRelu Shrink IsNaN IsInf".split()
-)
-BINARY_OPS = frozenset("Add Sub Mul Div Pow Max Min Sum Mean Where Equal Greater Less".split())
-CHANNEL_AXIS_OPS = frozenset({"Softmax", "LogSoftmax", "Hardmax"})
-META_OPS = frozenset({"Shape", "Size"})
-REDUCE_OPS = frozenset(
-    "ReduceMean ReduceMax ReduceMin ReduceSum ReduceProd ReduceL1 ReduceL2 ReduceLogSum "
-    "ReduceLogSumExp ReduceSumSquare".split()
-)
-GLOBAL_POOL_OPS = frozenset({"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"})
-COLLAPSE_OPS = GLOBAL_POOL_OPS | REDUCE_OPS | {"Flatten", "Reshape", "Squeeze", "MatMul", "Gemm"}
 
 
 @dataclass(frozen=True)
@@ -88,34 +80,6 @@ def detect_layout(index: GraphIndex, image: str) -> str:
                         seen.add(out)
                         frontier.append(out)
     return "NCHW"
-
-
-def window_params(node: onnx.NodeProto, index: GraphIndex) -> dict:
-    """kernel, strides, dilations and (begin, end) pads of a Conv/pool node, per axis."""
-    attrs = attributes(node)
-    kernel = attrs.get("kernel_shape")
-    if kernel is None and node.op_type == "Conv":
-        weight_shape = index.shape(node.input[1])
-        kernel = list(weight_shape[2:]) if weight_shape and None not in weight_shape else None
-    if kernel is None or len(kernel) != 2:
-        raise ConversionError(f"{node_label(node)}: cannot read a 2-D kernel_shape")
-    strides = list(attrs.get("strides", [1, 1]))
-    dilations = list(attrs.get("dilations", [1, 1]))
-    pads = list(attrs.get("pads", [0, 0, 0, 0]))
-    auto_pad = attrs.get("auto_pad", "NOTSET")
-    if auto_pad == "VALID":
-        pads = [0, 0, 0, 0]
-    elif auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        if strides != [1, 1]:
-            raise ConversionError(
-                f"{node_label(node)} uses auto_pad={auto_pad} with stride {strides}: its padding "
-                "depends on the input size, so it has no fixed dense geometry. Re-export the "
-                "classifier with explicit pads (densemap freezes them for fixed-size inputs)"
-            )
-        totals = [d * (k - 1) for d, k in zip(dilations, kernel, strict=False)]
-        begins = [t // 2 if auto_pad == "SAME_UPPER" else t - t // 2 for t in totals]
-        pads = begins + [t - b for t, b in zip(totals, begins, strict=False)]
-    return {"kernel": kernel, "strides": strides, "dilations": dilations, "pads": pads}
 
 
 def _window_field(node: onnx.NodeProto, source: Field, index: GraphIndex) -> Field:
@@ -335,8 +299,3 @@ def compute_geometry(model: onnx.ModelProto, *, window: Pair) -> Geometry:
         effective_window=effective,
         padded=result.padded,
     )
-
-
-def trunk_field(model: onnx.ModelProto) -> Field:
-    """Field of the dense model's output (exposed for the à-trous pass and tests)."""
-    return trace_graph(model).fields[model.graph.output[0].name]

@@ -28,8 +28,11 @@ from convert.flatten_order import (
     feature_coordinates,
     named_order,
 )
-from convert.geometry import BINARY_OPS, CHANNEL_AXIS_OPS, UNARY_OPS, detect_layout, trace_graph
+from convert.geometry import detect_layout, trace_graph
 from convert.onnx_graph import (
+    BINARY_OPS,
+    CHANNEL_AXIS_OPS,
+    UNARY_OPS,
     GraphIndex,
     attributes,
     image_input,

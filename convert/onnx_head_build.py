@@ -14,8 +14,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from convert.geometry import WINDOW_OPS, Field, Trace
+from convert.geometry import Field, Trace
 from convert.onnx_graph import (
+    WINDOW_OPS,
     GraphIndex,
     attributes,
     image_input,
