@@ -28,7 +28,7 @@ test: $(STAMP) lint
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)
-	$(BIN)/python -m service.demo
+	$(BIN)/python -m models.digits.demo
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest -q tests/bench -s

@@ -1,0 +1,38 @@
+"""The README's first command, as a smoke run: real server, real client, bundled model."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = sorted((ROOT / "models" / "digits" / "pages").glob("*.png"))
+
+
+def test_demo_serves_scores_and_draws_every_page(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "models.digits.demo", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "server stopped cleanly" in result.stdout
+    assert PAGES, "the sample pages are missing"
+    rows = re.findall(r"^(page_\d+\.png)\s+(\d+)\s+(\d+)x(\d+)\s+(\d+)/(\d+)", result.stdout, re.M)
+    assert len(rows) == 2 * len(PAGES), result.stdout
+    for name, stride, n_h, n_w, found, drawn in rows:
+        height, width = Image.open(ROOT / "models" / "digits" / "pages" / name).size[::-1]
+        stride = int(stride)
+        # cells per axis: (W - R) // S + 1 with R = 28
+        assert (int(n_h), int(n_w)) == ((height - 28) // stride + 1, (width - 28) // stride + 1)
+        assert int(found) >= 0.9 * int(drawn), f"{name} at stride {stride}: {found}/{drawn}"
+        heatmap = tmp_path / f"stride{stride}" / f"{name}.heatmap.png"
+        with Image.open(heatmap) as picture:
+            assert picture.size == (width, height)
+        with np.load(tmp_path / f"stride{stride}" / f"{name}.npz") as npz:
+            assert any(a.shape[-2:] == (int(n_h), int(n_w)) for a in npz.values() if a.ndim >= 2)
