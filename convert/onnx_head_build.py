@@ -197,7 +197,7 @@ def _first_layer(plan, trace, index, names) -> tuple[list, list]:
     return [*nodes, conv], inits
 
 
-def _edit(kind, node, channels, names, opset) -> tuple[list, list]:
+def _edit(kind, node, channels, names, opset, index: GraphIndex) -> tuple[list, list]:
     """Adapt one elementwise head op from [N, channels] to [N, channels, h, w]."""
     if kind == "softmax":
         if opset >= 13:
@@ -213,7 +213,7 @@ def _edit(kind, node, channels, names, opset) -> tuple[list, list]:
         return [before, node, after], []
     inits = []
     for position, name in enumerate(node.input):
-        value = names.constants.get(name)
+        value = index.constant(name)
         if value is None or value.size == 1:
             continue
         if value.size != channels:
@@ -250,7 +250,6 @@ def assemble(model: onnx.ModelProto, *, index: GraphIndex, trace: Trace, plan: H
     """Rewrite ``model`` (a working copy) according to ``plan``; returns it."""
     graph = model.graph
     names = _Names(graph)
-    names.constants = index.constants
     replaced = {id(node) for linear in plan.linears for node in linear.nodes}
     inserts: dict[int, tuple[list, list]] = {
         id(plan.linears[0].nodes[0]): _first_layer(plan, trace, index, names)
@@ -262,7 +261,7 @@ def assemble(model: onnx.ModelProto, *, index: GraphIndex, trace: Trace, plan: H
         inserts[id(linear.nodes[0])] = ([node], inits)
     opset = opset_version(model)
     for kind, node, channels in plan.edits:
-        inserts[id(node)] = _edit(kind, node, channels, names, opset)
+        inserts[id(node)] = _edit(kind, node, channels, names, opset, index)
     nodes, initializers = [], []
     for node in list(graph.node):
         new_nodes, inits = inserts.get(id(node), (None, []))

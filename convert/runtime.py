@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import onnxruntime as ort
 
 from service.errors import ConversionError
+
+if TYPE_CHECKING:  # onnxruntime is imported when a session is made: `import convert` stays light
+    import onnxruntime as ort
 
 ORT_DTYPES = {
     "tensor(float)": np.float32,
@@ -16,6 +20,8 @@ ORT_DTYPES = {
 
 def cpu_session(model: str | bytes) -> ort.InferenceSession:
     """An onnxruntime CPU session; errors become :class:`ConversionError`."""
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.log_severity_level = 3  # no per-session warnings about missing CUDA
     try:
