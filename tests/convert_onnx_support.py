@@ -272,3 +272,30 @@ def tap_evaluate(model: onnx.ModelProto, image: np.ndarray) -> np.ndarray:
             raise NotImplementedError(node.op_type)
         values[node.output[0]] = out
     return values[model.graph.output[0].name]
+
+
+def keras_style_classifier(flatten_shape_known: bool = True):
+    """NHWC input -> Transpose -> conv trunk -> Transpose(0,2,3,1) -> Reshape -> MatMul+Add."""
+    g = GraphBuilder(3, layout="NHWC", seed=3)
+    g.node("Transpose", perm=[0, 3, 1, 2])
+    g.conv(4, 3)
+    g.node("Relu")
+    g.pool("MaxPool", 2, 2)
+    g.conv(3, (2, 3))
+    g.node("Transpose", perm=[0, 2, 3, 1])  # [1, 2, 3, 3] at window (9, 13)
+    if flatten_shape_known:
+        target = g.const(np.array([1, -1], dtype=np.int64), "shape")
+    else:  # a target computed by a Cast: shape inference cannot resolve it
+        as_float = g.const(np.array([1.0, -1.0], dtype=np.float32), "shape")
+        target = g.node("Cast", [as_float], to=onnx.TensorProto.INT64)
+        g.current = g.nodes[-2].output[0]
+    flat = g.node("Reshape", [g.current, target])
+    hidden = g.node("MatMul", [flat, g.const(g.rng.standard_normal((18, 5)).astype(np.float32))])
+    g.node("Add", [hidden, g.const(g.rng.standard_normal(5).astype(np.float32), "b")])
+    g.node("Relu")
+    scores = g.node(
+        "MatMul", [g.current, g.const(g.rng.standard_normal((5, 4)).astype(np.float32))]
+    )
+    g.node("Add", [scores, g.const(g.rng.standard_normal((1, 4)).astype(np.float32), "b")])
+    g.node("Softmax", axis=-1)
+    return g.model((9, 13), output_dims=[1, 4])

@@ -17,6 +17,7 @@ from convert_onnx_support import (
     cells,
     dense64,
     export_classifier,
+    keras_style_classifier,
     onnx_crops64,
     ort32,
     torch_crops64,
@@ -188,33 +189,6 @@ def test_softmax_before_opset_13_is_wrapped_in_transposes():
     _assert_dense_equals_crops(model, dense, [(20, 25)], classifier)
 
 
-def _keras_style_classifier(flatten_shape_known: bool = True):
-    """NHWC input -> Transpose -> conv trunk -> Transpose(0,2,3,1) -> Reshape -> MatMul+Add."""
-    g = GraphBuilder(3, layout="NHWC", seed=3)
-    g.node("Transpose", perm=[0, 3, 1, 2])
-    g.conv(4, 3)
-    g.node("Relu")
-    g.pool("MaxPool", 2, 2)
-    g.conv(3, (2, 3))
-    g.node("Transpose", perm=[0, 2, 3, 1])  # [1, 2, 3, 3] at window (9, 13)
-    if flatten_shape_known:
-        target = g.const(np.array([1, -1], dtype=np.int64), "shape")
-    else:  # a target computed by a Cast: shape inference cannot resolve it
-        as_float = g.const(np.array([1.0, -1.0], dtype=np.float32), "shape")
-        target = g.node("Cast", [as_float], to=onnx.TensorProto.INT64)
-        g.current = g.nodes[-2].output[0]
-    flat = g.node("Reshape", [g.current, target])
-    hidden = g.node("MatMul", [flat, g.const(g.rng.standard_normal((18, 5)).astype(np.float32))])
-    g.node("Add", [hidden, g.const(g.rng.standard_normal(5).astype(np.float32), "b")])
-    g.node("Relu")
-    scores = g.node(
-        "MatMul", [g.current, g.const(g.rng.standard_normal((5, 4)).astype(np.float32))]
-    )
-    g.node("Add", [scores, g.const(g.rng.standard_normal((1, 4)).astype(np.float32), "b")])
-    g.node("Softmax", axis=-1)
-    return g.model((9, 13), output_dims=[1, 4])
-
-
 def _assert_nhwc_dense_equals_classifier(classifier, dense):
     window, image = (9, 13), np.random.default_rng(2).standard_normal((1, 23, 20, 3))
     n = cells(image.shape[1:3], window, (2, 2))
@@ -228,7 +202,7 @@ def _assert_nhwc_dense_equals_classifier(classifier, dense):
 
 
 def test_keras_style_nhwc_graph_with_hwc_flatten():
-    classifier = _keras_style_classifier()
+    classifier = keras_style_classifier()
     dense = rewrite_head(classifier)
     dims = [d.dim_param or d.dim_value for d in dense.graph.input[0].type.tensor_type.shape.dim]
     assert dims == ["N", "H", "W", 3]  # the input keeps its NHWC layout
@@ -236,7 +210,7 @@ def test_keras_style_nhwc_graph_with_hwc_flatten():
 
 
 def test_undetectable_flatten_order_asks_for_the_flag_and_obeys_it():
-    classifier = _keras_style_classifier(flatten_shape_known=False)
+    classifier = keras_style_classifier(flatten_shape_known=False)
     with pytest.raises(Exception, match="--flatten-order chw\\|hwc"):
         rewrite_head(classifier)
     dense = rewrite_head(classifier, flatten_order="hwc")

@@ -10,7 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from convert_onnx_support import cells, dense64, export_classifier, ort32
+from convert_onnx_support import cells, dense64, export_classifier, keras_style_classifier, ort32
 from torch import nn
 
 import convert
@@ -196,3 +196,13 @@ def test_import_convert_does_not_import_torch():
 
     code = "import sys, convert, convert.cli; assert 'torch' not in sys.modules, 'torch'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_verify_an_nhwc_classifier_with_a_fixed_batch(tmp_path):
+    """Keras-style graph: NHWC input, batch fixed at 1, H,W,C flatten, softmax output."""
+    onnx.save_model(keras_style_classifier(), str(tmp_path / "keras.onnx"))
+    result = convert.convert_onnx(tmp_path / "keras.onnx", tmp_path / "d.onnx", strides=[1])
+    assert result.metadata.preprocessing.layout == "NHWC"
+    assert result.metadata.output_kind == "probabilities"
+    report = convert.verify(tmp_path / "keras.onnx", result.path, dtype="float64")
+    assert report.passed and report.max_checked_diff <= 1e-9
