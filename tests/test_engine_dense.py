@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
 from dense_models import Conv, Pool, build_dense_model, make_dense_net, small_layers
+from onnx import TensorProto, helper
 from PIL import Image
 
 from service.engine import Engine, EngineConfig, ScoreOptions, preprocess
@@ -92,6 +94,9 @@ def test_preprocessing_and_float_input_agree(engine, image):
     png.save(buffer, format="PNG")
     by_bytes = engine.score(buffer.getvalue(), ScoreOptions(probabilities=False)).maps[0].scores
     np.testing.assert_array_equal(by_uint8, by_bytes)
+    scaled = engine.score(image_chw, ScoreOptions(scales=(1.0, 1.5), probabilities=False))
+    np.testing.assert_array_equal(scaled.maps[0].scores, by_uint8)
+    assert scaled.maps[1].shape == ((68 - 12) // 4 + 1, (86 - 16) // 4 + 1)  # 45*1.5, 57*1.5
 
 
 def test_output_options(engine, image):
@@ -190,3 +195,29 @@ def test_multiscale_boxes_map_back_to_original_pixels(engine, model_path, image)
             np.testing.assert_array_equal(m.scores[:, i, j], ref[0, :, 0, 0])
     probs = [softmax(m.scores).mean(axis=(1, 2), dtype=np.float64) for m in result.maps]
     np.testing.assert_allclose(result.image_scores, np.mean(probs, axis=0), atol=1e-6)
+
+
+def test_nhwc_layout_model(tmp_path, model_path, engine, image):
+    """A model whose input is NHWC (metadata layout) gives the same map as the NCHW one."""
+    model = onnx.load(str(model_path))
+    graph = model.graph
+    old_input = graph.input[0]
+    old_input.name = "input_nchw"
+    for node in graph.node:
+        node.input[:] = ["input_nchw" if n == "input" else n for n in node.input]
+    graph.node.insert(
+        0, helper.make_node("Transpose", ["input"], ["input_nchw"], perm=[0, 3, 1, 2])
+    )
+    del graph.input[:]
+    graph.input.append(helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, "h", "w", 3]))
+    text = model.metadata_props[0].value.replace('"layout": "NCHW"', '"layout": "NHWC"')
+    assert text != model.metadata_props[0].value
+    model.metadata_props[0].value = text
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    nhwc = Engine(tmp_path / "model.onnx", config=EngineConfig(warmup=False))
+    options = ScoreOptions(probabilities=False, output_stride=2)
+    np.testing.assert_array_equal(
+        nhwc.score(image, options).maps[0].scores, engine.score(image, options).maps[0].scores
+    )
+    # shape inference reads H and W from axes 1, 2; the peak (conv + relu outputs) is the same
+    assert nhwc.estimate_bytes(45, 57) == engine.estimate_bytes(45, 57) == 2 * 4 * 43 * 55 * 4
