@@ -8,15 +8,14 @@ take a while on a small CPU).
 from __future__ import annotations
 
 import os
-import time
 
 import numpy as np
 import onnxruntime as ort  # noqa: I001
 from bench_engine_common import (
     THREADS,
-    best_time,
     crop_model,
     dense_model,
+    interleaved_times,
     machine,
     macs,
     print_table,
@@ -43,19 +42,22 @@ def run_case(kind: str, size: int, batch: int, repeat: int):
     rng = np.random.default_rng(0)
     image_chw = rng.normal(size=(3, size, size)).astype(np.float32)
     options = ScoreOptions(probabilities=False, image_top_k=0)
-    dense_seconds = best_time(lambda: engine.score(image_chw, options), repeat=repeat)
     dense = engine.score(image_chw, options).maps[0].scores
 
     crop_path = crop_model(kind)
     session = ort.InferenceSession(
         str(crop_path), sess_options=session_options(config), providers=[CPU]
     )
-    session.run(None, {"input": image_chw[None, :, :window, :window]})  # warm-up
     outputs = []
-    start = time.perf_counter()
-    for crops in crop_batches(image_chw, window, stride, batch):
-        outputs.append(session.run(None, {"input": crops})[0][:, :, 0, 0])
-    crop_seconds = time.perf_counter() - start
+
+    def run_crops():
+        outputs.clear()
+        for crops in crop_batches(image_chw, window, stride, batch):
+            outputs.append(session.run(None, {"input": crops})[0][:, :, 0, 0])
+
+    dense_seconds, crop_seconds = interleaved_times(
+        [lambda: engine.score(image_chw, options), run_crops], repeat=repeat
+    )
     crops = np.concatenate(outputs).T.reshape(dense.shape)
     n_crops = dense.shape[1] * dense.shape[2]
     mac_dense = macs(dense_model(kind), size, size)
@@ -80,7 +82,7 @@ def run_case(kind: str, size: int, batch: int, repeat: int):
 def test_dense_vs_crops():
     rows = [run_case("mini_vgg", 512, batch=256, repeat=3)]
     if not os.environ.get("DENSEMAP_BENCH_SKIP_VGG"):
-        rows.append(run_case("vgg16", 384, batch=12, repeat=1))
+        rows.append(run_case("vgg16", 384, batch=12, repeat=2))
     print_table(
         f"Dense vs crops ({machine()})",
         [

@@ -22,7 +22,7 @@ from service.engine.dense import DenseNet
 GIB = 1 << 30
 BIG_IMAGE_SCRIPT = textwrap.dedent(
     """
-    import json, resource, sys, time
+    import json, sys, time
     import numpy as np, psutil
     from service.engine import Engine, EngineConfig, ScoreOptions
     path, size, threads, budget = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
@@ -32,7 +32,9 @@ BIG_IMAGE_SCRIPT = textwrap.dedent(
     start = time.perf_counter()
     result = engine.score(image, ScoreOptions(image_top_k=1))
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM, not ru_maxrss: after fork+exec ru_maxrss starts at the PARENT's high-water mark
+    status = open("/proc/self/status").read().split("VmHWM:")[1]
+    peak = int(status.split()[0]) * 1024
     scores = result.maps[0].scores
     print(json.dumps(dict(seconds=seconds, before=before, peak=peak, map_bytes=scores.nbytes,
                           cells=list(scores.shape), estimate=engine.estimate_bytes(size, size),
