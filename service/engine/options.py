@@ -20,6 +20,7 @@ class EngineConfig:
     memory_budget: int = DEFAULT_MEMORY_BUDGET
     tiling: bool = True  # False: an image over the budget is refused (ImageTooLarge)
     warmup: bool = True
+    spin_wait: bool = True  # False: idle onnxruntime threads yield their core (batch decoding)
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,8 @@ def session_options(config: EngineConfig) -> ort.SessionOptions:
     options.enable_cpu_mem_arena = False
     options.enable_mem_pattern = False
     options.log_severity_level = 3  # no "nodes not assigned to the preferred EP" warnings
+    if not config.spin_wait:  # spinning threads would take the cores other threads decode on
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
