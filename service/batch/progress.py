@@ -42,6 +42,7 @@ class Progress:
         self.interval = interval
         self._lock = threading.Lock()
         self._start = time.perf_counter()
+        self._start_cpu = time.process_time()
         self._last_line = self._start
         self._bar = None
         self._closed = False
@@ -59,6 +60,10 @@ class Progress:
 
     def elapsed(self) -> float:
         return time.perf_counter() - self._start
+
+    def cpu_seconds(self) -> float:
+        """CPU time of this process (all threads) since the run started."""
+        return time.process_time() - self._start_cpu
 
     def update(self, row: dict) -> None:
         """Account for one image's summary row (``ok`` or ``failed``)."""
