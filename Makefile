@@ -31,7 +31,7 @@ demo: $(STAMP)
 	$(BIN)/python -m models.digits.demo
 
 bench: $(STAMP)
-	$(BIN)/python -m pytest -q tests/bench -s
+	$(BIN)/python -m pytest -q tests/bench -s -o python_files='bench_*.py'
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache
