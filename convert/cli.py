@@ -121,6 +121,8 @@ def _check_arguments(args) -> None:
             raise ConversionError(f"{', '.join(extra)} only apply with --arch")
     elif args.flatten_order != "auto":
         raise ConversionError("--flatten-order only applies to ONNX classifiers")
+    if args.classifier is not None and args.classifier.resolve() == args.output.resolve():
+        raise ConversionError("-o must differ from the classifier file, which it would replace")
 
 
 def _convert_arch(args, labels, preprocessing, strides):

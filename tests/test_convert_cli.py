@@ -121,6 +121,7 @@ def _run_in_process(argv, capsys):
         (["CLS", "--preprocessing", "PREP"], "--preprocessing .*fields: layout"),
         (["CLS", "--strides", "3"], "does not divide"),
         (["--arch", "lenet5", "--weights", "nope.pth"], "nope.pth"),
+        (["CLS", "-o", "CLS"], "must differ from the classifier"),
     ],
 )
 def test_bad_inputs_exit_2_with_one_line(argv, message, onnx_classifier, tmp_path, capsys):
@@ -131,7 +132,8 @@ def test_bad_inputs_exit_2_with_one_line(argv, message, onnx_classifier, tmp_pat
         else tmp_path / a
         for a in argv
     ]
-    code, captured = _run_in_process([*argv, "-o", tmp_path / "out.onnx"], capsys)
+    output = [] if "-o" in argv else ["-o", tmp_path / "out.onnx"]
+    code, captured = _run_in_process([*argv, *output], capsys)
     assert code == 2
     assert captured.err.count("\n") == 1
     assert captured.err.startswith("densemap convert: error:")
