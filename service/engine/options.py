@@ -21,6 +21,9 @@ class EngineConfig:
     tiling: bool = True  # False: an image over the budget is refused (ImageTooLarge)
     warmup: bool = True
     spin_wait: bool = True  # False: idle onnxruntime threads yield their core (batch decoding)
+    # TF32 convolutions on Ampere+ GPUs: faster, but maps then differ from the CPU's by about
+    # 3e-4 of the logit range (measured on an H200, README "GPU"), so exactness wins by default.
+    tf32: bool = False
 
 
 @dataclass(frozen=True)
