@@ -160,10 +160,6 @@ def dense_vs_crops() -> None:
 
 
 def main() -> int:
-    try:
-        ort.preload_dlls()  # CUDA and cuDNN from the nvidia-* pip packages, when present
-    except Exception as exc:  # noqa: BLE001 - reported, the checks below say what loaded
-        report["preload_dlls"] = repr(exc)
     for step in (compare_digits, first_request_latency, dense_vs_crops):
         try:
             step()
