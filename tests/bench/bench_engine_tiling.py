@@ -67,7 +67,7 @@ def test_tiling():
     untiled = Engine(path, config=EngineConfig(intra_op_threads=THREADS, memory_budget=1 << 36))
     tiled = Engine(path, config=EngineConfig(intra_op_threads=THREADS, memory_budget=GIB))
     untiled_seconds, tiled_seconds = interleaved_times(
-        [lambda: untiled.score(image, options), lambda: tiled.score(image, options)], repeat=2
+        [lambda: untiled.score(image, options), lambda: tiled.score(image, options)], repeat=4
     )
     reference = untiled.score(image, options).maps[0].scores
     result, passes = count_passes(tiled, image, options)
