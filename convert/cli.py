@@ -76,15 +76,15 @@ def parse_strides(text: str | None) -> list[tuple[int, int]]:
 def read_labels(path: Path | None) -> tuple[str, ...]:
     if path is None:
         return ()
+    from service.contract import parse_labels
+
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        labels = parse_labels(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as exc:
         raise ConversionError(f"cannot read --labels {path}: {exc}") from None
-    while lines and not lines[-1].strip():
-        lines.pop()
-    if not lines:
+    if not labels:
         raise ConversionError(f"--labels {path} is empty: give one label per line")
-    return tuple(line.strip() for line in lines)
+    return labels
 
 
 def read_preprocessing(path: Path | None):

@@ -47,6 +47,14 @@ OUTPUT_KINDS = ("logits", "probabilities")
 Pair = tuple[int, int]
 
 
+def parse_labels(text: str) -> tuple[str, ...]:
+    """Labels of a ``labels.txt``: one per line, stripped, trailing blank lines ignored."""
+    lines = text.splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    return tuple(line.strip() for line in lines)
+
+
 def _pair(value, name: str) -> Pair:
     """Return ``value`` as an (h, w) pair of ints; an int means a square."""
     if isinstance(value, int) and not isinstance(value, bool):

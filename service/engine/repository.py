@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import service
+from service.contract import parse_labels
 from service.engine.engine import Engine
 from service.engine.options import EngineConfig
 from service.errors import DensemapError, ModelLoadError, ModelNotFound
@@ -50,12 +51,9 @@ def read_labels(path: Path) -> tuple[str, ...] | None:
     if not path.is_file():
         return None
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        return parse_labels(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as exc:
         raise ModelLoadError(f"cannot read labels file {path}: {exc}") from None
-    while lines and not lines[-1].strip():
-        lines.pop()
-    return tuple(line.strip() for line in lines)
 
 
 def _signature(folder: Path) -> Signature:
