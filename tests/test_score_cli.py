@@ -214,6 +214,11 @@ def test_glob_explicit_files_and_output_inside_input(capsys, repo, tmp_path):
     assert code == 0
     assert (tmp_path / "o2" / "one.png.npz").is_file()
     assert (tmp_path / "o2" / "x" / "two.jpg.npz").is_file()
+    # --glob filters folders only: a file named on the command line is always scored
+    code, stdout, _ = score(capsys, str(folder / "x"), str(folder / "one.png"), "--out",
+                            str(tmp_path / "o3"), *base, "--glob", "*.jpg")  # fmt: skip
+    assert code == 0 and "scored 2," in stdout
+    assert sorted(r["relpath"] for r in summary_rows(tmp_path / "o3")) == ["one.png", "x/two.jpg"]
     code, _, stderr = score(capsys, str(tmp_path / "missing"), "--out", str(out), *base)
     assert code == 2 and "missing" in stderr and "Traceback" not in stderr
 

@@ -12,7 +12,8 @@ Rules:
   everything else is skipped quietly;
 - hidden files and folders (name starting with ``.``) and the output folder are skipped;
 - ``--glob`` patterns match the path relative to the walked folder from the right
-  (``*.png``, ``scans/*.jpg``); a file is kept when any pattern matches.
+  (``*.png``, ``scans/*.jpg``); a file is kept when any pattern matches. They filter
+  folders only: a file named on the command line is scored whatever they say.
 """
 
 from __future__ import annotations
@@ -111,8 +112,7 @@ def find_images(
             files.extend(_walk_folder(path, tuple(globs), skip_dirs))
         elif os.path.isfile(path):
             roots.append(os.path.dirname(path))
-            if _matches(os.path.basename(path), tuple(globs)):
-                files.append(path)
+            files.append(path)  # named explicitly: scored whatever --glob says
         else:
             raise InvalidOption(f"input {raw!r} is not a file or folder: check the path")
     base = os.path.commonpath(roots)
