@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from convert.onnx_graph import GraphIndex, attributes, node_label
 from service.errors import ConversionError
@@ -34,8 +35,57 @@ def _axes_of(node: onnx.NodeProto, index: GraphIndex, rank: int) -> list[int] | 
     return None if axes is None else [int(a) % rank for a in axes]
 
 
+SHAPE_FOLD_OPS = frozenset(
+    "Shape Constant Gather Unsqueeze Squeeze Concat Cast Slice Identity Mul Div Add Sub "
+    "ReduceProd".split()
+)
+
+
+def fold_shape_tensor(name: str, index: GraphIndex) -> np.ndarray | None:
+    """The value of a small shape computation (``Shape -> Gather -> Unsqueeze -> Concat``
+    of the legacy torch exporter) when every Shape reads a tensor of known static shape.
+    onnx's own data propagation skips it before opset 14 (Reshape-13, Unsqueeze-11)."""
+    nodes, pending, seen = [], [name], set()
+    while pending:
+        tensor = pending.pop()
+        if tensor in seen or index.constant(tensor) is not None:
+            continue
+        seen.add(tensor)
+        node = index.producer.get(tensor)
+        if node is None or node.op_type not in SHAPE_FOLD_OPS or len(nodes) > 32:
+            return None
+        nodes.append(node)
+        if node.op_type == "Shape":
+            shape = index.shape(node.input[0])
+            if shape is None or None in shape:
+                return None
+        else:
+            pending.extend(n for n in node.input if n)
+    from onnx.reference import ReferenceEvaluator
+
+    leaves = {n for node in nodes for n in node.input if n and index.constant(n) is not None}
+    inputs = {node.input[0] for node in nodes if node.op_type == "Shape"}
+    graph = onnx.helper.make_graph(
+        [node for node in index.graph.node if any(node is n for n in nodes)],
+        "shape",
+        [],
+        [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT64, None)],
+        [numpy_helper.from_array(np.asarray(index.constant(n)), n) for n in sorted(leaves)],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", index.opset)])
+    feeds = {n: np.zeros(index.shape(n), dtype=np.float32) for n in inputs}
+    for n in inputs:
+        graph.input.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
+    try:
+        return np.asarray(ReferenceEvaluator(model).run(None, feeds)[0])
+    except Exception:  # an op the reference runtime rejects: fall back on the named order
+        return None
+
+
 def _reshape_target(node: onnx.NodeProto, index: GraphIndex, size_in: tuple[int, ...]) -> list:
     target = index.constant(node.input[1])
+    if target is None:
+        target = fold_shape_tensor(node.input[1], index)
     if target is None:
         shape = index.shape(node.output[0])
         if shape is None or None in shape:
