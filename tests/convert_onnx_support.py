@@ -285,10 +285,12 @@ def keras_style_classifier(flatten_shape_known: bool = True):
     g.node("Transpose", perm=[0, 2, 3, 1])  # [1, 2, 3, 3] at window (9, 13)
     if flatten_shape_known:
         target = g.const(np.array([1, -1], dtype=np.int64), "shape")
-    else:  # a target computed by a Cast: shape inference cannot resolve it
+    else:  # a target computed by Floor and Cast: neither shape inference nor the
+        # converter's shape folding (Shape/Gather/Concat/Cast...) resolves it
         as_float = g.const(np.array([1.0, -1.0], dtype=np.float32), "shape")
-        target = g.node("Cast", [as_float], to=onnx.TensorProto.INT64)
-        g.current = g.nodes[-2].output[0]
+        floored = g.node("Floor", [as_float])
+        target = g.node("Cast", [floored], to=onnx.TensorProto.INT64)
+        g.current = g.nodes[-3].output[0]
     flat = g.node("Reshape", [g.current, target])
     hidden = g.node("MatMul", [flat, g.const(g.rng.standard_normal((18, 5)).astype(np.float32))])
     g.node("Add", [hidden, g.const(g.rng.standard_normal(5).astype(np.float32), "b")])
