@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
+import tritonclient.grpc as tritonclient
 import tritonclient.grpc.service_pb2 as kserve_pb
 import tritonclient.grpc.service_pb2_grpc as kserve_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -19,6 +20,7 @@ from server_harness import (  # noqa: F401  (fixtures)
     server,
     start_server,
 )
+from tritonclient.utils import InferenceServerException
 
 from service._proto.densemap.v1 import densemap_pb2 as pb
 from service._proto.densemap.v1 import densemap_pb2_grpc as pb_grpc
@@ -148,6 +150,37 @@ def top_k_output_without_top_k() -> kserve_pb.ModelInferRequest:
     return request
 
 
+def raw_and_contents() -> kserve_pb.ModelInferRequest:
+    request = kserve_request()
+    request.inputs[0].contents.uint_contents.extend([1] * GOOD.size)
+    return request
+
+
+def out_of_range_uint_contents() -> kserve_pb.ModelInferRequest:
+    request = kserve_request()
+    del request.raw_input_contents[:]
+    request.inputs[0].contents.uint_contents.extend([300] * GOOD.size)
+    return request
+
+
+def classification_output() -> kserve_pb.ModelInferRequest:
+    request = kserve_request()  # what tritonclient's InferRequestedOutput(class_count=3) sends
+    request.outputs.add(name="scores").parameters["classification"].int64_param = 3
+    return request
+
+
+def model_version(version: str) -> kserve_pb.ModelInferRequest:
+    request = kserve_request()
+    request.model_version = version
+    return request
+
+
+def encoded_with_shape(shape) -> kserve_pb.ModelInferRequest:
+    encoded = png_bytes(GOOD)
+    prefixed = len(encoded).to_bytes(4, "little") + encoded
+    return kserve_request(name="image_bytes", datatype="BYTES", shape=shape, raw=prefixed)
+
+
 KSERVE_CASES = {
     "unknown parameter": (kserve_request(stride=2), Code.INVALID_ARGUMENT),
     "output_stride as a string": (kserve_request(output_stride="2"), Code.INVALID_ARGUMENT),
@@ -168,6 +201,22 @@ KSERVE_CASES = {
         kserve_pb.ModelInferRequest(model_name="nope", inputs=[{"name": "image"}]),
         Code.NOT_FOUND,
     ),
+    "raw and typed contents at once": (raw_and_contents(), Code.INVALID_ARGUMENT),
+    "uint_contents over 255": (out_of_range_uint_contents(), Code.INVALID_ARGUMENT),
+    "classification output (class_count)": (classification_output(), Code.INVALID_ARGUMENT),
+    "unknown model version": (model_version("2"), Code.NOT_FOUND),
+    "BYTES with scalar shape": (encoded_with_shape(()), Code.INVALID_ARGUMENT),
+    "BYTES with negative shape": (encoded_with_shape((-1, -1)), Code.INVALID_ARGUMENT),
+}
+# a word each message must contain (what was wrong or what to do), where a case has one
+KSERVE_WORDS = {
+    "FP32 image input": "uint8",
+    "raw and typed contents at once": "one of them",
+    "uint_contents over 255": "0..255",
+    "classification output (class_count)": "top_k",
+    "unknown model version": "version",
+    "BYTES with scalar shape": "[1]",
+    "BYTES with negative shape": "[1]",
 }
 
 
@@ -196,7 +245,18 @@ def test_densemap_bad_request(stubs, case):
 @pytest.mark.parametrize("case", sorted(KSERVE_CASES))
 def test_kserve_bad_request(stubs, case):
     request, code = KSERVE_CASES[case]
-    assert_code(stubs[1].ModelInfer, request, code)
+    details = assert_code(stubs[1].ModelInfer, request, code)
+    assert KSERVE_WORDS.get(case, "") in details
+
+
+def test_kserve_version_one_or_empty_is_the_model(stubs):
+    for version in ("", "1"):
+        assert stubs[1].ModelInfer(model_version(version), timeout=30).outputs
+    ready = stubs[1].ModelReady
+    assert ready(kserve_pb.ModelReadyRequest(name=TINY, version="1"), timeout=5).ready
+    assert not ready(kserve_pb.ModelReadyRequest(name=TINY, version="2"), timeout=5).ready
+    request = kserve_pb.ModelMetadataRequest(name=TINY, version="2")
+    assert "version" in assert_code(stubs[1].ModelMetadata, request, Code.NOT_FOUND)
 
 
 def test_unknown_names_in_metadata_calls(stubs):
@@ -206,6 +266,30 @@ def test_unknown_names_in_metadata_calls(stubs):
 
 def test_triton_only_rpc_is_unimplemented(stubs):
     assert_code(stubs[1].ModelConfig, kserve_pb.ModelConfigRequest(name=TINY), Code.UNIMPLEMENTED)
+
+
+def test_stock_tritonclient_extras_say_what_to_use_instead(server):  # noqa: F811
+    client = tritonclient.InferenceServerClient(server[1])
+    calls = {
+        "ModelConfig": lambda: client.get_model_config(TINY),
+        "ModelStatistics": lambda: client.get_inference_statistics(TINY),
+        "RepositoryIndex": client.get_model_repository_index,
+        "RepositoryModelLoad": lambda: client.load_model(TINY),
+        "SystemSharedMemoryStatus": client.get_system_shared_memory_status,
+        "CudaSharedMemoryStatus": client.get_cuda_shared_memory_status,
+        "TraceSetting": client.get_trace_settings,
+        "LogSettings": client.get_log_settings,
+    }
+    for method, call in calls.items():
+        with pytest.raises(InferenceServerException) as caught:
+            call()
+        assert caught.value.status() == "StatusCode.UNIMPLEMENTED", method
+        assert method in caught.value.message() and "instead" in caught.value.message()
+    stream = kserve_grpc.GRPCInferenceServiceStub(channel(server[1])).ModelStreamInfer
+    with pytest.raises(grpc.RpcError) as caught:
+        list(stream(iter([kserve_request()]), timeout=10))
+    assert caught.value.code() == Code.UNIMPLEMENTED and "ScoreStream" in caught.value.details()
+    assert client.is_server_ready()  # still serving
 
 
 def test_deadline_too_short_is_deadline_exceeded(stubs):

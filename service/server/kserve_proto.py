@@ -16,6 +16,7 @@ import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from service._proto.inference.grpc_service_descriptor import FILE_DESCRIPTOR_SET
+from service.server.status import Unsupported, status_for
 
 SERVICE_NAME = "inference.GRPCInferenceService"
 RPCS = (  # (method, request message, response message): all unary
@@ -26,6 +27,24 @@ RPCS = (  # (method, request message, response message): all unary
     ("ModelMetadata", "ModelMetadataRequest", "ModelMetadataResponse"),
     ("ModelInfer", "ModelInferRequest", "ModelInferResponse"),
 )
+# Triton's extensions of the protocol: stock tritonclient can call them; each answers
+# UNIMPLEMENTED with a message naming what to use instead (not gRPC's bare "Method not found").
+TRITON_ONLY = {
+    "ModelConfig": "ModelMetadata (inputs, outputs, shapes) or densemap.v1 GetModel",
+    "ModelStatistics": "the Prometheus metrics (--metrics-port)",
+    "RepositoryIndex": "densemap.v1 ListModels",
+    "RepositoryModelLoad": "a model folder in the repository, then SIGHUP (or --poll-seconds)",
+    "RepositoryModelUnload": "removing the model folder, then SIGHUP (or --poll-seconds)",
+    "SystemSharedMemoryStatus": "raw_input_contents",
+    "SystemSharedMemoryRegister": "raw_input_contents",
+    "SystemSharedMemoryUnregister": "raw_input_contents",
+    "CudaSharedMemoryStatus": "raw_input_contents",
+    "CudaSharedMemoryRegister": "raw_input_contents",
+    "CudaSharedMemoryUnregister": "raw_input_contents",
+    "TraceSetting": "--log-level debug (one log line per request)",
+    "LogSettings": "--log-level and --log-json",
+    "ModelStreamInfer": "ModelInfer, or densemap.v1 ScoreStream for pipelined images",
+}
 
 _FILES = descriptor_pb2.FileDescriptorSet.FromString(FILE_DESCRIPTOR_SET).file
 POOL = descriptor_pool.DescriptorPool()
@@ -43,6 +62,23 @@ ModelMetadataResponse = message_class("ModelMetadataResponse")
 InferParameter = message_class("InferParameter")
 
 
+def _unsupported_handler(method: str, instead: str) -> grpc.RpcMethodHandler:
+    """A handler that ends the call UNIMPLEMENTED, saying what to use instead."""
+    code, details = status_for(
+        Unsupported(
+            f"{method} is a Triton extension that densemap does not serve; instead: {instead}. "
+            "The KServe v2 RPCs served are " + ", ".join(rpc[0] for rpc in RPCS)
+        )
+    )
+
+    def refuse(_request, context):
+        context.abort(code, details)
+
+    if method == "ModelStreamInfer":
+        return grpc.stream_stream_rpc_method_handler(refuse)
+    return grpc.unary_unary_rpc_method_handler(refuse)
+
+
 def add_servicer_to_server(servicer, server: grpc.Server) -> None:
     """Register ``servicer``'s methods (named as the RPCs) under the KServe service name."""
     handlers = {
@@ -53,6 +89,8 @@ def add_servicer_to_server(servicer, server: grpc.Server) -> None:
         )
         for method, request, response in RPCS
     }
+    for method, instead in TRITON_ONLY.items():
+        handlers[method] = _unsupported_handler(method, instead)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 

@@ -17,15 +17,17 @@ import struct
 import numpy as np
 
 from service.engine.options import ScoreOptions
-from service.errors import InvalidImage, InvalidOption
+from service.errors import InvalidImage, InvalidOption, ModelNotFound
 from service.server.kserve_parameters import options_from_parameters
 from service.server.kserve_proto import ModelInferResponse, ModelMetadataResponse, message_class
 from service.server.scoring import Call, ScoringCore
+from service.server.status import quote_name
 
 PLATFORM = "onnxruntime_onnx"
 INPUTS = {"image": "UINT8", "image_bytes": "BYTES"}
 MAP_OUTPUTS = ("scores", "top_k_indices", "top_k_scores", "argmax")
 DATATYPES = {"float32": "FP32", "float16": "FP16", "int32": "INT32"}
+VERSIONS = ("", "1")
 GEOMETRY_PAIRS = ("stride", "window", "origin", "receptive_field", "receptive_field_offset")
 
 
@@ -48,6 +50,15 @@ def _set_geometry(output, geometry) -> None:
         output.parameters[pair].string_param = ",".join(str(v) for v in getattr(geometry, pair))
 
 
+def _check_version(name: str, version: str) -> None:
+    """Each model has one version, "1"; an empty version means the latest."""
+    if version not in VERSIONS:
+        raise ModelNotFound(
+            f"model {quote_name(name)} has no version {quote_name(version, 20)}: it has one "
+            'version, "1"; send model_version "1" or leave it empty'
+        )
+
+
 def _read_input(request) -> np.ndarray | bytes:
     """The image of a ModelInferRequest: a uint8 array or encoded bytes."""
     if len(request.inputs) != 1:
@@ -63,14 +74,25 @@ def _read_input(request) -> np.ndarray | bytes:
         )
     if tensor.datatype != INPUTS[tensor.name]:
         raise InvalidImage(
-            f"input {tensor.name!r} must be {INPUTS[tensor.name]}, got {tensor.datatype[:20]!r}"
+            f"input {tensor.name!r} must be {INPUTS[tensor.name]}, got {tensor.datatype[:20]!r}: "
+            + (
+                "send the pixels as UINT8 [H, W, C] (e.g. image.astype(numpy.uint8)); "
+                "preprocessed float input is densemap.v1 only (FLOAT32 [C, H, W])"
+                if tensor.name == "image"
+                else "send one encoded image as BYTES [1]"
+            )
         )
     shape = list(tensor.shape)
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise InvalidImage(f"{len(raw)} raw_input_contents entries for 1 input: send one entry")
+    if raw and tensor.contents.ByteSize():
+        raise InvalidImage(
+            f"input {tensor.name!r} has both raw_input_contents and contents: send the data "
+            "in one of them (tritonclient uses raw_input_contents)"
+        )
     if tensor.name == "image_bytes":
-        if math.prod(shape) != 1:
+        if min(shape, default=0) < 1 or math.prod(shape) != 1:
             raise InvalidImage(
                 f"input 'image_bytes' holds one encoded image: shape [1], got {shape}"
             )
@@ -96,10 +118,14 @@ def _read_input(request) -> np.ndarray | bytes:
             )
         return np.frombuffer(raw[0], dtype=np.uint8).reshape(shape)
     values = np.asarray(tensor.contents.uint_contents, dtype=np.uint32)
-    if values.size != count or (values.size and values.max() > 255):
+    if values.size != count:
         raise InvalidImage(
             f"input 'image' has shape {shape}: send {count} values in 0..255 "
             f"(raw_input_contents or uint_contents), got {values.size}"
+        )
+    if values.size and values.max() > 255:
+        raise InvalidImage(
+            f"input 'image' is UINT8: its uint_contents must be in 0..255, got {values.max()}"
         )
     return values.astype(np.uint8).reshape(shape)
 
@@ -114,6 +140,13 @@ def _requested_outputs(request, options: ScoreOptions, scale_count: int) -> Scor
     if unknown:
         raise InvalidOption(
             f"unknown output(s) {unknown[:5]}: this request can give {sorted(valid)}"
+        )
+    classified = [o.name for o in request.outputs if "classification" in o.parameters]
+    if classified:
+        raise InvalidOption(
+            f"output(s) {classified[:5]} ask for Triton classification (class_count), which "
+            "dense maps do not support: leave class_count at 0 and use the request parameters "
+            "top_k (per cell, outputs top_k_indices/top_k_scores) or image_top_k"
         )
     if not names:
         return options
@@ -148,7 +181,11 @@ class KServeServicer:
         return message_class("ServerReadyResponse")(ready=self._ready())
 
     def ModelReady(self, request, context):
-        ready = self._ready() and request.name in self._core.models.names()
+        ready = (
+            self._ready()
+            and request.name in self._core.models.names()
+            and request.version in VERSIONS
+        )
         return message_class("ModelReadyResponse")(ready=ready)
 
     def ServerMetadata(self, request, context):
@@ -157,6 +194,7 @@ class KServeServicer:
     def ModelMetadata(self, request, context):
         def metadata(call: Call):
             engine = call.engine(request.name)
+            _check_version(request.name, request.version)
             response = ModelMetadataResponse(name=request.name, versions=["1"], platform=PLATFORM)
             channels = engine.metadata.preprocessing.channels
             response.inputs.add(name="image", datatype="UINT8", shape=[-1, -1, channels])
@@ -177,6 +215,7 @@ class KServeServicer:
 
     def _infer(self, call: Call, request):
         engine = call.engine(request.model_name)
+        _check_version(request.model_name, request.model_version)
         with call.timed("decode"):
             options = options_from_parameters(request.parameters)
             options = _requested_outputs(request, options, len(options.scales))

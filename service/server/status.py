@@ -44,6 +44,10 @@ class Unauthenticated(DensemapError):
     """The call carries no valid bearer token."""
 
 
+class Unsupported(DensemapError):
+    """An RPC of the protocol this server does not serve (Triton-only extensions)."""
+
+
 # First match wins: subclasses come before their bases.
 STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (InvalidImage, grpc.StatusCode.INVALID_ARGUMENT),  # includes ImageTooSmall
@@ -56,6 +60,7 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (Cancelled, grpc.StatusCode.CANCELLED),
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (Unsupported, grpc.StatusCode.UNIMPLEMENTED),
     (ModelLoadError, grpc.StatusCode.FAILED_PRECONDITION),  # broken model: fix it, reload
     (ConversionError, grpc.StatusCode.INTERNAL),
 )
