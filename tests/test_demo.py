@@ -33,6 +33,7 @@ def test_demo_serves_scores_and_draws_every_page(tmp_path):
         assert int(found) >= 0.9 * int(drawn), f"{name} at stride {stride}: {found}/{drawn}"
         heatmap = tmp_path / f"stride{stride}" / f"{name}.heatmap.png"
         with Image.open(heatmap) as picture:
-            assert picture.size == (width, height)
+            # the image's size plus the legend band below it (one or two rows of 14 px)
+            assert picture.width == width and height + 14 < picture.height <= height + 2 * 14 + 4
         with np.load(tmp_path / f"stride{stride}" / f"{name}.npz") as npz:
             assert any(a.shape[-2:] == (int(n_h), int(n_w)) for a in npz.values() if a.ndim >= 2)

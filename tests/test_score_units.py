@@ -7,7 +7,7 @@ import io
 import numpy as np
 import pytest
 
-from service.batch.heatmap import RAMP, pixel_cells, render_heatmap
+from service.batch.heatmap import CLASS_PALETTE, LEGEND_LINE, RAMP, pixel_cells, render_heatmap
 from service.batch.outputs import write_npz
 from service.batch.progress import Progress
 from service.batch.walk import find_images, has_image_signature
@@ -114,3 +114,30 @@ def test_background_cells_stay_unpainted_in_top_class_mode():
     assert (picture[:6, :6] != image[:6, :6]).any(axis=2).all()
     np.testing.assert_array_equal(picture[6:], image[6:])
     np.testing.assert_array_equal(picture[:, 6:], image[:, 6:])
+
+
+def test_legend_goes_below_the_image_and_hides_nothing():
+    from service.engine.result import MapGeometry, ScaleMap
+
+    geometry = MapGeometry(stride=(4, 4), window=(8, 8), origin=(0, 0),
+                           receptive_field=(8, 8), receptive_field_offset=(0, 0))  # fmt: skip
+    scores = np.zeros((2, 24, 29), dtype=np.float32)  # a 100x120 image: 24x29 cells
+    scores[0] = 0.9  # background everywhere ...
+    scores[1] = 0.1
+    scores[:, 10, 10] = (0.2, 0.8)  # ... except cell (10, 10): "digit"
+    image = np.random.default_rng(1).integers(0, 256, (100, 120, 3), dtype=np.uint8)
+    picture = np.asarray(
+        render_heatmap(
+            image, ScaleMap(geometry=geometry, scores=scores), labels=("background", "digit")
+        )
+    )
+    # one legend row below the image; the image itself is untouched outside cell (10, 10)
+    # (rows/cols 42-45: the pixels whose nearest window centre is cell 10's, 44)
+    assert picture.shape == (100 + LEGEND_LINE + 4, 120, 3)
+    painted = np.zeros((100, 120), dtype=bool)
+    painted[42:46, 42:46] = True
+    assert (picture[:100][painted] != image[painted]).any(axis=1).all()
+    np.testing.assert_array_equal(picture[:100][~painted], image[~painted])
+    band = picture[100:].reshape(-1, 3)
+    assert (band == CLASS_PALETTE[1]).all(axis=1).any()  # the digit's swatch
+    assert not (band == CLASS_PALETTE[0]).all(axis=1).any()  # no background entry

@@ -1,14 +1,19 @@
-"""Heat-map pictures: a score map drawn over its image, same size as the image.
+"""Heat-map pictures: a score map drawn over its image, with a legend band below it.
+
+The picture is the image's size plus, for images at least 64 px wide, a dark legend band
+under it, so the legend never hides the image: pixel (y, x) of the picture is pixel (y, x)
+of the image for y < its height.
 
 Each image pixel takes the cell whose window centre is nearest (in the resized image the
 map was computed on); pixels that no window covers (the last ``(W - R) mod S`` columns and
 rows) stay unpainted. Two modes:
 
 - top class: the colour of the cell's best class (a fixed 20-colour palette), opacity
-  proportional to its confidence, with a legend of the classes shown; cells whose best
-  class is labelled ``background`` (or ``__background__``, ``bg``) stay unpainted;
+  proportional to its confidence, with a legend of the classes shown (the 20 with most
+  cells, in class order); cells whose best class is labelled ``background`` (or
+  ``__background__``, ``bg``) stay unpainted;
 - one class: that class's probability through a perceptual colour ramp (dark blue ->
-  green -> yellow), with a colour bar.
+  green -> yellow), with the ramp's colours at 0, 0.25, 0.5, 0.75 and 1 in the legend.
 
 Logit maps are turned into probabilities (softmax over the class axis) for drawing only.
 Uses only numpy and Pillow; the first map (first ``--scales`` entry) is drawn.
@@ -50,6 +55,7 @@ def ramp_table() -> np.ndarray:
 
 
 RAMP = ramp_table()
+_Entry = tuple[object, str]  # (RGB swatch or None for plain text, text)
 
 
 def pixel_cells(size: int, *, cells: int, stride: int, window: int, origin: int, resize: float):
@@ -80,17 +86,45 @@ def _as_rgb(image: np.ndarray) -> Image.Image:
     return Image.fromarray(pixels).convert("RGB")
 
 
-def _draw_legend(picture: Image.Image, entries: list[tuple[tuple[int, int, int], str]]) -> None:
-    if picture.width < 96 or picture.height < 48 or not entries:
-        return
-    draw = ImageDraw.Draw(picture, "RGBA")
-    line = 14
-    width = min(picture.width - 4, 16 + max(draw.textlength(t) for _, t in entries) + 8)
-    draw.rectangle((2, 2, 2 + width, 4 + line * len(entries)), fill=(0, 0, 0, 150))
-    for n, (colour, text) in enumerate(entries):
-        y = 4 + n * line
-        draw.rectangle((5, y + 2, 14, y + 11), fill=tuple(int(c) for c in colour))
-        draw.text((18, y), text, fill=(255, 255, 255))
+LEGEND_LINE = 14  # pixels per row of the legend band
+LEGEND_MIN_WIDTH = 64  # narrower images get no legend (it would not fit)
+_BAND_RGB = (32, 32, 32)
+
+
+def _legend_rows(draw: ImageDraw.ImageDraw, entries: list[_Entry], width: int) -> list[list]:
+    """Entries flowed left to right into rows of at most ``width`` pixels: (x, entry)."""
+    rows: list[list] = [[]]
+    x = 4
+    for colour, text in entries:
+        span = (14 if colour is not None else 0) + int(draw.textlength(text)) + 10
+        if rows[-1] and x + span > width:
+            rows.append([])
+            x = 4
+        rows[-1].append((x, colour, text))
+        x += span
+    return rows
+
+
+def add_legend_band(picture: Image.Image, entries: list[_Entry]) -> Image.Image:
+    """The picture with a legend band below it: the image itself stays whole and unhidden.
+
+    Pixel (y, x) of the result is pixel (y, x) of ``picture`` for y < picture.height.
+    """
+    if picture.width < LEGEND_MIN_WIDTH or not entries:
+        return picture
+    rows = _legend_rows(ImageDraw.Draw(picture), entries, picture.width)
+    band = LEGEND_LINE * len(rows) + 4
+    framed = Image.new("RGB", (picture.width, picture.height + band), _BAND_RGB)
+    framed.paste(picture, (0, 0))
+    draw = ImageDraw.Draw(framed)
+    for r, row in enumerate(rows):
+        y = picture.height + 2 + r * LEGEND_LINE
+        for x, colour, text in row:
+            if colour is not None:
+                draw.rectangle((x, y + 2, x + 9, y + 11), fill=tuple(int(c) for c in colour))
+                x += 14
+            draw.text((x, y), text, fill=(255, 255, 255))
+    return framed
 
 
 def render_heatmap(
@@ -135,16 +169,18 @@ def render_heatmap(
             c
             for c in shown[np.argsort(-counts, kind="stable")]
             if name(channel_classes[c]).strip().lower() not in BACKGROUND_LABELS
-        ][:8]
-        legend = [(CLASS_PALETTE[c % len(CLASS_PALETTE)], name(channel_classes[c])) for c in order]
+        ][: len(CLASS_PALETTE)]
+        order = sorted(order, key=lambda c: channel_classes[c])  # legend in class order
+        legend = [(None, "top class:")] if order else []
+        legend += [(CLASS_PALETTE[c % len(CLASS_PALETTE)], name(channel_classes[c])) for c in order]
     else:
         channel = channel_classes.index(class_index)
         level = np.round(np.clip(probs[channel], 0.0, 1.0) * 255).astype(np.intp)
         cell_rgba[:n_h, :n_w, :3] = RAMP[level]
         cell_rgba[:n_h, :n_w, 3] = round(CLASS_ALPHA * 255)
-        legend = [(RAMP[255], f"{name(class_index)}: 1.0"), (RAMP[0], "0.0")]
+        steps = (0.0, 0.25, 0.5, 0.75, 1.0)
+        legend = [(None, f"P({name(class_index)}):")]
+        legend += [(RAMP[round(p * 255)], f"{p:g}") for p in steps]
     overlay = cell_rgba[rows[:, None], cols[None, :]]  # -1 picks the transparent last row/col
     picture = Image.alpha_composite(base.convert("RGBA"), Image.fromarray(overlay, "RGBA"))
-    picture = picture.convert("RGB")
-    _draw_legend(picture, legend)
-    return picture
+    return add_legend_band(picture.convert("RGB"), legend)
