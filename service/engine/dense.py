@@ -75,7 +75,16 @@ class PixelSource:
 
 
 def check_cancel(cancel: Callable[[], bool] | None, what: str) -> None:
-    if cancel is not None and cancel():
+    """Raise Cancelled when ``cancel()`` is true, or when it fails (the caller is unknown)."""
+    if cancel is None:
+        return
+    try:
+        stop = cancel()
+    except Exception as exc:  # noqa: BLE001 - a broken callback must not run on regardless
+        raise Cancelled(
+            f"scoring stopped {what}: the cancel callback raised {type(exc).__name__}: {exc}"
+        ) from exc
+    if stop:
         raise Cancelled(f"scoring was cancelled by the caller ({what})")
 
 

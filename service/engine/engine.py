@@ -119,6 +119,13 @@ class Engine:
         """Score one image: one :class:`ScaleMap` per scale, plus image-level scores."""
         started = time.perf_counter()
         timings = dict.fromkeys(("decode", "preprocess", "infer", "postprocess"), 0.0)
+        if not isinstance(options, ScoreOptions):
+            raise InvalidOption(
+                f"options must be a ScoreOptions, got {type(options).__name__}: "
+                "build one with ScoreOptions(...)"
+            )
+        if cancel is not None and not callable(cancel):
+            raise InvalidOption(f"cancel must be a callable returning bool, got {cancel!r}")
         plan = plan_outputs(
             options, num_classes=self._num_classes, output_kind=self._metadata.output_kind
         )
@@ -128,6 +135,8 @@ class Engine:
         uint8_hwc, float_chw = self._read_image(image, timings)
         pixels = uint8_hwc if uint8_hwc is not None else float_chw.transpose(1, 2, 0)
         height, width = pixels.shape[:2]
+        for scale in scales:  # before any rounding: a huge scale overflows int(round(...))
+            self._check_scaled_pixels(height, width, scale)
         sizes = [image_input.resized_size(height, width, s) for s in scales]
         for scale, size in zip(scales, sizes, strict=True):
             self._check_size(size, scale, net)
@@ -188,11 +197,14 @@ class Engine:
             n for n in self._nets if n.grid.stride[0] % output_stride == 0
             and n.grid.stride[1] % output_stride == 0
         ]  # fmt: skip
+        output_stride = int(output_stride)
         net = min(candidates, key=lambda n: n.grid.stride[0] * n.grid.stride[1])
         return net, (net.grid.stride[0] // output_stride, net.grid.stride[1] // output_stride)
 
     def _check_scales(self, scales) -> tuple[float, ...]:
         try:
+            if isinstance(scales, (str, bytes)) or any(isinstance(s, bool) for s in scales):
+                raise TypeError("not numbers")
             values = tuple(float(s) for s in scales)
         except (TypeError, ValueError):
             raise InvalidOption(f"scales must be a sequence of numbers, got {scales!r}") from None
@@ -226,6 +238,16 @@ class Engine:
         raise InvalidImage(
             f"arrays must be uint8 HxWxC or float32 CxHxW (preprocessed), got {image.dtype}"
         )
+
+    def _check_scaled_pixels(self, height: int, width: int, scale: float) -> None:
+        # A lower bound of round(h*s) * round(w*s); inf for scales that overflow a float.
+        pixels = max(1.0, height * scale - 0.5) * max(1.0, width * scale - 0.5)
+        if pixels > self._config.max_pixels:
+            raise ImageTooLarge(
+                f"the image ({height}x{width}) at scale {scale:g} would have "
+                f"{f'about {pixels:.3g}' if math.isfinite(pixels) else 'too many'} pixels, over "
+                f"the limit of {self._config.max_pixels} pixels: use a smaller scale or image"
+            )
 
     def _check_size(self, size: Pair, scale: float, net) -> None:
         window = self._metadata.geometry.window

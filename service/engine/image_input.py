@@ -10,7 +10,7 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from service.contract import Preprocessing
 from service.errors import DensemapError, ImageTooLarge, InvalidImage
@@ -21,6 +21,10 @@ RESAMPLE_NAME = "bilinear (Pillow Image.resize, BILINEAR; antialiased when downs
 
 
 def _check_pixels(height: int, width: int, max_pixels: int) -> None:
+    if height == 0 or width == 0:
+        raise InvalidImage(
+            f"the image is {height}x{width} pixels, it holds no pixel: send a non-empty image"
+        )
     if height * width > max_pixels:
         raise ImageTooLarge(
             f"image is {width}x{height} = {height * width} pixels, over the limit of "
@@ -28,10 +32,37 @@ def _check_pixels(height: int, width: int, max_pixels: int) -> None:
         )
 
 
+def _to_8_bits(image: Image.Image) -> Image.Image:
+    """16-bit greyscale -> 8 bits by its high byte (as Pillow reads 16-bit RGB); 32-bit
+    integer and float modes, whose range is unknown, are refused (Pillow would clip them)."""
+    if image.mode.startswith("I;16"):
+        high_bytes = (np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8)
+        return Image.fromarray(high_bytes, "L")
+    if image.mode in ("I", "F"):
+        kind = "32-bit integer" if image.mode == "I" else "floating-point"
+        raise InvalidImage(
+            f"{kind} images (Pillow mode {image.mode}) have no defined 8-bit range: convert "
+            "the image to 8 or 16 bits per sample, or send a preprocessed float CxHxW array"
+        )
+    return image
+
+
+def _name_format(data: bytes) -> str:
+    """' (GIF)' when Pillow knows the format although the engine does not read it, else ''."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(bytes(data))) as image:
+                return f" ({image.format})"
+    except Exception:  # noqa: BLE001 - only used to word the error message
+        return ""
+
+
 def decode(data: bytes, *, color: str, max_pixels: int) -> np.ndarray:
     """Encoded bytes -> uint8 HxWxC (HxWx1 for ``L``) in ``color`` order, EXIF orientation applied.
 
-    The pixel count is checked from the header before any pixel is decoded.
+    The pixel count is checked from the header before any pixel is decoded. Multi-frame
+    files (TIFF pages, animated WebP) give their first frame; alpha is dropped.
     """
     if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) == 0:
         raise InvalidImage("image bytes are empty: send an encoded PNG, JPEG, WebP, BMP or TIFF")
@@ -42,7 +73,7 @@ def decode(data: bytes, *, color: str, max_pixels: int) -> np.ndarray:
             image = Image.open(io.BytesIO(bytes(data)), formats=FORMATS)
             _check_pixels(image.height, image.width, max_pixels)
             image.load()
-            image = ImageOps.exif_transpose(image)
+            image = _to_8_bits(ImageOps.exif_transpose(image))
             if color == "L":
                 pixels = np.asarray(image.convert("L"))[:, :, None]
             else:
@@ -58,6 +89,11 @@ def decode(data: bytes, *, color: str, max_pixels: int) -> np.ndarray:
         ) from None
     except MemoryError:
         raise ImageTooLarge("not enough memory to decode this image: send a smaller one") from None
+    except UnidentifiedImageError:
+        raise InvalidImage(
+            f"cannot decode the image: unsupported or unknown format{_name_format(data)}; "
+            f"supported formats: {', '.join(FORMATS)} (convert it to PNG or JPEG)"
+        ) from None
     except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, struct.error...)
         raise InvalidImage(
             f"cannot decode the image ({type(exc).__name__}: {exc}); "

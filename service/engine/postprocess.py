@@ -22,6 +22,7 @@ from service.engine.result import MapGeometry, ScaleMap
 from service.errors import InvalidOption
 
 DTYPES = {"float32": np.float32, "float16": np.float16}
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16"}  # the server's and CLI's spellings
 
 
 @dataclass(frozen=True)
@@ -46,8 +47,17 @@ def plan_outputs(options: ScoreOptions, *, num_classes: int, output_kind: str) -
             "this model outputs probabilities (a softmax is part of it), so logits cannot be "
             "returned: ask for probabilities=True"
         )
-    if options.dtype not in DTYPES:
-        raise InvalidOption(f"dtype must be one of {tuple(DTYPES)}, got {options.dtype!r}")
+    dtype = (
+        DTYPE_ALIASES.get(options.dtype, options.dtype) if isinstance(options.dtype, str) else None
+    )
+    if dtype not in DTYPES:
+        raise InvalidOption(
+            f"dtype must be one of {(*DTYPES, *DTYPE_ALIASES)}, got {options.dtype!r}"
+        )
+    for name in ("probabilities", "argmax", "include_map"):
+        value = getattr(options, name)
+        if not isinstance(value, (bool, np.bool_)):
+            raise InvalidOption(f"{name} must be True or False, got {value!r}")
     classes = options.classes
     if classes is not None:
         classes = tuple(classes)
@@ -75,7 +85,7 @@ def plan_outputs(options: ScoreOptions, *, num_classes: int, output_kind: str) -
     return OutputPlan(
         probabilities=bool(options.probabilities),
         model_gives_probabilities=gives_probabilities,
-        dtype=DTYPES[options.dtype],
+        dtype=DTYPES[dtype],
         classes=classes,
         top_k=int(options.top_k),
         image_top_k=min(int(options.image_top_k), selectable),
@@ -115,7 +125,8 @@ def build_scale_map(
         values = values[list(plan.classes)]
     values = values.astype(plan.dtype, copy=False)
     index_map = np.asarray(plan.classes if plan.classes is not None else [], dtype=np.int32)
-    result = ScaleMap(geometry=geometry, classes=plan.classes)
+    cells = (int(raw.shape[1]), int(raw.shape[2]))
+    result = ScaleMap(geometry=geometry, classes=plan.classes, cells=cells)
     if plan.include_map:
         result.scores = values
     if plan.top_k:

@@ -45,6 +45,7 @@ class ScaleMap:
     top_k_scores: np.ndarray | None = None  # [k, n_h, n_w]
     argmax: np.ndarray | None = None  # [n_h, n_w] int32
     classes: tuple[int, ...] | None = None  # class index of each channel of ``scores``
+    cells: tuple[int, int] | None = None  # (n_h, n_w), set by the engine even with no array
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -52,6 +53,8 @@ class ScaleMap:
         for arr in (self.scores, self.argmax, self.top_k_indices):
             if arr is not None:
                 return tuple(arr.shape[-2:])
+        if self.cells is not None:
+            return tuple(self.cells)
         raise ValueError("map holds no array")
 
 

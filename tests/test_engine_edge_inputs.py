@@ -1,0 +1,167 @@
+"""Engine edge cases found in review: image modes, empty arrays, odd options, cancel callbacks."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from dense_models import build_dense_model
+from PIL import Image, ImageOps
+
+from service.engine import Engine, EngineConfig, ScoreOptions
+from service.engine.image_input import decode
+from service.errors import Cancelled, ImageTooLarge, ImageTooSmall, InvalidImage, InvalidOption
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    path = build_dense_model(tmp_path_factory.mktemp("m"), channels=3)
+    return Engine(path, config=EngineConfig(warmup=False))
+
+
+@pytest.fixture(scope="module")
+def image():
+    return (np.random.default_rng(7).random((30, 41, 3)) * 255).astype(np.uint8)
+
+
+def save(picture, fmt, **params):
+    buffer = io.BytesIO()
+    picture.save(buffer, format=fmt, **params)
+    return buffer.getvalue()
+
+
+def test_16_bit_grey_keeps_its_high_byte(engine):
+    grey16 = (np.random.default_rng(1).random((30, 41)) * 65535).astype(np.uint16)
+    for fmt in ("PNG", "TIFF"):
+        data = save(Image.fromarray(grey16), fmt)
+        pixels = decode(data, color="L", max_pixels=10**6)
+        # Pillow's own convert("L") clips 16-bit values at 255: a nearly white image.
+        np.testing.assert_array_equal(pixels[:, :, 0], grey16 >> 8)
+        scores = engine.score(data).maps[0].scores
+        expected = engine.score((grey16 >> 8).astype(np.uint8)).maps[0].scores
+        np.testing.assert_array_equal(scores, expected)
+
+
+@pytest.mark.parametrize("mode", ["I", "F"])
+def test_32_bit_and_float_images_are_refused(engine, mode):
+    values = np.random.default_rng(2).random((30, 41))
+    array = (values * 1000).astype(np.int32) if mode == "I" else values.astype(np.float32)
+    with pytest.raises(InvalidImage, match="no defined 8-bit range"):
+        engine.score(save(Image.fromarray(array), "TIFF"))
+
+
+def test_unsupported_format_is_named(engine, image):
+    with pytest.raises(InvalidImage, match=r"\(GIF\).*supported formats") as caught:
+        engine.score(save(Image.fromarray(image), "GIF"))
+    assert "BytesIO" not in str(caught.value)
+    with pytest.raises(InvalidImage, match="cannot decode"):
+        engine.score(b"<svg xmlns='http://www.w3.org/2000/svg' width='40' height='40'/>")
+
+
+def test_multi_frame_files_give_their_first_frame(engine):
+    frames = [Image.fromarray(np.full((30, 41, 3), v, np.uint8)) for v in (10, 200)]
+    for fmt, params in (("TIFF", {}), ("WEBP", {"lossless": True})):
+        data = save(frames[0], fmt, save_all=True, append_images=frames[1:], **params)
+        assert np.all(engine.decode(data) == 10), fmt
+
+
+@pytest.mark.parametrize("orientation", range(2, 9))
+def test_every_exif_orientation_is_applied(engine, image, orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = save(Image.fromarray(image), "PNG", exif=exif.tobytes())
+    upright = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+    assert upright.shape[:2] == ((41, 30) if orientation >= 5 else (30, 41))
+    np.testing.assert_array_equal(engine.decode(data), upright)
+    result = engine.score(data)
+    assert result.image_size == upright.shape[:2]
+    np.testing.assert_array_equal(result.maps[0].scores, engine.score(upright).maps[0].scores)
+
+
+@pytest.mark.parametrize("shape", [(0, 0, 3), (30, 0, 3), (0, 41)])
+def test_empty_arrays_are_invalid_not_too_small(engine, shape):
+    with pytest.raises(InvalidImage, match="no pixel") as caught:
+        engine.score(np.zeros(shape, np.uint8))
+    assert not isinstance(caught.value, ImageTooSmall)  # "1x1 pixels" would be a lie
+    with pytest.raises(InvalidImage, match="no pixel"):
+        engine.score(np.zeros((3, 0, 41), np.float32))
+
+
+def test_huge_scales_are_refused_without_overflow(engine, image):
+    for scale in (1e6, 1e300, 1e308):
+        with pytest.raises(ImageTooLarge, match="at scale"):
+            engine.score(image, ScoreOptions(scales=(1.0, scale)))
+    with pytest.raises(
+        ImageTooSmall, match="at scale 1e-09, smaller than the model.s window R = 12x16"
+    ):
+        engine.score(image, ScoreOptions(scales=(1e-9,)))
+
+
+def test_pixel_limit_applies_to_the_resized_size(tmp_path, image):
+    path = build_dense_model(tmp_path, channels=3)
+    engine = Engine(path, config=EngineConfig(warmup=False, max_pixels=30 * 41 * 4))
+    assert engine.score(image, ScoreOptions(scales=(2.0,))).maps[0].shape == (13, 17)
+    with pytest.raises(ImageTooLarge, match="at scale 2.1"):
+        engine.score(image, ScoreOptions(scales=(2.1,)))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (ScoreOptions(scales=(True,)), "sequence of numbers"),
+        (ScoreOptions(scales="1.5"), "sequence of numbers"),
+        (ScoreOptions(dtype="float64"), "dtype must be one of"),
+        (ScoreOptions(dtype="half"), "dtype must be one of"),
+        (ScoreOptions(probabilities="no"), "probabilities must be True or False"),
+        (ScoreOptions(argmax=1), "argmax must be True or False"),
+        (ScoreOptions(include_map=None), "include_map must be True or False"),
+        (ScoreOptions(output_stride=0), "not supported"),
+        (ScoreOptions(output_stride=-2), "not supported"),
+        (ScoreOptions(output_stride=2.0), "not supported"),
+        (ScoreOptions(image_top_k=-1), "image_top_k"),
+    ],
+)
+def test_more_bad_options(engine, image, options, message):
+    with pytest.raises(InvalidOption, match=message):
+        engine.score(image, options)
+
+
+@pytest.mark.parametrize("options", [None, {"top_k": 1}])
+def test_options_of_the_wrong_type(engine, image, options):
+    with pytest.raises(InvalidOption, match="ScoreOptions"):
+        engine.score(image, options)
+
+
+def test_server_dtype_spellings_are_accepted(engine, image):
+    half = engine.score(image, ScoreOptions(dtype="fp16")).maps[0].scores
+    single = engine.score(image, ScoreOptions(dtype="fp32")).maps[0].scores
+    assert half.dtype == np.float16 and single.dtype == np.float32
+    np.testing.assert_array_equal(half, single.astype(np.float16))
+
+
+def test_numpy_stride_gives_plain_int_geometry(engine, image):
+    geometry = engine.score(image, ScoreOptions(output_stride=np.int64(2))).maps[0].geometry
+    assert geometry.stride == (2, 2) and all(type(s) is int for s in geometry.stride)
+
+
+def test_image_scores_only_still_give_the_map_shape(engine, image):
+    result = engine.score(image, ScoreOptions(include_map=False, scales=(1.0, 1.5)))
+    full = engine.score(image, ScoreOptions(scales=(1.0, 1.5)))
+    for bare, with_map in zip(result.maps, full.maps, strict=True):
+        assert bare.scores is None and bare.argmax is None and bare.top_k_indices is None
+        assert bare.shape == with_map.shape
+    np.testing.assert_array_equal(result.image_scores, full.image_scores)
+
+
+def test_cancel_callback_that_raises_or_is_not_callable(engine, image):
+    def broken():
+        raise RuntimeError("deadline lookup failed")
+
+    with pytest.raises(Cancelled, match="deadline lookup failed") as caught:
+        engine.score(image, cancel=broken)
+    assert isinstance(caught.value.__cause__, RuntimeError)
+    with pytest.raises(Cancelled, match="before decoding"):
+        engine.score(image, cancel=lambda: True)
+    with pytest.raises(InvalidOption, match="callable"):
+        engine.score(image, cancel=5)
