@@ -328,3 +328,23 @@ def test_limits_give_resource_exhausted(repo):  # noqa: F811
             assert stub.Score(array_request(rgb_image(20, 20)), timeout=30).maps
     finally:
         srv.stop()
+
+
+def test_response_over_the_message_limit_says_what_to_do(repo):  # noqa: F811
+    srv, port = start_server(repo, max_message_bytes=64 << 10)
+    image = rgb_image(100, 100)  # stride 1: 89 x 85 cells x 5 classes x 4 bytes = 151 KB
+    try:
+        with channel(f"127.0.0.1:{port}") as chan:
+            stub = pb_grpc.DensemapStub(chan)
+            too_big = array_request(image, output_stride=1)
+            details = assert_code(stub.Score, too_big, Code.RESOURCE_EXHAUSTED)
+            assert "--max-message-mb" in details and "output_stride" in details
+            items = list(stub.ScoreStream(iter([too_big, array_request(image)]), timeout=30))
+            assert items[0].error.code_name == "RESOURCE_EXHAUSTED"
+            assert not items[1].HasField("error") and items[1].maps
+            request = kserve_request(raw=image.tobytes(), shape=image.shape, output_stride=1)
+            kserve = kserve_grpc.GRPCInferenceServiceStub(chan).ModelInfer
+            assert "--max-message-mb" in assert_code(kserve, request, Code.RESOURCE_EXHAUSTED)
+            assert stub.Score(array_request(image), timeout=30).maps  # native stride fits
+    finally:
+        srv.stop()

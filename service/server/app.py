@@ -79,7 +79,11 @@ class DensemapServer:
             max_admitted=config.max_admitted,
         )
         core = ScoringCore(
-            models=self.models, state=self.state, admission=self.admission, metrics=self.metrics
+            models=self.models,
+            state=self.state,
+            admission=self.admission,
+            metrics=self.metrics,
+            max_response_bytes=config.max_message_bytes,
         )
         self._grpc = self._build_grpc_server(core)
 

@@ -21,7 +21,7 @@ from service.engine.result import ScoreMap
 from service.errors import ModelNotFound
 from service.server.limits import Admission, CallGuard, ServingState
 from service.server.metrics import UNKNOWN_MODEL, ServerMetrics
-from service.server.status import NotServing, quote_name, status_for
+from service.server.status import NotServing, ResponseTooLarge, quote_name, status_for
 
 log = logging.getLogger("densemap.server")
 T = TypeVar("T")
@@ -121,12 +121,31 @@ class ScoringCore:
     """Shared by both servicers: the models, the serving state, admission and metrics."""
 
     def __init__(
-        self, *, models: Models, state: ServingState, admission: Admission, metrics: ServerMetrics
+        self,
+        *,
+        models: Models,
+        state: ServingState,
+        admission: Admission,
+        metrics: ServerMetrics,
+        max_response_bytes: int = 2**31 - 1,
     ) -> None:
         self.models = models
         self.state = state
         self.admission = admission
         self.metrics = metrics
+        self.max_response_bytes = max_response_bytes
+
+    def check_response_size(self, response) -> None:
+        """A response over the message limit fails with what to change, not gRPC's bare error."""
+        size = response.ByteSize()
+        if size > self.max_response_bytes:
+            limit_mb = self.max_response_bytes / 2**20
+            raise ResponseTooLarge(
+                f"the response would be {size / 2**20:.1f} MiB, over the server's message limit "
+                f"of {limit_mb:.1f} MiB (--max-message-mb): ask for less (a coarser "
+                "output_stride, fewer classes or scales, dtype fp16, only argmax or top-k "
+                "outputs) or raise --max-message-mb on the server and the client"
+            )
 
     def unary(
         self,
@@ -143,7 +162,9 @@ class ScoringCore:
             self.state.check_serving()
             self.state.track(context)
             with self.admission.call_slot() if scoring else nullcontext():
-                return handler(call)
+                response = handler(call)
+            self.check_response_size(response)
+            return response
         except Exception as exc:
             code, message = status_for(exc)
             context.abort(code, message)
@@ -155,7 +176,9 @@ class ScoringCore:
         code, message, result = grpc.StatusCode.OK, "", None
         try:
             result = handler(call)
+            self.check_response_size(result)
         except Exception as exc:
+            result = None
             code, message = status_for(exc)
         self.finish(call, code)
         return result, code, message

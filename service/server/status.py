@@ -32,6 +32,10 @@ class ServerBusy(DensemapError):
     """Too many requests running or queued: backpressure instead of unbounded memory."""
 
 
+class ResponseTooLarge(DensemapError):
+    """The response would exceed the server's message size limit (--max-message-mb)."""
+
+
 class NotServing(DensemapError):
     """The server is still loading its models, or drains before shutting down."""
 
@@ -55,6 +59,7 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (ModelNotFound, grpc.StatusCode.NOT_FOUND),
     (ImageTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ServerBusy, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (ResponseTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (MemoryError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (NotServing, grpc.StatusCode.UNAVAILABLE),
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
