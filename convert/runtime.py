@@ -85,6 +85,26 @@ def to_float64(model):
     return copy
 
 
+def _inference_batch_norm():
+    """BatchNormalization in inference mode for every opset. onnx.reference runs
+    BatchNormalization-7/9 (no ``training_mode`` attribute) with batch statistics, so a
+    tf2onnx or old PyTorch export with BatchNorm at opset < 14 would not match onnxruntime."""
+    from onnx.reference.op_run import OpRun
+
+    class BatchNormalization(OpRun):
+        op_domain = ""
+
+        def _run(self, x, scale, bias, mean, var, epsilon=None, training_mode=None, **_):
+            if training_mode or len(self.onnx_node.output) > 1:
+                raise NotImplementedError("BatchNormalization in training mode")
+            shape = (-1,) + (1,) * (x.ndim - 2)
+            epsilon = 1e-5 if epsilon is None else epsilon
+            normed = (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + epsilon)
+            return ((scale.reshape(shape) * normed + bias.reshape(shape)).astype(x.dtype),)
+
+    return BatchNormalization
+
+
 class Float64Runner:
     """Runs an ONNX model in float64 with ``onnx.reference`` (see :func:`to_float64`)."""
 
@@ -93,7 +113,7 @@ class Float64Runner:
 
         from convert.onnx_graph import image_input
 
-        self.evaluator = ReferenceEvaluator(to_float64(model))
+        self.evaluator = ReferenceEvaluator(to_float64(model), new_ops=[_inference_batch_norm()])
         self.input_name = image_input(model.graph).name
 
     def __call__(self, image: np.ndarray) -> np.ndarray:

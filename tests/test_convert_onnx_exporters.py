@@ -13,11 +13,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from convert_onnx_support import cells, dense64, onnx_crops64
+from convert_onnx_support import GraphBuilder, cells, dense64, onnx_crops64, ort32
 from torch import nn
 
+import convert
 from convert.geometry import compute_geometry
 from convert.onnx_head import rewrite_head
+from convert.runtime import Float64Runner
 
 EXACT = 1e-9  # fp64: the dense pass sums the same products in another order
 
@@ -63,3 +65,47 @@ def test_legacy_export_with_dynamic_batch_reads_the_order_through_shape_nodes(op
     classifier = onnx.load_from_string(buffer.getvalue())
     assert "Shape" in [node.op_type for node in classifier.graph.node]
     _assert_dense_equals_crops(classifier, (12, 10))
+
+
+def _batchnorm_classifier(opset: int) -> onnx.ModelProto:
+    """conv -> BatchNormalization -> relu -> pool -> conv -> Flatten -> Gemm -> BN -> Gemm, as
+    tf2onnx (opset 13) or an unfolded legacy torch export writes it; window 12."""
+    g = GraphBuilder(1, seed=2)
+    rng = np.random.default_rng(3)
+
+    def batch_norm(channels):
+        stats = [rng.random(channels) + 0.5, rng.standard_normal(channels)]
+        stats += [rng.standard_normal(channels), rng.random(channels) + 0.5]
+        g.node("BatchNormalization", [g.current, *(g.const(s.astype(np.float32)) for s in stats)])
+
+    g.conv(4, 3)
+    batch_norm(4)
+    g.node("Relu")
+    g.pool("MaxPool", 2, 2)
+    g.conv(3, 3)
+    g.node("Flatten", axis=1)
+    weight = g.const(rng.standard_normal((5, 27)).astype(np.float32))
+    g.node(
+        "Gemm", [g.current, weight, g.const(rng.standard_normal(5).astype(np.float32))], transB=1
+    )
+    batch_norm(5)
+    weight = g.const(rng.standard_normal((4, 5)).astype(np.float32))
+    g.node("Gemm", [g.current, weight, g.const(np.zeros(4, np.float32))], transB=1)
+    return g.model(12, opset=opset, output_dims=[1, 4])
+
+
+@pytest.mark.parametrize("opset", [9, 13, 15])
+def test_batchnorm_before_opset_14_verifies_in_float64(opset, tmp_path):
+    # onnx.reference ran BatchNormalization-7/9 with batch statistics: --verify in float64
+    # failed on correct dense models (and disagreed with onnxruntime)
+    classifier = _batchnorm_classifier(opset)
+    image = np.random.default_rng(1).standard_normal((1, 1, 12, 12))
+    # the fp64 evaluator agrees with onnxruntime's inference BatchNorm (fp32 rounding, logits < 100)
+    np.testing.assert_allclose(
+        Float64Runner(classifier)(image), ort32(classifier, image), rtol=0, atol=1e-4
+    )
+    _assert_dense_equals_crops(classifier, (12, 12), channels=1)
+    onnx.save_model(classifier, str(tmp_path / "bn.onnx"))
+    convert.convert_onnx(tmp_path / "bn.onnx", tmp_path / "dense.onnx")
+    report = convert.verify(tmp_path / "bn.onnx", tmp_path / "dense.onnx", dtype="float64")
+    assert report.passed, report.table()
