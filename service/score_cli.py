@@ -145,6 +145,7 @@ def build_request(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from service.batch.progress import printable
     from service.batch.run import run_batch
 
     request = build_request(args)
@@ -152,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
     if outcome.failed:
         print(
             f"densemap score: {outcome.failed} image(s) failed (listed above, and with "
-            f"status 'failed' in {os.path.join(outcome.out_dir, 'summary.jsonl')})",
+            f"status 'failed' in {printable(os.path.join(outcome.out_dir, 'summary.jsonl'))})",
             file=sys.stderr,
             flush=True,
         )

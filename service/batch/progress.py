@@ -19,6 +19,12 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def printable(text: str) -> str:
+    """``text`` safe to print on any stream: bytes of file names that are not valid UTF-8
+    (kept by Python as surrogate escapes) are shown as ``\\xNN`` instead of crashing print."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 class Progress:
     """Counts rows as they come (thread-safe) and shows the run's progress."""
 
@@ -87,6 +93,7 @@ class Progress:
                 self._say(self.status_line())
 
     def _say(self, text: str) -> None:
+        text = printable(text)
         if self._bar is not None:
             self._bar.write(text, file=self.stream)
         else:
@@ -121,5 +128,5 @@ class Progress:
             f"densemap score: scored {self.scored}, skipped {self.skipped}, failed "
             f"{self.failed} of {self.total + self.skipped} images in {elapsed:.1f} s "
             f"({self.scored / elapsed:.2f} images/s, {self.megapixels / elapsed:.2f} MP/s); "
-            f"outputs in {out_dir}"
+            f"outputs in {printable(out_dir)}"
         )

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from service.batch.outputs import HEATMAP_SUFFIX, NPZ_SUFFIX, options_to_json, write_atomic
-from service.batch.walk import ImageJob
+from service.batch.walk import OUTPUT_MARKER, ImageJob
 from service.engine.options import ScoreOptions
 from service.errors import InvalidOption
 
-RUN_FILE = "densemap-run.json"
+RUN_FILE = OUTPUT_MARKER  # "densemap-run.json": the walk never enters such a folder
 SUMMARY_FILE = "summary.jsonl"
 PARTIAL_DIR = ".partial"
 LOCK_FILE = ".lock"
@@ -65,6 +65,11 @@ class OutputDir:
         self._lock_fd: int | None = None
 
     def __enter__(self) -> OutputDir:
+        if self.root.exists() and not self.root.is_dir():
+            raise InvalidOption(
+                f"--out {self.root} is an existing file, not a folder: choose a folder "
+                "(it is created if missing)"
+            )
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

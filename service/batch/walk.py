@@ -10,7 +10,10 @@ Rules:
 - inside folders, a file is an image when its extension is a known image extension, or,
   for any other extension, when its first bytes carry a PNG/JPEG/GIF/TIFF/WebP signature;
   everything else is skipped quietly;
-- hidden files and folders (name starting with ``.``) and the output folder are skipped;
+- hidden files and folders (name starting with ``.``), the output folder and any other
+  densemap output folder (one holding ``densemap-run.json``, e.g. of an earlier run with
+  another ``--out``: its heat-maps are PNGs) are skipped;
+- ``--out`` must not be one of the input folders: outputs would mix with the images;
 - ``--glob`` patterns match the path relative to the walked folder from the right
   (``*.png``, ``scans/*.jpg``); a file is kept when any pattern matches. They filter
   folders only: a file named on the command line is scored whatever they say.
@@ -27,6 +30,7 @@ from service.errors import InvalidOption
 IMAGE_EXTENSIONS = frozenset(
     {".png", ".jpg", ".jpeg", ".jpe", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 )
+OUTPUT_MARKER = "densemap-run.json"  # every densemap output folder holds it (rundir.RUN_FILE)
 _SIGNATURES = (
     b"\x89PNG\r\n\x1a\n",
     b"\xff\xd8\xff",
@@ -77,7 +81,9 @@ def _walk_folder(root: str, globs: tuple[str, ...], skip_dirs: set[str]) -> list
         dirnames[:] = sorted(
             d
             for d in dirnames
-            if not d.startswith(".") and os.path.realpath(os.path.join(dirpath, d)) not in skip_dirs
+            if not d.startswith(".")
+            and os.path.realpath(os.path.join(dirpath, d)) not in skip_dirs
+            and not os.path.isfile(os.path.join(dirpath, d, OUTPUT_MARKER))
         )
         for name in sorted(filenames):
             if name.startswith("."):
@@ -108,6 +114,12 @@ def find_images(
     for raw in paths:
         path = os.path.abspath(raw)
         if os.path.isdir(path):
+            if os.path.realpath(path) in skip_dirs:
+                raise InvalidOption(
+                    f"the output folder {raw!r} is also an input folder: outputs would mix with "
+                    "the images; choose another --out (a new folder, or a subfolder: it is "
+                    "never scored)"
+                )
             roots.append(path)
             files.extend(_walk_folder(path, tuple(globs), skip_dirs))
         elif os.path.isfile(path):
