@@ -11,13 +11,24 @@ from PIL import Image, ImageOps
 
 from service.engine import Engine, EngineConfig, ScoreOptions
 from service.engine.image_input import decode
-from service.errors import Cancelled, ImageTooLarge, ImageTooSmall, InvalidImage, InvalidOption
+from service.errors import (
+    Cancelled,
+    ImageTooLarge,
+    ImageTooSmall,
+    InvalidImage,
+    InvalidOption,
+    ModelLoadError,
+)
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    path = build_dense_model(tmp_path_factory.mktemp("m"), channels=3)
-    return Engine(path, config=EngineConfig(warmup=False))
+def model_path(tmp_path_factory):
+    return build_dense_model(tmp_path_factory.mktemp("m"), channels=3)
+
+
+@pytest.fixture(scope="module")
+def engine(model_path):
+    return Engine(model_path, config=EngineConfig(warmup=False))
 
 
 @pytest.fixture(scope="module")
@@ -98,9 +109,8 @@ def test_huge_scales_are_refused_without_overflow(engine, image):
         engine.score(image, ScoreOptions(scales=(1e-9,)))
 
 
-def test_pixel_limit_applies_to_the_resized_size(tmp_path, image):
-    path = build_dense_model(tmp_path, channels=3)
-    engine = Engine(path, config=EngineConfig(warmup=False, max_pixels=30 * 41 * 4))
+def test_pixel_limit_applies_to_the_resized_size(model_path, image):
+    engine = Engine(model_path, config=EngineConfig(warmup=False, max_pixels=30 * 41 * 4))
     assert engine.score(image, ScoreOptions(scales=(2.0,))).maps[0].shape == (13, 17)
     with pytest.raises(ImageTooLarge, match="at scale 2.1"):
         engine.score(image, ScoreOptions(scales=(2.1,)))
@@ -165,3 +175,17 @@ def test_cancel_callback_that_raises_or_is_not_callable(engine, image):
         engine.score(image, cancel=lambda: True)
     with pytest.raises(InvalidOption, match="callable"):
         engine.score(image, cancel=5)
+
+
+def test_estimate_refuses_sizes_without_a_pass(engine):
+    assert engine.estimate_bytes(12, 16) > 0
+    for height, width in ((0, 0), (-3, 20), (11, 16)):
+        with pytest.raises(ImageTooSmall, match="R = 12x16"):
+            engine.estimate_bytes(height, width)
+    with pytest.raises(InvalidOption, match="ints"):
+        engine.estimate_bytes(20.5, 30)
+
+
+def test_bool_limits_are_not_ints(model_path):
+    with pytest.raises(ModelLoadError, match="max_pixels"):
+        Engine(model_path, config=EngineConfig(max_pixels=True))

@@ -106,6 +106,15 @@ class Engine:
     def estimate_bytes(self, height: int, width: int, *, output_stride: int | None = None) -> int:
         """Activation bytes of the largest pass on a height x width image (untiled)."""
         net, _ = self._plan_stride(output_stride)
+        window = self._metadata.geometry.window
+        sizes = (height, width)
+        if any(not isinstance(v, (int, np.integer)) or isinstance(v, bool) for v in sizes):
+            raise InvalidOption(f"height and width must be ints, got {height!r} x {width!r}")
+        if height < window[0] or width < window[1]:
+            raise ImageTooSmall(
+                f"a {height}x{width} image is smaller than the model's window R = "
+                f"{window[0]}x{window[1]}: it has no pass to estimate"
+            )
         return net.estimate_bytes(height, width)
 
     # -- scoring -------------------------------------------------------------------------

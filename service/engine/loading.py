@@ -52,7 +52,7 @@ def read_metadata(proto: onnx.ModelProto) -> ModelMetadata:
 def _check_config(config: EngineConfig) -> None:
     for name in ("max_pixels", "memory_budget"):
         value = getattr(config, name)
-        if not isinstance(value, int) or value < 1:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ModelLoadError(f"EngineConfig.{name} must be a positive int, got {value!r}")
 
 
