@@ -179,6 +179,7 @@ def test_rerun_skips_complete_outputs_and_checks_settings(capsys, repo, mixed, t
     assert sorted(statuses.values()) == ["failed"] * 2 + ["skipped"] * 5
     code, _, stderr = score(capsys, *base, "--logits")
     assert code == 2 and "--overwrite" in stderr  # other options: refuse to mix outputs
+    assert "(probabilities True -> False)" in stderr  # only what changed
     code, stdout, _ = score(capsys, *base, "--logits", "--overwrite")
     assert code == 1 and "scored 5, skipped 0, failed 2" in stdout
     result, meta = load_result(out / "a.png.npz")

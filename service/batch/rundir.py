@@ -51,8 +51,18 @@ def heatmap_path(out_dir: Path, job: ImageJob) -> Path:
     return out_dir / (job.relpath + HEATMAP_SUFFIX)
 
 
-def _describe(doc: dict) -> str:
-    return f"model {doc.get('model')!r} with options {doc.get('options')}"
+def _describe_changes(old: dict, new: dict) -> str:
+    """What differs between two run settings, e.g. "top_k 0 -> 2, model 'a' -> 'b'"."""
+    old_options, new_options = old.get("options") or {}, new.get("options") or {}
+    changes = [
+        f"{key} {old_options.get(key)!r} -> {new_options.get(key)!r}"
+        for key in sorted(set(old_options) | set(new_options))
+        if old_options.get(key) != new_options.get(key)
+    ]
+    for key in ("model", "heatmap_class"):
+        if old.get(key) != new.get(key) and (key == "model" or old.get("heatmap")):
+            changes.insert(0, f"{key} {old.get(key)!r} -> {new.get(key)!r}")
+    return ", ".join(changes)
 
 
 class OutputDir:
@@ -118,10 +128,9 @@ class OutputDir:
                 differs = True
             if differs:
                 raise InvalidOption(
-                    f"{self.root} holds outputs of {_describe(old)} (heat-map class "
-                    f"{old.get('heatmap_class')!r}); this run asks for {_describe(new)} "
-                    f"(heat-map class {new['heatmap_class']!r}): pass --overwrite to redo "
-                    "them, or choose another --out"
+                    f"{self.root} holds outputs made with other settings "
+                    f"({_describe_changes(old, new)}): pass --overwrite to redo them, "
+                    "or choose another --out"
                 )
             if old.get("heatmap") and not new["heatmap"]:
                 new["heatmap"], new["heatmap_class"] = True, old.get("heatmap_class")
