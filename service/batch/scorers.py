@@ -16,6 +16,7 @@ import numpy as np
 
 from service.engine.options import EngineConfig, ScoreOptions
 from service.engine.result import ScoreMap
+from service.errors import InvalidOption
 
 REMOTE_CONCURRENCY = 4  # score calls in flight to a server (its queue absorbs them)
 
@@ -80,7 +81,16 @@ class RemoteScorer:
 
 @contextlib.contextmanager
 def open_remote_scorer(target: str, model: str) -> Iterator[RemoteScorer]:
-    from service.client import DensemapClient
+    from service.client import DensemapClient, RemoteError
 
     with DensemapClient(target) as client:
-        yield RemoteScorer(client, model)
+        try:
+            scorer = RemoteScorer(client, model)
+        except RemoteError as exc:
+            if exc.code.name != "UNAVAILABLE":
+                raise
+            raise InvalidOption(
+                f"no densemap server answers at --server {target} ({exc.details}): start "
+                "one with 'densemap serve' (port 50051) or check the address"
+            ) from None
+        yield scorer
