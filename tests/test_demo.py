@@ -13,6 +13,10 @@ PAGES = sorted((ROOT / "models" / "digits" / "pages").glob("*.png"))
 
 
 def test_demo_serves_scores_and_draws_every_page(tmp_path):
+    stale = tmp_path / "stride4" / f"{PAGES[0].name}.heatmap.png"  # from an older run
+    stale.parent.mkdir()
+    stale.write_bytes(b"old picture")
+    stale.with_name(f"{PAGES[0].name}.npz").write_bytes(b"old map")
     result = subprocess.run(
         [sys.executable, "-m", "models.digits.demo", "--out", str(tmp_path)],
         cwd=ROOT,

@@ -5,7 +5,8 @@
 1. starts ``densemap serve`` on the bundled ``models/`` repository, on a free port, and waits
    until its ``readiness`` health status is SERVING;
 2. scores the sample pages through the gRPC API (``densemap score --server ...``) at the
-   native stride 4 and at stride 2 (one pass on the à-trous variant), with heat-maps;
+   native stride 4 and at stride 2 (one pass on the à-trous variant), with heat-maps
+   (redrawn on every run: ``--overwrite``);
 3. prints a table (page, map shape, digits found against the page's ground truth) and
    where the pictures are;
 4. stops the server with SIGTERM (graceful drain) and checks that it exited cleanly.
@@ -74,6 +75,7 @@ def wait_ready(target: str) -> None:
 def score_pages(target: str, out: Path, stride: int) -> None:
     cmd = [sys.executable, "-m", "service.cli", "score", "--server", target, str(PAGES)]
     cmd += ["--glob", "*.png", "--out", str(out), "--output-stride", str(stride), "--heatmap"]
+    cmd += ["--overwrite"]  # always fresh pictures, even after a code or model update
     result = subprocess.run(cmd, cwd=ROOT)
     if result.returncode != 0:
         raise SystemExit(f"demo: densemap score failed (exit {result.returncode})")
