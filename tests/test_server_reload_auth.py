@@ -22,10 +22,13 @@ from server_harness import (  # noqa: F401  (fixtures)
     repo,
     rgb_image,
     start_server,
+    test_config,
 )
 from tritonclient.utils import InferenceServerException
 
 from service.client import DensemapClient, RemoteError
+from service.errors import InvalidOption
+from service.server.app import create_server
 
 Code = grpc.StatusCode
 
@@ -132,3 +135,13 @@ def test_tls(repo, tmp_path):  # noqa: F811
             assert caught.value.code == Code.UNAVAILABLE
     finally:
         srv.stop()
+
+
+def test_missing_or_junk_tls_files_say_which_flag(repo, tmp_path):  # noqa: F811
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    cases = {"--tls-cert": (tmp_path / "missing.pem", junk), "PEM certificate": (junk, junk)}
+    for word, (cert, key) in cases.items():
+        with pytest.raises(InvalidOption) as caught:
+            create_server(test_config(repo, tls_cert=cert, tls_key=key))
+        assert word in str(caught.value) and "Traceback" not in str(caught.value)

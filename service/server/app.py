@@ -127,18 +127,18 @@ class DensemapServer:
                 "(one sub-folder per model)"
             )
         address = _address(config.host, config.port)
+        fix = "pick another --port or --host"
         try:
             if config.tls_cert is not None:
-                credentials = grpc.ssl_server_credentials(
-                    [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())]
-                )
+                fix += ", and check that --tls-cert and --tls-key are a PEM certificate and its key"
+                credentials = grpc.ssl_server_credentials([self._read_tls_pair()])
                 self.port = self._grpc.add_secure_port(address, credentials)
             else:
                 self.port = self._grpc.add_insecure_port(address)
         except RuntimeError as exc:
-            raise InvalidOption(f"cannot listen on {address}: {exc}; pick another --port") from None
+            raise InvalidOption(f"cannot listen on {address}: {exc}; {fix}") from None
         if self.port == 0:
-            raise InvalidOption(f"cannot listen on {address}: pick another --port or --host")
+            raise InvalidOption(f"cannot listen on {address}: {fix}")
         self._grpc.start()
         if config.metrics_port:
             self.metrics_port = self.metrics.start(host=config.host, port=config.metrics_port)
@@ -152,6 +152,21 @@ class DensemapServer:
         if config.poll_seconds > 0:
             threading.Thread(target=self._poll, name="densemap-poll", daemon=True).start()
         return self.port
+
+    def _read_tls_pair(self) -> tuple[bytes, bytes]:
+        """(key, certificate chain) PEM bytes; a missing or unreadable file is InvalidOption."""
+        pair = []
+        for flag, path in (
+            ("--tls-key", self.config.tls_key),
+            ("--tls-cert", self.config.tls_cert),
+        ):
+            try:
+                pair.append(path.read_bytes())
+            except OSError as exc:
+                raise InvalidOption(
+                    f"cannot read {flag} {str(path)!r}: {exc.strerror or exc}; pass a PEM file"
+                ) from None
+        return pair[0], pair[1]
 
     def _load(self) -> None:
         with self._reload_lock:
