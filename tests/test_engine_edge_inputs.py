@@ -189,3 +189,16 @@ def test_estimate_refuses_sizes_without_a_pass(engine):
 def test_bool_limits_are_not_ints(model_path):
     with pytest.raises(ModelLoadError, match="max_pixels"):
         Engine(model_path, config=EngineConfig(max_pixels=True))
+
+
+def test_engine_limit_not_pillows_bomb_guard_decides(model_path, image, monkeypatch):
+    # Pillow's default guard refuses encoded images over 179 M pixels, below the engine's
+    # 256 M default: shrink Pillow's guard to model that gap on a small image.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    engine = Engine(model_path, config=EngineConfig(warmup=False, max_pixels=30 * 41))
+    data = save(Image.fromarray(image), "PNG")  # 1230 pixels > 2 x 100
+    np.testing.assert_array_equal(engine.decode(data), image)
+    assert Image.MAX_IMAGE_PIXELS == 615  # raised to half the engine's limit
+    small = Engine(model_path, config=EngineConfig(warmup=False, max_pixels=30 * 40))
+    with pytest.raises(ImageTooLarge, match="over the limit of 1200 pixels"):
+        small.score(data)

@@ -32,6 +32,15 @@ def _check_pixels(height: int, width: int, max_pixels: int) -> None:
         )
 
 
+def _allow_pillow_pixels(max_pixels: int) -> None:
+    """Let the engine's limit decide: Pillow refuses images over 2 x ``Image.MAX_IMAGE_PIXELS``
+    (179 M pixels by default) inside ``Image.open``, below the engine's default limit. The
+    guard is raised to half the limit, process-wide and never lowered."""
+    current = Image.MAX_IMAGE_PIXELS
+    if current is not None and 2 * current < max_pixels:
+        Image.MAX_IMAGE_PIXELS = -(-max_pixels // 2)
+
+
 def _to_8_bits(image: Image.Image) -> Image.Image:
     """16-bit greyscale -> 8 bits by its high byte (as Pillow reads 16-bit RGB); 32-bit
     integer and float modes, whose range is unknown, are refused (Pillow would clip them)."""
@@ -39,7 +48,7 @@ def _to_8_bits(image: Image.Image) -> Image.Image:
         high_bytes = (np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8)
         return Image.fromarray(high_bytes, "L")
     if image.mode in ("I", "F"):
-        kind = "32-bit integer" if image.mode == "I" else "floating-point"
+        kind = "signed or 32-bit integer" if image.mode == "I" else "floating-point"
         raise InvalidImage(
             f"{kind} images (Pillow mode {image.mode}) have no defined 8-bit range: convert "
             "the image to 8 or 16 bits per sample, or send a preprocessed float CxHxW array"
@@ -67,6 +76,7 @@ def decode(data: bytes, *, color: str, max_pixels: int) -> np.ndarray:
     if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) == 0:
         raise InvalidImage("image bytes are empty: send an encoded PNG, JPEG, WebP, BMP or TIFF")
     Image.init()  # register every plugin, so ``formats`` below can name them all
+    _allow_pillow_pixels(max_pixels)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
