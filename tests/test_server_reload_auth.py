@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 
 import grpc
@@ -145,3 +146,13 @@ def test_missing_or_junk_tls_files_say_which_flag(repo, tmp_path):  # noqa: F811
         with pytest.raises(InvalidOption) as caught:
             create_server(test_config(repo, tls_cert=cert, tls_key=key))
         assert word in str(caught.value) and "Traceback" not in str(caught.value)
+
+
+def test_metrics_port_in_use_is_a_clear_start_up_error(repo):  # noqa: F811
+    with socket.socket() as taken:
+        taken.bind((HOST, 0))
+        taken.listen()
+        config = test_config(repo, metrics_port=taken.getsockname()[1])
+        with pytest.raises(InvalidOption) as caught:
+            create_server(config)
+    assert "--metrics-port" in str(caught.value)

@@ -139,9 +139,15 @@ class DensemapServer:
             raise InvalidOption(f"cannot listen on {address}: {exc}; {fix}") from None
         if self.port == 0:
             raise InvalidOption(f"cannot listen on {address}: {fix}")
-        self._grpc.start()
         if config.metrics_port:
-            self.metrics_port = self.metrics.start(host=config.host, port=config.metrics_port)
+            try:
+                self.metrics_port = self.metrics.start(host=config.host, port=config.metrics_port)
+            except OSError as exc:
+                raise InvalidOption(
+                    f"cannot serve metrics on {_address(config.host, config.metrics_port)}: "
+                    f"{exc.strerror or exc}; pick another --metrics-port (0 turns metrics off)"
+                ) from None
+        self._grpc.start()
         log.info(
             "densemap serving on %s (models %s)",
             _address(config.host, self.port),
