@@ -48,6 +48,8 @@ def test_hostile_folder_reports_each_bad_file_and_goes_on(capsys, repo, tmp_path
     (folder / "sub" / "loop").symlink_to("..")  # a symlink loop: never followed
     (folder / "vanished.png").symlink_to(tmp_path / "gone.png")  # removed after the walk
     (folder / "empty.png").write_bytes(b"")
+    os.mkfifo(folder / "pipe.png")  # a FIFO: reading it would block forever: skipped
+    os.mkfifo(folder / "pipe")
     (folder / "bomb.png").write_bytes(png_declaring(100_000, 100_000))
     odd = os.path.join(os.fsencode(folder), b"bad\xff.png")  # not UTF-8
     with open(odd, "wb") as f:

@@ -10,6 +10,8 @@ Rules:
 - inside folders, a file is an image when its extension is a known image extension, or,
   for any other extension, when its first bytes carry a PNG/JPEG/GIF/TIFF/WebP signature;
   everything else is skipped quietly;
+- special files (FIFOs, sockets, devices) are skipped: reading one could block forever;
+  a dangling symbolic link is kept, so it is reported;
 - hidden files and folders (name starting with ``.``), the output folder and any other
   densemap output folder (one holding ``densemap-run.json``, e.g. of an earlier run with
   another ``--out``: its heat-maps are PNGs) are skipped;
@@ -89,6 +91,8 @@ def _walk_folder(root: str, globs: tuple[str, ...], skip_dirs: set[str]) -> list
             if name.startswith("."):
                 continue
             path = os.path.join(dirpath, name)
+            if os.path.exists(path) and not os.path.isfile(path):
+                continue  # a FIFO, socket or device: reading it could block forever
             rel = os.path.relpath(path, root).replace(os.sep, "/")
             if _matches(rel, globs) and is_image_file(path):
                 found.append(path)
