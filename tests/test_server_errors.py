@@ -124,7 +124,8 @@ DENSEMAP_CASES = {
 def kserve_request(*, name="image", datatype="UINT8", shape=(30, 30, 3), raw=None, **params):
     request = kserve_pb.ModelInferRequest(model_name=TINY)
     request.inputs.add(name=name, datatype=datatype, shape=list(shape))
-    request.raw_input_contents.append(GOOD.tobytes() if raw is None else raw)
+    if raw is not False:
+        request.raw_input_contents.append(GOOD.tobytes() if raw is None else raw)
     for key, value in params.items():
         field = {bool: "bool_param", int: "int64_param", str: "string_param"}[type(value)]
         setattr(request.parameters[key], field, value)
@@ -181,6 +182,19 @@ def encoded_with_shape(shape) -> kserve_pb.ModelInferRequest:
     return kserve_request(name="image_bytes", datatype="BYTES", shape=shape, raw=prefixed)
 
 
+def shared_memory_input() -> kserve_pb.ModelInferRequest:
+    request = kserve_request(raw=False)  # what tritonclient's InferInput.set_shared_memory sends
+    request.inputs[0].parameters["shared_memory_region"].string_param = "region"
+    request.inputs[0].parameters["shared_memory_byte_size"].int64_param = GOOD.size
+    return request
+
+
+def shared_memory_output() -> kserve_pb.ModelInferRequest:
+    request = kserve_request()
+    request.outputs.add(name="scores").parameters["shared_memory_region"].string_param = "out"
+    return request
+
+
 KSERVE_CASES = {
     "unknown parameter": (kserve_request(stride=2), Code.INVALID_ARGUMENT),
     "output_stride as a string": (kserve_request(output_stride="2"), Code.INVALID_ARGUMENT),
@@ -207,6 +221,8 @@ KSERVE_CASES = {
     "unknown model version": (model_version("2"), Code.NOT_FOUND),
     "BYTES with scalar shape": (encoded_with_shape(()), Code.INVALID_ARGUMENT),
     "BYTES with negative shape": (encoded_with_shape((-1, -1)), Code.INVALID_ARGUMENT),
+    "shared memory input": (shared_memory_input(), Code.INVALID_ARGUMENT),
+    "shared memory output": (shared_memory_output(), Code.INVALID_ARGUMENT),
 }
 # a word each message must contain (what was wrong or what to do), where a case has one
 KSERVE_WORDS = {
@@ -217,6 +233,8 @@ KSERVE_WORDS = {
     "unknown model version": "version",
     "BYTES with scalar shape": "[1]",
     "BYTES with negative shape": "[1]",
+    "shared memory input": "set_data_from_numpy",
+    "shared memory output": "shared memory",
 }
 
 

@@ -82,6 +82,11 @@ def _read_input(request) -> np.ndarray | bytes:
                 else "send one encoded image as BYTES [1]"
             )
         )
+    if "shared_memory_region" in tensor.parameters:
+        raise InvalidImage(
+            f"input {tensor.name!r} is in a shared memory region, which densemap does not "
+            "serve: send the data in the request (InferInput.set_data_from_numpy)"
+        )
     shape = list(tensor.shape)
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
@@ -140,6 +145,12 @@ def _requested_outputs(request, options: ScoreOptions, scale_count: int) -> Scor
     if unknown:
         raise InvalidOption(
             f"unknown output(s) {unknown[:5]}: this request can give {sorted(valid)}"
+        )
+    shared = [o.name for o in request.outputs if "shared_memory_region" in o.parameters]
+    if shared:
+        raise InvalidOption(
+            f"output(s) {shared[:5]} ask for a shared memory region, which densemap does not "
+            "serve: request them without one; outputs come in raw_output_contents"
         )
     classified = [o.name for o in request.outputs if "classification" in o.parameters]
     if classified:
