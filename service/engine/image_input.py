@@ -83,13 +83,17 @@ def decode(data: bytes, *, color: str, max_pixels: int) -> np.ndarray:
             image = Image.open(io.BytesIO(bytes(data)), formats=FORMATS)
             _check_pixels(image.height, image.width, max_pixels)
             image.load()
-            image = _to_8_bits(ImageOps.exif_transpose(image))
+            ImageOps.exif_transpose(image, in_place=True)  # in place: no full-size copy
+            image = _to_8_bits(image)
+            mode = "L" if color == "L" else "RGB"
+            if image.mode != mode:
+                image = image.convert(mode)
+            pixels = np.asarray(image)
+            del image  # the array holds its own copy of the pixels
             if color == "L":
-                pixels = np.asarray(image.convert("L"))[:, :, None]
-            else:
-                pixels = np.asarray(image.convert("RGB"))
-                if color == "BGR":
-                    pixels = pixels[:, :, ::-1]
+                pixels = pixels[:, :, None]
+            elif color == "BGR":
+                pixels = pixels[:, :, ::-1]
     except DensemapError:
         raise
     except Image.DecompressionBombError as exc:
