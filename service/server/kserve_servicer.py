@@ -76,10 +76,11 @@ def _read_input(request) -> np.ndarray | bytes:
         raise InvalidImage(
             f"input {tensor.name!r} must be {INPUTS[tensor.name]}, got {tensor.datatype[:20]!r}: "
             + (
-                "send the pixels as UINT8 [H, W, C] (e.g. image.astype(numpy.uint8)); "
-                "preprocessed float input is densemap.v1 only (FLOAT32 [C, H, W])"
+                "send the pixels as UINT8 [H, W, C] (e.g. image.astype(numpy.uint8)), or an "
+                "encoded file as input 'image_bytes' (BYTES [1]); preprocessed float input is "
+                "densemap.v1 only (FLOAT32 [C, H, W])"
                 if tensor.name == "image"
-                else "send one encoded image as BYTES [1]"
+                else "send one encoded image as BYTES [1], or pixels as input 'image' (UINT8)"
             )
         )
     if "shared_memory_region" in tensor.parameters:
