@@ -14,6 +14,7 @@ Cell cropping rule: a dense model may return more cells than n = (W - R) // S + 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import shutil
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from convert.atrous import make_atrous
+from convert.atrous import make_atrous, supported_strides
 from convert.geometry import compute_geometry, trace_graph
 from convert.onnx_graph import image_input, static_dims
 from convert.runtime import cpu_session, image_shape, numpy_dtype, run_scores
@@ -160,8 +161,10 @@ def finish_dense(
 ) -> ConversionResult:
     """Check ``dense``, add its metadata and variants, and write them atomically."""
     output = Path(output)
-    if output.is_dir() or not output.parent.is_dir():
-        raise ConversionError(f"output {output} must be a file path in an existing folder")
+    if output.is_dir():
+        raise ConversionError(
+            f"output {output} is a folder: give a file path, e.g. {output}/dense.onnx"
+        )
     window = as_pair(window, "window")
     geometry = compute_geometry(dense, window=window)
     layout = trace_graph(dense).layout
@@ -181,12 +184,28 @@ def finish_dense(
         source=source,
         converter_version=converter_version(),
     )
+    created = _make_folders(output.parent)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
         staged = _stage(staging, output, dense, metadata, variants)
-        return _move_into_place(staged, output, metadata)
+        result = _move_into_place(staged, output, metadata)
+        created = []
+        return result
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        for folder in reversed(created):  # a failed conversion leaves no new folders either
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
+def _make_folders(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents (like ``mkdir -p``); returns the new ones."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()][::-1]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConversionError(f"cannot create the output folder {folder}: {exc}") from None
+    return missing
 
 
 def _variants(dense, output, geometry, strides) -> list:
@@ -198,8 +217,11 @@ def _variants(dense, output, geometry, strides) -> list:
     result = []
     for stride in wanted:
         if any(s % t for s, t in zip(geometry.stride, stride, strict=True)):
+            options = supported_strides(dense)
             raise ConversionError(
-                f"stride {stride} does not divide the native stride {geometry.stride}"
+                f"stride {stride} does not divide the native stride {geometry.stride}; "
+                f"supported output strides: height {sorted({h for h, _ in options})[::-1]}, "
+                f"width {sorted({w for _, w in options})[::-1]}"
             )
         factor = tuple(s // t for s, t in zip(geometry.stride, stride, strict=True))
         model = make_atrous(dense, factor=factor)

@@ -138,8 +138,8 @@ def _bad(kind, classifier_file, out_dir, monkeypatch):
         return convert.convert_onnx(classifier_file, out, preprocessing=Preprocessing(color="L", mean=(0,), std=(1,)))  # fmt: skip
     if kind == "stride":
         return convert.convert_onnx(classifier_file, out, strides=[3])
-    if kind == "folder":
-        return convert.convert_onnx(classifier_file, out_dir / "missing" / "d.onnx")
+    if kind == "folder":  # the folders created for the output go too
+        return convert.convert_onnx(classifier_file, out_dir / "new" / "d.onnx", labels=["a"])
     if kind == "replace":
         calls = []
 
@@ -162,8 +162,8 @@ def _bad(kind, classifier_file, out_dir, monkeypatch):
     [
         ("labels", "2 labels were given but the model has 3 classes"),
         ("preprocessing", "1 channels but the model reads 3"),
-        ("stride", "does not divide"),
-        ("folder", "existing folder"),
+        ("stride", r"does not divide .*supported output strides: height \[4, 2, 1\]"),
+        ("folder", "1 labels were given"),
         ("replace", "cannot write"),
         ("truncated", "not a readable ONNX model"),
         ("garbage", "not a readable ONNX model|holds no ONNX graph"),
@@ -175,6 +175,17 @@ def test_failures_leave_nothing_at_the_output(kind, message, classifier_file, tm
     with pytest.raises(ConversionError, match=message):
         _bad(kind, classifier_file, out_dir, monkeypatch)
     assert os.listdir(out_dir) == []  # no model, no variant, no temp folder
+
+
+def test_missing_output_folders_are_created(classifier_file, tmp_path):
+    out = tmp_path / "repo" / "my model" / "1" / "model.onnx"
+    result = convert.convert_onnx(classifier_file, out, strides=[2])
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx", "model.s2.onnx"]
+    assert result.path == out
+    with pytest.raises(ConversionError, match="is a folder"):
+        convert.convert_onnx(classifier_file, out.parent)
+    with pytest.raises(ConversionError, match="cannot create the output folder"):
+        convert.convert_onnx(classifier_file, out / "below a file.onnx")
 
 
 def test_missing_classifier_file(tmp_path):
