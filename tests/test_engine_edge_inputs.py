@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import onnx
+import onnx.numpy_helper
 import pytest
 from dense_models import build_dense_model
 from PIL import Image, ImageOps
@@ -202,3 +204,22 @@ def test_engine_limit_not_pillows_bomb_guard_decides(model_path, image, monkeypa
     small = Engine(model_path, config=EngineConfig(warmup=False, max_pixels=30 * 40))
     with pytest.raises(ImageTooLarge, match="over the limit of 1200 pixels"):
         small.score(data)
+
+
+def test_float_input_overflowing_the_net_is_refused_not_nan(engine):
+    fine = engine.score(np.full((3, 30, 41), 1e10, np.float32)).maps[0].scores
+    assert np.isfinite(fine).all()
+    with pytest.raises(InvalidImage, match="NaN or Inf at scale 1"):
+        engine.score(np.full((3, 30, 41), 3e38, np.float32))  # finite, but conv overflows
+
+
+def test_model_returning_nan_is_a_model_error(model_path, tmp_path, image):
+    model = onnx.load(str(model_path))
+    bias = model.graph.initializer[-1]  # the head's bias
+    values = onnx.numpy_helper.to_array(bias).copy()
+    values[0] = np.nan
+    bias.CopyFrom(onnx.numpy_helper.from_array(values, bias.name))
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    broken = Engine(tmp_path / "model.onnx", config=EngineConfig(warmup=False))
+    with pytest.raises(ModelLoadError, match="NaN or Inf on a valid uint8 image"):
+        broken.score(image)

@@ -26,7 +26,13 @@ from service.engine.options import EngineConfig, ScoreOptions
 from service.engine.postprocess import build_scale_map, plan_outputs, rank_image_scores
 from service.engine.result import MapGeometry, ScoreMap
 from service.engine.tiling import plan_tiles, run_region
-from service.errors import ImageTooLarge, ImageTooSmall, InvalidImage, InvalidOption
+from service.errors import (
+    ImageTooLarge,
+    ImageTooSmall,
+    InvalidImage,
+    InvalidOption,
+    ModelLoadError,
+)
 
 log = logging.getLogger("densemap.engine")
 
@@ -169,6 +175,7 @@ class Engine:
             timings["infer"] += time.perf_counter() - tic - source.seconds
             timings["preprocess"] += source.seconds
             tic = time.perf_counter()
+            self._check_finite(raw, from_floats=float_chw is not None, scale=scale)
             scale_map, scale_scores = build_scale_map(
                 raw, plan, self._map_geometry(net.grid.stride, factor, scale, size, (height, width))
             )
@@ -246,6 +253,20 @@ class Engine:
             return None, float_chw
         raise InvalidImage(
             f"arrays must be uint8 HxWxC or float32 CxHxW (preprocessed), got {image.dtype}"
+        )
+
+    def _check_finite(self, raw: np.ndarray, *, from_floats: bool, scale: float) -> None:
+        if np.isfinite(raw).all():
+            return
+        if from_floats:
+            raise InvalidImage(
+                f"the model's output holds NaN or Inf at scale {scale:g}: the float input's "
+                "values are too large for float32 arithmetic; send preprocessed values in the "
+                "range the model was trained on"
+            )
+        raise ModelLoadError(
+            f"model {self._name!r} returned NaN or Inf on a valid uint8 image at scale "
+            f"{scale:g}: its weights or graph are broken; reconvert the model"
         )
 
     def _check_scaled_pixels(self, height: int, width: int, scale: float) -> None:

@@ -123,7 +123,8 @@ def build_scale_map(
     values = probabilities if plan.probabilities else raw
     if plan.classes is not None:
         values = values[list(plan.classes)]
-    values = values.astype(plan.dtype, copy=False)
+    with np.errstate(over="ignore"):  # float16: logits beyond +-65504 become +-inf
+        values = values.astype(plan.dtype, copy=False)
     index_map = np.asarray(plan.classes if plan.classes is not None else [], dtype=np.int32)
     cells = (int(raw.shape[1]), int(raw.shape[2]))
     result = ScaleMap(geometry=geometry, classes=plan.classes, cells=cells)
