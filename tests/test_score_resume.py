@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 from score_fixtures import MODEL, build_plain_folder, build_repository
 
+from service.batch.heatmap import LEGEND_LINE
 from service.batch.outputs import load_result
 from service.cli import main
 from service.engine import Engine, ScoreOptions
@@ -63,7 +64,8 @@ def test_resume_after_sigkill_leaves_no_partial_file(tmp_path, capsys):
     for heat in out.glob("*.heatmap.png"):
         with Image.open(heat) as picture:
             picture.load()
-            assert picture.size == (192, 192)
+            # the image's size plus the legend band (one or two rows) below it
+            assert picture.width == 192 and 192 < picture.height <= 192 + 2 * LEGEND_LINE + 4
     for line in (out / "summary.jsonl").read_text().splitlines():
         assert json.loads(line)["status"] == "ok"
     leftovers = [p for p in out.rglob("*") if p.is_file() and ".partial" in p.parts]
