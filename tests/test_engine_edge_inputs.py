@@ -223,3 +223,8 @@ def test_model_returning_nan_is_a_model_error(model_path, tmp_path, image):
     broken = Engine(tmp_path / "model.onnx", config=EngineConfig(warmup=False))
     with pytest.raises(ModelLoadError, match="NaN or Inf on a valid uint8 image"):
         broken.score(image)
+
+
+def test_decode_names_a_wrong_type(engine, image):
+    with pytest.raises(InvalidImage, match="got ndarray"):
+        engine.decode(image)

@@ -73,7 +73,9 @@ def decode(data: bytes, *, color: str, max_pixels: int) -> np.ndarray:
     The pixel count is checked from the header before any pixel is decoded. Multi-frame
     files (TIFF pages, animated WebP) give their first frame; alpha is dropped.
     """
-    if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) == 0:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise InvalidImage(f"decode needs encoded image bytes, got {type(data).__name__}")
+    if len(data) == 0:
         raise InvalidImage("image bytes are empty: send an encoded PNG, JPEG, WebP, BMP or TIFF")
     Image.init()  # register every plugin, so ``formats`` below can name them all
     _allow_pillow_pixels(max_pixels)
