@@ -228,3 +228,10 @@ def test_model_returning_nan_is_a_model_error(model_path, tmp_path, image):
 def test_decode_names_a_wrong_type(engine, image):
     with pytest.raises(InvalidImage, match="got ndarray"):
         engine.decode(image)
+
+
+def test_lab_tiff_decodes_for_grey_models(image):
+    data = save(Image.fromarray(image).convert("LAB"), "TIFF")
+    rgb = decode(data, color="RGB", max_pixels=10**6)
+    grey = decode(data, color="L", max_pixels=10**6)  # Pillow has no direct LAB -> L
+    np.testing.assert_array_equal(grey[:, :, 0], np.asarray(Image.fromarray(rgb).convert("L")))

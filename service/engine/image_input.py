@@ -56,6 +56,14 @@ def _to_8_bits(image: Image.Image) -> Image.Image:
     return image
 
 
+def _convert(image: Image.Image, mode: str) -> Image.Image:
+    """``image.convert(mode)``, through RGB where Pillow has no direct path (LAB -> L)."""
+    try:
+        return image.convert(mode)
+    except ValueError:
+        return image.convert("RGB").convert(mode)
+
+
 def _name_format(data: bytes) -> str:
     """' (GIF)' when Pillow knows the format although the engine does not read it, else ''."""
     try:
@@ -89,7 +97,7 @@ def decode(data: bytes, *, color: str, max_pixels: int) -> np.ndarray:
             image = _to_8_bits(image)
             mode = "L" if color == "L" else "RGB"
             if image.mode != mode:
-                image = image.convert(mode)
+                image = _convert(image, mode)
             pixels = np.asarray(image)
             del image  # the array holds its own copy of the pixels
             if color == "L":
