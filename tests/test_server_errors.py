@@ -366,3 +366,28 @@ def test_response_over_the_message_limit_says_what_to_do(repo):  # noqa: F811
             assert stub.Score(array_request(image), timeout=30).maps  # native stride fits
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        "/densemap.v1.Densemap/Score",
+        "/densemap.v1.Densemap/ScoreStream",
+        "/inference.GRPCInferenceService/ModelInfer",
+        "/grpc.health.v1.Health/Check",
+    ],
+)
+def test_bytes_that_are_not_the_message_are_invalid_argument(stubs, method):
+    chan, garbage = stubs[2], b"\xff\xff\xff\xff\x0f"  # a truncated varint: no valid message
+    identity = {"request_serializer": bytes, "response_deserializer": bytes}
+    if method.endswith("Stream"):
+        call = chan.stream_stream(method, **identity)
+        details = assert_code(
+            lambda r, timeout: list(call(iter([r]), timeout=timeout)),
+            garbage,
+            Code.INVALID_ARGUMENT,
+        )
+    else:
+        details = assert_code(chan.unary_unary(method, **identity), garbage, Code.INVALID_ARGUMENT)
+    assert method in details
+    assert stubs[0].Score(array_request(GOOD), timeout=30).maps  # the server goes on

@@ -30,6 +30,7 @@ from service.server.config import ServerConfig
 from service.server.densemap_servicer import SERVICE_NAME, DensemapServicer, load_failures
 from service.server.kserve_servicer import KServeServicer
 from service.server.limits import Admission, ServingState
+from service.server.malformed import MalformedRequestInterceptor
 from service.server.metrics import ServerMetrics
 from service.server.scoring import Models, ScoringCore
 
@@ -99,6 +100,7 @@ class DensemapServer:
             )
             options.append(("grpc.max_connection_age_grace_ms", int(1000 * config.grace_seconds)))
         interceptors = [BearerTokenInterceptor(config.auth_token)] if config.auth_token else []
+        interceptors.append(MalformedRequestInterceptor())
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="densemap"),
             interceptors=interceptors,

@@ -32,6 +32,10 @@ class ServerBusy(DensemapError):
     """Too many requests running or queued: backpressure instead of unbounded memory."""
 
 
+class MalformedRequest(DensemapError):
+    """The request bytes are not the method's protobuf message."""
+
+
 class ResponseTooLarge(DensemapError):
     """The response would exceed the server's message size limit (--max-message-mb)."""
 
@@ -56,6 +60,7 @@ class Unsupported(DensemapError):
 STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (InvalidImage, grpc.StatusCode.INVALID_ARGUMENT),  # includes ImageTooSmall
     (InvalidOption, grpc.StatusCode.INVALID_ARGUMENT),
+    (MalformedRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (ModelNotFound, grpc.StatusCode.NOT_FOUND),
     (ImageTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ServerBusy, grpc.StatusCode.RESOURCE_EXHAUSTED),
