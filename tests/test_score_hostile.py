@@ -92,3 +92,13 @@ def test_earlier_output_folders_inside_the_input_are_not_scored(capsys, repo, tm
     # another --out: run1's heat-map PNGs are outputs, not images to score
     code, stdout, _ = score(capsys, repo, str(folder), "--out", str(folder / "run2"), "--heatmap")
     assert code == 0 and "scored 1, skipped 0, failed 0 of 1 images" in stdout
+
+
+def test_no_image_found_is_said_not_silent(capsys, repo, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(encode(random_image(20, 24, 1), "PNG"))
+    code, stdout, stderr = score(capsys, repo, str(folder), "--out", str(tmp_path / "o"),
+                                 "--glob", "*.PNG")  # fmt: skip
+    assert code == 0 and "scored 0, skipped 0, failed 0 of 0 images" in stdout
+    assert "no image files matching --glob *.PNG (case-sensitive)" in stderr

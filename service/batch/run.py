@@ -104,6 +104,12 @@ def run_batch(request: BatchRequest, *, tty: bool | None = None) -> BatchOutcome
     """Run the batch; per-image failures are counted, not raised."""
     out_root = Path(request.out_dir)
     jobs = find_images(request.paths, globs=request.globs, exclude=(str(out_root),))
+    if not jobs:
+        where = ", ".join(request.paths)
+        globs = (
+            f" matching --glob {' '.join(request.globs)} (case-sensitive)" if request.globs else ""
+        )
+        print(f"densemap score: warning: no image files{globs} in {where}", file=sys.stderr)
     with contextlib.ExitStack() as stack:
         scorer = _open_scorer(request, stack)
         class_index = resolve_class(request.heatmap_class, scorer.labels)
