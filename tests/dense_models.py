@@ -10,6 +10,7 @@ Public API:
 
 - :func:`build_dense_model` writes ``model.onnx`` (+ ``model_s<stride>.onnx`` variants) into
   a folder and returns the path of ``model.onnx``.
+- :func:`export_dense_net` writes a hand-built dense net with the metadata you give.
 - :func:`make_dense_net` returns the torch module with the same weights (``seed``), e.g. in
   float64 (``.double()``) for reference crops.
 - :func:`small_layers`, :func:`mini_vgg_layers`, :func:`vgg16_layers` are layer specs.
@@ -170,6 +171,14 @@ def _export(net: nn.Module, path: Path, channels: int, window, metadata: ModelMe
     for key, value in metadata.to_props().items():
         model.metadata_props.add(key=key, value=value)
     onnx.save(model, str(path))
+
+
+def export_dense_net(
+    net: nn.Module, path: str | Path, *, channels: int, window, metadata: ModelMetadata
+) -> Path:
+    """Export any dense torch ``net`` (e.g. a hand-built one) with ``metadata``; returns path."""
+    _export(net, Path(path), channels, window, metadata)
+    return Path(path)
 
 
 def build_dense_model(
