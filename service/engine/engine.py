@@ -23,7 +23,12 @@ from service.engine import image_input
 from service.engine.dense import PixelSource, check_cancel, shift_and_stitch
 from service.engine.loading import load_nets
 from service.engine.options import EngineConfig, ScoreOptions
-from service.engine.postprocess import build_scale_map, plan_outputs, rank_image_scores
+from service.engine.postprocess import (
+    build_scale_map,
+    check_finite,
+    plan_outputs,
+    rank_image_scores,
+)
 from service.engine.result import MapGeometry, ScoreMap
 from service.engine.tiling import plan_tiles, run_region
 from service.errors import (
@@ -31,7 +36,6 @@ from service.errors import (
     ImageTooSmall,
     InvalidImage,
     InvalidOption,
-    ModelLoadError,
 )
 
 log = logging.getLogger("densemap.engine")
@@ -150,9 +154,8 @@ class Engine:
         uint8_hwc, float_chw = self._read_image(image, timings)
         pixels = uint8_hwc if uint8_hwc is not None else float_chw.transpose(1, 2, 0)
         height, width = pixels.shape[:2]
-        for scale in scales:  # before any rounding: a huge scale overflows int(round(...))
-            self._check_scaled_pixels(height, width, scale)
-        sizes = [image_input.resized_size(height, width, s) for s in scales]
+        limit = self._config.max_pixels
+        sizes = [image_input.resized_size(height, width, s, max_pixels=limit) for s in scales]
         for scale, size in zip(scales, sizes, strict=True):
             self._check_size(size, scale, net)
         maps, image_scores = [], []
@@ -175,7 +178,7 @@ class Engine:
             timings["infer"] += time.perf_counter() - tic - source.seconds
             timings["preprocess"] += source.seconds
             tic = time.perf_counter()
-            self._check_finite(raw, from_floats=float_chw is not None, scale=scale)
+            check_finite(raw, model=self._name, from_floats=float_chw is not None, scale=scale)
             scale_map, scale_scores = build_scale_map(
                 raw, plan, self._map_geometry(net.grid.stride, factor, scale, size, (height, width))
             )
@@ -254,30 +257,6 @@ class Engine:
         raise InvalidImage(
             f"arrays must be uint8 HxWxC or float32 CxHxW (preprocessed), got {image.dtype}"
         )
-
-    def _check_finite(self, raw: np.ndarray, *, from_floats: bool, scale: float) -> None:
-        if np.isfinite(raw).all():
-            return
-        if from_floats:
-            raise InvalidImage(
-                f"the model's output holds NaN or Inf at scale {scale:g}: the float input's "
-                "values are too large for float32 arithmetic; send preprocessed values in the "
-                "range the model was trained on"
-            )
-        raise ModelLoadError(
-            f"model {self._name!r} returned NaN or Inf on a valid uint8 image at scale "
-            f"{scale:g}: its weights or graph are broken; reconvert the model"
-        )
-
-    def _check_scaled_pixels(self, height: int, width: int, scale: float) -> None:
-        # A lower bound of round(h*s) * round(w*s); inf for scales that overflow a float.
-        pixels = max(1.0, height * scale - 0.5) * max(1.0, width * scale - 0.5)
-        if pixels > self._config.max_pixels:
-            raise ImageTooLarge(
-                f"the image ({height}x{width}) at scale {scale:g} would have "
-                f"{f'about {pixels:.3g}' if math.isfinite(pixels) else 'too many'} pixels, over "
-                f"the limit of {self._config.max_pixels} pixels: use a smaller scale or image"
-            )
 
     def _check_size(self, size: Pair, scale: float, net) -> None:
         window = self._metadata.geometry.window

@@ -7,6 +7,7 @@ Every path into the network goes through :func:`preprocess`, so crop-based refer
 from __future__ import annotations
 
 import io
+import math
 import warnings
 
 import numpy as np
@@ -174,8 +175,20 @@ def preprocess(image_hwc_uint8: np.ndarray, preprocessing: Preprocessing) -> np.
     return image_chw
 
 
-def resized_size(height: int, width: int, scale: float) -> tuple[int, int]:
-    """Size of the image at ``scale``: each side rounded to the nearest pixel, at least 1."""
+def resized_size(height: int, width: int, scale: float, *, max_pixels: int) -> tuple[int, int]:
+    """Size of the image at ``scale``: each side rounded to the nearest pixel, at least 1.
+
+    Refuses (ImageTooLarge) sizes surely over ``max_pixels`` before rounding, where a huge
+    scale would overflow; the caller checks the exact rounded size against the limit.
+    """
+    # A lower bound of round(h*s) * round(w*s); inf for scales that overflow a float.
+    pixels = max(1.0, height * scale - 0.5) * max(1.0, width * scale - 0.5)
+    if pixels > max_pixels:
+        raise ImageTooLarge(
+            f"the image ({height}x{width}) at scale {scale:g} would have "
+            f"{f'about {pixels:.3g}' if math.isfinite(pixels) else 'too many'} pixels, over "
+            f"the limit of {max_pixels} pixels: use a smaller scale or image"
+        )
     return (max(1, round(height * scale)), max(1, round(width * scale)))
 
 

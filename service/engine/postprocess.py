@@ -19,7 +19,7 @@ import numpy as np
 
 from service.engine.options import ScoreOptions
 from service.engine.result import MapGeometry, ScaleMap
-from service.errors import InvalidOption
+from service.errors import InvalidImage, InvalidOption, ModelLoadError
 
 DTYPES = {"float32": np.float32, "float16": np.float16}
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16"}  # the server's and CLI's spellings
@@ -91,6 +91,22 @@ def plan_outputs(options: ScoreOptions, *, num_classes: int, output_kind: str) -
         image_top_k=min(int(options.image_top_k), selectable),
         argmax=bool(options.argmax),
         include_map=bool(options.include_map),
+    )
+
+
+def check_finite(raw: np.ndarray, *, model: str, from_floats: bool, scale: float) -> None:
+    """Refuse a raw map holding NaN/Inf: the float input overflowed, or the model is broken."""
+    if np.isfinite(raw).all():
+        return
+    if from_floats:
+        raise InvalidImage(
+            f"the model's output holds NaN or Inf at scale {scale:g}: the float input's "
+            "values are too large for float32 arithmetic; send preprocessed values in the "
+            "range the model was trained on"
+        )
+    raise ModelLoadError(
+        f"model {model!r} returned NaN or Inf on a valid uint8 image at scale {scale:g}: "
+        "its weights or graph are broken; reconvert the model"
     )
 
 
