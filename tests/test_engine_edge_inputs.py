@@ -235,3 +235,13 @@ def test_lab_tiff_decodes_for_grey_models(image):
     rgb = decode(data, color="RGB", max_pixels=10**6)
     grey = decode(data, color="L", max_pixels=10**6)  # Pillow has no direct LAB -> L
     np.testing.assert_array_equal(grey[:, :, 0], np.asarray(Image.fromarray(rgb).convert("L")))
+
+
+def test_scales_from_any_iterable(engine, image):
+    for scales in ((s for s in (1.0, 1.5)), np.array([1.0, 1.5]), [1, 1.5]):
+        assert [
+            m.geometry.scale for m in engine.score(image, ScoreOptions(scales=scales)).maps
+        ] == [
+            1.0,
+            1.5,
+        ]

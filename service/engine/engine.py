@@ -222,9 +222,10 @@ class Engine:
 
     def _check_scales(self, scales) -> tuple[float, ...]:
         try:
-            if isinstance(scales, (str, bytes)) or any(isinstance(s, bool) for s in scales):
+            items = tuple(scales) if not isinstance(scales, (str, bytes)) else None
+            if items is None or any(isinstance(s, bool) for s in items):
                 raise TypeError("not numbers")
-            values = tuple(float(s) for s in scales)
+            values = tuple(float(s) for s in items)
         except (TypeError, ValueError):
             raise InvalidOption(f"scales must be a sequence of numbers, got {scales!r}") from None
         if not values or len(values) > MAX_SCALES:
