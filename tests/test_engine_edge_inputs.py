@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import shutil
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -11,7 +14,8 @@ import pytest
 from dense_models import build_dense_model
 from PIL import Image, ImageOps
 
-from service.engine import Engine, EngineConfig, ScoreOptions
+from service.contract import ModelMetadata
+from service.engine import Engine, EngineConfig, ModelRepository, ScoreOptions
 from service.engine.image_input import decode
 from service.errors import (
     Cancelled,
@@ -245,3 +249,28 @@ def test_scales_from_any_iterable(engine, image):
             1.0,
             1.5,
         ]
+
+
+def _with_metadata(source: Path, folder: Path, **preprocessing) -> Path:
+    model = onnx.load(str(source))
+    metadata = ModelMetadata.from_props({p.key: p.value for p in model.metadata_props})
+    changed = replace(metadata, preprocessing=replace(metadata.preprocessing, **preprocessing))
+    del model.metadata_props[:]
+    for key, value in changed.to_props().items():
+        model.metadata_props.add(key=key, value=value)
+    folder.mkdir(parents=True)
+    onnx.save(model, str(folder / "model.onnx"))
+    return folder / "model.onnx"
+
+
+def test_graph_not_matching_its_metadata_is_a_load_error(model_path, tmp_path):
+    grey = _with_metadata(model_path, tmp_path / "grey", color="L", mean=(0.5,), std=(0.25,))
+    with pytest.raises(ModelLoadError, match=r"onnxruntime failed on a \[1, 1, 12, 16\] input"):
+        Engine(grey)
+    nhwc = _with_metadata(model_path, tmp_path / "nhwc", layout="NHWC")
+    with pytest.raises(ModelLoadError, match="does not match its metadata"):
+        Engine(nhwc)
+    shutil.copytree(model_path.parent, tmp_path / "good")
+    repository = ModelRepository(tmp_path)  # the bad folders must not stop the scan
+    assert repository.names == ["good"]
+    assert set(repository.errors) == {"grey", "nhwc"}

@@ -18,7 +18,7 @@ import onnxruntime as ort
 from service.contract import Pair, Preprocessing
 from service.engine.image_input import preprocess
 from service.engine.memory import ActivationEstimator
-from service.errors import Cancelled, ModelLoadError
+from service.errors import Cancelled, ImageTooLarge, ModelLoadError
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,10 @@ class DenseNet:
         """One pass on a float32 CxHxW image -> float32 [classes, n_h, n_w], cropped to n."""
         n_h, n_w = self.grid.cells(image_chw.shape[1], image_chw.shape[2])
         batch = image_chw[None] if self.layout == "NCHW" else image_chw.transpose(1, 2, 0)[None]
-        (scores,) = self.session.run([self.output_name], {self.input_name: batch})
+        try:
+            (scores,) = self.session.run([self.output_name], {self.input_name: batch})
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+            raise _run_error(self.label, batch.shape, exc) from None
         if scores.ndim != 4 or scores.shape[0] != 1:
             raise ModelLoadError(
                 f"{self.label}: expected an output of shape [1, classes, n_h, n_w], got "
@@ -131,6 +134,20 @@ class DenseNet:
                 f"{n_h}x{n_w}: the metadata geometry is wrong; reconvert the model"
             )
         return np.ascontiguousarray(scores[0, :, :n_h, :n_w], dtype=np.float32)
+
+
+def _run_error(label: str, shape: tuple[int, ...], exc: Exception) -> Exception:
+    """The densemap error for an onnxruntime failure on an input of ``shape``."""
+    message = " ".join(str(exc).split())[:400] or type(exc).__name__
+    if "alloc" in message.lower() or isinstance(exc, MemoryError):
+        return ImageTooLarge(
+            f"{label}: out of memory on a {list(shape)} input ({message}): lower "
+            "EngineConfig.memory_budget so that the engine tiles, or send a smaller image"
+        )
+    return ModelLoadError(
+        f"{label}: onnxruntime failed on a {list(shape)} input ({message}): the graph does "
+        "not match its metadata (channels, layout, window, stride); reconvert the model"
+    )
 
 
 def shift_and_stitch(

@@ -150,8 +150,8 @@ class ModelRepository:
                     continue
                 try:
                     engine = self._load(name, folder)
-                except DensemapError as exc:
-                    message = str(exc)
+                except Exception as exc:  # noqa: BLE001 - one bad folder must not stop the scan
+                    message = str(exc) if isinstance(exc, DensemapError) else repr(exc)
                     keep = " (the previous version stays served)" if name in engines else ""
                     log.error("model %r failed to load%s: %s", name, keep, message)
                     errors[name] = message
