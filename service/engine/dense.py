@@ -146,7 +146,8 @@ def _run_error(label: str, shape: tuple[int, ...], exc: Exception) -> Exception:
         )
     return ModelLoadError(
         f"{label}: onnxruntime failed on a {list(shape)} input ({message}): the graph does "
-        "not match its metadata (channels, layout, window, stride); reconvert the model"
+        "not match its metadata (channels, layout, window, stride) or has a fixed input size; "
+        "reconvert the model"
     )
 
 
