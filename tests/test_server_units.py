@@ -19,7 +19,7 @@ from server_harness import (  # noqa: F401  (fixtures)
 )
 
 from service._proto.densemap.v1 import densemap_pb2_grpc as pb_grpc
-from service.engine import ModelRepository
+from service.engine import EngineConfig, ModelRepository
 from service.errors import (
     Cancelled,
     ConversionError,
@@ -31,12 +31,16 @@ from service.errors import (
     ModelNotFound,
 )
 from service.server.app import create_server
+from service.server.config import ServerConfig
 from service.server.limits import Admission, ServingState
 from service.server.status import (
     DeadlineExceeded,
+    MalformedRequest,
     NotServing,
+    ResponseTooLarge,
     ServerBusy,
     Unauthenticated,
+    Unsupported,
     status_for,
 )
 
@@ -57,6 +61,9 @@ Code = grpc.StatusCode
         (DeadlineExceeded("x"), Code.DEADLINE_EXCEEDED),
         (Cancelled("x"), Code.CANCELLED),
         (Unauthenticated("x"), Code.UNAUTHENTICATED),
+        (MalformedRequest("x"), Code.INVALID_ARGUMENT),
+        (ResponseTooLarge("x"), Code.RESOURCE_EXHAUSTED),
+        (Unsupported("x"), Code.UNIMPLEMENTED),
         (ModelLoadError("x"), Code.FAILED_PRECONDITION),
         (ConversionError("x"), Code.INTERNAL),
         (KeyError("x"), Code.INTERNAL),
@@ -168,3 +175,21 @@ def test_an_engine_bug_is_internal_without_details_and_the_server_goes_on(repo):
                 assert "incident" in caught.value.details()
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize(
+    "settings, word",
+    [
+        ({"port": 70000}, "ports"),
+        ({"workers": 4}, "workers"),
+        ({"grace_seconds": float("nan")}, "finite"),
+        ({"poll_seconds": float("inf")}, "finite"),
+        ({"engine": EngineConfig(device="tpu")}, "device"),
+        ({"engine": EngineConfig(max_pixels=0)}, "max_pixels"),
+        ({"engine": EngineConfig(intra_op_threads=-1)}, "threads"),
+    ],
+)
+def test_bad_server_configuration_fails_before_serving(settings, word):
+    with pytest.raises(InvalidOption) as caught:
+        ServerConfig(**settings)
+    assert word in str(caught.value)

@@ -6,6 +6,7 @@ Every field has a ``densemap serve`` flag and a ``DENSEMAP_*`` environment twin
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,23 @@ DEFAULT_GRACE_SECONDS = 30.0  # drain time for in-flight calls on SIGTERM/SIGINT
 DEFAULT_POLL_SECONDS = 0.0  # 0: reload the repository only on SIGHUP
 DEFAULT_MAX_CONNECTION_AGE_SECONDS = 0.0  # 0: connections live forever
 RESERVED_WORKERS = 4  # handler threads kept free for health, metadata and listing calls
+
+
+ENGINE_DEVICES = ("auto", "cpu", "cuda")  # the engine's; checked here so start-up fails fast
+
+
+def _engine_problems(engine: EngineConfig) -> list[str]:
+    """Engine settings the server checks before binding: a bad one would otherwise only
+    surface as every model failing to load behind a "ready" server."""
+    problems = []
+    if engine.device not in ENGINE_DEVICES:
+        problems.append(f"device must be one of {ENGINE_DEVICES} (got {engine.device!r})")
+    for name in ("max_pixels", "memory_budget"):
+        if getattr(engine, name) < 1:
+            problems.append(f"{name} must be >= 1 (got {getattr(engine, name)})")
+    if engine.intra_op_threads < 0:
+        problems.append(f"threads must be >= 0, 0 = auto (got {engine.intra_op_threads})")
+    return problems
 
 
 @dataclass(frozen=True)
@@ -73,8 +91,12 @@ class ServerConfig:
             problems.append(f"workers must exceed {RESERVED_WORKERS} (got {self.workers})")
         if self.max_in_flight < 1 or self.max_queue < 0:
             problems.append("max_in_flight must be >= 1 and max_queue >= 0")
-        if self.grace_seconds < 0 or self.poll_seconds < 0 or self.max_connection_age_seconds < 0:
-            problems.append("grace, poll and connection-age seconds must be >= 0")
+        seconds = (self.grace_seconds, self.poll_seconds, self.max_connection_age_seconds)
+        if not all(math.isfinite(value) and value >= 0 for value in seconds):
+            problems.append(
+                f"grace, poll and connection-age seconds must be finite and >= 0 (got {seconds})"
+            )
+        problems.extend(_engine_problems(self.engine))
         if (self.tls_cert is None) != (self.tls_key is None):
             problems.append("TLS needs both a certificate and a key file")
         if self.auth_token is not None and not self.auth_token.strip():
