@@ -182,6 +182,12 @@ def test_cancel_callback_that_raises_or_is_not_callable(engine, image):
     with pytest.raises(InvalidOption, match="callable"):
         engine.score(image, cancel=5)
 
+    def deadline():
+        raise Cancelled("deadline exceeded")
+
+    with pytest.raises(Cancelled, match="^deadline exceeded$"):
+        engine.score(image, cancel=deadline)  # the callback's own Cancelled passes unchanged
+
 
 def test_estimate_refuses_sizes_without_a_pass(engine):
     assert engine.estimate_bytes(12, 16) > 0

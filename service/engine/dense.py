@@ -80,6 +80,8 @@ def check_cancel(cancel: Callable[[], bool] | None, what: str) -> None:
         return
     try:
         stop = cancel()
+    except Cancelled:
+        raise
     except Exception as exc:  # noqa: BLE001 - a broken callback must not run on regardless
         raise Cancelled(
             f"scoring stopped {what}: the cancel callback raised {type(exc).__name__}: {exc}"
