@@ -10,6 +10,7 @@ import pytest
 import tritonclient.grpc.service_pb2 as kserve_pb
 import tritonclient.grpc.service_pb2_grpc as kserve_grpc
 from google.protobuf.descriptor_pool import DescriptorPool
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
@@ -208,3 +209,26 @@ def test_drain_ends_an_open_stream_after_its_current_image(blocking_server):
     more.set()
     drainer.join(20)
     assert not drainer.is_alive()
+
+
+def test_open_health_watches_cannot_starve_health_checks(repo):  # noqa: F811
+    # workers 6: 2 admission slots; each open Watch holds a handler thread and a slot
+    srv, port = start_server(repo, workers=6)
+    target = f"{HOST}:{port}"
+    request = health_pb2.HealthCheckRequest(service="")
+    try:
+        with channel(target) as chan:
+            watch = health_pb2_grpc.HealthStub(chan).Watch
+            watches = [watch(request, timeout=30) for _ in range(2)]
+            assert [next(w).status for w in watches] == [SERVING, SERVING]
+            with pytest.raises(grpc.RpcError) as caught:
+                next(watch(request, timeout=10))
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "--workers" in caught.value.details()
+            assert health_of(chan, "") == SERVING  # a reserved thread answers at once
+            for stream in watches:
+                stream.cancel()
+            wait_until(lambda: srv.admission.admitted == 0, timeout=5)
+            assert pb_grpc.DensemapStub(chan).Score(array_request(rgb_image()), timeout=30).maps
+    finally:
+        srv.stop()

@@ -33,6 +33,7 @@ from service.server.limits import Admission, ServingState
 from service.server.malformed import MalformedRequestInterceptor
 from service.server.metrics import ServerMetrics
 from service.server.scoring import Models, ScoringCore
+from service.server.stream_slots import StreamSlotInterceptor
 
 log = logging.getLogger("densemap.server")
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -101,6 +102,7 @@ class DensemapServer:
             options.append(("grpc.max_connection_age_grace_ms", int(1000 * config.grace_seconds)))
         interceptors = [BearerTokenInterceptor(config.auth_token)] if config.auth_token else []
         interceptors.append(MalformedRequestInterceptor())
+        interceptors.append(StreamSlotInterceptor(self.admission))
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="densemap"),
             interceptors=interceptors,

@@ -131,12 +131,13 @@ class Admission:
 
     @contextmanager
     def call_slot(self) -> Iterator[None]:
-        """A scoring call (or a whole ScoreStream) holds one of the global slots."""
+        """A scoring call, a whole ScoreStream or a long-lived health Watch / reflection
+        stream (``stream_slots``) holds one of the global slots."""
         with self._cond:
             if self._admitted >= self.max_admitted:
                 raise ServerBusy(
-                    f"the server already handles {self._admitted} scoring calls (limit "
-                    f"{self.max_admitted}, from --workers): retry later with backoff"
+                    f"the server already handles {self._admitted} scoring calls and open streams "
+                    f"(limit {self.max_admitted}, from --workers): retry later with backoff"
                 )
             self._admitted += 1
         try:
@@ -175,6 +176,11 @@ class Admission:
             with self._cond:
                 queue.running -= 1
                 self._cond.notify_all()
+
+    @property
+    def admitted(self) -> int:
+        """Global slots held now (scoring calls, ScoreStreams, long-lived streams)."""
+        return self._admitted
 
     def counts(self, model: str) -> tuple[int, int]:
         """(running, queued) for ``model``."""
