@@ -60,6 +60,14 @@ def test_include_map_false_returns_only_what_was_asked(client):
     assert result.image_top_k and result.labels[result.image_top_k[0][0]].startswith("class")
 
 
+def test_image_scores_only_still_carry_the_cell_counts(client):
+    result = client.score(rgb_image(), model=TINY, include_map=False, output_stride=2)
+    (scale_map,) = result.maps
+    assert scale_map.scores is None and scale_map.argmax is None
+    assert scale_map.shape == (15, 18)  # (40-12)//2+1, (50-16)//2+1
+    assert result.image_scores.shape == (5,)
+
+
 def test_large_response_needs_the_raised_receive_limit(server):  # noqa: F811
     _, target = server
     image = rgb_image(700, 700)  # output stride 1: 5 x 689 x 685 float32 = 9.4 MB > 4 MiB

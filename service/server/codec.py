@@ -197,6 +197,7 @@ def fill_response(out: pb.ScoreResponse, result: ScoreMap) -> None:
         _fill_geometry(map_pb.geometry, scale_map.geometry)
         if scale_map.classes is not None:
             map_pb.classes[:] = scale_map.classes
+        map_pb.cells.h, map_pb.cells.w = scale_map.shape
         for name in ("scores", "top_k_indices", "top_k_scores", "argmax"):
             array = getattr(scale_map, name)
             if array is not None:
@@ -217,7 +218,9 @@ def result_from_response(response: pb.ScoreResponse, *, labels: tuple[str, ...] 
             for name in ("scores", "top_k_indices", "top_k_scores", "argmax")
         }
         classes = tuple(map_pb.classes) or None
-        maps.append(ScaleMap(geometry=_read_geometry(map_pb.geometry), classes=classes, **arrays))
+        cells = (map_pb.cells.h, map_pb.cells.w) if map_pb.HasField("cells") else None
+        geometry = _read_geometry(map_pb.geometry)
+        maps.append(ScaleMap(geometry=geometry, classes=classes, cells=cells, **arrays))
     timing = response.timing
     return ScoreMap(
         maps=maps,

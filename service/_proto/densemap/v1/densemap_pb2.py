@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)service/_proto/densemap/v1/densemap.proto\x12\x0b\x64\x65nsemap.v1\"H\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12!\n\x05\x64type\x18\x03 \x01(\x0e\x32\x12.densemap.v1.DType\"J\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12$\n\x05\x61rray\x18\x02 \x01(\x0b\x32\x13.densemap.v1.TensorH\x00\x42\x08\n\x06source\"\xe9\x01\n\x0cScoreOptions\x12\x15\n\routput_stride\x18\x01 \x01(\x05\x12\x0e\n\x06scales\x18\x02 \x03(\x01\x12#\n\x06output\x18\x03 \x01(\x0e\x32\x13.densemap.v1.Output\x12!\n\x05\x64type\x18\x04 \x01(\x0e\x32\x12.densemap.v1.DType\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x0f\n\x07\x63lasses\x18\x06 \x03(\x05\x12\x0e\n\x06\x61rgmax\x18\x07 \x01(\x08\x12\x10\n\x08omit_map\x18\x08 \x01(\x08\x12\x18\n\x0bimage_top_k\x18\t \x01(\x05H\x00\x88\x01\x01\x42\x0e\n\x0c_image_top_k\"\x80\x01\n\x0cScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12!\n\x05image\x18\x02 \x01(\x0b\x32\x12.densemap.v1.Image\x12*\n\x07options\x18\x03 \x01(\x0b\x32\x19.densemap.v1.ScoreOptions\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\x1c\n\x04Pair\x12\t\n\x01h\x18\x01 \x01(\x05\x12\t\n\x01w\x18\x02 \x01(\x05\"\x88\x02\n\x0bMapGeometry\x12!\n\x06stride\x18\x01 \x01(\x0b\x32\x11.densemap.v1.Pair\x12!\n\x06window\x18\x02 \x01(\x0b\x32\x11.densemap.v1.Pair\x12!\n\x06origin\x18\x03 \x01(\x0b\x32\x11.densemap.v1.Pair\x12*\n\x0freceptive_field\x18\x04 \x01(\x0b\x32\x11.densemap.v1.Pair\x12\x31\n\x16receptive_field_offset\x18\x05 \x01(\x0b\x32\x11.densemap.v1.Pair\x12\r\n\x05scale\x18\x06 \x01(\x01\x12\x10\n\x08resize_h\x18\x07 \x01(\x01\x12\x10\n\x08resize_w\x18\x08 \x01(\x01\"\xe8\x01\n\x08ScaleMap\x12*\n\x08geometry\x18\x01 \x01(\x0b\x32\x18.densemap.v1.MapGeometry\x12#\n\x06scores\x18\x02 \x01(\x0b\x32\x13.densemap.v1.Tensor\x12\x0f\n\x07\x63lasses\x18\x03 \x03(\x05\x12*\n\rtop_k_indices\x18\x04 \x01(\x0b\x32\x13.densemap.v1.Tensor\x12)\n\x0ctop_k_scores\x18\x05 \x01(\x0b\x32\x13.densemap.v1.Tensor\x12#\n\x06\x61rgmax\x18\x06 \x01(\x0b\x32\x13.densemap.v1.Tensor\"9\n\nClassScore\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\"d\n\x06Timing\x12\x11\n\tdecode_ms\x18\x01 \x01(\x01\x12\x10\n\x08queue_ms\x18\x02 \x01(\x01\x12\x10\n\x08infer_ms\x18\x03 \x01(\x01\x12\x11\n\tencode_ms\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\"9\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x11\n\tcode_name\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x8a\x02\n\rScoreResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12#\n\x04maps\x18\x03 \x03(\x0b\x32\x15.densemap.v1.ScaleMap\x12\x14\n\x0cimage_scores\x18\x04 \x03(\x02\x12,\n\x0bimage_top_k\x18\x05 \x03(\x0b\x32\x17.densemap.v1.ClassScore\x12%\n\nimage_size\x18\x06 \x01(\x0b\x32\x11.densemap.v1.Pair\x12#\n\x06timing\x18\x07 \x01(\x0b\x32\x13.densemap.v1.Timing\x12!\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x12.densemap.v1.Error\"\x13\n\x11ListModelsRequest\"1\n\x10ModelLoadFailure\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"m\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.densemap.v1.ModelInfo\x12/\n\x08\x66\x61ilures\x18\x02 \x03(\x0b\x32\x1d.densemap.v1.ModelLoadFailure\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"j\n\rPreprocessing\x12\x0e\n\x06layout\x18\x01 \x01(\t\x12\r\n\x05\x63olor\x18\x02 \x01(\t\x12\r\n\x05scale\x18\x03 \x01(\x01\x12\x0c\n\x04mean\x18\x04 \x03(\x01\x12\x0b\n\x03std\x18\x05 \x03(\x01\x12\x10\n\x08\x63hannels\x18\x06 \x01(\x05\"\x94\x02\n\rModelGeometry\x12!\n\x06window\x18\x01 \x01(\x0b\x32\x11.densemap.v1.Pair\x12!\n\x06stride\x18\x02 \x01(\x0b\x32\x11.densemap.v1.Pair\x12!\n\x06origin\x18\x03 \x01(\x0b\x32\x11.densemap.v1.Pair\x12*\n\x0freceptive_field\x18\x04 \x01(\x0b\x32\x11.densemap.v1.Pair\x12\x31\n\x16receptive_field_offset\x18\x05 \x01(\x0b\x32\x11.densemap.v1.Pair\x12+\n\x10\x65\x66\x66\x65\x63tive_window\x18\x06 \x01(\x0b\x32\x11.densemap.v1.Pair\x12\x0e\n\x06padded\x18\x07 \x01(\x08\"\x8c\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bnum_classes\x18\x02 \x01(\x05\x12\x0e\n\x06labels\x18\x03 \x03(\t\x12,\n\x08geometry\x18\x04 \x01(\x0b\x32\x1a.densemap.v1.ModelGeometry\x12\x19\n\x11supported_strides\x18\x05 \x03(\x05\x12\x31\n\rpreprocessing\x18\x06 \x01(\x0b\x32\x1a.densemap.v1.Preprocessing\x12\x13\n\x0boutput_kind\x18\x07 \x01(\t\x12\x11\n\tproviders\x18\x08 \x03(\t\x12\x0e\n\x06source\x18\t \x01(\t\x12\x18\n\x10\x63ontract_version\x18\n \x01(\x05*N\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\t\n\x05UINT8\x10\x01\x12\x0b\n\x07\x46LOAT32\x10\x02\x12\x0b\n\x07\x46LOAT16\x10\x03\x12\t\n\x05INT32\x10\x04*?\n\x06Output\x12\x16\n\x12OUTPUT_UNSPECIFIED\x10\x00\x12\x11\n\rPROBABILITIES\x10\x01\x12\n\n\x06LOGITS\x10\x02\x32\xad\x02\n\x08\x44\x65nsemap\x12@\n\x05Score\x12\x19.densemap.v1.ScoreRequest\x1a\x1a.densemap.v1.ScoreResponse\"\x00\x12J\n\x0bScoreStream\x12\x19.densemap.v1.ScoreRequest\x1a\x1a.densemap.v1.ScoreResponse\"\x00(\x01\x30\x01\x12O\n\nListModels\x12\x1e.densemap.v1.ListModelsRequest\x1a\x1f.densemap.v1.ListModelsResponse\"\x00\x12\x42\n\x08GetModel\x12\x1c.densemap.v1.GetModelRequest\x1a\x16.densemap.v1.ModelInfo\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)service/_proto/densemap/v1/densemap.proto\x12\x0b\x64\x65nsemap.v1\"H\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12!\n\x05\x64type\x18\x03 \x01(\x0e\x32\x12.densemap.v1.DType\"J\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12$\n\x05\x61rray\x18\x02 \x01(\x0b\x32\x13.densemap.v1.TensorH\x00\x42\x08\n\x06source\"\xe9\x01\n\x0cScoreOptions\x12\x15\n\routput_stride\x18\x01 \x01(\x05\x12\x0e\n\x06scales\x18\x02 \x03(\x01\x12#\n\x06output\x18\x03 \x01(\x0e\x32\x13.densemap.v1.Output\x12!\n\x05\x64type\x18\x04 \x01(\x0e\x32\x12.densemap.v1.DType\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x0f\n\x07\x63lasses\x18\x06 \x03(\x05\x12\x0e\n\x06\x61rgmax\x18\x07 \x01(\x08\x12\x10\n\x08omit_map\x18\x08 \x01(\x08\x12\x18\n\x0bimage_top_k\x18\t \x01(\x05H\x00\x88\x01\x01\x42\x0e\n\x0c_image_top_k\"\x80\x01\n\x0cScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12!\n\x05image\x18\x02 \x01(\x0b\x32\x12.densemap.v1.Image\x12*\n\x07options\x18\x03 \x01(\x0b\x32\x19.densemap.v1.ScoreOptions\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\x1c\n\x04Pair\x12\t\n\x01h\x18\x01 \x01(\x05\x12\t\n\x01w\x18\x02 \x01(\x05\"\x88\x02\n\x0bMapGeometry\x12!\n\x06stride\x18\x01 \x01(\x0b\x32\x11.densemap.v1.Pair\x12!\n\x06window\x18\x02 \x01(\x0b\x32\x11.densemap.v1.Pair\x12!\n\x06origin\x18\x03 \x01(\x0b\x32\x11.densemap.v1.Pair\x12*\n\x0freceptive_field\x18\x04 \x01(\x0b\x32\x11.densemap.v1.Pair\x12\x31\n\x16receptive_field_offset\x18\x05 \x01(\x0b\x32\x11.densemap.v1.Pair\x12\r\n\x05scale\x18\x06 \x01(\x01\x12\x10\n\x08resize_h\x18\x07 \x01(\x01\x12\x10\n\x08resize_w\x18\x08 \x01(\x01\"\x8a\x02\n\x08ScaleMap\x12*\n\x08geometry\x18\x01 \x01(\x0b\x32\x18.densemap.v1.MapGeometry\x12#\n\x06scores\x18\x02 \x01(\x0b\x32\x13.densemap.v1.Tensor\x12\x0f\n\x07\x63lasses\x18\x03 \x03(\x05\x12*\n\rtop_k_indices\x18\x04 \x01(\x0b\x32\x13.densemap.v1.Tensor\x12)\n\x0ctop_k_scores\x18\x05 \x01(\x0b\x32\x13.densemap.v1.Tensor\x12#\n\x06\x61rgmax\x18\x06 \x01(\x0b\x32\x13.densemap.v1.Tensor\x12 \n\x05\x63\x65lls\x18\x07 \x01(\x0b\x32\x11.densemap.v1.Pair\"9\n\nClassScore\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\"d\n\x06Timing\x12\x11\n\tdecode_ms\x18\x01 \x01(\x01\x12\x10\n\x08queue_ms\x18\x02 \x01(\x01\x12\x10\n\x08infer_ms\x18\x03 \x01(\x01\x12\x11\n\tencode_ms\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\"9\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x11\n\tcode_name\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x8a\x02\n\rScoreResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12#\n\x04maps\x18\x03 \x03(\x0b\x32\x15.densemap.v1.ScaleMap\x12\x14\n\x0cimage_scores\x18\x04 \x03(\x02\x12,\n\x0bimage_top_k\x18\x05 \x03(\x0b\x32\x17.densemap.v1.ClassScore\x12%\n\nimage_size\x18\x06 \x01(\x0b\x32\x11.densemap.v1.Pair\x12#\n\x06timing\x18\x07 \x01(\x0b\x32\x13.densemap.v1.Timing\x12!\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x12.densemap.v1.Error\"\x13\n\x11ListModelsRequest\"1\n\x10ModelLoadFailure\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"m\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.densemap.v1.ModelInfo\x12/\n\x08\x66\x61ilures\x18\x02 \x03(\x0b\x32\x1d.densemap.v1.ModelLoadFailure\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"j\n\rPreprocessing\x12\x0e\n\x06layout\x18\x01 \x01(\t\x12\r\n\x05\x63olor\x18\x02 \x01(\t\x12\r\n\x05scale\x18\x03 \x01(\x01\x12\x0c\n\x04mean\x18\x04 \x03(\x01\x12\x0b\n\x03std\x18\x05 \x03(\x01\x12\x10\n\x08\x63hannels\x18\x06 \x01(\x05\"\x94\x02\n\rModelGeometry\x12!\n\x06window\x18\x01 \x01(\x0b\x32\x11.densemap.v1.Pair\x12!\n\x06stride\x18\x02 \x01(\x0b\x32\x11.densemap.v1.Pair\x12!\n\x06origin\x18\x03 \x01(\x0b\x32\x11.densemap.v1.Pair\x12*\n\x0freceptive_field\x18\x04 \x01(\x0b\x32\x11.densemap.v1.Pair\x12\x31\n\x16receptive_field_offset\x18\x05 \x01(\x0b\x32\x11.densemap.v1.Pair\x12+\n\x10\x65\x66\x66\x65\x63tive_window\x18\x06 \x01(\x0b\x32\x11.densemap.v1.Pair\x12\x0e\n\x06padded\x18\x07 \x01(\x08\"\x8c\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bnum_classes\x18\x02 \x01(\x05\x12\x0e\n\x06labels\x18\x03 \x03(\t\x12,\n\x08geometry\x18\x04 \x01(\x0b\x32\x1a.densemap.v1.ModelGeometry\x12\x19\n\x11supported_strides\x18\x05 \x03(\x05\x12\x31\n\rpreprocessing\x18\x06 \x01(\x0b\x32\x1a.densemap.v1.Preprocessing\x12\x13\n\x0boutput_kind\x18\x07 \x01(\t\x12\x11\n\tproviders\x18\x08 \x03(\t\x12\x0e\n\x06source\x18\t \x01(\t\x12\x18\n\x10\x63ontract_version\x18\n \x01(\x05*N\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\t\n\x05UINT8\x10\x01\x12\x0b\n\x07\x46LOAT32\x10\x02\x12\x0b\n\x07\x46LOAT16\x10\x03\x12\t\n\x05INT32\x10\x04*?\n\x06Output\x12\x16\n\x12OUTPUT_UNSPECIFIED\x10\x00\x12\x11\n\rPROBABILITIES\x10\x01\x12\n\n\x06LOGITS\x10\x02\x32\xad\x02\n\x08\x44\x65nsemap\x12@\n\x05Score\x12\x19.densemap.v1.ScoreRequest\x1a\x1a.densemap.v1.ScoreResponse\"\x00\x12J\n\x0bScoreStream\x12\x19.densemap.v1.ScoreRequest\x1a\x1a.densemap.v1.ScoreResponse\"\x00(\x01\x30\x01\x12O\n\nListModels\x12\x1e.densemap.v1.ListModelsRequest\x1a\x1f.densemap.v1.ListModelsResponse\"\x00\x12\x42\n\x08GetModel\x12\x1c.densemap.v1.GetModelRequest\x1a\x16.densemap.v1.ModelInfo\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'service._proto.densemap.v1.densemap_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=2470
-  _globals['_DTYPE']._serialized_end=2548
-  _globals['_OUTPUT']._serialized_start=2550
-  _globals['_OUTPUT']._serialized_end=2613
+  _globals['_DTYPE']._serialized_start=2504
+  _globals['_DTYPE']._serialized_end=2582
+  _globals['_OUTPUT']._serialized_start=2584
+  _globals['_OUTPUT']._serialized_end=2647
   _globals['_TENSOR']._serialized_start=58
   _globals['_TENSOR']._serialized_end=130
   _globals['_IMAGE']._serialized_start=132
@@ -48,29 +48,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MAPGEOMETRY']._serialized_start=606
   _globals['_MAPGEOMETRY']._serialized_end=870
   _globals['_SCALEMAP']._serialized_start=873
-  _globals['_SCALEMAP']._serialized_end=1105
-  _globals['_CLASSSCORE']._serialized_start=1107
-  _globals['_CLASSSCORE']._serialized_end=1164
-  _globals['_TIMING']._serialized_start=1166
-  _globals['_TIMING']._serialized_end=1266
-  _globals['_ERROR']._serialized_start=1268
-  _globals['_ERROR']._serialized_end=1325
-  _globals['_SCORERESPONSE']._serialized_start=1328
-  _globals['_SCORERESPONSE']._serialized_end=1594
-  _globals['_LISTMODELSREQUEST']._serialized_start=1596
-  _globals['_LISTMODELSREQUEST']._serialized_end=1615
-  _globals['_MODELLOADFAILURE']._serialized_start=1617
-  _globals['_MODELLOADFAILURE']._serialized_end=1666
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1668
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1777
-  _globals['_GETMODELREQUEST']._serialized_start=1779
-  _globals['_GETMODELREQUEST']._serialized_end=1810
-  _globals['_PREPROCESSING']._serialized_start=1812
-  _globals['_PREPROCESSING']._serialized_end=1918
-  _globals['_MODELGEOMETRY']._serialized_start=1921
-  _globals['_MODELGEOMETRY']._serialized_end=2197
-  _globals['_MODELINFO']._serialized_start=2200
-  _globals['_MODELINFO']._serialized_end=2468
-  _globals['_DENSEMAP']._serialized_start=2616
-  _globals['_DENSEMAP']._serialized_end=2917
+  _globals['_SCALEMAP']._serialized_end=1139
+  _globals['_CLASSSCORE']._serialized_start=1141
+  _globals['_CLASSSCORE']._serialized_end=1198
+  _globals['_TIMING']._serialized_start=1200
+  _globals['_TIMING']._serialized_end=1300
+  _globals['_ERROR']._serialized_start=1302
+  _globals['_ERROR']._serialized_end=1359
+  _globals['_SCORERESPONSE']._serialized_start=1362
+  _globals['_SCORERESPONSE']._serialized_end=1628
+  _globals['_LISTMODELSREQUEST']._serialized_start=1630
+  _globals['_LISTMODELSREQUEST']._serialized_end=1649
+  _globals['_MODELLOADFAILURE']._serialized_start=1651
+  _globals['_MODELLOADFAILURE']._serialized_end=1700
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1702
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1811
+  _globals['_GETMODELREQUEST']._serialized_start=1813
+  _globals['_GETMODELREQUEST']._serialized_end=1844
+  _globals['_PREPROCESSING']._serialized_start=1846
+  _globals['_PREPROCESSING']._serialized_end=1952
+  _globals['_MODELGEOMETRY']._serialized_start=1955
+  _globals['_MODELGEOMETRY']._serialized_end=2231
+  _globals['_MODELINFO']._serialized_start=2234
+  _globals['_MODELINFO']._serialized_end=2502
+  _globals['_DENSEMAP']._serialized_start=2650
+  _globals['_DENSEMAP']._serialized_end=2951
 # @@protoc_insertion_point(module_scope)

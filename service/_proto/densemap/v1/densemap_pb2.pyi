@@ -110,20 +110,22 @@ class MapGeometry(_message.Message):
     def __init__(self, stride: _Optional[_Union[Pair, _Mapping]] = ..., window: _Optional[_Union[Pair, _Mapping]] = ..., origin: _Optional[_Union[Pair, _Mapping]] = ..., receptive_field: _Optional[_Union[Pair, _Mapping]] = ..., receptive_field_offset: _Optional[_Union[Pair, _Mapping]] = ..., scale: _Optional[float] = ..., resize_h: _Optional[float] = ..., resize_w: _Optional[float] = ...) -> None: ...
 
 class ScaleMap(_message.Message):
-    __slots__ = ("geometry", "scores", "classes", "top_k_indices", "top_k_scores", "argmax")
+    __slots__ = ("geometry", "scores", "classes", "top_k_indices", "top_k_scores", "argmax", "cells")
     GEOMETRY_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
     CLASSES_FIELD_NUMBER: _ClassVar[int]
     TOP_K_INDICES_FIELD_NUMBER: _ClassVar[int]
     TOP_K_SCORES_FIELD_NUMBER: _ClassVar[int]
     ARGMAX_FIELD_NUMBER: _ClassVar[int]
+    CELLS_FIELD_NUMBER: _ClassVar[int]
     geometry: MapGeometry
     scores: Tensor
     classes: _containers.RepeatedScalarFieldContainer[int]
     top_k_indices: Tensor
     top_k_scores: Tensor
     argmax: Tensor
-    def __init__(self, geometry: _Optional[_Union[MapGeometry, _Mapping]] = ..., scores: _Optional[_Union[Tensor, _Mapping]] = ..., classes: _Optional[_Iterable[int]] = ..., top_k_indices: _Optional[_Union[Tensor, _Mapping]] = ..., top_k_scores: _Optional[_Union[Tensor, _Mapping]] = ..., argmax: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    cells: Pair
+    def __init__(self, geometry: _Optional[_Union[MapGeometry, _Mapping]] = ..., scores: _Optional[_Union[Tensor, _Mapping]] = ..., classes: _Optional[_Iterable[int]] = ..., top_k_indices: _Optional[_Union[Tensor, _Mapping]] = ..., top_k_scores: _Optional[_Union[Tensor, _Mapping]] = ..., argmax: _Optional[_Union[Tensor, _Mapping]] = ..., cells: _Optional[_Union[Pair, _Mapping]] = ...) -> None: ...
 
 class ClassScore(_message.Message):
     __slots__ = ("index", "label", "score")
