@@ -30,6 +30,7 @@ from convert.geometry import trace_graph
 from convert.onnx_graph import (
     WINDOW_OPS,
     GraphIndex,
+    attributes,
     node_label,
     opset_version,
     set_attribute,
@@ -132,6 +133,60 @@ def _upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
     return upgraded
 
 
+def _ceil_to_end_pads(model, node, old_strides, strides, rate, pads) -> bool:
+    """Turn the ceil_mode overhang of a pool that changes into explicit end padding.
+
+    ceil_mode lets the last window overhang the input end by up to s-1 input units, which
+    the cells of a window R may need (Caffe-style nets). With a new stride or input rate the
+    pool's own ceil rounding no longer reaches that far, so the overhang becomes end padding
+    of (s-1)*rate: a -inf Pad node before a MaxPool, or end pads of an AveragePool without
+    count_include_pad (ignored by the average, like the overhang). True when done; an
+    AveragePool with count_include_pad=1 (or pads past its kernel) keeps ceil_mode."""
+    attrs = attributes(node)
+    if node.op_type not in ("MaxPool", "AveragePool") or not attrs.get("ceil_mode", 0):
+        return False
+    if list(strides) == list(old_strides) and list(rate) == [1, 1]:
+        return False
+    ends = [(s - 1) * r for s, r in zip(old_strides, rate, strict=True)]
+    if node.op_type == "AveragePool":
+        kernel = window_params(node, GraphIndex.build(model.graph))["kernel"]
+        if attrs.get("count_include_pad", 0) or any(
+            pads[2 + a] + ends[a] >= kernel[a] for a in range(2)
+        ):
+            return False
+        for axis in range(2):
+            pads[2 + axis] += ends[axis]
+        return True
+    all_pads = [0, 0, 0, 0, 0, 0, *ends]
+    name = f"{node.output[0]}_ceil_pad"
+    if opset_version(model) < 11:
+        pad = onnx.helper.make_node(
+            "Pad", [node.input[0]], [name], pads=all_pads, value=float("-inf")
+        )
+    else:
+        dtype = numpy_helper.to_array(_value_type_probe(model, node)).dtype
+        model.graph.initializer.extend(
+            [
+                numpy_helper.from_array(np.array(all_pads, np.int64), f"{name}_pads"),
+                numpy_helper.from_array(np.array(-np.inf, dtype), f"{name}_value"),
+            ]
+        )
+        pad = onnx.helper.make_node("Pad", [node.input[0], f"{name}_pads", f"{name}_value"], [name])
+    position = list(model.graph.node).index(node)
+    model.graph.node.insert(position, pad)
+    node.input[0] = name
+    return True
+
+
+def _value_type_probe(model, node) -> onnx.TensorProto:
+    """A zero tensor of the pool input's element type (float32 unless the graph says)."""
+    elem = onnx.TensorProto.FLOAT
+    for value in (*model.graph.input, *model.graph.value_info):
+        if value.name == node.input[0]:
+            elem = value.type.tensor_type.elem_type
+    return onnx.helper.make_tensor("probe", elem, [], [0])
+
+
 def make_atrous(dense: onnx.ModelProto, *, factor: Pair | int) -> onnx.ModelProto:
     """A copy of ``dense`` whose output stride is S / factor (per axis)."""
     factor = (factor, factor) if isinstance(factor, int) else tuple(int(k) for k in factor)
@@ -159,6 +214,8 @@ def make_atrous(dense: onnx.ModelProto, *, factor: Pair | int) -> onnx.ModelProt
         dilations = [d * r for d, r in zip(params["dilations"], rate, strict=True)]
         pads = [p * rate[i % 2] for i, p in enumerate(params["pads"])]
         present = {attr.name for attr in node.attribute}
+        if _ceil_to_end_pads(model, node, params["strides"], strides, rate, pads):
+            set_attribute(node, "ceil_mode", 0)
         if "auto_pad" in present:
             set_attribute(node, "auto_pad", "NOTSET")
         if "dilations" in present or dilations != [1, 1]:

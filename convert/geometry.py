@@ -284,7 +284,13 @@ def compute_geometry(model: onnx.ModelProto, *, window: Pair) -> Geometry:
         min(r, x + s) - max(0, x) for r, x, s in zip(window, result.left, result.span, strict=False)
     )
     too_small = [a for a in range(2) if result.left[a] + result.span[a] > window[a]]
-    if not result.padded and too_small:
+    # a ceil_mode pool whose last window overhangs R reads past the window's end: the
+    # classifier saw nothing there, the dense pass sees real pixels (like end padding)
+    overhang = bool(too_small) and any(
+        node.op_type in WINDOW_OPS and attributes(node).get("ceil_mode", 0)
+        for node in model.graph.node
+    )
+    if not result.padded and too_small and not overhang:
         raise ConversionError(
             f"the window {window} is smaller than the receptive field {result.span} of one "
             "output cell: use the classifier's real input size"
@@ -297,5 +303,5 @@ def compute_geometry(model: onnx.ModelProto, *, window: Pair) -> Geometry:
         receptive_field=result.span,
         receptive_field_offset=result.left,
         effective_window=effective,
-        padded=result.padded,
+        padded=result.padded or overhang,
     )

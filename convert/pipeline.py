@@ -19,7 +19,7 @@ import importlib.metadata
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -225,7 +225,8 @@ def _variants(dense, output, geometry, strides) -> list:
             )
         factor = tuple(s // t for s, t in zip(geometry.stride, stride, strict=True))
         model = make_atrous(dense, factor=factor)
-        v_geom = compute_geometry(model, window=geometry.window)
+        # same padded flag as the native model (ceil_mode overhang became end pads)
+        v_geom = replace(compute_geometry(model, window=geometry.window), padded=geometry.padded)
         result.append((variant_file(output, stride), model, v_geom))
     return result
 
