@@ -252,4 +252,17 @@ def rewrite_head(model: onnx.ModelProto, *, flatten_order: str = "auto") -> onnx
         pool=plan_pool,
         layout=trace.layout,
     )
-    return assemble(work, index=index, trace=trace, plan=plan)
+    dense = assemble(work, index=index, trace=trace, plan=plan)
+    _drop_initializer_inputs(dense)
+    return dense
+
+
+def _drop_initializer_inputs(model: onnx.ModelProto) -> None:
+    """Old exporters (IR 3) list every initializer as a graph input too; the dense model
+    adds initializers of its own, so keep the image as the only input, at IR >= 4."""
+    weights = {init.name for init in model.graph.initializer}
+    image = [value for value in model.graph.input if value.name not in weights]
+    if len(image) != len(model.graph.input):
+        del model.graph.input[:]
+        model.graph.input.extend(image)
+    model.ir_version = max(model.ir_version, 4)

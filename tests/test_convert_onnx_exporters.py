@@ -109,3 +109,28 @@ def test_batchnorm_before_opset_14_verifies_in_float64(opset, tmp_path):
     convert.convert_onnx(tmp_path / "bn.onnx", tmp_path / "dense.onnx")
     report = convert.verify(tmp_path / "bn.onnx", tmp_path / "dense.onnx", dtype="float64")
     assert report.passed, report.table()
+
+
+def test_initializers_listed_as_graph_inputs_ir3(tmp_path):
+    # old exporters (IR 3, opset <= 8) list every weight as a graph input: the dense model
+    # failed onnx.checker ("conv weight in initializer but not in graph input")
+    g = GraphBuilder(1, seed=4)
+    g.conv(3, 3)
+    g.node("Relu")
+    g.pool("MaxPool", 2, 2)
+    g.node("Flatten", axis=1)
+    weight = g.const(np.random.default_rng(0).standard_normal((4, 3 * 5 * 4)).astype(np.float32))
+    g.node("Gemm", [g.current, weight, g.const(np.zeros(4, np.float32))], transB=1)
+    classifier = g.model((12, 10), opset=8, output_dims=[1, 4])
+    classifier.ir_version = 3
+    for init in classifier.graph.initializer:
+        classifier.graph.input.append(
+            onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims))
+        )
+    _assert_dense_equals_crops(classifier, (12, 10), channels=1)
+    onnx.save_model(classifier, str(tmp_path / "old.onnx"))
+    result = convert.convert_onnx(tmp_path / "old.onnx", tmp_path / "dense.onnx", strides=[1])
+    for path in (result.path, *result.variant_paths):
+        assert [value.name for value in onnx.load(str(path)).graph.input] == ["input"]
+    report = convert.verify(tmp_path / "old.onnx", result.path, dtype="float64")
+    assert report.passed, report.table()
