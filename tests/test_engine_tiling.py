@@ -37,13 +37,13 @@ def engine_for(path, **config):
 class PassCounter:
     def __init__(self, monkeypatch):
         self.calls = []
-        original = DenseNet.run
+        original = DenseNet.run_pass
 
-        def counting(net, image_chw):
-            self.calls.append(image_chw.shape[1:])
-            return original(net, image_chw)
+        def counting(net, source, region, *args, **kwargs):
+            self.calls.append(tuple(region[2:]))  # (height, width) of the pass or tile
+            return original(net, source, region, *args, **kwargs)
 
-        monkeypatch.setattr(DenseNet, "run", counting)
+        monkeypatch.setattr(DenseNet, "run_pass", counting)
 
 
 def test_atrous_equals_shift_and_stitch(models, monkeypatch):

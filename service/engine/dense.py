@@ -1,9 +1,9 @@
 """Dense passes: one network pass cropped to n cells, and shift-and-stitch for finer strides.
 
-A :class:`DenseNet` is one onnxruntime session (the main model or an à-trous variant) with
-its output grid. :func:`shift_and_stitch` makes a map of stride ``S/k`` from k x k passes of
-a net of stride S on the image CROPPED by (p*d, q*d), d = S/k, stitched with
-``out[:, p::k, q::k] = map_pq``; it has ``(W - R) // d + 1`` cells per axis.
+A :class:`DenseNet` is one network (the main model or an à-trous variant) with its output
+grid and its sessions per precision. :func:`shift_and_stitch` makes a map of stride ``S/k``
+from k x k passes of a net of stride S on the image CROPPED by (p*d, q*d), d = S/k,
+stitched with ``out[:, p::k, q::k] = map_pq``; it has ``(W - R) // d + 1`` cells per axis.
 """
 
 from __future__ import annotations
@@ -16,8 +16,11 @@ import numpy as np
 import onnxruntime as ort
 
 from service.contract import Pair, Preprocessing
-from service.engine.image_input import preprocess
+from service.engine import graphs
+from service.engine.assembly import Placement, PostprocessCall
 from service.engine.memory import ActivationEstimator
+from service.engine.precision import PrecisionSessions
+from service.engine.runtime import Runtime
 from service.errors import Cancelled, ImageTooLarge, ModelLoadError
 
 
@@ -38,40 +41,33 @@ class Grid:
 
 
 class PixelSource:
-    """The image passes read from, preprocessed per requested region.
+    """The image one scale's passes read from, uploaded once to the net's device.
 
-    uint8 images stay uint8 until a pass (or tile) cuts its region, which keeps a huge
-    image's float copy out of memory; preprocessing is elementwise, so cutting first gives
-    the same numbers bit for bit. ``seconds`` accumulates the preprocessing time.
+    uint8 images stay uint8 until the preprocess graph cuts a pass's (or tile's) region and
+    normalises it on the device, which keeps a huge image's float copy out of memory and
+    sends a quarter of float32's bytes; preprocessing is elementwise, so cutting first gives
+    the same numbers bit for bit. ``seconds`` accumulates the upload time.
     """
 
     def __init__(
         self,
         *,
+        runtime: Runtime,
         preprocessing: Preprocessing,
         uint8_hwc: np.ndarray | None = None,
         float_chw: np.ndarray | None = None,
     ) -> None:
         if (uint8_hwc is None) == (float_chw is None):
             raise ValueError("give exactly one of uint8_hwc and float_chw")
-        self._preprocessing = preprocessing
-        self._uint8 = uint8_hwc
-        self._float = float_chw
-        shape = uint8_hwc.shape[:2] if uint8_hwc is not None else float_chw.shape[1:]
-        self.height, self.width = int(shape[0]), int(shape[1])
-        self.seconds = 0.0
-
-    def region(self, top: int, left: int, height: int, width: int) -> np.ndarray:
-        """float32 CxHxW of rows [top, top+height) and columns [left, left+width)."""
         start = time.perf_counter()
-        if self._uint8 is not None:
-            block = self._uint8[top : top + height, left : left + width]
-            image_chw = preprocess(block, self._preprocessing)
-        else:
-            block = self._float[:, top : top + height, left : left + width]
-            image_chw = np.ascontiguousarray(block)
-        self.seconds += time.perf_counter() - start
-        return image_chw
+        self.kind = "uint8" if uint8_hwc is not None else "float32"
+        pixels = uint8_hwc if uint8_hwc is not None else float_chw
+        shape = pixels.shape[:2] if uint8_hwc is not None else pixels.shape[1:]
+        self.height, self.width = int(shape[0]), int(shape[1])
+        self.preprocessing = preprocessing
+        self.runtime = runtime
+        self.pixels = runtime.upload(pixels)
+        self.seconds = time.perf_counter() - start
 
 
 def check_cancel(cancel: Callable[[], bool] | None, what: str) -> None:
@@ -103,8 +99,10 @@ class DenseNet:
         output_name: str,
         layout: str,
         label: str,
+        precisions: PrecisionSessions | None = None,
     ) -> None:
         self.session = session
+        self._precisions = precisions
         self.grid = grid
         self.estimator = estimator
         self.input_name = input_name
@@ -115,26 +113,79 @@ class DenseNet:
     def estimate_bytes(self, height: int, width: int) -> int:
         return self.estimator.activation_bytes(int(height), int(width))
 
+    def run_pass(
+        self,
+        source: PixelSource,
+        region: tuple[int, int, int, int],
+        cells: tuple[int, int, int, int],
+        post: PostprocessCall,
+        *,
+        precision: str = "fp32",
+    ) -> dict[str, np.ndarray]:
+        """One pass over ``region`` (top, left, height, width) of ``source`` on the device.
+
+        Keeps the cells [r0, r1) x [c0, c1) of its map (``cells`` = r0, c0, r1, c1) and
+        returns the postprocess outputs ``post`` asks for, copied to the host.
+        """
+        top, left, height, width = region
+        session, dtype = self.session_for(precision)
+        runtime = source.runtime
+        layout = self.layout
+        pre = runtime.preprocess_session(
+            source.preprocessing, source=source.kind, layout=layout, dtype=dtype
+        )
+        corners = (
+            np.array([top, left], np.int64),
+            np.array([top + height, left + width], np.int64),
+        )
+        try:
+            image = runtime.run_to_device(
+                pre,
+                {graphs.PIXELS: source.pixels},
+                {graphs.STARTS: corners[0], graphs.ENDS: corners[1]},
+                graphs.IMAGE,
+            )
+            raw = runtime.run_to_device(session, {self.input_name: image}, {}, self.output_name)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+            shape = (1, height, width) if layout == "NHWC" else (1, "C", height, width)
+            raise _run_error(self.label, shape, exc) from None
+        self._check_output(tuple(raw.shape()), height, width)
+        del image
+        return post.run(runtime, raw, cells, raw_dtype=dtype)
+
+    def session_for(self, precision: str) -> tuple[ort.InferenceSession, str]:
+        """(session, input/output element type) of this net at ``precision``."""
+        if precision == "fp32" or self._precisions is None:
+            return self.session, "float32"
+        return self._precisions.session_for(precision, self.session)
+
+    def _check_output(self, shape: tuple[int, ...], height: int, width: int) -> None:
+        n_h, n_w = self.grid.cells(height, width)
+        if len(shape) != 4 or shape[0] != 1:
+            raise ModelLoadError(
+                f"{self.label}: expected an output of shape [1, classes, n_h, n_w], got "
+                f"{list(shape)}: is this a converted dense model?"
+            )
+        if shape[2] < n_h or shape[3] < n_w:
+            raise ModelLoadError(
+                f"{self.label}: the model returned {shape[2]}x{shape[3]} cells on "
+                f"a {height}x{width} image, but its metadata "
+                f"(window {self.grid.window}, stride {self.grid.stride}) promises "
+                f"{n_h}x{n_w}: the metadata geometry is wrong; reconvert the model"
+            )
+
     def run(self, image_chw: np.ndarray) -> np.ndarray:
-        """One pass on a float32 CxHxW image -> float32 [classes, n_h, n_w], cropped to n."""
-        n_h, n_w = self.grid.cells(image_chw.shape[1], image_chw.shape[2])
+        """One host-memory fp32 pass on a float32 CxHxW image -> [classes, n_h, n_w].
+
+        Used at load time (class count, warm-up); requests go through :meth:`run_pass`.
+        """
         batch = image_chw[None] if self.layout == "NCHW" else image_chw.transpose(1, 2, 0)[None]
         try:
             (scores,) = self.session.run([self.output_name], {self.input_name: batch})
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise _run_error(self.label, batch.shape, exc) from None
-        if scores.ndim != 4 or scores.shape[0] != 1:
-            raise ModelLoadError(
-                f"{self.label}: expected an output of shape [1, classes, n_h, n_w], got "
-                f"{scores.shape}: is this a converted dense model?"
-            )
-        if scores.shape[2] < n_h or scores.shape[3] < n_w:
-            raise ModelLoadError(
-                f"{self.label}: the model returned {scores.shape[2]}x{scores.shape[3]} cells on "
-                f"a {image_chw.shape[1]}x{image_chw.shape[2]} image, but its metadata "
-                f"(window {self.grid.window}, stride {self.grid.stride}) promises "
-                f"{n_h}x{n_w}: the metadata geometry is wrong; reconvert the model"
-            )
+        self._check_output(scores.shape, image_chw.shape[1], image_chw.shape[2])
+        n_h, n_w = self.grid.cells(image_chw.shape[1], image_chw.shape[2])
         return np.ascontiguousarray(scores[0, :, :n_h, :n_w], dtype=np.float32)
 
 
@@ -154,35 +205,41 @@ def _run_error(label: str, shape: tuple[int, ...], exc: Exception) -> Exception:
 
 
 def shift_and_stitch(
-    run_pass: Callable[[int, int], np.ndarray],
+    run_pass: Callable[[int, int, Placement], None],
     *,
     grid: Grid,
     factor: Pair,
     size: Pair,
+    place: Placement,
     cancel: Callable[[], bool] | None,
-) -> np.ndarray:
-    """Stitch the k_h x k_w passes ``run_pass(top, left)`` into one map of stride S/k.
+) -> None:
+    """Run the k_h x k_w passes ``run_pass(top, left, place_pq)`` of a map of stride S/k.
 
-    ``run_pass(top, left)`` must return the net's map on the image cropped by (top, left).
-    Passes whose cropped image is smaller than the window have no cell and are skipped.
+    ``run_pass(top, left, place_pq)`` runs the net on the image cropped by (top, left) and
+    hands its cells to ``place_pq(parts, rows, cols)`` in its own cell coordinates; they
+    land at ``out[:, p::k, q::k]`` of the stitched map (``(W - R) // d + 1`` cells per axis,
+    d = S/k). Passes whose cropped image is smaller than the window have no cell.
     """
     k_h, k_w = factor
     delta = (grid.stride[0] // k_h, grid.stride[1] // k_w)
     n_h = (size[0] - grid.window[0]) // delta[0] + 1
     n_w = (size[1] - grid.window[1]) // delta[1] + 1
-    stitched: np.ndarray | None = None
     for p in range(min(k_h, n_h)):
         for q in range(min(k_w, n_w)):
             check_cancel(cancel, f"before shift-and-stitch pass ({p}, {q})")
-            part = run_pass(p * delta[0], q * delta[1])
-            if stitched is None:
-                stitched = np.empty((part.shape[0], n_h, n_w), dtype=part.dtype)
-            target = stitched[:, p::k_h, q::k_w]
-            if target.shape != part.shape:
-                raise ModelLoadError(
-                    f"shift-and-stitch pass ({p}, {q}) gave {part.shape[1:]} cells where "
-                    f"{target.shape[1:]} were expected: the metadata geometry is wrong"
+            expected = (len(range(p, n_h, k_h)), len(range(q, n_w, k_w)))
+
+            def place_pq(parts, rows: range, cols: range, p=p, q=q, expected=expected) -> None:
+                if rows.stop > expected[0] or cols.stop > expected[1]:
+                    raise ModelLoadError(
+                        f"shift-and-stitch pass ({p}, {q}) gave cells up to "
+                        f"({rows.stop}, {cols.stop}) where {expected} were expected: the "
+                        "metadata geometry is wrong"
+                    )
+                place(
+                    parts,
+                    range(p + k_h * rows.start, p + k_h * rows.stop, k_h),
+                    range(q + k_w * cols.start, q + k_w * cols.stop, k_w),
                 )
-            target[...] = part
-    assert stitched is not None  # n_h, n_w >= 1 is checked by the caller
-    return stitched
+
+            run_pass(p * delta[0], q * delta[1], place_pq)

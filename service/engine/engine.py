@@ -20,22 +20,21 @@ import numpy as np
 
 from service.contract import ModelMetadata, Pair
 from service.engine import image_input
+from service.engine.assembly import MapAssembly, Placement, PostprocessCall
 from service.engine.dense import PixelSource, check_cancel, shift_and_stitch
 from service.engine.loading import load_nets
 from service.engine.options import EngineConfig, ScoreOptions
-from service.engine.postprocess import (
-    build_scale_map,
-    check_finite,
-    plan_outputs,
-    rank_image_scores,
-)
+from service.engine.postprocess import check_finite, plan_outputs, rank_image_scores
+from service.engine.precision import check_precision
 from service.engine.result import MapGeometry, ScoreMap
+from service.engine.runtime import Runtime
 from service.engine.tiling import plan_tiles, run_region
 from service.errors import (
     ImageTooLarge,
     ImageTooSmall,
     InvalidImage,
     InvalidOption,
+    ModelLoadError,
 )
 
 log = logging.getLogger("densemap.engine")
@@ -68,6 +67,11 @@ class Engine:
         self._num_classes = loaded.num_classes
         self._nets = loaded.nets  # main net first, then à-trous variants
         self._providers = loaded.providers
+        self._runtime = Runtime(providers=loaded.providers, config=config)
+        try:
+            self._default_precision = check_precision(config.precision)
+        except InvalidOption as exc:
+            raise ModelLoadError(f"EngineConfig.precision: {exc}") from None
 
     # -- properties ----------------------------------------------------------------------
     @property
@@ -158,33 +162,49 @@ class Engine:
         sizes = [image_input.resized_size(height, width, s, max_pixels=limit) for s in scales]
         for scale, size in zip(scales, sizes, strict=True):
             self._check_size(size, scale, net)
-        maps, image_scores = [], []
+        precision = (
+            self._default_precision
+            if options.precision is None
+            else check_precision(options.precision)
+        )
+        post = PostprocessCall(plan)
+        maps, image_scores, largest_pass = [], [], 0
         for scale, size in zip(scales, sizes, strict=True):
             check_cancel(cancel, f"before scale {scale}")
             tic = time.perf_counter()
             if uint8_hwc is not None:
+                resized = image_input.resize_uint8(uint8_hwc, size)
                 source = PixelSource(
+                    runtime=self._runtime,
                     preprocessing=self._metadata.preprocessing,
-                    uint8_hwc=image_input.resize_uint8(uint8_hwc, size),
+                    uint8_hwc=resized,
                 )
             else:
                 source = PixelSource(
+                    runtime=self._runtime,
                     preprocessing=self._metadata.preprocessing,
                     float_chw=image_input.resize_float(float_chw, size),
                 )
             timings["preprocess"] += time.perf_counter() - tic
             tic = time.perf_counter()
-            raw = self._dense_map(net, factor, source, cancel)
-            timings["infer"] += time.perf_counter() - tic - source.seconds
-            timings["preprocess"] += source.seconds
-            tic = time.perf_counter()
-            check_finite(raw, model=self._name, from_floats=float_chw is not None, scale=scale)
-            scale_map, scale_scores = build_scale_map(
-                raw, plan, self._map_geometry(net.grid.stride, factor, scale, size, (height, width))
+            assembly = MapAssembly(
+                plan, cells=self._cells(net, factor, size), num_classes=self._num_classes
             )
+            self._dense_map(net, factor, source, cancel, post, assembly.place, precision)
+            largest_pass = max(largest_pass, min(net.estimate_bytes(*size), self._budget))
+            timings["infer"] += time.perf_counter() - tic
+            tic = time.perf_counter()
+            check_finite(
+                assembly.nonfinite, model=self._name, from_floats=float_chw is not None, scale=scale
+            )
+            geometry = self._map_geometry(net.grid.stride, factor, scale, size, (height, width))
+            scale_map, scale_scores = assembly.scale_map(geometry)
             maps.append(scale_map)
             image_scores.append(scale_scores)
             timings["postprocess"] += time.perf_counter() - tic
+            del source
+        if largest_pass > self._config.arena_keep_bytes:
+            self._runtime.release_memory()  # give a big request's buffers back
         mean_scores = np.mean(image_scores, axis=0)
         timings["total"] = time.perf_counter() - started
         return ScoreMap(
@@ -283,25 +303,53 @@ class Engine:
                 )
             plan_tiles(net.grid, *size, fits=lambda h, w: net.estimate_bytes(h, w) <= budget)
 
-    def _dense_map(self, net, factor: Pair, source: PixelSource, cancel) -> np.ndarray:
+    @property
+    def _budget(self) -> int:
+        return self._config.memory_budget
+
+    @staticmethod
+    def _cells(net, factor: Pair, size: Pair) -> Pair:
+        """Cells per axis of the map at stride S/k on a ``size`` image."""
+        delta = (net.grid.stride[0] // factor[0], net.grid.stride[1] // factor[1])
+        return (
+            (size[0] - net.grid.window[0]) // delta[0] + 1,
+            (size[1] - net.grid.window[1]) // delta[1] + 1,
+        )
+
+    def _dense_map(
+        self,
+        net,
+        factor: Pair,
+        source: PixelSource,
+        cancel,
+        post: PostprocessCall,
+        place: Placement,
+        precision: str,
+    ) -> None:
         size = (source.height, source.width)
 
-        def run_pass(top: int, left: int) -> np.ndarray:
-            return run_region(
+        def run_pass(top: int, left: int, place_pass: Placement) -> None:
+            run_region(
                 net,
                 source,
                 top=top,
                 left=left,
                 height=size[0] - top,
                 width=size[1] - left,
-                budget=self._config.memory_budget,
+                budget=self._budget,
                 tiling=self._config.tiling,
                 cancel=cancel,
+                post=post,
+                place=place_pass,
+                precision=precision,
             )
 
         if factor == (1, 1):
-            return run_pass(0, 0)
-        return shift_and_stitch(run_pass, grid=net.grid, factor=factor, size=size, cancel=cancel)
+            run_pass(0, 0, place)
+            return
+        shift_and_stitch(
+            run_pass, grid=net.grid, factor=factor, size=size, place=place, cancel=cancel
+        )
 
     def _map_geometry(self, net_stride, factor, scale, size, original) -> MapGeometry:
         geometry = self._metadata.geometry

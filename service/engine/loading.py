@@ -20,7 +20,8 @@ from service.contract import ModelMetadata
 from service.engine.dense import DenseNet, Grid
 from service.engine.memory import ActivationEstimator
 from service.engine.options import EngineConfig
-from service.engine.session import CPU, create_session, cuda_fallback_reason
+from service.engine.precision import PrecisionSessions
+from service.engine.session import CPU, CUDA, create_session, cuda_fallback_reason
 from service.errors import ModelLoadError
 
 log = logging.getLogger("densemap.engine")
@@ -68,8 +69,10 @@ def _open_net(path: Path, proto, metadata: ModelMetadata, grid: Grid, config) ->
     estimator = ActivationEstimator(
         proto, input_name=metadata.input_name, layout=metadata.preprocessing.layout
     )
+    on_cuda = CUDA in session.get_providers()
     return DenseNet(
         session,
+        precisions=PrecisionSessions(path, config, on_cuda=on_cuda),
         grid=grid,
         estimator=estimator,
         input_name=metadata.input_name,

@@ -8,6 +8,10 @@ DEFAULT_MAX_PIXELS = 256 * 1024 * 1024  # 16384 x 16384: refuse bigger images be
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of activations per pass before the engine tiles
 DEFAULT_INTRA_OP_THREADS = 0  # 0 lets onnxruntime choose (one per physical core)
 DEFAULT_IMAGE_TOP_K = 5
+# A request whose largest pass needed more activation memory than this gives the CPU arena's
+# free memory back when it ends; smaller ones leave it for the next request (faster passes).
+DEFAULT_ARENA_KEEP_BYTES = 256 * 1024 * 1024
+DEFAULT_PRECISION = "fp32"  # exact; "tf32" and "fp16" trade exactness for speed
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,8 @@ class EngineConfig:
     # TF32 convolutions on Ampere+ GPUs: faster, but maps then differ from the CPU's by about
     # 3e-4 of the logit range (measured on an H200, README "GPU"), so exactness wins by default.
     tf32: bool = False
+    precision: str = DEFAULT_PRECISION  # for requests that do not choose one
+    arena_keep_bytes: int = DEFAULT_ARENA_KEEP_BYTES
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,7 @@ class ScoreOptions:
     - ``argmax``: also return the per-cell label map.
     - ``include_map``: return the score map itself (False: only top-k/argmax/image scores).
     - ``image_top_k``: how many image-level classes to report.
+    - ``precision``: "fp32" (exact), "tf32" or "fp16"; None uses the model's default.
     """
 
     output_stride: int | None = None
@@ -51,3 +58,4 @@ class ScoreOptions:
     argmax: bool = False
     include_map: bool = True
     image_top_k: int = DEFAULT_IMAGE_TOP_K
+    precision: str | None = None

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.engine.options import ScoreOptions
-from service.engine.result import MapGeometry, ScaleMap
 from service.errors import InvalidImage, InvalidOption, ModelLoadError
 
 DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -94,9 +93,10 @@ def plan_outputs(options: ScoreOptions, *, num_classes: int, output_kind: str) -
     )
 
 
-def check_finite(raw: np.ndarray, *, model: str, from_floats: bool, scale: float) -> None:
-    """Refuse a raw map holding NaN/Inf: the float input overflowed, or the model is broken."""
-    if np.isfinite(raw).all():
+def check_finite(nonfinite: int, *, model: str, from_floats: bool, scale: float) -> None:
+    """Refuse a raw map holding NaN/Inf (``nonfinite`` values): the float input overflowed,
+    or the model is broken."""
+    if not nonfinite:
         return
     if from_floats:
         raise InvalidImage(
@@ -115,45 +115,6 @@ def softmax(scores: np.ndarray) -> np.ndarray:
     shifted = scores - scores.max(axis=0, keepdims=True)
     exp = np.exp(shifted, dtype=np.float32)
     return exp / exp.sum(axis=0, keepdims=True)
-
-
-def _top_k_order(values: np.ndarray, k: int) -> np.ndarray:
-    """Indices [k, n_h, n_w] of the k largest values along axis 0, best first."""
-    negated = -values.astype(np.float32)
-    if k < negated.shape[0]:
-        candidates = np.argpartition(negated, k - 1, axis=0)[:k]
-    else:
-        candidates = np.broadcast_to(
-            np.arange(negated.shape[0])[:, None, None], negated.shape
-        ).copy()
-    ranks = np.argsort(np.take_along_axis(negated, candidates, axis=0), axis=0, kind="stable")
-    return np.take_along_axis(candidates, ranks, axis=0)
-
-
-def build_scale_map(
-    raw: np.ndarray, plan: OutputPlan, geometry: MapGeometry
-) -> tuple[ScaleMap, np.ndarray]:
-    """The ScaleMap for one raw map and this scale's mean cell probabilities (float64)."""
-    probabilities = raw if plan.model_gives_probabilities else softmax(raw)
-    image_scores = probabilities.mean(axis=(1, 2), dtype=np.float64)
-    values = probabilities if plan.probabilities else raw
-    if plan.classes is not None:
-        values = values[list(plan.classes)]
-    with np.errstate(over="ignore"):  # float16: logits beyond +-65504 become +-inf
-        values = values.astype(plan.dtype, copy=False)
-    index_map = np.asarray(plan.classes if plan.classes is not None else [], dtype=np.int32)
-    cells = (int(raw.shape[1]), int(raw.shape[2]))
-    result = ScaleMap(geometry=geometry, classes=plan.classes, cells=cells)
-    if plan.include_map:
-        result.scores = values
-    if plan.top_k:
-        order = _top_k_order(values, plan.top_k)
-        result.top_k_scores = np.take_along_axis(values, order, axis=0)
-        result.top_k_indices = (index_map[order] if plan.classes else order).astype(np.int32)
-    if plan.argmax:
-        best = np.argmax(values, axis=0)
-        result.argmax = (index_map[best] if plan.classes else best).astype(np.int32)
-    return result, image_scores
 
 
 def rank_image_scores(image_scores: np.ndarray, plan: OutputPlan) -> list[tuple[int, float]]:

@@ -14,8 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
-
+from service.engine.assembly import Placement, PostprocessCall
 from service.engine.dense import DenseNet, Grid, PixelSource, check_cancel
 from service.errors import ImageTooLarge
 
@@ -84,12 +83,23 @@ def run_region(
     budget: int,
     tiling: bool,
     cancel: Callable[[], bool] | None,
-) -> np.ndarray:
-    """The net's map of the source region, in one pass or in exact tiles within ``budget``."""
+    post: PostprocessCall,
+    place: Placement,
+    precision: str = "fp32",
+) -> None:
+    """The net's map of the source region, in one pass or in exact tiles within ``budget``.
+
+    Each pass's outputs go to ``place(parts, rows, cols)``, rows and columns being the
+    region's own cell indices.
+    """
+    n_h, n_w = net.grid.cells(height, width)
     need = net.estimate_bytes(height, width)
     if need <= budget:
         check_cancel(cancel, "before a pass")
-        return net.run(source.region(top, left, height, width))
+        region = (top, left, height, width)
+        parts = net.run_pass(source, region, (0, 0, n_h, n_w), post, precision=precision)
+        place(parts, range(n_h), range(n_w))
+        return
     if not tiling:
         raise ImageTooLarge(
             f"a {height}x{width} pass needs about {need} bytes of activations, over the "
@@ -99,21 +109,12 @@ def run_region(
     rows, cols = plan_tiles(
         net.grid, height, width, fits=lambda h, w: net.estimate_bytes(h, w) <= budget
     )
-    n_h, n_w = net.grid.cells(height, width)
-    stitched: np.ndarray | None = None
     for row in rows:
         for col in cols:
             check_cancel(cancel, f"before tile at ({row.start}, {col.start})")
-            tile_chw = source.region(
-                top + row.start, left + col.start, row.end - row.start, col.end - col.start
-            )
-            tile_map = net.run(tile_chw)
-            if stitched is None:
-                stitched = np.empty((tile_map.shape[0], n_h, n_w), dtype=tile_map.dtype)
+            region = (top + row.start, left + col.start, row.end - row.start, col.end - col.start)
             skip_h = row.first - row.start // net.grid.stride[0]
             skip_w = col.first - col.start // net.grid.stride[1]
-            stitched[:, row.first : row.stop, col.first : col.stop] = tile_map[
-                :, skip_h : skip_h + row.stop - row.first, skip_w : skip_w + col.stop - col.first
-            ]
-    assert stitched is not None
-    return stitched
+            cells = (skip_h, skip_w, skip_h + row.stop - row.first, skip_w + col.stop - col.first)
+            parts = net.run_pass(source, region, cells, post, precision=precision)
+            place(parts, range(row.first, row.stop), range(col.first, col.stop))

@@ -1,0 +1,113 @@
+"""Assembling one scale's outputs from its passes and tiles, which the device computed.
+
+Each pass (or tile) returns, for the cells it keeps, only what the caller asked for: map
+values, per-cell top-k and argmax, plus the per-class sum of cell probabilities and a count
+of non-finite raw values. :class:`MapAssembly` writes them where the cells belong in the
+final map (``Placement``: rows and columns as ranges, stepped for shift-and-stitch) and
+turns the whole into a :class:`~service.engine.result.ScaleMap`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnxruntime as ort
+
+from service.contract import Pair
+from service.engine import graphs
+from service.engine.postprocess import OutputPlan
+from service.engine.result import MapGeometry, ScaleMap
+from service.engine.runtime import Runtime
+from service.errors import ModelLoadError
+
+Placement = Callable[[dict[str, np.ndarray], range, range], None]
+
+
+class PostprocessCall:
+    """One request's postprocess graph inputs and the outputs it fetches."""
+
+    def __init__(self, plan: OutputPlan) -> None:
+        self.plan = plan
+        outputs = [graphs.PROB_SUM, graphs.NONFINITE]
+        if plan.include_map:
+            outputs.append(graphs.MAP)
+        if plan.top_k:
+            outputs += [graphs.TOP_VALUES, graphs.TOP_INDICES]
+        if plan.argmax:
+            outputs.append(graphs.ARGMAX)
+        self.outputs = tuple(outputs)
+        self._host = {graphs.K: np.array([max(1, plan.top_k)], np.int64)}
+        if plan.classes is not None:
+            self._host[graphs.CLASSES] = np.array(plan.classes, np.int64)
+
+    def run(
+        self, runtime: Runtime, raw: ort.OrtValue, cells: tuple[int, int, int, int], *, raw_dtype
+    ) -> dict[str, np.ndarray]:
+        """The outputs for cells [r0, r1) x [c0, c1) of the raw map ``raw`` [1, C, h, w]."""
+        spec = graphs.PostprocessSpec(
+            raw_dtype=raw_dtype,
+            model_gives_probabilities=self.plan.model_gives_probabilities,
+            return_probabilities=self.plan.probabilities,
+            select_classes=self.plan.classes is not None,
+            out_dtype=np.dtype(self.plan.dtype).name,
+        )
+        host = dict(self._host)
+        host[graphs.STARTS] = np.array(cells[:2], np.int64)
+        host[graphs.ENDS] = np.array(cells[2:], np.int64)
+        session = runtime.postprocess_session(spec)
+        return runtime.run_to_host(session, {graphs.RAW: raw}, host, self.outputs)
+
+
+class MapAssembly:
+    """The arrays of one scale's map, filled pass by pass."""
+
+    def __init__(self, plan: OutputPlan, *, cells: Pair, num_classes: int) -> None:
+        n_h, n_w = cells
+        selected = num_classes if plan.classes is None else len(plan.classes)
+        self.plan = plan
+        self.cells = (int(n_h), int(n_w))
+        self.arrays: dict[str, np.ndarray] = {}
+        if plan.include_map:
+            self.arrays[graphs.MAP] = np.empty((selected, n_h, n_w), plan.dtype)
+        if plan.top_k:
+            self.arrays[graphs.TOP_VALUES] = np.empty((plan.top_k, n_h, n_w), plan.dtype)
+            self.arrays[graphs.TOP_INDICES] = np.empty((plan.top_k, n_h, n_w), np.int32)
+        if plan.argmax:
+            self.arrays[graphs.ARGMAX] = np.empty((n_h, n_w), np.int32)
+        self.probability_sum = np.zeros(num_classes, np.float64)
+        self.nonfinite = 0
+        self.filled = 0
+
+    def place(self, parts: dict[str, np.ndarray], rows: range, cols: range) -> None:
+        """Write one pass's outputs at map rows ``rows`` and columns ``cols``."""
+        where = (slice(rows.start, rows.stop, rows.step), slice(cols.start, cols.stop, cols.step))
+        for name, target in self.arrays.items():
+            part = parts[name]
+            if name == graphs.TOP_VALUES or name == graphs.TOP_INDICES:
+                part = part[: self.plan.top_k]
+            view = target[(..., *where)]
+            if view.shape != part.shape:
+                raise ModelLoadError(
+                    f"a pass gave {part.shape} values for {view.shape} map positions: the "
+                    "metadata geometry is wrong; reconvert the model"
+                )
+            view[...] = part
+        self.probability_sum += parts[graphs.PROB_SUM]
+        self.nonfinite += int(parts[graphs.NONFINITE])
+        self.filled += len(rows) * len(cols)
+
+    def scale_map(self, geometry: MapGeometry) -> tuple[ScaleMap, np.ndarray]:
+        """The ScaleMap and this scale's mean cell probabilities (float64)."""
+        count = self.cells[0] * self.cells[1]
+        if self.filled != count:
+            raise ModelLoadError(
+                f"the passes filled {self.filled} of {count} cells: the metadata geometry "
+                "is wrong; reconvert the model"
+            )
+        result = ScaleMap(geometry=geometry, classes=self.plan.classes, cells=self.cells)
+        result.scores = self.arrays.get(graphs.MAP)
+        result.top_k_scores = self.arrays.get(graphs.TOP_VALUES)
+        result.top_k_indices = self.arrays.get(graphs.TOP_INDICES)
+        result.argmax = self.arrays.get(graphs.ARGMAX)
+        return result, self.probability_sum / count

@@ -1,0 +1,93 @@
+"""Arithmetic precision of a pass: exact fp32 by default, faster tf32 and fp16 on request.
+
+- ``fp32``: IEEE float32 everywhere (TF32 off on CUDA): the exact path, the default.
+- ``tf32``: the CUDA EP's TF32 convolutions/matmuls (10-bit mantissa products, float32
+  storage). On CPU there is no TF32: the pass runs in fp32.
+- ``fp16``: a half-precision copy of the model, made at first use with onnxruntime's
+  ``float16`` converter (fp16 input and output: no casts at the edges; the preprocess graph
+  casts the normalised image, the postprocess graph computes softmax and top-k in fp32),
+  run with ``prefer_nhwc`` on CUDA (tensor cores; falls back to NCHW when cuDNN refuses).
+- ``bf16``: refused with the reason: onnxruntime's CPU and CUDA execution providers have no
+  bfloat16 convolution kernel.
+
+Deviations from fp32 are measured, not assumed: ``tests/bench/gpu_check.py`` and
+``Engine.compare_precision`` report max deviation and argmax agreement per model.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+
+from service.engine.options import EngineConfig
+from service.engine.session import create_session, open_model_bytes
+from service.errors import InvalidOption, ModelLoadError
+
+PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
+DEFAULT_PRECISION = "fp32"
+ALIASES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "half": "fp16"}
+_PROTOBUF_LIMIT = 2**31 - 1
+
+
+def check_precision(value) -> str:
+    """The canonical precision name, or InvalidOption naming the choices."""
+    name = ALIASES.get(value, value) if isinstance(value, str) else None
+    if name not in PRECISIONS:
+        raise InvalidOption(f"precision must be one of {PRECISIONS}, got {value!r}")
+    if name == "bf16":
+        raise InvalidOption(
+            "precision 'bf16' is not available: onnxruntime's CPU and CUDA execution "
+            "providers have no bfloat16 convolution kernel; use 'fp16' (same tensor cores, "
+            "its deviation from fp32 is reported by gpu_check) or 'tf32'"
+        )
+    return name
+
+
+def to_float16(path: Path) -> bytes:
+    """The model at ``path`` with float16 weights, input and output, serialised."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(path))  # with external weights, if any
+    half = convert_float_to_float16(model, keep_io_types=False, disable_shape_infer=True)
+    if half.ByteSize() > _PROTOBUF_LIMIT:
+        raise ModelLoadError(
+            f"{path.name}: its float16 copy is over protobuf's 2 GiB limit: use fp32 or tf32"
+        )
+    return half.SerializeToString()
+
+
+class PrecisionSessions:
+    """The non-fp32 sessions of one net, created at first use and kept."""
+
+    def __init__(self, path: Path, config: EngineConfig, *, on_cuda: bool) -> None:
+        self._path = path
+        self._config = config
+        self._on_cuda = on_cuda
+        self._sessions: dict[str, tuple[ort.InferenceSession, str]] = {}
+        self._lock = threading.Lock()
+
+    def session_for(self, precision: str, fp32: ort.InferenceSession):
+        """(session, element type) at ``precision``; ``fp32`` is the net's exact session."""
+        if precision == "fp32" or (precision == "tf32" and not self._on_cuda):
+            return fp32, "float32"
+        with self._lock:
+            if precision not in self._sessions:
+                self._sessions[precision] = self._open(precision)
+            return self._sessions[precision]
+
+    def _open(self, precision: str) -> tuple[ort.InferenceSession, str]:
+        if precision == "tf32":
+            config = EngineConfig(**{**self._config.__dict__, "tf32": True, "device": "cuda"})
+            return create_session(self._path, config), "float32"
+        if precision == "fp16":
+            try:
+                model = to_float16(self._path)
+            except ModelLoadError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the converter raises many types
+                raise ModelLoadError(f"{self._path.name}: no float16 copy: {exc}") from None
+            return open_model_bytes(model, self._config, cuda=self._on_cuda, nhwc=True), "float16"
+        raise InvalidOption(f"precision {precision!r} is not available")
