@@ -27,7 +27,7 @@ from service._proto.densemap.v1 import densemap_pb2 as pb
 from service._proto.densemap.v1 import densemap_pb2_grpc as pb_grpc
 from service.contract import Geometry, Preprocessing
 from service.engine.options import ScoreOptions
-from service.engine.result import ScoreMap
+from service.engine.result import PrecisionReport, ScoreMap
 from service.errors import DensemapError, InvalidOption
 from service.server.codec import image_to_proto, options_to_proto, result_from_response
 from service.server.config import DEFAULT_MAX_MESSAGE_BYTES
@@ -59,6 +59,9 @@ class RemoteModel:
     providers: tuple[str, ...]
     source: str
     contract_version: int
+    default_precision: str = "fp32"
+    precisions: tuple[str, ...] = ("fp32",)
+    precision_report: tuple[PrecisionReport, ...] = ()
 
 
 def _pair(pair: pb.Pair) -> tuple[int, int]:
@@ -88,6 +91,19 @@ def _model_from_proto(info: pb.ModelInfo) -> RemoteModel:
         providers=tuple(info.providers),
         source=info.source,
         contract_version=info.contract_version,
+        default_precision=info.default_precision or "fp32",
+        precisions=tuple(info.precisions) or ("fp32",),
+        precision_report=tuple(
+            PrecisionReport(
+                precision=r.precision,
+                max_probability_deviation=r.max_probability_deviation,
+                max_logit_deviation=r.max_logit_deviation,
+                argmax_agreement=r.argmax_agreement,
+                cells=r.cells,
+                image=r.image,
+            )
+            for r in info.precision_report
+        ),
     )
 
 
@@ -203,7 +219,7 @@ class DensemapClient:
 
         ``options`` are :class:`~service.engine.options.ScoreOptions` fields
         (output_stride, scales, probabilities, dtype, top_k, classes, argmax,
-        include_map, image_top_k). ``timings`` of the result are server-side seconds.
+        include_map, image_top_k, precision). ``timings`` of the result are server-side seconds.
         """
         request = self._request(image, model, options)
         labels = self._model_labels(model)  # cached; fetched first, while the server answers

@@ -10,6 +10,7 @@ import os
 import re
 import sys
 
+from service.engine.options import AVAILABLE_PRECISIONS
 from service.errors import InvalidOption
 
 _SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -36,6 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opts.add_argument("--logits", action="store_true", help="raw logits instead of probabilities")
     opts.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="map dtype")
     opts.add_argument("--top-k", type=int, default=0, metavar="K", help="per-cell top-k classes")
+    opts.add_argument(
+        "--precision",
+        choices=AVAILABLE_PRECISIONS,
+        default=None,
+        help="fp32 (exact), tf32 or fp16 (faster on GPUs; default: the model's own, fp32)",
+    )
     opts.add_argument(
         "--memory-budget",
         metavar="BYTES",
@@ -124,6 +131,7 @@ def build_request(args: argparse.Namespace):
         probabilities=not args.logits,
         dtype="float16" if args.dtype == "fp16" else "float32",
         top_k=args.top_k,
+        precision=args.precision,
     )
     ray = None
     if args.ray is not None:

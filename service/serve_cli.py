@@ -18,7 +18,12 @@ import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
-from service.engine.options import DEFAULT_MAX_PIXELS, DEFAULT_MEMORY_BUDGET, EngineConfig
+from service.engine.options import (
+    AVAILABLE_PRECISIONS,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MEMORY_BUDGET,
+    EngineConfig,
+)
 from service.server import config as defaults
 
 log = logging.getLogger("densemap.server")
@@ -152,9 +157,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add(
         parser,
         "--memory-budget-mb",
-        default=DEFAULT_MEMORY_BUDGET // MIB,
+        default=None,
         type=int,
+        shown=f"{DEFAULT_MEMORY_BUDGET // MIB} on CPU, half the free GPU memory on CUDA",
         help="activation memory per pass before the engine tiles, MiB",
+    )
+    _add(
+        parser,
+        "--precision",
+        default="fp32",
+        choices=AVAILABLE_PRECISIONS,
+        help="default precision of requests that choose none (a model's densemap.json and "
+        "each request may choose another): fp32 is exact, tf32 and fp16 are faster on GPUs",
     )
     parser.add_argument(
         "--no-tiling",
@@ -167,8 +181,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tf32",
         action="store_true",
         default=_env_bool("--tf32"),
-        help="allow TF32 convolutions on the GPU: faster, but maps differ from CPU maps by "
-        f"~3e-4 of the logit range (env {_env_name('--tf32')}=1; default off)",
+        help="same as --precision tf32: TF32 convolutions on the GPU, faster, but maps differ "
+        f"from CPU maps by ~3e-4 of the logit range (env {_env_name('--tf32')}=1; default off)",
     )
     parser.add_argument(
         "--log-json",
@@ -233,9 +247,9 @@ def build_config(args: argparse.Namespace):
             device=args.device,
             intra_op_threads=args.threads,
             max_pixels=args.max_pixels,
-            memory_budget=args.memory_budget_mb * MIB,
+            memory_budget=None if args.memory_budget_mb is None else args.memory_budget_mb * MIB,
             tiling=not args.no_tiling,
-            tf32=args.tf32,
+            precision="tf32" if args.tf32 else args.precision,
         ),
     )
 

@@ -173,6 +173,7 @@ def test_every_flag_has_an_env_twin(monkeypatch, tmp_path):
         "DENSEMAP_MEMORY_BUDGET_MB": "32",
         "DENSEMAP_NO_TILING": "1",
         "DENSEMAP_TF32": "1",
+        "DENSEMAP_PRECISION": "fp16",
         "DENSEMAP_LOG_JSON": "true",
         "DENSEMAP_LOG_LEVEL": "debug",
         "DENSEMAP_TLS_CERT": str(tmp_path / "c.pem"),
@@ -191,7 +192,8 @@ def test_every_flag_has_an_env_twin(monkeypatch, tmp_path):
     assert config.auth_token == "t0ken" and config.tls_key == tmp_path / "k.pem"
     engine = config.engine
     assert (engine.device, engine.intra_op_threads, engine.max_pixels) == ("cpu", 1, 1000000)
-    assert engine.memory_budget == 32 << 20 and engine.tiling is False and engine.tf32 is True
+    assert engine.memory_budget == 32 << 20 and engine.tiling is False
+    assert engine.precision == "tf32"  # --tf32 is the older spelling of --precision tf32
     assert args.log_json is True and args.log_level == "debug"
     # the command line wins over the environment
     args = build_parser().parse_args(["serve", "--port", "7000", "--max-queue", "1"])

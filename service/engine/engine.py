@@ -14,6 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +23,12 @@ from service.contract import ModelMetadata, Pair
 from service.engine import image_input
 from service.engine.assembly import MapAssembly, Placement, PostprocessCall
 from service.engine.dense import PixelSource, check_cancel, shift_and_stitch
+from service.engine.device_memory import resolve_memory_budget
 from service.engine.loading import load_nets
-from service.engine.options import EngineConfig, ScoreOptions
+from service.engine.options import DEFAULT_CUDA_REPORT_PRECISIONS, EngineConfig, ScoreOptions
 from service.engine.postprocess import check_finite, plan_outputs, rank_image_scores
-from service.engine.precision import check_precision
-from service.engine.result import MapGeometry, ScoreMap
+from service.engine.precision import AVAILABLE, check_precision, compare_maps
+from service.engine.result import MapGeometry, PrecisionReport, ScoreMap
 from service.engine.runtime import Runtime
 from service.engine.tiling import plan_tiles, run_region
 from service.errors import (
@@ -68,10 +70,17 @@ class Engine:
         self._nets = loaded.nets  # main net first, then à-trous variants
         self._providers = loaded.providers
         self._runtime = Runtime(providers=loaded.providers, config=config)
+        self._memory_budget = resolve_memory_budget(config, on_cuda=self._runtime.on_cuda)
         try:
             self._default_precision = check_precision(config.precision)
+            for precision in config.report_precisions or ():
+                check_precision(precision)
         except InvalidOption as exc:
-            raise ModelLoadError(f"EngineConfig.precision: {exc}") from None
+            raise ModelLoadError(f"EngineConfig: {exc}") from None
+        self._precision_report: tuple[PrecisionReport, ...] = ()
+        if config.warmup:
+            self._warm_up_shapes(config.warmup_shapes)
+            self._precision_report = self._measure_precisions()
 
     # -- properties ----------------------------------------------------------------------
     @property
@@ -108,6 +117,54 @@ class Engine:
     def atrous_strides(self) -> tuple[int, ...]:
         """Output strides served in one pass by an à-trous variant."""
         return tuple(v.stride[0] for v in self._metadata.variants if v.stride[0] == v.stride[1])
+
+    @property
+    def memory_budget(self) -> int:
+        """Activation bytes one pass may use before the engine tiles (chosen for the device
+        unless EngineConfig.memory_budget is set); admission control uses the same figure."""
+        return self._memory_budget
+
+    @property
+    def default_precision(self) -> str:
+        """The precision of requests that do not choose one (EngineConfig.precision)."""
+        return self._default_precision
+
+    @property
+    def precisions(self) -> tuple[str, ...]:
+        """Precisions a request may ask for ("tf32" runs as fp32 on CPU)."""
+        return AVAILABLE
+
+    @property
+    def precision_report(self) -> tuple[PrecisionReport, ...]:
+        """Deviation from fp32 of each precision in EngineConfig.report_precisions,
+        measured at load (warm-up) on a noise image; empty without warm-up."""
+        return self._precision_report
+
+    def compare_precision(
+        self, image: bytes | np.ndarray, precision: str, *, output_stride: int | None = None
+    ) -> PrecisionReport:
+        """Score ``image`` in fp32 and in ``precision``; report how far they are apart."""
+        options = ScoreOptions(
+            output_stride=output_stride, probabilities=False, image_top_k=0, precision="fp32"
+        )
+        exact = self.score(image, options).maps[0].scores
+        other = self.score(image, replace(options, precision=precision)).maps[0].scores
+        what = "image bytes" if isinstance(image, (bytes, bytearray)) else "array"
+        return compare_maps(check_precision(precision), exact, other, image=what)
+
+    def _measure_precisions(self) -> tuple[PrecisionReport, ...]:
+        window, stride = self._metadata.geometry.window, self._metadata.geometry.stride
+        size = (2 * window[0] + 3 * stride[0], 2 * window[1] + 3 * stride[1])
+        channels = self._metadata.preprocessing.channels
+        noise = np.random.default_rng(0).integers(0, 256, (*size, channels), dtype=np.uint8)
+        reports = []
+        chosen = self._config.report_precisions
+        if chosen is None:
+            chosen = DEFAULT_CUDA_REPORT_PRECISIONS if self._runtime.on_cuda else ()
+        for precision in chosen:
+            report = self.compare_precision(noise, precision)
+            reports.append(replace(report, image=f"uniform noise {size[0]}x{size[1]}"))
+        return tuple(reports)
 
     # -- public helpers ------------------------------------------------------------------
     def decode(self, data: bytes) -> np.ndarray:
@@ -217,6 +274,14 @@ class Engine:
         )
 
     # -- internals -----------------------------------------------------------------------
+    def _warm_up_shapes(self, shapes) -> None:
+        """Score a blank image of each configured shape, so that their first real request
+        finds the device's per-shape state (cuDNN algorithms, buffers) ready."""
+        channels = self._metadata.preprocessing.channels
+        for height, width in shapes:
+            blank = np.zeros((int(height), int(width), channels), dtype=np.uint8)
+            self.score(blank, ScoreOptions(image_top_k=0, include_map=False, top_k=1))
+
     def _plan_stride(self, output_stride: int | None):
         """(net, (k_h, k_w)): the net to run and the shift-and-stitch factor per axis."""
         if output_stride is None:
@@ -292,7 +357,7 @@ class Engine:
                 f"the image is {size[0]}x{size[1]} pixels{at}, over the limit of "
                 f"{self._config.max_pixels} pixels: use a smaller scale or image"
             )
-        budget = self._config.memory_budget
+        budget = self._memory_budget
         need = net.estimate_bytes(*size)
         if need > budget:
             if not self._config.tiling:
@@ -305,7 +370,7 @@ class Engine:
 
     @property
     def _budget(self) -> int:
-        return self._config.memory_budget
+        return self._memory_budget
 
     @staticmethod
     def _cells(net, factor: Pair, size: Pair) -> Pair:

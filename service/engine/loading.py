@@ -53,6 +53,8 @@ def read_metadata(proto: onnx.ModelProto) -> ModelMetadata:
 def _check_config(config: EngineConfig) -> None:
     for name in ("max_pixels", "memory_budget"):
         value = getattr(config, name)
+        if name == "memory_budget" and value is None:
+            continue  # chosen for the device (device_memory.py)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ModelLoadError(f"EngineConfig.{name} must be a positive int, got {value!r}")
 

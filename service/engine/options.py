@@ -11,7 +11,10 @@ DEFAULT_IMAGE_TOP_K = 5
 # A request whose largest pass needed more activation memory than this gives the CPU arena's
 # free memory back when it ends; smaller ones leave it for the next request (faster passes).
 DEFAULT_ARENA_KEEP_BYTES = 256 * 1024 * 1024
+PRECISIONS = ("fp32", "tf32", "fp16", "bf16")  # bf16 is named only to be refused with why
+AVAILABLE_PRECISIONS = ("fp32", "tf32", "fp16")
 DEFAULT_PRECISION = "fp32"  # exact; "tf32" and "fp16" trade exactness for speed
+DEFAULT_CUDA_REPORT_PRECISIONS = ("fp16",)
 
 
 @dataclass(frozen=True)
@@ -21,7 +24,9 @@ class EngineConfig:
     device: str = "auto"  # "auto" (CUDA when it really loads, else CPU), "cpu" or "cuda"
     intra_op_threads: int = DEFAULT_INTRA_OP_THREADS
     max_pixels: int = DEFAULT_MAX_PIXELS
-    memory_budget: int = DEFAULT_MEMORY_BUDGET
+    # activation bytes per pass before tiling; None: 1 GiB on CPU, half the free GPU memory
+    # on CUDA (service/engine/device_memory.py)
+    memory_budget: int | None = None
     tiling: bool = True  # False: an image over the budget is refused (ImageTooLarge)
     warmup: bool = True
     spin_wait: bool = True  # False: idle onnxruntime threads yield their core (batch decoding)
@@ -29,6 +34,11 @@ class EngineConfig:
     # 3e-4 of the logit range (measured on an H200, README "GPU"), so exactness wins by default.
     tf32: bool = False
     precision: str = DEFAULT_PRECISION  # for requests that do not choose one
+    # measured against fp32 at load (with warm-up), reported by GetModel; None: fp16 on
+    # CUDA, none on CPU (where fp16 is rarely worth its load time)
+    report_precisions: tuple[str, ...] | None = None
+    # image shapes (height, width) scored once at load, so their first request is not slow
+    warmup_shapes: tuple[tuple[int, int], ...] = ()
     arena_keep_bytes: int = DEFAULT_ARENA_KEEP_BYTES
 
 

@@ -19,15 +19,16 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 
-from service.engine.options import EngineConfig
+from service.engine.options import AVAILABLE_PRECISIONS, PRECISIONS, EngineConfig
+from service.engine.result import PrecisionReport
 from service.engine.session import create_session, open_model_bytes
 from service.errors import InvalidOption, ModelLoadError
 
-PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
-DEFAULT_PRECISION = "fp32"
+AVAILABLE = AVAILABLE_PRECISIONS  # bf16: see check_precision
 ALIASES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "half": "fp16"}
 _PROTOBUF_LIMIT = 2**31 - 1
 
@@ -91,3 +92,23 @@ class PrecisionSessions:
                 raise ModelLoadError(f"{self._path.name}: no float16 copy: {exc}") from None
             return open_model_bytes(model, self._config, cuda=self._on_cuda, nhwc=True), "float16"
         raise InvalidOption(f"precision {precision!r} is not available")
+
+
+def compare_maps(
+    precision: str, exact_logits: np.ndarray, logits: np.ndarray, *, image: str
+) -> PrecisionReport:
+    """The report for ``logits`` against ``exact_logits`` (both [C, n_h, n_w])."""
+    from service.engine.postprocess import softmax  # the engine's numpy softmax
+
+    exact_logits = exact_logits.astype(np.float32)
+    logits = logits.astype(np.float32)
+    spread = float(exact_logits.max() - exact_logits.min()) or 1.0
+    agree = exact_logits.argmax(axis=0) == logits.argmax(axis=0)
+    return PrecisionReport(
+        precision=precision,
+        max_probability_deviation=float(np.abs(softmax(logits) - softmax(exact_logits)).max()),
+        max_logit_deviation=float(np.abs(logits - exact_logits).max()) / spread,
+        argmax_agreement=float(agree.mean()),
+        cells=int(agree.size),
+        image=image,
+    )

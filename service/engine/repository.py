@@ -1,7 +1,8 @@
 """The model repository: one folder per model, ``root/<name>/model.onnx``.
 
-A folder may also hold the à-trous variant files its metadata names and ``labels.txt``
-(one label per line; it overrides the metadata labels). Names are looked up in the
+A folder may also hold the à-trous variant files its metadata names, ``labels.txt``
+(one label per line; it overrides the metadata labels) and ``densemap.json`` (per-model
+settings: default precision, warm-up shapes; see :mod:`service.engine.model_settings`). Names are looked up in the
 scanned index only, never joined into paths. :meth:`ModelRepository.reload` rescans: new
 or changed folders (any file's size or mtime) are loaded, removed ones dropped, and a model
 that fails to load is logged and recorded in :attr:`ModelRepository.errors`; it NEVER
@@ -19,6 +20,7 @@ from pathlib import Path
 import service
 from service.contract import parse_labels
 from service.engine.engine import Engine
+from service.engine.model_settings import apply_model_settings
 from service.engine.options import EngineConfig
 from service.errors import DensemapError, ModelLoadError, ModelNotFound
 
@@ -116,7 +118,8 @@ class ModelRepository:
 
     def _load(self, name: str, folder: Path) -> Engine:
         labels = read_labels(folder / LABELS_FILE)
-        return Engine(folder / MODEL_FILE, config=self.config, name=name, labels=labels)
+        config = apply_model_settings(folder, self.config)
+        return Engine(folder / MODEL_FILE, config=config, name=name, labels=labels)
 
     def reload(self) -> ReloadReport:
         """Rescan the root folder; see the module docstring for the rules."""

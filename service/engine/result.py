@@ -68,3 +68,15 @@ class ScoreMap:
     labels: tuple[str, ...] = ()
     image_size: tuple[int, int] = (0, 0)  # (h, w) of the original image
     timings: dict[str, float] = field(default_factory=dict)  # seconds: decode, infer, ...
+
+
+@dataclass(frozen=True)
+class PrecisionReport:
+    """How far one precision's map is from the exact fp32 map, on one image."""
+
+    precision: str
+    max_probability_deviation: float  # max |p - p_fp32| over cells and classes
+    max_logit_deviation: float  # max |z - z_fp32| / (max z_fp32 - min z_fp32)
+    argmax_agreement: float  # share of cells whose top class is the fp32 one
+    cells: int
+    image: str  # what it was measured on

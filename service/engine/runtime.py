@@ -25,6 +25,11 @@ from service.engine import graphs
 from service.engine.options import EngineConfig
 from service.engine.session import CUDA, open_aux_session, release_arena_options
 
+# The small graphs depend only on their spec and the device: one session per process, shared
+# by every engine (a repository of many models, reloads) instead of one per engine.
+_SESSIONS: dict[object, ort.InferenceSession] = {}
+_SESSIONS_LOCK = threading.Lock()
+
 
 class Runtime:
     """Uploads, the preprocess/postprocess graphs, and the run calls of one engine."""
@@ -33,16 +38,16 @@ class Runtime:
         self.on_cuda = CUDA in providers
         self.device_type = "cuda" if self.on_cuda else "cpu"
         self._config = config
-        self._sessions: dict[object, ort.InferenceSession] = {}
-        self._lock = threading.Lock()
+        self._session_key = (self.on_cuda, config.intra_op_threads, config.spin_wait)
 
     # -- graphs ----------------------------------------------------------------------------
     def _session(self, key, build) -> ort.InferenceSession:
-        with self._lock:
-            session = self._sessions.get(key)
+        key = (*self._session_key, key)
+        with _SESSIONS_LOCK:
+            session = _SESSIONS.get(key)
             if session is None:
                 session = open_aux_session(build(), self._config, cuda=self.on_cuda)
-                self._sessions[key] = session
+                _SESSIONS[key] = session
             return session
 
     def preprocess_session(

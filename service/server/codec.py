@@ -125,6 +125,7 @@ def options_to_proto(options: ScoreOptions, out: pb.ScoreOptions) -> None:
     out.argmax = options.argmax
     out.omit_map = not options.include_map
     out.image_top_k = options.image_top_k
+    out.precision = options.precision or ""
 
 
 def options_from_proto(options: pb.ScoreOptions) -> ScoreOptions:
@@ -162,6 +163,7 @@ def options_from_proto(options: pb.ScoreOptions) -> ScoreOptions:
         argmax=options.argmax,
         include_map=not options.omit_map,
         image_top_k=image_top_k,
+        precision=options.precision or None,
     )
 
 

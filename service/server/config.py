@@ -37,7 +37,7 @@ def _engine_problems(engine: EngineConfig) -> list[str]:
     if engine.device not in ENGINE_DEVICES:
         problems.append(f"device must be one of {ENGINE_DEVICES} (got {engine.device!r})")
     for name in ("max_pixels", "memory_budget"):
-        if getattr(engine, name) < 1:
+        if getattr(engine, name) is not None and getattr(engine, name) < 1:
             problems.append(f"{name} must be >= 1 (got {getattr(engine, name)})")
     if engine.intra_op_threads < 0:
         problems.append(f"threads must be >= 0, 0 = auto (got {engine.intra_op_threads})")

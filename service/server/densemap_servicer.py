@@ -45,6 +45,17 @@ def fill_model_info(out: pb.ModelInfo, engine, *, name: str, with_labels: bool) 
     out.providers[:] = list(engine.providers)
     out.source = metadata.source
     out.contract_version = metadata.version
+    out.default_precision = engine.default_precision
+    out.precisions[:] = list(engine.precisions)
+    for report in engine.precision_report:
+        out.precision_report.add(
+            precision=report.precision,
+            max_probability_deviation=report.max_probability_deviation,
+            max_logit_deviation=report.max_logit_deviation,
+            argmax_agreement=report.argmax_agreement,
+            cells=report.cells,
+            image=report.image,
+        )
 
 
 def load_failures(repository) -> list[tuple[str, str]]:

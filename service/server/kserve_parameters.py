@@ -19,6 +19,7 @@ PARAMETERS = {
     "dtype": 'string: "fp32" (default) or "fp16" for score maps',
     "classes": 'string: comma-separated class indices to keep in the map, e.g. "3,7"',
     "image_top_k": f"int: image-level top-k reported (default {DEFAULT_IMAGE_TOP_K})",
+    "precision": 'string: "fp32" (exact), "tf32" or "fp16" (default: the model\'s own)',
 }
 RESERVED = frozenset(
     (
@@ -92,6 +93,8 @@ def options_from_parameters(parameters) -> ScoreOptions:
         if value.lower() not in DTYPES:
             raise InvalidOption(f"parameter 'dtype' must be {PARAMETERS['dtype']}; got {value!r}")
         options["dtype"] = DTYPES[value.lower()]
+    if "precision" in parameters:
+        options["precision"] = _typed("precision", parameters["precision"], ("string_param",))
     if "classes" in parameters:
         options["classes"] = _numbers("classes", parameters["classes"], int, ("int64_param",))
     scales = options.get("scales", (1.0,))

@@ -1,13 +1,17 @@
-"""GPU check, run by hand on a CUDA machine (CI has no GPU): ``python tests/bench/gpu_check.py``.
+"""GPU check, run by hand on a CUDA machine (CI has no GPU): the rows of the GPU-speed issue.
 
-1. CUDA really loads through the engine (``session.get_providers()``), with its options.
-2. GPU maps vs CPU maps on the bundled digits pages at strides 4, 2 and 1, TF32 on and off.
-3. float16 output vs float32 on the GPU.
-4. First request of a new image shape vs the steady state (cuDNN HEURISTIC search).
-5. mini-VGG: dense pass vs batched crops, and à trous vs shift-and-stitch, on the GPU.
+Run from the project root with onnxruntime-gpu and torch (CUDA) importable:
+``BENCH_BUDGET_S=230 python3 tests/bench/gpu_check.py`` (docs/engine.md, "GPU check").
+``GPU_CHECK_CPU=1`` runs the same rows on the CPU with small sizes, to test the script.
 
-Models for 5 come from $DENSEMAP_BENCH_DIR (built by bench_engine_common on a CPU machine).
-The report goes to $OUT/gpu_report.json (or ./gpu_report.json) and stdout.
+Rows, each with its target, in one run (ratios against the torch peer of the same run):
+1. VGG-16 dense 2048², uint8 in, top-5 out: Engine fp32 vs torch fp32 cuDNN (benchmark).
+2. The same, Engine fp16 vs torch fp16 autocast channels_last.
+3. fp16 vs fp32 agreement: VGG-16 (noise image) and the bundled digits pages.
+4. mini-VGG 2048²: Engine vs its own bare onnxruntime pass (float input, host output).
+5. First request of a new shape vs steady, VGG-16 at 1000x1032, 1064x968 and 2048².
+6. ``densemap serve`` (in-process gRPC, localhost) vs ``Engine.score``, 2048² uint8 -> top-5.
+The report goes to $OUT/gpu_report.json (or ./gpu_report.json) and stdout, row by row.
 """
 
 from __future__ import annotations
@@ -15,159 +19,181 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import onnxruntime as ort
-
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tests" / "bench")]
+os.environ.setdefault("DENSEMAP_BENCH_DIR", str(Path(tempfile.gettempdir()) / "densemap-bench"))
+
+import numpy as np  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+import torch  # noqa: E402
+from bench_engine_common import VGG16, dense_model  # noqa: E402
+from dense_models import make_dense_net  # noqa: E402
 
 from service.engine import Engine, EngineConfig, ScoreOptions  # noqa: E402
-from service.engine import session as engine_session  # noqa: E402
 
-BENCH = Path(os.environ.get("DENSEMAP_BENCH_DIR", ROOT / ".gpubench"))
-DIGITS = ROOT / "models" / "digits" / "model.onnx"
-report: dict = {"onnxruntime": ort.__version__}
+CPU = os.environ.get("GPU_CHECK_CPU") == "1"
+DEVICE = "cpu" if CPU else "cuda"
+BIG = 320 if CPU else 2048
+NEW_SHAPES = [(300, 332), (364, 268), (BIG, BIG)] if CPU else [(1000, 1032), (1064, 968)]
+BUDGET_S = float(os.environ.get("BENCH_BUDGET_S", "230"))
+DIGITS = ROOT / "models" / "digits"
+TOP5 = ScoreOptions(top_k=5, include_map=False, image_top_k=0)
+STARTED = time.time()
+report: dict = {"onnxruntime": ort.__version__, "torch": torch.__version__, "rows": []}
 
 
-def timed(function, repeat: int = 5) -> float:
+def row(what: str, **values) -> None:
+    values = {"what": what, **values, "t_s": round(time.time() - STARTED, 1)}
+    report["rows"].append(values)
+    print(json.dumps(values), flush=True)
+    Path(os.environ.get("OUT", "."), "gpu_report.json").write_text(json.dumps(report, indent=1))
+
+
+def best(function, repeat: int = 5) -> float:
     function()
-    best = float("inf")
+    sync = torch.cuda.synchronize if not CPU else (lambda: None)
+    times = []
     for _ in range(repeat):
+        sync()
         start = time.perf_counter()
         function()
-        best = min(best, time.perf_counter() - start)
-    return best
+        sync()
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
-def compare_digits() -> None:
-    pages = [p.read_bytes() for p in sorted((DIGITS.parent / "pages").glob("*.png"))]
-    cpu = Engine(DIGITS, config=EngineConfig(device="cpu"))
-    for flag in ("0", "1"):
-        gpu = Engine(DIGITS, config=EngineConfig(device="cuda", tf32=flag == "1"))
-        report["providers"] = gpu.providers
-        rows = []
-        for stride in (4, 2, 1):
-            options = ScoreOptions(output_stride=stride, probabilities=False)
-            worst_logit = worst_prob = 0.0
-            agree = cells = 0
-            for page in pages:
-                a = cpu.score(page, options).maps[0].scores
-                b = gpu.score(page, options).maps[0].scores
-                scale = max(1.0, float(np.abs(a).max()))
-                worst_logit = max(worst_logit, float(np.abs(a - b).max()) / scale)
-                pa = np.exp(a - a.max(0)) / np.exp(a - a.max(0)).sum(0)
-                pb = np.exp(b - b.max(0)) / np.exp(b - b.max(0)).sum(0)
-                worst_prob = max(worst_prob, float(np.abs(pa - pb).max()))
-                agree += int((a.argmax(0) == b.argmax(0)).sum())
-                cells += a.shape[1] * a.shape[2]
-            rows.append(
-                dict(
-                    stride=stride,
-                    max_rel_logit_diff=worst_logit,
-                    max_prob_diff=worst_prob,
-                    argmax_agreement=agree / cells,
-                )
-            )
-        report[f"digits_gpu_vs_cpu_tf32_{flag}"] = rows
-        fp32 = gpu.score(pages[0], ScoreOptions()).maps[0].scores
-        fp16 = gpu.score(pages[0], ScoreOptions(dtype="float16")).maps[0].scores
-        report[f"fp16_vs_fp32_max_prob_diff_tf32_{flag}"] = float(
-            np.abs(fp16.astype(np.float32) - fp32).max()
+def engine(path: Path, **config) -> Engine:
+    return Engine(path, config=EngineConfig(device=DEVICE, **config))
+
+
+def torch_peer(spec: dict, image: np.ndarray) -> dict[str, float]:
+    """torch/cuDNN on the same dense net: fp32 (benchmark), fp16 autocast channels_last."""
+    torch.backends.cudnn.benchmark = True
+    net = make_dense_net(**spec).to(DEVICE).eval()
+    x = torch.from_numpy(image).to(DEVICE).permute(2, 0, 1)[None].float() / 255
+    times = {}
+    for label, dtype, channels_last in (("fp32", None, False), ("fp16", torch.float16, True)):
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        model = net.to(
+            memory_format=torch.channels_last if channels_last else torch.contiguous_format
         )
+        xi = x.to(memory_format=torch.channels_last) if channels_last else x
+
+        def run(model=model, xi=xi, dtype=dtype):
+            with torch.no_grad(), torch.autocast(DEVICE, dtype=dtype, enabled=dtype is not None):
+                return model(xi)
+
+        times[label] = best(run)
+    del net
+    if not CPU:
+        torch.cuda.empty_cache()
+    return times
 
 
-def first_request_latency() -> None:
-    engine = Engine(BENCH / "mini_vgg_s2_s4" / "model.onnx", config=EngineConfig(device="cuda"))
-    rng = np.random.default_rng(0)
-    rows = []
-    for size in (517, 1031, 2053):
-        image = rng.integers(0, 256, (size, size + 7, 3), dtype=np.uint8)
-        options = ScoreOptions(image_top_k=0)
+def vgg16_rows() -> None:
+    path = dense_model("vgg16")
+    image = np.random.default_rng(0).integers(0, 256, (BIG, BIG, 3), dtype=np.uint8)
+    peer = torch_peer(VGG16, image)
+    fresh = engine(path)
+    start = time.perf_counter()
+    fresh.score(image, TOP5)
+    first_big = time.perf_counter() - start
+    steady = {p: best(lambda p=p: fresh.score(image, ScoreOptions(**{**TOP5.__dict__, "precision": p})))
+              for p in ("fp32", "fp16")}  # fmt: skip
+    row("1. VGG-16 2048² uint8 -> top-5, fp32 exact vs torch fp32 cuDNN",
+        engine_ms=steady["fp32"] * 1e3, torch_ms=peer["fp32"] * 1e3,
+        ratio=peer["fp32"] / steady["fp32"], target=">= 0.9",
+        budget_mib=fresh.memory_budget >> 20, providers=list(fresh.providers))  # fmt: skip
+    row("2. VGG-16 2048² uint8 -> top-5, fp16 vs torch fp16 autocast channels_last",
+        engine_ms=steady["fp16"] * 1e3, torch_ms=peer["fp16"] * 1e3,
+        ratio=peer["fp16"] / steady["fp16"], target=">= 1.0")  # fmt: skip
+    report_fp16 = fresh.compare_precision(image, "fp16")
+    row("3a. fp16 vs fp32, VGG-16 2048² noise image", **report_fp16.__dict__,
+        target="argmax agreement >= 0.999")  # fmt: skip
+    shapes = []
+    for height, width in NEW_SHAPES:
+        other = np.random.default_rng(1).integers(0, 256, (height, width, 3), dtype=np.uint8)
         start = time.perf_counter()
-        engine.score(image, options)
+        fresh.score(other, TOP5)
         first = time.perf_counter() - start
-        steady = timed(lambda image=image, options=options: engine.score(image, options))
-        rows.append(dict(size=size, first_s=first, steady_s=steady, ratio=first / steady))
-    report["first_request_vs_steady"] = rows
+        shapes.append((f"{height}x{width}", first, best(lambda o=other: fresh.score(o, TOP5), 3)))
+    shapes.append((f"{BIG}x{BIG} (first request after load)", first_big, steady["fp32"]))
+    for name, first, steady_s in shapes:
+        row(f"5. first request of a new shape, VGG-16 {name}", first_ms=first * 1e3,
+            steady_ms=steady_s * 1e3, ratio=first / steady_s, target="<= 2")  # fmt: skip
+    serve_row(path, image, fresh)
 
 
-def dense_vs_crops() -> None:
-    config = EngineConfig(device="cuda", memory_budget=1 << 34)
-    engine = Engine(BENCH / "mini_vgg_s2_s4" / "model.onnx", config=config)
-    geometry = engine.metadata.geometry
-    window, stride = geometry.window[0], geometry.stride[0]
-    crops_session = ort.InferenceSession(
-        str(BENCH / "mini_vgg_crops.onnx"),
-        providers=[
-            (engine_session.CUDA, engine_session.cuda_provider_options()),
-            "CPUExecutionProvider",
-        ],
-    )
-    rng = np.random.default_rng(0)
-    rows = []
-    for size in (512, 1024):
-        image_chw = rng.normal(size=(3, size, size)).astype(np.float32)
-        options = ScoreOptions(probabilities=False, image_top_k=0)
-        dense = engine.score(image_chw, options).maps[0].scores
-        n_h, n_w = dense.shape[1:]
-        origins = [(i * stride, j * stride) for i in range(n_h) for j in range(n_w)]
-        outputs: list[np.ndarray] = []
+def serve_row(path: Path, image: np.ndarray, direct: Engine) -> None:
+    from service.client import DensemapClient
+    from service.server.app import create_server
+    from service.server.config import ServerConfig
 
-        def run_crops(image_chw=image_chw, origins=origins, outputs=outputs) -> None:
-            outputs.clear()
-            for start in range(0, len(origins), 512):
-                batch = np.stack(
-                    [
-                        image_chw[:, t : t + window, s : s + window]
-                        for t, s in origins[start : start + 512]
-                    ]
-                )
-                outputs.append(crops_session.run(None, {"input": batch})[0][:, :, 0, 0])
+    with tempfile.TemporaryDirectory() as root:
+        folder = Path(root) / "vgg16"
+        folder.mkdir()
+        (folder / "model.onnx").symlink_to(path)
+        config = ServerConfig(
+            models_dir=Path(root), host="127.0.0.1", port=0, metrics_port=0,
+            max_message_bytes=64 << 20, engine=EngineConfig(device=DEVICE),
+        )  # fmt: skip
+        server, port = create_server(config)
+        try:
+            assert server.wait_ready(300), "the server did not load VGG-16"
+            with DensemapClient(f"127.0.0.1:{port}", timeout=120) as client:
+                remote = best(lambda: client.score(image, model="vgg16", top_k=5,
+                                                   include_map=False, image_top_k=0))  # fmt: skip
+        finally:
+            server.stop(5)
+    local = best(lambda: direct.score(image, TOP5))
+    row("6. densemap serve vs Engine.score, 2048² uint8 -> top-5", serve_ms=remote * 1e3,
+        engine_ms=local * 1e3, ratio=remote / local, target="<= 1.2")  # fmt: skip
 
-        dense_s = timed(lambda x=image_chw, o=options: engine.score(x, o), repeat=3)
-        crops_s = timed(run_crops, repeat=2)
-        crops = np.concatenate(outputs).T.reshape(dense.shape)
-        stitch = timed(
-            lambda image_chw=image_chw: engine.score(
-                image_chw,
-                ScoreOptions(output_stride=stride // 2, probabilities=False, image_top_k=0),
-            ),
-            repeat=3,
-        )
-        tf32_engine = Engine(
-            BENCH / "mini_vgg_s2_s4" / "model.onnx",
-            config=EngineConfig(device="cuda", memory_budget=1 << 34, tf32=True),
-        )
-        tf32_s = timed(lambda x=image_chw, o=options, e=tf32_engine: e.score(x, o), repeat=3)
-        tf32_map = tf32_engine.score(image_chw, options).maps[0].scores
-        rows.append(
-            dict(
-                size=size,
-                crops=len(origins),
-                dense_tf32_s=tf32_s,
-                tf32_max_abs_diff_vs_crops=float(np.abs(tf32_map - crops).max()),
-                dense_s=dense_s,
-                crops_s=crops_s,
-                speedup=crops_s / dense_s,
-                max_abs_diff_vs_crops=float(np.abs(dense - crops).max()),
-                atrous_stride_half_s=stitch,
-            )
-        )
-    report["mini_vgg_dense_vs_crops_gpu"] = rows
+
+def mini_vgg_row() -> None:
+    path = dense_model("mini_vgg")
+    image = np.random.default_rng(2).integers(0, 256, (BIG, BIG, 3), dtype=np.uint8)
+    fast = engine(path)
+    batch = (image.astype(np.float32) / 255).transpose(2, 0, 1)[None].copy()
+    cuda = ("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC", "use_tf32": "0"})
+    providers = ["CPUExecutionProvider"] if CPU else [cuda, "CPUExecutionProvider"]
+    bare = ort.InferenceSession(str(path), providers=providers)
+    engine_s = best(lambda: fast.score(image, TOP5))
+    bare_s = best(lambda: bare.run(None, {"input": batch}))
+    row("4. mini-VGG 2048²: Engine vs its own bare pass", engine_ms=engine_s * 1e3,
+        bare_ms=bare_s * 1e3, ratio=bare_s / engine_s, target=">= 0.9")  # fmt: skip
+
+
+def digits_row() -> None:
+    pages = sorted((DIGITS / "pages").glob("*.png"))
+    digits = engine(DIGITS / "model.onnx")
+    worst, agree, cells = 0.0, 0, 0
+    for page in pages:
+        result = digits.compare_precision(page.read_bytes(), "fp16", output_stride=2)
+        worst = max(worst, result.max_probability_deviation)
+        agree += round(result.argmax_agreement * result.cells)
+        cells += result.cells
+    row("3b. fp16 vs fp32, digits pages at stride 2", max_probability_deviation=worst,
+        argmax_agreement=agree / cells, cells=cells, target="argmax agreement = 1.0")  # fmt: skip
 
 
 def main() -> int:
-    for step in (compare_digits, first_request_latency, dense_vs_crops):
+    report["device"] = "cpu" if CPU else torch.cuda.get_device_name()
+    for step in (digits_row, mini_vgg_row, vgg16_rows):
+        if time.time() - STARTED > BUDGET_S:
+            row(f"{step.__name__} skipped: over BENCH_BUDGET_S={BUDGET_S:g}")
+            continue
         try:
             step()
         except Exception as exc:  # noqa: BLE001 - one failed step must not hide the others
-            report[f"{step.__name__}_error"] = repr(exc)
-    text = json.dumps(report, indent=1)
-    print(text)
-    Path(os.environ.get("OUT", "."), "gpu_report.json").write_text(text)
+            row(f"{step.__name__} failed", error=f"{type(exc).__name__}: {str(exc)[:500]}")
+    report["total_s"] = round(time.time() - STARTED, 1)
+    row("done")
     return 0
 
 

@@ -48,7 +48,7 @@ class Image(_message.Message):
     def __init__(self, encoded: _Optional[bytes] = ..., array: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ScoreOptions(_message.Message):
-    __slots__ = ("output_stride", "scales", "output", "dtype", "top_k", "classes", "argmax", "omit_map", "image_top_k")
+    __slots__ = ("output_stride", "scales", "output", "dtype", "top_k", "classes", "argmax", "omit_map", "image_top_k", "precision")
     OUTPUT_STRIDE_FIELD_NUMBER: _ClassVar[int]
     SCALES_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
@@ -58,6 +58,7 @@ class ScoreOptions(_message.Message):
     ARGMAX_FIELD_NUMBER: _ClassVar[int]
     OMIT_MAP_FIELD_NUMBER: _ClassVar[int]
     IMAGE_TOP_K_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
     output_stride: int
     scales: _containers.RepeatedScalarFieldContainer[float]
     output: Output
@@ -67,7 +68,8 @@ class ScoreOptions(_message.Message):
     argmax: bool
     omit_map: bool
     image_top_k: int
-    def __init__(self, output_stride: _Optional[int] = ..., scales: _Optional[_Iterable[float]] = ..., output: _Optional[_Union[Output, str]] = ..., dtype: _Optional[_Union[DType, str]] = ..., top_k: _Optional[int] = ..., classes: _Optional[_Iterable[int]] = ..., argmax: _Optional[bool] = ..., omit_map: _Optional[bool] = ..., image_top_k: _Optional[int] = ...) -> None: ...
+    precision: str
+    def __init__(self, output_stride: _Optional[int] = ..., scales: _Optional[_Iterable[float]] = ..., output: _Optional[_Union[Output, str]] = ..., dtype: _Optional[_Union[DType, str]] = ..., top_k: _Optional[int] = ..., classes: _Optional[_Iterable[int]] = ..., argmax: _Optional[bool] = ..., omit_map: _Optional[bool] = ..., image_top_k: _Optional[int] = ..., precision: _Optional[str] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
     __slots__ = ("model", "image", "options", "request_id")
@@ -242,7 +244,7 @@ class ModelGeometry(_message.Message):
     def __init__(self, window: _Optional[_Union[Pair, _Mapping]] = ..., stride: _Optional[_Union[Pair, _Mapping]] = ..., origin: _Optional[_Union[Pair, _Mapping]] = ..., receptive_field: _Optional[_Union[Pair, _Mapping]] = ..., receptive_field_offset: _Optional[_Union[Pair, _Mapping]] = ..., effective_window: _Optional[_Union[Pair, _Mapping]] = ..., padded: _Optional[bool] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "num_classes", "labels", "geometry", "supported_strides", "preprocessing", "output_kind", "providers", "source", "contract_version")
+    __slots__ = ("name", "num_classes", "labels", "geometry", "supported_strides", "preprocessing", "output_kind", "providers", "source", "contract_version", "default_precision", "precisions", "precision_report")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
@@ -253,6 +255,9 @@ class ModelInfo(_message.Message):
     PROVIDERS_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     CONTRACT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_PRECISION_FIELD_NUMBER: _ClassVar[int]
+    PRECISIONS_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_REPORT_FIELD_NUMBER: _ClassVar[int]
     name: str
     num_classes: int
     labels: _containers.RepeatedScalarFieldContainer[str]
@@ -263,4 +268,23 @@ class ModelInfo(_message.Message):
     providers: _containers.RepeatedScalarFieldContainer[str]
     source: str
     contract_version: int
-    def __init__(self, name: _Optional[str] = ..., num_classes: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., geometry: _Optional[_Union[ModelGeometry, _Mapping]] = ..., supported_strides: _Optional[_Iterable[int]] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., output_kind: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., source: _Optional[str] = ..., contract_version: _Optional[int] = ...) -> None: ...
+    default_precision: str
+    precisions: _containers.RepeatedScalarFieldContainer[str]
+    precision_report: _containers.RepeatedCompositeFieldContainer[PrecisionReport]
+    def __init__(self, name: _Optional[str] = ..., num_classes: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., geometry: _Optional[_Union[ModelGeometry, _Mapping]] = ..., supported_strides: _Optional[_Iterable[int]] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., output_kind: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., source: _Optional[str] = ..., contract_version: _Optional[int] = ..., default_precision: _Optional[str] = ..., precisions: _Optional[_Iterable[str]] = ..., precision_report: _Optional[_Iterable[_Union[PrecisionReport, _Mapping]]] = ...) -> None: ...
+
+class PrecisionReport(_message.Message):
+    __slots__ = ("precision", "max_probability_deviation", "max_logit_deviation", "argmax_agreement", "cells", "image")
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    MAX_PROBABILITY_DEVIATION_FIELD_NUMBER: _ClassVar[int]
+    MAX_LOGIT_DEVIATION_FIELD_NUMBER: _ClassVar[int]
+    ARGMAX_AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    CELLS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    precision: str
+    max_probability_deviation: float
+    max_logit_deviation: float
+    argmax_agreement: float
+    cells: int
+    image: str
+    def __init__(self, precision: _Optional[str] = ..., max_probability_deviation: _Optional[float] = ..., max_logit_deviation: _Optional[float] = ..., argmax_agreement: _Optional[float] = ..., cells: _Optional[int] = ..., image: _Optional[str] = ...) -> None: ...

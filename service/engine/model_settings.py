@@ -1,0 +1,80 @@
+"""Per-model settings in the repository: ``<model folder>/densemap.json`` (optional).
+
+```json
+{"precision": "fp16", "warmup_shapes": [[1000, 1032], [2048, 2048]],
+ "report_precisions": ["fp16", "tf32"]}
+```
+
+- ``precision``: the default precision of this model's requests ("fp32", "tf32", "fp16");
+  a request may still choose another one.
+- ``warmup_shapes``: image shapes (height, width) scored once at load, so that the first
+  request of each finds the device's per-shape state ready (cuDNN algorithm choice).
+- ``report_precisions``: precisions measured against fp32 at load (GetModel reports them).
+
+Unknown keys and wrong types are load errors naming the key: a typo must not silently fall
+back to the defaults.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from service.engine.options import EngineConfig
+from service.engine.precision import check_precision
+from service.errors import InvalidOption, ModelLoadError
+
+SETTINGS_FILE = "densemap.json"
+KEYS = ("precision", "warmup_shapes", "report_precisions")
+MAX_WARMUP_SHAPES = 16
+
+
+def _shapes(value, path: Path) -> tuple[tuple[int, int], ...]:
+    shapes = []
+    if not isinstance(value, list) or len(value) > MAX_WARMUP_SHAPES:
+        raise ModelLoadError(
+            f"{path}: warmup_shapes must be a list of at most {MAX_WARMUP_SHAPES} "
+            f"[height, width] pairs, got {value!r}"
+        )
+    for item in value:
+        if (
+            not isinstance(item, list)
+            or len(item) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in item)
+        ):
+            raise ModelLoadError(
+                f"{path}: each warmup shape must be [height, width] in pixels, got {item!r}"
+            )
+        shapes.append((item[0], item[1]))
+    return tuple(shapes)
+
+
+def apply_model_settings(folder: Path, config: EngineConfig) -> EngineConfig:
+    """``config`` with the settings of ``folder/densemap.json`` (unchanged without one)."""
+    path = folder / SETTINGS_FILE
+    if not path.is_file():
+        return config
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{path} is not readable JSON: {exc}") from None
+    if not isinstance(settings, dict):
+        raise ModelLoadError(f"{path} must hold a JSON object with keys {KEYS}")
+    unknown = sorted(set(settings) - set(KEYS))
+    if unknown:
+        raise ModelLoadError(f"{path}: unknown key(s) {unknown}; known keys: {KEYS}")
+    changes: dict = {}
+    try:
+        if "precision" in settings:
+            changes["precision"] = check_precision(settings["precision"])
+        if "report_precisions" in settings:
+            value = settings["report_precisions"]
+            if not isinstance(value, list):
+                raise InvalidOption(f"report_precisions must be a list, got {value!r}")
+            changes["report_precisions"] = tuple(check_precision(p) for p in value)
+    except InvalidOption as exc:
+        raise ModelLoadError(f"{path}: {exc}") from None
+    if "warmup_shapes" in settings:
+        changes["warmup_shapes"] = _shapes(settings["warmup_shapes"], path)
+    return replace(config, **changes)
