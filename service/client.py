@@ -29,7 +29,12 @@ from service.contract import Geometry, Preprocessing
 from service.engine.options import ScoreOptions
 from service.engine.result import PrecisionReport, ScoreMap
 from service.errors import DensemapError, InvalidOption
-from service.server.codec import image_to_proto, options_to_proto, result_from_response
+from service.server.codec import (
+    image_to_proto,
+    options_to_proto,
+    precision_report_from_proto,
+    result_from_response,
+)
 from service.server.config import DEFAULT_MAX_MESSAGE_BYTES
 
 DEFAULT_TARGET = "localhost:50051"
@@ -93,17 +98,7 @@ def _model_from_proto(info: pb.ModelInfo) -> RemoteModel:
         contract_version=info.contract_version,
         default_precision=info.default_precision or "fp32",
         precisions=tuple(info.precisions) or ("fp32",),
-        precision_report=tuple(
-            PrecisionReport(
-                precision=r.precision,
-                max_probability_deviation=r.max_probability_deviation,
-                max_logit_deviation=r.max_logit_deviation,
-                argmax_agreement=r.argmax_agreement,
-                cells=r.cells,
-                image=r.image,
-            )
-            for r in info.precision_report
-        ),
+        precision_report=tuple(precision_report_from_proto(r) for r in info.precision_report),
     )
 
 

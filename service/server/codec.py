@@ -8,13 +8,14 @@ little-endian row-major bytes with shape and dtype (:class:`Tensor`).
 from __future__ import annotations
 
 import math
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 
 from service._proto.densemap.v1 import densemap_pb2 as pb
 from service.engine.options import DEFAULT_IMAGE_TOP_K, ScoreOptions
-from service.engine.result import MapGeometry, ScaleMap, ScoreMap
+from service.engine.result import MapGeometry, PrecisionReport, ScaleMap, ScoreMap
 from service.errors import InvalidImage, InvalidOption
 
 WIRE_DTYPES: dict[int, np.dtype] = {
@@ -165,6 +166,19 @@ def options_from_proto(options: pb.ScoreOptions) -> ScoreOptions:
         image_top_k=image_top_k,
         precision=options.precision or None,
     )
+
+
+# -- model information ----------------------------------------------------------------------
+_REPORT_FIELDS = tuple(f.name for f in fields(PrecisionReport))
+
+
+def precision_report_to_proto(report: PrecisionReport, out: pb.PrecisionReport) -> None:
+    for name in _REPORT_FIELDS:
+        setattr(out, name, getattr(report, name))
+
+
+def precision_report_from_proto(report: pb.PrecisionReport) -> PrecisionReport:
+    return PrecisionReport(**{name: getattr(report, name) for name in _REPORT_FIELDS})
 
 
 # -- results --------------------------------------------------------------------------------

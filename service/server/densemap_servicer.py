@@ -48,14 +48,7 @@ def fill_model_info(out: pb.ModelInfo, engine, *, name: str, with_labels: bool) 
     out.default_precision = engine.default_precision
     out.precisions[:] = list(engine.precisions)
     for report in engine.precision_report:
-        out.precision_report.add(
-            precision=report.precision,
-            max_probability_deviation=report.max_probability_deviation,
-            max_logit_deviation=report.max_logit_deviation,
-            argmax_agreement=report.argmax_agreement,
-            cells=report.cells,
-            image=report.image,
-        )
+        codec.precision_report_to_proto(report, out.precision_report.add())
 
 
 def load_failures(repository) -> list[tuple[str, str]]:
