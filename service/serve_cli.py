@@ -104,6 +104,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     _add(
         parser,
+        "--max-streams",
+        default=defaults.DEFAULT_MAX_STREAMS,
+        type=int,
+        help="open streams (ScoreStream, health Watch, reflection) at once, on threads of "
+        "their own",
+    )
+    _add(
+        parser,
+        "--max-streams-per-peer",
+        default=defaults.DEFAULT_MAX_STREAMS_PER_PEER,
+        type=int,
+        help="open streams from one client address",
+    )
+    _add(
+        parser,
+        "--stream-idle-seconds",
+        default=defaults.DEFAULT_STREAM_IDLE_SECONDS,
+        type=float,
+        help="close a stream whose client sends nothing for N seconds",
+    )
+    _add(
+        parser,
         "--grace-seconds",
         default=defaults.DEFAULT_GRACE_SECONDS,
         type=float,
@@ -223,6 +245,9 @@ def build_config(args: argparse.Namespace):
         workers=args.workers,
         max_in_flight=args.max_in_flight,
         max_queue=args.max_queue,
+        max_streams=args.max_streams,
+        max_streams_per_peer=args.max_streams_per_peer,
+        stream_idle_seconds=args.stream_idle_seconds,
         grace_seconds=args.grace_seconds,
         poll_seconds=args.poll_seconds,
         max_connection_age_seconds=args.max_connection_age_seconds,

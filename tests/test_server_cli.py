@@ -163,6 +163,9 @@ def test_every_flag_has_an_env_twin(monkeypatch, tmp_path):
         "DENSEMAP_WORKERS": "9",
         "DENSEMAP_MAX_IN_FLIGHT": "3",
         "DENSEMAP_MAX_QUEUE": "4",
+        "DENSEMAP_MAX_STREAMS": "7",
+        "DENSEMAP_MAX_STREAMS_PER_PEER": "2",
+        "DENSEMAP_STREAM_IDLE_SECONDS": "30",
         "DENSEMAP_GRACE_SECONDS": "5",
         "DENSEMAP_POLL_SECONDS": "2",
         "DENSEMAP_MAX_CONNECTION_AGE_SECONDS": "300",
@@ -188,6 +191,8 @@ def test_every_flag_has_an_env_twin(monkeypatch, tmp_path):
     assert config.max_message_bytes == 64 << 20 and config.workers == 9
     assert (config.max_in_flight, config.max_queue, config.grace_seconds) == (3, 4, 5.0)
     assert (config.poll_seconds, config.max_connection_age_seconds) == (2.0, 300.0)
+    assert (config.max_streams, config.max_streams_per_peer) == (7, 2)
+    assert config.stream_idle_seconds == 30.0
     assert config.auth_token == "t0ken" and config.tls_key == tmp_path / "k.pem"
     engine = config.engine
     assert (engine.device, engine.intra_op_threads, engine.max_pixels) == ("cpu", 1, 1000000)

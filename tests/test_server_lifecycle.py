@@ -211,9 +211,9 @@ def test_drain_ends_an_open_stream_after_its_current_image(blocking_server):
     assert not drainer.is_alive()
 
 
-def test_open_health_watches_cannot_starve_health_checks(repo):  # noqa: F811
-    # workers 6: 2 admission slots; each open Watch holds a handler thread and a slot
-    srv, port = start_server(repo, workers=6)
+def test_open_health_watches_cannot_starve_health_checks_or_scoring(repo):  # noqa: F811
+    # each open Watch holds a stream thread, never a scoring slot; 2 per client address
+    srv, port = start_server(repo, workers=6, max_streams_per_peer=2)
     target = f"{HOST}:{port}"
     request = health_pb2.HealthCheckRequest(service="")
     try:
@@ -224,11 +224,12 @@ def test_open_health_watches_cannot_starve_health_checks(repo):  # noqa: F811
             with pytest.raises(grpc.RpcError) as caught:
                 next(watch(request, timeout=10))
             assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "--workers" in caught.value.details()
-            assert health_of(chan, "") == SERVING  # a reserved thread answers at once
+            assert "--max-streams-per-peer 2" in caught.value.details()
+            assert health_of(chan, "") == SERVING
+            assert srv.admission.admitted == 0
+            assert pb_grpc.DensemapStub(chan).Score(array_request(rgb_image()), timeout=30).maps
             for stream in watches:
                 stream.cancel()
-            wait_until(lambda: srv.admission.admitted == 0, timeout=5)
-            assert pb_grpc.DensemapStub(chan).Score(array_request(rgb_image()), timeout=30).maps
+            wait_until(lambda: srv.stream_limits.open == 0, timeout=5)
     finally:
         srv.stop()

@@ -33,7 +33,8 @@ from service.server.limits import Admission, ServingState
 from service.server.malformed import MalformedRequestInterceptor
 from service.server.metrics import ServerMetrics
 from service.server.scoring import Models, ScoringCore
-from service.server.stream_slots import StreamSlotInterceptor
+from service.server.status import NotServing
+from service.server.streams import StreamInterceptor, StreamLimits
 
 log = logging.getLogger("densemap.server")
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -101,8 +102,17 @@ class DensemapServer:
             )
             options.append(("grpc.max_connection_age_grace_ms", int(1000 * config.grace_seconds)))
         interceptors = [BearerTokenInterceptor(config.auth_token)] if config.auth_token else []
+        # Outermost first: a stream's handler must be the one gRPC sees, to pick its pool.
+        self.stream_limits = StreamLimits(
+            max_streams=config.max_streams, max_per_peer=config.max_streams_per_peer
+        )
+        self._streams = StreamInterceptor(
+            self.stream_limits,
+            idle_seconds=config.stream_idle_seconds,
+            stopping=self._stopping_error,
+        )
+        interceptors.append(self._streams)
         interceptors.append(MalformedRequestInterceptor())
-        interceptors.append(StreamSlotInterceptor(self.admission))
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="densemap"),
             interceptors=interceptors,
@@ -120,6 +130,15 @@ class DensemapServer:
             self.health.set(name, NOT_SERVING)
         self.health.set("liveness", SERVING)
         return server
+
+    def _stopping_error(self) -> NotServing | None:
+        """What ends an idle stream early: the server drains."""
+        if self.state.draining:
+            return NotServing(
+                "the server is shutting down: open a new stream on another replica or after "
+                "it restarts"
+            )
+        return None
 
     # -- life cycle -----------------------------------------------------------------------
     def start(self) -> int:
@@ -258,6 +277,7 @@ class DensemapServer:
         self._stopped.set()
         self.state.begin_drain()
         self._grpc.stop(grace).wait()
+        self._streams.shutdown()
         self.metrics.stop()
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:

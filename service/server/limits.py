@@ -2,9 +2,9 @@
 
 - :class:`ServingState`: whether new calls are accepted, and how many are in flight (a
   call counts until gRPC reports it terminated, so a drain waits for responses to be sent).
-- :class:`Admission`: a global cap on scoring calls (so health and listing calls always
-  find a handler thread), then per model a max in-flight count and a bounded FIFO queue.
-  Beyond both: RESOURCE_EXHAUSTED at once, never unbounded memory.
+- :class:`Admission`: a global cap on scoring calls (so each admitted call has a scoring
+  thread and refusals answer at once), then per model a max in-flight count and a bounded
+  FIFO queue. Beyond both: RESOURCE_EXHAUSTED at once, never unbounded memory.
 - :class:`CallGuard`: the ``cancel`` hook passed to ``Engine.score``; it turns a client
   that went away or a passed deadline into CANCELLED / DEADLINE_EXCEEDED.
 """
@@ -131,12 +131,12 @@ class Admission:
 
     @contextmanager
     def call_slot(self) -> Iterator[None]:
-        """A scoring call, a whole ScoreStream or a long-lived health Watch / reflection
-        stream (``stream_slots``) holds one of the global slots."""
+        """A scoring call, or one ScoreStream image while it is scored, holds one of the
+        global slots (open streams are limited apart, in ``streams``)."""
         with self._cond:
             if self._admitted >= self.max_admitted:
                 raise ServerBusy(
-                    f"the server already handles {self._admitted} scoring calls and open streams "
+                    f"the server already handles {self._admitted} scoring calls "
                     f"(limit {self.max_admitted}, from --workers): retry later with backoff"
                 )
             self._admitted += 1
@@ -179,7 +179,7 @@ class Admission:
 
     @property
     def admitted(self) -> int:
-        """Global slots held now (scoring calls, ScoreStreams, long-lived streams)."""
+        """Global slots held now (scoring calls and stream images being scored)."""
         return self._admitted
 
     def counts(self, model: str) -> tuple[int, int]:

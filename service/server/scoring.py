@@ -172,10 +172,12 @@ class ScoringCore:
             self.finish(call, code)
 
     def stream_item(self, call: Call, handler: Callable[[Call], T]) -> tuple[T | None, str, str]:
-        """Run one ScoreStream item: (result or None, status code name, message)."""
+        """Run one ScoreStream item, holding a scoring slot meanwhile: (result or None,
+        status code, message)."""
         code, message, result = grpc.StatusCode.OK, "", None
         try:
-            result = handler(call)
+            with self.admission.call_slot():
+                result = handler(call)
             self.check_response_size(result)
         except Exception as exc:
             result = None
