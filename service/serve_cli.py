@@ -18,7 +18,7 @@ import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
-from service.engine.options import DEFAULT_MAX_PIXELS, DEFAULT_MEMORY_BUDGET, EngineConfig
+from service.engine.options import DEFAULT_MEMORY_BUDGET, EngineConfig
 from service.server import config as defaults
 
 log = logging.getLogger("densemap.server")
@@ -167,9 +167,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add(
         parser,
         "--max-pixels",
-        default=DEFAULT_MAX_PIXELS,
+        default=None,
         type=int,
-        help="refuse images with more pixels",
+        shown=f"memory budget / {defaults.SERVER_BYTES_PER_PIXEL}, "
+        f"{defaults.server_max_pixels(DEFAULT_MEMORY_BUDGET)} at the default budget",
+        help="refuse images with more pixels, from their header",
     )
     _add(
         parser,
@@ -257,7 +259,9 @@ def build_config(args: argparse.Namespace):
         engine=EngineConfig(
             device=args.device,
             intra_op_threads=args.threads,
-            max_pixels=args.max_pixels,
+            max_pixels=args.max_pixels
+            if args.max_pixels is not None
+            else defaults.server_max_pixels(args.memory_budget_mb * MIB),
             memory_budget=args.memory_budget_mb * MIB,
             tiling=not args.no_tiling,
             tf32=args.tf32,

@@ -31,6 +31,7 @@ from server_harness import (  # noqa: F401  (fixtures)
 from service.cli import build_parser
 from service.client import DensemapClient, RemoteError
 from service.serve_cli import build_config
+from service.server.config import ServerConfig
 
 STARTUP_SECONDS = 60.0
 
@@ -198,6 +199,9 @@ def test_every_flag_has_an_env_twin(monkeypatch, tmp_path):
     assert (engine.device, engine.intra_op_threads, engine.max_pixels) == ("cpu", 1, 1000000)
     assert engine.memory_budget == 32 << 20 and engine.tiling is False and engine.tf32 is True
     assert args.log_json is True and args.log_level == "debug"
+    monkeypatch.delenv("DENSEMAP_MAX_PIXELS")  # without it, the limit follows the budget
+    assert build_config(build_parser().parse_args(["serve"])).engine.max_pixels == 2 << 20
+    assert ServerConfig().engine.max_pixels == 8192 * 8192  # Python API: the same default
     # the command line wins over the environment
     args = build_parser().parse_args(["serve", "--port", "7000", "--max-queue", "1"])
     assert (args.port, args.max_queue) == (7000, 1)

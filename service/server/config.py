@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.engine.options import EngineConfig
+from service.engine.options import DEFAULT_MEMORY_BUDGET, EngineConfig
 from service.errors import InvalidOption
 
 DEFAULT_HOST = "0.0.0.0"
@@ -27,7 +27,19 @@ DEFAULT_MAX_CONNECTION_AGE_SECONDS = 0.0  # 0: connections live forever
 DEFAULT_MAX_STREAMS = 16  # open streams (ScoreStream, health Watch, reflection) at once
 DEFAULT_MAX_STREAMS_PER_PEER = 4  # open streams from one client address
 DEFAULT_STREAM_IDLE_SECONDS = 60.0  # a stream that sends nothing this long is closed
+SERVER_BYTES_PER_PIXEL = 16  # decoded RGB uint8 (3) + its float32 copy (12), rounded up
 RESERVED_WORKERS = 4  # scoring threads beyond the admitted calls: refusals answer at once
+
+
+def server_max_pixels(memory_budget: int) -> int:
+    """The server's default pixel limit: what the memory budget holds decoded (64 M pixels,
+    8192 x 8192, at the default 1 GiB), not the engine's 256 M: a few hundred bytes can
+    declare that many pixels, and untrusted clients send them."""
+    return max(1, memory_budget // SERVER_BYTES_PER_PIXEL)
+
+
+def server_engine_config() -> EngineConfig:
+    return EngineConfig(max_pixels=server_max_pixels(DEFAULT_MEMORY_BUDGET))
 
 
 ENGINE_DEVICES = ("auto", "cpu", "cuda")  # the engine's; checked here so start-up fails fast
@@ -67,7 +79,8 @@ class ServerConfig:
       clients re-resolve and spread over replicas (0 = never).
     - ``tls_cert``/``tls_key``: PEM files; both or neither. ``auth_token``: required bearer
       token (None = no auth).
-    - ``engine``: how models are loaded and run.
+    - ``engine``: how models are loaded and run; its ``max_pixels`` defaults to
+      :func:`server_max_pixels` of the memory budget.
     """
 
     models_dir: Path = DEFAULT_MODELS_DIR
@@ -87,7 +100,7 @@ class ServerConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     auth_token: str | None = None
-    engine: EngineConfig = field(default_factory=EngineConfig)
+    engine: EngineConfig = field(default_factory=server_engine_config)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "models_dir", Path(self.models_dir))
