@@ -233,3 +233,23 @@ def test_open_health_watches_cannot_starve_health_checks_or_scoring(repo):  # no
             wait_until(lambda: srv.stream_limits.open == 0, timeout=5)
     finally:
         srv.stop()
+
+
+def test_calls_cut_when_the_grace_ends_get_our_words_not_cancelling_all_calls(blocking_server):
+    srv, chan, release, load, holder = blocking_server
+    load.set()
+    assert srv.wait_ready(20)
+    stub = pb_grpc.DensemapStub(chan)
+    running = stub.Score.future(array_request(rgb_image()), timeout=30)
+    wait_until(holder["repo"].get(TINY).started.is_set, what="the request to start")
+    queued = stub.Score.future(array_request(rgb_image()), timeout=30)
+    wait_until(lambda: srv.admission.counts(TINY) == (1, 1), what="the second to queue")
+    assert srv.drain(grace=0.2) is False
+    for call in (running, queued):
+        with pytest.raises(grpc.RpcError) as caught:
+            call.result(timeout=20)
+        assert caught.value.code() == Code.UNAVAILABLE
+        details = caught.value.details()
+        assert details.startswith("the server shut down before this call finished")
+        assert "drain grace of 0.2 s (--grace-seconds)" in details
+        assert "retry the call on another replica" in details

@@ -7,8 +7,10 @@ Life cycle (:class:`DensemapServer`):
 2. Once the repository is loaded: readiness, "" and one health name per model SERVING.
 3. ``reload()`` (SIGHUP, ``poll_seconds``) re-reads the repository; a broken new model
    is logged and never replaces a working one.
-4. ``drain()`` (SIGTERM/SIGINT): readiness NOT_SERVING, new calls UNAVAILABLE, in-flight
-   calls finish within the grace period, then the server stops.
+4. ``drain()`` (SIGTERM/SIGINT): readiness NOT_SERVING, new calls UNAVAILABLE, idle
+   streams end, in-flight calls finish within the grace period; calls still running then
+   end with UNAVAILABLE saying the grace ended (at their next pass or tile, within
+   ``CUT_SECONDS``; gRPC cancels what is left), and the server stops.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from service.server.streams import StreamInterceptor, StreamLimits
 log = logging.getLogger("densemap.server")
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+CUT_SECONDS = 2.0  # after the grace: how long cut calls get to send their own status
 SERVICE_NAMES = (
     SERVICE_NAME,
     kserve_proto.SERVICE_NAME,
@@ -268,8 +271,15 @@ class DensemapServer:
         finished = self.state.wait_idle(grace)
         if not finished:
             log.warning(
-                "grace period over with %d call(s) in flight: cancelling them", self.state.active
+                "grace period over with %d call(s) in flight: ending them with UNAVAILABLE",
+                self.state.active,
             )
+            self.state.cut(
+                f"the server shut down before this call finished: its drain grace of {grace:g} s "
+                "(--grace-seconds) ended; retry the call on another replica or after the "
+                "server restarts, or give the server a longer --grace-seconds"
+            )
+            self.state.wait_idle(CUT_SECONDS)  # queued and running calls see the cut and end
         self.stop(grace=0)
         return finished
 

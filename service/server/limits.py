@@ -26,13 +26,17 @@ QUEUE_POLL_SECONDS = 0.05  # queued calls re-check cancellation and deadline thi
 
 
 class CallGuard:
-    """Cancel hook of one call: true once the client cancelled or the deadline passed."""
+    """Cancel hook of one call: true once the client cancelled, the deadline passed, or the
+    drain's grace ended (``ServingState.cut``)."""
 
-    def __init__(self, context: grpc.ServicerContext) -> None:
+    def __init__(self, context: grpc.ServicerContext, state: ServingState | None = None) -> None:
         self._context = context
+        self._state = state
         self._deadline_passed = False
 
     def __call__(self) -> bool:
+        if self._state is not None and self._state.cut_message is not None:
+            return True
         if self._context.time_remaining() <= 0:
             self._deadline_passed = True
             return True
@@ -41,7 +45,9 @@ class CallGuard:
     def remaining(self) -> float:
         return self._context.time_remaining()
 
-    def error(self) -> Cancelled:
+    def error(self) -> Cancelled | NotServing:
+        if self._state is not None and self._state.cut_message is not None:
+            return NotServing(self._state.cut_message)
         if self._deadline_passed:
             return DeadlineExceeded(
                 "the call's deadline passed before scoring finished: allow a longer deadline, "
@@ -62,6 +68,7 @@ class ServingState:
         self._cond = threading.Condition()
         self.ready = False
         self.draining = False
+        self.cut_message: str | None = None
         self._active = 0
 
     def set_ready(self, ready: bool) -> None:
@@ -71,6 +78,12 @@ class ServingState:
     def begin_drain(self) -> None:
         with self._cond:
             self.draining = True
+
+    def cut(self, message: str) -> None:
+        """The drain's grace ended: calls still running stop with UNAVAILABLE ``message``."""
+        with self._cond:
+            self.draining = True
+            self.cut_message = message
 
     def check_serving(self) -> None:
         if self.draining:

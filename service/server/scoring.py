@@ -84,7 +84,7 @@ class Call:
 
     def score(self, engine, image, options: ScoreOptions) -> ScoreMap:
         """Engine.score behind the model's queue, with the call's cancel hook."""
-        guard = CallGuard(self.context)
+        guard = CallGuard(self.context, self._core.state)
         guard.check()  # a request whose deadline already passed is not started
         core = self._core
         with core.admission.model_slot(self.model, guard) as queued:
