@@ -10,12 +10,10 @@ SIGHUP reloads the repository.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
 import threading
-from datetime import datetime, timezone
 from pathlib import Path
 
 from service.engine.options import DEFAULT_MEMORY_BUDGET, EngineConfig
@@ -198,40 +196,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--log-json",
         action="store_true",
         default=_env_bool("--log-json"),
-        help=f"log JSON lines (env {_env_name('--log-json')}=1)",
+        help="log JSON lines only: Python warnings and C libraries' stderr become rate-limited "
+        f"records (env {_env_name('--log-json')}=1)",
     )
     _add(parser, "--log-level", default="info", choices=("debug", "info", "warning", "error"),
          help="log level; debug logs one line per request")  # fmt: skip
 
 
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message and any ``extra`` fields."""
-
-    _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
-
-    def format(self, record: logging.LogRecord) -> str:
-        doc = {
-            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        doc.update({k: v for k, v in vars(record).items() if k not in self._STANDARD})
-        if record.exc_info:
-            doc["exception"] = self.formatException(record.exc_info)
-        return json.dumps(doc, default=str)
-
-
 def _configure_logging(args: argparse.Namespace) -> None:
+    from service.server import log_stream
+
     level = (
         logging.DEBUG if getattr(args, "debug", False) else getattr(logging, args.log_level.upper())
     )
-    handler = logging.StreamHandler()
-    if args.log_json:
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=level, handlers=[handler], force=True)
+    log_stream.configure(json_lines=args.log_json, level=level)
 
 
 def build_config(args: argparse.Namespace):
