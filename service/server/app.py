@@ -29,6 +29,7 @@ from service.errors import InvalidOption, ModelLoadError
 from service.server import kserve_proto
 from service.server.auth import BearerTokenInterceptor
 from service.server.config import ServerConfig
+from service.server.control_pool import ControlPoolInterceptor
 from service.server.densemap_servicer import SERVICE_NAME, DensemapServicer, load_failures
 from service.server.kserve_servicer import KServeServicer
 from service.server.limits import Admission, ServingState
@@ -105,7 +106,9 @@ class DensemapServer:
             )
             options.append(("grpc.max_connection_age_grace_ms", int(1000 * config.grace_seconds)))
         interceptors = [BearerTokenInterceptor(config.auth_token)] if config.auth_token else []
-        # Outermost first: a stream's handler must be the one gRPC sees, to pick its pool.
+        # Outermost first: the handler gRPC sees names the pool a call runs on.
+        self._control = ControlPoolInterceptor()
+        interceptors.append(self._control)
         self.stream_limits = StreamLimits(
             max_streams=config.max_streams, max_per_peer=config.max_streams_per_peer
         )
@@ -117,7 +120,9 @@ class DensemapServer:
         interceptors.append(self._streams)
         interceptors.append(MalformedRequestInterceptor())
         server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="densemap"),
+            futures.ThreadPoolExecutor(
+                max_workers=config.workers, thread_name_prefix="densemap-score"
+            ),
             interceptors=interceptors,
             options=options,
             maximum_concurrent_rpcs=config.workers * 4,
@@ -288,6 +293,7 @@ class DensemapServer:
         self.state.begin_drain()
         self._grpc.stop(grace).wait()
         self._streams.shutdown()
+        self._control.shutdown()
         self.metrics.stop()
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
