@@ -10,20 +10,13 @@ SIGHUP reloads the repository.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
 import threading
-from datetime import datetime, timezone
 from pathlib import Path
 
-from service.engine.options import (
-    AVAILABLE_PRECISIONS,
-    DEFAULT_MAX_PIXELS,
-    DEFAULT_MEMORY_BUDGET,
-    EngineConfig,
-)
+from service.engine.options import AVAILABLE_PRECISIONS, DEFAULT_MEMORY_BUDGET, EngineConfig
 from service.server import config as defaults
 
 log = logging.getLogger("densemap.server")
@@ -109,6 +102,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     _add(
         parser,
+        "--max-streams",
+        default=defaults.DEFAULT_MAX_STREAMS,
+        type=int,
+        help="open streams (ScoreStream, health Watch, reflection) at once, on threads of "
+        "their own",
+    )
+    _add(
+        parser,
+        "--max-streams-per-peer",
+        default=defaults.DEFAULT_MAX_STREAMS_PER_PEER,
+        type=int,
+        help="open streams from one client address",
+    )
+    _add(
+        parser,
+        "--stream-idle-seconds",
+        default=defaults.DEFAULT_STREAM_IDLE_SECONDS,
+        type=float,
+        help="close a stream whose client sends nothing for N seconds",
+    )
+    _add(
+        parser,
         "--grace-seconds",
         default=defaults.DEFAULT_GRACE_SECONDS,
         type=float,
@@ -150,9 +165,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add(
         parser,
         "--max-pixels",
-        default=DEFAULT_MAX_PIXELS,
+        default=None,
         type=int,
-        help="refuse images with more pixels",
+        shown=f"memory budget / {defaults.SERVER_BYTES_PER_PIXEL}, "
+        f"{defaults.server_max_pixels(DEFAULT_MEMORY_BUDGET)} at the default budget",
+        help="refuse images with more pixels, from their header",
     )
     _add(
         parser,
@@ -188,46 +205,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--log-json",
         action="store_true",
         default=_env_bool("--log-json"),
-        help=f"log JSON lines (env {_env_name('--log-json')}=1)",
+        help="log JSON lines only: Python warnings and C libraries' stderr become rate-limited "
+        f"records (env {_env_name('--log-json')}=1)",
     )
     _add(parser, "--log-level", default="info", choices=("debug", "info", "warning", "error"),
          help="log level; debug logs one line per request")  # fmt: skip
 
 
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message and any ``extra`` fields."""
-
-    _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
-
-    def format(self, record: logging.LogRecord) -> str:
-        doc = {
-            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        doc.update({k: v for k, v in vars(record).items() if k not in self._STANDARD})
-        if record.exc_info:
-            doc["exception"] = self.formatException(record.exc_info)
-        return json.dumps(doc, default=str)
-
-
 def _configure_logging(args: argparse.Namespace) -> None:
+    from service.server import log_stream
+
     level = (
         logging.DEBUG if getattr(args, "debug", False) else getattr(logging, args.log_level.upper())
     )
-    handler = logging.StreamHandler()
-    if args.log_json:
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=level, handlers=[handler], force=True)
+    log_stream.configure(json_lines=args.log_json, level=level)
 
 
 def build_config(args: argparse.Namespace):
     from service.engine.repository import default_models_dir
     from service.server.config import ServerConfig
 
+    budget = None if args.memory_budget_mb is None else args.memory_budget_mb * MIB
     return ServerConfig(
         models_dir=args.models if args.models is not None else default_models_dir(),
         host=args.host,
@@ -237,6 +235,9 @@ def build_config(args: argparse.Namespace):
         workers=args.workers,
         max_in_flight=args.max_in_flight,
         max_queue=args.max_queue,
+        max_streams=args.max_streams,
+        max_streams_per_peer=args.max_streams_per_peer,
+        stream_idle_seconds=args.stream_idle_seconds,
         grace_seconds=args.grace_seconds,
         poll_seconds=args.poll_seconds,
         max_connection_age_seconds=args.max_connection_age_seconds,
@@ -246,8 +247,10 @@ def build_config(args: argparse.Namespace):
         engine=EngineConfig(
             device=args.device,
             intra_op_threads=args.threads,
-            max_pixels=args.max_pixels,
-            memory_budget=None if args.memory_budget_mb is None else args.memory_budget_mb * MIB,
+            max_pixels=args.max_pixels
+            if args.max_pixels is not None
+            else defaults.server_max_pixels(budget or DEFAULT_MEMORY_BUDGET),
+            memory_budget=budget,
             tiling=not args.no_tiling,
             precision="tf32" if args.tf32 else args.precision,
         ),

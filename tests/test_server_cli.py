@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import queue
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -16,6 +19,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from PIL import Image
 from server_fakes import wait_until
 from server_harness import (  # noqa: F401  (fixtures)
     GREY,
@@ -31,6 +35,8 @@ from server_harness import (  # noqa: F401  (fixtures)
 from service.cli import build_parser
 from service.client import DensemapClient, RemoteError
 from service.serve_cli import build_config
+from service.server.config import ServerConfig
+from service.server.log_stream import RateLimit
 
 STARTUP_SECONDS = 60.0
 
@@ -48,10 +54,13 @@ class ServeProcess:
         )
         self.lines: queue.Queue[str] = queue.Queue()
         self.records: list[dict] = []
-        threading.Thread(target=self._read, daemon=True).start()
+        self.raw: list[str] = []  # every line, as written
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
 
     def _read(self) -> None:
         for line in self.process.stdout:
+            self.raw.append(line)
             self.lines.put(line)
 
     def wait_for(self, predicate, timeout: float = STARTUP_SECONDS) -> dict:
@@ -163,6 +172,9 @@ def test_every_flag_has_an_env_twin(monkeypatch, tmp_path):
         "DENSEMAP_WORKERS": "9",
         "DENSEMAP_MAX_IN_FLIGHT": "3",
         "DENSEMAP_MAX_QUEUE": "4",
+        "DENSEMAP_MAX_STREAMS": "7",
+        "DENSEMAP_MAX_STREAMS_PER_PEER": "2",
+        "DENSEMAP_STREAM_IDLE_SECONDS": "30",
         "DENSEMAP_GRACE_SECONDS": "5",
         "DENSEMAP_POLL_SECONDS": "2",
         "DENSEMAP_MAX_CONNECTION_AGE_SECONDS": "300",
@@ -189,12 +201,17 @@ def test_every_flag_has_an_env_twin(monkeypatch, tmp_path):
     assert config.max_message_bytes == 64 << 20 and config.workers == 9
     assert (config.max_in_flight, config.max_queue, config.grace_seconds) == (3, 4, 5.0)
     assert (config.poll_seconds, config.max_connection_age_seconds) == (2.0, 300.0)
+    assert (config.max_streams, config.max_streams_per_peer) == (7, 2)
+    assert config.stream_idle_seconds == 30.0
     assert config.auth_token == "t0ken" and config.tls_key == tmp_path / "k.pem"
     engine = config.engine
     assert (engine.device, engine.intra_op_threads, engine.max_pixels) == ("cpu", 1, 1000000)
     assert engine.memory_budget == 32 << 20 and engine.tiling is False
     assert engine.precision == "tf32"  # --tf32 is the older spelling of --precision tf32
     assert args.log_json is True and args.log_level == "debug"
+    monkeypatch.delenv("DENSEMAP_MAX_PIXELS")  # without it, the limit follows the budget
+    assert build_config(build_parser().parse_args(["serve"])).engine.max_pixels == 2 << 20
+    assert ServerConfig().engine.max_pixels == 8192 * 8192  # Python API: the same default
     # the command line wins over the environment
     args = build_parser().parse_args(["serve", "--port", "7000", "--max-queue", "1"])
     assert (args.port, args.max_queue) == (7000, 1)
@@ -202,6 +219,12 @@ def test_every_flag_has_an_env_twin(monkeypatch, tmp_path):
     serve_parser = build_parser()._subparsers._group_actions[0].choices["serve"]
     flags = {a.option_strings[0] for a in serve_parser._actions if a.option_strings[0] != "-h"}
     assert {"DENSEMAP_" + f[2:].replace("-", "_").upper() for f in flags} == set(env)
+
+
+def encode_image(image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format=fmt, **options)
+    return buffer.getvalue()
 
 
 BUNDLED = Path(__file__).resolve().parent.parent / "models"
@@ -231,3 +254,67 @@ def test_bundled_digits_model_is_served():
             assert result.maps[0].scores.shape[0] == model.num_classes
     finally:
         srv.stop()
+
+
+def exif_jpeg() -> bytes:
+    """A JPEG whose EXIF block points past its end: Pillow warns while decoding it."""
+    data = encode_image(rgb_image(32, 32), "JPEG")
+    entry = struct.pack("<HHII", 0x010E, 2, 100, 1000)  # ImageDescription, 100 bytes at 1000
+    exif = b"Exif\x00\x00II*\x00" + struct.pack("<IH", 8, 1) + entry + struct.pack("<I", 0)
+    return data[:2] + b"\xff\xe1" + struct.pack(">H", len(exif) + 2) + exif + data[2:]
+
+
+def tiff_with_broken_tables() -> bytes:
+    """A JPEG-compressed TIFF without quantization tables: libjpeg (in libtiff) writes
+    "JPEGLib: Quantization table 0x00 was not defined." to fd 2."""
+    data = bytearray(encode_image(rgb_image(32, 32), "TIFF", compression="jpeg"))
+    directory = struct.unpack("<I", data[4:8])[0]
+    for index in range(struct.unpack("<H", data[directory : directory + 2])[0]):
+        at = directory + 2 + 12 * index
+        tag, _, count, offset = struct.unpack("<HHII", data[at : at + 12])
+        if tag == 347:  # JPEGTables: turn its DQT marker into a comment
+            data[offset + bytes(data[offset : offset + count]).index(b"\xff\xdb") + 1] = 0xFE
+    return bytes(data)
+
+
+def test_log_json_writes_only_json_lines_with_warnings_rate_limited(repo):  # noqa: F811
+    serve = ServeProcess("--models", str(repo), "--host", HOST, "--port", "0",
+                         "--metrics-port", "0", "--grace-seconds", "1")  # fmt: skip
+    try:
+        port = serve.wait_for(lambda r: "port" in r)["port"]
+        serve.wait_for(lambda r: r["message"].startswith("ready"))
+        with DensemapClient(f"{HOST}:{port}", timeout=30) as client:
+            for _ in range(4):
+                assert client.score(exif_jpeg(), model=TINY).maps
+                with pytest.raises(RemoteError) as caught:
+                    client.score(tiff_with_broken_tables(), model=TINY)
+                assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        serve.wait_for(lambda r: r["logger"] == "densemap.stderr" and "JPEGLib" in r["message"])
+        serve.process.send_signal(signal.SIGTERM)
+        assert serve.process.wait(30) == 0
+        serve.reader.join(10)
+    finally:
+        serve.stop()
+    records = [json.loads(line) for line in serve.raw if line.strip()]  # every line is JSON
+    warned = [r for r in records if r["logger"] == "py.warnings"]
+    assert len(warned) == 1 and "Tag data larger than file" in warned[0]["message"]
+    assert warned[0]["level"] == "warning" and "\n" not in warned[0]["message"]
+    from_c = [r for r in records if r["logger"] == "densemap.stderr" and "JPEGLib" in r["message"]]
+    assert len(from_c) == 1  # once per window, not once per request
+
+
+def test_rate_limit_lets_one_message_through_per_window():
+    now = [0.0]
+    limit = RateLimit(window=60, clock=lambda: now[0])
+    record = lambda text: logging.makeLogRecord(  # noqa: E731
+        {"name": "py.warnings", "msg": text, "levelno": logging.WARNING}
+    )
+    assert limit.filter(record("Corrupt EXIF data. Expecting 2 bytes, got 0"))
+    assert not limit.filter(record("Corrupt EXIF data. Expecting 8 bytes, got 1"))
+    assert not limit.filter(record("Corrupt EXIF data. Expecting 4 bytes, got 3"))
+    assert limit.filter(record("another warning"))
+    assert limit.filter(logging.makeLogRecord({"name": "densemap.server", "msg": "x"}))
+    now[0] = 61.0
+    later = record("Corrupt EXIF data. Expecting 2 bytes, got 0")
+    assert limit.filter(later) and later.suppressed == 2
+    assert "2 more like it in the last 60 s" in later.getMessage()

@@ -211,9 +211,9 @@ def test_drain_ends_an_open_stream_after_its_current_image(blocking_server):
     assert not drainer.is_alive()
 
 
-def test_open_health_watches_cannot_starve_health_checks(repo):  # noqa: F811
-    # workers 6: 2 admission slots; each open Watch holds a handler thread and a slot
-    srv, port = start_server(repo, workers=6)
+def test_open_health_watches_cannot_starve_health_checks_or_scoring(repo):  # noqa: F811
+    # each open Watch holds a stream thread, never a scoring slot; 2 per client address
+    srv, port = start_server(repo, workers=6, max_streams_per_peer=2)
     target = f"{HOST}:{port}"
     request = health_pb2.HealthCheckRequest(service="")
     try:
@@ -224,11 +224,32 @@ def test_open_health_watches_cannot_starve_health_checks(repo):  # noqa: F811
             with pytest.raises(grpc.RpcError) as caught:
                 next(watch(request, timeout=10))
             assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "--workers" in caught.value.details()
-            assert health_of(chan, "") == SERVING  # a reserved thread answers at once
+            assert "--max-streams-per-peer 2" in caught.value.details()
+            assert health_of(chan, "") == SERVING
+            assert srv.admission.admitted == 0
+            assert pb_grpc.DensemapStub(chan).Score(array_request(rgb_image()), timeout=30).maps
             for stream in watches:
                 stream.cancel()
-            wait_until(lambda: srv.admission.admitted == 0, timeout=5)
-            assert pb_grpc.DensemapStub(chan).Score(array_request(rgb_image()), timeout=30).maps
+            wait_until(lambda: srv.stream_limits.open == 0, timeout=5)
     finally:
         srv.stop()
+
+
+def test_calls_cut_when_the_grace_ends_get_our_words_not_cancelling_all_calls(blocking_server):
+    srv, chan, release, load, holder = blocking_server
+    load.set()
+    assert srv.wait_ready(20)
+    stub = pb_grpc.DensemapStub(chan)
+    running = stub.Score.future(array_request(rgb_image()), timeout=30)
+    wait_until(holder["repo"].get(TINY).started.is_set, what="the request to start")
+    queued = stub.Score.future(array_request(rgb_image()), timeout=30)
+    wait_until(lambda: srv.admission.counts(TINY) == (1, 1), what="the second to queue")
+    assert srv.drain(grace=0.2) is False
+    for call in (running, queued):
+        with pytest.raises(grpc.RpcError) as caught:
+            call.result(timeout=20)
+        assert caught.value.code() == Code.UNAVAILABLE
+        details = caught.value.details()
+        assert details.startswith("the server shut down before this call finished")
+        assert "drain grace of 0.2 s (--grace-seconds)" in details
+        assert "retry the call on another replica" in details

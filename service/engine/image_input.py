@@ -15,6 +15,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from service.contract import Preprocessing
 from service.errors import DensemapError, ImageTooLarge, InvalidImage
+from service.truncation import check_encoded, check_tiff_strips, truncated
 
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF")  # JPEG includes multi-picture (MPO) files
 RESAMPLE = Image.Resampling.BILINEAR
@@ -79,8 +80,10 @@ def _name_format(data: bytes) -> str:
 def decode(data: bytes, *, color: str, max_pixels: int) -> np.ndarray:
     """Encoded bytes -> uint8 HxWxC (HxWx1 for ``L``) in ``color`` order, EXIF orientation applied.
 
-    The pixel count is checked from the header before any pixel is decoded. Multi-frame
-    files (TIFF pages, animated WebP) give their first frame; alpha is dropped.
+    The pixel count is checked from the header before any pixel is decoded, and so is data
+    that ends before the size its header declares (``service.truncation``; Pillow's
+    ``LOAD_TRUNCATED_IMAGES`` is never set, so short data is refused, never padded).
+    Multi-frame files (TIFF pages, animated WebP) give their first frame; alpha is dropped.
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise InvalidImage(f"decode needs encoded image bytes, got {type(data).__name__}")
@@ -89,10 +92,13 @@ def decode(data: bytes, *, color: str, max_pixels: int) -> np.ndarray:
     Image.init()  # register every plugin, so ``formats`` below can name them all
     _allow_pillow_pixels(max_pixels)
     try:
+        check_encoded(data)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(bytes(data)), formats=FORMATS)
             _check_pixels(image.height, image.width, max_pixels)
+            if image.format == "TIFF":
+                check_tiff_strips(image, len(data))
             image.load()
             ImageOps.exif_transpose(image, in_place=True)  # in place: no full-size copy
             image = _to_8_bits(image)
@@ -120,6 +126,8 @@ def decode(data: bytes, *, color: str, max_pixels: int) -> np.ndarray:
             f"supported formats: {', '.join(FORMATS)} (convert it to PNG or JPEG)"
         ) from None
     except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, struct.error...)
+        if isinstance(exc, OSError) and "truncated" in str(exc):
+            raise truncated(str(exc)) from None
         raise InvalidImage(
             f"cannot decode the image ({type(exc).__name__}: {exc}); "
             f"supported formats: {', '.join(FORMATS)}"

@@ -7,8 +7,10 @@ Life cycle (:class:`DensemapServer`):
 2. Once the repository is loaded: readiness, "" and one health name per model SERVING.
 3. ``reload()`` (SIGHUP, ``poll_seconds``) re-reads the repository; a broken new model
    is logged and never replaces a working one.
-4. ``drain()`` (SIGTERM/SIGINT): readiness NOT_SERVING, new calls UNAVAILABLE, in-flight
-   calls finish within the grace period, then the server stops.
+4. ``drain()`` (SIGTERM/SIGINT): readiness NOT_SERVING, new calls UNAVAILABLE, idle
+   streams end, in-flight calls finish within the grace period; calls still running then
+   end with UNAVAILABLE saying the grace ended (at their next pass or tile, within
+   ``CUT_SECONDS``; gRPC cancels what is left), and the server stops.
 """
 
 from __future__ import annotations
@@ -27,17 +29,20 @@ from service.errors import InvalidOption, ModelLoadError
 from service.server import kserve_proto
 from service.server.auth import BearerTokenInterceptor
 from service.server.config import ServerConfig
+from service.server.control_pool import ControlPoolInterceptor
 from service.server.densemap_servicer import SERVICE_NAME, DensemapServicer, load_failures
 from service.server.kserve_servicer import KServeServicer
 from service.server.limits import Admission, ServingState
 from service.server.malformed import MalformedRequestInterceptor
 from service.server.metrics import ServerMetrics
 from service.server.scoring import Models, ScoringCore
-from service.server.stream_slots import StreamSlotInterceptor
+from service.server.status import NotServing
+from service.server.streams import StreamInterceptor, StreamLimits
 
 log = logging.getLogger("densemap.server")
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+CUT_SECONDS = 2.0  # after the grace: how long cut calls get to send their own status
 SERVICE_NAMES = (
     SERVICE_NAME,
     kserve_proto.SERVICE_NAME,
@@ -101,10 +106,23 @@ class DensemapServer:
             )
             options.append(("grpc.max_connection_age_grace_ms", int(1000 * config.grace_seconds)))
         interceptors = [BearerTokenInterceptor(config.auth_token)] if config.auth_token else []
+        # Outermost first: the handler gRPC sees names the pool a call runs on.
+        self._control = ControlPoolInterceptor()
+        interceptors.append(self._control)
+        self.stream_limits = StreamLimits(
+            max_streams=config.max_streams, max_per_peer=config.max_streams_per_peer
+        )
+        self._streams = StreamInterceptor(
+            self.stream_limits,
+            idle_seconds=config.stream_idle_seconds,
+            stopping=self._stopping_error,
+        )
+        interceptors.append(self._streams)
         interceptors.append(MalformedRequestInterceptor())
-        interceptors.append(StreamSlotInterceptor(self.admission))
         server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="densemap"),
+            futures.ThreadPoolExecutor(
+                max_workers=config.workers, thread_name_prefix="densemap-score"
+            ),
             interceptors=interceptors,
             options=options,
             maximum_concurrent_rpcs=config.workers * 4,
@@ -120,6 +138,15 @@ class DensemapServer:
             self.health.set(name, NOT_SERVING)
         self.health.set("liveness", SERVING)
         return server
+
+    def _stopping_error(self) -> NotServing | None:
+        """What ends an idle stream early: the server drains."""
+        if self.state.draining:
+            return NotServing(
+                "the server is shutting down: open a new stream on another replica or after "
+                "it restarts"
+            )
+        return None
 
     # -- life cycle -----------------------------------------------------------------------
     def start(self) -> int:
@@ -249,8 +276,15 @@ class DensemapServer:
         finished = self.state.wait_idle(grace)
         if not finished:
             log.warning(
-                "grace period over with %d call(s) in flight: cancelling them", self.state.active
+                "grace period over with %d call(s) in flight: ending them with UNAVAILABLE",
+                self.state.active,
             )
+            self.state.cut(
+                f"the server shut down before this call finished: its drain grace of {grace:g} s "
+                "(--grace-seconds) ended; retry the call on another replica or after the "
+                "server restarts, or give the server a longer --grace-seconds"
+            )
+            self.state.wait_idle(CUT_SECONDS)  # queued and running calls see the cut and end
         self.stop(grace=0)
         return finished
 
@@ -258,6 +292,8 @@ class DensemapServer:
         self._stopped.set()
         self.state.begin_drain()
         self._grpc.stop(grace).wait()
+        self._streams.shutdown()
+        self._control.shutdown()
         self.metrics.stop()
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:

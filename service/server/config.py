@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.engine.options import EngineConfig
+from service.engine.options import DEFAULT_MEMORY_BUDGET, EngineConfig
 from service.errors import InvalidOption
 
 DEFAULT_HOST = "0.0.0.0"
@@ -24,7 +24,22 @@ DEFAULT_MAX_QUEUE = 16  # requests waiting for a slot, per model; beyond: RESOUR
 DEFAULT_GRACE_SECONDS = 30.0  # drain time for in-flight calls on SIGTERM/SIGINT
 DEFAULT_POLL_SECONDS = 0.0  # 0: reload the repository only on SIGHUP
 DEFAULT_MAX_CONNECTION_AGE_SECONDS = 0.0  # 0: connections live forever
-RESERVED_WORKERS = 4  # handler threads kept free for health, metadata and listing calls
+DEFAULT_MAX_STREAMS = 16  # open streams (ScoreStream, health Watch, reflection) at once
+DEFAULT_MAX_STREAMS_PER_PEER = 4  # open streams from one client address
+DEFAULT_STREAM_IDLE_SECONDS = 60.0  # a stream that sends nothing this long is closed
+SERVER_BYTES_PER_PIXEL = 16  # decoded RGB uint8 (3) + its float32 copy (12), rounded up
+RESERVED_WORKERS = 4  # scoring threads beyond the admitted calls: refusals answer at once
+
+
+def server_max_pixels(memory_budget: int) -> int:
+    """The server's default pixel limit: what the memory budget holds decoded (64 M pixels,
+    8192 x 8192, at the default 1 GiB), not the engine's 256 M: a few hundred bytes can
+    declare that many pixels, and untrusted clients send them."""
+    return max(1, memory_budget // SERVER_BYTES_PER_PIXEL)
+
+
+def server_engine_config() -> EngineConfig:
+    return EngineConfig(max_pixels=server_max_pixels(DEFAULT_MEMORY_BUDGET))
 
 
 ENGINE_DEVICES = ("auto", "cpu", "cuda")  # the engine's; checked here so start-up fails fast
@@ -52,8 +67,11 @@ class ServerConfig:
     - ``host``/``port``: where gRPC listens; port 0 picks a free port.
     - ``metrics_port``: Prometheus HTTP port on the same host; 0 = off.
     - ``max_message_bytes``: max receive and send message size.
-    - ``workers``: gRPC handler threads; at most ``workers - RESERVED_WORKERS`` scoring
-      requests are admitted (running or queued) at once, so health always answers.
+    - ``workers``: scoring threads; at most ``workers - RESERVED_WORKERS`` scoring requests
+      (unary calls and stream images being scored) are admitted, running or queued, at once.
+    - ``max_streams``/``max_streams_per_peer``: open streams in all / from one client
+      address; they run on threads of their own. ``stream_idle_seconds``: a stream whose
+      client sends nothing for this long is closed.
     - ``max_in_flight``/``max_queue``: per model, engine calls running / waiting.
     - ``grace_seconds``: how long a drain lets in-flight calls finish.
     - ``poll_seconds``: reload the repository every N seconds (0 = only on SIGHUP).
@@ -61,7 +79,8 @@ class ServerConfig:
       clients re-resolve and spread over replicas (0 = never).
     - ``tls_cert``/``tls_key``: PEM files; both or neither. ``auth_token``: required bearer
       token (None = no auth).
-    - ``engine``: how models are loaded and run.
+    - ``engine``: how models are loaded and run; its ``max_pixels`` defaults to
+      :func:`server_max_pixels` of the memory budget.
     """
 
     models_dir: Path = DEFAULT_MODELS_DIR
@@ -72,13 +91,16 @@ class ServerConfig:
     workers: int = DEFAULT_WORKERS
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
     max_queue: int = DEFAULT_MAX_QUEUE
+    max_streams: int = DEFAULT_MAX_STREAMS
+    max_streams_per_peer: int = DEFAULT_MAX_STREAMS_PER_PEER
+    stream_idle_seconds: float = DEFAULT_STREAM_IDLE_SECONDS
     grace_seconds: float = DEFAULT_GRACE_SECONDS
     poll_seconds: float = DEFAULT_POLL_SECONDS
     max_connection_age_seconds: float = DEFAULT_MAX_CONNECTION_AGE_SECONDS
     tls_cert: Path | None = None
     tls_key: Path | None = None
     auth_token: str | None = None
-    engine: EngineConfig = field(default_factory=EngineConfig)
+    engine: EngineConfig = field(default_factory=server_engine_config)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "models_dir", Path(self.models_dir))
@@ -91,6 +113,12 @@ class ServerConfig:
             problems.append(f"workers must exceed {RESERVED_WORKERS} (got {self.workers})")
         if self.max_in_flight < 1 or self.max_queue < 0:
             problems.append("max_in_flight must be >= 1 and max_queue >= 0")
+        if self.max_streams < 1 or self.max_streams_per_peer < 1:
+            problems.append("max_streams and max_streams_per_peer must be >= 1")
+        if not (math.isfinite(self.stream_idle_seconds) and self.stream_idle_seconds > 0):
+            problems.append(
+                f"stream_idle_seconds must be finite and > 0 (got {self.stream_idle_seconds})"
+            )
         seconds = (self.grace_seconds, self.poll_seconds, self.max_connection_age_seconds)
         if not all(math.isfinite(value) and value >= 0 for value in seconds):
             problems.append(

@@ -82,38 +82,33 @@ class DensemapServicer(pb_grpc.DensemapServicer):
         )
 
     def ScoreStream(self, request_iterator, context) -> Iterator[pb.ScoreResponse]:
+        """Open streams are limited and time out in ``streams``; an image being scored holds
+        a scoring slot (``stream_item``), an idle stream none."""
         core = self._core
-        slot = core.admission.call_slot()
         try:
             core.state.check_serving()
             core.state.track(context)
-            slot.__enter__()
         except Exception as exc:
             abort(context, exc)
-        try:
-            for request in request_iterator:
-                call = Call(core, context, "densemap.ScoreStream")
-                response, code, message = core.stream_item(
-                    call, lambda c, r=request: self._score(c, r)
+        for request in request_iterator:
+            call = Call(core, context, "densemap.ScoreStream")
+            response, code, message = core.stream_item(call, lambda c, r=request: self._score(c, r))
+            if code in _FATAL:
+                context.abort(code, message)
+            if response is None:
+                response = pb.ScoreResponse(model=request.model, request_id=request.request_id)
+                response.error.code = code.value[0]
+                response.error.code_name = code.name
+                response.error.message = message
+            yield response
+            if core.state.draining:
+                abort(
+                    context,
+                    NotServing(
+                        "the server is shutting down: send the remaining images to "
+                        "another replica or after it restarts"
+                    ),
                 )
-                if code in _FATAL:
-                    context.abort(code, message)
-                if response is None:
-                    response = pb.ScoreResponse(model=request.model, request_id=request.request_id)
-                    response.error.code = code.value[0]
-                    response.error.code_name = code.name
-                    response.error.message = message
-                yield response
-                if core.state.draining:
-                    abort(
-                        context,
-                        NotServing(
-                            "the server is shutting down: send the remaining images to "
-                            "another replica or after it restarts"
-                        ),
-                    )
-        finally:
-            slot.__exit__(None, None, None)
 
     def ListModels(self, request, context):
         def list_models(call: Call) -> pb.ListModelsResponse:

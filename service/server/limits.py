@@ -2,9 +2,9 @@
 
 - :class:`ServingState`: whether new calls are accepted, and how many are in flight (a
   call counts until gRPC reports it terminated, so a drain waits for responses to be sent).
-- :class:`Admission`: a global cap on scoring calls (so health and listing calls always
-  find a handler thread), then per model a max in-flight count and a bounded FIFO queue.
-  Beyond both: RESOURCE_EXHAUSTED at once, never unbounded memory.
+- :class:`Admission`: a global cap on scoring calls (so each admitted call has a scoring
+  thread and refusals answer at once), then per model a max in-flight count and a bounded
+  FIFO queue. Beyond both: RESOURCE_EXHAUSTED at once, never unbounded memory.
 - :class:`CallGuard`: the ``cancel`` hook passed to ``Engine.score``; it turns a client
   that went away or a passed deadline into CANCELLED / DEADLINE_EXCEEDED.
 """
@@ -26,13 +26,17 @@ QUEUE_POLL_SECONDS = 0.05  # queued calls re-check cancellation and deadline thi
 
 
 class CallGuard:
-    """Cancel hook of one call: true once the client cancelled or the deadline passed."""
+    """Cancel hook of one call: true once the client cancelled, the deadline passed, or the
+    drain's grace ended (``ServingState.cut``)."""
 
-    def __init__(self, context: grpc.ServicerContext) -> None:
+    def __init__(self, context: grpc.ServicerContext, state: ServingState | None = None) -> None:
         self._context = context
+        self._state = state
         self._deadline_passed = False
 
     def __call__(self) -> bool:
+        if self._state is not None and self._state.cut_message is not None:
+            return True
         if self._context.time_remaining() <= 0:
             self._deadline_passed = True
             return True
@@ -41,7 +45,9 @@ class CallGuard:
     def remaining(self) -> float:
         return self._context.time_remaining()
 
-    def error(self) -> Cancelled:
+    def error(self) -> Cancelled | NotServing:
+        if self._state is not None and self._state.cut_message is not None:
+            return NotServing(self._state.cut_message)
         if self._deadline_passed:
             return DeadlineExceeded(
                 "the call's deadline passed before scoring finished: allow a longer deadline, "
@@ -62,6 +68,7 @@ class ServingState:
         self._cond = threading.Condition()
         self.ready = False
         self.draining = False
+        self.cut_message: str | None = None
         self._active = 0
 
     def set_ready(self, ready: bool) -> None:
@@ -71,6 +78,12 @@ class ServingState:
     def begin_drain(self) -> None:
         with self._cond:
             self.draining = True
+
+    def cut(self, message: str) -> None:
+        """The drain's grace ended: calls still running stop with UNAVAILABLE ``message``."""
+        with self._cond:
+            self.draining = True
+            self.cut_message = message
 
     def check_serving(self) -> None:
         if self.draining:
@@ -131,12 +144,12 @@ class Admission:
 
     @contextmanager
     def call_slot(self) -> Iterator[None]:
-        """A scoring call, a whole ScoreStream or a long-lived health Watch / reflection
-        stream (``stream_slots``) holds one of the global slots."""
+        """A scoring call, or one ScoreStream image while it is scored, holds one of the
+        global slots (open streams are limited apart, in ``streams``)."""
         with self._cond:
             if self._admitted >= self.max_admitted:
                 raise ServerBusy(
-                    f"the server already handles {self._admitted} scoring calls and open streams "
+                    f"the server already handles {self._admitted} scoring calls "
                     f"(limit {self.max_admitted}, from --workers): retry later with backoff"
                 )
             self._admitted += 1
@@ -179,7 +192,7 @@ class Admission:
 
     @property
     def admitted(self) -> int:
-        """Global slots held now (scoring calls, ScoreStreams, long-lived streams)."""
+        """Global slots held now (scoring calls and stream images being scored)."""
         return self._admitted
 
     def counts(self, model: str) -> tuple[int, int]:

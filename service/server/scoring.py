@@ -84,7 +84,7 @@ class Call:
 
     def score(self, engine, image, options: ScoreOptions) -> ScoreMap:
         """Engine.score behind the model's queue, with the call's cancel hook."""
-        guard = CallGuard(self.context)
+        guard = CallGuard(self.context, self._core.state)
         guard.check()  # a request whose deadline already passed is not started
         core = self._core
         with core.admission.model_slot(self.model, guard) as queued:
@@ -172,10 +172,12 @@ class ScoringCore:
             self.finish(call, code)
 
     def stream_item(self, call: Call, handler: Callable[[Call], T]) -> tuple[T | None, str, str]:
-        """Run one ScoreStream item: (result or None, status code name, message)."""
+        """Run one ScoreStream item, holding a scoring slot meanwhile: (result or None,
+        status code, message)."""
         code, message, result = grpc.StatusCode.OK, "", None
         try:
-            result = handler(call)
+            with self.admission.call_slot():
+                result = handler(call)
             self.check_response_size(result)
         except Exception as exc:
             result = None

@@ -44,6 +44,10 @@ class NotServing(DensemapError):
     """The server is still loading its models, or drains before shutting down."""
 
 
+class StreamIdle(DensemapError):
+    """A stream's client sent no request for --stream-idle-seconds: the stream is closed."""
+
+
 class DeadlineExceeded(Cancelled):
     """The caller's deadline passed before the work started or finished."""
 
@@ -67,6 +71,7 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (ResponseTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (MemoryError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (NotServing, grpc.StatusCode.UNAVAILABLE),
+    (StreamIdle, grpc.StatusCode.UNAVAILABLE),  # reopen a stream when there is work
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (Cancelled, grpc.StatusCode.CANCELLED),
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
