@@ -10,6 +10,7 @@ import os
 import re
 import sys
 
+from service.engine.repository import MODELS_HELP
 from service.errors import InvalidOption
 
 _SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -27,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="only files whose path (relative to the folder) matches, e.g. '*.png' (repeatable)",
     )
     model = parser.add_argument_group("model")
-    model.add_argument("--models", metavar="DIR", help="model repository (default: bundled)")
+    model.add_argument("--models", metavar="DIR", help=MODELS_HELP)
     model.add_argument("--model", default=None, metavar="NAME", help="model name (default: digits)")
     model.add_argument("--server", metavar="HOST:PORT", help="score through a 'densemap serve'")
     opts = parser.add_argument_group("scoring options (as the engine's)")

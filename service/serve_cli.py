@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from service.engine.options import DEFAULT_MAX_PIXELS, DEFAULT_MEMORY_BUDGET, EngineConfig
+from service.engine.repository import MODELS_HELP
 from service.server import config as defaults
 
 log = logging.getLogger("densemap.server")
@@ -54,15 +55,7 @@ def _add(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    _add(
-        parser,
-        "--models",
-        default=None,
-        type=Path,
-        metavar="DIR",
-        shown="./models",
-        help="model repository, one folder per model",
-    )
+    parser.add_argument("--models", type=Path, metavar="DIR", help=MODELS_HELP)
     _add(parser, "--host", default=defaults.DEFAULT_HOST, help="address to listen on")
     _add(
         parser,
@@ -211,11 +204,10 @@ def _configure_logging(args: argparse.Namespace) -> None:
 
 
 def build_config(args: argparse.Namespace):
-    from service.engine.repository import default_models_dir
     from service.server.config import ServerConfig
 
     return ServerConfig(
-        models_dir=args.models if args.models is not None else default_models_dir(),
+        models_dir=args.models,
         host=args.host,
         port=args.port,
         metrics_port=args.metrics_port,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -228,6 +229,20 @@ def test_unknown_model_is_a_clear_error(capsys, repo, tmp_path):
     code, _, stderr = score(capsys, str(tmp_path), "--out", str(tmp_path / "o"), "--models",
                             str(repo), "--model", "nope")  # fmt: skip
     assert code == 2 and "'nope'" in stderr and MODEL in stderr
+
+
+def test_only_the_model_asked_for_is_loaded(capsys, caplog, repo, tmp_path):
+    root = tmp_path / "models"
+    shutil.copytree(repo, root)
+    (root / "broken").mkdir()
+    (root / "broken" / "model.onnx").write_bytes(b"not onnx")
+    image = tmp_path / "in" / "a.png"
+    image.parent.mkdir()
+    image.write_bytes(encode(random_image(40, 50, 1), "PNG"))
+    code, stdout, stderr = score(capsys, str(image.parent), "--out", str(tmp_path / "o"),
+                                 "--models", str(root), "--model", MODEL)  # fmt: skip
+    assert code == 0 and "scored 1," in stdout
+    assert "broken" not in stderr + caplog.text  # the broken sibling was never opened
 
 
 def test_default_model_is_the_bundled_digits(capsys, tmp_path):

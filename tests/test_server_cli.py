@@ -127,6 +127,24 @@ def test_sighup_reloads_and_sigterm_drains_an_in_flight_request(repo, tmp_path):
         serve.stop()
 
 
+def test_a_broken_model_folder_is_logged_once(repo, tmp_path):  # noqa: F811
+    root = copy_repository(repo, tmp_path / "models", names=(TINY,))
+    (root / "broken").mkdir()
+    (root / "broken" / "model.onnx").write_bytes(b"not onnx")
+    serve = ServeProcess(
+        "--models", str(root), "--host", HOST, "--port", "0", "--metrics-port", "0"
+    )
+    try:
+        serve.wait_for(lambda r: r["message"].startswith("ready"))
+        serve.process.send_signal(signal.SIGHUP)  # unchanged files: not retried, not re-logged
+        serve.wait_for(lambda r: r["message"].startswith("reloaded"))
+        failures = [r for r in serve.records if "failed to load" in r["message"]]
+        assert len(failures) == 1 and failures[0]["model"] == "broken", failures
+        assert failures[0]["level"] == "error"
+    finally:
+        serve.stop()
+
+
 def test_sigint_with_no_traffic_exits_zero_quickly(repo):  # noqa: F811
     serve = ServeProcess(
         "--models", str(repo), "--host", HOST, "--port", "0", "--metrics-port", "0"
@@ -205,9 +223,11 @@ def test_every_flag_has_an_env_twin(monkeypatch, tmp_path):
 BUNDLED = Path(__file__).resolve().parent.parent / "models"
 
 
-def test_defaults_serve_the_bundled_repository_on_50051(monkeypatch):
+def test_defaults_serve_the_bundled_repository_on_50051(monkeypatch, tmp_path):
     monkeypatch.delenv("DENSEMAP_MODELS", raising=False)
-    monkeypatch.chdir(BUNDLED.parent)
+    (tmp_path / "models" / "other").mkdir(parents=True)  # the current folder plays no part
+    (tmp_path / "models" / "other" / "model.onnx").write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)
     config = build_config(build_parser().parse_args(["serve"]))
     assert config.models_dir.resolve() == BUNDLED and config.port == 50051
     assert config.metrics_port == 9090 and config.grace_seconds == 30.0

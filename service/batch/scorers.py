@@ -25,7 +25,7 @@ DEFAULT_MODEL = "digits"
 
 @dataclass(frozen=True)
 class ModelChoice:
-    """Which model to load: ``models_dir`` None means the bundled default repository."""
+    """Which model to load: ``models_dir`` None means ``default_models_dir()``."""
 
     model: str = DEFAULT_MODEL
     models_dir: str | None = None
@@ -54,12 +54,11 @@ class EngineScorer:
 
 
 def open_engine_scorer(choice: ModelChoice) -> EngineScorer:
-    """Load ``choice.model`` from its repository (raises ModelNotFound / ModelLoadError)."""
-    from service.engine.repository import ModelRepository, default_models_dir
+    """Load ``choice.model``, and only it, from its repository (ModelNotFound, ModelLoadError)."""
+    from service.engine.repository import default_models_dir, load_model
 
     root = choice.models_dir or default_models_dir()
-    repository = ModelRepository(root, config=choice.engine)
-    return EngineScorer(repository.get(choice.model))
+    return EngineScorer(load_model(root, choice.model, config=choice.engine))
 
 
 class RemoteScorer:
