@@ -231,6 +231,31 @@ def test_unknown_model_is_a_clear_error(capsys, repo, tmp_path):
     assert code == 2 and "'nope'" in stderr and MODEL in stderr
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            ("--output-stride", "3"),
+            "--output-stride 3 is not offered by model 'tiny': use one of 4, 2, 1",
+        ),
+        (("--output-stride", "0"), "--output-stride 0 is not offered"),
+        (("--top-k", "20"), "--top-k 20 is more than the 5 classes of model 'tiny': use at most 5"),
+    ],
+)
+def test_an_option_wrong_for_every_image_is_one_usage_error(
+    capsys, repo, mixed, tmp_path, flags, message
+):
+    folder, _ = mixed
+    out = tmp_path / "out"
+    code, stdout, stderr = score(capsys, str(folder), "--out", str(out), "--models", str(repo),
+                                 "--model", MODEL, *flags)  # fmt: skip
+    assert code == 2
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("densemap score: error: --")
+    assert message in stderr and "None" not in stderr and "Traceback" not in stderr
+    assert stdout == "" and not out.exists()  # refused before any image or output
+
+
 def test_only_the_model_asked_for_is_loaded(capsys, caplog, repo, tmp_path):
     root = tmp_path / "models"
     shutil.copytree(repo, root)

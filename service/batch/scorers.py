@@ -40,6 +40,10 @@ class EngineScorer:
         self.model_name: str = engine.name
         self.labels: tuple[str, ...] = tuple(engine.labels)
         self.color: str = engine.metadata.preprocessing.color
+        self.num_classes: int = engine.num_classes
+        self.output_kind: str = engine.metadata.output_kind
+        self.native_stride: tuple[int, int] = tuple(engine.metadata.geometry.stride)
+        self.supported_strides: tuple[int, ...] = tuple(engine.supported_strides)
 
     def decode(self, data: bytes) -> np.ndarray:
         return self.engine.decode(data)
@@ -70,6 +74,10 @@ class RemoteScorer:
         self.model_name: str = info.name
         self.labels: tuple[str, ...] = tuple(info.labels)
         self.color: str = info.preprocessing.color
+        self.num_classes: int = info.num_classes
+        self.output_kind: str = info.output_kind
+        self.native_stride: tuple[int, int] = tuple(info.geometry.stride)
+        self.supported_strides: tuple[int, ...] = tuple(info.supported_strides)
 
     def decode(self, data: bytes) -> bytes:
         return data  # the server decodes; RemoteError(INVALID_ARGUMENT) names the problem
