@@ -256,6 +256,18 @@ def test_an_option_wrong_for_every_image_is_one_usage_error(
     assert stdout == "" and not out.exists()  # refused before any image or output
 
 
+def test_a_gif_in_a_folder_is_scored_from_its_first_frame(capsys, repo, engine, tmp_path):
+    (tmp_path / "in").mkdir()
+    frames = [Image.fromarray(random_image(40, 50, seed)).quantize(colors=16) for seed in (1, 2)]
+    frames[0].save(tmp_path / "in" / "anim.gif", save_all=True, append_images=frames[1:])
+    code, stdout, stderr = score(capsys, str(tmp_path / "in"), "--out", str(tmp_path / "o"),
+                                 "--models", str(repo), "--model", MODEL)  # fmt: skip
+    assert code == 0 and "scored 1, skipped 0, failed 0 of 1" in stdout, stderr
+    result, _ = load_result(tmp_path / "o" / "anim.gif.npz")
+    first = np.asarray(frames[0].convert("RGB"))
+    np.testing.assert_array_equal(result.maps[0].scores, engine.score(first).maps[0].scores)
+
+
 def test_only_the_model_asked_for_is_loaded(capsys, caplog, repo, tmp_path):
     root = tmp_path / "models"
     shutil.copytree(repo, root)

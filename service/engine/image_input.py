@@ -16,7 +16,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from service.contract import Preprocessing
 from service.errors import DensemapError, ImageTooLarge, InvalidImage
 
-FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF")  # JPEG includes multi-picture (MPO) files
+# JPEG includes multi-picture (MPO) files; PPM reads .pbm/.pgm/.ppm. The file walker's
+# extensions (service/batch/walk.py) list only these formats.
+FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF", "PPM")
 RESAMPLE = Image.Resampling.BILINEAR
 RESAMPLE_NAME = "bilinear (Pillow Image.resize, BILINEAR; antialiased when downscaling)"
 
@@ -66,7 +68,7 @@ def _convert(image: Image.Image, mode: str) -> Image.Image:
 
 
 def _name_format(data: bytes) -> str:
-    """' (GIF)' when Pillow knows the format although the engine does not read it, else ''."""
+    """' (PCX)' when Pillow knows the format although the engine does not read it, else ''."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -80,12 +82,12 @@ def decode(data: bytes, *, color: str, max_pixels: int) -> np.ndarray:
     """Encoded bytes -> uint8 HxWxC (HxWx1 for ``L``) in ``color`` order, EXIF orientation applied.
 
     The pixel count is checked from the header before any pixel is decoded. Multi-frame
-    files (TIFF pages, animated WebP) give their first frame; alpha is dropped.
+    files (TIFF pages, animated WebP and GIF) give their first frame; alpha is dropped.
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise InvalidImage(f"decode needs encoded image bytes, got {type(data).__name__}")
     if len(data) == 0:
-        raise InvalidImage("image bytes are empty: send an encoded PNG, JPEG, WebP, BMP or TIFF")
+        raise InvalidImage(f"image bytes are empty: send an encoded image ({', '.join(FORMATS)})")
     Image.init()  # register every plugin, so ``formats`` below can name them all
     _allow_pillow_pixels(max_pixels)
     try:
