@@ -144,10 +144,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     _add(
         parser,
-        "--memory-budget-mb",
-        default=DEFAULT_MEMORY_BUDGET // MIB,
-        type=int,
-        help="activation memory per pass before the engine tiles, MiB",
+        "--memory-budget",
+        default=f"{DEFAULT_MEMORY_BUDGET >> 30}G",
+        metavar="SIZE",
+        help="activation memory per pass before the engine tiles: bytes, or 512M, 2G",
     )
     parser.add_argument(
         "--no-tiling",
@@ -204,6 +204,7 @@ def _configure_logging(args: argparse.Namespace) -> None:
 
 
 def build_config(args: argparse.Namespace):
+    from service.score_cli import parse_bytes
     from service.server.config import ServerConfig
 
     return ServerConfig(
@@ -225,7 +226,7 @@ def build_config(args: argparse.Namespace):
             device=args.device,
             intra_op_threads=args.threads,
             max_pixels=args.max_pixels,
-            memory_budget=args.memory_budget_mb * MIB,
+            memory_budget=parse_bytes(args.memory_budget),
             tiling=not args.no_tiling,
             tf32=args.tf32,
         ),

@@ -188,7 +188,7 @@ def test_every_flag_has_an_env_twin(monkeypatch, tmp_path):
         "DENSEMAP_DEVICE": "cpu",
         "DENSEMAP_THREADS": "1",
         "DENSEMAP_MAX_PIXELS": "1000000",
-        "DENSEMAP_MEMORY_BUDGET_MB": "32",
+        "DENSEMAP_MEMORY_BUDGET": "32M",
         "DENSEMAP_NO_TILING": "1",
         "DENSEMAP_TF32": "1",
         "DENSEMAP_LOG_JSON": "true",
@@ -216,7 +216,11 @@ def test_every_flag_has_an_env_twin(monkeypatch, tmp_path):
     assert (args.port, args.max_queue) == (7000, 1)
     # every flag of `densemap serve` is covered above
     serve_parser = build_parser()._subparsers._group_actions[0].choices["serve"]
-    flags = {a.option_strings[0] for a in serve_parser._actions if a.option_strings[0] != "-h"}
+    flags = {
+        a.option_strings[0]
+        for a in serve_parser._actions
+        if a.option_strings[0] not in ("-h", "--debug")
+    }
     assert {"DENSEMAP_" + f[2:].replace("-", "_").upper() for f in flags} == set(env)
 
 

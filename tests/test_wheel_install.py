@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 from packaging.requirements import Requirement
 
+from service import __version__
 from service.batch.outputs import load_result
 from service.client import DensemapClient
 
@@ -117,6 +118,8 @@ def test_the_wheel_holds_the_model_and_runs_without_torch(venv, tmp_path):
                 "print(u.find_spec('torch'), u.find_spec('ray'))", cwd=tmp_path)  # fmt: skip
     where, missing = probe.stdout.splitlines()
     assert where.startswith(str(venv)) and missing == "None None"
+    version = run(str(venv / "bin" / "densemap"), "--version", cwd=tmp_path, env=fresh_env())
+    assert version.stdout == f"densemap {__version__}\n"
 
 
 def test_score_from_an_empty_folder_uses_the_bundled_model(venv, tmp_path):
