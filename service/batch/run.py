@@ -30,7 +30,7 @@ class RayConfig:
     address: str | None = None  # None: RAY_ADDRESS or a new local cluster; "auto"; ray://...
     actors: int | None = None  # None: one per GPU with gpus, else one per node
     gpus: bool = False
-    actor_cpus: float = 0.5  # >= 1 with few CPUs deadlocks Ray Data (shared/NOTES.md section 8)
+    actor_cpus: float = 0.5  # >= 1 with few CPUs deadlocks Ray Data (docs/score.md, "Ray Data")
     batch_size: int = 4
 
 
