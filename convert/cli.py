@@ -31,12 +31,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", help="a reference architecture (lenet5, alexnet, vgg16, ...)")
     parser.add_argument("--weights", type=Path, help="state_dict (.pth) for --arch")
     parser.add_argument("--num-classes", type=int, help="classes of --arch (default: its own)")
-    parser.add_argument("--input-size", help="training window of --arch: 224 or HxW")
+    parser.add_argument(
+        "--input-size", help="training window of --arch: 224 or HxW (default: the arch's own)"
+    )
     parser.add_argument("-o", "--output", type=Path, required=True, help="dense ONNX to write")
     parser.add_argument("--labels", type=Path, help="text file, one class label per line")
     parser.add_argument("--preprocessing", type=Path, help="JSON: layout, color, scale, mean, std")
     parser.add_argument(
-        "--strides", help="output strides to provide, e.g. 32,16,8 (à-trous variants)"
+        "--strides",
+        help="output strides to provide, e.g. 32,16,8 (à-trous variants; default: the native "
+        "stride only)",
     )
     parser.add_argument(
         "--flatten-order",
@@ -104,8 +108,15 @@ def read_preprocessing(path: Path | None):
 
 
 def _check_arguments(args) -> None:
-    if (args.classifier is None) == (args.arch is None):
-        raise ConversionError("give either an ONNX classifier file or --arch NAME (not both)")
+    if args.classifier is None and args.arch is None:
+        raise ConversionError(
+            "nothing to convert: give an ONNX classifier file (densemap convert model.onnx "
+            "-o dense.onnx) or a torch architecture (--arch NAME --weights FILE.pth)"
+        )
+    if args.classifier is not None and args.arch is not None:
+        raise ConversionError(
+            f"give an ONNX classifier file ({args.classifier}) or --arch {args.arch}, not both"
+        )
     if args.arch is None:
         extra = [
             flag

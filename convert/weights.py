@@ -125,6 +125,25 @@ def _fill_batchnorm_counters(model: nn.Module, state: dict) -> dict:
     return filled
 
 
+def _shape_hint(model: nn.Module, state: dict) -> str:
+    """Which flag fixes shape mismatches: --input-size (a first FC layer sized by the
+    window, e.g. LeNet-5's), --num-classes (the last layer), else --arch."""
+    expected = model.state_dict()
+    keys = [k for k in expected if state[k].shape != expected[k].shape]
+    weights = [
+        (tuple(state[k].shape), tuple(expected[k].shape)) for k in keys if k.endswith("weight")
+    ]
+    if weights and all(len(f) == 2 and f[0] == m[0] and f[1] != m[1] for f, m in weights):
+        return (
+            "The first fully-connected layer takes another number of inputs: the weights were "
+            "trained at another window size; pass it with --input-size (N or HxW)"
+        )
+    last = [k for k in expected if k.endswith("weight")][-1]
+    if all(k.rsplit(".", 1)[0] == last.rsplit(".", 1)[0] for k in keys):
+        return "Only the last layer differs: pass the file's class count with --num-classes"
+    return "Check --arch, --num-classes and --input-size"
+
+
 def _check_keys_and_shapes(model: nn.Module, state: dict, path) -> None:
     expected = model.state_dict()
     missing = [key for key in expected if key not in state]
@@ -147,7 +166,7 @@ def _check_keys_and_shapes(model: nn.Module, state: dict, path) -> None:
             parts.append(f"{len(items)} {label} ({', '.join(items[:SHOWN])}{more})")
     hint = "Check --arch (and --num-classes)"
     if mismatched and not missing and not unexpected:
-        hint = "If only the last layer differs, pass the file's class count with --num-classes"
+        hint = _shape_hint(model, state)
     raise ConversionError(
         f"weights {path} do not match the architecture ({type(model).__name__}): "
         f"{'; '.join(parts)}. {hint}."

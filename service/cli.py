@@ -12,7 +12,15 @@ import importlib
 import logging
 import sys
 
+from service import __version__
 from service.errors import DensemapError
+
+DESCRIPTION = (
+    "Dense CNN scoring: convert a window classifier into a fully-convolutional ONNX model, "
+    "serve its exact score maps over gRPC, and score image files and folders."
+)
+EPILOG = "Run 'densemap COMMAND --help' for the options of a command (with their defaults)."
+DEBUG_HELP = "show tracebacks and debug logs (before or after the command)"
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -25,9 +33,30 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Appends each option's default to its help, unless the help states it already or the
+    option has none (an off switch, an unset value)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text, default = action.help or "", action.default
+        if (
+            "default" in text
+            or not action.option_strings
+            or default is None
+            or default is False
+            or default is argparse.SUPPRESS
+            or default == []
+        ):
+            return text
+        return f"{text} (default: {default})"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="densemap", description=__doc__.splitlines()[0])
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser = argparse.ArgumentParser(
+        prog="densemap", description=DESCRIPTION, epilog=EPILOG, formatter_class=HelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"densemap {__version__}")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         try:
@@ -36,8 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
             if not exc.name or not module_name.startswith(exc.name):
                 raise
             continue
-        sp = sub.add_parser(name, help=help_text, description=help_text)
+        sp = sub.add_parser(
+            name, help=help_text, description=help_text, formatter_class=HelpFormatter
+        )
         module.add_arguments(sp)
+        # SUPPRESS: given here it sets args.debug; absent, the top-level value stays.
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
         sp.set_defaults(_run=module.run)
     return parser
 

@@ -11,6 +11,7 @@ import re
 import sys
 
 from service.engine.options import AVAILABLE_PRECISIONS
+from service.engine.repository import MODELS_HELP
 from service.errors import InvalidOption
 
 _SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -28,15 +29,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="only files whose path (relative to the folder) matches, e.g. '*.png' (repeatable)",
     )
     model = parser.add_argument_group("model")
-    model.add_argument("--models", metavar="DIR", help="model repository (default: bundled)")
+    model.add_argument("--models", metavar="DIR", help=MODELS_HELP)
     model.add_argument("--model", default=None, metavar="NAME", help="model name (default: digits)")
     model.add_argument("--server", metavar="HOST:PORT", help="score through a 'densemap serve'")
     opts = parser.add_argument_group("scoring options (as the engine's)")
-    opts.add_argument("--output-stride", type=int, metavar="N", help="output stride (S/k)")
+    opts.add_argument(
+        "--output-stride",
+        type=int,
+        metavar="N",
+        help="output stride S/k (default: the model's stride S)",
+    )
     opts.add_argument("--scales", default="1", metavar="LIST", help="image scales, e.g. 1,1.5")
     opts.add_argument("--logits", action="store_true", help="raw logits instead of probabilities")
     opts.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="map dtype")
-    opts.add_argument("--top-k", type=int, default=0, metavar="K", help="per-cell top-k classes")
+    opts.add_argument(
+        "--top-k", type=int, default=0, metavar="K", help="per-cell top-k classes; 0: off"
+    )
     opts.add_argument(
         "--precision",
         choices=AVAILABLE_PRECISIONS,
@@ -45,8 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     opts.add_argument(
         "--memory-budget",
-        metavar="BYTES",
-        help="activation bytes per pass before tiling (512M, 2G)",
+        metavar="SIZE",
+        help="activation memory per pass before the engine tiles: bytes, or 512M, 2G (default: 1G)",
     )
     out = parser.add_argument_group("outputs")
     out.add_argument("--heatmap", action="store_true", help="also write a PNG overlay per image")
@@ -57,14 +65,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     out.add_argument("--overwrite", action="store_true", help="redo images whose outputs exist")
     run = parser.add_argument_group("execution")
-    run.add_argument("--workers", type=int, metavar="N", help="decode/write threads (Ray: actors)")
+    run.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="decode/write threads (default: min(4, CPUs)); with --ray, actors "
+        "(default: one per node, or per GPU with --gpus)",
+    )
     run.add_argument(
         "--ray",
         nargs="?",
         const="",
         default=None,
         metavar="ADDRESS",
-        help="run on Ray Data: no address = RAY_ADDRESS or a local cluster; 'auto'; ray://HOST:10001",
+        help="run on Ray Data; ADDRESS: 'auto', HOST:PORT or ray://HOST:10001 "
+        "(default without ADDRESS: $RAY_ADDRESS, else a local cluster)",
     )
     run.add_argument("--gpus", action="store_true", help="Ray: one GPU per actor")
 

@@ -17,6 +17,7 @@ import threading
 from pathlib import Path
 
 from service.engine.options import AVAILABLE_PRECISIONS, DEFAULT_MEMORY_BUDGET, EngineConfig
+from service.engine.repository import MODELS_HELP
 from service.server import config as defaults
 
 log = logging.getLogger("densemap.server")
@@ -52,15 +53,7 @@ def _add(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    _add(
-        parser,
-        "--models",
-        default=None,
-        type=Path,
-        metavar="DIR",
-        shown="./models",
-        help="model repository, one folder per model",
-    )
+    parser.add_argument("--models", type=Path, metavar="DIR", help=MODELS_HELP)
     _add(parser, "--host", default=defaults.DEFAULT_HOST, help="address to listen on")
     _add(
         parser,
@@ -173,11 +166,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     _add(
         parser,
-        "--memory-budget-mb",
+        "--memory-budget",
         default=None,
-        type=int,
-        shown=f"{DEFAULT_MEMORY_BUDGET // MIB} on CPU, half the free GPU memory on CUDA",
-        help="activation memory per pass before the engine tiles, MiB",
+        metavar="SIZE",
+        shown=f"{DEFAULT_MEMORY_BUDGET >> 30}G on CPU, half the free GPU memory on CUDA",
+        help="activation memory per pass before the engine tiles: bytes, or 512M, 2G",
     )
     _add(
         parser,
@@ -222,12 +215,12 @@ def _configure_logging(args: argparse.Namespace) -> None:
 
 
 def build_config(args: argparse.Namespace):
-    from service.engine.repository import default_models_dir
+    from service.score_cli import parse_bytes
     from service.server.config import ServerConfig
 
-    budget = None if args.memory_budget_mb is None else args.memory_budget_mb * MIB
+    budget = None if args.memory_budget is None else parse_bytes(args.memory_budget)
     return ServerConfig(
-        models_dir=args.models if args.models is not None else default_models_dir(),
+        models_dir=args.models,
         host=args.host,
         port=args.port,
         metrics_port=args.metrics_port,

@@ -128,7 +128,7 @@ def test_old_opset_is_upgraded_for_dilated_average_pool():
 
 
 def test_padded_atrous_equals_dense_pass_on_even_cells():
-    # NOTES 2: with padding, à trous equals the plain dense pass on its even cells
+    # README, Exactness: with padding, à trous equals the plain dense pass on its even cells
     g = GraphBuilder(3)
     g.conv(4, 3, pad=1)
     g.pool("MaxPool", 2, 2)

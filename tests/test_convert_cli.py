@@ -102,6 +102,26 @@ def test_pth_with_wrong_keys(lenet_weights, tmp_path):
     assert os.listdir(tmp_path) == ["wrong.pth"]
 
 
+@pytest.mark.parametrize(
+    ("flags", "hint", "wrong"),
+    [
+        (
+            ["--input-size", "40"],
+            "trained at another window size; pass it with --input-size",
+            "--num-classes",
+        ),
+        (["--num-classes", "7"], "pass the file's class count with --num-classes", "--input-size"),
+    ],
+)
+def test_shape_mismatch_names_the_flag_that_fixes_it(
+    lenet_weights, tmp_path, capsys, flags, hint, wrong
+):
+    code, captured = _run_in_process(
+        ["--arch", "lenet5", "--weights", lenet_weights, *flags, "-o", tmp_path / "x.onnx"], capsys
+    )
+    assert code == 2 and hint in captured.err and wrong not in captured.err, captured.err
+
+
 def _run_in_process(argv, capsys):
     code = main(["convert", *map(str, argv)])
     return code, capsys.readouterr()
@@ -110,8 +130,8 @@ def _run_in_process(argv, capsys):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        ([], "either an ONNX classifier file or --arch"),
-        (["CLS", "--arch", "lenet5"], "not both"),
+        ([], "nothing to convert: give an ONNX classifier file .* or a torch architecture"),
+        (["CLS", "--arch", "lenet5"], "or --arch lenet5, not both"),
         (["CLS", "--weights", "w.pth"], "--weights only apply with --arch"),
         (["--arch", "lenet5", "--flatten-order", "hwc"], "only applies to ONNX classifiers"),
         (["--arch", "nonet"], "unknown architecture 'nonet'"),

@@ -231,7 +231,7 @@ def test_flatten_order_contradicting_the_graph_is_refused():
 def test_resnet18_onnx_path_matches_the_converted_torch_module():
     """Issue 7: a torchvision-layout ResNet-18 (padded, BatchNorm folded by the legacy
     exporter, GAP head) through the ONNX path equals the converted torch module in fp32;
-    its à-trous variant equals the dense map on its even cells (NOTES 2, padded nets)."""
+    its à-trous variant equals the dense map on its even cells (README, Exactness: padded nets)."""
     from convert import archs, fully_convolutional
     from convert.atrous import make_atrous
 

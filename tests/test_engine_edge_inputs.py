@@ -69,8 +69,8 @@ def test_32_bit_and_float_images_are_refused(engine, mode):
 
 
 def test_unsupported_format_is_named(engine, image):
-    with pytest.raises(InvalidImage, match=r"\(GIF\).*supported formats") as caught:
-        engine.score(save(Image.fromarray(image), "GIF"))
+    with pytest.raises(InvalidImage, match=r"\(PCX\).*supported formats") as caught:
+        engine.score(save(Image.fromarray(image), "PCX"))
     assert "BytesIO" not in str(caught.value)
     with pytest.raises(InvalidImage, match="cannot decode"):
         engine.score(b"<svg xmlns='http://www.w3.org/2000/svg' width='40' height='40'/>")
@@ -78,9 +78,28 @@ def test_unsupported_format_is_named(engine, image):
 
 def test_multi_frame_files_give_their_first_frame(engine):
     frames = [Image.fromarray(np.full((30, 41, 3), v, np.uint8)) for v in (10, 200)]
-    for fmt, params in (("TIFF", {}), ("WEBP", {"lossless": True})):
+    for fmt, params in (("TIFF", {}), ("WEBP", {"lossless": True}), ("GIF", {})):
         data = save(frames[0], fmt, save_all=True, append_images=frames[1:], **params)
         assert np.all(engine.decode(data) == 10), fmt
+
+
+def test_gif_and_pgm_decode_to_their_pixels(engine, image):
+    palette = Image.fromarray(image).quantize(colors=32)  # a GIF holds palette images exactly
+    data = save(palette, "GIF")
+    np.testing.assert_array_equal(engine.decode(data), np.asarray(palette.convert("RGB")))
+    grey = image[:, :, 0]
+    pixels = decode(save(Image.fromarray(grey), "PPM"), color="L", max_pixels=10**6)
+    np.testing.assert_array_equal(pixels[:, :, 0], grey)
+
+
+def test_every_listed_extension_is_a_format_the_engine_decodes():
+    from service.batch.walk import IMAGE_EXTENSIONS
+    from service.engine.image_input import FORMATS
+
+    Image.init()
+    listed = {Image.EXTENSION[ext] for ext in IMAGE_EXTENSIONS}
+    assert listed - {"MPO"} <= set(FORMATS), listed - set(FORMATS)
+    assert set(FORMATS) <= listed  # and every decoded format is found in folders
 
 
 @pytest.mark.parametrize("orientation", range(2, 9))

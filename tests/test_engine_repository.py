@@ -17,7 +17,8 @@ from onnx import TensorProto, helper
 
 from service.engine import EngineConfig, ModelRepository, default_models_dir
 from service.engine.memory import ActivationEstimator
-from service.errors import ModelNotFound
+from service.engine.repository import bundled_models_dir, load_model
+from service.errors import ModelLoadError, ModelNotFound
 
 CONFIG = EngineConfig(warmup=False)
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -98,14 +99,48 @@ def test_labels_file_overrides_metadata(tmp_path, built):
     assert repo.get("alpha").labels == ("cat", "dog", "bird")
 
 
-def test_default_models_dir(tmp_path, monkeypatch, built):
+def test_default_models_dir_is_the_env_else_the_bundled_one_never_the_cwd(
+    tmp_path, monkeypatch, built
+):
     monkeypatch.setenv("DENSEMAP_MODELS", str(tmp_path / "env"))
     assert default_models_dir() == tmp_path / "env"
     monkeypatch.delenv("DENSEMAP_MODELS")
     monkeypatch.chdir(tmp_path)
+    assert default_models_dir() == bundled_models_dir() == REPO_ROOT / "models"
+    install(tmp_path / "models", "alpha", built[0])  # a ./models of the user's changes nothing
     assert default_models_dir() == REPO_ROOT / "models"
-    install(tmp_path / "models", "alpha", built[0])
-    assert default_models_dir() == tmp_path / "models"
+    assert (default_models_dir() / "digits" / "model.onnx").is_file()
+
+
+def test_load_model_reads_only_the_named_folder(tmp_path, built, caplog):
+    install(tmp_path, "alpha", built[0])
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "model.onnx").write_bytes(b"not onnx")
+    with caplog.at_level("DEBUG"):
+        engine = load_model(tmp_path, "alpha", config=CONFIG)
+    assert engine.name == "alpha" and engine.num_classes == 5
+    assert "broken" not in caplog.text  # the broken sibling was never opened
+    with pytest.raises(
+        ModelNotFound, match=r"'nope' is not in the repository .*available: alpha, broken"
+    ):
+        load_model(tmp_path, "nope", config=CONFIG)
+    with pytest.raises(ModelLoadError):
+        load_model(tmp_path, "broken", config=CONFIG)
+    with pytest.raises(ModelNotFound, match="cannot be read .*--models DIR"):
+        load_model(tmp_path / "missing", "alpha", config=CONFIG)
+
+
+def test_a_failed_model_is_logged_once_per_change(tmp_path, built, caplog):
+    install(tmp_path, "alpha", built[0])
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "model.onnx").write_bytes(b"not onnx")
+    with caplog.at_level("ERROR"):
+        repo = ModelRepository(tmp_path, config=CONFIG)
+        repo.reload()  # unchanged files: no retry, no second line
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [
+        "model 'broken' failed to load"
+    ]
+    assert repo.names == ["alpha"] and "broken" in repo.errors
 
 
 def test_activation_estimate_of_a_known_graph():

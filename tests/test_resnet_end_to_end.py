@@ -68,7 +68,7 @@ def test_resnet_pth_converts_and_the_engine_matches_the_torch_module(resnet):
     assert logits.shape == expected.shape == (10, 4, 3)
     np.testing.assert_allclose(logits, expected, rtol=0, atol=RTOL * np.abs(expected).max())
     # à trous at S/2 equals the plain dense pass on its even cells (padded nets too: the
-    # artificial border does not move, NOTES section 2)
+    # artificial border does not move; README, Exactness)
     fine = engine.score(image, ScoreOptions(output_stride=16, probabilities=False)).maps[0]
     assert fine.scores.shape[1:] == ((image.shape[0] - WINDOW) // 16 + 1, (150 - WINDOW) // 16 + 1)
     np.testing.assert_allclose(fine.scores[:, ::2, ::2], logits, rtol=0, atol=1e-5)

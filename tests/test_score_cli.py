@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -228,6 +229,57 @@ def test_unknown_model_is_a_clear_error(capsys, repo, tmp_path):
     code, _, stderr = score(capsys, str(tmp_path), "--out", str(tmp_path / "o"), "--models",
                             str(repo), "--model", "nope")  # fmt: skip
     assert code == 2 and "'nope'" in stderr and MODEL in stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            ("--output-stride", "3"),
+            "--output-stride 3 is not offered by model 'tiny': use one of 4, 2, 1",
+        ),
+        (("--output-stride", "0"), "--output-stride 0 is not offered"),
+        (("--top-k", "20"), "--top-k 20 is more than the 5 classes of model 'tiny': use at most 5"),
+    ],
+)
+def test_an_option_wrong_for_every_image_is_one_usage_error(
+    capsys, repo, mixed, tmp_path, flags, message
+):
+    folder, _ = mixed
+    out = tmp_path / "out"
+    code, stdout, stderr = score(capsys, str(folder), "--out", str(out), "--models", str(repo),
+                                 "--model", MODEL, *flags)  # fmt: skip
+    assert code == 2
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("densemap score: error: --")
+    assert message in stderr and "None" not in stderr and "Traceback" not in stderr
+    assert stdout == "" and not out.exists()  # refused before any image or output
+
+
+def test_a_gif_in_a_folder_is_scored_from_its_first_frame(capsys, repo, engine, tmp_path):
+    (tmp_path / "in").mkdir()
+    frames = [Image.fromarray(random_image(40, 50, seed)).quantize(colors=16) for seed in (1, 2)]
+    frames[0].save(tmp_path / "in" / "anim.gif", save_all=True, append_images=frames[1:])
+    code, stdout, stderr = score(capsys, str(tmp_path / "in"), "--out", str(tmp_path / "o"),
+                                 "--models", str(repo), "--model", MODEL)  # fmt: skip
+    assert code == 0 and "scored 1, skipped 0, failed 0 of 1" in stdout, stderr
+    result, _ = load_result(tmp_path / "o" / "anim.gif.npz")
+    first = np.asarray(frames[0].convert("RGB"))
+    np.testing.assert_array_equal(result.maps[0].scores, engine.score(first).maps[0].scores)
+
+
+def test_only_the_model_asked_for_is_loaded(capsys, caplog, repo, tmp_path):
+    root = tmp_path / "models"
+    shutil.copytree(repo, root)
+    (root / "broken").mkdir()
+    (root / "broken" / "model.onnx").write_bytes(b"not onnx")
+    image = tmp_path / "in" / "a.png"
+    image.parent.mkdir()
+    image.write_bytes(encode(random_image(40, 50, 1), "PNG"))
+    code, stdout, stderr = score(capsys, str(image.parent), "--out", str(tmp_path / "o"),
+                                 "--models", str(root), "--model", MODEL)  # fmt: skip
+    assert code == 0 and "scored 1," in stdout
+    assert "broken" not in stderr + caplog.text  # the broken sibling was never opened
 
 
 def test_default_model_is_the_bundled_digits(capsys, tmp_path):

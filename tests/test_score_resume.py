@@ -94,3 +94,33 @@ def test_resume_after_sigkill_leaves_no_partial_file(tmp_path, capsys):
         result, _ = load_result(out / f"{name}.npz")
         np.testing.assert_array_equal(result.maps[0].scores, reference.maps[0].scores)
     assert os.path.exists(out / "densemap-run.json")
+
+
+def test_a_second_ctrl_c_stops_without_blaming_images(tmp_path):
+    repo = build_repository(tmp_path / "repo", slow=True)
+    folder = tmp_path / "in"
+    build_plain_folder(folder, 8, size=(768, 768))  # heat-map writes take a while
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "score", str(folder), "--out", str(out),
+         "--models", str(repo), "--model", MODEL, "--heatmap", "--workers", "2"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(out.glob("*.npz"))) < 1 and time.monotonic() < deadline:
+            assert process.poll() is None, "the run ended before it could be interrupted"
+            time.sleep(0.005)
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.1)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+    assert process.returncode in (130, -signal.SIGINT), stderr  # -2: stopped during exit
+    assert "densemap score: failed:" not in stderr and "No such file" not in stderr, stderr
+    assert "Traceback" not in stderr and "interrupted" in stderr
+    for line in (out / "summary.jsonl").read_text().splitlines():
+        assert json.loads(line)["status"] == "ok"

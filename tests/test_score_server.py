@@ -77,3 +77,17 @@ def test_unreachable_server_is_one_clear_error(capsys, tmp_path):
     assert code == 2 and "Traceback" not in stderr
     assert "no densemap server answers at --server 127.0.0.1:1" in stderr  # says what to do
     assert "densemap serve" in stderr
+
+
+def test_an_option_wrong_for_the_served_model_is_one_usage_error(capsys, target, tmp_path):
+    folder = tmp_path / "in"
+    build_mixed_folder(folder)
+    code = main(["score", str(folder), "--out", str(tmp_path / "o"), "--server", target,
+                 "--model", MODEL, "--output-stride", "3"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == "" and not (tmp_path / "o").exists()
+    assert captured.err.strip().splitlines() == [
+        "densemap score: error: --output-stride 3 is not offered by model 'tiny': use one of "
+        "4, 2, 1 (its stride 4x4 divided by a whole number), or leave --output-stride out for "
+        "the native stride"
+    ]

@@ -136,6 +136,24 @@ def test_sighup_reloads_and_sigterm_drains_an_in_flight_request(repo, tmp_path):
         serve.stop()
 
 
+def test_a_broken_model_folder_is_logged_once(repo, tmp_path):  # noqa: F811
+    root = copy_repository(repo, tmp_path / "models", names=(TINY,))
+    (root / "broken").mkdir()
+    (root / "broken" / "model.onnx").write_bytes(b"not onnx")
+    serve = ServeProcess(
+        "--models", str(root), "--host", HOST, "--port", "0", "--metrics-port", "0"
+    )
+    try:
+        serve.wait_for(lambda r: r["message"].startswith("ready"))
+        serve.process.send_signal(signal.SIGHUP)  # unchanged files: not retried, not re-logged
+        serve.wait_for(lambda r: r["message"].startswith("reloaded"))
+        failures = [r for r in serve.records if "failed to load" in r["message"]]
+        assert len(failures) == 1 and failures[0]["model"] == "broken", failures
+        assert failures[0]["level"] == "error"
+    finally:
+        serve.stop()
+
+
 def test_sigint_with_no_traffic_exits_zero_quickly(repo):  # noqa: F811
     serve = ServeProcess(
         "--models", str(repo), "--host", HOST, "--port", "0", "--metrics-port", "0"
@@ -182,7 +200,7 @@ def test_every_flag_has_an_env_twin(monkeypatch, tmp_path):
         "DENSEMAP_DEVICE": "cpu",
         "DENSEMAP_THREADS": "1",
         "DENSEMAP_MAX_PIXELS": "1000000",
-        "DENSEMAP_MEMORY_BUDGET_MB": "32",
+        "DENSEMAP_MEMORY_BUDGET": "32M",
         "DENSEMAP_NO_TILING": "1",
         "DENSEMAP_TF32": "1",
         "DENSEMAP_PRECISION": "fp16",
@@ -217,7 +235,11 @@ def test_every_flag_has_an_env_twin(monkeypatch, tmp_path):
     assert (args.port, args.max_queue) == (7000, 1)
     # every flag of `densemap serve` is covered above
     serve_parser = build_parser()._subparsers._group_actions[0].choices["serve"]
-    flags = {a.option_strings[0] for a in serve_parser._actions if a.option_strings[0] != "-h"}
+    flags = {
+        a.option_strings[0]
+        for a in serve_parser._actions
+        if a.option_strings[0] not in ("-h", "--debug")
+    }
     assert {"DENSEMAP_" + f[2:].replace("-", "_").upper() for f in flags} == set(env)
 
 
@@ -230,9 +252,11 @@ def encode_image(image, fmt: str, **options) -> bytes:
 BUNDLED = Path(__file__).resolve().parent.parent / "models"
 
 
-def test_defaults_serve_the_bundled_repository_on_50051(monkeypatch):
+def test_defaults_serve_the_bundled_repository_on_50051(monkeypatch, tmp_path):
     monkeypatch.delenv("DENSEMAP_MODELS", raising=False)
-    monkeypatch.chdir(BUNDLED.parent)
+    (tmp_path / "models" / "other").mkdir(parents=True)  # the current folder plays no part
+    (tmp_path / "models" / "other" / "model.onnx").write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)
     config = build_config(build_parser().parse_args(["serve"]))
     assert config.models_dir.resolve() == BUNDLED and config.port == 50051
     assert config.metrics_port == 9090 and config.grace_seconds == 30.0

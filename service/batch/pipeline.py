@@ -138,7 +138,10 @@ def run_pipeline(
         try:
             report(writer.write(job, image, result, seconds=seconds))
         except Exception as exc:
-            _fail(job, exc, report, config.debug)
+            # A second Ctrl-C tears the output folder's temp files down under running
+            # writes: a run being stopped does not blame its images (a rerun redoes them).
+            if not stop.is_set():
+                _fail(job, exc, report, config.debug)
         finally:
             write_slots.release()
 

@@ -30,7 +30,7 @@ class RayConfig:
     address: str | None = None  # None: RAY_ADDRESS or a new local cluster; "auto"; ray://...
     actors: int | None = None  # None: one per GPU with gpus, else one per node
     gpus: bool = False
-    actor_cpus: float = 0.5  # >= 1 with few CPUs deadlocks Ray Data (shared/NOTES.md section 8)
+    actor_cpus: float = 0.5  # >= 1 with few CPUs deadlocks Ray Data (docs/score.md, "Ray Data")
     batch_size: int = 4
 
 
@@ -75,6 +75,31 @@ def resolve_class(name: str | None, labels: tuple[str, ...]) -> int | None:
     raise InvalidOption(f"--heatmap-class {name!r} is not a class of this model; classes: {shown}")
 
 
+def check_options(options: ScoreOptions, scorer) -> None:
+    """Refuse, once and in the CLI's words, options that no image of this model can take."""
+    from service.engine.postprocess import plan_outputs
+
+    name, stride = scorer.model_name, options.output_stride
+    if stride is not None and stride not in scorer.supported_strides:
+        native = "x".join(str(s) for s in scorer.native_stride)
+        raise InvalidOption(
+            f"--output-stride {stride} is not offered by model {name!r}: use one of "
+            f"{', '.join(map(str, scorer.supported_strides))} (its stride {native} divided by "
+            "a whole number), or leave --output-stride out for the native stride"
+        )
+    if options.top_k > scorer.num_classes:
+        raise InvalidOption(
+            f"--top-k {options.top_k} is more than the {scorer.num_classes} classes of model "
+            f"{name!r}: use at most {scorer.num_classes}"
+        )
+    if not options.probabilities and scorer.output_kind == "probabilities":
+        raise InvalidOption(
+            f"--logits: model {name!r} outputs probabilities (its softmax is part of the "
+            "graph), so there are no logits to write: leave --logits out"
+        )
+    plan_outputs(options, num_classes=scorer.num_classes, output_kind=scorer.output_kind)
+
+
 def _class_name(index: int, labels: tuple[str, ...]) -> str:
     return labels[index] if index < len(labels) else str(index)
 
@@ -112,6 +137,7 @@ def run_batch(request: BatchRequest, *, tty: bool | None = None) -> BatchOutcome
         print(f"densemap score: warning: no image files{globs} in {where}", file=sys.stderr)
     with contextlib.ExitStack() as stack:
         scorer = _open_scorer(request, stack)
+        check_options(request.options, scorer)
         class_index = resolve_class(request.heatmap_class, scorer.labels)
         out = stack.enter_context(OutputDir(out_root))
         settings = RunSettings(

@@ -25,7 +25,7 @@ DEFAULT_MODEL = "digits"
 
 @dataclass(frozen=True)
 class ModelChoice:
-    """Which model to load: ``models_dir`` None means the bundled default repository."""
+    """Which model to load: ``models_dir`` None means ``default_models_dir()``."""
 
     model: str = DEFAULT_MODEL
     models_dir: str | None = None
@@ -40,6 +40,10 @@ class EngineScorer:
         self.model_name: str = engine.name
         self.labels: tuple[str, ...] = tuple(engine.labels)
         self.color: str = engine.metadata.preprocessing.color
+        self.num_classes: int = engine.num_classes
+        self.output_kind: str = engine.metadata.output_kind
+        self.native_stride: tuple[int, int] = tuple(engine.metadata.geometry.stride)
+        self.supported_strides: tuple[int, ...] = tuple(engine.supported_strides)
 
     def decode(self, data: bytes) -> np.ndarray:
         return self.engine.decode(data)
@@ -54,12 +58,11 @@ class EngineScorer:
 
 
 def open_engine_scorer(choice: ModelChoice) -> EngineScorer:
-    """Load ``choice.model`` from its repository (raises ModelNotFound / ModelLoadError)."""
-    from service.engine.repository import ModelRepository, default_models_dir
+    """Load ``choice.model``, and only it, from its repository (ModelNotFound, ModelLoadError)."""
+    from service.engine.repository import default_models_dir, load_model
 
     root = choice.models_dir or default_models_dir()
-    repository = ModelRepository(root, config=choice.engine)
-    return EngineScorer(repository.get(choice.model))
+    return EngineScorer(load_model(root, choice.model, config=choice.engine))
 
 
 class RemoteScorer:
@@ -71,6 +74,10 @@ class RemoteScorer:
         self.model_name: str = info.name
         self.labels: tuple[str, ...] = tuple(info.labels)
         self.color: str = info.preprocessing.color
+        self.num_classes: int = info.num_classes
+        self.output_kind: str = info.output_kind
+        self.native_stride: tuple[int, int] = tuple(info.geometry.stride)
+        self.supported_strides: tuple[int, ...] = tuple(info.supported_strides)
 
     def decode(self, data: bytes) -> bytes:
         return data  # the server decodes; RemoteError(INVALID_ARGUMENT) names the problem

@@ -29,8 +29,10 @@ from pathlib import Path, PurePosixPath
 
 from service.errors import InvalidOption
 
+# One per format the engine decodes (image_input.FORMATS); a test keeps them in step.
 IMAGE_EXTENSIONS = frozenset(
-    {".png", ".jpg", ".jpeg", ".jpe", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+    {".png", ".jpg", ".jpeg", ".jpe", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+    | {".ppm", ".pgm", ".pbm"}
 )
 OUTPUT_MARKER = "densemap-run.json"  # every densemap output folder holds it (rundir.RUN_FILE)
 _SIGNATURES = (

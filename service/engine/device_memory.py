@@ -53,7 +53,7 @@ def resolve_memory_budget(config: EngineConfig, *, on_cuda: bool) -> int:
     if free is None:
         log.warning(
             "free GPU memory unknown (CUDA runtime library not found): memory budget %d MiB; "
-            "set EngineConfig.memory_budget (--memory-budget-mb) for this GPU",
+            "set EngineConfig.memory_budget (--memory-budget) for this GPU",
             DEFAULT_MEMORY_BUDGET >> 20,
         )
         return DEFAULT_MEMORY_BUDGET

@@ -17,7 +17,9 @@ from service.contract import Preprocessing
 from service.errors import DensemapError, ImageTooLarge, InvalidImage
 from service.truncation import check_encoded, check_tiff_strips, truncated
 
-FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF")  # JPEG includes multi-picture (MPO) files
+# JPEG includes multi-picture (MPO) files; PPM reads .pbm/.pgm/.ppm. The file walker's
+# extensions (service/batch/walk.py) list only these formats.
+FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF", "PPM")
 RESAMPLE = Image.Resampling.BILINEAR
 RESAMPLE_NAME = "bilinear (Pillow Image.resize, BILINEAR; antialiased when downscaling)"
 
@@ -67,7 +69,7 @@ def _convert(image: Image.Image, mode: str) -> Image.Image:
 
 
 def _name_format(data: bytes) -> str:
-    """' (GIF)' when Pillow knows the format although the engine does not read it, else ''."""
+    """' (PCX)' when Pillow knows the format although the engine does not read it, else ''."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -83,12 +85,12 @@ def decode(data: bytes, *, color: str, max_pixels: int) -> np.ndarray:
     The pixel count is checked from the header before any pixel is decoded, and so is data
     that ends before the size its header declares (``service.truncation``; Pillow's
     ``LOAD_TRUNCATED_IMAGES`` is never set, so short data is refused, never padded).
-    Multi-frame files (TIFF pages, animated WebP) give their first frame; alpha is dropped.
+    Multi-frame files (TIFF pages, animated WebP and GIF) give their first frame; alpha is dropped.
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise InvalidImage(f"decode needs encoded image bytes, got {type(data).__name__}")
     if len(data) == 0:
-        raise InvalidImage("image bytes are empty: send an encoded PNG, JPEG, WebP, BMP or TIFF")
+        raise InvalidImage(f"image bytes are empty: send an encoded image ({', '.join(FORMATS)})")
     Image.init()  # register every plugin, so ``formats`` below can name them all
     _allow_pillow_pixels(max_pixels)
     try:

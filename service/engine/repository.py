@@ -37,15 +37,28 @@ def _is_model_folder(path: Path) -> bool:
     return path.is_dir() and not path.name.startswith(".") and (path / MODEL_FILE).is_file()
 
 
+# The one rule for the default repository, shown by every --help that takes --models.
+MODELS_HELP = (
+    "model repository, one folder per model (default: $DENSEMAP_MODELS, else the bundled "
+    "repository, which holds 'digits'; the current folder plays no part)"
+)
+
+
+def bundled_models_dir() -> Path:
+    """The repository shipped with densemap (the ``digits`` model).
+
+    Installed from a wheel: ``service/bundled_models``; run from a checkout (or an editable
+    install): the checkout's ``models/``, which holds the same files.
+    """
+    package = Path(service.__file__).resolve().parent
+    installed = package / "bundled_models"
+    return installed if installed.is_dir() else package.parent / "models"
+
+
 def default_models_dir() -> Path:
-    """$DENSEMAP_MODELS if set, else ./models if it holds model folders, else the repo's."""
-    env = os.environ.get(MODELS_ENV)
-    if env:
-        return Path(env)
-    local = Path.cwd() / "models"
-    if local.is_dir() and any(_is_model_folder(p) for p in local.iterdir()):
-        return local
-    return Path(service.__file__).resolve().parent.parent / "models"
+    """``$DENSEMAP_MODELS`` if set, else :func:`bundled_models_dir` (see ``MODELS_HELP``)."""
+    env = os.environ.get(MODELS_ENV, "").strip()
+    return Path(env) if env else bundled_models_dir()
 
 
 def read_labels(path: Path) -> tuple[str, ...] | None:
@@ -65,6 +78,38 @@ def _signature(folder: Path) -> Signature:
             stat = entry.stat()
             entries.append((entry.name, stat.st_size, stat.st_mtime_ns))
     return tuple(entries)
+
+
+def _not_found(name: str, root: Path, available) -> ModelNotFound:
+    return ModelNotFound(
+        f"model {name!r} is not in the repository {root}; available: "
+        f"{', '.join(sorted(available)) or 'none'} (--models DIR names another repository)"
+    )
+
+
+def _model_folders(root: Path) -> dict[str, Path]:
+    return {p.name: p for p in root.iterdir() if _is_model_folder(p)}
+
+
+def load_model(root: str | Path, name: str, *, config: EngineConfig = EngineConfig()) -> Engine:
+    """Load the one model ``name`` of the repository at ``root``, reading no other folder.
+
+    Raises ModelNotFound (unknown name, unreadable root) or ModelLoadError.
+    """
+    root = Path(root)
+    try:
+        folders = _model_folders(root)
+    except OSError as exc:
+        raise ModelNotFound(
+            f"the model repository {root} cannot be read ({exc.strerror or exc}): "
+            "pass --models DIR, a folder with one sub-folder per model"
+        ) from None
+    if name not in folders:
+        raise _not_found(name, root, folders)
+    folder = folders[name]
+    return Engine(
+        folder / MODEL_FILE, config=config, name=name, labels=read_labels(folder / LABELS_FILE)
+    )
 
 
 @dataclass
@@ -111,10 +156,7 @@ class ModelRepository:
             return engine
         if error is not None:
             raise ModelNotFound(f"model {name!r} failed to load: {error}")
-        raise ModelNotFound(
-            f"model {name!r} is not in the repository {self.root}; available: "
-            f"{', '.join(available) or 'none'}"
-        )
+        raise _not_found(name, self.root, available)
 
     def _load(self, name: str, folder: Path) -> Engine:
         labels = read_labels(folder / LABELS_FILE)
@@ -126,7 +168,7 @@ class ModelRepository:
         report = ReloadReport()
         with self._reload_lock:
             try:
-                folders = {p.name: p for p in self.root.iterdir() if _is_model_folder(p)}
+                folders = _model_folders(self.root)
             except OSError as exc:
                 log.warning("model repository %s cannot be read: %s", self.root, exc)
                 folders = {}
@@ -156,7 +198,9 @@ class ModelRepository:
                 except Exception as exc:  # noqa: BLE001 - one bad folder must not stop the scan
                     message = str(exc) if isinstance(exc, DensemapError) else repr(exc)
                     keep = " (the previous version stays served)" if name in engines else ""
-                    log.error("model %r failed to load%s: %s", name, keep, message)
+                    log.error(
+                        "model %r failed to load%s: %s", name, keep, message, extra={"model": name}
+                    )
                     errors[name] = message
                     report.failed[name] = message
                     signatures[name] = signature  # do not retry until the files change

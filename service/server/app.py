@@ -30,7 +30,7 @@ from service.server import kserve_proto
 from service.server.auth import BearerTokenInterceptor
 from service.server.config import ServerConfig
 from service.server.control_pool import ControlPoolInterceptor
-from service.server.densemap_servicer import SERVICE_NAME, DensemapServicer, load_failures
+from service.server.densemap_servicer import SERVICE_NAME, DensemapServicer
 from service.server.kserve_servicer import KServeServicer
 from service.server.limits import Admission, ServingState
 from service.server.malformed import MalformedRequestInterceptor
@@ -228,7 +228,7 @@ class DensemapServer:
         log.info("ready: %d model(s): %s", len(names), ", ".join(names), extra={"models": names})
 
     def _publish(self) -> None:
-        """Health and metrics per model after a load or reload; log load failures."""
+        """Health and metrics per model after a load or reload (the repository logs failures)."""
         names = self.models.names()
         status = NOT_SERVING if self.state.draining else SERVING
         for name in names:
@@ -237,8 +237,6 @@ class DensemapServer:
             self.health.set(name, NOT_SERVING)
         self.metrics.set_loaded(names, self._published)
         self._published = set(names)
-        for name, message in load_failures(self.models.repository):
-            log.error("model %s failed to load: %s", name, message, extra={"model": name})
 
     def reload(self) -> None:
         """Re-read the repository; broken new models keep their working predecessor."""

@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from service.engine.options import DEFAULT_MEMORY_BUDGET, EngineConfig
+from service.engine.repository import default_models_dir
 from service.errors import InvalidOption
 
 DEFAULT_HOST = "0.0.0.0"
 DEFAULT_PORT = 50051
-DEFAULT_MODELS_DIR = Path("models")
 DEFAULT_METRICS_PORT = 9090  # 0 turns the Prometheus endpoint off
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # receive and send
 DEFAULT_WORKERS = 32  # gRPC handler threads (inference runs in them, off the event loop)
@@ -63,7 +63,8 @@ def _engine_problems(engine: EngineConfig) -> list[str]:
 class ServerConfig:
     """How :func:`service.server.app.create_server` binds, limits and loads.
 
-    - ``models_dir``: repository root, one folder per model.
+    - ``models_dir``: repository root, one folder per model; None: ``$DENSEMAP_MODELS``,
+      else the bundled repository (:func:`service.engine.repository.default_models_dir`).
     - ``host``/``port``: where gRPC listens; port 0 picks a free port.
     - ``metrics_port``: Prometheus HTTP port on the same host; 0 = off.
     - ``max_message_bytes``: max receive and send message size.
@@ -83,7 +84,7 @@ class ServerConfig:
       :func:`server_max_pixels` of the memory budget.
     """
 
-    models_dir: Path = DEFAULT_MODELS_DIR
+    models_dir: Path | None = None
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     metrics_port: int = DEFAULT_METRICS_PORT
@@ -103,6 +104,8 @@ class ServerConfig:
     engine: EngineConfig = field(default_factory=server_engine_config)
 
     def __post_init__(self) -> None:
+        if self.models_dir is None:
+            object.__setattr__(self, "models_dir", default_models_dir())
         object.__setattr__(self, "models_dir", Path(self.models_dir))
         problems = []
         if not 0 <= self.port <= 65535 or not 0 <= self.metrics_port <= 65535:

@@ -100,7 +100,7 @@ def test_dense_vs_crops():
         ],
         rows,
     )
-    print("(VGG-16 is same-padded: its dense map is not equal to crops, see NOTES §1)")
+    print("(VGG-16 is same-padded: its dense map is not equal to crops, see README, Exactness)")
 
 
 if __name__ == "__main__":
