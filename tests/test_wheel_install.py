@@ -38,7 +38,9 @@ pytestmark = pytest.mark.skipif(
 
 
 def run(*argv, **kwargs) -> subprocess.CompletedProcess:
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, **kwargs)
+    # a fresh user's environment: no PYTHONPATH pointing back at the checkout
+    env = {k: v for k, v in kwargs.pop("env", os.environ).items() if k != "PYTHONPATH"}
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env, **kwargs)
     assert done.returncode == 0, f"{argv}\n{done.stdout}\n{done.stderr}"
     return done
 
