@@ -60,7 +60,7 @@ def walk_moves(gm: fx.GraphModule, source: fx.Node) -> tuple[list[fx.Node], fx.N
     return moves, node
 
 
-def _permutation(node: fx.Node, rank: int) -> list[int]:
+def permutation(node: fx.Node, rank: int) -> list[int]:
     args = [a for a in node.args[1:]] + list(node.kwargs.values())
     if op_name(node) == "transpose":
         a, b = (int(v) % rank for v in args[:2])
@@ -78,7 +78,7 @@ def feature_order(gm: fx.GraphModule, moves: list[fx.Node], volume_shape) -> np.
     array = np.arange(batch * math.prod(volume_shape)).reshape(batch, *volume_shape)
     for node in reversed(moves):
         if op_name(node) in PERMUTE_OPS:
-            perm = _permutation(node, array.ndim)
+            perm = permutation(node, array.ndim)
             if perm[0] != 0:
                 raise ConversionError(
                     f"{describe(gm, node)} moves the batch axis: not a per-image classifier."

@@ -17,6 +17,7 @@ from torch import nn
 
 from convert.torch_flatten import feature_order, walk_moves
 from convert.torch_head_region import classify_head_ops, head_region, input_dependent
+from convert.torch_layout import check_layouts
 from convert.torch_ops import (
     adaptive_pool_change,
     global_problem,
@@ -124,28 +125,29 @@ def check_trunk(gm: fx.GraphModule, head: Head) -> None:
     """Raise on any op upstream of the head with no exact dense form; collect identity
     adaptive pools into ``head.identity_pools`` (``rewrite`` removes them)."""
     trunk = _ancestors(head.trunk_end)
-    input_dependent: set[fx.Node] = set()
+    channel_last = check_layouts(gm, trunk, input_dependent(gm), head.trunk_end)
+    dependent: set[fx.Node] = set()
     for node in gm.graph.nodes:
         if node.op == "placeholder":
-            input_dependent.add(node)
+            dependent.add(node)
         if node not in trunk or node.op in ("placeholder", "get_attr"):
             continue
-        if any(arg in input_dependent for arg in node.all_input_nodes):
-            input_dependent.add(node)
+        if any(arg in dependent for arg in node.all_input_nodes):
+            dependent.add(node)
         change = adaptive_pool_change(gm, node)
         if change is not None:
             if change[0] == change[1]:
                 head.identity_pools.append(node)
                 continue
             raise _adaptive_pool_error(gm, node, change, in_trunk=True)
-        problem = global_problem(gm, node)
+        problem = None if node in channel_last else global_problem(gm, node)
         if problem is not None:
             raise ConversionError(
                 f"{describe(gm, node)} is {problem}. It is computed per image, not per window "
                 "(as in squeeze-and-excitation, attention or global-context blocks), so the "
                 "classifier has no exact dense form."
             )
-        _check_local_shapes(gm, node, input_dependent)
+        _check_local_shapes(gm, node, dependent)
 
 
 def final_activation(gm: fx.GraphModule) -> str | None:
