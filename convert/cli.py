@@ -171,12 +171,22 @@ def _summary(result) -> str:
         f"{g.stride[0]}x{g.stride[1]}, receptive field {g.receptive_field[0]}x"
         f"{g.receptive_field[1]} at offset {g.receptive_field_offset}, "
         f"{'padded' if g.padded else 'unpadded'}, {result.metadata.output_kind}"
+        + _final_note(getattr(result, "final_activation", None))
     ]
     lines += [
         f"wrote {path} (stride {v.stride[0]}x{v.stride[1]})"
         for path, v in zip(result.variant_paths, result.metadata.variants, strict=True)
     ]
     return "\n".join(lines)
+
+
+def _final_note(activation: str | None) -> str:
+    """Final ops the contract's output kind does not name (it knows logits, probabilities)."""
+    if activation == "log_softmax":
+        return " (log-probabilities: a softmax of them gives the probabilities)"
+    if activation == "sigmoid":
+        return " (the classifier ends in a Sigmoid: its scores are per-class sigmoids)"
+    return ""
 
 
 def _remove_outputs(result) -> None:

@@ -151,9 +151,24 @@ class GraphIndex:
                     index.constants[node.output[0]] = np.array(helper.get_attribute_value(attr))
                 elif attr.name in ("value_floats", "value_ints"):
                     index.constants[node.output[0]] = np.array(helper.get_attribute_value(attr))
+        index._fold_constant_identities()
         for name, array in index.constants.items():
             index.shapes.setdefault(name, tuple(array.shape))
         return index
+
+    def _fold_constant_identities(self) -> None:
+        """The legacy torch exporter de-duplicates equal initializers (all-zero biases of
+        VGG's FC layers) and reads the copies through ``Identity`` nodes: their outputs are
+        the same constants. Chains resolve because each pass follows one more link."""
+        pending = [n for n in self.graph.node if n.op_type == "Identity" and n.input]
+        while pending:
+            remaining = [n for n in pending if n.input[0] not in self.constants]
+            for node in pending:
+                if node.input[0] in self.constants:
+                    self.constants[node.output[0]] = self.constants[node.input[0]]
+            if len(remaining) == len(pending):
+                return
+            pending = remaining
 
     def constant(self, name: str) -> np.ndarray | None:
         """The value of a constant tensor (initializer or Constant output), else ``None``."""

@@ -11,7 +11,8 @@ training size R):
   Flatten/Reshape/Squeeze -> Gemm | MatMul -> ... The global pool becomes an
   AveragePool/MaxPool with an (h, w) kernel and stride 1, the FC layers 1x1 convs.
 
-Elementwise ops between FC layers stay as they are; a final Softmax runs over channels.
+Per-feature ops between FC layers stay, their vectors of F values laid out as (1, F, 1, 1)
+channel vectors (PRelu slopes, scales, biases); a final Softmax runs over channels.
 The image input keeps its name, layout and dtype; batch, height and width become dynamic.
 """
 
@@ -32,6 +33,7 @@ from convert.geometry import detect_layout, trace_graph
 from convert.onnx_graph import (
     BINARY_OPS,
     CHANNEL_AXIS_OPS,
+    META_OPS,
     UNARY_OPS,
     GraphIndex,
     attributes,
@@ -39,6 +41,7 @@ from convert.onnx_graph import (
     node_label,
     opset_version,
     static_dims,
+    topological_nodes,
 )
 from convert.onnx_head_build import HeadPlan, Linear, assemble, freeze_auto_pad, read_linear
 from service.errors import ConversionError
@@ -182,31 +185,46 @@ def _feature_map_order(chain, index, source_shape, field, flatten_order, fc):
 
 
 def _read_tail(fc, index, model) -> tuple[list[Linear], list]:
-    """Read FC layers and the elementwise ops between them up to the output."""
+    """Read the FC layers and the per-feature ops between them, up to the output. The head
+    may branch and join (``x * Sigmoid(x)``); every op must act per feature, because on the
+    map the features are channels: vectors of F values are laid out as (1, F, 1, 1)."""
     first = read_linear(fc, index)
     linears, edits = [first], []
     output = model.graph.output[0].name
-    name, features = first.output, first.weight.shape[0]
+    features = {first.output: first.weight.shape[0]}  # head tensor -> its feature count
+    absorbed = {id(node) for node in first.nodes}
     opset = opset_version(model)
-    while name != output:
-        node = index.sole_consumer(name)
-        if node is None:
-            raise ConversionError(f"head tensor {name!r} feeds several nodes")
+    for node in topological_nodes(model.graph):
+        head_inputs = [name for name in node.input if name in features]
+        if id(node) in absorbed or not head_inputs or node.op_type in META_OPS:
+            continue
         if node.op_type in ("Gemm", "MatMul"):
+            if node.input[0] not in features or len(head_inputs) != 1:
+                raise ConversionError(f"{node_label(node)} in the head has non-constant weights")
             linear = read_linear(node, index)
             linears.append(linear)
-            name, features = linear.output, linear.weight.shape[0]
+            absorbed.update(id(n) for n in linear.nodes)
+            features[linear.output] = linear.weight.shape[0]
             continue
+        width = features[head_inputs[0]]
+        outside = [n for n in node.input if n and n not in features and index.constant(n) is None]
+        if outside or {features[n] for n in head_inputs} != {width}:
+            raise ConversionError(
+                f"{node_label(node)} combines the head's features with {outside or 'features of another width'}: "
+                "only per-feature constants and scalars have a per-channel form"
+            )
         if node.op_type in CHANNEL_AXIS_OPS:
             axis = attributes(node).get("axis", 1 if opset < 13 else -1)
             if axis not in (1, -1):
                 raise ConversionError(f"{node_label(node)} does not run over the class axis")
-            edits.append(("softmax", node, features))
-        elif node.op_type in BINARY_OPS:
-            edits.append(("broadcast", node, features))
-        elif node.op_type not in UNARY_OPS | PASS_OPS:
+            edits.append(("softmax", node, width))
+        elif node.op_type in BINARY_OPS | UNARY_OPS - {"BatchNormalization"}:
+            edits.append(("broadcast", node, width))  # PRelu slopes, scale and bias vectors
+        elif node.op_type not in PASS_OPS | {"BatchNormalization"}:  # BN is per channel
             raise ConversionError(f"{node_label(node)} in the classifier head is not supported")
-        name = node.output[0]
+        features[node.output[0]] = width
+    if output not in features:
+        raise ConversionError(f"the classifier output {output!r} is not computed by the head")
     return linears, edits
 
 

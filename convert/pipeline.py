@@ -50,6 +50,7 @@ class ConversionResult:
     path: Path
     metadata: ModelMetadata
     variant_paths: tuple[Path, ...] = ()
+    final_activation: str | None = None  # 'softmax', 'log_softmax', 'sigmoid' or None
 
 
 def as_pair(value, name: str) -> Pair:
@@ -64,13 +65,25 @@ def as_pair(value, name: str) -> Pair:
     return (h, w)
 
 
-def output_kind(model: onnx.ModelProto) -> str:
-    """'probabilities' when the output is computed by a Softmax, else 'logits'."""
+FINAL_OPS = {"Softmax": "softmax", "LogSoftmax": "log_softmax", "Sigmoid": "sigmoid"}
+# The metadata contract (v1) knows "logits" and "probabilities". Log-probabilities are
+# logits (their softmax is the probabilities); sigmoid scores have no kind of their own
+# there yet, so they are written as "logits" and reported in ConversionResult.
+CONTRACT_KINDS = {"softmax": "probabilities"}
+
+
+def final_activation(model: onnx.ModelProto) -> str | None:
+    """'softmax', 'log_softmax' or 'sigmoid' when that op computes the output, else None."""
     producers = {out: node for node in model.graph.node for out in node.output}
     node = producers.get(model.graph.output[0].name)
-    while node is not None and node.op_type in ("Identity", "Transpose"):
+    while node is not None and node.op_type in ("Identity", "Transpose", "Dropout"):
         node = producers.get(node.input[0])
-    return "probabilities" if node is not None and node.op_type == "Softmax" else "logits"
+    return None if node is None else FINAL_OPS.get(node.op_type)
+
+
+def output_kind(model: onnx.ModelProto) -> str:
+    """The contract's output kind: 'probabilities' after a Softmax, else 'logits'."""
+    return CONTRACT_KINDS.get(final_activation(model), "logits")
 
 
 def default_preprocessing(layout: str, channels: int) -> Preprocessing:
@@ -190,7 +203,7 @@ def finish_dense(
         staged = _stage(staging, output, dense, metadata, variants)
         result = _move_into_place(staged, output, metadata)
         created = []
-        return result
+        return replace(result, final_activation=final_activation(dense))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         for folder in reversed(created):  # a failed conversion leaves no new folders either

@@ -52,7 +52,7 @@ class TorchConversion:
     trunk_output: tuple[int, int, int]  # C, h, w of the trunk at input_size
     head_pool: str  # "none", "identity", "avg" or "max"
     num_classes: int
-    final_activation: str | None  # "softmax", "log_softmax" or None
+    final_activation: str | None  # "softmax", "log_softmax", "sigmoid" or None
     removed: tuple[str, ...]  # module paths / node names taken out of the graph
 
     @property
@@ -107,7 +107,7 @@ def ends_in_softmax(model: nn.Module) -> bool:
 
 
 def final_activation(model: nn.Module) -> str | None:
-    """'softmax', 'log_softmax' or None: the last non-trivial op of ``model``'s forward."""
+    """'softmax', 'log_softmax', 'sigmoid' or None: the last non-trivial op of the forward."""
     gm = model if isinstance(model, fx.GraphModule) else trace(model)  # tracing runs nothing
     return torch_head.final_activation(gm)
 

@@ -11,15 +11,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch.fx as fx
 from torch import nn
 
+from convert.torch_flatten import feature_order, walk_moves
+from convert.torch_head_region import classify_head_ops, head_region, input_dependent
+from convert.torch_layout import check_layouts
 from convert.torch_ops import (
-    RESHAPE_OPS,
     adaptive_pool_change,
     global_problem,
     head_pool_kind,
-    is_elementwise,
     module_of,
     op_name,
     single_input,
@@ -35,14 +37,17 @@ PASSTHROUGH_OPS = frozenset({"dropout", "contiguous", "clone"})
 
 @dataclass
 class Head:
-    chain: list[fx.Node]  # per-feature head ops in graph order, from before the first Linear
-    reshapes: list[fx.Node]  # flatten/view/reshape/squeeze nodes, the one nearest the head first
+    chain: list[fx.Node]  # per-feature (N, F) head ops in graph order (a DAG: x * sigmoid(x))
+    moves: list[fx.Node]  # flatten/view/permute/no-op nodes before the head, nearest it first
     pool: fx.Node | None  # the pool between trunk and flatten, if any
     pool_kind: str  # "none", "identity", "avg" or "max"
     trunk_end: fx.Node  # the last node of the trunk (its output is N x C x h x w)
     trunk_output: tuple[int, int, int]
     feature_volume: tuple[int, int, int]  # what the first Linear sees, as C x h x w
+    feature_order: np.ndarray  # per first-Linear input feature: its flat index in the volume
     final_activation: str | None
+    first_linears: set[fx.Node] = field(default_factory=set)  # read the flattened volume
+    constants: list[tuple[fx.Node, fx.Node]] = field(default_factory=list)  # (op, F-vector)
     identity_pools: list[fx.Node] = field(default_factory=list)
 
 
@@ -56,41 +61,31 @@ def find_head(gm: fx.GraphModule, *, size: tuple[int, int]) -> Head:
             "(batch, classes): it has no Linear classifier head to convert (a model that "
             "already outputs a score map is fully convolutional as it is)."
         )
-    chain: list[fx.Node] = []
-    while node.op != "placeholder" and len(shape_of(node) or ()) == 2:
-        source = single_input(node)
-        if source is None or not _is_head_op(gm, node):
-            break
-        chain.append(node)
-        node = source
-    chain.reverse()
+    dependent = input_dependent(gm)
+    chain, source = head_region(gm, node, dependent)
     linears = [n for n in chain if isinstance(module_of(gm, n), nn.Linear)]
-    if not linears:
-        raise ConversionError(
-            f"the model has no Linear classifier head: its output comes from {describe(gm, node)}. "
-            "densemap converts classifiers whose head is nn.Linear layers on the flattened "
-            "(or globally pooled) trunk output."
-        )
     if len({n.target for n in linears}) != len(linears):
         raise ConversionError("a Linear layer is used twice in the head: not supported.")
-
-    reshapes: list[fx.Node] = []
-    if head_pool_kind(gm, node) in ("avg", "max") and len(shape_of(node)) == 2:
-        pool: fx.Node | None = node  # x.mean((2, 3)) straight into the head
+    if head_pool_kind(gm, source) in ("avg", "max") and len(shape_of(source)) == 2:
+        moves, pool = [], source  # x.mean((2, 3)) straight into the head
     else:
-        while _is_reshape(gm, node):
-            reshapes.append(node)
-            node = single_input(node)
-        if not reshapes:
+        moves, before = walk_moves(gm, source)
+        if not moves:
             raise ConversionError(
-                f"the classifier head is fed by {describe(gm, node)}, which is not a supported "
-                "form: expected a flatten/view/reshape of the trunk's C x h x w output, or a "
-                "global average/max pool over H and W. Attention heads, class tokens and other "
-                "global ops have no exact dense form."
+                f"the classifier head is fed by {describe(gm, source)}, which is not a "
+                "supported form: expected a flatten/view/reshape (or permute) of the trunk's "
+                "C x h x w output, or a global average/max pool over H and W. Attention "
+                "heads, class tokens and other global ops have no exact dense form."
             )
-        pool = node if head_pool_kind(gm, node) is not None else None
-    trunk_end = single_input(pool) if pool is not None else node
+        pool = before if head_pool_kind(gm, before) is not None else None
+    trunk_end = single_input(pool) if pool is not None else before
     trunk_shape = shape_of(trunk_end) or ()
+    problem = global_problem(gm, trunk_end) if len(trunk_shape) != 4 else None
+    if problem is not None:
+        raise ConversionError(
+            f"{describe(gm, trunk_end)} feeds the head and is {problem}: it is computed per "
+            "image, not per window (attention), so the classifier has no exact dense form."
+        )
     if len(trunk_shape) != 4 or min(trunk_shape) < 1:
         raise ConversionError(
             f"at input size {size_text} the trunk output ({describe(gm, trunk_end)}) has shape "
@@ -100,53 +95,72 @@ def find_head(gm: fx.GraphModule, *, size: tuple[int, int]) -> Head:
     pool_kind = _pool_kind(gm, pool, size_text)
     channels, height, width = trunk_shape[1:]
     volume = (channels, 1, 1) if pool_kind in ("avg", "max") else (channels, height, width)
-    _check_pre_linear_ops(gm, chain, linears[0], volume)
-    return Head(
+    if not linears and volume[1:] != (1, 1):
+        raise ConversionError(
+            f"the model has no Linear classifier head: its output flattens "
+            f"{describe(gm, trunk_end)}. densemap converts classifiers whose head is nn.Linear "
+            "layers on the flattened (or globally pooled) trunk output, or a conv head followed "
+            "by a global pool (SqueezeNet)."
+        )
+    head = Head(
         chain=chain,
-        reshapes=reshapes,
+        moves=moves,
         pool=pool,
         pool_kind=pool_kind,
         trunk_end=trunk_end,
         trunk_output=(channels, height, width),
         feature_volume=volume,
+        feature_order=feature_order(gm, moves, shape_of(pool or trunk_end)[1:])
+        if moves
+        else np.arange(math.prod(volume)),
         final_activation=final_activation(gm),
     )
+    head.first_linears, head.constants = classify_head_ops(
+        gm, chain, source, dependent, volume=volume, order=head.feature_order
+    )
+    return head
 
 
 def check_trunk(gm: fx.GraphModule, head: Head) -> None:
     """Raise on any op upstream of the head with no exact dense form; collect identity
     adaptive pools into ``head.identity_pools`` (``rewrite`` removes them)."""
     trunk = _ancestors(head.trunk_end)
-    input_dependent: set[fx.Node] = set()
+    channel_last = check_layouts(gm, trunk, input_dependent(gm), head.trunk_end)
+    dependent: set[fx.Node] = set()
     for node in gm.graph.nodes:
         if node.op == "placeholder":
-            input_dependent.add(node)
+            dependent.add(node)
         if node not in trunk or node.op in ("placeholder", "get_attr"):
             continue
-        if any(arg in input_dependent for arg in node.all_input_nodes):
-            input_dependent.add(node)
+        if any(arg in dependent for arg in node.all_input_nodes):
+            dependent.add(node)
         change = adaptive_pool_change(gm, node)
         if change is not None:
             if change[0] == change[1]:
                 head.identity_pools.append(node)
                 continue
             raise _adaptive_pool_error(gm, node, change, in_trunk=True)
-        problem = global_problem(gm, node)
+        problem = None if node in channel_last else global_problem(gm, node)
         if problem is not None:
             raise ConversionError(
                 f"{describe(gm, node)} is {problem}. It is computed per image, not per window "
                 "(as in squeeze-and-excitation, attention or global-context blocks), so the "
                 "classifier has no exact dense form."
             )
-        _check_local_shapes(gm, node, input_dependent)
+        _check_local_shapes(gm, node, dependent)
 
 
 def final_activation(gm: fx.GraphModule) -> str | None:
-    """'softmax' / 'log_softmax' when the forward ends in one over the classes, else None."""
+    """'softmax' / 'log_softmax' when the forward ends in one over the classes, 'sigmoid'
+    when it ends in a sigmoid (independent per-class scores), else None."""
     node = _output_node(gm).args[0]
     while isinstance(node, fx.Node) and _is_passthrough(gm, node):
         node = node.args[0]
-    return softmax_kind(gm, node) if isinstance(node, fx.Node) else None
+    if not isinstance(node, fx.Node):
+        return None
+    if isinstance(module_of(gm, node), nn.Sigmoid) or op_name(node) == "sigmoid":
+        return "sigmoid"
+    return softmax_kind(gm, node)
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -159,30 +173,6 @@ def _is_passthrough(gm: fx.GraphModule, node: fx.Node) -> bool:
     if module is not None:
         return isinstance(module, (nn.Dropout, nn.Identity))
     return op_name(node) in PASSTHROUGH_OPS and bool(node.args)
-
-
-def _is_head_op(gm: fx.GraphModule, node: fx.Node) -> bool:
-    module = module_of(gm, node)
-    if isinstance(module, (nn.Linear, nn.BatchNorm1d)):
-        return True
-    if softmax_kind(gm, node) is not None or is_elementwise(gm, node):
-        return spatial_size_source(node) is None
-    return False
-
-
-def _is_reshape(gm: fx.GraphModule, node: fx.Node) -> bool:
-    module = module_of(gm, node)
-    if not (isinstance(module, nn.Flatten) or op_name(node) in RESHAPE_OPS):
-        return False
-    source = single_input(node)
-    if source is None:
-        return False
-    out_shape, in_shape = shape_of(node), shape_of(source)
-    return (
-        len(in_shape) > len(out_shape) >= 2
-        and out_shape[0] == in_shape[0]
-        and math.prod(out_shape) == math.prod(in_shape)
-    )
 
 
 def _pool_kind(gm: fx.GraphModule, pool: fx.Node | None, size_text: str) -> str:
@@ -212,21 +202,6 @@ def _adaptive_pool_error(gm, node, change, *, in_trunk: bool, size_text: str = "
         f"{out_h}x{out_w} (the classifier's training size, e.g. --input-size 224 for "
         "torchvision's VGG/AlexNet), where the pool is an identity and can be removed."
     )
-
-
-def _check_pre_linear_ops(gm, chain, first_linear, volume) -> None:
-    """Per-feature parameters before the first Linear see C*h*w features, which do not map
-    onto the C channels of a volume unless h = w = 1."""
-    for node in chain[: chain.index(first_linear)]:
-        module = module_of(gm, node)
-        per_feature = isinstance(module, nn.BatchNorm1d) or (
-            isinstance(module, nn.PReLU) and module.num_parameters > 1
-        )
-        if per_feature and volume[1:] != (1, 1):
-            raise ConversionError(
-                f"{describe(gm, node)} has per-feature parameters on the flattened C x h x w "
-                "trunk output, before the first Linear: it has no convolutional form."
-            )
 
 
 def _check_local_shapes(gm, node, input_dependent) -> None:

@@ -3,10 +3,11 @@
 :func:`rewrite` takes the :class:`~convert.torch_head.Head` that ``find_head`` and
 ``check_trunk`` validated and, in place on the ``GraphModule``:
 
-- removes identity adaptive pools and the flatten/view/reshape nodes before the head;
+- removes identity adaptive pools and the flatten/view/reshape/permute nodes before the head;
 - turns a global average/max pool into ``AvgPool2d((h, w), stride=1)`` / ``MaxPool2d``;
 - turns the first Linear into ``Conv2d(C, O, (h, w))`` and later ones into 1x1 convs, copying
-  weights with asserted shapes; BatchNorm1d after a Linear becomes BatchNorm2d;
+  weights with asserted shapes (the kernel taps follow the flatten order, permutes
+  included); BatchNorm1d becomes BatchNorm2d; per-feature vectors are read as (1, F, 1, 1);
 - makes a softmax / log-softmax run over dim 1, the classes of the NCHW map.
 """
 
@@ -31,19 +32,22 @@ def rewrite(gm: fx.GraphModule, head: Head) -> list[str]:
         removed.append(str(node.target) if node.op == "call_module" else node.name)
         node.replace_all_uses_with(single_input(node))
         graph.erase_node(node)
-    for node in head.reshapes:
+    for node in head.moves:
         removed.append(str(node.target) if node.op == "call_module" else node.name)
         node.replace_all_uses_with(single_input(node))
         graph.erase_node(node)
     if head.pool_kind in ("avg", "max"):
         _slide_pool(gm, head)
-    first_linear = True
+    for node, vector in head.constants:
+        _per_channel(graph, node, vector)
     for node in head.chain:
         module = module_of(gm, node)
         if isinstance(module, nn.Linear):
-            volume = head.feature_volume if first_linear else (module.in_features, 1, 1)
-            _set_submodule(gm, str(node.target), _linear_to_conv(module, volume, node.target))
-            first_linear = False
+            first = node in head.first_linears
+            volume = head.feature_volume if first else (module.in_features, 1, 1)
+            order = head.feature_order if first else None
+            conv = _linear_to_conv(module, volume, node.target, order)
+            _set_submodule(gm, str(node.target), conv)
         elif isinstance(module, nn.BatchNorm1d):
             _set_submodule(gm, str(node.target), _batchnorm_2d(module))
         elif isinstance(module, (nn.Softmax, nn.LogSoftmax)):
@@ -73,7 +77,15 @@ def _slide_pool(gm: fx.GraphModule, head: Head) -> None:
     gm.graph.erase_node(node)
 
 
-def _linear_to_conv(linear: nn.Linear, volume, path) -> nn.Conv2d:
+def _per_channel(graph: fx.Graph, node: fx.Node, vector: fx.Node) -> None:
+    """A per-feature vector of shape (F,) or (1, F) would broadcast over the map's width:
+    read it as (1, F, 1, 1), one value per channel, the features of the map."""
+    with graph.inserting_before(node):
+        laid_out = graph.call_method("reshape", (vector, 1, -1, 1, 1))
+    node.replace_input_with(vector, laid_out)
+
+
+def _linear_to_conv(linear: nn.Linear, volume, path, order=None) -> nn.Conv2d:
     channels, height, width = volume
     out_features, in_features = linear.weight.shape
     if in_features != channels * height * width:
@@ -87,10 +99,16 @@ def _linear_to_conv(linear: nn.Linear, volume, path) -> nn.Conv2d:
         channels, out_features, (height, width), bias=linear.bias is not None,
         device=weight.device, dtype=weight.dtype,
     )  # fmt: skip
-    # PyTorch flattens N x C x H x W in C, H, W order, so feature c*h*w + y*w + x of the
-    # Linear is kernel tap (c, y, x): a plain view. Assert the shapes before each copy:
-    # copy_ broadcasts, so a wrong shape could otherwise copy silently.
-    kernel = weight.detach().reshape(out_features, channels, height, width)
+    # Feature f of the Linear reads element order[f] = c*h*w + y*w + x of the C x h x w
+    # volume (plain flatten: order[f] = f, a view; after a permute, the permuted index), so
+    # its weights go to kernel tap (c, y, x). Assert the shapes before each copy: indexing
+    # and copy_ broadcast, so a wrong shape could otherwise copy silently.
+    flat = weight.detach()
+    if order is not None:
+        assert tuple(order.shape) == (in_features,), (order.shape, in_features)
+        flat = torch.zeros_like(flat)
+        flat[:, torch.as_tensor(order)] = weight.detach()
+    kernel = flat.reshape(out_features, channels, height, width)
     assert conv.weight.shape == kernel.shape, (conv.weight.shape, kernel.shape)
     with torch.no_grad():
         conv.weight.copy_(kernel)

@@ -134,3 +134,44 @@ def test_initializers_listed_as_graph_inputs_ir3(tmp_path):
         assert [value.name for value in onnx.load(str(path)).graph.input] == ["input"]
     report = convert.verify(tmp_path / "old.onnx", result.path, dtype="float64")
     assert report.passed, report.table()
+
+
+class ZeroBiasVgg(nn.Module):
+    """VGG's initialisation in miniature: every bias zero, so the legacy exporter keeps one
+    zero bias per shape and reads the others through Identity nodes (conv and FC alike)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.MaxPool2d(2),
+        )  # fmt: skip
+        self.classifier = nn.Sequential(
+            nn.Linear(4 * 4 * 3, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3)
+        )
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+def test_legacy_exporter_deduplicated_initializers_through_identity(tmp_path):
+    # VGG-11/16 exported with dynamo=False were refused with "non-constant weights": the
+    # second FC's bias is an Identity of the first's
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            ZeroBiasVgg().eval(), (torch.randn(1, 3, 13, 11),), buffer, dynamo=False,
+            input_names=["input"], dynamic_axes={"input": {0: "batch"}},
+        )  # fmt: skip
+    classifier = onnx.load_from_string(buffer.getvalue())
+    identities = [n for n in classifier.graph.node if n.op_type == "Identity"]
+    assert len(identities) >= 2, [n.op_type for n in classifier.graph.node]
+    _assert_dense_equals_crops(classifier, (13, 11))
+    onnx.save_model(classifier, str(tmp_path / "vgg.onnx"))
+    result = convert.convert_onnx(tmp_path / "vgg.onnx", tmp_path / "dense.onnx", strides=[1])
+    report = convert.verify(tmp_path / "vgg.onnx", result.path, dtype="float64")
+    assert report.passed, report.table()
