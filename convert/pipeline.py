@@ -67,9 +67,9 @@ def as_pair(value, name: str) -> Pair:
 
 FINAL_OPS = {"Softmax": "softmax", "LogSoftmax": "log_softmax", "Sigmoid": "sigmoid"}
 # The metadata contract (v1) knows "logits" and "probabilities". Log-probabilities are
-# logits (their softmax is the probabilities); sigmoid scores have no kind of their own
-# there yet, so they are written as "logits" and reported in ConversionResult.
-CONTRACT_KINDS = {"softmax": "probabilities"}
+# logits (their softmax is the probabilities); sigmoid scores are independent per-class
+# probabilities, the contract's "sigmoid" kind.
+CONTRACT_KINDS = {"softmax": "probabilities", "sigmoid": "sigmoid"}
 
 
 def final_activation(model: onnx.ModelProto) -> str | None:
@@ -82,7 +82,8 @@ def final_activation(model: onnx.ModelProto) -> str | None:
 
 
 def output_kind(model: onnx.ModelProto) -> str:
-    """The contract's output kind: 'probabilities' after a Softmax, else 'logits'."""
+    """The contract's output kind: 'probabilities' after a Softmax, 'sigmoid' after a
+    Sigmoid, else 'logits'."""
     return CONTRACT_KINDS.get(final_activation(model), "logits")
 
 

@@ -42,7 +42,10 @@ METADATA_KEY = "densemap"
 
 LAYOUTS = ("NCHW", "NHWC")
 COLOR_ORDERS = ("RGB", "BGR", "L")
-OUTPUT_KINDS = ("logits", "probabilities")
+# "sigmoid": independent per-class probabilities (multi-label heads); a softmax of them means
+# nothing. Readers older than this value refuse it by name (the version stays 1: every
+# model they can read is still read the same way).
+OUTPUT_KINDS = ("logits", "probabilities", "sigmoid")
 
 Pair = tuple[int, int]
 

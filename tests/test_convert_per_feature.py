@@ -92,10 +92,29 @@ def test_onnx_path_per_feature_layers_equal_crops(final, dynamo):
     np.testing.assert_allclose(fp32, expected, rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("final,kind", [(None, "logits"), ("sigmoid", "logits"), ("log_softmax", "logits")])  # fmt: skip
-def test_final_activation_is_reported_and_the_contract_kind_stays_v1(final, kind, tmp_path):
+@pytest.mark.parametrize("final,kind", [(None, "logits"), ("sigmoid", "sigmoid"), ("log_softmax", "logits")])  # fmt: skip
+def test_final_activation_is_recorded_as_the_contract_kind(final, kind, tmp_path):
     result = convert.convert_torch(PerFeatureHead(final), tmp_path / "d.onnx", input_size=WINDOW)
     assert result.metadata.output_kind == kind and result.final_activation == final
+
+
+def test_sigmoid_model_scores_are_served_as_they_are(tmp_path):
+    """Per-class sigmoids are probabilities already: no softmax over them, no logits."""
+    from service.engine import Engine, EngineConfig, ScoreOptions, preprocess
+    from service.errors import InvalidOption
+
+    model = PerFeatureHead("sigmoid").eval()
+    convert.convert_torch(model, tmp_path / "d.onnx", input_size=WINDOW)
+    engine = Engine(tmp_path / "d.onnx", config=EngineConfig(warmup=False))
+    image = np.random.default_rng(0).integers(0, 256, (*IMAGE, 3), np.uint8)
+    scores = engine.score(image).maps[0].scores
+    crop_chw = preprocess(image[: WINDOW[0], : WINDOW[1]], engine.metadata.preprocessing)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(crop_chw)[None]).numpy()[0]
+    np.testing.assert_allclose(scores[:, 0, 0], expected, atol=1e-5)
+    assert not np.allclose(scores.sum(axis=0), 1.0)  # not a softmax
+    with pytest.raises(InvalidOption, match="logits cannot be returned"):
+        engine.score(image, ScoreOptions(probabilities=False))
 
 
 class VectorBeforeFirstLinear(nn.Module):

@@ -40,10 +40,11 @@ class OutputPlan:
 
 def plan_outputs(options: ScoreOptions, *, num_classes: int, output_kind: str) -> OutputPlan:
     """Check the output options against the model; raise InvalidOption naming the fix."""
-    gives_probabilities = output_kind == "probabilities"
+    # a softmax (probabilities) or per-class sigmoids (sigmoid) already ends the model
+    gives_probabilities = output_kind in ("probabilities", "sigmoid")
     if not options.probabilities and gives_probabilities:
         raise InvalidOption(
-            "this model outputs probabilities (a softmax is part of it), so logits cannot be "
+            f"this model outputs probabilities ({output_kind}: the model ends in it), so logits cannot be "
             "returned: ask for probabilities=True"
         )
     dtype = (
