@@ -14,7 +14,6 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,12 @@ from service.engine.device_memory import resolve_memory_budget
 from service.engine.loading import load_nets
 from service.engine.options import DEFAULT_CUDA_REPORT_PRECISIONS, EngineConfig, ScoreOptions
 from service.engine.postprocess import check_finite, plan_outputs, rank_image_scores
-from service.engine.precision import AVAILABLE, check_precision, compare_maps
+from service.engine.precision import (
+    AVAILABLE,
+    check_precision,
+    compare_precision,
+    measure_precisions,
+)
 from service.engine.result import MapGeometry, PrecisionReport, ScoreMap
 from service.engine.runtime import Runtime
 from service.engine.tiling import plan_tiles, run_region
@@ -80,7 +84,10 @@ class Engine:
         self._precision_report: tuple[PrecisionReport, ...] = ()
         if config.warmup:
             self._warm_up_shapes(config.warmup_shapes)
-            self._precision_report = self._measure_precisions()
+            chosen = config.report_precisions
+            if chosen is None:
+                chosen = DEFAULT_CUDA_REPORT_PRECISIONS if self._runtime.on_cuda else ()
+            self._precision_report = measure_precisions(self, chosen)
 
     # -- properties ----------------------------------------------------------------------
     @property
@@ -144,27 +151,7 @@ class Engine:
         self, image: bytes | np.ndarray, precision: str, *, output_stride: int | None = None
     ) -> PrecisionReport:
         """Score ``image`` in fp32 and in ``precision``; report how far they are apart."""
-        options = ScoreOptions(
-            output_stride=output_stride, probabilities=False, image_top_k=0, precision="fp32"
-        )
-        exact = self.score(image, options).maps[0].scores
-        other = self.score(image, replace(options, precision=precision)).maps[0].scores
-        what = "image bytes" if isinstance(image, (bytes, bytearray)) else "array"
-        return compare_maps(check_precision(precision), exact, other, image=what)
-
-    def _measure_precisions(self) -> tuple[PrecisionReport, ...]:
-        window, stride = self._metadata.geometry.window, self._metadata.geometry.stride
-        size = (2 * window[0] + 3 * stride[0], 2 * window[1] + 3 * stride[1])
-        channels = self._metadata.preprocessing.channels
-        noise = np.random.default_rng(0).integers(0, 256, (*size, channels), dtype=np.uint8)
-        reports = []
-        chosen = self._config.report_precisions
-        if chosen is None:
-            chosen = DEFAULT_CUDA_REPORT_PRECISIONS if self._runtime.on_cuda else ()
-        for precision in chosen:
-            report = self.compare_precision(noise, precision)
-            reports.append(replace(report, image=f"uniform noise {size[0]}x{size[1]}"))
-        return tuple(reports)
+        return compare_precision(self, image, precision, output_stride=output_stride)
 
     # -- public helpers ------------------------------------------------------------------
     def decode(self, data: bytes) -> np.ndarray:

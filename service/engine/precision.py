@@ -17,6 +17,7 @@ Deviations from fp32 are measured, not assumed: ``tests/bench/gpu_check.py`` and
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -111,4 +112,30 @@ def compare_maps(
         argmax_agreement=float(agree.mean()),
         cells=int(agree.size),
         image=image,
+    )
+
+
+def compare_precision(engine, image, precision: str, *, output_stride=None) -> PrecisionReport:
+    """Score ``image`` with ``engine`` in fp32 and in ``precision``: how far apart they are."""
+    from service.engine.options import ScoreOptions
+
+    options = ScoreOptions(
+        output_stride=output_stride, probabilities=False, image_top_k=0, precision="fp32"
+    )
+    exact = engine.score(image, options).maps[0].scores
+    other = engine.score(image, replace(options, precision=precision)).maps[0].scores
+    what = "image bytes" if isinstance(image, (bytes, bytearray)) else "array"
+    return compare_maps(check_precision(precision), exact, other, image=what)
+
+
+def measure_precisions(engine, precisions) -> tuple[PrecisionReport, ...]:
+    """The load-time report: each precision against fp32 on a uniform-noise image of
+    2R + 3S pixels per axis (several cells, deterministic)."""
+    geometry = engine.metadata.geometry
+    size = tuple(2 * r + 3 * s for r, s in zip(geometry.window, geometry.stride, strict=True))
+    channels = engine.metadata.preprocessing.channels
+    noise = np.random.default_rng(0).integers(0, 256, (*size, channels), dtype=np.uint8)
+    return tuple(
+        replace(compare_precision(engine, noise, p), image=f"uniform noise {size[0]}x{size[1]}")
+        for p in precisions
     )
