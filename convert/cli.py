@@ -209,6 +209,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from convert import convert_onnx, verify
+    from convert.verify import precision_table
 
     if not getattr(args, "debug", False):  # the exporters' optimiser logs every pass at INFO
         for name in QUIET_LOGGERS:
@@ -243,4 +244,5 @@ def _run(args: argparse.Namespace) -> int:
         _remove_outputs(result)
         print(f"densemap convert: verification failed, removed {result.path}")
         return 1
+    print(precision_table(result.path))
     return 0

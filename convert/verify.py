@@ -221,3 +221,31 @@ def verify(
             diff, limit = _max_diff(score_map, expected, dtype)
             rows.append(VerifyRow(size, cells, "converted torch module", diff, limit))
     return VerifyReport(rows=tuple(rows), padded=geometry.padded, dtype=dtype.name)
+
+
+def precision_table(dense_path: str | os.PathLike, *, seed: int = 0) -> str:
+    """How far each faster precision's map is from fp32 on this model (informative, not a
+    pass/fail check): fp16 as served by the engine, on a random image of R + 3S pixels.
+    Measured on this machine's device; GPU fp16 kernels round alike but sum in another order.
+    """
+    from service.engine import Engine, EngineConfig
+
+    engine = Engine(dense_path, config=EngineConfig(warmup=False))
+    geometry = engine.metadata.geometry
+    size = default_sizes(geometry.window, geometry.stride)[0]
+    channels = engine.metadata.preprocessing.channels
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (*size, channels), dtype=np.uint8)
+    where = engine.providers[0].replace("ExecutionProvider", "")
+    lines = [
+        f"precisions vs fp32 on a random {size[0]}x{size[1]} image ({where}; informative)",
+        f"  {'precision':<9}  {'max|dp|':>9}  {'max|dz|/range':>13}  argmax agreement",
+    ]
+    for precision in ("fp16",):
+        report = engine.compare_precision(image, precision)
+        lines.append(
+            f"  {precision:<9}  {report.max_probability_deviation:>9.2e}  "
+            f"{report.max_logit_deviation:>13.2e}  {report.argmax_agreement:.2%} "
+            f"of {report.cells} cells"
+        )
+    return "\n".join(lines)

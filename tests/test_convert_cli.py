@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -66,6 +67,10 @@ def test_arch_with_weights_and_verify(lenet_weights, tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "PASSED" in done.stdout and "crops (12 windows)" in done.stdout
+    # the faster precision's distance from fp32, as the engine serves it
+    fp16 = re.search(r"fp16\s+(\S+)\s+(\S+)\s+([\d.]+)% of (\d+) cells", done.stdout)
+    assert fp16, done.stdout
+    assert 0 < float(fp16[1]) < 1e-2 and float(fp16[3]) > 90 and int(fp16[4]) == 12
     assert sorted(os.listdir(tmp_path / "out")) == ["lenet5.onnx", "lenet5.s2.onnx"]
     meta = _metadata(tmp_path / "out" / "lenet5.onnx")
     assert meta.labels[3] == "digit 3" and meta.geometry.stride == (4, 4)
