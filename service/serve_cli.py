@@ -180,6 +180,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="default precision of requests that choose none (a model's densemap.json and "
         "each request may choose another): fp32 is exact, tf32 and fp16 are faster on GPUs",
     )
+    _add(
+        parser,
+        "--cuda-conv-search",
+        default="HEURISTIC",
+        choices=("HEURISTIC", "EXHAUSTIVE", "DEFAULT"),
+        help="cuDNN convolution algorithm search: HEURISTIC is cheap for every new image "
+        "shape; EXHAUSTIVE times every algorithm once per shape (faster steady state, slow "
+        "first requests: list warm-up shapes in the model's densemap.json)",
+    )
     parser.add_argument(
         "--no-tiling",
         action="store_true",
@@ -246,6 +255,7 @@ def build_config(args: argparse.Namespace):
             memory_budget=budget,
             tiling=not args.no_tiling,
             precision="tf32" if args.tf32 else args.precision,
+            cuda_conv_search=args.cuda_conv_search,
         ),
     )
 

@@ -161,3 +161,36 @@ def test_release_memory_runs_on_the_cpu_arena(rgb_model):
     engine.score(np.zeros((200, 200, 3), np.uint8))
     engine._runtime.release_memory()  # must not raise: the shared arena is registered
     assert engine.score(np.zeros((20, 20, 3), np.uint8)).maps[0].cells == (3, 2)
+
+
+def test_fp16_channels_last_failure_falls_back_to_nchw(rgb_model, monkeypatch):
+    """cuDNN may find no NHWC algorithm for a kernel at the first pass (HEURISTIC_QUERY_FAILED
+    on VGG-16's 7x7 head): the pass is retried once in NCHW, never an error. Emulated on
+    CPU: the "channels-last" session fails every run."""
+    from service.engine import precision as precision_module
+
+    class FailingSession(ort.InferenceSession):
+        def run_with_iobinding(self, *args, **kwargs):
+            raise RuntimeError("CUDNN_FE failure: HEURISTIC_QUERY_FAILED (emulated)")
+
+    opened = []
+
+    def open_model_bytes(model, config, *, cuda, nhwc=False):
+        opened.append(nhwc and cuda)  # nhwc means nothing on CPU
+        kind = FailingSession if nhwc and cuda else ort.InferenceSession
+        return kind(model, providers=["CPUExecutionProvider"])
+
+    monkeypatch.setattr(precision_module, "open_model_bytes", open_model_bytes)
+    engine = Engine(rgb_model, config=EngineConfig(warmup=False))
+    reference = engine.score(np.zeros((30, 40, 3), np.uint8), FP16_OPTIONS).maps[0].scores
+    for net in engine._nets:  # as on a GPU engine
+        net._precisions = precision_module.PrecisionSessions(rgb_model, engine.config, on_cuda=True)
+    image = np.zeros((30, 40, 3), np.uint8)
+    scores = engine.score(image, FP16_OPTIONS).maps[0].scores
+    np.testing.assert_array_equal(scores, reference)
+    assert opened[1:] == [True, False]  # NHWC first, then NCHW once, kept
+    engine.score(image, FP16_OPTIONS)
+    assert opened[1:] == [True, False]
+
+
+FP16_OPTIONS = ScoreOptions(precision="fp16")

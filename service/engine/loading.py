@@ -21,7 +21,13 @@ from service.engine.dense import DenseNet, Grid
 from service.engine.memory import ActivationEstimator
 from service.engine.options import EngineConfig
 from service.engine.precision import PrecisionSessions
-from service.engine.session import CPU, CUDA, create_session, cuda_fallback_reason
+from service.engine.session import (
+    CONV_SEARCHES,
+    CPU,
+    CUDA,
+    create_session,
+    cuda_fallback_reason,
+)
 from service.errors import ModelLoadError
 
 log = logging.getLogger("densemap.engine")
@@ -51,6 +57,11 @@ def read_metadata(proto: onnx.ModelProto) -> ModelMetadata:
 
 
 def _check_config(config: EngineConfig) -> None:
+    if config.cuda_conv_search not in CONV_SEARCHES:
+        raise ModelLoadError(
+            f"EngineConfig.cuda_conv_search must be one of {CONV_SEARCHES}, "
+            f"got {config.cuda_conv_search!r}"
+        )
     for name in ("max_pixels", "memory_budget"):
         value = getattr(config, name)
         if name == "memory_budget" and value is None:

@@ -40,6 +40,9 @@ class EngineConfig:
     # image shapes (height, width) scored once at load, so their first request is not slow
     warmup_shapes: tuple[tuple[int, int], ...] = ()
     arena_keep_bytes: int = DEFAULT_ARENA_KEEP_BYTES
+    # cuDNN convolution algorithm search: "HEURISTIC" (cheap per new shape), "EXHAUSTIVE"
+    # (times each algorithm once per shape: faster steady state, slow first requests)
+    cuda_conv_search: str = "HEURISTIC"
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ Deviations from fp32 are measured, not assumed: ``tests/bench/gpu_check.py`` and
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -29,6 +30,7 @@ from service.engine.result import PrecisionReport
 from service.engine.session import create_session, open_model_bytes
 from service.errors import InvalidOption, ModelLoadError
 
+log = logging.getLogger("densemap.engine")
 AVAILABLE = AVAILABLE_PRECISIONS  # bf16: see check_precision
 ALIASES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "half": "fp16"}
 _PROTOBUF_LIMIT = 2**31 - 1
@@ -69,6 +71,7 @@ class PrecisionSessions:
         self._config = config
         self._on_cuda = on_cuda
         self._sessions: dict[str, tuple[ort.InferenceSession, str]] = {}
+        self._nchw_only: set[str] = set()
         self._lock = threading.Lock()
 
     def session_for(self, precision: str, fp32: ort.InferenceSession):
@@ -85,14 +88,35 @@ class PrecisionSessions:
             config = EngineConfig(**{**self._config.__dict__, "tf32": True, "device": "cuda"})
             return create_session(self._path, config), "float32"
         if precision == "fp16":
-            try:
-                model = to_float16(self._path)
-            except ModelLoadError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - the converter raises many types
-                raise ModelLoadError(f"{self._path.name}: no float16 copy: {exc}") from None
-            return open_model_bytes(model, self._config, cuda=self._on_cuda, nhwc=True), "float16"
+            nhwc = precision not in self._nchw_only
+            model = self._float16_model()
+            session = open_model_bytes(model, self._config, cuda=self._on_cuda, nhwc=nhwc)
+            return session, "float16"
         raise InvalidOption(f"precision {precision!r} is not available")
+
+    def _float16_model(self) -> bytes:
+        try:
+            return to_float16(self._path)
+        except ModelLoadError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the converter raises many types
+            raise ModelLoadError(f"{self._path.name}: no float16 copy: {exc}") from None
+
+    def demote(self, precision: str, error: Exception) -> bool:
+        """After a failed fp16 pass on CUDA with channels-last convolutions (cuDNN may find
+        no NHWC algorithm for some kernels, e.g. HEURISTIC_QUERY_FAILED on a 7x7 head),
+        reopen the session in NCHW and say whether the pass is worth retrying."""
+        if not self._on_cuda or precision != "fp16" or precision in self._nchw_only:
+            return False
+        log.warning(
+            "%s: fp16 channels-last pass failed (%s); using NCHW convolutions from now on",
+            self._path.name,
+            " ".join(str(error).split())[:200],
+        )
+        with self._lock:
+            self._nchw_only.add(precision)
+            self._sessions[precision] = self._open(precision)
+        return True
 
 
 def compare_maps(

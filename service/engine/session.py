@@ -33,13 +33,18 @@ _cuda_state: dict[str, str | bool] = {}  # "usable": bool, "reason": str (proces
 _cuda_lock = threading.Lock()
 
 
-def cuda_provider_options(*, tf32: bool = False) -> dict[str, str]:
-    """CUDA EP settings: heuristic conv search, an arena that grows only as requested, and
-    no TF32 unless asked (onnxruntime enables it by default; it rounds conv inputs to 10-bit
-    mantissas, so GPU maps would differ from CPU maps by ~3e-4 of the logit range)."""
+CONV_SEARCHES = ("HEURISTIC", "EXHAUSTIVE", "DEFAULT")
+
+
+def cuda_provider_options(*, tf32: bool = False, search: str = "HEURISTIC") -> dict[str, str]:
+    """CUDA EP settings: cuDNN conv algorithm ``search`` (HEURISTIC by default: EXHAUSTIVE
+    times every algorithm for each new input shape, hundreds of ms a shape), an arena that
+    grows only as requested, and no TF32 unless asked (onnxruntime enables it by default; it
+    rounds conv inputs to 10-bit mantissas, so GPU maps would differ from CPU maps by ~3e-4
+    of the logit range)."""
     return {
         "device_id": "0",
-        "cudnn_conv_algo_search": "HEURISTIC",
+        "cudnn_conv_algo_search": search,
         "arena_extend_strategy": "kSameAsRequested",
         "do_copy_in_default_stream": "1",
         "use_tf32": "1" if tf32 else "0",
@@ -117,18 +122,23 @@ def open_model_bytes(
     cuDNN refuses them (e.g. HEURISTIC_QUERY_FAILED on some kernel sizes), the session is
     opened again without them rather than failing.
     """
-    try:
-        if not cuda:
+    if not cuda:
+        try:
             return _open(model, config, [CPU])
-        if nhwc:
-            try:
-                options = {**cuda_provider_options(tf32=config.tf32), "prefer_nhwc": "1"}
-                return _open(model, config, [(CUDA, options), CPU])
-            except Exception as exc:  # noqa: BLE001 - retried without NHWC below
-                log.info("channels-last CUDA session failed (%s); using NCHW", exc)
-        return _open(model, config, [(CUDA, cuda_provider_options(tf32=config.tf32)), CPU])
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph
-        raise ModelLoadError(f"onnxruntime cannot load a derived model: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph
+            raise ModelLoadError(f"onnxruntime cannot load a derived model: {exc}") from None
+    options = cuda_provider_options(tf32=config.tf32, search=config.cuda_conv_search)
+    attempts = ([{**options, "prefer_nhwc": "1"}] if nhwc else []) + [options]
+    failure = "the CUDA provider did not load"
+    for attempt in attempts:
+        try:
+            session = _open(model, config, [(CUDA, attempt), CPU])
+        except Exception as exc:  # noqa: BLE001 - the next attempt, then one clear error
+            failure = str(exc)
+            continue
+        if CUDA in session.get_providers():  # never a silent CPU fallback on a GPU engine
+            return session
+    raise ModelLoadError(f"onnxruntime cannot load a derived model on CUDA: {failure}")
 
 
 def _has_cuda_driver() -> bool:
@@ -156,7 +166,10 @@ def _try_cuda(source: str | bytes, config: EngineConfig) -> ort.InferenceSession
             ort.set_default_logger_severity(_QUIET_SEVERITY)
             try:
                 _preload_cuda_libraries()
-                cuda = (CUDA, cuda_provider_options(tf32=config.tf32))
+                cuda = (
+                    CUDA,
+                    cuda_provider_options(tf32=config.tf32, search=config.cuda_conv_search),
+                )
                 session = _open(source, config, [cuda, CPU])
             except Exception as exc:  # noqa: BLE001 - retried on CPU below, which reports
                 session, reason = None, f"CUDA session failed: {exc}"

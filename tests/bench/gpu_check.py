@@ -126,7 +126,22 @@ def vgg16_rows() -> None:
     for name, first, steady_s in shapes:
         row(f"5. first request of a new shape, VGG-16 {name}", first_ms=first * 1e3,
             steady_ms=steady_s * 1e3, ratio=first / steady_s, target="<= 2")  # fmt: skip
+    exhaustive_rows(path, image, steady)
     serve_row(path, image, fresh)
+
+
+def exhaustive_rows(path: Path, image: np.ndarray, heuristic: dict[str, float]) -> None:
+    """The same engine with EXHAUSTIVE cuDNN search: steady speed vs first-request cost."""
+    searched = engine(path, cuda_conv_search="EXHAUSTIVE")
+    for precision in ("fp32", "fp16"):
+        options = ScoreOptions(**{**TOP5.__dict__, "precision": precision})
+        start = time.perf_counter()
+        searched.score(image, options)
+        first = time.perf_counter() - start
+        steady = best(lambda o=options: searched.score(image, o))
+        row(f"1b/2b. VGG-16 {BIG}² {precision}, EXHAUSTIVE search (decision data)",
+            steady_ms=steady * 1e3, heuristic_ms=heuristic[precision] * 1e3,
+            first_ms=first * 1e3, first_over_steady=first / steady)  # fmt: skip
 
 
 def serve_row(path: Path, image: np.ndarray, direct: Engine) -> None:
