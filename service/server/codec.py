@@ -63,13 +63,14 @@ def read_tensor(tensor: pb.Tensor, *, what: str) -> np.ndarray:
             f"{what}.shape must hold positive sizes, got {list(shape)}: send the array's shape"
         )
     expected = math.prod(shape) * dtype.itemsize
-    if expected != len(tensor.data):
+    data = tensor.data  # protobuf copies a bytes field on every access: read it once
+    if expected != len(data):
         raise InvalidImage(
             f"{what} has shape {list(shape)} of {_dtype_name(tensor.dtype)}, which needs "
-            f"{expected} bytes, but data holds {len(tensor.data)}: send raw row-major "
+            f"{expected} bytes, but data holds {len(data)}: send raw row-major "
             "little-endian bytes that match the shape"
         )
-    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
 # -- images ---------------------------------------------------------------------------------

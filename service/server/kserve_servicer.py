@@ -117,12 +117,13 @@ def _read_input(request) -> np.ndarray | bytes:
         raise InvalidImage(f"input 'image' is UINT8 [H, W, C] (or [H, W]), got shape {shape}")
     count = math.prod(shape)
     if raw:
-        if len(raw[0]) != count:
+        pixels = raw[0]  # protobuf copies a bytes element on every access: read it once
+        if len(pixels) != count:
             raise InvalidImage(
                 f"input 'image' has shape {shape}, which needs {count} bytes of raw data, got "
-                f"{len(raw[0])}: send the row-major pixels of exactly that shape"
+                f"{len(pixels)}: send the row-major pixels of exactly that shape"
             )
-        return np.frombuffer(raw[0], dtype=np.uint8).reshape(shape)
+        return np.frombuffer(pixels, dtype=np.uint8).reshape(shape)
     values = np.asarray(tensor.contents.uint_contents, dtype=np.uint32)
     if values.size != count:
         raise InvalidImage(
