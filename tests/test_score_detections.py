@@ -117,3 +117,17 @@ def test_bad_detection_flags_are_one_usage_error(capsys, repo, folder, tmp_path,
     )
     assert code == 2 and message in stderr and "Traceback" not in stderr
     assert not (out / "detections.jsonl").exists()
+
+
+def test_the_model_folders_box_offsets_apply_in_process(capsys, folder, tmp_path):
+    root = tmp_path / "repo"
+    square_model(root / MODEL)
+    (root / MODEL / "densemap.json").write_text(json.dumps({"box_offsets": [0.25, 0, 0, 0.5]}))
+    out = tmp_path / "out"
+    code, _, stderr = run(
+        capsys, str(folder), "--out", str(out), "--models", str(root), "--model", MODEL,
+        "--detections",
+    )  # fmt: skip
+    assert code == 0, stderr
+    (one,) = [d for d in lines(out / "detections.jsonl") if d["relpath"] == "one.png"]
+    assert [d["box"] for d in one["detections"]] == [[18.0, 8.0, 24.0, 20.0]]
