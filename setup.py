@@ -18,6 +18,11 @@ setup(
     package_dir={BUNDLED: "models"},
     package_data={
         "service": ["py.typed"],
-        BUNDLED: ["digits/model*.onnx", "digits/labels.txt", "digits/MODEL_CARD.md"],
+        BUNDLED: [
+            "digits/model*.onnx",
+            "digits/labels.txt",
+            "digits/densemap.json",
+            "digits/MODEL_CARD.md",
+        ],
     },
 )

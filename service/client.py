@@ -7,6 +7,8 @@
         result = client.score("cat.jpg", model="digits", output_stride=4, top_k=3)
         probabilities = result.maps[0].scores          # [C, n_h, n_w] numpy array
         top, left, bottom, right = result.maps[0].geometry.box(0, 0)
+        found = client.score("page.png", model="digits", detections=True).detections
+        x0, y0, x1, y1 = found[0].box                  # original-image pixels
 
 ``score`` returns the engine's own :class:`~service.engine.result.ScoreMap` type, so code
 works the same with a local ``Engine`` and a remote server. Failures raise
@@ -26,7 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service._proto.densemap.v1 import densemap_pb2 as pb
 from service._proto.densemap.v1 import densemap_pb2_grpc as pb_grpc
 from service.contract import Geometry, Preprocessing
-from service.engine.options import ScoreOptions
+from service.engine.options import DetectionOptions, ScoreOptions
 from service.engine.result import PrecisionReport, ScoreMap
 from service.errors import DensemapError, InvalidOption
 from service.server.codec import (
@@ -112,6 +114,10 @@ def _score_options(options: dict) -> ScoreOptions:
         options = {**options, "scales": tuple(options["scales"])}
     if options.get("classes") is not None:
         options = {**options, "classes": tuple(options["classes"])}
+    if options.get("detections") is True:  # shorthand for the default DetectionOptions()
+        options = {**options, "detections": DetectionOptions()}
+    elif options.get("detections") is False:
+        options = {**options, "detections": None}
     return ScoreOptions(**options)
 
 
@@ -214,12 +220,14 @@ class DensemapClient:
 
         ``options`` are :class:`~service.engine.options.ScoreOptions` fields
         (output_stride, scales, probabilities, dtype, top_k, classes, argmax,
-        include_map, image_top_k, precision). ``timings`` of the result are server-side seconds.
+        include_map, image_top_k, precision, detections: a ``DetectionOptions`` or True for
+        the defaults). ``timings`` of the result are server-side seconds.
         """
         request = self._request(image, model, options)
         labels = self._model_labels(model)  # cached; fetched first, while the server answers
         response = self._call(self._stub.Score, request, timeout)
-        return result_from_response(response, labels=labels)
+        asked = request.options.HasField("detections")
+        return result_from_response(response, labels=labels, detections=asked)
 
     def score_stream(
         self,
@@ -236,6 +244,7 @@ class DensemapClient:
         ``return_errors=True`` (the stream then goes on).
         """
         labels = self._model_labels(model)
+        asked = _score_options(dict(options)).detections is not None
         client_errors: list[Exception] = []
 
         def requests() -> Iterator[pb.ScoreRequest]:
@@ -260,7 +269,7 @@ class DensemapClient:
                         raise error
                     yield error
                     continue
-                yield result_from_response(response, labels=labels)
+                yield result_from_response(response, labels=labels, detections=asked)
         except grpc.RpcError as exc:
             raise RemoteError(exc.code(), exc.details() or "") from None
         if client_errors:

@@ -10,7 +10,12 @@ import os
 import re
 import sys
 
-from service.engine.options import AVAILABLE_PRECISIONS
+from service.engine.options import (
+    AVAILABLE_PRECISIONS,
+    DEFAULT_DETECTION_THRESHOLD,
+    DEFAULT_MAX_DETECTIONS,
+    DEFAULT_NMS_IOU,
+)
 from service.engine.repository import MODELS_HELP
 from service.errors import InvalidOption
 
@@ -56,6 +61,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SIZE",
         help="activation memory per pass before the engine tiles: bytes, or 512M, 2G (default: 1G)",
     )
+    found = parser.add_argument_group("detections (docs/score.md)")
+    found.add_argument(
+        "--detections",
+        action="store_true",
+        help="also find boxes: detections.jsonl (a line per image) and detections.coco.json",
+    )
+    found.add_argument(
+        "--threshold",
+        type=float,
+        metavar="P",
+        help=f"minimum class probability of a box (default {DEFAULT_DETECTION_THRESHOLD})",
+    )
+    found.add_argument(
+        "--nms-iou",
+        type=float,
+        metavar="IOU",
+        help=f"drop a box whose IoU with a better one of its class is above this "
+        f"(default {DEFAULT_NMS_IOU})",
+    )
+    found.add_argument(
+        "--max-detections",
+        type=int,
+        metavar="N",
+        help=f"at most N boxes per image (default {DEFAULT_MAX_DETECTIONS})",
+    )
+    found.add_argument(
+        "--detection-classes",
+        metavar="LIST",
+        help="class indices to detect, e.g. 1,3 (default: all but 'background')",
+    )
+    found.add_argument("--across-classes", action="store_true", help="NMS over all classes at once")
     out = parser.add_argument_group("outputs")
     out.add_argument("--heatmap", action="store_true", help="also write a PNG overlay per image")
     out.add_argument(
@@ -113,6 +149,40 @@ def split_ray_address(ray: str | None, paths: list[str]) -> tuple[str | None, li
     return "", [ray, *paths]
 
 
+def detection_options(args: argparse.Namespace):
+    """DetectionOptions of ``--detections`` (None without it); its settings need it."""
+    from service.engine.options import DetectionOptions
+
+    names = ("threshold", "nms_iou", "max_detections", "detection_classes", "across_classes")
+    given = [
+        f"--{n.replace('_', '-')}" for n in names if getattr(args, n, None) not in (None, False)
+    ]
+    if not getattr(args, "detections", False):
+        if given:
+            raise InvalidOption(f"{', '.join(given)} apply to --detections: add --detections")
+        return None
+    values: dict = {}
+    for name, field in (("threshold", "threshold"), ("nms_iou", "iou")):
+        value = getattr(args, name)
+        if value is not None:
+            if not 0.0 <= value <= 1.0:
+                raise InvalidOption(f"--{name.replace('_', '-')} must be in [0, 1], got {value}")
+            values[field] = value
+    if args.max_detections is not None:
+        values["max_count"] = args.max_detections
+    if args.detection_classes is not None:
+        try:
+            values["classes"] = tuple(
+                int(v) for v in args.detection_classes.split(",") if v.strip()
+            )
+        except ValueError:
+            raise InvalidOption(
+                f"--detection-classes {args.detection_classes!r} must be class indices "
+                "separated by commas, e.g. 1,3"
+            ) from None
+    return DetectionOptions(across_classes=bool(args.across_classes), **values)
+
+
 def build_request(args: argparse.Namespace):
     from service.batch.run import BatchRequest, RayConfig
     from service.batch.scorers import DEFAULT_MODEL, ModelChoice
@@ -147,6 +217,7 @@ def build_request(args: argparse.Namespace):
         dtype="float16" if args.dtype == "fp16" else "float32",
         top_k=args.top_k,
         precision=args.precision,
+        detections=detection_options(args),
     )
     ray = None
     if args.ray is not None:

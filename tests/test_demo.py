@@ -39,5 +39,7 @@ def test_demo_serves_scores_and_draws_every_page(tmp_path):
         with Image.open(heatmap) as picture:
             # the image's size plus the legend band below it (one or two rows of 14 px)
             assert picture.width == width and height + 14 < picture.height <= height + 2 * 14 + 4
+        boxes = (tmp_path / f"stride{stride}" / "detections.jsonl").read_text()
+        assert f'"relpath": "{name}"' in boxes  # the table reads the product's detections
         with np.load(tmp_path / f"stride{stride}" / f"{name}.npz") as npz:
             assert any(a.shape[-2:] == (int(n_h), int(n_w)) for a in npz.values() if a.ndim >= 2)

@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("sklearn")
 
 from models.digits import evaluate as digits_eval  # noqa: E402
-from models.digits.card import CARD_FILE, heldout_line, reading_rows  # noqa: E402
+from models.digits.card import CARD_FILE, box_rows, heldout_line, reading_rows  # noqa: E402
 from models.digits.data import LABELS, STRIDE, WINDOW, load_split  # noqa: E402
 from models.digits.pages import sample_pages  # noqa: E402
 from service.contract import ModelMetadata  # noqa: E402
@@ -126,8 +126,22 @@ def test_page_reading_meets_targets(report, index):
 def test_model_card_states_the_recomputed_numbers(report):
     card = (FOLDER / CARD_FILE).read_text(encoding="utf-8")
     assert heldout_line(report) in card
-    for row in reading_rows(report):
+    for row in reading_rows(report) + box_rows(report):
         assert row in card
+
+
+def test_boxes_at_stride_2_meet_the_precision_and_recall_targets(report):
+    """Engine detections (window boxes moved by densemap.json's offsets, NMS) against the
+    generator's digit boxes at IoU >= 0.5 with the right label (issue 10)."""
+    (boxes,) = [b for b in report.boxes if b.stride == 2]
+    assert boxes.digits >= 500
+    assert boxes.precision >= digits_eval.BOX_THRESHOLDS["precision"]
+    assert boxes.recall >= digits_eval.BOX_THRESHOLDS["recall"]
+    window_only = Engine(MODEL, config=digits_eval.CPU)  # without the model's box offsets
+    options = ScoreOptions(output_stride=2, include_map=False, detections=digits_eval.DETECTIONS)
+    page = sample_pages(*_held_out())[0]
+    box = window_only.score(page.image, options).detections[0].box
+    assert box[2] - box[0] == WINDOW  # the bare window, 28 px; the model's is 20 px
 
 
 def test_sample_pages_are_the_recipe_output():

@@ -44,6 +44,29 @@ def reading_rows(report: Report) -> list[str]:
     return rows
 
 
+BOX_SECTION = [
+    "### Boxes (the engine's detections)",
+    "`densemap score --detections --nms-iou 0.3 --across-classes` (the demo's flags; "
+    "threshold 0.5): each cell naming a digit with probability >= 0.5 is a box, the central "
+    "20x20 px of its window (`densemap.json`: `box_offsets` 1/7 of the window on each side); "
+    "greedy NMS at IoU 0.3 over all classes keeps the best. A box is right when its label is "
+    "the digit's and its IoU with the digit's box (side and place from the page generator) "
+    "is >= 0.5. Target at stride 2: precision and recall >= 97%.",
+    "",
+    "| stride | box precision | box recall |",
+    "|---|---|---|",
+]
+
+
+def box_rows(report: Report) -> list[str]:
+    """The box table rows (also used by the tests to check the card)."""
+    return [
+        f"| {b.stride} | {b.matched}/{b.detections} = {b.precision:.2%} | "
+        f"{b.matched}/{b.digits} = {b.recall:.2%} |"
+        for b in report.boxes
+    ]
+
+
 def heldout_line(report: Report) -> str:
     return (
         f"**Held-out accuracy: {report.heldout_accuracy:.2%}** "
@@ -127,6 +150,9 @@ def render(
         "| stride | read | blank FP | off-centre FP | detection precision | detection recall |",
         "|---|---|---|---|---|---|",
         *reading_rows(report),
+        "",
+        *BOX_SECTION,
+        *box_rows(report),
         "",
         "## Reproduce",
         "```",

@@ -6,15 +6,17 @@
    until its ``readiness`` health status is SERVING;
 2. scores the sample pages through the gRPC API (``densemap score --server ...``) at the
    native stride 4 and at stride 2 (one pass on the à-trous variant), with heat-maps
-   (redrawn on every run: ``--overwrite``);
-3. prints a table (page, map shape, digits found against the page's ground truth) and
-   where the pictures are;
+   (redrawn on every run: ``--overwrite``) and the product's detections
+   (``--detections``: boxes after NMS, written to ``detections.jsonl``);
+3. prints a table (page, map shape, digits found: boxes with the right label and IoU >= 0.5
+   with a drawn digit's box, from the page's ground truth) and where the pictures are;
 4. stops the server with SIGTERM (graceful drain) and checks that it exited cleanly.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import signal
 import subprocess
@@ -23,13 +25,14 @@ import threading
 import time
 from pathlib import Path
 
-from models.digits.reading import Grid, find_digits
+from models.digits.reading import digit_box, match_boxes
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = ROOT / "models"
 PAGES = MODELS / "digits" / "pages"
-BACKGROUND = 10  # index of the 'background' label in models/digits/labels.txt
-MATCH_PX = 6.0  # a detection names a drawn digit when its centre is this close
+MIN_IOU = 0.5  # a box names a drawn digit when their IoU is at least this
+# the digits' detection settings (models/digits/evaluate.py DETECTIONS, the model card)
+DETECTION_FLAGS = ("--detections", "--threshold", "0.5", "--nms-iou", "0.3", "--across-classes")
 STRIDES = (4, 2)
 READY_TIMEOUT_S = 120.0
 
@@ -75,39 +78,30 @@ def wait_ready(target: str) -> None:
 def score_pages(target: str, out: Path, stride: int) -> None:
     cmd = [sys.executable, "-m", "service.cli", "score", "--server", target, str(PAGES)]
     cmd += ["--glob", "*.png", "--out", str(out), "--output-stride", str(stride), "--heatmap"]
-    cmd += ["--overwrite"]  # always fresh pictures, even after a code or model update
+    cmd += ["--overwrite", *DETECTION_FLAGS]  # always fresh outputs, even after an update
     result = subprocess.run(cmd, cwd=ROOT)
     if result.returncode != 0:
         raise SystemExit(f"demo: densemap score failed (exit {result.returncode})")
 
 
-def read_truth(page: Path) -> list[tuple[int, float, float]]:
+def read_truth(page: Path) -> list[tuple[int, tuple[float, float, float, float]]]:
+    """(label, box) of each digit drawn: ``label centre_y centre_x size`` per line."""
     rows = (line.split() for line in page.with_suffix(".txt").read_text().splitlines())
-    return [(int(r[0]), float(r[1]), float(r[2])) for r in rows if r]
+    return [(int(r[0]), digit_box((float(r[1]), float(r[2])), float(r[3]))) for r in rows if r]
 
 
-def summarise(page: Path, npz: Path) -> tuple[str, str, int, int]:
-    """(map shape, digits found in reading order, correct detections, digits drawn)."""
-    from service.batch.outputs import load_result
+def read_lines(path: Path) -> dict[str, dict]:
+    return {doc["relpath"]: doc for doc in map(json.loads, path.read_text().splitlines())}
 
-    result, _meta = load_result(npz)
-    scale_map = result.maps[0]
-    geo = scale_map.geometry
-    grid = Grid(stride=geo.stride, window=geo.window, origin=geo.origin)
-    found = find_digits(scale_map.scores.astype("float32"), grid, background=BACKGROUND)
+
+def summarise(page: Path, out: Path) -> tuple[str, str, int, int]:
+    """(map shape, digits found in reading order, correct boxes, digits drawn)."""
+    found = read_lines(out / "detections.jsonl")[page.name]["detections"]
+    shape = read_lines(out / "summary.jsonl")[page.name]["map_shape"][0]
     truth = read_truth(page)
-    correct = sum(
-        any(
-            d.label == label and max(abs(d.centre[0] - y), abs(d.centre[1] - x)) <= MATCH_PX
-            for d in found
-        )
-        for label, y, x in truth
-    )
-    reading = " ".join(
-        result.labels[d.label] for d in sorted(found, key=lambda d: (d.centre[0], d.centre[1]))
-    )
-    shape = "x".join(str(n) for n in scale_map.shape)
-    return shape, reading, correct, len(truth)
+    correct = match_boxes([(d["class_index"], d["box"]) for d in found], truth, min_iou=MIN_IOU)
+    reading = " ".join(d["label"] for d in sorted(found, key=lambda d: (d["box"][1], d["box"][0])))
+    return "x".join(str(n) for n in shape), reading, correct, len(truth)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,10 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{'page':<12} {'stride':>6} {'map':>8} {'found':>7}  digits (reading order)")
     for stride in STRIDES:
         for page in pages:
-            npz = out / f"stride{stride}" / f"{page.name}.npz"
-            shape, reading, correct, drawn = summarise(page, npz)
+            shape, reading, correct, drawn = summarise(page, out / f"stride{stride}")
             print(f"{page.name:<12} {stride:>6} {shape:>8} {correct:>3}/{drawn:<3}  {reading}")
     print(f"\nheat-maps: {out}/stride*/*.heatmap.png   maps: {out}/stride*/*.npz")
+    print(f"boxes: {out}/stride*/detections.jsonl (and detections.coco.json)")
     print("server stopped cleanly")
     return 0
 

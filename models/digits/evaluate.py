@@ -17,6 +17,9 @@ on data built from the held-out split with fixed seeds:
   a stride (4 px) or more from every digit centre, and that name a digit. Detections
   (:func:`models.digits.reading.find_digits`) are matched to digits of the same class
   within 6 px (precision, recall).
+- boxes, through the engine's detections (:data:`DETECTIONS`, box offsets from the model's
+  ``densemap.json``): a box matches a drawn digit of the same label with IoU >= 0.5 with
+  the digit's box (its side and place from the page generator); precision and recall.
 
 Exit status 1 when a number misses its threshold (:data:`THRESHOLDS`).
 """
@@ -32,9 +35,19 @@ import numpy as np
 
 from models.digits.data import BACKGROUND, load_split
 from models.digits.pages import make_pages
-from models.digits.reading import Detection, Grid, PageScore, find_digits, score_page
+from models.digits.reading import (
+    Detection,
+    Grid,
+    PageScore,
+    digit_box,
+    find_digits,
+    match_boxes,
+    score_page,
+)
 from models.digits.windows import centred_windows, sample_windows
 from service.engine import Engine, EngineConfig, ScoreOptions
+from service.engine.model_settings import apply_model_settings
+from service.engine.options import DetectionOptions
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "model.onnx"
 HELDOUT_SEED = 1234
@@ -47,6 +60,12 @@ EVAL_PAGE_DIGITS = 40
 STRIDES = (4, 2, 1)
 MATCH_RADIUS = 6.0  # px between a detection's cell centre and the digit centre (Chebyshev)
 CPU = EngineConfig(device="cpu", intra_op_threads=1, warmup=False)
+BOX_STRIDES = (4, 2)
+BOX_MIN_IOU = 0.5
+# the digits' detection settings (the demo passes the same flags to densemap score): NMS
+# across classes drops a look-alike class named by the fringe cells of a digit
+DETECTIONS = DetectionOptions(threshold=0.5, iou=0.3, across_classes=True)
+BOX_THRESHOLDS = {"precision": 0.97, "recall": 0.97}  # at stride 2
 THRESHOLDS = {
     "heldout_accuracy": 0.97,
     "reading_accuracy": 0.90,
@@ -74,6 +93,36 @@ class StrideReading:
 
 
 @dataclass(frozen=True)
+class BoxReading:
+    """Detection boxes at one output stride, matched at IoU >= BOX_MIN_IOU."""
+
+    stride: int
+    digits: int
+    detections: int
+    matched: int
+
+    @property
+    def precision(self) -> float:
+        return self.matched / self.detections if self.detections else float("nan")
+
+    @property
+    def recall(self) -> float:
+        return self.matched / self.digits if self.digits else float("nan")
+
+
+def read_boxes(engine: Engine, pages, *, stride: int) -> BoxReading:
+    digits = detections = matched = 0
+    options = ScoreOptions(output_stride=stride, include_map=False, detections=DETECTIONS)
+    for page in pages:
+        found = engine.score(page.image, options).detections
+        truth = [(p.label, digit_box(p.centre, p.size)) for p in page.placements]
+        matched += match_boxes([(d.class_index, d.box) for d in found], truth, min_iou=BOX_MIN_IOU)
+        digits += len(truth)
+        detections += len(found)
+    return BoxReading(stride=stride, digits=digits, detections=detections, matched=matched)
+
+
+@dataclass(frozen=True)
 class Report:
     heldout: int
     heldout_correct: int
@@ -82,6 +131,7 @@ class Report:
     background_windows: int
     background_correct: int
     readings: tuple[StrideReading, ...]
+    boxes: tuple[BoxReading, ...] = ()
 
     @property
     def heldout_accuracy(self) -> float:
@@ -133,7 +183,7 @@ def read_pages(engine: Engine, pages, *, stride: int) -> StrideReading:
 def evaluate(model_path: str | Path = DEFAULT_MODEL, *, config: EngineConfig = CPU) -> Report:
     """All model-card numbers, recomputed from the ONNX files through the engine (on CPU by
     default: the card states fp32 CPU numbers; a GPU may flip an argmax at a near tie)."""
-    engine = Engine(model_path, config=config)
+    engine = Engine(model_path, config=apply_model_settings(Path(model_path).parent, config))
     split = load_split()
     test_glyphs, test_labels = split.test_glyphs, split.test_labels
     images, targets = centred_windows(
@@ -160,6 +210,7 @@ def evaluate(model_path: str | Path = DEFAULT_MODEL, *, config: EngineConfig = C
         background_windows=int(is_background.sum()),
         background_correct=int((predicted[is_background] == BACKGROUND).sum()),
         readings=tuple(read_pages(engine, pages, stride=s) for s in STRIDES),
+        boxes=tuple(read_boxes(engine, pages, stride=s) for s in BOX_STRIDES),
     )
 
 
@@ -180,6 +231,12 @@ def failures(report: Report) -> list[str]:
             problems.append(
                 f"stride {r.stride}: off-centre false positives "
                 f"{r.score.off_centre_false_positive_rate:.2%} > 2%"
+            )
+    for b in report.boxes:
+        low = b.precision < BOX_THRESHOLDS["precision"] or b.recall < BOX_THRESHOLDS["recall"]
+        if b.stride == 2 and low:
+            problems.append(
+                f"stride 2: box precision {b.precision:.2%} / recall {b.recall:.2%} < 97%"
             )
     return problems
 
@@ -205,6 +262,12 @@ def print_report(report: Report) -> None:
             f"{s.blank_false_positive_rate:>8.3%}  {s.off_cells:>16}  "
             f"{s.off_centre_false_positive_rate:>13.3%}  {r.detections:>10}  {r.precision:>9.2%}  "
             f"{r.recall:>6.2%}"
+        )
+    print("boxes (engine detections, IoU >= 0.5 with the digit's box, label right):")
+    for b in report.boxes:
+        print(
+            f"  stride {b.stride}: {b.matched}/{b.detections} boxes right = {b.precision:.2%} "
+            f"precision, {b.matched}/{b.digits} digits found = {b.recall:.2%} recall"
         )
 
 

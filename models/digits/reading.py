@@ -192,3 +192,32 @@ def find_digits(
 def _distance(a: tuple[float, float], b: tuple[float, float]) -> float:
     """Chebyshev distance in pixels."""
     return max(abs(a[0] - b[0]), abs(a[1] - b[1]))
+
+
+def digit_box(centre: tuple[float, float], size: float) -> tuple[float, float, float, float]:
+    """(x0, y0, x1, y1) of a drawn digit of side ``size`` centred at (y, x) ``centre``."""
+    y, x = centre
+    return (x - size / 2, y - size / 2, x + size / 2, y + size / 2)
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    width = min(a[2], b[2]) - max(a[0], b[0])
+    height = min(a[3], b[3]) - max(a[1], b[1])
+    overlap = max(width, 0.0) * max(height, 0.0)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - overlap
+    return overlap / union if union > 0 else 0.0
+
+
+def match_boxes(found, truth, *, min_iou: float = 0.5) -> int:
+    """How many of ``found`` [(label, box)], best first, match a digit of ``truth``
+    [(label, box)]: greedily, each to the first unmatched digit with the same label and
+    IoU >= ``min_iou`` (a detection with the wrong label matches nothing)."""
+    free = list(range(len(truth)))
+    matched = 0
+    for label, box in found:
+        for k in free:
+            if truth[k][0] == label and box_iou(box, truth[k][1]) >= min_iou:
+                free.remove(k)
+                matched += 1
+                break
+    return matched

@@ -51,7 +51,10 @@ def write_atomic(target: Path, write: Callable[[BinaryIO], None], *, partial_dir
 
 
 def options_to_json(options: ScoreOptions) -> dict:
-    return asdict(options)
+    doc = asdict(options)
+    if doc.get("detections") is None:  # runs from before detections existed read the same
+        doc.pop("detections", None)
+    return doc
 
 
 def encode_result(

@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from service.batch.detections_out import JSONL_FILE, DetectionsWriter, read_lines
 from service.batch.pipeline import PipelineConfig, run_pipeline
 from service.batch.progress import Progress
 from service.batch.rundir import OutputDir, RunSettings, heatmap_path, npz_path
@@ -98,6 +99,19 @@ def check_options(options: ScoreOptions, scorer) -> None:
             "graph), so there are no logits to write: leave --logits out"
         )
     plan_outputs(options, num_classes=scorer.num_classes, output_kind=scorer.output_kind)
+    if options.detections is not None:
+        from service.engine.detections import plan_detections
+        from service.engine.options import DEFAULT_BOX_OFFSETS
+
+        try:
+            plan_detections(
+                options.detections,
+                labels=scorer.labels,
+                num_classes=scorer.num_classes,
+                box_offsets=DEFAULT_BOX_OFFSETS,
+            )
+        except InvalidOption as exc:
+            raise InvalidOption(f"--detections: {exc}") from None
 
 
 def _class_name(index: int, labels: tuple[str, ...]) -> str:
@@ -150,6 +164,13 @@ def run_batch(request: BatchRequest, *, tty: bool | None = None) -> BatchOutcome
         todo, done = out.split_done(jobs, heatmap=request.heatmap, overwrite=request.overwrite)
         skipped_rows = _skipped_rows(out, done)
         summary = SummaryWriter(out.summary_path, partial_dir=out.partial)
+        boxes = None
+        if request.options.detections is not None:
+            boxes = DetectionsWriter(out.root, partial_dir=out.partial)
+            previous = read_lines(out.root / JSONL_FILE) if done else {}
+            for job in done:
+                if job.relpath in previous:
+                    boxes.add({**previous[job.relpath], "path": job.source})
         for row in skipped_rows:
             summary.add(row)
         if done:
@@ -162,6 +183,10 @@ def run_batch(request: BatchRequest, *, tty: bool | None = None) -> BatchOutcome
         outcome = BatchOutcome(progress=progress, out_dir=str(out.root))
 
         def report(row: dict) -> None:
+            found = row.pop("detections", None)
+            if boxes is not None and found is not None:
+                line = {"relpath": row["relpath"], "path": row["path"], "size": row["size"]}
+                boxes.add({**line, "detections": found})
             summary.add(row)
             progress.update(row)
             if row["status"] == "failed":
@@ -201,4 +226,6 @@ def run_batch(request: BatchRequest, *, tty: bool | None = None) -> BatchOutcome
         finally:
             progress.close()
             summary.finish()
+            if boxes is not None:
+                boxes.finish()
     return outcome

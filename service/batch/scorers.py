@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -83,7 +83,8 @@ class RemoteScorer:
         return data  # the server decodes; RemoteError(INVALID_ARGUMENT) names the problem
 
     def score(self, image, options: ScoreOptions, *, cancel=None) -> ScoreMap:
-        return self.client.score(image, model=self.model_name, **asdict(options))
+        shallow = {f.name: getattr(options, f.name) for f in fields(options)}  # typed values
+        return self.client.score(image, model=self.model_name, **shallow)
 
 
 @contextlib.contextmanager

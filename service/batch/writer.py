@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from service.batch.detections_out import detections_to_json
 from service.batch.heatmap import render_heatmap
 from service.batch.outputs import encode_result, write_atomic, write_npz
 from service.batch.rundir import heatmap_path, npz_path
@@ -71,4 +72,8 @@ class ResultWriter:
                 partial_dir=self.partial_dir,
             )
             outputs.append(png.relative_to(self.out_dir).as_posix())
-        return ok_row(job, result, seconds=seconds, outputs=outputs, labels=result.labels)
+        row = ok_row(job, result, seconds=seconds, outputs=outputs, labels=result.labels)
+        if result.detections is not None:  # the run's detections.jsonl takes the list
+            row["detection_count"] = len(result.detections)
+            row["detections"] = detections_to_json(result.detections)
+        return row

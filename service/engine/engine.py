@@ -22,6 +22,7 @@ from service.contract import ModelMetadata, Pair
 from service.engine import image_input
 from service.engine.assembly import MapAssembly, Placement, PostprocessCall
 from service.engine.dense import PixelSource, check_cancel, shift_and_stitch
+from service.engine.detections import DetectionTap, candidates, plan_detections, select
 from service.engine.device_memory import resolve_memory_budget
 from service.engine.loading import load_nets
 from service.engine.options import DEFAULT_CUDA_REPORT_PRECISIONS, EngineConfig, ScoreOptions
@@ -196,6 +197,14 @@ class Engine:
         plan = plan_outputs(
             options, num_classes=self._num_classes, output_kind=self._metadata.output_kind
         )
+        detect = None
+        if options.detections is not None:
+            detect = plan_detections(
+                options.detections,
+                labels=self._labels,
+                num_classes=self._num_classes,
+                box_offsets=self._config.box_offsets,
+            )
         net, factor = self._plan_stride(options.output_stride)
         scales = self._check_scales(options.scales)
         check_cancel(cancel, "before decoding")
@@ -212,8 +221,8 @@ class Engine:
             else check_precision(options.precision)
         )
         post = PostprocessCall(plan)
-        maps, image_scores, largest_pass = [], [], 0
-        for scale, size in zip(scales, sizes, strict=True):
+        maps, image_scores, found, largest_pass = [], [], [], 0
+        for index, (scale, size) in enumerate(zip(scales, sizes, strict=True)):
             check_cancel(cancel, f"before scale {scale}")
             tic = time.perf_counter()
             if uint8_hwc is not None:
@@ -234,7 +243,11 @@ class Engine:
             assembly = MapAssembly(
                 plan, cells=self._cells(net, factor, size), num_classes=self._num_classes
             )
-            self._dense_map(net, factor, source, cancel, post, assembly.place, precision)
+            tap = (
+                None if detect is None else DetectionTap(detect, post, assembly, self._num_classes)
+            )
+            passes = (post, assembly.place) if tap is None else (tap.post, tap.place)
+            self._dense_map(net, factor, source, cancel, *passes, precision)
             largest_pass = max(largest_pass, min(net.estimate_bytes(*size), self._budget))
             timings["infer"] += time.perf_counter() - tic
             tic = time.perf_counter()
@@ -245,11 +258,16 @@ class Engine:
             scale_map, scale_scores = assembly.scale_map(geometry)
             maps.append(scale_map)
             image_scores.append(scale_scores)
+            if tap is not None:
+                found.append(candidates(tap.scores(), detect, geometry, index))
             timings["postprocess"] += time.perf_counter() - tic
             del source
         if largest_pass > self._config.arena_keep_bytes:
             self._runtime.release_memory()  # give a big request's buffers back
         mean_scores = np.mean(image_scores, axis=0)
+        tic = time.perf_counter()
+        detections = None if detect is None else select(found, detect, self._labels)
+        timings["postprocess"] += time.perf_counter() - tic
         timings["total"] = time.perf_counter() - started
         return ScoreMap(
             maps=maps,
@@ -258,6 +276,7 @@ class Engine:
             labels=self._labels,
             image_size=(int(height), int(width)),
             timings=timings,
+            detections=detections,
         )
 
     # -- internals -----------------------------------------------------------------------

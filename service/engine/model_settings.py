@@ -10,6 +10,8 @@
 - ``warmup_shapes``: image shapes (height, width) scored once at load, so that the first
   request of each finds the device's per-shape state ready (cuDNN algorithm choice).
 - ``report_precisions``: precisions measured against fp32 at load (GetModel reports them).
+- ``box_offsets``: [dx1, dy1, dx2, dy2], the object box of a cell relative to its window,
+  in window sizes, for detections that do not set their own (docs/engine.md "Detections").
 
 Unknown keys and wrong types are load errors naming the key: a typo must not silently fall
 back to the defaults.
@@ -26,7 +28,7 @@ from service.engine.precision import check_precision
 from service.errors import InvalidOption, ModelLoadError
 
 SETTINGS_FILE = "densemap.json"
-KEYS = ("precision", "warmup_shapes", "report_precisions")
+KEYS = ("precision", "warmup_shapes", "report_precisions", "box_offsets")
 MAX_WARMUP_SHAPES = 16
 
 
@@ -48,6 +50,23 @@ def _shapes(value, path: Path) -> tuple[tuple[int, int], ...]:
             )
         shapes.append((item[0], item[1]))
     return tuple(shapes)
+
+
+def _offsets(value, path: Path) -> tuple[float, float, float, float]:
+    numbers = isinstance(value, list) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) <= 10 for v in value
+    )
+    if (
+        not numbers
+        or len(value) != 4
+        or 1 + value[2] - value[0] <= 0
+        or 1 + value[3] - value[1] <= 0
+    ):
+        raise ModelLoadError(
+            f"{path}: box_offsets must be [dx1, dy1, dx2, dy2] in window sizes (|v| <= 10) "
+            f"leaving a box of positive size, got {value!r}"
+        )
+    return tuple(float(v) for v in value)
 
 
 def apply_model_settings(folder: Path, config: EngineConfig) -> EngineConfig:
@@ -77,4 +96,6 @@ def apply_model_settings(folder: Path, config: EngineConfig) -> EngineConfig:
         raise ModelLoadError(f"{path}: {exc}") from None
     if "warmup_shapes" in settings:
         changes["warmup_shapes"] = _shapes(settings["warmup_shapes"], path)
+    if "box_offsets" in settings:
+        changes["box_offsets"] = _offsets(settings["box_offsets"], path)
     return replace(config, **changes)

@@ -15,6 +15,15 @@ PRECISIONS = ("fp32", "tf32", "fp16", "bf16")  # bf16 is named only to be refuse
 AVAILABLE_PRECISIONS = ("fp32", "tf32", "fp16")
 DEFAULT_PRECISION = "fp32"  # exact; "tf32" and "fp16" trade exactness for speed
 DEFAULT_CUDA_REPORT_PRECISIONS = ("fp16",)
+# Detections (service/engine/detections.py, docs/engine.md "Detections")
+DEFAULT_DETECTION_THRESHOLD = 0.5  # a cell whose class probability is >= this is a candidate
+DEFAULT_NMS_IOU = 0.5  # suppress a box whose IoU with a better box of its class is > this
+DEFAULT_MAX_DETECTIONS = 100  # per image, all classes and scales together
+MAX_DETECTIONS = 10_000
+BACKGROUND_LABEL = "background"  # left out of the default detection classes
+# (dx1, dy1, dx2, dy2) added to a cell's window (x0, y0, x1, y1), in units of the window's
+# width (dx) and height (dy): (0, 0, 0, 0) reports the window itself
+DEFAULT_BOX_OFFSETS = (0.0, 0.0, 0.0, 0.0)
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,34 @@ class EngineConfig:
     # cuDNN convolution algorithm search: "HEURISTIC" (cheap per new shape), "EXHAUSTIVE"
     # (times each algorithm once per shape: faster steady state, slow first requests)
     cuda_conv_search: str = "HEURISTIC"
+    # the object box of a cell relative to its window, for detections that do not set one
+    # (a model's densemap.json "box_offsets"); see DetectionOptions.box_offsets
+    box_offsets: tuple[float, float, float, float] = DEFAULT_BOX_OFFSETS
+
+
+@dataclass(frozen=True)
+class DetectionOptions:
+    """Turn the maps into boxes: threshold, then non-maximum suppression per class.
+
+    - ``classes``: class indices to report; None = every class but one labelled
+      ``background``.
+    - ``threshold``: a cell is a candidate of class c when its probability of c is >= this.
+    - ``iou``: greedy NMS per class over all scales together drops a box whose IoU with a
+      better-scoring box of its class is > this (1.0 keeps every candidate).
+    - ``max_count``: at most this many detections per image, best first.
+    - ``across_classes``: NMS over all classes at once (a box then also suppresses
+      overlapping boxes of other classes, e.g. a look-alike class at an object's fringe).
+    - ``box_offsets``: (dx1, dy1, dx2, dy2): the box of cell (i, j) is its window
+      (x0, y0, x1, y1) in original-image pixels plus (dx1 * w, dy1 * h, dx2 * w, dy2 * h),
+      w and h being the window's size there; None uses the model's (EngineConfig).
+    """
+
+    classes: tuple[int, ...] | None = None
+    threshold: float = DEFAULT_DETECTION_THRESHOLD
+    iou: float = DEFAULT_NMS_IOU
+    max_count: int = DEFAULT_MAX_DETECTIONS
+    across_classes: bool = False
+    box_offsets: tuple[float, float, float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -60,6 +97,7 @@ class ScoreOptions:
     - ``include_map``: return the score map itself (False: only top-k/argmax/image scores).
     - ``image_top_k``: how many image-level classes to report.
     - ``precision``: "fp32" (exact), "tf32" or "fp16"; None uses the model's default.
+    - ``detections``: also return boxes (:class:`DetectionOptions`); None = off.
     """
 
     output_stride: int | None = None
@@ -72,3 +110,4 @@ class ScoreOptions:
     include_map: bool = True
     image_top_k: int = DEFAULT_IMAGE_TOP_K
     precision: str | None = None
+    detections: DetectionOptions | None = None

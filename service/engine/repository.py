@@ -107,6 +107,7 @@ def load_model(root: str | Path, name: str, *, config: EngineConfig = EngineConf
     if name not in folders:
         raise _not_found(name, root, folders)
     folder = folders[name]
+    config = apply_model_settings(folder, config)  # densemap.json, as the server reads it
     return Engine(
         folder / MODEL_FILE, config=config, name=name, labels=read_labels(folder / LABELS_FILE)
     )

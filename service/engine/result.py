@@ -58,6 +58,24 @@ class ScaleMap:
         raise ValueError("map holds no array")
 
 
+@dataclass(frozen=True)
+class Detection:
+    """One box: a class found by the cells of one map (docs/engine.md "Detections").
+
+    ``box`` is (x0, y0, x1, y1) in original-image pixels (x right, y down; x1, y1 exclusive
+    edges, so the width is x1 - x0); ``scale_index`` and ``cell`` (i, j) name the map cell
+    that gave it, ``scale`` that map's image scale.
+    """
+
+    class_index: int
+    label: str
+    score: float
+    box: tuple[float, float, float, float]
+    scale: float
+    scale_index: int
+    cell: tuple[int, int]
+
+
 @dataclass
 class ScoreMap:
     """The result of :meth:`Engine.score`: one :class:`ScaleMap` per requested scale."""
@@ -68,6 +86,7 @@ class ScoreMap:
     labels: tuple[str, ...] = ()
     image_size: tuple[int, int] = (0, 0)  # (h, w) of the original image
     timings: dict[str, float] = field(default_factory=dict)  # seconds: decode, infer, ...
+    detections: list[Detection] | None = None  # best first; None unless asked for
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,12 @@ from service._proto.densemap.v1 import densemap_pb2 as pb
 from service.engine.options import DEFAULT_IMAGE_TOP_K, ScoreOptions
 from service.engine.result import MapGeometry, PrecisionReport, ScaleMap, ScoreMap
 from service.errors import InvalidImage, InvalidOption
+from service.server.detection_codec import (
+    detection_options_from_proto,
+    detection_options_to_proto,
+    detections_from_response,
+    fill_detections,
+)
 
 WIRE_DTYPES: dict[int, np.dtype] = {
     pb.UINT8: np.dtype("<u1"),
@@ -128,6 +134,8 @@ def options_to_proto(options: ScoreOptions, out: pb.ScoreOptions) -> None:
     out.omit_map = not options.include_map
     out.image_top_k = options.image_top_k
     out.precision = options.precision or ""
+    if options.detections is not None:
+        detection_options_to_proto(options.detections, out.detections)
 
 
 def options_from_proto(options: pb.ScoreOptions) -> ScoreOptions:
@@ -166,6 +174,9 @@ def options_from_proto(options: pb.ScoreOptions) -> ScoreOptions:
         include_map=not options.omit_map,
         image_top_k=image_top_k,
         precision=options.precision or None,
+        detections=detection_options_from_proto(options.detections)
+        if options.HasField("detections")
+        else None,
     )
 
 
@@ -224,10 +235,14 @@ def fill_response(out: pb.ScoreResponse, result: ScoreMap) -> None:
         label = result.labels[index] if index < len(result.labels) else ""
         out.image_top_k.add(index=index, label=label, score=score)
     out.image_size.h, out.image_size.w = result.image_size
+    fill_detections(out, result.detections)
 
 
-def result_from_response(response: pb.ScoreResponse, *, labels: tuple[str, ...] = ()) -> ScoreMap:
-    """Client side: a :class:`ScoreMap` with numpy arrays, timings in seconds."""
+def result_from_response(
+    response: pb.ScoreResponse, *, labels: tuple[str, ...] = (), detections: bool = False
+) -> ScoreMap:
+    """Client side: a :class:`ScoreMap` with numpy arrays, timings in seconds; its
+    ``detections`` is a list when ``detections`` (the request asked for them), else None."""
     maps = []
     for map_pb in response.maps:
         arrays = {
@@ -249,4 +264,5 @@ def result_from_response(response: pb.ScoreResponse, *, labels: tuple[str, ...] 
             stage: getattr(timing, f"{stage}_ms") / 1000.0
             for stage in ("decode", "queue", "infer", "encode", "total")
         },
+        detections=detections_from_response(response) if detections else None,
     )

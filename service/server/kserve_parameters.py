@@ -7,7 +7,14 @@ known ones; tritonclient's reserved names (sequence_id, priority, ...) are ignor
 
 from __future__ import annotations
 
-from service.engine.options import DEFAULT_IMAGE_TOP_K, ScoreOptions
+from service.engine.options import (
+    DEFAULT_DETECTION_THRESHOLD,
+    DEFAULT_IMAGE_TOP_K,
+    DEFAULT_MAX_DETECTIONS,
+    DEFAULT_NMS_IOU,
+    DetectionOptions,
+    ScoreOptions,
+)
 from service.errors import InvalidOption
 from service.server.codec import MAX_SCALES
 
@@ -20,7 +27,20 @@ PARAMETERS = {
     "classes": 'string: comma-separated class indices to keep in the map, e.g. "3,7"',
     "image_top_k": f"int: image-level top-k reported (default {DEFAULT_IMAGE_TOP_K})",
     "precision": 'string: "fp32" (exact), "tf32" or "fp16" (default: the model\'s own)',
+    "detections": "bool: also return boxes (outputs detections, detection_labels, "
+    "detection_cells; default false)",
+    "detection_threshold": f"double: minimum class probability of a box "
+    f"(default {DEFAULT_DETECTION_THRESHOLD})",
+    "detection_iou": f"double: NMS IoU above which a worse box of its class is dropped "
+    f"(default {DEFAULT_NMS_IOU})",
+    "detection_max_count": f"int: at most this many boxes (default {DEFAULT_MAX_DETECTIONS})",
+    "detection_classes": "string: comma-separated class indices to detect (default: all but "
+    '"background")',
+    "detection_across_classes": "bool: NMS over all classes at once (default false)",
+    "box_offsets": 'string: "dx1,dy1,dx2,dy2" added to the window box, in window sizes '
+    "(default: the model's)",
 }
+DETECTION_PARAMETERS = tuple(name for name in PARAMETERS if "detection" in name) + ("box_offsets",)
 RESERVED = frozenset(
     (
         "sequence_id",
@@ -66,6 +86,43 @@ def _numbers(name: str, parameter, cast, kinds: tuple[str, ...]) -> tuple:
     return numbers
 
 
+def _detection_options(parameters) -> DetectionOptions | None:
+    """DetectionOptions when ``detections`` is true; detection settings without it are refused."""
+    enabled = "detections" in parameters and bool(
+        _typed("detections", parameters["detections"], ("bool_param",))
+    )
+    settings = [
+        name for name in DETECTION_PARAMETERS if name in parameters and name != "detections"
+    ]
+    if not enabled:
+        if settings:
+            raise InvalidOption(
+                f"parameter(s) {settings} apply to detections: also send detections=true"
+            )
+        return None
+    values: dict = {}
+    for name, field in (("detection_threshold", "threshold"), ("detection_iou", "iou")):
+        if name in parameters:
+            values[field] = float(_typed(name, parameters[name], ("double_param", "int64_param")))
+    if "detection_max_count" in parameters:
+        values["max_count"] = _int(
+            "detection_max_count", parameters["detection_max_count"], minimum=1
+        )
+    if "detection_classes" in parameters:
+        values["classes"] = _numbers(
+            "detection_classes", parameters["detection_classes"], int, ("int64_param",)
+        )
+    if "detection_across_classes" in parameters:
+        values["across_classes"] = bool(
+            _typed(
+                "detection_across_classes", parameters["detection_across_classes"], ("bool_param",)
+            )
+        )
+    if "box_offsets" in parameters:
+        values["box_offsets"] = _numbers("box_offsets", parameters["box_offsets"], float, ())
+    return DetectionOptions(**values)
+
+
 def options_from_parameters(parameters) -> ScoreOptions:
     """The ScoreOptions a ModelInferRequest's ``parameters`` map asks for."""
     unknown = sorted(name for name in parameters if name not in PARAMETERS and name not in RESERVED)
@@ -97,6 +154,9 @@ def options_from_parameters(parameters) -> ScoreOptions:
         options["precision"] = _typed("precision", parameters["precision"], ("string_param",))
     if "classes" in parameters:
         options["classes"] = _numbers("classes", parameters["classes"], int, ("int64_param",))
+    detections = _detection_options(parameters)
+    if detections is not None:
+        options["detections"] = detections
     scales = options.get("scales", (1.0,))
     if len(scales) > MAX_SCALES or not all(0 < s < float("inf") for s in scales):
         raise InvalidOption(

@@ -5,7 +5,8 @@ order) or ``image_bytes`` (BYTES [1], an encoded image). Outputs, always sent in
 ``raw_output_contents`` (tritonclient's ``as_numpy`` reads nothing else), per scale i
 (suffix "" for the first scale, "_<i>" for the others): ``scores`` [C, n_h, n_w],
 ``top_k_indices``/``top_k_scores`` [k, n_h, n_w], ``argmax`` [n_h, n_w]; plus
-``image_scores`` [num_classes]. Options are request parameters (see PARAMETERS).
+``image_scores`` [num_classes]; with ``detections=true``, the detection outputs of
+:mod:`service.server.kserve_detections`. Options are request parameters (see PARAMETERS).
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import struct
 
 import numpy as np
 
-from service.engine.options import ScoreOptions
+from service.engine.options import DetectionOptions, ScoreOptions
 from service.errors import InvalidImage, InvalidOption, ModelNotFound
+from service.server import kserve_detections
 from service.server.kserve_parameters import options_from_parameters
 from service.server.kserve_proto import ModelInferResponse, ModelMetadataResponse, message_class
 from service.server.scoring import Call, ScoringCore
@@ -140,7 +142,7 @@ def _read_input(request) -> np.ndarray | bytes:
 def _requested_outputs(request, options: ScoreOptions, scale_count: int) -> ScoreOptions:
     """Narrow the options to the requested outputs (empty: all the options produce)."""
     names = [output.name for output in request.outputs]
-    valid = {"image_scores"} | {
+    valid = {"image_scores", *kserve_detections.OUTPUTS} | {
         _output_name(base, i) for base in MAP_OUTPUTS for i in range(scale_count)
     }
     unknown = [name for name in names if name not in valid]
@@ -164,6 +166,11 @@ def _requested_outputs(request, options: ScoreOptions, scale_count: int) -> Scor
     if not names:
         return options
     wanted = {name.rsplit("_", 1)[0] if name[-1].isdigit() else name for name in names}
+    detections = options.detections
+    if wanted & set(kserve_detections.OUTPUTS):
+        detections = detections or DetectionOptions()
+    else:
+        detections = None
     if wanted & {"top_k_indices", "top_k_scores"} and options.top_k == 0:
         raise InvalidOption("top-k outputs need the request parameter top_k > 0")
     return ScoreOptions(
@@ -172,6 +179,7 @@ def _requested_outputs(request, options: ScoreOptions, scale_count: int) -> Scor
             "include_map": "scores" in wanted,
             "argmax": "argmax" in wanted,
             "top_k": options.top_k if wanted & {"top_k_indices", "top_k_scores"} else 0,
+            "detections": detections,
         }
     )
 
@@ -217,6 +225,9 @@ class KServeServicer:
             response.outputs.add(name="top_k_indices", datatype="INT32", shape=[-1, -1, -1])
             response.outputs.add(name="top_k_scores", datatype="FP32", shape=[-1, -1, -1])
             response.outputs.add(name="argmax", datatype="INT32", shape=[-1, -1])
+            response.outputs.add(name="detections", datatype="FP32", shape=[-1, 6])
+            response.outputs.add(name="detection_labels", datatype="BYTES", shape=[-1])
+            response.outputs.add(name="detection_cells", datatype="INT32", shape=[-1, 3])
             return response
 
         return self._core.unary(context, "kserve.ModelMetadata", metadata)
@@ -246,6 +257,15 @@ class KServeServicer:
                         _set_geometry(output, scale_map.geometry)
             if wanted is None or "image_scores" in wanted:
                 self._add_output(response, "image_scores", np.asarray(result.image_scores))
+            if result.detections is not None:
+                arrays = kserve_detections.detection_arrays(result.detections)
+                for name, array in arrays.items():
+                    if wanted is not None and name not in wanted:
+                        continue
+                    if name == "detection_labels":
+                        kserve_detections.add_bytes_output(response, name, array)
+                    else:
+                        self._add_output(response, name, array)
         for stage, value in call.timing_ms().items():
             response.parameters[f"{stage}_ms"].double_param = value
         return response

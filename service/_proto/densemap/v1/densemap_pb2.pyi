@@ -48,7 +48,7 @@ class Image(_message.Message):
     def __init__(self, encoded: _Optional[bytes] = ..., array: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ScoreOptions(_message.Message):
-    __slots__ = ("output_stride", "scales", "output", "dtype", "top_k", "classes", "argmax", "omit_map", "image_top_k", "precision")
+    __slots__ = ("output_stride", "scales", "output", "dtype", "top_k", "classes", "argmax", "omit_map", "image_top_k", "precision", "detections")
     OUTPUT_STRIDE_FIELD_NUMBER: _ClassVar[int]
     SCALES_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +59,7 @@ class ScoreOptions(_message.Message):
     OMIT_MAP_FIELD_NUMBER: _ClassVar[int]
     IMAGE_TOP_K_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
+    DETECTIONS_FIELD_NUMBER: _ClassVar[int]
     output_stride: int
     scales: _containers.RepeatedScalarFieldContainer[float]
     output: Output
@@ -69,7 +70,54 @@ class ScoreOptions(_message.Message):
     omit_map: bool
     image_top_k: int
     precision: str
-    def __init__(self, output_stride: _Optional[int] = ..., scales: _Optional[_Iterable[float]] = ..., output: _Optional[_Union[Output, str]] = ..., dtype: _Optional[_Union[DType, str]] = ..., top_k: _Optional[int] = ..., classes: _Optional[_Iterable[int]] = ..., argmax: _Optional[bool] = ..., omit_map: _Optional[bool] = ..., image_top_k: _Optional[int] = ..., precision: _Optional[str] = ...) -> None: ...
+    detections: DetectionOptions
+    def __init__(self, output_stride: _Optional[int] = ..., scales: _Optional[_Iterable[float]] = ..., output: _Optional[_Union[Output, str]] = ..., dtype: _Optional[_Union[DType, str]] = ..., top_k: _Optional[int] = ..., classes: _Optional[_Iterable[int]] = ..., argmax: _Optional[bool] = ..., omit_map: _Optional[bool] = ..., image_top_k: _Optional[int] = ..., precision: _Optional[str] = ..., detections: _Optional[_Union[DetectionOptions, _Mapping]] = ...) -> None: ...
+
+class DetectionOptions(_message.Message):
+    __slots__ = ("classes", "threshold", "iou", "max_count", "across_classes", "box_offsets")
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    IOU_FIELD_NUMBER: _ClassVar[int]
+    MAX_COUNT_FIELD_NUMBER: _ClassVar[int]
+    ACROSS_CLASSES_FIELD_NUMBER: _ClassVar[int]
+    BOX_OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    classes: _containers.RepeatedScalarFieldContainer[int]
+    threshold: float
+    iou: float
+    max_count: int
+    across_classes: bool
+    box_offsets: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, classes: _Optional[_Iterable[int]] = ..., threshold: _Optional[float] = ..., iou: _Optional[float] = ..., max_count: _Optional[int] = ..., across_classes: _Optional[bool] = ..., box_offsets: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class Box(_message.Message):
+    __slots__ = ("x0", "y0", "x1", "y1")
+    X0_FIELD_NUMBER: _ClassVar[int]
+    Y0_FIELD_NUMBER: _ClassVar[int]
+    X1_FIELD_NUMBER: _ClassVar[int]
+    Y1_FIELD_NUMBER: _ClassVar[int]
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+    def __init__(self, x0: _Optional[float] = ..., y0: _Optional[float] = ..., x1: _Optional[float] = ..., y1: _Optional[float] = ...) -> None: ...
+
+class Detection(_message.Message):
+    __slots__ = ("class_index", "label", "score", "box", "scale", "scale_index", "cell")
+    CLASS_INDEX_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    BOX_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    SCALE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    CELL_FIELD_NUMBER: _ClassVar[int]
+    class_index: int
+    label: str
+    score: float
+    box: Box
+    scale: float
+    scale_index: int
+    cell: Pair
+    def __init__(self, class_index: _Optional[int] = ..., label: _Optional[str] = ..., score: _Optional[float] = ..., box: _Optional[_Union[Box, _Mapping]] = ..., scale: _Optional[float] = ..., scale_index: _Optional[int] = ..., cell: _Optional[_Union[Pair, _Mapping]] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
     __slots__ = ("model", "image", "options", "request_id")
@@ -164,7 +212,7 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[int] = ..., code_name: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("model", "request_id", "maps", "image_scores", "image_top_k", "image_size", "timing", "error")
+    __slots__ = ("model", "request_id", "maps", "image_scores", "image_top_k", "image_size", "timing", "error", "detections")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MAPS_FIELD_NUMBER: _ClassVar[int]
@@ -173,6 +221,7 @@ class ScoreResponse(_message.Message):
     IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    DETECTIONS_FIELD_NUMBER: _ClassVar[int]
     model: str
     request_id: str
     maps: _containers.RepeatedCompositeFieldContainer[ScaleMap]
@@ -181,7 +230,8 @@ class ScoreResponse(_message.Message):
     image_size: Pair
     timing: Timing
     error: Error
-    def __init__(self, model: _Optional[str] = ..., request_id: _Optional[str] = ..., maps: _Optional[_Iterable[_Union[ScaleMap, _Mapping]]] = ..., image_scores: _Optional[_Iterable[float]] = ..., image_top_k: _Optional[_Iterable[_Union[ClassScore, _Mapping]]] = ..., image_size: _Optional[_Union[Pair, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    detections: _containers.RepeatedCompositeFieldContainer[Detection]
+    def __init__(self, model: _Optional[str] = ..., request_id: _Optional[str] = ..., maps: _Optional[_Iterable[_Union[ScaleMap, _Mapping]]] = ..., image_scores: _Optional[_Iterable[float]] = ..., image_top_k: _Optional[_Iterable[_Union[ClassScore, _Mapping]]] = ..., image_size: _Optional[_Union[Pair, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., detections: _Optional[_Iterable[_Union[Detection, _Mapping]]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
