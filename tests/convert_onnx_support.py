@@ -97,6 +97,24 @@ def ort32(model: onnx.ModelProto, image: np.ndarray) -> np.ndarray:
     return session.run(None, {session.get_inputs()[0].name: image.astype(np.float32)})[0]
 
 
+def assert_onnx_dense_equals_crops(
+    classifier: onnx.ModelProto, *, window, image_size, atol: float = 1e-9
+) -> np.ndarray:
+    """Rewrite ``classifier``'s head and check its fp64 map against fp64 crop-by-crop
+    evaluation of the classifier on a random image; returns the dense graph."""
+    from convert.geometry import compute_geometry
+    from convert.onnx_head import rewrite_head
+
+    dense = rewrite_head(classifier)
+    stride = compute_geometry(dense, window=window).stride
+    image = np.random.default_rng(0).standard_normal((1, 3, *image_size))
+    n = cells(image_size, window, stride)
+    expected = onnx_crops64(classifier, image, window=window, stride=stride, cells=n)
+    score_map = dense64(dense, image)[0, :, : n[0], : n[1]]
+    np.testing.assert_allclose(score_map, expected, rtol=0, atol=atol)
+    return dense
+
+
 def cells(size, window, stride):
     return tuple((n - r) // s + 1 for n, r, s in zip(size, window, stride, strict=True))
 

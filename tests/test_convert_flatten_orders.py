@@ -10,14 +10,12 @@ cannot pass. Unpadded nets: dense == crop-by-crop classifier in float64 (1e-9).
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from convert_onnx_support import cells, dense64, export_classifier, onnx_crops64
+from convert_onnx_support import assert_onnx_dense_equals_crops, export_classifier
 from convert_torch_crops import assert_dense_equals_crops
 from torch import nn
 
-from convert.geometry import compute_geometry
 from convert.onnx_head import rewrite_head
 from convert.torch_fc import fully_convolutional
 from service.errors import ConversionError
@@ -51,13 +49,7 @@ def test_torch_path_any_flatten_order_equals_crops(order):
 
 
 def _assert_onnx_dense_equals_crops(classifier):
-    dense = rewrite_head(classifier)
-    stride = compute_geometry(dense, window=WINDOW).stride
-    image = np.random.default_rng(0).standard_normal((1, 3, *IMAGE))
-    n = cells(IMAGE, WINDOW, stride)
-    expected = onnx_crops64(classifier, image, window=WINDOW, stride=stride, cells=n)
-    score_map = dense64(dense, image)[0, :, : n[0], : n[1]]
-    np.testing.assert_allclose(score_map, expected, rtol=0, atol=EXACT)
+    assert_onnx_dense_equals_crops(classifier, window=WINDOW, image_size=IMAGE, atol=EXACT)
 
 
 @pytest.mark.parametrize("dynamo", [False, True])

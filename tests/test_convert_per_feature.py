@@ -8,13 +8,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from convert_onnx_support import cells, dense64, export_classifier, onnx_crops64, ort32
+from convert_onnx_support import (
+    assert_onnx_dense_equals_crops,
+    cells,
+    export_classifier,
+    onnx_crops64,
+    ort32,
+)
 from convert_torch_crops import assert_dense_equals_crops
 from torch import nn
 
 import convert
 from convert.geometry import compute_geometry
-from convert.onnx_head import rewrite_head
 from convert.torch_fc import convert_classifier
 from service.errors import ConversionError
 
@@ -80,13 +85,11 @@ def test_torch_path_per_feature_layers_equal_crops(final):
 def test_onnx_path_per_feature_layers_equal_crops(final, dynamo):
     classifier = export_classifier(PerFeatureHead(final), WINDOW, dynamo=dynamo)
     assert "PRelu" in [node.op_type for node in classifier.graph.node]
-    dense = rewrite_head(classifier)
+    dense = assert_onnx_dense_equals_crops(classifier, window=WINDOW, image_size=IMAGE, atol=EXACT)
     stride = compute_geometry(dense, window=WINDOW).stride
     image = np.random.default_rng(0).standard_normal((1, 3, *IMAGE))
     n = cells(IMAGE, WINDOW, stride)
     expected = onnx_crops64(classifier, image, window=WINDOW, stride=stride, cells=n)
-    score_map = dense64(dense, image)[0, :, : n[0], : n[1]]
-    np.testing.assert_allclose(score_map, expected, rtol=0, atol=EXACT)
     # onnxruntime broadcasts a PRelu slope of shape (F,) over the width, as the spec says
     fp32 = ort32(dense, image)[0, :, : n[0], : n[1]]
     np.testing.assert_allclose(fp32, expected, rtol=0, atol=1e-4)

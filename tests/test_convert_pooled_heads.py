@@ -5,14 +5,11 @@ dense == crop-by-crop classifier in float64 (1e-9)."""
 
 from __future__ import annotations
 
-import numpy as np
 import torch
-from convert_onnx_support import cells, dense64, export_classifier, onnx_crops64
+from convert_onnx_support import assert_onnx_dense_equals_crops, export_classifier
 from convert_torch_crops import assert_dense_equals_crops
 from torch import nn
 
-from convert.geometry import compute_geometry
-from convert.onnx_head import rewrite_head
 from convert.torch_fc import convert_classifier
 
 WINDOW, IMAGE = (10, 12), (17, 21)  # trunk output 4 x 4 x 5 at the window, stride 2
@@ -64,10 +61,4 @@ def test_squeezenet_conv_head_with_global_pool_converts():
 def test_onnx_path_inception_head_order_equals_crops():
     for dynamo in (False, True):
         classifier = export_classifier(InceptionHead(), WINDOW, dynamo=dynamo)
-        dense = rewrite_head(classifier)
-        stride = compute_geometry(dense, window=WINDOW).stride
-        image = np.random.default_rng(0).standard_normal((1, 3, *IMAGE))
-        n = cells(IMAGE, WINDOW, stride)
-        expected = onnx_crops64(classifier, image, window=WINDOW, stride=stride, cells=n)
-        score_map = dense64(dense, image)[0, :, : n[0], : n[1]]
-        np.testing.assert_allclose(score_map, expected, rtol=0, atol=1e-9)
+        assert_onnx_dense_equals_crops(classifier, window=WINDOW, image_size=IMAGE)
