@@ -105,7 +105,9 @@ def test_tiles_and_stitching_give_the_single_pass_outputs(tmp_path):
     options = ScoreOptions(output_stride=2, top_k=2, argmax=True)
     image = np.random.default_rng(2).integers(0, 256, (70, 90), dtype=np.uint8)
     whole = Engine(path, config=EngineConfig(warmup=False)).score(image, options)
-    tiled_engine = Engine(path, config=EngineConfig(warmup=False, memory_budget=20_000))
+    engine = Engine(path, config=EngineConfig(warmup=False))
+    budget = engine.estimate_request(70, 90, options).held_bytes + 20_000
+    tiled_engine = Engine(path, config=EngineConfig(warmup=False, memory_budget=budget))
     tiled = tiled_engine.score(image, options)
     for name in ("scores", "top_k_indices", "argmax"):
         np.testing.assert_array_equal(getattr(tiled.maps[0], name), getattr(whole.maps[0], name))
