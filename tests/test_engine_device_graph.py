@@ -17,7 +17,7 @@ import pytest
 from dense_models import build_dense_model
 
 from service.contract import Preprocessing
-from service.engine import Engine, EngineConfig, ScoreOptions, graphs, preprocess
+from service.engine import Engine, EngineConfig, ScoreOptions, graphs, host_memory, preprocess
 from service.engine.postprocess import softmax
 from service.errors import InvalidOption
 
@@ -152,10 +152,24 @@ def test_arena_is_released_after_big_requests_only(rgb_model, monkeypatch):
     assert (
         engine._nets[0].estimate_bytes(20, 20) < 50_000 < engine._nets[0].estimate_bytes(200, 200)
     )
+    trimmed = []
+    monkeypatch.setattr(host_memory, "trim", lambda: trimmed.append(1))
+    assert engine.estimate_request(20, 20).peak_bytes < 50_000
     engine.score(small)
-    assert released == []
+    assert released == [] and trimmed == []
     engine.score(big)
-    assert released == [1]
+    assert released == [1] and trimmed == [1]  # the arena, then glibc's free heap pages
+    # a request whose maps (not its passes) are big gives its memory back too
+    maps = ScoreOptions(output_stride=1, scales=(1.0,) * 16)
+    assert engine.estimate_request(30, 30, maps).peak_bytes > 50_000
+    assert engine._nets[0].estimate_bytes(30, 30) < 50_000
+    engine.score(np.zeros((30, 30, 3), np.uint8), maps)
+    assert released == [1, 1] and trimmed == [1, 1]
+
+
+def test_host_memory_trim_runs_on_this_c_library():
+    assert isinstance(host_memory.trim(), bool)  # glibc here: malloc_trim(0) is called
+    assert host_memory._function() is not None
 
 
 def test_release_memory_runs_on_the_cpu_arena(rgb_model):

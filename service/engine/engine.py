@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from service.contract import ModelMetadata, Pair
-from service.engine import image_input
+from service.engine import host_memory, image_input
 from service.engine.assembly import MapAssembly, Placement, PostprocessCall
 from service.engine.cost import (
     RequestCost,
@@ -333,8 +333,9 @@ class Engine:
             image_scores.append(scale_scores)
             timings["postprocess"] += time.perf_counter() - tic
             del source
-        if largest_pass > self._config.arena_keep_bytes:
+        if max(largest_pass, cost.peak_bytes) > self._config.arena_keep_bytes:
             self._runtime.release_memory()  # give a big request's buffers back
+            host_memory.trim()
         mean_scores = np.mean(image_scores, axis=0)
         timings["total"] = time.perf_counter() - started
         return ScoreMap(
