@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.densemap-installed
 EXTRAS ?= convert,train,distributed,dev
 
-.PHONY: setup test lint protos demo bench clean
+.PHONY: setup test lint protos demo bench soak clean
 
 $(STAMP): pyproject.toml setup.py constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -32,6 +32,10 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest -q tests/bench -s -o python_files='bench_*.py'
+
+# A bounded soak (issue 11): DENSEMAP_SOAK_CLIENTS clients for DENSEMAP_SOAK_SECONDS per setting.
+soak: $(STAMP)
+	$(BIN)/python -m pytest -q tests/bench/bench_soak.py -s -o python_files='bench_*.py'
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

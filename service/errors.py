@@ -5,7 +5,7 @@ The exception tree, drawn once::
     DensemapError                 base: every error densemap raises on purpose
     ├── InvalidImage              bytes that do not decode, wrong dtype/rank/shape, NaN/Inf
     │   └── ImageTooSmall         an image smaller than the window R (no cell at all)
-    ├── ImageTooLarge             over the pixel limit, or over the memory budget with tiling off
+    ├── ImageTooLarge             over the pixel limit, or a request over the memory budget
     ├── InvalidOption             an option out of range (stride, scale, top-k, class index...)
     ├── ModelNotFound             a model name that is not in the repository index
     ├── ModelLoadError            a model file that is missing, corrupt or breaks the contract
@@ -32,7 +32,9 @@ class ImageTooSmall(InvalidImage):
 
 
 class ImageTooLarge(DensemapError):
-    """The image exceeds the pixel limit, or the memory budget while tiling is off."""
+    """The image exceeds the pixel limit, or the request the memory budget: its maps and
+    copies, or a pass that does not fit beside them (untiled with tiling off, or even as a
+    one-cell tile)."""
 
 
 class InvalidOption(DensemapError):

@@ -17,7 +17,7 @@ import pytest
 from dense_models import build_dense_model
 
 from service.contract import Preprocessing
-from service.engine import Engine, EngineConfig, ScoreOptions, graphs, preprocess
+from service.engine import Engine, EngineConfig, ScoreOptions, graphs, host_memory, preprocess
 from service.engine.postprocess import softmax
 from service.errors import InvalidOption
 
@@ -105,7 +105,9 @@ def test_tiles_and_stitching_give_the_single_pass_outputs(tmp_path):
     options = ScoreOptions(output_stride=2, top_k=2, argmax=True)
     image = np.random.default_rng(2).integers(0, 256, (70, 90), dtype=np.uint8)
     whole = Engine(path, config=EngineConfig(warmup=False)).score(image, options)
-    tiled_engine = Engine(path, config=EngineConfig(warmup=False, memory_budget=20_000))
+    engine = Engine(path, config=EngineConfig(warmup=False))
+    budget = engine.estimate_request(70, 90, options).held_bytes + 20_000
+    tiled_engine = Engine(path, config=EngineConfig(warmup=False, memory_budget=budget))
     tiled = tiled_engine.score(image, options)
     for name in ("scores", "top_k_indices", "argmax"):
         np.testing.assert_array_equal(getattr(tiled.maps[0], name), getattr(whole.maps[0], name))
@@ -150,10 +152,24 @@ def test_arena_is_released_after_big_requests_only(rgb_model, monkeypatch):
     assert (
         engine._nets[0].estimate_bytes(20, 20) < 50_000 < engine._nets[0].estimate_bytes(200, 200)
     )
+    trimmed = []
+    monkeypatch.setattr(host_memory, "trim", lambda: trimmed.append(1))
+    assert engine.estimate_request(20, 20).peak_bytes < 50_000
     engine.score(small)
-    assert released == []
+    assert released == [] and trimmed == []
     engine.score(big)
-    assert released == [1]
+    assert released == [1] and trimmed == [1]  # the arena, then glibc's free heap pages
+    # a request whose maps (not its passes) are big gives its memory back too
+    maps = ScoreOptions(output_stride=1, scales=(1.0,) * 16)
+    assert engine.estimate_request(30, 30, maps).peak_bytes > 50_000
+    assert engine._nets[0].estimate_bytes(30, 30) < 50_000
+    engine.score(np.zeros((30, 30, 3), np.uint8), maps)
+    assert released == [1, 1] and trimmed == [1, 1]
+
+
+def test_host_memory_trim_runs_on_this_c_library():
+    assert isinstance(host_memory.trim(), bool)  # glibc here: malloc_trim(0) is called
+    assert host_memory._function() is not None
 
 
 def test_release_memory_runs_on_the_cpu_arena(rgb_model):

@@ -105,15 +105,18 @@ def test_tiles_equal_single_pass(models, monkeypatch, budget_cells):
     image = make_image(71, 97, seed=budget_cells)
     single = engine_for(plain).score(image, LOGITS).maps[0].scores
     full = engine_for(plain)
-    # a budget that fits a tile of about budget_cells cells per axis, never the image
+    # a budget that holds the maps and copies, and a tile of about budget_cells cells per
+    # axis, never the whole image
     tile = [12 + (budget_cells - 1) * 4 + 20, 16 + (budget_cells - 1) * 4 + 20]
-    budget = full.estimate_bytes(*tile)
-    assert full.estimate_bytes(71, 97) > budget
-    tiled = engine_for(plain, memory_budget=budget)
+    held = full.estimate_request(71, 97, LOGITS).held_bytes
+    room = full.estimate_bytes(*tile)
+    assert full.estimate_bytes(71, 97) > room
+    tiled = engine_for(plain, memory_budget=held + room)
+    assert tiled.estimate_request(71, 97, LOGITS).activation_budget == room
     counter = PassCounter(monkeypatch)
     result = tiled.score(image, LOGITS).maps[0].scores
     assert len(counter.calls) > 1
-    assert all(full.estimate_bytes(*shape) <= budget for shape in counter.calls)
+    assert all(full.estimate_bytes(*shape) <= room for shape in counter.calls)
     assert any((97 - 16) % (shape[1] - 16) for shape in counter.calls)  # uneven tiles
     np.testing.assert_array_equal(result, single)
 
@@ -123,8 +126,10 @@ def test_tiles_compose_with_strides_and_scales(models):
     image = make_image(66, 79, seed=7)
     options = ScoreOptions(output_stride=2, scales=(1.0, 1.3), probabilities=False)
     for path in (plain, with_variants):  # shift-and-stitch, then à trous
-        single = engine_for(path).score(image, options)
-        budget = engine_for(path).estimate_bytes(30, 34, output_stride=2)
+        full = engine_for(path)
+        single = full.score(image, options)
+        held = full.estimate_request(66, 79, options).held_bytes
+        budget = held + full.estimate_bytes(30, 34, output_stride=2)
         tiled = engine_for(path, memory_budget=budget).score(image, options)
         for a, b in zip(single.maps, tiled.maps, strict=True):
             np.testing.assert_array_equal(a.scores, b.scores)
@@ -134,11 +139,15 @@ def test_tiles_compose_with_strides_and_scales(models):
 def test_tiling_off_or_budget_below_one_window_refuses(models):
     _, _, plain = models
     image = make_image(71, 97)
-    small = engine_for(plain).estimate_bytes(40, 40)
+    full = engine_for(plain)
+    held = full.estimate_request(71, 97).held_bytes
+    small = held + full.estimate_bytes(40, 40)
     with pytest.raises(ImageTooLarge, match="tiling is off"):
         engine_for(plain, memory_budget=small, tiling=False).score(image)
     with pytest.raises(ImageTooLarge, match="one cell"):
-        engine_for(plain, memory_budget=100).score(image)
+        engine_for(plain, memory_budget=held + 100).score(image)
+    with pytest.raises(ImageTooLarge, match="maps and working copies need about"):
+        engine_for(plain, memory_budget=held - 1).score(image)
 
 
 def test_plan_axis_covers_each_cell_once_with_whole_fields():

@@ -182,6 +182,14 @@ def test_metrics_endpoint_reports_requests_stages_and_models(repo):  # noqa: F81
     assert 'densemap_input_pixels_count{model="tiny"} 1.0' in text
     assert 'densemap_in_flight_requests{model="tiny"} 0.0' in text
     assert 'densemap_model_loaded{model="tiny"} 1.0' in text
+    # the process's RSS and CPU time (issue 11, point 6)
+    values = {
+        line.split()[0]: float(line.split()[1])
+        for line in text.splitlines()
+        if line.startswith("process_")
+    }
+    assert values["process_resident_memory_bytes"] > 10 << 20  # Python alone takes more
+    assert values["process_cpu_seconds_total"] > 0
 
 
 def test_drain_ends_an_open_stream_after_its_current_image(blocking_server):

@@ -10,6 +10,7 @@ the requested outputs. Errors are those of :mod:`service.errors`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -19,8 +20,16 @@ from pathlib import Path
 import numpy as np
 
 from service.contract import ModelMetadata, Pair
-from service.engine import image_input
+from service.engine import host_memory, image_input
 from service.engine.assembly import MapAssembly, Placement, PostprocessCall
+from service.engine.cost import (
+    RequestCost,
+    describe,
+    held_bytes,
+    pass_copies,
+    response_bytes,
+    scale_cost,
+)
 from service.engine.dense import PixelSource, check_cancel, shift_and_stitch
 from service.engine.detections import DetectionTap, candidates, plan_detections, select
 from service.engine.device_memory import resolve_memory_budget
@@ -128,8 +137,10 @@ class Engine:
 
     @property
     def memory_budget(self) -> int:
-        """Activation bytes one pass may use before the engine tiles (chosen for the device
-        unless EngineConfig.memory_budget is set); admission control uses the same figure."""
+        """Bytes one request may use (chosen for the device unless EngineConfig.memory_budget
+        is set): its maps and working copies, and on CPU, in what they leave, one pass's
+        activations (tiled to fit); on CUDA a pass's activations have the whole budget on
+        the device. ``estimate_request`` and the server's admission use the same figure."""
         return self._memory_budget
 
     @property
@@ -176,6 +187,82 @@ class Engine:
             )
         return net.estimate_bytes(height, width)
 
+    def estimate_request(
+        self,
+        height: int,
+        width: int,
+        options: ScoreOptions = ScoreOptions(),
+        *,
+        float_input: bool = False,
+    ) -> RequestCost:
+        """What scoring a height x width image with ``options`` costs (:mod:`.cost`).
+
+        Raises what ``score`` would raise before its first pass, in milliseconds:
+        InvalidOption for bad options, ImageTooSmall, and ImageTooLarge over the pixel
+        limit or when the maps and copies, or a pass's smallest tile, exceed the memory
+        budget. ``float_input``: the image is a float32 CxHxW array (4 bytes a sample).
+        """
+        if not isinstance(options, ScoreOptions):
+            raise InvalidOption(
+                f"options must be a ScoreOptions, got {type(options).__name__}: "
+                "build one with ScoreOptions(...)"
+            )
+        sizes = (height, width)
+        if any(not isinstance(v, (int, np.integer)) or isinstance(v, bool) for v in sizes):
+            raise InvalidOption(f"height and width must be ints, got {height!r} x {width!r}")
+        plan = plan_outputs(
+            options, num_classes=self._num_classes, output_kind=self._metadata.output_kind
+        )
+        net, factor = self._plan_stride(options.output_stride)
+        scales = self._check_scales(options.scales)
+        limit = self._config.max_pixels
+        original = (int(height), int(width))
+        pixel_bytes = self._metadata.preprocessing.channels * (4 if float_input else 1)
+        costs = []
+        for scale in scales:
+            size = image_input.resized_size(*original, scale, max_pixels=limit)
+            self._check_pixels(size, scale)
+            costs.append(
+                scale_cost(
+                    plan,
+                    scale=scale,
+                    size=size,
+                    original=original,
+                    cells=self._cells(net, factor, size),
+                    num_classes=self._num_classes,
+                    pixel_bytes=pixel_bytes,
+                )
+            )
+        image_bytes = original[0] * original[1] * pixel_bytes
+        held = held_bytes(image_bytes, tuple(costs))
+        room = self._activation_room(held)
+        pass_bytes = self._pass_bytes(net, plan)
+        passes = [pass_bytes(*c.size) for c in costs]
+        for scale_map, need in zip(costs, passes, strict=True):
+            self._check_pass(net, scale_map, need, room, held, pass_bytes)
+        scale_costs = tuple(
+            dataclasses.replace(c, pass_bytes=need) for c, need in zip(costs, passes, strict=True)
+        )
+        return RequestCost(
+            image_size=original,
+            image_bytes=image_bytes,
+            scales=scale_costs,
+            response_bytes=response_bytes(
+                scale_costs, num_classes=self._num_classes, image_top_k=plan.image_top_k
+            ),
+            activation_bytes=max(min(need, room) for need in passes),
+            activation_budget=room,
+            budget=self._memory_budget,
+        )
+
+    def estimate_image(
+        self, image: bytes | np.ndarray, options: ScoreOptions = ScoreOptions()
+    ) -> RequestCost:
+        """:meth:`estimate_request` for ``image``: encoded bytes (their header only is read)
+        or an array, as ``score`` takes them."""
+        height, width, float_input = self._image_size(image)
+        return self.estimate_request(height, width, options, float_input=float_input)
+
     # -- scoring -------------------------------------------------------------------------
     def score(
         self,
@@ -187,13 +274,9 @@ class Engine:
         """Score one image: one :class:`ScaleMap` per scale, plus image-level scores."""
         started = time.perf_counter()
         timings = dict.fromkeys(("decode", "preprocess", "infer", "postprocess"), 0.0)
-        if not isinstance(options, ScoreOptions):
-            raise InvalidOption(
-                f"options must be a ScoreOptions, got {type(options).__name__}: "
-                "build one with ScoreOptions(...)"
-            )
         if cancel is not None and not callable(cancel):
             raise InvalidOption(f"cancel must be a callable returning bool, got {cancel!r}")
+        cost = self.estimate_image(image, options)  # refuses before any pixel is decoded
         plan = plan_outputs(
             options, num_classes=self._num_classes, output_kind=self._metadata.output_kind
         )
@@ -206,15 +289,16 @@ class Engine:
                 box_offsets=self._config.box_offsets,
             )
         net, factor = self._plan_stride(options.output_stride)
-        scales = self._check_scales(options.scales)
         check_cancel(cancel, "before decoding")
         uint8_hwc, float_chw = self._read_image(image, timings)
         pixels = uint8_hwc if uint8_hwc is not None else float_chw.transpose(1, 2, 0)
         height, width = pixels.shape[:2]
-        limit = self._config.max_pixels
-        sizes = [image_input.resized_size(height, width, s, max_pixels=limit) for s in scales]
-        for scale, size in zip(scales, sizes, strict=True):
-            self._check_size(size, scale, net)
+        if (height, width) != cost.image_size:  # an orientation the header did not show
+            cost = self.estimate_request(height, width, options, float_input=float_chw is not None)
+        scales = tuple(scale.scale for scale in cost.scales)
+        sizes = [scale.size for scale in cost.scales]
+        room = cost.activation_budget
+        pass_bytes = self._pass_bytes(net, plan)
         precision = (
             self._default_precision
             if options.precision is None
@@ -247,8 +331,8 @@ class Engine:
                 None if detect is None else DetectionTap(detect, post, assembly, self._num_classes)
             )
             passes = (post, assembly.place) if tap is None else (tap.post, tap.place)
-            self._dense_map(net, factor, source, cancel, *passes, precision)
-            largest_pass = max(largest_pass, min(net.estimate_bytes(*size), self._budget))
+            self._dense_map(net, factor, source, cancel, *passes, precision, room, pass_bytes)
+            largest_pass = max(largest_pass, min(pass_bytes(*size), room))
             timings["infer"] += time.perf_counter() - tic
             tic = time.perf_counter()
             check_finite(
@@ -262,8 +346,9 @@ class Engine:
                 found.append(candidates(tap.scores(), detect, geometry, index))
             timings["postprocess"] += time.perf_counter() - tic
             del source
-        if largest_pass > self._config.arena_keep_bytes:
+        if max(largest_pass, cost.peak_bytes) > self._config.arena_keep_bytes:
             self._runtime.release_memory()  # give a big request's buffers back
+            host_memory.trim()
         mean_scores = np.mean(image_scores, axis=0)
         tic = time.perf_counter()
         detections = None if detect is None else select(found, detect, self._labels)
@@ -350,7 +435,23 @@ class Engine:
             f"arrays must be uint8 HxWxC or float32 CxHxW (preprocessed), got {image.dtype}"
         )
 
-    def _check_size(self, size: Pair, scale: float, net) -> None:
+    def _image_size(self, image) -> tuple[int, int, bool]:
+        """(height, width, is float) of an image as ``score`` takes it; bytes: the header."""
+        limit = self._config.max_pixels
+        if isinstance(image, (bytes, bytearray, memoryview)):
+            return (*image_input.read_size(image, max_pixels=limit), False)
+        if isinstance(image, np.ndarray) and np.issubdtype(image.dtype, np.floating):
+            if image.ndim == 3:
+                image_input.check_pixels(*image.shape[1:], limit)
+                return int(image.shape[1]), int(image.shape[2]), True
+        elif isinstance(image, np.ndarray) and image.ndim in (2, 3):
+            image_input.check_pixels(*image.shape[:2], limit)
+            return int(image.shape[0]), int(image.shape[1]), False
+        channels = self._metadata.preprocessing.channels
+        self._read_image(image, {})  # raises the error that names what is wrong
+        raise InvalidImage(f"the image must be HxWx{channels} uint8 or CxHxW float")
+
+    def _check_pixels(self, size: Pair, scale: float) -> None:
         window = self._metadata.geometry.window
         at = "" if scale == 1.0 else f" at scale {scale}"
         if size[0] < window[0] or size[1] < window[1]:
@@ -363,20 +464,54 @@ class Engine:
                 f"the image is {size[0]}x{size[1]} pixels{at}, over the limit of "
                 f"{self._config.max_pixels} pixels: use a smaller scale or image"
             )
-        budget = self._memory_budget
-        need = net.estimate_bytes(*size)
-        if need > budget:
-            if not self._config.tiling:
-                raise ImageTooLarge(
-                    f"the image{at} needs about {need} bytes of activations, over the memory "
-                    f"budget of {budget} bytes, and tiling is off: send a smaller image, "
-                    "raise EngineConfig.memory_budget or enable tiling"
-                )
-            plan_tiles(net.grid, *size, fits=lambda h, w: net.estimate_bytes(h, w) <= budget)
 
-    @property
-    def _budget(self) -> int:
-        return self._memory_budget
+    def _activation_room(self, held: int) -> int:
+        """Activation bytes one pass may use: on CPU the budget less the held bytes (maps
+        and copies share the host memory); on CUDA the whole budget (device memory)."""
+        budget = self._memory_budget
+        if held > budget:
+            raise ImageTooLarge(
+                f"this request's maps and working copies need about {describe(held)}, over "
+                f"the memory budget of {describe(budget)}: ask for less (a coarser "
+                "output_stride, fewer or smaller scales, fewer classes, dtype float16, only "
+                "argmax or top-k outputs) or send a smaller image"
+            )
+        return budget if self._runtime.on_cuda else budget - held
+
+    def _pass_bytes(self, net, plan) -> Callable[[int, int], int]:
+        """What a pass of the net on h x w pixels needs: activations and pass copies."""
+
+        def pass_bytes(height: int, width: int) -> int:
+            n_h, n_w = net.grid.cells(height, width)
+            copies = pass_copies(plan, max(n_h, 0) * max(n_w, 0), self._num_classes)
+            return net.estimate_bytes(height, width) + copies
+
+        return pass_bytes
+
+    def _check_pass(self, net, scale_map, need: int, room: int, held: int, pass_bytes) -> None:
+        """Refuse a scale whose pass exceeds ``room`` untiled (tiling off) or tiled."""
+        if need <= room:
+            return
+        size, scale = scale_map.size, scale_map.scale
+        at = "" if scale == 1.0 else f" at scale {scale}"
+        left = "the memory budget" if room == self._memory_budget else (
+            f"what the memory budget of {describe(self._memory_budget)} leaves after "
+            f"{describe(held)} of maps and copies"
+        )  # fmt: skip
+        if not self._config.tiling:
+            raise ImageTooLarge(
+                f"the image{at} needs about {need} bytes for a pass, over {left} "
+                f"({room} bytes), and tiling is off: send a smaller image, raise "
+                "EngineConfig.memory_budget or enable tiling"
+            )
+        try:
+            plan_tiles(net.grid, *size, fits=lambda h, w: pass_bytes(h, w) <= room)
+        except ImageTooLarge:
+            raise ImageTooLarge(
+                f"even a tile of one cell (window {net.grid.window}, receptive field "
+                f"{net.grid.receptive_field}) of the image{at} needs more activation memory "
+                f"than {left} ({room} bytes): raise the budget, or ask for smaller maps"
+            ) from None
 
     @staticmethod
     def _cells(net, factor: Pair, size: Pair) -> Pair:
@@ -396,6 +531,8 @@ class Engine:
         post: PostprocessCall,
         place: Placement,
         precision: str,
+        room: int,
+        pass_bytes: Callable[[int, int], int],
     ) -> None:
         size = (source.height, source.width)
 
@@ -407,7 +544,8 @@ class Engine:
                 left=left,
                 height=size[0] - top,
                 width=size[1] - left,
-                budget=self._budget,
+                budget=room,
+                pass_bytes=pass_bytes,
                 tiling=self._config.tiling,
                 cancel=cancel,
                 post=post,

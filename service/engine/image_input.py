@@ -21,10 +21,12 @@ from service.truncation import check_encoded, check_tiff_strips, truncated
 # extensions (service/batch/walk.py) list only these formats.
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF", "PPM")
 RESAMPLE = Image.Resampling.BILINEAR
+ORIENTATION_TAG = 0x0112  # EXIF orientation
+TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # the orientations that swap height and width
 RESAMPLE_NAME = "bilinear (Pillow Image.resize, BILINEAR; antialiased when downscaling)"
 
 
-def _check_pixels(height: int, width: int, max_pixels: int) -> None:
+def check_pixels(height: int, width: int, max_pixels: int) -> None:
     if height == 0 or width == 0:
         raise InvalidImage(
             f"the image is {height}x{width} pixels, it holds no pixel: send a non-empty image"
@@ -87,20 +89,9 @@ def decode(data: bytes, *, color: str, max_pixels: int) -> np.ndarray:
     ``LOAD_TRUNCATED_IMAGES`` is never set, so short data is refused, never padded).
     Multi-frame files (TIFF pages, animated WebP and GIF) give their first frame; alpha is dropped.
     """
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise InvalidImage(f"decode needs encoded image bytes, got {type(data).__name__}")
-    if len(data) == 0:
-        raise InvalidImage(f"image bytes are empty: send an encoded image ({', '.join(FORMATS)})")
-    Image.init()  # register every plugin, so ``formats`` below can name them all
-    _allow_pillow_pixels(max_pixels)
     try:
-        check_encoded(data)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(bytes(data)), formats=FORMATS)
-            _check_pixels(image.height, image.width, max_pixels)
-            if image.format == "TIFF":
-                check_tiff_strips(image, len(data))
+            image = _open_checked(data, max_pixels)
             image.load()
             ImageOps.exif_transpose(image, in_place=True)  # in place: no full-size copy
             image = _to_8_bits(image)
@@ -113,28 +104,68 @@ def decode(data: bytes, *, color: str, max_pixels: int) -> np.ndarray:
                 pixels = pixels[:, :, None]
             elif color == "BGR":
                 pixels = pixels[:, :, ::-1]
-    except DensemapError:
-        raise
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(
+    except Exception as exc:
+        raise _decode_error(exc, data, max_pixels) from None
+    return np.ascontiguousarray(pixels)
+
+
+def read_size(data: bytes, *, max_pixels: int) -> tuple[int, int]:
+    """(height, width) of encoded bytes after EXIF orientation, from the header only.
+
+    Checks what :func:`decode` checks before decoding (format, pixel limit, truncation), in
+    milliseconds: the request's cost follows from this size before any pixel is decoded.
+    """
+    try:
+        with warnings.catch_warnings():
+            with _open_checked(data, max_pixels) as image:
+                height, width = image.height, image.width
+                orientation = image.getexif().get(ORIENTATION_TAG, 1)
+    except Exception as exc:
+        raise _decode_error(exc, data, max_pixels) from None
+    return (width, height) if orientation in TRANSPOSED_ORIENTATIONS else (height, width)
+
+
+def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
+    """The opened (not yet decoded) image, its header checked: pixel limit, truncation.
+    Call it inside ``warnings.catch_warnings()``: it silences the decompression bomb warning."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise InvalidImage(f"decode needs encoded image bytes, got {type(data).__name__}")
+    if len(data) == 0:
+        raise InvalidImage(f"image bytes are empty: send an encoded image ({', '.join(FORMATS)})")
+    Image.init()  # register every plugin, so ``formats`` below can name them all
+    _allow_pillow_pixels(max_pixels)
+    check_encoded(data)
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    image = Image.open(io.BytesIO(bytes(data)), formats=FORMATS)
+    check_pixels(image.height, image.width, max_pixels)
+    if image.format == "TIFF":
+        check_tiff_strips(image, len(data))
+    return image
+
+
+def _decode_error(exc: Exception, data: bytes, max_pixels: int) -> Exception:
+    """The densemap error for an exception raised while opening or decoding ``data``."""
+    if isinstance(exc, DensemapError):
+        return exc
+    if isinstance(exc, Image.DecompressionBombError):
+        return ImageTooLarge(
             f"image refused before decoding, its header declares too many pixels for Pillow's "
             f"decompression bomb guard ({exc}); the engine's limit is {max_pixels} pixels"
-        ) from None
-    except MemoryError:
-        raise ImageTooLarge("not enough memory to decode this image: send a smaller one") from None
-    except UnidentifiedImageError:
-        raise InvalidImage(
+        )
+    if isinstance(exc, MemoryError):
+        return ImageTooLarge("not enough memory to decode this image: send a smaller one")
+    if isinstance(exc, UnidentifiedImageError):
+        return InvalidImage(
             f"cannot decode the image: unsupported or unknown format{_name_format(data)}; "
             f"supported formats: {', '.join(FORMATS)} (convert it to PNG or JPEG)"
-        ) from None
-    except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, struct.error...)
-        if isinstance(exc, OSError) and "truncated" in str(exc):
-            raise truncated(str(exc)) from None
-        raise InvalidImage(
-            f"cannot decode the image ({type(exc).__name__}: {exc}); "
-            f"supported formats: {', '.join(FORMATS)}"
-        ) from None
-    return np.ascontiguousarray(pixels)
+        )
+    # Pillow raises many types (OSError, SyntaxError, struct.error...)
+    if isinstance(exc, OSError) and "truncated" in str(exc):
+        return truncated(str(exc))
+    return InvalidImage(
+        f"cannot decode the image ({type(exc).__name__}: {exc}); "
+        f"supported formats: {', '.join(FORMATS)}"
+    )
 
 
 def check_uint8(image: np.ndarray, *, channels: int, max_pixels: int) -> np.ndarray:
@@ -143,7 +174,7 @@ def check_uint8(image: np.ndarray, *, channels: int, max_pixels: int) -> np.ndar
         image = image[:, :, None]
     if image.ndim != 3:
         raise InvalidImage(f"a uint8 image must be HxW or HxWxC, got shape {image.shape}")
-    _check_pixels(image.shape[0], image.shape[1], max_pixels)
+    check_pixels(image.shape[0], image.shape[1], max_pixels)
     if image.shape[2] == 1 and channels == 3:
         image = np.repeat(image, 3, axis=2)
     if image.shape[2] != channels:
@@ -160,7 +191,7 @@ def check_float(image: np.ndarray, *, channels: int, max_pixels: int) -> np.ndar
         raise InvalidImage(
             f"a float image must be preprocessed CxHxW with C={channels}, got shape {image.shape}"
         )
-    _check_pixels(image.shape[1], image.shape[2], max_pixels)
+    check_pixels(image.shape[1], image.shape[2], max_pixels)
     with np.errstate(over="ignore", invalid="ignore"):
         image_chw = np.ascontiguousarray(image, dtype=np.float32)
     if not np.isfinite(image_chw).all():

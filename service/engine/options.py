@@ -8,8 +8,9 @@ DEFAULT_MAX_PIXELS = 256 * 1024 * 1024  # 16384 x 16384: refuse bigger images be
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of activations per pass before the engine tiles
 DEFAULT_INTRA_OP_THREADS = 0  # 0 lets onnxruntime choose (one per physical core)
 DEFAULT_IMAGE_TOP_K = 5
-# A request whose largest pass needed more activation memory than this gives the CPU arena's
-# free memory back when it ends; smaller ones leave it for the next request (faster passes).
+# A request whose largest pass, or whose whole cost (maps, copies and a pass), needed more
+# memory than this gives the CPU arena's free memory and glibc's free heap pages back when it
+# ends (host_memory.py); smaller ones leave them for the next request (faster passes).
 DEFAULT_ARENA_KEEP_BYTES = 256 * 1024 * 1024
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16")  # bf16 is named only to be refused with why
 AVAILABLE_PRECISIONS = ("fp32", "tf32", "fp16")

@@ -86,14 +86,17 @@ def run_region(
     post: PostprocessCall,
     place: Placement,
     precision: str = "fp32",
+    pass_bytes: Callable[[int, int], int] | None = None,
 ) -> None:
     """The net's map of the source region, in one pass or in exact tiles within ``budget``.
 
     Each pass's outputs go to ``place(parts, rows, cols)``, rows and columns being the
-    region's own cell indices.
+    region's own cell indices. ``pass_bytes(h, w)``: what a pass of h x w pixels needs
+    (default: the net's activation estimate).
     """
+    pass_bytes = pass_bytes or net.estimate_bytes
     n_h, n_w = net.grid.cells(height, width)
-    need = net.estimate_bytes(height, width)
+    need = pass_bytes(height, width)
     if need <= budget:
         check_cancel(cancel, "before a pass")
         region = (top, left, height, width)
@@ -106,9 +109,7 @@ def run_region(
             f"memory budget of {budget} bytes, and tiling is off: send a smaller image, "
             "raise EngineConfig.memory_budget or enable tiling"
         )
-    rows, cols = plan_tiles(
-        net.grid, height, width, fits=lambda h, w: net.estimate_bytes(h, w) <= budget
-    )
+    rows, cols = plan_tiles(net.grid, height, width, fits=lambda h, w: pass_bytes(h, w) <= budget)
     for row in rows:
         for col in cols:
             check_cancel(cancel, f"before tile at ({row.start}, {col.start})")

@@ -17,6 +17,7 @@ import struct
 
 import numpy as np
 
+from service.engine.cost import RequestCost, response_bytes
 from service.engine.options import DetectionOptions, ScoreOptions
 from service.errors import InvalidImage, InvalidOption, ModelNotFound
 from service.server import kserve_detections
@@ -139,6 +140,22 @@ def _read_input(request) -> np.ndarray | bytes:
     return values.astype(np.uint8).reshape(shape)
 
 
+def _response_bytes(cost: RequestCost, wanted: set[str] | None, num_classes: int) -> int:
+    """A lower bound of the ModelInferResponse's size: only the outputs asked for."""
+    if wanted is None:
+        return response_bytes(cost.scales, num_classes=num_classes)
+    per_scale = {
+        index: {base for base in MAP_OUTPUTS if _output_name(base, index) in wanted}
+        for index in range(len(cost.scales))
+    }
+    return response_bytes(
+        cost.scales,
+        num_classes=num_classes,
+        wanted=per_scale,
+        image_scores="image_scores" in wanted,
+    )
+
+
 def _requested_outputs(request, options: ScoreOptions, scale_count: int) -> ScoreOptions:
     """Narrow the options to the requested outputs (empty: all the options produce)."""
     names = [output.name for output in request.outputs]
@@ -244,10 +261,15 @@ class KServeServicer:
             options = options_from_parameters(request.parameters)
             options = _requested_outputs(request, options, len(options.scales))
             image = _read_input(request)
-        result = call.score(engine, image, options)
+        wanted = {output.name for output in request.outputs} or None
+        result = call.score(
+            engine,
+            image,
+            options,
+            response_bytes=lambda cost: _response_bytes(cost, wanted, engine.num_classes),
+        )
         response = ModelInferResponse(model_name=request.model_name, model_version="1")
         response.id = request.id
-        wanted = {output.name for output in request.outputs} or None
         with call.timed("encode"):
             for index, scale_map in enumerate(result.maps):
                 for base in MAP_OUTPUTS:

@@ -7,13 +7,24 @@ Each server owns its registry, so several servers (tests) never collide.
 - ``densemap_in_flight_requests{model}``: engine calls running now.
 - ``densemap_input_pixels{model}``: pixels per scored image.
 - ``densemap_model_loaded{model}``: 1 while the model is served, 0 after it was removed.
+- ``process_resident_memory_bytes``, ``process_cpu_seconds_total`` (and the other
+  ``process_*`` series of prometheus-client's ``ProcessCollector``, read from /proc on
+  Linux): the server process's RSS and CPU time. The collector registers only on
+  prometheus-client's global registry by default, so each server adds it to its own.
 """
 
 from __future__ import annotations
 
 import logging
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    start_http_server,
+)
 
 log = logging.getLogger("densemap.server")
 
@@ -60,6 +71,7 @@ class ServerMetrics:
             ["model"],
             registry=self.registry,
         )
+        ProcessCollector(registry=self.registry)  # RSS, CPU seconds, open fds (Linux)
         self._http = None
 
     def observe_stages(self, model: str, seconds: dict[str, float]) -> None:

@@ -16,9 +16,10 @@ from typing import TypeVar
 
 import grpc
 
+from service.engine.cost import RequestCost, describe
 from service.engine.options import ScoreOptions
 from service.engine.result import ScoreMap
-from service.errors import ModelNotFound
+from service.errors import ImageTooLarge, ModelNotFound
 from service.server.limits import Admission, CallGuard, ServingState
 from service.server.metrics import UNKNOWN_MODEL, ServerMetrics
 from service.server.status import NotServing, ResponseTooLarge, quote_name, status_for
@@ -82,8 +83,24 @@ class Call:
         finally:
             self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
 
-    def score(self, engine, image, options: ScoreOptions) -> ScoreMap:
-        """Engine.score behind the model's queue, with the call's cancel hook."""
+    def score(
+        self,
+        engine,
+        image,
+        options: ScoreOptions,
+        *,
+        response_bytes: Callable[[RequestCost], int] | None = None,
+    ) -> ScoreMap:
+        """Engine.score behind the model's queue, with the call's cancel hook.
+
+        The request's cost is checked first, in milliseconds and before it queues
+        (``ScoringCore.check_cost``); ``response_bytes`` gives the size of the response an
+        API builds from it (default: densemap.v1's, every output).
+        """
+        with self.timed("decode"):
+            cost = engine.estimate_image(image, options)
+            size = cost.response_bytes if response_bytes is None else response_bytes(cost)
+            self._core.check_cost(cost, size, budget=engine.memory_budget)
         guard = CallGuard(self.context, self._core.state)
         guard.check()  # a request whose deadline already passed is not started
         core = self._core
@@ -135,17 +152,35 @@ class ScoringCore:
         self.metrics = metrics
         self.max_response_bytes = max_response_bytes
 
+    def check_cost(self, cost: RequestCost, response_bytes: int, *, budget: int) -> None:
+        """Refuse, before any work, a request whose response surely exceeds the message
+        limit, or whose maps and response copies exceed the memory budget while it is sent
+        (the engine has checked its passes against the same budget)."""
+        if response_bytes > self.max_response_bytes:
+            raise ResponseTooLarge(self._too_large(response_bytes, "at least "))
+        sending = cost.sending_bytes(response_bytes)
+        if sending > budget:
+            raise ImageTooLarge(
+                f"sending this response would hold about {describe(sending)} (the maps, the "
+                f"response and its encoded copy), over the memory budget of {describe(budget)}"
+                ": ask for less (a coarser output_stride, fewer or smaller scales, fewer "
+                "classes, dtype float16, only argmax or top-k outputs)"
+            )
+
+    def _too_large(self, size: int, bound: str = "") -> str:
+        limit_mb = self.max_response_bytes / 2**20
+        return (
+            f"the response would be {bound}{size / 2**20:.1f} MiB, over the server's message "
+            f"limit of {limit_mb:.1f} MiB (--max-message-mb): ask for less (a coarser "
+            "output_stride, fewer classes or scales, dtype fp16, only argmax or top-k "
+            "outputs) or raise --max-message-mb on the server and the client"
+        )
+
     def check_response_size(self, response) -> None:
         """A response over the message limit fails with what to change, not gRPC's bare error."""
         size = response.ByteSize()
         if size > self.max_response_bytes:
-            limit_mb = self.max_response_bytes / 2**20
-            raise ResponseTooLarge(
-                f"the response would be {size / 2**20:.1f} MiB, over the server's message limit "
-                f"of {limit_mb:.1f} MiB (--max-message-mb): ask for less (a coarser "
-                "output_stride, fewer classes or scales, dtype fp16, only argmax or top-k "
-                "outputs) or raise --max-message-mb on the server and the client"
-            )
+            raise ResponseTooLarge(self._too_large(size))
 
     def unary(
         self,
