@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from service import __version__
@@ -19,6 +20,7 @@ DESCRIPTION = (
     "Dense CNN scoring: convert a window classifier into a fully-convolutional ONNX model, "
     "serve its exact score maps over gRPC, and score image files and folders."
 )
+INTERRUPTED = 130  # exit status after Ctrl-C, as shells report SIGINT
 EPILOG = "Run 'densemap COMMAND --help' for the options of a command (with their defaults)."
 DEBUG_HELP = "show tracebacks and debug logs (before or after the command)"
 
@@ -91,8 +93,26 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print(f"densemap {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return INTERRUPTED
+
+
+def entry() -> None:
+    """The ``densemap`` command: :func:`main`, then exit.
+
+    After Ctrl-C (twice, or during shutdown) worker threads may still be inside an
+    onnxruntime run; finalising the interpreter under them makes onnxruntime's C++
+    destructors abort the process ("terminate called without an active exception",
+    SIGABRT). Everything worth keeping is already written by then (outputs are renamed into
+    place whole, the summary is closed in ``finally`` blocks), so an interrupted command
+    exits at once with 130.
+    """
+    code = main()
+    if code == INTERRUPTED:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
