@@ -10,9 +10,7 @@ the requested outputs. Errors are those of :mod:`service.errors`.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,17 +22,13 @@ from service.engine import host_memory, image_input
 from service.engine.assembly import MapAssembly, Placement, PostprocessCall
 from service.engine.cost import (
     RequestCost,
-    describe,
-    held_bytes,
-    pass_copies,
-    response_bytes,
-    scale_cost,
 )
 from service.engine.dense import PixelSource, check_cancel, shift_and_stitch
 from service.engine.detections import DetectionTap, candidates, plan_detections, select
 from service.engine.device_memory import resolve_memory_budget
 from service.engine.loading import load_nets
 from service.engine.options import DEFAULT_CUDA_REPORT_PRECISIONS, EngineConfig, ScoreOptions
+from service.engine.pass_budget import estimate_passes, pass_bytes_of
 from service.engine.postprocess import check_finite, plan_outputs, rank_image_scores
 from service.engine.precision import (
     AVAILABLE,
@@ -42,25 +36,24 @@ from service.engine.precision import (
     compare_precision,
     measure_precisions,
 )
+from service.engine.request_checks import (
+    cells_at,
+    check_scales,
+    common_divisors,
+    image_size,
+    plan_stride,
+    read_image,
+)
 from service.engine.result import MapGeometry, PrecisionReport, ScoreMap
 from service.engine.runtime import Runtime
-from service.engine.tiling import plan_tiles, run_region
+from service.engine.tiling import run_region
 from service.errors import (
-    ImageTooLarge,
     ImageTooSmall,
-    InvalidImage,
     InvalidOption,
     ModelLoadError,
 )
 
 log = logging.getLogger("densemap.engine")
-
-MAX_SCALES = 16
-
-
-def _common_divisors(stride: Pair) -> tuple[int, ...]:
-    divisors = [d for d in range(1, min(stride) + 1) if stride[0] % d == 0 and stride[1] % d == 0]
-    return tuple(sorted(divisors, reverse=True))
 
 
 class Engine:
@@ -128,7 +121,7 @@ class Engine:
     @property
     def supported_strides(self) -> tuple[int, ...]:
         """Output strides ``score`` accepts: native first, then every S/k with integer S/k."""
-        return _common_divisors(self._metadata.geometry.stride)
+        return common_divisors(self._metadata.geometry.stride)
 
     @property
     def atrous_strides(self) -> tuple[int, ...]:
@@ -214,45 +207,20 @@ class Engine:
             options, num_classes=self._num_classes, output_kind=self._metadata.output_kind
         )
         net, factor = self._plan_stride(options.output_stride)
-        scales = self._check_scales(options.scales)
-        limit = self._config.max_pixels
-        original = (int(height), int(width))
-        pixel_bytes = self._metadata.preprocessing.channels * (4 if float_input else 1)
-        costs = []
-        for scale in scales:
-            size = image_input.resized_size(*original, scale, max_pixels=limit)
-            self._check_pixels(size, scale)
-            costs.append(
-                scale_cost(
-                    plan,
-                    scale=scale,
-                    size=size,
-                    original=original,
-                    cells=self._cells(net, factor, size),
-                    num_classes=self._num_classes,
-                    pixel_bytes=pixel_bytes,
-                )
-            )
-        image_bytes = original[0] * original[1] * pixel_bytes
-        held = held_bytes(image_bytes, tuple(costs))
-        room = self._activation_room(held)
-        pass_bytes = self._pass_bytes(net, plan)
-        passes = [pass_bytes(*c.size) for c in costs]
-        for scale_map, need in zip(costs, passes, strict=True):
-            self._check_pass(net, scale_map, need, room, held, pass_bytes)
-        scale_costs = tuple(
-            dataclasses.replace(c, pass_bytes=need) for c, need in zip(costs, passes, strict=True)
-        )
-        return RequestCost(
-            image_size=original,
-            image_bytes=image_bytes,
-            scales=scale_costs,
-            response_bytes=response_bytes(
-                scale_costs, num_classes=self._num_classes, image_top_k=plan.image_top_k
-            ),
-            activation_bytes=max(min(need, room) for need in passes),
-            activation_budget=room,
+        scales = check_scales(options.scales)
+        return estimate_passes(
+            net,
+            factor,
+            plan,
+            scales=scales,
+            original=(int(height), int(width)),
+            pixel_bytes=self._metadata.preprocessing.channels * (4 if float_input else 1),
+            num_classes=self._num_classes,
+            window=self._metadata.geometry.window,
+            max_pixels=self._config.max_pixels,
             budget=self._memory_budget,
+            on_cuda=self._runtime.on_cuda,
+            tiling=self._config.tiling,
         )
 
     def estimate_image(
@@ -260,7 +228,9 @@ class Engine:
     ) -> RequestCost:
         """:meth:`estimate_request` for ``image``: encoded bytes (their header only is read)
         or an array, as ``score`` takes them."""
-        height, width, float_input = self._image_size(image)
+        height, width, float_input = image_size(
+            image, preprocessing=self._metadata.preprocessing, max_pixels=self._config.max_pixels
+        )
         return self.estimate_request(height, width, options, float_input=float_input)
 
     # -- scoring -------------------------------------------------------------------------
@@ -298,7 +268,7 @@ class Engine:
         scales = tuple(scale.scale for scale in cost.scales)
         sizes = [scale.size for scale in cost.scales]
         room = cost.activation_budget
-        pass_bytes = self._pass_bytes(net, plan)
+        pass_bytes = pass_bytes_of(net, plan, self._num_classes)
         precision = (
             self._default_precision
             if options.precision is None
@@ -325,7 +295,7 @@ class Engine:
             timings["preprocess"] += time.perf_counter() - tic
             tic = time.perf_counter()
             assembly = MapAssembly(
-                plan, cells=self._cells(net, factor, size), num_classes=self._num_classes
+                plan, cells=cells_at(net, factor, size), num_classes=self._num_classes
             )
             tap = (
                 None if detect is None else DetectionTap(detect, post, assembly, self._num_classes)
@@ -373,154 +343,13 @@ class Engine:
             blank = np.zeros((int(height), int(width), channels), dtype=np.uint8)
             self.score(blank, ScoreOptions(image_top_k=0, include_map=False, top_k=1))
 
-    def _plan_stride(self, output_stride: int | None):
-        """(net, (k_h, k_w)): the net to run and the shift-and-stitch factor per axis."""
-        if output_stride is None:
-            return self._nets[0], (1, 1)
-        supported = self.supported_strides
-        if (
-            not isinstance(output_stride, (int, np.integer))
-            or isinstance(output_stride, bool)
-            or output_stride not in supported
-        ):
-            raise InvalidOption(
-                f"output_stride {output_stride!r} is not supported by model {self._name!r}: "
-                f"use one of {supported} (S/k with an integer step; à-trous in one pass: "
-                f"{self.atrous_strides or 'none'}), or None for the native stride"
-            )
-        candidates = [
-            n for n in self._nets if n.grid.stride[0] % output_stride == 0
-            and n.grid.stride[1] % output_stride == 0
-        ]  # fmt: skip
-        output_stride = int(output_stride)
-        net = min(candidates, key=lambda n: n.grid.stride[0] * n.grid.stride[1])
-        return net, (net.grid.stride[0] // output_stride, net.grid.stride[1] // output_stride)
-
-    def _check_scales(self, scales) -> tuple[float, ...]:
-        try:
-            items = tuple(scales) if not isinstance(scales, (str, bytes)) else None
-            if items is None or any(isinstance(s, bool) for s in items):
-                raise TypeError("not numbers")
-            values = tuple(float(s) for s in items)
-        except (TypeError, ValueError):
-            raise InvalidOption(f"scales must be a sequence of numbers, got {scales!r}") from None
-        if not values or len(values) > MAX_SCALES:
-            raise InvalidOption(f"give between 1 and {MAX_SCALES} scales, got {len(values)}")
-        if any(not math.isfinite(s) or s <= 0 for s in values):
-            raise InvalidOption(f"scales must be finite and > 0, got {values}")
-        return values
+    def _plan_stride(self, output_stride):
+        return plan_stride(self._nets, output_stride, name=self._name, atrous=self.atrous_strides)
 
     def _read_image(self, image, timings):
         preprocessing = self._metadata.preprocessing
         limit = self._config.max_pixels
-        tic = time.perf_counter()
-        if isinstance(image, (bytes, bytearray, memoryview)):
-            pixels = self.decode(image)
-            timings["decode"] = time.perf_counter() - tic
-            return pixels, None
-        if not isinstance(image, np.ndarray):
-            raise InvalidImage(
-                f"image must be encoded bytes or a numpy array, got {type(image).__name__}"
-            )
-        if image.dtype == np.uint8:
-            channels = preprocessing.channels
-            return image_input.check_uint8(image, channels=channels, max_pixels=limit), None
-        if np.issubdtype(image.dtype, np.floating):
-            float_chw = image_input.check_float(
-                image, channels=preprocessing.channels, max_pixels=limit
-            )
-            timings["preprocess"] += time.perf_counter() - tic
-            return None, float_chw
-        raise InvalidImage(
-            f"arrays must be uint8 HxWxC or float32 CxHxW (preprocessed), got {image.dtype}"
-        )
-
-    def _image_size(self, image) -> tuple[int, int, bool]:
-        """(height, width, is float) of an image as ``score`` takes it; bytes: the header."""
-        limit = self._config.max_pixels
-        if isinstance(image, (bytes, bytearray, memoryview)):
-            return (*image_input.read_size(image, max_pixels=limit), False)
-        if isinstance(image, np.ndarray) and np.issubdtype(image.dtype, np.floating):
-            if image.ndim == 3:
-                image_input.check_pixels(*image.shape[1:], limit)
-                return int(image.shape[1]), int(image.shape[2]), True
-        elif isinstance(image, np.ndarray) and image.ndim in (2, 3):
-            image_input.check_pixels(*image.shape[:2], limit)
-            return int(image.shape[0]), int(image.shape[1]), False
-        channels = self._metadata.preprocessing.channels
-        self._read_image(image, {})  # raises the error that names what is wrong
-        raise InvalidImage(f"the image must be HxWx{channels} uint8 or CxHxW float")
-
-    def _check_pixels(self, size: Pair, scale: float) -> None:
-        window = self._metadata.geometry.window
-        at = "" if scale == 1.0 else f" at scale {scale}"
-        if size[0] < window[0] or size[1] < window[1]:
-            raise ImageTooSmall(
-                f"the image is {size[0]}x{size[1]} pixels{at}, smaller than the model's window "
-                f"R = {window[0]}x{window[1]}: no window position fits; send a bigger image"
-            )
-        if size[0] * size[1] > self._config.max_pixels:
-            raise ImageTooLarge(
-                f"the image is {size[0]}x{size[1]} pixels{at}, over the limit of "
-                f"{self._config.max_pixels} pixels: use a smaller scale or image"
-            )
-
-    def _activation_room(self, held: int) -> int:
-        """Activation bytes one pass may use: on CPU the budget less the held bytes (maps
-        and copies share the host memory); on CUDA the whole budget (device memory)."""
-        budget = self._memory_budget
-        if held > budget:
-            raise ImageTooLarge(
-                f"this request's maps and working copies need about {describe(held)}, over "
-                f"the memory budget of {describe(budget)}: ask for less (a coarser "
-                "output_stride, fewer or smaller scales, fewer classes, dtype float16, only "
-                "argmax or top-k outputs) or send a smaller image"
-            )
-        return budget if self._runtime.on_cuda else budget - held
-
-    def _pass_bytes(self, net, plan) -> Callable[[int, int], int]:
-        """What a pass of the net on h x w pixels needs: activations and pass copies."""
-
-        def pass_bytes(height: int, width: int) -> int:
-            n_h, n_w = net.grid.cells(height, width)
-            copies = pass_copies(plan, max(n_h, 0) * max(n_w, 0), self._num_classes)
-            return net.estimate_bytes(height, width) + copies
-
-        return pass_bytes
-
-    def _check_pass(self, net, scale_map, need: int, room: int, held: int, pass_bytes) -> None:
-        """Refuse a scale whose pass exceeds ``room`` untiled (tiling off) or tiled."""
-        if need <= room:
-            return
-        size, scale = scale_map.size, scale_map.scale
-        at = "" if scale == 1.0 else f" at scale {scale}"
-        left = "the memory budget" if room == self._memory_budget else (
-            f"what the memory budget of {describe(self._memory_budget)} leaves after "
-            f"{describe(held)} of maps and copies"
-        )  # fmt: skip
-        if not self._config.tiling:
-            raise ImageTooLarge(
-                f"the image{at} needs about {need} bytes for a pass, over {left} "
-                f"({room} bytes), and tiling is off: send a smaller image, raise "
-                "EngineConfig.memory_budget or enable tiling"
-            )
-        try:
-            plan_tiles(net.grid, *size, fits=lambda h, w: pass_bytes(h, w) <= room)
-        except ImageTooLarge:
-            raise ImageTooLarge(
-                f"even a tile of one cell (window {net.grid.window}, receptive field "
-                f"{net.grid.receptive_field}) of the image{at} needs more activation memory "
-                f"than {left} ({room} bytes): raise the budget, or ask for smaller maps"
-            ) from None
-
-    @staticmethod
-    def _cells(net, factor: Pair, size: Pair) -> Pair:
-        """Cells per axis of the map at stride S/k on a ``size`` image."""
-        delta = (net.grid.stride[0] // factor[0], net.grid.stride[1] // factor[1])
-        return (
-            (size[0] - net.grid.window[0]) // delta[0] + 1,
-            (size[1] - net.grid.window[1]) // delta[1] + 1,
-        )
+        return read_image(image, preprocessing=preprocessing, max_pixels=limit, timings=timings)
 
     def _dense_map(
         self,

@@ -1,0 +1,130 @@
+"""What a request must satisfy before any work: output stride, scales, image, pixel limits.
+
+Pure functions of the request and the model's nets and metadata; :class:`Engine` calls them
+from ``estimate_request`` and ``score``. Each failure is the densemap error that names the
+fix (InvalidOption, InvalidImage, ImageTooSmall, ImageTooLarge).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+from service.contract import Pair, Preprocessing
+from service.engine import image_input
+from service.errors import ImageTooLarge, ImageTooSmall, InvalidImage, InvalidOption
+
+MAX_SCALES = 16
+
+
+def common_divisors(stride: Pair) -> tuple[int, ...]:
+    """Output strides S/k with an integer step on both axes, largest first."""
+    divisors = [d for d in range(1, min(stride) + 1) if stride[0] % d == 0 and stride[1] % d == 0]
+    return tuple(sorted(divisors, reverse=True))
+
+
+def plan_stride(nets, output_stride, *, name: str, atrous: tuple[int, ...]):
+    """(net, (k_h, k_w)): the net to run and the shift-and-stitch factor per axis."""
+    if output_stride is None:
+        return nets[0], (1, 1)
+    supported = common_divisors(nets[0].grid.stride)
+    if (
+        not isinstance(output_stride, (int, np.integer))
+        or isinstance(output_stride, bool)
+        or output_stride not in supported
+    ):
+        raise InvalidOption(
+            f"output_stride {output_stride!r} is not supported by model {name!r}: "
+            f"use one of {supported} (S/k with an integer step; à-trous in one pass: "
+            f"{atrous or 'none'}), or None for the native stride"
+        )
+    candidates = [
+        n for n in nets if n.grid.stride[0] % output_stride == 0
+        and n.grid.stride[1] % output_stride == 0
+    ]  # fmt: skip
+    output_stride = int(output_stride)
+    net = min(candidates, key=lambda n: n.grid.stride[0] * n.grid.stride[1])
+    return net, (net.grid.stride[0] // output_stride, net.grid.stride[1] // output_stride)
+
+
+def cells_at(net, factor: Pair, size: Pair) -> Pair:
+    """Cells per axis of the map at stride S/k on a ``size`` image."""
+    delta = (net.grid.stride[0] // factor[0], net.grid.stride[1] // factor[1])
+    return (
+        (size[0] - net.grid.window[0]) // delta[0] + 1,
+        (size[1] - net.grid.window[1]) // delta[1] + 1,
+    )
+
+
+def check_scales(scales) -> tuple[float, ...]:
+    try:
+        items = tuple(scales) if not isinstance(scales, (str, bytes)) else None
+        if items is None or any(isinstance(s, bool) for s in items):
+            raise TypeError("not numbers")
+        values = tuple(float(s) for s in items)
+    except (TypeError, ValueError):
+        raise InvalidOption(f"scales must be a sequence of numbers, got {scales!r}") from None
+    if not values or len(values) > MAX_SCALES:
+        raise InvalidOption(f"give between 1 and {MAX_SCALES} scales, got {len(values)}")
+    if any(not math.isfinite(s) or s <= 0 for s in values):
+        raise InvalidOption(f"scales must be finite and > 0, got {values}")
+    return values
+
+
+def check_pixels(size: Pair, scale: float, *, window: Pair, max_pixels: int) -> None:
+    """The image at ``scale`` holds a window and stays within the pixel limit."""
+    at = "" if scale == 1.0 else f" at scale {scale}"
+    if size[0] < window[0] or size[1] < window[1]:
+        raise ImageTooSmall(
+            f"the image is {size[0]}x{size[1]} pixels{at}, smaller than the model's window "
+            f"R = {window[0]}x{window[1]}: no window position fits; send a bigger image"
+        )
+    if size[0] * size[1] > max_pixels:
+        raise ImageTooLarge(
+            f"the image is {size[0]}x{size[1]} pixels{at}, over the limit of "
+            f"{max_pixels} pixels: use a smaller scale or image"
+        )
+
+
+def read_image(image, *, preprocessing: Preprocessing, max_pixels: int, timings: dict):
+    """(uint8 HxWxC or None, float32 CxHxW or None) of an image as ``score`` takes it."""
+    tic = time.perf_counter()
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        pixels = image_input.decode(image, color=preprocessing.color, max_pixels=max_pixels)
+        timings["decode"] = time.perf_counter() - tic
+        return pixels, None
+    if not isinstance(image, np.ndarray):
+        raise InvalidImage(
+            f"image must be encoded bytes or a numpy array, got {type(image).__name__}"
+        )
+    if image.dtype == np.uint8:
+        channels = preprocessing.channels
+        return image_input.check_uint8(image, channels=channels, max_pixels=max_pixels), None
+    if np.issubdtype(image.dtype, np.floating):
+        float_chw = image_input.check_float(
+            image, channels=preprocessing.channels, max_pixels=max_pixels
+        )
+        timings["preprocess"] = timings.get("preprocess", 0.0) + time.perf_counter() - tic
+        return None, float_chw
+    raise InvalidImage(
+        f"arrays must be uint8 HxWxC or float32 CxHxW (preprocessed), got {image.dtype}"
+    )
+
+
+def image_size(image, *, preprocessing: Preprocessing, max_pixels: int) -> tuple[int, int, bool]:
+    """(height, width, is float) of an image as ``score`` takes it; bytes: the header."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return (*image_input.read_size(image, max_pixels=max_pixels), False)
+    if isinstance(image, np.ndarray) and np.issubdtype(image.dtype, np.floating):
+        if image.ndim == 3:
+            image_input.check_pixels(*image.shape[1:], max_pixels)
+            return int(image.shape[1]), int(image.shape[2]), True
+    elif isinstance(image, np.ndarray) and image.ndim in (2, 3):
+        image_input.check_pixels(*image.shape[:2], max_pixels)
+        return int(image.shape[0]), int(image.shape[1]), False
+    # raises the error that names what is wrong
+    read_image(image, preprocessing=preprocessing, max_pixels=max_pixels, timings={})
+    channels = preprocessing.channels
+    raise InvalidImage(f"the image must be HxWx{channels} uint8 or CxHxW float")
