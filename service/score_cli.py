@@ -18,6 +18,7 @@ from service.engine.options import (
 )
 from service.engine.repository import MODELS_HELP
 from service.errors import InvalidOption
+from service.plain_numbers import parse_decimal, parse_integer
 
 _SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _RAY_ADDRESS = re.compile(r"auto|local|[a-z][a-z0-9+]*://\S+|[\w.\-]+:\d+")
@@ -132,7 +133,7 @@ def parse_bytes(text: str) -> int:
 
 def parse_scales(text: str) -> tuple[float, ...]:
     try:
-        scales = tuple(float(v) for v in text.split(",") if v.strip())
+        scales = tuple(parse_decimal(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise InvalidOption(f"--scales {text!r} must be numbers separated by commas") from None
     if not scales or any(not (s > 0 and s < float("inf")) for s in scales):
@@ -173,7 +174,7 @@ def detection_options(args: argparse.Namespace):
     if args.detection_classes is not None:
         try:
             values["classes"] = tuple(
-                int(v) for v in args.detection_classes.split(",") if v.strip()
+                parse_integer(v) for v in args.detection_classes.split(",") if v.strip()
             )
         except ValueError:
             raise InvalidOption(

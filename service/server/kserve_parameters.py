@@ -16,6 +16,7 @@ from service.engine.options import (
     ScoreOptions,
 )
 from service.errors import InvalidOption
+from service.plain_numbers import parse_decimal, parse_integer
 from service.server.codec import MAX_SCALES
 
 PARAMETERS = {
@@ -75,8 +76,9 @@ def _numbers(name: str, parameter, cast, kinds: tuple[str, ...]) -> tuple:
     value = _typed(name, parameter, ("string_param", *kinds))
     if not isinstance(value, str):
         return (cast(value),)
+    parse = parse_decimal if cast is float else parse_integer  # no "1_0" or "١"
     try:
-        numbers = tuple(cast(item) for item in value.split(",") if item.strip())
+        numbers = tuple(parse(item) for item in value.split(",") if item.strip())
     except ValueError:
         raise InvalidOption(
             f"parameter {name!r} must be {PARAMETERS[name]}; got {value!r}"
