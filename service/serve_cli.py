@@ -262,7 +262,10 @@ def build_config(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     _configure_logging(args)
+    from service.engine import host_memory
     from service.server.app import create_server
+
+    host_memory.limit_arenas()  # before any server thread allocates: bounded idle memory
 
     config = build_config(args)
     stop = threading.Event()

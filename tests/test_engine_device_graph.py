@@ -210,3 +210,10 @@ def test_fp16_channels_last_failure_falls_back_to_nchw(rgb_model, monkeypatch):
 
 
 FP16_OPTIONS = ScoreOptions(precision="fp16")
+
+
+def test_serve_caps_malloc_arenas_unless_the_environment_does(monkeypatch):
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert host_memory.limit_arenas() is False  # the operator's setting wins
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    assert host_memory.limit_arenas() is True  # glibc: mallopt(M_ARENA_MAX, 2) accepted

@@ -50,3 +50,30 @@ def trim() -> bool:
     if function is None:
         return False
     return bool(function(0))
+
+
+M_ARENA_MAX = -8  # glibc mallopt parameter
+DEFAULT_SERVER_ARENAS = 2
+
+
+def limit_arenas(count: int = DEFAULT_SERVER_ARENAS) -> bool:
+    """Cap glibc's malloc arenas at ``count`` for this process (``mallopt(M_ARENA_MAX)``),
+    as ``MALLOC_ARENA_MAX`` would, unless that variable is set (the operator's choice wins).
+
+    Called by ``densemap serve`` before its threads start: with one arena per thread (glibc's
+    default, up to 8 per core) a server's idle memory after a soak stayed at ~3x its memory
+    after the first request; two shared arenas kept it at ~0.9x (README benchmarks, `make
+    soak`). True when the cap was set here.
+    """
+    import os
+
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(M_ARENA_MAX, int(count)))

@@ -10,8 +10,9 @@ requests, codes, p50/p99 latency, RSS after the first request, peak RSS (VmHWM),
 10 s after the soak (read from /metrics' ``process_resident_memory_bytes``) and health p99.
 
 Settings compared, each in a fresh server: ``no trim`` (onnxruntime's arena shrunk, glibc's
-heap left as it is: the engine before ``host_memory.trim``), ``trim`` (the default), and
-``trim + MALLOC_ARENA_MAX=2``. Target: idle RSS <= 2x the RSS after the first request.
+heap and arenas left as they are), ``trim`` with glibc's arenas, the default (trim, and
+``densemap serve`` caps glibc at 2 arenas with ``mallopt``), and the cap set through
+``MALLOC_ARENA_MAX=2`` instead. Target: idle RSS <= 2x the RSS after the first request.
 """
 
 from __future__ import annotations
@@ -41,11 +42,16 @@ CLIENTS = int(os.environ.get("DENSEMAP_SOAK_CLIENTS", "8"))
 SECONDS = float(os.environ.get("DENSEMAP_SOAK_SECONDS", "45"))
 IDLE_SECONDS = 10.0
 SIDES = (256, 512, 1024, 2048)
-NO_TRIM = "import service.engine.host_memory as m; m.trim = lambda: False; "
+NO_TRIM = (
+    "import service.engine.host_memory as m; m.trim = lambda: False; "
+    "m.limit_arenas = lambda *a: False; "
+)
+GLIBC_ARENAS = "import service.engine.host_memory as m; m.limit_arenas = lambda *a: False; "
 SETTINGS = {  # name: (python -c prefix, extra environment)
-    "no trim": (NO_TRIM, {}),
-    "trim (default)": ("", {}),
-    "trim + MALLOC_ARENA_MAX=2": ("", {"MALLOC_ARENA_MAX": "2"}),
+    "no trim (glibc arenas)": (NO_TRIM, {}),
+    "trim (glibc arenas)": (GLIBC_ARENAS, {}),
+    "trim + 2 arenas via mallopt (default)": ("", {}),
+    "trim + MALLOC_ARENA_MAX=2 (environment)": ("", {"MALLOC_ARENA_MAX": "2"}),
 }
 
 
