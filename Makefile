@@ -3,14 +3,23 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+CORE_STAMP := $(VENV)/.densemap-core
 STAMP := $(VENV)/.densemap-installed
 EXTRAS ?= convert,train,distributed,dev
 
 .PHONY: setup test lint protos demo bench soak clean
 
-$(STAMP): pyproject.toml setup.py constraints.txt
+# The core install (engine, server, CLI: no torch, no Ray): what `make demo` needs.
+$(CORE_STAMP): pyproject.toml setup.py constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+	@echo "installing densemap's core into $(VENV) (about 0.5 GB, a minute or two)..."
+	$(BIN)/python -m pip install --progress-bar on -c constraints.txt -e .
+	touch $(CORE_STAMP)
+
+# Everything the tests use: the converter (torch), training, Ray Data, dev tools.
+$(STAMP): $(CORE_STAMP)
+	@echo "installing the extras [$(EXTRAS)] for the tests (about 2 GB more)..."
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
@@ -27,7 +36,7 @@ test: $(STAMP) lint
 	$(BIN)/python -m service.protogen --check
 	$(BIN)/python -m pytest -q
 
-demo: $(STAMP)
+demo: $(CORE_STAMP)
 	$(BIN)/python -m models.digits.demo
 
 bench: $(STAMP)
