@@ -317,8 +317,7 @@ class Engine:
             timings["postprocess"] += time.perf_counter() - tic
             del source
         if max(largest_pass, cost.peak_bytes) > self._config.arena_keep_bytes:
-            self._runtime.release_memory()  # give a big request's buffers back
-            host_memory.trim()
+            self.release_memory()  # give a big request's buffers back
         mean_scores = np.mean(image_scores, axis=0)
         tic = time.perf_counter()
         detections = None if detect is None else select(found, detect, self._labels)
@@ -333,6 +332,12 @@ class Engine:
             timings=timings,
             detections=detections,
         )
+
+    def release_memory(self) -> None:
+        """Give freed memory back to the system: the CPU arena's unused buffers (shared by
+        every engine of the process) and glibc's free heap pages."""
+        self._runtime.release_memory()
+        host_memory.trim()
 
     # -- internals -----------------------------------------------------------------------
     def _warm_up_shapes(self, shapes) -> None:

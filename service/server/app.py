@@ -25,12 +25,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from service._proto.densemap.v1 import densemap_pb2, densemap_pb2_grpc
+from service.engine import host_memory
 from service.errors import InvalidOption, ModelLoadError
 from service.server import kserve_proto
 from service.server.auth import BearerTokenInterceptor
 from service.server.config import ServerConfig
 from service.server.control_pool import ControlPoolInterceptor
 from service.server.densemap_servicer import SERVICE_NAME, DensemapServicer
+from service.server.idle_memory import IdleRelease
 from service.server.kserve_servicer import KServeServicer
 from service.server.limits import Admission, ServingState
 from service.server.malformed import MalformedRequestInterceptor
@@ -80,10 +82,12 @@ class DensemapServer:
         self._stopped = threading.Event()
         self._reload_lock = threading.Lock()
         self._published: set[str] = set()
+        self.idle_release = IdleRelease(self._release_memory)
         self.admission = Admission(
             max_in_flight=config.max_in_flight,
             max_queue=config.max_queue,
             max_admitted=config.max_admitted,
+            idle=self.idle_release,
         )
         core = ScoringCore(
             models=self.models,
@@ -286,7 +290,17 @@ class DensemapServer:
         self.stop(grace=0)
         return finished
 
+    def _release_memory(self) -> None:
+        """Idle: shrink the engines' CPU arena (one for the process) and trim the heap."""
+        repository = self.models.repository
+        engines = [repository.get(name) for name in repository.names] if repository else []
+        if engines:
+            engines[0].release_memory()
+        else:
+            host_memory.trim()
+
     def stop(self, grace: float | None = 0) -> None:
+        self.idle_release.stop()
         self._stopped.set()
         self.state.begin_drain()
         self._grpc.stop(grace).wait()

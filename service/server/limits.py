@@ -134,10 +134,11 @@ class _ModelQueue:
 class Admission:
     """Global cap on scoring calls, then per-model in-flight slots with a FIFO queue."""
 
-    def __init__(self, *, max_in_flight: int, max_queue: int, max_admitted: int) -> None:
+    def __init__(self, *, max_in_flight: int, max_queue: int, max_admitted: int, idle=None) -> None:
         self.max_in_flight = max_in_flight
         self.max_queue = max_queue
         self.max_admitted = max_admitted
+        self._idle = idle  # told when calls start and when the last one ends (IdleRelease)
         self._cond = threading.Condition()
         self._admitted = 0
         self._models: dict[str, _ModelQueue] = {}
@@ -153,11 +154,15 @@ class Admission:
                     f"(limit {self.max_admitted}, from --workers): retry later with backoff"
                 )
             self._admitted += 1
+            if self._idle is not None:
+                self._idle.call_started()
         try:
             yield
         finally:
             with self._cond:
                 self._admitted -= 1
+                if self._admitted == 0 and self._idle is not None:
+                    self._idle.all_calls_ended()
 
     @contextmanager
     def model_slot(self, model: str, guard: CallGuard) -> Iterator[float]:
