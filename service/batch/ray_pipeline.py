@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -72,6 +73,17 @@ class ScoreActor:
         return {"row": np.array([json.dumps(row) for row in rows], dtype=object)}
 
 
+_RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def _drop_auth_default_warning(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Token authentication is enabled for this Ray")
+
+
+def _drop_progress_bar_warning(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Progress bars disabled")
+
+
 def _connect(address: str | None):
     """Join the cluster at ``address`` (None: RAY_ADDRESS, else a new local one)."""
     import ray
@@ -82,6 +94,10 @@ def _connect(address: str | None):
     starts_local = address == "local" or (not address and not os.environ.get("RAY_ADDRESS"))
     if starts_local:
         kwargs["include_dashboard"] = False
+        # A new local cluster uses token auth by default (a token in ~/.ray/auth_token) and
+        # Ray warns about that default on every run: densemap keeps the default, not the
+        # warning. An explicit RAY_AUTH_MODE is Ray's to honour, as always.
+        logging.getLogger(_RAY_AUTH_LOGGER).addFilter(_drop_auth_default_warning)
     try:
         ray.init(address=address or None, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -100,24 +116,10 @@ def _pool_size(ray, actors: int | None, gpus: bool) -> int:
     return max(1, sum(1 for node in ray.nodes() if node.get("Alive")))
 
 
-def run_ray(jobs: list[ImageJob], *, request, output: OutputConfig, report: Callable) -> None:
-    """Score ``jobs`` on Ray, calling ``report(row)`` on the driver as rows stream back."""
-    if not jobs:
-        return
-    config = request.ray
-    ray = _connect(config.address)
-    from ray.data import ActorPoolStrategy, DataContext
+def _score_dataset(ray, items: list[dict], spec: ActorSpec, *, size: int, blocks: int, config):
+    from ray.data import ActorPoolStrategy
 
-    context = DataContext.get_current()
-    context.enable_progress_bars = False
-    context.print_on_execution_start = False
-    size = min(_pool_size(ray, config.actors, config.gpus), len(jobs))
-    spec = ActorSpec(
-        model=request.model, output=output, options=request.options, debug=request.debug
-    )
-    items = [{"source": job.source, "relpath": job.relpath} for job in jobs]
-    blocks = max(1, min(len(items), size * 4, -(-len(items) // config.batch_size)))
-    dataset = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+    return ray.data.from_items(items, override_num_blocks=blocks).map_batches(
         ScoreActor,
         fn_constructor_kwargs={"spec": spec},
         compute=ActorPoolStrategy(size=size),
@@ -125,7 +127,43 @@ def run_ray(jobs: list[ImageJob], *, request, output: OutputConfig, report: Call
         batch_format="numpy",
         num_cpus=config.actor_cpus,
         num_gpus=1 if config.gpus else 0,
+        # Ray Data restarts dead actors forever by default (max_restarts=-1, retrying their
+        # tasks forever too): an image that crashes its actor (a native fault, the node's
+        # OOM killer) would loop, and Ray logs an error on every run because a restarted
+        # actor needs constructor arguments held in the object store (Ray Data puts them
+        # there whatever their size). With no restarts a dead actor ends the run with the
+        # error below: outputs written so far are kept and a rerun resumes.
+        max_restarts=0,
     )
+
+
+def run_ray(jobs: list[ImageJob], *, request, output: OutputConfig, report: Callable) -> None:
+    """Score ``jobs`` on Ray, calling ``report(row)`` on the driver as rows stream back."""
+    if not jobs:
+        return
+    config = request.ray
+    ray = _connect(config.address)
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    context.enable_progress_bars = False  # densemap's own progress line counts the images
+    context.print_on_execution_start = False
+    # Ray Data's INFO lines (execution started/finished) and its warning that the progress
+    # bars are off (as set above) say nothing to a densemap user; its other warnings stay.
+    if not request.debug:
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").addFilter(_drop_progress_bar_warning)
+    size = min(_pool_size(ray, config.actors, config.gpus), len(jobs))
+    spec = ActorSpec(
+        model=request.model, output=output, options=request.options, debug=request.debug
+    )
+    items = [{"source": job.source, "relpath": job.relpath} for job in jobs]
+    blocks = max(1, min(len(items), size * 4, -(-len(items) // config.batch_size)))
+    with warnings.catch_warnings():
+        # max_restarts has no named parameter in map_batches yet (Ray 2.60 calls **kwargs
+        # deprecated "in favour of the named parameters" but names none for it).
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        dataset = _score_dataset(ray, items, spec, size=size, blocks=blocks, config=config)
     logger.info("Ray: %d image(s) on %d actor(s)", len(items), size)
     try:
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
