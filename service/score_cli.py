@@ -115,7 +115,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         const="",
         default=None,
         metavar="ADDRESS",
-        help="run on Ray Data; ADDRESS: 'auto', HOST:PORT or ray://HOST:10001 "
+        help="run on Ray Data; ADDRESS: 'auto', 'local' or the cluster's GCS HOST:PORT "
+        "(Ray Client ray:// is refused: Ray Data cannot run under it) "
         "(default without ADDRESS: $RAY_ADDRESS, else a local cluster)",
     )
     run.add_argument("--gpus", action="store_true", help="Ray: one GPU per actor")
@@ -184,6 +185,21 @@ def detection_options(args: argparse.Namespace):
     return DetectionOptions(across_classes=bool(args.across_classes), **values)
 
 
+RAY_CLIENT_REFUSED = (
+    "{address}: Ray Client (ray://) cannot run Ray Data pipelines; give the cluster's GCS "
+    "address instead, --ray HOST:PORT (port 6379 unless `ray start --head --port` says "
+    "otherwise), from a machine that reaches every node, or run the command on the "
+    "cluster: ray job submit --address http://HEAD:8265 -- densemap score ... --ray"
+)
+
+
+def refuse_ray_client(address: str | None) -> None:
+    """Ray Data needs a full driver: under Ray Client it fails deep inside Ray."""
+    named = f"--ray {address}" if address else f"RAY_ADDRESS={os.environ.get('RAY_ADDRESS')}"
+    if (address or os.environ.get("RAY_ADDRESS", "")).lower().startswith("ray://"):
+        raise InvalidOption(RAY_CLIENT_REFUSED.format(address=named))
+
+
 def build_request(args: argparse.Namespace):
     from service.batch.run import BatchRequest, RayConfig
     from service.batch.scorers import DEFAULT_MODEL, ModelChoice
@@ -200,6 +216,8 @@ def build_request(args: argparse.Namespace):
         raise InvalidOption(
             "--server and --ray are exclusive: Ray actors load the model themselves"
         )
+    if args.ray is not None:
+        refuse_ray_client(ray_address)
     if args.gpus and args.ray is None:
         raise InvalidOption("--gpus applies to --ray; in-process scoring uses CUDA when present")
     if args.top_k < 0:

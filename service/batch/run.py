@@ -28,7 +28,7 @@ from service.errors import InvalidOption
 class RayConfig:
     """How to run on Ray: cluster address, actor pool, resources per actor."""
 
-    address: str | None = None  # None: RAY_ADDRESS or a new local cluster; "auto"; ray://...
+    address: str | None = None  # None: RAY_ADDRESS or a new local cluster; "auto"; GCS HOST:PORT
     actors: int | None = None  # None: one per GPU with gpus, else one per node
     gpus: bool = False
     actor_cpus: float = 0.5  # >= 1 with few CPUs deadlocks Ray Data (docs/score.md, "Ray Data")
