@@ -214,7 +214,7 @@ def render_heatmap(
 
 def draw_boxes(picture: Image.Image, detections) -> None:
     """Each detection's box (x1, y1 exclusive) in its class colour, "label score" above it
-    (inside it when the box touches the top), on a dark patch for contrast."""
+    (below it near the top edge), on a dark patch for contrast."""
     draw = ImageDraw.Draw(picture)
     for d in reversed(list(detections)):  # the best box drawn last, on top
         colour = tuple(int(c) for c in CLASS_PALETTE[d.class_index % len(CLASS_PALETTE)])
@@ -222,6 +222,9 @@ def draw_boxes(picture: Image.Image, detections) -> None:
         draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=colour, width=BOX_WIDTH)
         text = f"{d.label or d.class_index} {d.score:.2f}"
         width = int(draw.textlength(text)) + 4
-        top = y0 - 12 if y0 >= 12 else y0 + BOX_WIDTH
+        if y0 >= 12:
+            top = y0 - 12
+        else:  # no room above: below the box, else inside it
+            top = y1 if y1 + 12 <= picture.height else y0 + BOX_WIDTH
         draw.rectangle((x0, top, x0 + width, top + 11), fill=_BAND_RGB)
         draw.text((x0 + 2, top), text, fill=colour)
