@@ -10,6 +10,7 @@ import os
 import re
 import sys
 
+from service.batch.storage import MAP_DTYPES, SAVE_MODES
 from service.engine.options import (
     AVAILABLE_PRECISIONS,
     DEFAULT_DETECTION_THRESHOLD,
@@ -93,12 +94,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="class indices to detect, e.g. 1,3 (default: all but 'background')",
     )
     found.add_argument("--across-classes", action="store_true", help="NMS over all classes at once")
-    out = parser.add_argument_group("outputs")
+    out = parser.add_argument_group("outputs (docs/score.md)")
+    out.add_argument(
+        "--save",
+        choices=SAVE_MODES,
+        default="maps",
+        help="what each image's .npz keeps: the maps, only the per-cell top-k (needs "
+        "--top-k), the per-cell best class and its score, or no .npz (boxes in "
+        "detections.jsonl with --detections; none: summary only)",
+    )
+    out.add_argument(
+        "--map-dtype",
+        choices=tuple(MAP_DTYPES),
+        default="fp16",
+        help="stored score dtype: fp16 (the engine's values rounded to float16) or fp32 "
+        "(as the engine computed them)",
+    )
+    out.add_argument(
+        "--no-compress", action="store_true", help="store the .npz uncompressed (faster, larger)"
+    )
     out.add_argument("--heatmap", action="store_true", help="also write a PNG overlay per image")
     out.add_argument(
         "--heatmap-class",
         metavar="NAME",
-        help="draw this class (label or index) [implies --heatmap]",
+        help="draw this class (label, or index 0..C-1, also on models without labels) "
+        "[implies --heatmap]",
     )
     out.add_argument("--overwrite", action="store_true", help="redo images whose outputs exist")
     run = parser.add_argument_group("execution")
@@ -203,6 +223,7 @@ def refuse_ray_client(address: str | None) -> None:
 def build_request(args: argparse.Namespace):
     from service.batch.run import BatchRequest, RayConfig
     from service.batch.scorers import DEFAULT_MODEL, ModelChoice
+    from service.batch.storage import Storage
     from service.engine.options import EngineConfig, ScoreOptions
 
     ray_address, paths = split_ray_address(args.ray, list(args.paths))
@@ -250,6 +271,7 @@ def build_request(args: argparse.Namespace):
         server=args.server,
         heatmap=bool(args.heatmap or args.heatmap_class),
         heatmap_class=args.heatmap_class,
+        storage=Storage(save=args.save, map_dtype=args.map_dtype, compress=not args.no_compress),
         overwrite=args.overwrite,
         workers=args.workers or min(4, os.cpu_count() or 1),
         ray=ray,

@@ -41,16 +41,17 @@ def test_sizes_and_scales_parse_or_explain():
             parse_scales(bad)
 
 
-def test_pixel_cells_nearest_window_centre_and_uncovered_tail():
-    # W = 30, R = 12, S = 4: n = 5 windows cover [0, 28); pixels 28-29 are uncovered.
+def test_pixel_cells_paint_a_stride_around_each_centre_and_no_border_streaks():
+    # W = 30, R = 12, S = 4: window centres 6, 10, 14, 18, 22; each cell owns [c-2, c+2).
     cells = pixel_cells(30, cells=5, stride=4, window=12, origin=0, resize=1.0)
-    centres = 4 * np.arange(5) + 6  # window centres 6, 10, 14, 18, 22
-    for x in range(28):  # each covered pixel takes a window whose centre is nearest
-        assert abs(centres[cells[x]] - (x + 0.5)) == np.abs(centres - (x + 0.5)).min()
-    assert list(cells[28:]) == [-1, -1]
+    centres = 4 * np.arange(5) + 6
+    for x in range(4, 24):  # a painted pixel takes the window whose centre is nearest
+        assert abs(centres[cells[x]] - (x + 0.5)) == np.abs(centres - (x + 0.5)).min() <= 2
+    # the border band (0-3) and the tail (24-29) are not the edge cells stretched out
+    assert list(cells[:4]) == [-1] * 4 and list(cells[24:]) == [-1] * 6
     # an image scored at scale 2: pixel x of the original is x*2 in the map's image
     half = pixel_cells(15, cells=5, stride=4, window=12, origin=0, resize=2.0)
-    assert list(half[14:]) == [-1] and half[0] == 0 and half[13] == 4
+    assert list(half) == [-1, -1, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, -1, -1, -1]
 
 
 def test_ramp_goes_from_dark_to_bright():
@@ -110,10 +111,11 @@ def test_background_cells_stay_unpainted_in_top_class_mode():
             image, ScaleMap(geometry=geometry, scores=scores), labels=("background", "digit")
         )
     )
-    # Pixels nearest cell (0, 0) are rows/cols 0-5 (centres 4, 8, ...); the rest is untouched.
-    assert (picture[:6, :6] != image[:6, :6]).any(axis=2).all()
+    # Cell (0, 0) paints rows/cols 2-5 (its centre 4, +-2); the rest is untouched.
+    assert (picture[2:6, 2:6] != image[2:6, 2:6]).any(axis=2).all()
     np.testing.assert_array_equal(picture[6:], image[6:])
     np.testing.assert_array_equal(picture[:, 6:], image[:, 6:])
+    np.testing.assert_array_equal(picture[:2], image[:2])
 
 
 def test_legend_goes_below_the_image_and_hides_nothing():

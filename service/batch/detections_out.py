@@ -9,12 +9,15 @@
   the 1-based line number of the image in ``detections.jsonl`` and ``category_id`` the
   class index (``file_name`` is the relpath, for matching a ground-truth file).
 
-Both are rewritten whole (temp file + rename) when the run ends.
+Lines are appended to ``detections.jsonl`` while the run goes (so a killed run keeps the
+boxes of the images it finished, and resume of ``--save detections`` can trust them); both
+files are rewritten whole (temp file + rename) when the run ends.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import threading
 from dataclasses import asdict
 from pathlib import Path
@@ -77,13 +80,21 @@ class DetectionsWriter:
         self.partial_dir = partial_dir
         self.lines: dict[str, dict] = {}
         self._lock = threading.Lock()
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+        self._fd: int | None = os.open(root / JSONL_FILE, flags, 0o644)
 
     def add(self, line: dict) -> None:
+        text = (json.dumps(line, sort_keys=True) + "\n").encode()
         with self._lock:
             self.lines[line["relpath"]] = line
+            if self._fd is not None:
+                os.write(self._fd, text)
 
     def finish(self) -> None:
         with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
             lines = [self.lines[key] for key in sorted(self.lines)]
         text = "".join(json.dumps(line, sort_keys=True) + "\n" for line in lines)
         coco = json.dumps(coco_results(lines), indent=1) + "\n"

@@ -4,17 +4,24 @@ The picture is the image's size plus, for images at least 64 px wide, a dark leg
 under it, so the legend never hides the image: pixel (y, x) of the picture is pixel (y, x)
 of the image for y < its height.
 
-Each image pixel takes the cell whose window centre is nearest (in the resized image the
-map was computed on); pixels that no window covers (the last ``(W - R) mod S`` columns and
-rows) stay unpainted. Two modes:
+It is drawn over the original colour image. Each cell paints the stride x stride square
+around its window centre (in the resized image the map was computed on): the pixels whose
+nearest window centre is that cell's and within half a stride of it. Pixels farther out
+(the border band between the edge windows' centres and the image's edges, and the last
+``(W - R) mod S``) stay unpainted: edge cells are never stretched out to the border. Modes:
 
 - top class: the colour of the cell's best class (a fixed 20-colour palette), opacity
-  proportional to its confidence, with a legend of the classes shown (the 20 with most
-  cells, in class order); cells whose best class is labelled ``background`` (or
+  from 0.25 (the map's least confident painted cell) to 0.65 (its most confident), so a
+  map whose best probabilities are all low (many classes, random weights) still shows; a
+  legend lists the classes shown (the 20 with most cells, in class order) and the
+  confidence range; cells whose best class is labelled ``background`` (or
   ``__background__``, ``bg``) stay unpainted;
 - one class: that class's probability through a perceptual colour ramp (dark blue ->
-  green -> yellow), with the ramp's colours at 0, 0.25, 0.5, 0.75 and 1 in the legend.
+  green -> yellow) stretched over the map's own range [min, max] (over [0, 1] when the map
+  is flat or ``normalise=False``), with the probabilities at 0, 1/4, ... of the ramp in the
+  legend.
 
+Detections (when given) are drawn as boxes in their class's colour with "label score".
 Logit maps are turned into probabilities (softmax over the class axis) for drawing only.
 Uses only numpy and Pillow; the first map (first ``--scales`` entry) is drawn.
 """
@@ -42,6 +49,8 @@ _RAMP_ANCHORS = np.array(
     dtype=np.float64,
 )
 TOP_CLASS_MAX_ALPHA = 0.65
+TOP_CLASS_MIN_ALPHA = 0.25
+BOX_WIDTH = 2
 BACKGROUND_LABELS = frozenset({"background", "__background__", "bg"})  # left unpainted
 CLASS_ALPHA = 0.55
 
@@ -59,12 +68,19 @@ _Entry = tuple[object, str]  # (RGB swatch or None for plain text, text)
 
 
 def pixel_cells(size: int, *, cells: int, stride: int, window: int, origin: int, resize: float):
-    """For each pixel along one axis, the index of its nearest cell, or -1 if uncovered."""
+    """For each pixel along one axis, the index of its cell, or -1 when no cell's centre is
+    within half a stride (the border band and the uncovered tail)."""
     centre = (np.arange(size, dtype=np.float64) + 0.5) * resize  # in resized-image pixels
     index = np.floor((centre - origin - window / 2.0) / stride + 0.5).astype(np.int64)
-    index = np.clip(index, 0, cells - 1)
-    covered = (centre >= origin) & (centre < origin + (cells - 1) * stride + window)
-    return np.where(covered, index, -1)
+    return np.where((index >= 0) & (index < cells), index, -1)
+
+
+def _stretch(values: np.ndarray, *, normalise: bool) -> tuple[np.ndarray, float, float]:
+    """``values`` mapped to [0, 1] over their own range (or [0, 1] itself), and that range."""
+    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
+    if not normalise or hi - lo < 1e-6:
+        lo, hi = 0.0, 1.0
+    return np.clip((values - lo) / (hi - lo), 0.0, 1.0), lo, hi
 
 
 def probabilities_of(scores: np.ndarray, *, probabilities: bool) -> np.ndarray:
@@ -134,8 +150,10 @@ def render_heatmap(
     labels: tuple[str, ...] = (),
     class_index: int | None = None,
     probabilities: bool = True,
+    detections=None,
+    normalise: bool = True,
 ) -> Image.Image:
-    """The image (H x W, grey or RGB) with the map drawn over it, as an RGB picture."""
+    """The image (H x W, grey or RGB) with the map (and boxes) drawn over it, as RGB."""
     if scale_map.scores is None:
         raise ValueError("the heat-map needs the score map itself")
     base = _as_rgb(image)
@@ -160,10 +178,13 @@ def render_heatmap(
         top = probs.argmax(axis=0)
         confidence = probs.max(axis=0)
         cell_rgba[:n_h, :n_w, :3] = CLASS_PALETTE[top % len(CLASS_PALETTE)]
-        cell_rgba[:n_h, :n_w, 3] = np.round(confidence * TOP_CLASS_MAX_ALPHA * 255)
+        shown_cells = np.ones((n_h, n_w), dtype=bool)
         for c, class_index in enumerate(channel_classes):
             if name(class_index).strip().lower() in BACKGROUND_LABELS:
-                cell_rgba[:n_h, :n_w, 3][top == c] = 0  # the image shows through
+                shown_cells[top == c] = False  # the image shows through
+        level, lo, hi = _stretch(confidence[shown_cells], normalise=normalise)
+        alpha = TOP_CLASS_MIN_ALPHA + (TOP_CLASS_MAX_ALPHA - TOP_CLASS_MIN_ALPHA) * level
+        cell_rgba[:n_h, :n_w, 3][shown_cells] = np.round(alpha * 255)
         shown, counts = np.unique(top, return_counts=True)
         order = [
             c
@@ -173,14 +194,37 @@ def render_heatmap(
         order = sorted(order, key=lambda c: channel_classes[c])  # legend in class order
         legend = [(None, "top class:")] if order else []
         legend += [(CLASS_PALETTE[c % len(CLASS_PALETTE)], name(channel_classes[c])) for c in order]
+        if order and (lo, hi) != (0.0, 1.0):  # opacity stretched over the map's own range
+            legend.append((None, f"opacity: P {lo:.3g}..{hi:.3g}"))
     else:
         channel = channel_classes.index(class_index)
-        level = np.round(np.clip(probs[channel], 0.0, 1.0) * 255).astype(np.intp)
-        cell_rgba[:n_h, :n_w, :3] = RAMP[level]
+        level, lo, hi = _stretch(probs[channel], normalise=normalise)
+        cell_rgba[:n_h, :n_w, :3] = RAMP[np.round(level * 255).astype(np.intp)]
         cell_rgba[:n_h, :n_w, 3] = round(CLASS_ALPHA * 255)
         steps = (0.0, 0.25, 0.5, 0.75, 1.0)
         legend = [(None, f"P({name(class_index)}):")]
-        legend += [(RAMP[round(p * 255)], f"{p:g}") for p in steps]
+        legend += [(RAMP[round(p * 255)], f"{lo + p * (hi - lo):.3g}") for p in steps]
     overlay = cell_rgba[rows[:, None], cols[None, :]]  # -1 picks the transparent last row/col
     picture = Image.alpha_composite(base.convert("RGBA"), Image.fromarray(overlay, "RGBA"))
-    return add_legend_band(picture.convert("RGB"), legend)
+    picture = picture.convert("RGB")
+    if detections:
+        draw_boxes(picture, detections)
+    return add_legend_band(picture, legend)
+
+
+def draw_boxes(picture: Image.Image, detections) -> None:
+    """Each detection's box (x1, y1 exclusive) in its class colour, "label score" above it
+    (below it near the top edge), on a dark patch for contrast."""
+    draw = ImageDraw.Draw(picture)
+    for d in reversed(list(detections)):  # the best box drawn last, on top
+        colour = tuple(int(c) for c in CLASS_PALETTE[d.class_index % len(CLASS_PALETTE)])
+        x0, y0, x1, y1 = (int(round(v)) for v in d.box)
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=colour, width=BOX_WIDTH)
+        text = f"{d.label or d.class_index} {d.score:.2f}"
+        width = int(draw.textlength(text)) + 4
+        if y0 >= 12:
+            top = y0 - 12
+        else:  # no room above: below the box, else inside it
+            top = y1 if y1 + 12 <= picture.height else y0 + BOX_WIDTH
+        draw.rectangle((x0, top, x0 + width, top + 11), fill=_BAND_RGB)
+        draw.text((x0 + 2, top), text, fill=colour)

@@ -4,12 +4,15 @@ Layout of ``<out>/<relpath>.npz`` (load with ``numpy.load``, no pickle needed):
 
 - ``scores_<k>``: the map of scale ``k`` (in ``--scales`` order), ``[C, n_h, n_w]``;
 - ``top_k_indices_<k>``, ``top_k_scores_<k>``: per-cell top-k (with ``--top-k``);
-- ``argmax_<k>``, ``classes_<k>``: when the engine returns them;
+- ``argmax_<k>``, ``argmax_scores_<k>``, ``classes_<k>``: per ``--save`` (:mod:`.storage`);
 - ``image_scores``: ``[C]`` image-level scores; ``labels``: ``[C]`` class names;
 - ``meta``: a JSON string: source relpath, image size, model, options, and per map its
-  shape and geometry (stride, window, origin, receptive field, scale, resize).
+  shape and geometry (stride, window, origin, receptive field, scale, resize), and
+  ``storage`` (save mode, map dtype, compression; absent in files from before ``--save``,
+  which hold float32 maps uncompressed).
 
-The file is a plain uncompressed zip written with fixed timestamps, so equal results give
+The file is a zip (deflated by default, as ``numpy.savez_compressed``) written with fixed
+timestamps, so equal results give
 byte-identical files (local and Ray runs compare bit for bit). Every file is written to a
 temp file in the run's partial folder, then renamed into place: a killed run never leaves
 a partial output under its final name.
@@ -28,6 +31,7 @@ from typing import BinaryIO
 
 import numpy as np
 
+from service.batch.storage import LEGACY, Storage, map_arrays
 from service.engine.options import ScoreOptions
 from service.engine.result import MapGeometry, ScaleMap, ScoreMap
 
@@ -35,6 +39,7 @@ NPZ_SUFFIX = ".npz"
 HEATMAP_SUFFIX = ".heatmap.png"
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 _PER_MAP_ARRAYS = ("scores", "top_k_indices", "top_k_scores", "argmax")
+LEGACY_STORAGE = Storage(**LEGACY)
 
 
 def write_atomic(target: Path, write: Callable[[BinaryIO], None], *, partial_dir: Path) -> None:
@@ -58,16 +63,18 @@ def options_to_json(options: ScoreOptions) -> dict:
 
 
 def encode_result(
-    result: ScoreMap, *, relpath: str, model_name: str, options: ScoreOptions
+    result: ScoreMap,
+    *,
+    relpath: str,
+    model_name: str,
+    options: ScoreOptions,
+    storage: Storage = LEGACY_STORAGE,
 ) -> dict[str, np.ndarray]:
     """The named arrays of one image's ``.npz`` (see module docstring)."""
     arrays: dict[str, np.ndarray] = {}
     maps_meta = []
     for k, scale_map in enumerate(result.maps):
-        for name in _PER_MAP_ARRAYS:
-            value = getattr(scale_map, name)
-            if value is not None:
-                arrays[f"{name}_{k}"] = np.ascontiguousarray(value)
+        arrays.update(map_arrays(k, scale_map, storage))
         if scale_map.classes is not None:
             arrays[f"classes_{k}"] = np.asarray(scale_map.classes, dtype=np.int32)
         maps_meta.append({"shape": list(scale_map.shape), "geometry": asdict(scale_map.geometry)})
@@ -82,15 +89,19 @@ def encode_result(
         # float32 like image_scores: the engine ranks in float64, the server sends float32
         "image_top_k": [[int(i), float(np.float32(s))] for i, s in result.image_top_k],
     }
+    if storage != LEGACY_STORAGE:  # files as before --save read back byte for byte
+        meta["storage"] = storage.to_json()
     arrays["meta"] = np.array(json.dumps(meta, sort_keys=True))
     return arrays
 
 
-def write_npz(f: BinaryIO, arrays: dict[str, np.ndarray]) -> None:
+def write_npz(f: BinaryIO, arrays: dict[str, np.ndarray], *, compress: bool = False) -> None:
     """An ``.npz`` readable by ``numpy.load`` whose bytes depend only on the arrays."""
-    with zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+    method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+    with zipfile.ZipFile(f, mode="w", compression=method, allowZip64=True) as zf:
         for name, array in arrays.items():
             info = zipfile.ZipInfo(name + ".npy", date_time=_ZIP_EPOCH)
+            info.compress_type = method
             info.external_attr = 0o644 << 16
             with zf.open(info, mode="w", force_zip64=True) as member:
                 np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)

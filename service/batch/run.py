@@ -17,6 +17,7 @@ from service.batch.pipeline import PipelineConfig, run_pipeline
 from service.batch.progress import Progress
 from service.batch.rundir import OutputDir, RunSettings, heatmap_path, npz_path
 from service.batch.scorers import REMOTE_CONCURRENCY, ModelChoice, open_engine_scorer
+from service.batch.storage import Storage, check_storage
 from service.batch.summary import SummaryWriter, read_rows, skipped_row
 from service.batch.walk import ImageJob, find_images
 from service.batch.writer import OutputConfig, ResultWriter
@@ -47,6 +48,7 @@ class BatchRequest:
     server: str | None = None
     heatmap: bool = False
     heatmap_class: str | None = None
+    storage: Storage = Storage()
     overwrite: bool = False
     workers: int = 4
     ray: RayConfig | None = None
@@ -64,16 +66,23 @@ class BatchOutcome:
         return self.progress.failed
 
 
-def resolve_class(name: str | None, labels: tuple[str, ...]) -> int | None:
+def resolve_class(
+    name: str | None, labels: tuple[str, ...], num_classes: int | None = None
+) -> int | None:
     """A ``--heatmap-class`` (label or index) as a class index."""
     if name is None:
         return None
     if name in labels:
         return labels.index(name)
-    if name.isdigit() and int(name) < max(len(labels), 1):
+    count = num_classes if num_classes is not None else len(labels)
+    if name.isascii() and name.isdigit() and int(name) < count:
         return int(name)
-    shown = ", ".join(labels[:20]) + (", ..." if len(labels) > 20 else "")
-    raise InvalidOption(f"--heatmap-class {name!r} is not a class of this model; classes: {shown}")
+    if labels:
+        shown = ", ".join(labels[:20]) + (", ..." if len(labels) > 20 else "")
+        shown = f"classes: {shown}, or an index 0..{count - 1}"
+    else:
+        shown = f"the model has no labels: give a class index 0..{count - 1}"
+    raise InvalidOption(f"--heatmap-class {name!r} is not a class of this model; {shown}")
 
 
 def check_options(options: ScoreOptions, scorer) -> None:
@@ -114,6 +123,13 @@ def check_options(options: ScoreOptions, scorer) -> None:
             raise InvalidOption(f"--detections: {exc}") from None
 
 
+def _cell_threshold(options: ScoreOptions) -> float:
+    from service.engine.options import DEFAULT_DETECTION_THRESHOLD
+
+    found = options.detections
+    return DEFAULT_DETECTION_THRESHOLD if found is None else float(found.threshold)
+
+
 def _class_name(index: int, labels: tuple[str, ...]) -> str:
     return labels[index] if index < len(labels) else str(index)
 
@@ -126,6 +142,17 @@ def _open_scorer(request: BatchRequest, stack: contextlib.ExitStack):
     scorer = open_engine_scorer(request.model)
     stack.callback(scorer.close)
     return scorer
+
+
+def _recorded(out: OutputDir, request: BatchRequest) -> set[str] | None:
+    """With no ``.npz`` to look for, the relpaths an earlier run records as finished."""
+    if request.storage.writes_npz or request.overwrite:
+        return None
+    rows = read_rows(out.summary_path)
+    done = {rel for rel, row in rows.items() if row.get("status") in ("ok", "skipped")}
+    if request.options.detections is not None:
+        done &= set(read_lines(out.root / JSONL_FILE))
+    return done
 
 
 def _skipped_rows(out: OutputDir, done: list[ImageJob]) -> list[dict]:
@@ -152,22 +179,35 @@ def run_batch(request: BatchRequest, *, tty: bool | None = None) -> BatchOutcome
     with contextlib.ExitStack() as stack:
         scorer = _open_scorer(request, stack)
         check_options(request.options, scorer)
-        class_index = resolve_class(request.heatmap_class, scorer.labels)
+        check_storage(
+            request.storage,
+            top_k=request.options.top_k,
+            detections=request.options.detections is not None,
+        )
+        class_index = resolve_class(
+            request.heatmap_class, scorer.labels, getattr(scorer, "num_classes", None)
+        )
         out = stack.enter_context(OutputDir(out_root))
         settings = RunSettings(
             model=scorer.model_name,
             options=request.options,
             heatmap=request.heatmap,
             heatmap_class=None if class_index is None else _class_name(class_index, scorer.labels),
+            storage=request.storage,
         )
         out.check_settings(settings, overwrite=request.overwrite)
-        todo, done = out.split_done(jobs, heatmap=request.heatmap, overwrite=request.overwrite)
+        todo, done = out.split_done(
+            jobs,
+            heatmap=request.heatmap,
+            overwrite=request.overwrite,
+            recorded=_recorded(out, request),
+        )
         skipped_rows = _skipped_rows(out, done)
         summary = SummaryWriter(out.summary_path, partial_dir=out.partial)
         boxes = None
         if request.options.detections is not None:
-            boxes = DetectionsWriter(out.root, partial_dir=out.partial)
             previous = read_lines(out.root / JSONL_FILE) if done else {}
+            boxes = DetectionsWriter(out.root, partial_dir=out.partial)
             for job in done:
                 if job.relpath in previous:
                     boxes.add({**previous[job.relpath], "path": job.source})
@@ -200,6 +240,8 @@ def run_batch(request: BatchRequest, *, tty: bool | None = None) -> BatchOutcome
             heatmap=request.heatmap,
             heatmap_class=class_index,
             color=getattr(scorer, "color", "RGB"),
+            storage=request.storage,
+            cell_threshold=_cell_threshold(request.options),
         )
         try:
             if request.ray is not None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from service.batch.outputs import HEATMAP_SUFFIX, NPZ_SUFFIX, options_to_json, write_atomic
+from service.batch.storage import LEGACY, Storage
 from service.batch.walk import OUTPUT_MARKER, ImageJob
 from service.engine.options import ScoreOptions
 from service.errors import InvalidOption
@@ -33,6 +34,7 @@ class RunSettings:
     options: ScoreOptions
     heatmap: bool = False
     heatmap_class: str | None = None  # None: top class with its confidence
+    storage: Storage = Storage()
 
     def to_json(self) -> dict:
         return {
@@ -40,6 +42,7 @@ class RunSettings:
             "options": options_to_json(self.options),
             "heatmap": self.heatmap,
             "heatmap_class": self.heatmap_class,
+            "storage": self.storage.to_json(),
         }
 
 
@@ -59,6 +62,8 @@ def _describe_changes(old: dict, new: dict) -> str:
         for key in sorted(set(old_options) | set(new_options))
         if old_options.get(key) != new_options.get(key)
     ]
+    if (old.get("storage") or LEGACY) != new.get("storage"):
+        changes.insert(0, f"storage {old.get('storage') or LEGACY} -> {new.get('storage')}")
     for key in ("model", "heatmap_class"):
         if old.get(key) != new.get(key) and (key == "model" or old.get("heatmap")):
             changes.insert(0, f"{key} {old.get(key)!r} -> {new.get(key)!r}")
@@ -123,6 +128,7 @@ class OutputDir:
                 old = None
         if old is not None and not overwrite:
             differs = old.get("model") != new["model"] or old.get("options") != new["options"]
+            differs = differs or (old.get("storage") or LEGACY) != new["storage"]
             both_heat = old.get("heatmap") and new["heatmap"]
             if both_heat and old.get("heatmap_class") != new["heatmap_class"]:
                 differs = True
@@ -137,19 +143,34 @@ class OutputDir:
         text = json.dumps(new, indent=2, sort_keys=True) + "\n"
         write_atomic(run_file, lambda f: f.write(text.encode()), partial_dir=self.partial)
 
-    def is_complete(self, job: ImageJob, *, heatmap: bool) -> bool:
-        """Whether every output of ``job`` exists (each was renamed into place whole)."""
-        if not npz_path(self.root, job).is_file():
+    def is_complete(
+        self, job: ImageJob, *, heatmap: bool, recorded: set[str] | None = None
+    ) -> bool:
+        """Whether every output of ``job`` exists (each was renamed into place whole).
+
+        ``recorded``: with no ``.npz`` to look for (``--save detections|none``), the
+        relpaths an earlier run's summary (and detections) lines record as finished.
+        """
+        if recorded is None:
+            if not npz_path(self.root, job).is_file():
+                return False
+        elif job.relpath not in recorded:
             return False
         return not heatmap or heatmap_path(self.root, job).is_file()
 
     def split_done(
-        self, jobs: list[ImageJob], *, heatmap: bool, overwrite: bool
+        self,
+        jobs: list[ImageJob],
+        *,
+        heatmap: bool,
+        overwrite: bool,
+        recorded: set[str] | None = None,
     ) -> tuple[list[ImageJob], list[ImageJob]]:
         """(to score, already complete); with ``overwrite`` everything is to score."""
         if overwrite:
             return list(jobs), []
         todo, done = [], []
         for job in jobs:
-            (done if self.is_complete(job, heatmap=heatmap) else todo).append(job)
+            complete = self.is_complete(job, heatmap=heatmap, recorded=recorded)
+            (done if complete else todo).append(job)
         return todo, done

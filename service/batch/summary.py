@@ -2,8 +2,10 @@
 
 Row fields: ``path`` (as read), ``relpath`` (output key), ``status`` (``ok``, ``skipped``
 or ``failed``), ``size`` [h, w], ``map_shape`` ([n_h, n_w] per scale), ``top`` (image-level
-classes: index, label, score), ``seconds`` (engine time), ``outputs`` (files written,
-relative to the output folder) and, for failures, ``error``.
+classes: index, label, score), ``cells_above`` (per scale, the classes with cells whose
+probability is at least ``cell_threshold``: index, label, cells), ``seconds`` (engine time),
+``outputs`` (files written, relative to the output folder), ``detection_count`` with
+``--detections`` and, for failures, ``error``.
 
 Rows are appended while the run goes (one ``write`` call per row, so a killed run leaves
 whole lines), then the file is rewritten sorted by ``relpath`` through a temp file.
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from service.batch.heatmap import probabilities_of
 from service.batch.outputs import read_meta, write_atomic
 from service.batch.walk import ImageJob
 from service.engine.result import ScoreMap
@@ -36,6 +39,24 @@ def ok_row(
         "seconds": round(seconds, 6),
         "outputs": outputs,
     }
+
+
+def cells_above(result: ScoreMap, threshold: float, *, probabilities: bool) -> list[list[dict]]:
+    """Per scale: ``{"index", "label", "cells"}`` of each class with cells >= ``threshold``
+    (probabilities; logit maps through a softmax), in class order."""
+    per_scale = []
+    for scale_map in result.maps:
+        found = []
+        if scale_map.scores is not None:
+            probs = probabilities_of(scale_map.scores, probabilities=probabilities)
+            counts = (probs >= threshold).sum(axis=(1, 2))
+            classes = scale_map.classes or range(len(counts))
+            for index, count in zip(classes, counts.tolist(), strict=True):
+                if count:
+                    label = result.labels[index] if index < len(result.labels) else str(index)
+                    found.append({"index": int(index), "label": label, "cells": int(count)})
+        per_scale.append(found)
+    return per_scale
 
 
 def failed_row(job: ImageJob, reason: str) -> dict:
