@@ -164,3 +164,30 @@ def test_bad_detection_options_are_named(engine, image, options, words):
     with pytest.raises(InvalidOption, match=None) as caught:
         engine.score(image, ScoreOptions(detections=options))
     assert words in str(caught.value)
+
+
+def test_detections_from_tiles_equal_the_single_pass(monkeypatch):
+    """Cells above the threshold come back sparse from each tile, placed by the tile's own
+    cell offsets: tiled scoring must find exactly the single pass's boxes."""
+    from pathlib import Path
+
+    digits = Path(__file__).resolve().parents[1] / "models" / "digits"
+    page = (digits / "pages" / "page_1.png").read_bytes()
+    options = ScoreOptions(output_stride=2, detections=DetectionOptions(iou=0.3))
+    whole = Engine(digits / "model.onnx", config=EngineConfig(warmup=False)).score(page, options)
+    tiled_engine = Engine(
+        digits / "model.onnx", config=EngineConfig(warmup=False, memory_budget=4 << 20)
+    )
+    from service.engine.dense import DenseNet
+
+    passes = []
+    run_pass = DenseNet.run_pass
+
+    def counting(net, *args, **kwargs):
+        passes.append(1)
+        return run_pass(net, *args, **kwargs)
+
+    monkeypatch.setattr(DenseNet, "run_pass", counting)
+    tiled = tiled_engine.score(page, options)
+    assert len(passes) > 1 and len(whole.detections) > 10  # really tiled, really found
+    assert tiled.detections == whole.detections

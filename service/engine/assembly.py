@@ -27,9 +27,14 @@ Placement = Callable[[dict[str, np.ndarray], range, range], None]
 class PostprocessCall:
     """One request's postprocess graph inputs and the outputs it fetches."""
 
-    def __init__(self, plan: OutputPlan) -> None:
+    def __init__(self, plan: OutputPlan, *, detect=None) -> None:
+        """``detect``: a DetectionPlan (classes, threshold) whose cells above the threshold
+        come back too, sparse (service.engine.detections)."""
         self.plan = plan
+        self.detect = detect
         outputs = [graphs.PROB_SUM, graphs.NONFINITE]
+        if detect is not None:
+            outputs += [graphs.ABOVE_CELLS, graphs.ABOVE_SCORES]
         if plan.include_map:
             outputs.append(graphs.MAP)
         if plan.top_k:
@@ -40,6 +45,9 @@ class PostprocessCall:
         self._host = {graphs.K: np.array([max(1, plan.top_k)], np.int64)}
         if plan.classes is not None:
             self._host[graphs.CLASSES] = np.array(plan.classes, np.int64)
+        if detect is not None:
+            self._host[graphs.DETECT_CLASSES] = np.array(detect.classes, np.int64)
+            self._host[graphs.THRESHOLD] = np.array([detect.threshold], np.float32)
 
     def run(
         self, runtime: Runtime, raw: ort.OrtValue, cells: tuple[int, int, int, int], *, raw_dtype
@@ -51,6 +59,7 @@ class PostprocessCall:
             return_probabilities=self.plan.probabilities,
             select_classes=self.plan.classes is not None,
             out_dtype=np.dtype(self.plan.dtype).name,
+            detect=self.detect is not None,
         )
         host = dict(self._host)
         host[graphs.STARTS] = np.array(cells[:2], np.int64)
@@ -78,6 +87,7 @@ class MapAssembly:
         self.probability_sum = np.zeros(num_classes, np.float64)
         self.nonfinite = 0
         self.filled = 0
+        self._above: list[tuple[np.ndarray, ...]] = []  # (channel, row, col, score) per pass
 
     def place(self, parts: dict[str, np.ndarray], rows: range, cols: range) -> None:
         """Write one pass's outputs at map rows ``rows`` and columns ``cols``."""
@@ -96,6 +106,24 @@ class MapAssembly:
         self.probability_sum += parts[graphs.PROB_SUM]
         self.nonfinite += int(parts[graphs.NONFINITE])
         self.filled += len(rows) * len(cols)
+        if graphs.ABOVE_CELLS in parts:  # the pass's own cell indices -> the map's
+            channel, row, col = parts[graphs.ABOVE_CELLS]
+            self._above.append(
+                (
+                    channel,
+                    rows.start + row * rows.step,
+                    cols.start + col * cols.step,
+                    parts[graphs.ABOVE_SCORES].astype(np.float32, copy=False),
+                )
+            )
+
+    def above(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(detection-class index, row, column, probability) of every cell at or above the
+        detection threshold, over all passes."""
+        if not self._above:
+            empty = np.zeros(0, np.int64)
+            return empty, empty, empty, np.zeros(0, np.float32)
+        return tuple(np.concatenate(part) for part in zip(*self._above, strict=True))
 
     def scale_map(self, geometry: MapGeometry) -> tuple[ScaleMap, np.ndarray]:
         """The ScaleMap and this scale's mean cell probabilities (float64)."""

@@ -16,11 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.engine import graphs
-from service.engine.assembly import MapAssembly, PostprocessCall
 from service.engine.nms import nms_per_class
 from service.engine.options import BACKGROUND_LABEL, MAX_DETECTIONS, DetectionOptions
-from service.engine.postprocess import OutputPlan
 from service.engine.result import Detection, MapGeometry
 from service.errors import InvalidOption
 
@@ -112,63 +109,6 @@ def plan_detections(
     )
 
 
-def _reuses(plan: OutputPlan) -> bool:
-    """Whether the caller's own map holds every class's float32 probability."""
-    return (
-        plan.include_map
-        and plan.probabilities
-        and plan.classes is None
-        and plan.dtype == np.float32
-    )
-
-
-class DetectionTap:
-    """One scale's detection map, filled by the same passes as the caller's outputs.
-
-    ``post`` and ``place`` replace the caller's PostprocessCall and placement in the pass
-    loop: each pass returns and places both the caller's outputs and the detection map.
-    """
-
-    def __init__(
-        self, plan: DetectionPlan, post: PostprocessCall, assembly: MapAssembly, num_classes: int
-    ) -> None:
-        self.plan = plan
-        self._user_post, self._user = post, assembly
-        if _reuses(post.plan):
-            self.post, self.place, self._own = post, assembly.place, None
-            return
-        all_classes = len(plan.classes) == num_classes and plan.classes == tuple(range(num_classes))
-        own = OutputPlan(
-            probabilities=True,
-            model_gives_probabilities=post.plan.model_gives_probabilities,
-            dtype=np.float32,
-            classes=None if all_classes else plan.classes,
-            top_k=0,
-            image_top_k=0,
-            argmax=False,
-            include_map=True,
-        )
-        self._own_post = PostprocessCall(own)
-        self._own = MapAssembly(own, cells=assembly.cells, num_classes=num_classes)
-        self.post, self.place = self, self._place
-
-    def run(self, runtime, raw, cells, *, raw_dtype) -> dict:
-        return {
-            "caller": self._user_post.run(runtime, raw, cells, raw_dtype=raw_dtype),
-            "detections": self._own_post.run(runtime, raw, cells, raw_dtype=raw_dtype),
-        }
-
-    def _place(self, parts: dict, rows: range, cols: range) -> None:
-        self._user.place(parts["caller"], rows, cols)
-        self._own.place(parts["detections"], rows, cols)
-
-    def scores(self) -> np.ndarray:
-        """[len(plan.classes), n_h, n_w] float32 probabilities of the detection classes."""
-        if self._own is None:
-            return self._user.arrays[graphs.MAP][list(self.plan.classes)]
-        return self._own.arrays[graphs.MAP]
-
-
 @dataclass(frozen=True)
 class Candidates:
     """Cells above the threshold at one scale (arrays of equal length)."""
@@ -182,11 +122,10 @@ class Candidates:
     scale: float
 
 
-def candidates(
-    scores: np.ndarray, plan: DetectionPlan, geometry: MapGeometry, scale_index: int
-) -> Candidates:
-    """The cells of ``scores`` [len(plan.classes), n_h, n_w] at or above the threshold."""
-    channel, rows, cols = np.nonzero(scores >= plan.threshold)
+def candidates(above, plan: DetectionPlan, geometry: MapGeometry, scale_index: int) -> Candidates:
+    """Boxes of the cells at or above the threshold, ``above`` = (detection-class index,
+    row, column, probability) as the device found them (MapAssembly.above)."""
+    channel, rows, cols, probabilities = above
     top = (geometry.origin[0] + rows * geometry.stride[0]) / geometry.resize[0]
     left = (geometry.origin[1] + cols * geometry.stride[1]) / geometry.resize[1]
     height = geometry.window[0] / geometry.resize[0]
@@ -203,7 +142,7 @@ def candidates(
     ).astype(np.float64)
     return Candidates(
         boxes=boxes.reshape(-1, 4),
-        scores=scores[channel, rows, cols].astype(np.float32),
+        scores=np.asarray(probabilities, dtype=np.float32),
         classes=np.asarray(plan.classes, dtype=np.int64)[channel],
         rows=rows,
         cols=cols,

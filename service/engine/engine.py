@@ -24,7 +24,7 @@ from service.engine.cost import (
     RequestCost,
 )
 from service.engine.dense import PixelSource, check_cancel, shift_and_stitch
-from service.engine.detections import DetectionTap, candidates, plan_detections, select
+from service.engine.detections import candidates, plan_detections, select
 from service.engine.device_memory import resolve_memory_budget
 from service.engine.loading import load_nets
 from service.engine.options import DEFAULT_CUDA_REPORT_PRECISIONS, EngineConfig, ScoreOptions
@@ -274,7 +274,7 @@ class Engine:
             if options.precision is None
             else check_precision(options.precision)
         )
-        post = PostprocessCall(plan)
+        post = PostprocessCall(plan, detect=detect)
         maps, image_scores, found, largest_pass = [], [], [], 0
         for index, (scale, size) in enumerate(zip(scales, sizes, strict=True)):
             check_cancel(cancel, f"before scale {scale}")
@@ -297,11 +297,9 @@ class Engine:
             assembly = MapAssembly(
                 plan, cells=cells_at(net, factor, size), num_classes=self._num_classes
             )
-            tap = (
-                None if detect is None else DetectionTap(detect, post, assembly, self._num_classes)
+            self._dense_map(
+                net, factor, source, cancel, post, assembly.place, precision, room, pass_bytes
             )
-            passes = (post, assembly.place) if tap is None else (tap.post, tap.place)
-            self._dense_map(net, factor, source, cancel, *passes, precision, room, pass_bytes)
             largest_pass = max(largest_pass, min(pass_bytes(*size), room))
             timings["infer"] += time.perf_counter() - tic
             tic = time.perf_counter()
@@ -312,8 +310,8 @@ class Engine:
             scale_map, scale_scores = assembly.scale_map(geometry)
             maps.append(scale_map)
             image_scores.append(scale_scores)
-            if tap is not None:
-                found.append(candidates(tap.scores(), detect, geometry, index))
+            if detect is not None:
+                found.append(candidates(assembly.above(), detect, geometry, index))
             timings["postprocess"] += time.perf_counter() - tic
             del source
         if max(largest_pass, cost.peak_bytes) > self._config.arena_keep_bytes:

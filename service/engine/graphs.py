@@ -38,6 +38,12 @@ ELEMENT_TYPES = {"float32": FLOAT, "float16": FLOAT16}
 # names of the graphs' inputs and outputs
 PIXELS, STARTS, ENDS, IMAGE = "pixels", "starts", "ends", "image"
 RAW, K, CLASSES = "raw", "k", "classes"
+DETECT_CLASSES, THRESHOLD, ABOVE_CELLS, ABOVE_SCORES = (
+    "detect_classes",
+    "threshold",
+    "above_cells",
+    "above_scores",
+)
 MAP, TOP_VALUES, TOP_INDICES, ARGMAX, PROB_SUM, NONFINITE = (
     "map",
     "top_values",
@@ -128,6 +134,7 @@ class PostprocessSpec:
     return_probabilities: bool = True
     select_classes: bool = False
     out_dtype: str = "float32"  # element type of the returned map and top-k values
+    detect: bool = False  # also the cells whose probability of a detection class >= threshold
 
 
 def postprocess_graph(spec: PostprocessSpec) -> bytes:
@@ -167,6 +174,19 @@ def postprocess_graph(spec: PostprocessSpec) -> bytes:
         helper.make_node("Cast", ["probabilities"], ["probabilities_f64"], to=DOUBLE),
         helper.make_node("ReduceSum", ["probabilities_f64", "axes_space"], [PROB_SUM], keepdims=0),
     ]
+    detect_outputs = []
+    if spec.detect:  # sparse: only the cells above the threshold leave the device
+        nodes += [
+            helper.make_node("Gather", ["probabilities", DETECT_CLASSES], ["detected"], axis=0),
+            helper.make_node("GreaterOrEqual", ["detected", THRESHOLD], ["above"]),
+            helper.make_node("NonZero", ["above"], [ABOVE_CELLS]),
+            helper.make_node("Transpose", [ABOVE_CELLS], ["above_t"], perm=[1, 0]),
+            helper.make_node("GatherND", ["detected", "above_t"], [ABOVE_SCORES]),
+        ]
+        detect_outputs = [
+            helper.make_tensor_value_info(ABOVE_CELLS, INT64, [3, "found"]),
+            helper.make_tensor_value_info(ABOVE_SCORES, FLOAT, ["found"]),
+        ]
     values = "probabilities" if spec.return_probabilities else "cells"
     inputs = [
         helper.make_tensor_value_info(RAW, ELEMENT_TYPES[spec.raw_dtype], [1, "C", "h", "w"]),
@@ -174,6 +194,11 @@ def postprocess_graph(spec: PostprocessSpec) -> bytes:
         helper.make_tensor_value_info(ENDS, INT64, [2]),
         helper.make_tensor_value_info(K, INT64, [1]),
     ]
+    if spec.detect:
+        inputs += [
+            helper.make_tensor_value_info(DETECT_CLASSES, INT64, ["detect"]),
+            helper.make_tensor_value_info(THRESHOLD, FLOAT, [1]),
+        ]
     if spec.select_classes:
         inputs.append(helper.make_tensor_value_info(CLASSES, INT64, ["selected"]))
         nodes.append(helper.make_node("Gather", [values, CLASSES], ["selected"], axis=0))
@@ -209,5 +234,6 @@ def postprocess_graph(spec: PostprocessSpec) -> bytes:
         helper.make_tensor_value_info(ARGMAX, TensorProto.INT32, ["n_h", "n_w"]),
         helper.make_tensor_value_info(PROB_SUM, DOUBLE, ["C"]),
         helper.make_tensor_value_info(NONFINITE, FLOAT, []),
+        *detect_outputs,
     ]
     return _model(nodes, "densemap_postprocess", inputs, outputs, consts)
