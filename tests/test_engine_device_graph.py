@@ -217,3 +217,13 @@ def test_serve_caps_malloc_arenas_unless_the_environment_does(monkeypatch):
     assert host_memory.limit_arenas() is False  # the operator's setting wins
     monkeypatch.delenv("MALLOC_ARENA_MAX")
     assert host_memory.limit_arenas() is True  # glibc: mallopt(M_ARENA_MAX, 2) accepted
+
+
+def test_precision_report_of_a_model_that_ends_in_a_softmax(tmp_path):
+    """Such a model has no logits to return: its own probabilities are compared (the load
+    used to fail with 'logits cannot be returned' wherever fp16 was reported, e.g. CUDA)."""
+    path = build_dense_model(tmp_path, channels=1, classes=3, output_kind="probabilities")
+    engine = Engine(path, config=EngineConfig(report_precisions=("fp16",)))
+    (report,) = engine.precision_report
+    assert report.precision == "fp16" and report.argmax_agreement > 0.9
+    assert 0 < report.max_probability_deviation < 1e-2

@@ -85,7 +85,7 @@ class PrecisionSessions:
 
     def _open(self, precision: str) -> tuple[ort.InferenceSession, str]:
         if precision == "tf32":
-            config = EngineConfig(**{**self._config.__dict__, "tf32": True, "device": "cuda"})
+            config = replace(self._config, tf32=True, device="cuda")
             return create_session(self._path, config), "float32"
         if precision == "fp16":
             nhwc = precision not in self._nchw_only
@@ -120,19 +120,28 @@ class PrecisionSessions:
 
 
 def compare_maps(
-    precision: str, exact_logits: np.ndarray, logits: np.ndarray, *, image: str
+    precision: str,
+    exact: np.ndarray,
+    other: np.ndarray,
+    *,
+    image: str,
+    probabilities: bool = False,
 ) -> PrecisionReport:
-    """The report for ``logits`` against ``exact_logits`` (both [C, n_h, n_w])."""
+    """The report for the map ``other`` against ``exact`` (both [C, n_h, n_w]): logits, or
+    the model's own probabilities when ``probabilities`` (softmax or sigmoid outputs)."""
     from service.engine.postprocess import softmax  # the engine's numpy softmax
 
-    exact_logits = exact_logits.astype(np.float32)
-    logits = logits.astype(np.float32)
-    spread = float(exact_logits.max() - exact_logits.min()) or 1.0
-    agree = exact_logits.argmax(axis=0) == logits.argmax(axis=0)
+    exact = exact.astype(np.float32)
+    other = other.astype(np.float32)
+    spread = float(exact.max() - exact.min()) or 1.0
+    agree = exact.argmax(axis=0) == other.argmax(axis=0)
+    as_probabilities = (lambda v: v) if probabilities else softmax
     return PrecisionReport(
         precision=precision,
-        max_probability_deviation=float(np.abs(softmax(logits) - softmax(exact_logits)).max()),
-        max_logit_deviation=float(np.abs(logits - exact_logits).max()) / spread,
+        max_probability_deviation=float(
+            np.abs(as_probabilities(other) - as_probabilities(exact)).max()
+        ),
+        max_logit_deviation=float(np.abs(other - exact).max()) / spread,
         argmax_agreement=float(agree.mean()),
         cells=int(agree.size),
         image=image,
@@ -143,13 +152,20 @@ def compare_precision(engine, image, precision: str, *, output_stride=None) -> P
     """Score ``image`` with ``engine`` in fp32 and in ``precision``: how far apart they are."""
     from service.engine.options import ScoreOptions
 
+    # logits where the model gives them; a softmax or sigmoid model's own scores otherwise
+    own_probabilities = engine.metadata.output_kind != "logits"
     options = ScoreOptions(
-        output_stride=output_stride, probabilities=False, image_top_k=0, precision="fp32"
+        output_stride=output_stride,
+        probabilities=own_probabilities,
+        image_top_k=0,
+        precision="fp32",
     )
     exact = engine.score(image, options).maps[0].scores
     other = engine.score(image, replace(options, precision=precision)).maps[0].scores
     what = "image bytes" if isinstance(image, (bytes, bytearray)) else "array"
-    return compare_maps(check_precision(precision), exact, other, image=what)
+    return compare_maps(
+        check_precision(precision), exact, other, image=what, probabilities=own_probabilities
+    )
 
 
 def measure_precisions(engine, precisions) -> tuple[PrecisionReport, ...]:

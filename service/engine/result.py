@@ -95,7 +95,9 @@ class PrecisionReport:
 
     precision: str
     max_probability_deviation: float  # max |p - p_fp32| over cells and classes
-    max_logit_deviation: float  # max |z - z_fp32| / (max z_fp32 - min z_fp32)
+    max_logit_deviation: (
+        float  # max |z - z_fp32| / (max z_fp32 - min z_fp32); z: the model's raw output
+    )
     argmax_agreement: float  # share of cells whose top class is the fp32 one
     cells: int
     image: str  # what it was measured on
