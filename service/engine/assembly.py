@@ -42,7 +42,9 @@ class PostprocessCall:
         if plan.argmax:
             outputs.append(graphs.ARGMAX)
         self.outputs = tuple(outputs)
-        self._host = {graphs.K: np.array([max(1, plan.top_k)], np.int64)}
+        self._host = {}
+        if plan.top_k:
+            self._host[graphs.K] = np.array([plan.top_k], np.int64)
         if plan.classes is not None:
             self._host[graphs.CLASSES] = np.array(plan.classes, np.int64)
         if detect is not None:
@@ -60,6 +62,9 @@ class PostprocessCall:
             select_classes=self.plan.classes is not None,
             out_dtype=np.dtype(self.plan.dtype).name,
             detect=self.detect is not None,
+            include_map=self.plan.include_map,
+            top_k=bool(self.plan.top_k),
+            argmax=self.plan.argmax,
         )
         host = dict(self._host)
         host[graphs.STARTS] = np.array(cells[:2], np.int64)

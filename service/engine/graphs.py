@@ -10,8 +10,9 @@
   scores) and a count of non-finite raw values.
 
 Both are plain ONNX (opset 17), so the CPU and CUDA execution providers run the same graphs;
-only the requested outputs are copied back to the host. Rules for ties: top-k and argmax
-rank equal values by class index, lowest first (ONNX TopK / ArgMax semantics).
+only the requested outputs are built (onnxruntime runs every node of a graph) and copied back
+to the host. Rules for ties: top-k and argmax rank equal values by class index, lowest first
+(ONNX TopK / ArgMax semantics).
 """
 
 from __future__ import annotations
@@ -135,6 +136,9 @@ class PostprocessSpec:
     select_classes: bool = False
     out_dtype: str = "float32"  # element type of the returned map and top-k values
     detect: bool = False  # also the cells whose probability of a detection class >= threshold
+    include_map: bool = False  # the outputs the request returns (none by default: sums only)
+    top_k: bool = False
+    argmax: bool = False
 
 
 def postprocess_graph(spec: PostprocessSpec) -> bytes:
@@ -192,7 +196,11 @@ def postprocess_graph(spec: PostprocessSpec) -> bytes:
         helper.make_tensor_value_info(RAW, ELEMENT_TYPES[spec.raw_dtype], [1, "C", "h", "w"]),
         helper.make_tensor_value_info(STARTS, INT64, [2]),
         helper.make_tensor_value_info(ENDS, INT64, [2]),
-        helper.make_tensor_value_info(K, INT64, [1]),
+    ]
+    outputs = [
+        helper.make_tensor_value_info(PROB_SUM, DOUBLE, ["C"]),
+        helper.make_tensor_value_info(NONFINITE, FLOAT, []),
+        *detect_outputs,
     ]
     if spec.detect:
         inputs += [
@@ -201,8 +209,13 @@ def postprocess_graph(spec: PostprocessSpec) -> bytes:
         ]
     if spec.select_classes:
         inputs.append(helper.make_tensor_value_info(CLASSES, INT64, ["selected"]))
+    if not (spec.include_map or spec.top_k or spec.argmax):
+        return _model(nodes, "densemap_postprocess", inputs, outputs, consts)
+    # onnxruntime runs every node, requested or not: build only what the request returns
+    if spec.select_classes:
         nodes.append(helper.make_node("Gather", [values, CLASSES], ["selected"], axis=0))
         values = "selected"
+    out_type = ELEMENT_TYPES[spec.out_dtype]
     if spec.out_dtype == "float16":  # rank the float16 values, as the caller receives them
         nodes += [
             helper.make_node("Cast", [values], [MAP], to=FLOAT16),
@@ -213,27 +226,29 @@ def postprocess_graph(spec: PostprocessSpec) -> bytes:
             helper.make_node("Identity", [values], [MAP]),
             helper.make_node("Identity", [values], ["ranked"]),
         ]
-    nodes += [
-        helper.make_node("TopK", ["ranked", K], ["top_f", "top_i"], axis=0, largest=1, sorted=1),
-        helper.make_node("ArgMax", ["ranked"], ["best"], axis=0, keepdims=0),
-    ]
-    if spec.out_dtype == "float16":
-        nodes.append(helper.make_node("Cast", ["top_f"], [TOP_VALUES], to=FLOAT16))
-    else:
-        nodes.append(helper.make_node("Identity", ["top_f"], [TOP_VALUES]))
-    for source, target in (("top_i", TOP_INDICES), ("best", ARGMAX)):
+    if spec.include_map:
+        outputs.append(helper.make_tensor_value_info(MAP, out_type, ["c", "n_h", "n_w"]))
+    indices = []
+    if spec.top_k:
+        inputs.append(helper.make_tensor_value_info(K, INT64, [1]))
+        nodes.append(
+            helper.make_node("TopK", ["ranked", K], ["top_f", "top_i"], axis=0, largest=1, sorted=1)
+        )
+        cast = "Cast" if spec.out_dtype == "float16" else "Identity"
+        extra = {"to": FLOAT16} if spec.out_dtype == "float16" else {}
+        nodes.append(helper.make_node(cast, ["top_f"], [TOP_VALUES], **extra))
+        indices.append(("top_i", TOP_INDICES))
+        outputs += [
+            helper.make_tensor_value_info(TOP_VALUES, out_type, ["k", "n_h", "n_w"]),
+            helper.make_tensor_value_info(TOP_INDICES, TensorProto.INT32, ["k", "n_h", "n_w"]),
+        ]
+    if spec.argmax:
+        nodes.append(helper.make_node("ArgMax", ["ranked"], ["best"], axis=0, keepdims=0))
+        indices.append(("best", ARGMAX))
+        outputs.append(helper.make_tensor_value_info(ARGMAX, TensorProto.INT32, ["n_h", "n_w"]))
+    for source, target in indices:
         if spec.select_classes:  # report the ORIGINAL class index of each selected channel
             nodes.append(helper.make_node("Gather", [CLASSES, source], [f"{target}_64"], axis=0))
             source = f"{target}_64"
         nodes.append(helper.make_node("Cast", [source], [target], to=TensorProto.INT32))
-    out_type = ELEMENT_TYPES[spec.out_dtype]
-    outputs = [
-        helper.make_tensor_value_info(MAP, out_type, ["c", "n_h", "n_w"]),
-        helper.make_tensor_value_info(TOP_VALUES, out_type, ["k", "n_h", "n_w"]),
-        helper.make_tensor_value_info(TOP_INDICES, TensorProto.INT32, ["k", "n_h", "n_w"]),
-        helper.make_tensor_value_info(ARGMAX, TensorProto.INT32, ["n_h", "n_w"]),
-        helper.make_tensor_value_info(PROB_SUM, DOUBLE, ["C"]),
-        helper.make_tensor_value_info(NONFINITE, FLOAT, []),
-        *detect_outputs,
-    ]
     return _model(nodes, "densemap_postprocess", inputs, outputs, consts)
