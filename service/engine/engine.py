@@ -275,7 +275,7 @@ class Engine:
             else check_precision(options.precision)
         )
         post = PostprocessCall(plan, detect=detect)
-        maps, image_scores, found, largest_pass = [], [], [], 0
+        maps, image_scores, found = [], [], []
         for index, (scale, size) in enumerate(zip(scales, sizes, strict=True)):
             check_cancel(cancel, f"before scale {scale}")
             tic = time.perf_counter()
@@ -300,7 +300,6 @@ class Engine:
             self._dense_map(
                 net, factor, source, cancel, post, assembly.place, precision, room, pass_bytes
             )
-            largest_pass = max(largest_pass, min(pass_bytes(*size), room))
             timings["infer"] += time.perf_counter() - tic
             tic = time.perf_counter()
             check_finite(
@@ -314,7 +313,8 @@ class Engine:
                 found.append(candidates(assembly.above(), detect, geometry, index))
             timings["postprocess"] += time.perf_counter() - tic
             del source
-        if max(largest_pass, cost.peak_bytes) > self._config.arena_keep_bytes:
+        # the held bytes plus the largest pass after tiling (cost.activation_bytes)
+        if cost.peak_bytes > self._config.arena_keep_bytes:
             self.release_memory()  # give a big request's buffers back
         mean_scores = np.mean(image_scores, axis=0)
         tic = time.perf_counter()
