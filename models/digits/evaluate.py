@@ -74,6 +74,11 @@ THRESHOLDS = {
 }
 
 
+def _share(part: int, whole: int) -> float:
+    """part / whole, NaN when there is nothing to divide by."""
+    return part / whole if whole else float("nan")
+
+
 @dataclass(frozen=True)
 class StrideReading:
     """Page reading at one output stride."""
@@ -85,11 +90,11 @@ class StrideReading:
 
     @property
     def precision(self) -> float:
-        return self.matched / self.detections if self.detections else float("nan")
+        return _share(self.matched, self.detections)
 
     @property
     def recall(self) -> float:
-        return self.matched / self.score.digits if self.score.digits else float("nan")
+        return _share(self.matched, self.score.digits)
 
 
 @dataclass(frozen=True)
@@ -103,11 +108,11 @@ class BoxReading:
 
     @property
     def precision(self) -> float:
-        return self.matched / self.detections if self.detections else float("nan")
+        return _share(self.matched, self.detections)
 
     @property
     def recall(self) -> float:
-        return self.matched / self.digits if self.digits else float("nan")
+        return _share(self.matched, self.digits)
 
 
 def read_boxes(engine: Engine, pages, *, stride: int) -> BoxReading:

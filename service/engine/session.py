@@ -83,12 +83,13 @@ def session_options(config: EngineConfig) -> ort.SessionOptions:
 
 
 _arena_registered = False
+_arena_lock = threading.Lock()
 
 
 def _register_cpu_arena() -> None:
     """Register the process-wide CPU arena (growing only as requested) once."""
     global _arena_registered
-    with _cuda_lock:
+    with _arena_lock:
         if _arena_registered:
             return
         info = ort.OrtMemoryInfo(
