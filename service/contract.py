@@ -26,7 +26,19 @@ Geometry conventions (all per axis, as ``(h, w)`` tuples of ints):
 Variants: à-trous networks with a finer output stride S/k, stored as separate ONNX files
 next to the main one, listed in ``variants`` with their output stride and file name.
 
-Bump :data:`CONTRACT_VERSION` on any incompatible change; readers refuse newer versions.
+Heads (version 2): a model may have several outputs over the same trunk, for example class
+scores plus box regression. Each output is a :class:`Head`: the ONNX output's name, its
+kind (``logits``, ``probabilities``, ``sigmoid`` or ``regression`` = raw values) and
+optional channel labels. Every head is a dense map with the same geometry. The *primary*
+head is the classification head that top-k, argmax, heat-maps and detections read; it
+must classify (any kind but ``regression``). In Python the primary head is the fields
+``output_name``/``output_kind``/``labels`` (as in version 1) and the others are
+``extra_heads``; :attr:`ModelMetadata.heads` lists them all, primary first.
+
+Versions: 1 had one output, described by top-level ``output_name``, ``output_kind`` and
+``labels``. 2 lists every output under ``heads`` (primary first) instead. Writers write
+:data:`CONTRACT_VERSION`; readers read every version up to it and refuse newer ones.
+Bump :data:`CONTRACT_VERSION` on any incompatible change.
 """
 
 from __future__ import annotations
@@ -37,15 +49,16 @@ from dataclasses import asdict, dataclass, field
 
 from service.errors import ModelLoadError
 
-CONTRACT_VERSION = 1
+CONTRACT_VERSION = 2
 METADATA_KEY = "densemap"
 
 LAYOUTS = ("NCHW", "NHWC")
 COLOR_ORDERS = ("RGB", "BGR", "L")
 # "sigmoid": independent per-class probabilities (multi-label heads); a softmax of them means
-# nothing. Readers older than this value refuse it by name (the version stays 1: every
-# model they can read is still read the same way).
+# nothing. Kinds a head that classifies may have; the primary head has one of these.
 OUTPUT_KINDS = ("logits", "probabilities", "sigmoid")
+# "regression": raw values per channel (box offsets, landmarks), never softmaxed or ranked.
+HEAD_KINDS = (*OUTPUT_KINDS, "regression")
 
 Pair = tuple[int, int]
 
@@ -156,6 +169,32 @@ class Variant:
 
 
 @dataclass(frozen=True)
+class Head:
+    """One output of the model: a dense map with the model's geometry (module docstring)."""
+
+    name: str
+    kind: str = "logits"
+    labels: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", tuple(str(v) for v in self.labels))
+        if not isinstance(self.name, str) or not self.name:
+            raise ModelLoadError(f"a head needs a non-empty output name, got {self.name!r}")
+        if self.kind not in HEAD_KINDS:
+            raise ModelLoadError(
+                f"head {self.name!r}: kind must be one of {HEAD_KINDS}, got {self.kind!r}"
+            )
+
+    @property
+    def classifies(self) -> bool:
+        """Whether the head scores classes (softmax/top-k/argmax mean something)."""
+        return self.kind in OUTPUT_KINDS
+
+    def to_doc(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "labels": list(self.labels)}
+
+
+@dataclass(frozen=True)
 class ModelMetadata:
     """Everything the service needs to know about a dense model, beyond its graph."""
 
@@ -169,18 +208,51 @@ class ModelMetadata:
     source: str = ""
     converter_version: str = ""
     version: int = CONTRACT_VERSION
+    extra_heads: tuple[Head, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", tuple(str(v) for v in self.labels))
         object.__setattr__(self, "variants", tuple(self.variants))
+        object.__setattr__(self, "extra_heads", tuple(self.extra_heads))
         if self.output_kind not in OUTPUT_KINDS:
             raise ModelLoadError(
                 f"output_kind must be one of {OUTPUT_KINDS}, got {self.output_kind!r}"
+                + (": the primary head must classify" if self.output_kind in HEAD_KINDS else "")
             )
+        names = [head.name for head in self.heads]
+        if len(set(names)) != len(names):
+            raise ModelLoadError(f"head names must be unique, got {names}")
+        if self.input_name in names:
+            raise ModelLoadError(f"the input name {self.input_name!r} is also a head's name")
+
+    @property
+    def primary_head(self) -> Head:
+        """The classification head that top-k, argmax, heat-maps and detections read."""
+        return Head(self.output_name, self.output_kind, self.labels)
+
+    @property
+    def heads(self) -> tuple[Head, ...]:
+        """Every output of the model, primary first."""
+        return (self.primary_head, *self.extra_heads)
+
+    def head(self, name: str) -> Head:
+        """The head named ``name``; ModelLoadError naming the heads there are otherwise."""
+        for head in self.heads:
+            if head.name == name:
+                return head
+        raise ModelLoadError(
+            f"the model has no head {name!r}; its heads are {[h.name for h in self.heads]}"
+        )
 
     # -- serialisation -------------------------------------------------------------------
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        """The current version's document: the primary head and the others under ``heads``."""
+        doc = asdict(self)
+        for key in ("labels", "output_kind", "output_name", "extra_heads"):
+            del doc[key]
+        doc["heads"] = [head.to_doc() for head in self.heads]
+        doc["version"] = CONTRACT_VERSION
+        return json.dumps(doc, sort_keys=True)
 
     def to_props(self) -> dict[str, str]:
         """The ``metadata_props`` entries to write into the ONNX model."""
@@ -203,13 +275,27 @@ class ModelMetadata:
                 f"{CONTRACT_VERSION}: upgrade densemap"
             )
         try:
+            if version >= 2:
+                heads = [Head(**head) for head in doc["heads"]]
+                if not heads:
+                    raise ModelLoadError("densemap metadata lists no heads")
+            else:  # version 1: one output, described at the top level
+                heads = [
+                    Head(
+                        name=doc.get("output_name", "scores"),
+                        kind=doc.get("output_kind", "logits"),
+                        labels=tuple(doc.get("labels", ())),
+                    )
+                ]
+            primary, *extra = heads
             return cls(
                 geometry=Geometry(**doc["geometry"]),
                 preprocessing=Preprocessing(**doc.get("preprocessing", {})),
-                labels=tuple(doc.get("labels", ())),
-                output_kind=doc.get("output_kind", "logits"),
+                labels=primary.labels,
+                output_kind=primary.kind,
                 input_name=doc.get("input_name", "input"),
-                output_name=doc.get("output_name", "scores"),
+                output_name=primary.name,
+                extra_heads=tuple(extra),
                 variants=tuple(Variant(**v) for v in doc.get("variants", ())),
                 source=doc.get("source", ""),
                 converter_version=doc.get("converter_version", ""),

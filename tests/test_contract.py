@@ -9,6 +9,7 @@ from service.contract import (
     METADATA_KEY,
     Geometry,
     ModelMetadata,
+    Head,
     Preprocessing,
     Variant,
 )
@@ -71,7 +72,12 @@ def test_newer_version_is_refused_with_upgrade_hint():
         (lambda d: d["preprocessing"].update(std=[0.0]), "non-zero"),
         (lambda d: d["preprocessing"].update(mean=[0.1, 0.2]), "need 1 values"),
         (lambda d: d["preprocessing"].update(color="CMYK"), "color"),
-        (lambda d: d.update(output_kind="log"), "output_kind"),
+        (lambda d: d["heads"][0].update(kind="log"), "kind must be one of"),
+        (lambda d: d["heads"][0].update(kind="regression"), "primary head must classify"),
+        (lambda d: d["heads"].append(dict(d["heads"][0])), "unique"),
+        (lambda d: d.update(heads=[]), "no heads"),
+        (lambda d: d.pop("heads"), "malformed"),
+        (lambda d: d["heads"][0].update(name=""), "non-empty output name"),
         (lambda d: d["variants"][0].update(file="../evil.onnx"), "bare file name"),
         (lambda d: d.pop("version"), "version"),
     ],
@@ -88,3 +94,34 @@ def test_missing_key_says_to_convert_first():
         ModelMetadata.from_props({"other": "x"})
     with pytest.raises(ModelLoadError, match="not valid JSON"):
         ModelMetadata.from_props({METADATA_KEY: "{nope"})
+
+
+def test_several_heads_round_trip_primary_first():
+    boxes = Head("boxes", "regression", ("dy0", "dx0", "dy1", "dx1"))
+    meta = ModelMetadata(
+        **{**make_metadata().__dict__, "output_name": "classes", "extra_heads": (boxes,)}
+    )
+    doc = json.loads(meta.to_json())
+    assert doc["version"] == CONTRACT_VERSION == 2
+    assert [h["name"] for h in doc["heads"]] == ["classes", "boxes"]
+    assert "output_kind" not in doc and "labels" not in doc  # said once, under heads
+    back = ModelMetadata.from_json(meta.to_json())
+    assert back == meta
+    assert back.heads == (Head("classes", "probabilities", ("a", "b")), meta.extra_heads[0])
+    assert back.head("boxes").kind == "regression" and not back.head("boxes").classifies
+    with pytest.raises(ModelLoadError, match=r"no head 'x'.*\['classes', 'boxes'\]"):
+        back.head("x")
+
+
+def test_version_1_documents_still_read():
+    doc = {
+        "version": 1,
+        "geometry": {"window": 28, "stride": 4, "receptive_field": 28},
+        "labels": ["zero", "one"],
+        "output_kind": "sigmoid",
+        "output_name": "probs",
+    }
+    meta = ModelMetadata.from_json(json.dumps(doc))
+    assert meta.version == 1
+    assert meta.heads == (Head("probs", "sigmoid", ("zero", "one")),)
+    assert meta.extra_heads == ()
