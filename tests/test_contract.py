@@ -8,8 +8,8 @@ from service.contract import (
     CONTRACT_VERSION,
     METADATA_KEY,
     Geometry,
-    ModelMetadata,
     Head,
+    ModelMetadata,
     Preprocessing,
     Variant,
 )
