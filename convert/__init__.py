@@ -46,8 +46,8 @@ def convert_torch(
     """Convert a torch classifier trained on ``input_size`` windows; returns a
     :class:`~convert.pipeline.ConversionResult`. Needs ``pip install 'densemap[convert]'``."""
     from convert.export import export_onnx
+    from convert.from_torch.fc import convert_classifier
     from convert.pipeline import finish_dense
-    from convert.torch_fc import convert_classifier
 
     conversion = convert_classifier(model, input_size=input_size, in_channels=in_channels)
     dense = export_onnx(
@@ -94,7 +94,7 @@ def convert_onnx(
     strides=(),
 ):
     """Convert a fixed-size ONNX classifier; the window R is its input size."""
-    from convert.onnx_head import classifier_window, rewrite_head
+    from convert.from_onnx.head import classifier_window, rewrite_head
     from convert.pipeline import finish_dense
 
     model = load_onnx_classifier(path)
@@ -113,7 +113,7 @@ def convert_onnx(
 
 def __getattr__(name: str):
     if name == "fully_convolutional":
-        from convert.torch_fc import fully_convolutional
+        from convert.from_torch.fc import fully_convolutional
 
         return fully_convolutional
     if name == "ConversionResult":

@@ -26,8 +26,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from convert.geometry import trace_graph
-from convert.onnx_graph import (
+from convert.from_onnx.graph import (
     WINDOW_OPS,
     GraphIndex,
     attributes,
@@ -36,6 +35,7 @@ from convert.onnx_graph import (
     set_attribute,
     window_params,
 )
+from convert.geometry import trace_graph
 from service.errors import ConversionError
 
 Pair = tuple[int, int]

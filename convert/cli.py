@@ -142,7 +142,7 @@ def _convert_arch(args, labels, preprocessing, strides):
     except ImportError:
         raise ConversionError(TORCH_MISSING) from None
     from convert import archs, convert_torch
-    from convert.weights import load_weights
+    from convert.from_torch.weights import load_weights
 
     spec = archs.get_spec(args.arch)
     size = parse_size(args.input_size, "--input-size") if args.input_size else spec.input_size

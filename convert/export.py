@@ -1,7 +1,7 @@
 """Export torch modules to ONNX, in memory and quietly.
 
 - :func:`export_onnx` exports a fully-convolutional module (from
-  :func:`convert.torch_fc.fully_convolutional`) with the torch.export-based exporter
+  :func:`convert.from_torch.fc.fully_convolutional`) with the torch.export-based exporter
   (``dynamo=True``) and dynamic batch, height and width.
 - :func:`export_classifier_onnx` exports an original fixed-size classifier with either
   exporter, as users do before ``densemap convert MODEL.onnx``: the legacy TorchScript
@@ -29,7 +29,7 @@ import onnx
 import torch
 from torch import nn
 
-from convert.torch_trace import normalize_size
+from convert.from_torch.trace import normalize_size
 from service.errors import ConversionError
 
 PROTOBUF_LIMIT = 2**31 - 1

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from convert.onnx_graph import GraphIndex, attributes, node_label
+from convert.from_onnx.graph import GraphIndex, attributes, node_label
 from service.errors import ConversionError
 
 MOVEMENT_OPS = frozenset({"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"})

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 
 import onnx
 
-from convert.onnx_graph import (
+from convert.from_onnx.graph import (
     BINARY_OPS,
     CHANNEL_AXIS_OPS,
     COLLAPSE_OPS,

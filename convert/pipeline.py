@@ -26,8 +26,8 @@ import numpy as np
 import onnx
 
 from convert.atrous import make_atrous, supported_strides
+from convert.from_onnx.graph import image_input, static_dims
 from convert.geometry import compute_geometry, trace_graph
-from convert.onnx_graph import image_input, static_dims
 from convert.runtime import cpu_session, image_shape, numpy_dtype, run_scores
 from service.contract import METADATA_KEY, Geometry, ModelMetadata, Preprocessing, Variant
 from service.errors import ConversionError, ModelLoadError

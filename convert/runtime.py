@@ -111,7 +111,7 @@ class Float64Runner:
     def __init__(self, model) -> None:
         from onnx.reference import ReferenceEvaluator
 
-        from convert.onnx_graph import image_input
+        from convert.from_onnx.graph import image_input
 
         self.evaluator = ReferenceEvaluator(to_float64(model), new_ops=[_inference_batch_norm()])
         self.input_name = image_input(model.graph).name

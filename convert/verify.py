@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from convert.onnx_graph import image_input
+from convert.from_onnx.graph import image_input
 from convert.pipeline import read_metadata
 from convert.runtime import Float64Runner, OrtRunner
 from service.contract import ModelMetadata
@@ -197,7 +197,7 @@ def verify(
     rows.append(VerifyRow(geometry.window, (1, 1), "classifier, whole window", diff, limit))
     module = None
     if geometry.padded and classify.torch_module is not None:
-        from convert.torch_fc import fully_convolutional
+        from convert.from_torch.fc import fully_convolutional
 
         module = fully_convolutional(classify.torch_module, input_size=geometry.window)
     for size in sizes or default_sizes(geometry.window, geometry.stride):

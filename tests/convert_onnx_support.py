@@ -102,8 +102,8 @@ def assert_onnx_dense_equals_crops(
 ) -> np.ndarray:
     """Rewrite ``classifier``'s head and check its fp64 map against fp64 crop-by-crop
     evaluation of the classifier on a random image; returns the dense graph."""
+    from convert.from_onnx.head import rewrite_head
     from convert.geometry import compute_geometry
-    from convert.onnx_head import rewrite_head
 
     dense = rewrite_head(classifier)
     stride = compute_geometry(dense, window=window).stride

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from convert.torch_fc import fully_convolutional
+from convert.from_torch.fc import fully_convolutional
 
 FP64_TOLERANCE = 1e-9
 

@@ -14,7 +14,7 @@ from convert_torch_crops import assert_dense_equals_crops
 from torch import nn
 
 from convert import archs
-from convert.torch_fc import convert_classifier
+from convert.from_torch.fc import convert_classifier
 from service.errors import ConversionError
 
 BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")

@@ -27,9 +27,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from convert.atrous import make_atrous, supported_strides
+from convert.from_onnx.graph import opset_version
+from convert.from_onnx.head import rewrite_head
 from convert.geometry import compute_geometry
-from convert.onnx_graph import opset_version
-from convert.onnx_head import rewrite_head
 from service.errors import ConversionError
 
 

@@ -15,8 +15,8 @@ from torch import nn
 
 import convert
 from convert.atrous import make_atrous
+from convert.from_onnx.head import rewrite_head
 from convert.geometry import compute_geometry
-from convert.onnx_head import rewrite_head
 
 WINDOW = (16, 15)  # W: 15 -> conv 13 -> ceil pool 7 (last window overhangs) -> ...
 

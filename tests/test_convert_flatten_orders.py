@@ -16,8 +16,8 @@ from convert_onnx_support import assert_onnx_dense_equals_crops, export_classifi
 from convert_torch_crops import assert_dense_equals_crops
 from torch import nn
 
-from convert.onnx_head import rewrite_head
-from convert.torch_fc import fully_convolutional
+from convert.from_onnx.head import rewrite_head
+from convert.from_torch.fc import fully_convolutional
 from service.errors import ConversionError
 
 EXACT = 1e-9

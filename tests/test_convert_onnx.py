@@ -25,8 +25,8 @@ from convert_onnx_support import (
 from torch import nn
 from torch.nn import functional as F
 
+from convert.from_onnx.head import rewrite_head
 from convert.geometry import compute_geometry
-from convert.onnx_head import rewrite_head
 
 EXACT = 1e-9  # fp64: the dense pass sums the same products in another order
 

@@ -11,7 +11,7 @@ from convert_onnx_support import GraphBuilder, export_classifier
 from torch import nn
 from torch.nn import functional as F
 
-from convert.onnx_head import rewrite_head
+from convert.from_onnx.head import rewrite_head
 from service.errors import ConversionError
 
 

@@ -17,8 +17,8 @@ from convert_onnx_support import GraphBuilder, cells, dense64, onnx_crops64, ort
 from torch import nn
 
 import convert
+from convert.from_onnx.head import rewrite_head
 from convert.geometry import compute_geometry
-from convert.onnx_head import rewrite_head
 from convert.runtime import Float64Runner
 
 EXACT = 1e-9  # fp64: the dense pass sums the same products in another order

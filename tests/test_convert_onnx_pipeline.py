@@ -15,7 +15,7 @@ from torch import nn
 
 import convert
 from convert import pipeline
-from convert.onnx_head import rewrite_head
+from convert.from_onnx.head import rewrite_head
 from service.contract import ModelMetadata, Preprocessing
 from service.errors import ConversionError
 

@@ -19,8 +19,8 @@ from convert_torch_crops import assert_dense_equals_crops
 from torch import nn
 
 import convert
+from convert.from_torch.fc import convert_classifier
 from convert.geometry import compute_geometry
-from convert.torch_fc import convert_classifier
 from service.errors import ConversionError
 
 EXACT = 1e-9

@@ -10,7 +10,7 @@ from convert_onnx_support import assert_onnx_dense_equals_crops, export_classifi
 from convert_torch_crops import assert_dense_equals_crops
 from torch import nn
 
-from convert.torch_fc import convert_classifier
+from convert.from_torch.fc import convert_classifier
 
 WINDOW, IMAGE = (10, 12), (17, 21)  # trunk output 4 x 4 x 5 at the window, stride 2
 

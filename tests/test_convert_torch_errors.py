@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from convert.torch_fc import fully_convolutional
+from convert.from_torch.fc import fully_convolutional
 from service.errors import ConversionError
 
 

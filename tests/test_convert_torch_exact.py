@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from convert_torch_crops import FP64_TOLERANCE, assert_dense_equals_crops
 from torch import nn
 
-from convert.torch_fc import convert_classifier, ends_in_softmax, fully_convolutional
+from convert.from_torch.fc import convert_classifier, ends_in_softmax, fully_convolutional
 
 
 def lenet_like_sequential(window_volume=(6, 3, 5)) -> nn.Sequential:

@@ -15,7 +15,7 @@ from torch import nn
 
 from convert import export
 from convert.export import export_classifier_onnx, export_onnx, needs_external_data
-from convert.torch_fc import fully_convolutional
+from convert.from_torch.fc import fully_convolutional
 from service.errors import ConversionError
 
 FP32_TOLERANCE = 1e-5

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from convert import archs
-from convert.weights import load_weights
+from convert.from_torch.weights import load_weights
 from service.errors import ConversionError
 
 

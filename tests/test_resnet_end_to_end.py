@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from convert import archs
-from convert.torch_fc import fully_convolutional
+from convert.from_torch.fc import fully_convolutional
 from service.cli import main as densemap
 from service.client import DensemapClient
 from service.engine import Engine, ScoreOptions

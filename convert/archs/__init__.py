@@ -9,7 +9,7 @@ A small registry in the style of torchvision's ``models/_api.py``::
 
 The modules have torchvision's attribute names and shapes (``features.N.*``,
 ``classifier.N.*``, ``conv1``, ``layer1.0.bn1``, ``fc``), so torchvision's published ``.pth``
-files load into them without torchvision (see :func:`convert.weights.load_weights`).
+files load into them without torchvision (see :func:`convert.from_torch.weights.load_weights`).
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ Rows, each with its target, in one run (ratios against the torch peer of the sam
 4. mini-VGG 2048²: Engine vs its own bare onnxruntime pass (float input, host output).
 5. First request of a new shape vs steady, VGG-16 at 1000x1032, 1064x968 and 2048².
 6. ``densemap serve`` (in-process gRPC, localhost) vs ``Engine.score``, 2048² uint8 -> top-5.
+Then decision data: EXHAUSTIVE search in the engine, and the bare fp32 pass per search/layout.
 The report goes to $OUT/gpu_report.json (or ./gpu_report.json) and stdout, row by row.
 """
 
@@ -197,9 +198,48 @@ def digits_row() -> None:
         argmax_agreement=agree / cells, cells=cells, target="argmax agreement = 1.0")  # fmt: skip
 
 
+def bare_fp32_rows() -> None:
+    """Decision data: the bare VGG-16 fp32 pass (TF32 off, IO binding, tensors on the
+    device) under each cuDNN search and layout, to choose the engine's fp32 settings."""
+    path = dense_model("vgg16")
+    image = np.random.default_rng(0).integers(0, 256, (BIG, BIG, 3), dtype=np.uint8)
+    batch = (image.astype(np.float32) / 255).transpose(2, 0, 1)[None].copy()
+    device = "cpu" if CPU else "cuda"
+    for search in ("HEURISTIC", "EXHAUSTIVE"):
+        for nhwc in ("0", "1"):
+            if time.time() - STARTED > BUDGET_S:
+                return
+            cuda = ("CUDAExecutionProvider", {"cudnn_conv_algo_search": search, "use_tf32": "0",
+                                              "prefer_nhwc": nhwc})  # fmt: skip
+            try:
+                session = ort.InferenceSession(
+                    str(path), providers=["CPUExecutionProvider"] if CPU else [cuda]
+                )
+                binding = session.io_binding()
+                binding.bind_ortvalue_input(
+                    "input", ort.OrtValue.ortvalue_from_numpy(batch, device, 0)
+                )
+                binding.bind_output(session.get_outputs()[0].name, device)
+
+                def run(session=session, binding=binding):
+                    session.run_with_iobinding(binding)
+                    binding.synchronize_outputs()
+
+                start = time.perf_counter()
+                run()
+                first = time.perf_counter() - start
+                row(f"7. bare VGG-16 {BIG}² fp32 pass, IO binding, {search}, prefer_nhwc={nhwc} "
+                    "(decision data)", steady_ms=best(run) * 1e3, first_ms=first * 1e3)  # fmt: skip
+            except Exception as exc:  # noqa: BLE001 - a refused setting is data too
+                row(f"7. bare VGG-16 fp32, {search}, prefer_nhwc={nhwc} failed",
+                    error=f"{type(exc).__name__}: {str(exc)[:300]}")  # fmt: skip
+            finally:
+                session = binding = None
+
+
 def main() -> int:
     report["device"] = "cpu" if CPU else torch.cuda.get_device_name()
-    for step in (digits_row, mini_vgg_row, vgg16_rows):
+    for step in (digits_row, mini_vgg_row, vgg16_rows, bare_fp32_rows):
         if time.time() - STARTED > BUDGET_S:
             row(f"{step.__name__} skipped: over BENCH_BUDGET_S={BUDGET_S:g}")
             continue

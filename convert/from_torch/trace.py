@@ -1,6 +1,6 @@
 """Trace a torch classifier with torch.fx and record the shape of every node at one input size.
 
-This is the analysis half of the torch converter (:mod:`convert.torch_fc` does the rewrite):
+This is the analysis half of the torch converter (:mod:`convert.from_torch.fc` does the rewrite):
 
 - :func:`trace` turns a module into a ``GraphModule`` whose ``call_module`` targets are the
   original module paths (``features.0``, ``layer1.0.conv1``), so errors can name layers.

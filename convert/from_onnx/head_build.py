@@ -14,8 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from convert.geometry import Field, Trace
-from convert.onnx_graph import (
+from convert.from_onnx.graph import (
     WINDOW_OPS,
     GraphIndex,
     attributes,
@@ -25,6 +24,7 @@ from convert.onnx_graph import (
     remove_dead_nodes,
     set_attribute,
 )
+from convert.geometry import Field, Trace
 from service.errors import ConversionError
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch.fx as fx
 from torch import nn
 
-from convert.torch_ops import (
+from convert.from_torch.ops import (
     is_elementwise,
     module_of,
     op_name,
@@ -27,7 +27,7 @@ from convert.torch_ops import (
     spatial_size_source,
     tensor_inputs,
 )
-from convert.torch_trace import describe, shape_of
+from convert.from_torch.trace import describe, shape_of
 from service.errors import ConversionError
 
 PER_CHANNEL_FUNCTIONS = frozenset({"prelu", "batch_norm"})  # weights act on dim 1 as they are

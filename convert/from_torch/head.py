@@ -3,7 +3,7 @@
 The head is found from the output backwards: a chain of per-feature ops on ``(N, F)``
 tensors (Linear, activations, dropout, BatchNorm1d, softmax), fed by a flatten of the trunk's
 ``C x h x w`` output, optionally through a global pool over H, W. Everything upstream of
-that is the trunk, which must be local everywhere (see :mod:`convert.torch_ops`).
+that is the trunk, which must be local everywhere (see :mod:`convert.from_torch.ops`).
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import numpy as np
 import torch.fx as fx
 from torch import nn
 
-from convert.torch_flatten import feature_order, walk_moves
-from convert.torch_head_region import classify_head_ops, head_region, input_dependent
-from convert.torch_layout import check_layouts
-from convert.torch_ops import (
+from convert.from_torch.flatten import feature_order, walk_moves
+from convert.from_torch.head_region import classify_head_ops, head_region, input_dependent
+from convert.from_torch.layout import check_layouts
+from convert.from_torch.ops import (
     adaptive_pool_change,
     global_problem,
     head_pool_kind,
@@ -29,7 +29,7 @@ from convert.torch_ops import (
     spatial_size_source,
     tensor_inputs,
 )
-from convert.torch_trace import describe, shape_of
+from convert.from_torch.trace import describe, shape_of
 from service.errors import ConversionError
 
 PASSTHROUGH_OPS = frozenset({"dropout", "contiguous", "clone"})

@@ -1,6 +1,6 @@
 """Rewrite a traced classifier's head into convolutions (the graph surgery half).
 
-:func:`rewrite` takes the :class:`~convert.torch_head.Head` that ``find_head`` and
+:func:`rewrite` takes the :class:`~convert.from_torch.head.Head` that ``find_head`` and
 ``check_trunk`` validated and, in place on the ``GraphModule``:
 
 - removes identity adaptive pools and the flatten/view/reshape/permute nodes before the head;
@@ -17,9 +17,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from convert.torch_head import Head
-from convert.torch_ops import module_of, op_name, single_input, softmax_kind
-from convert.torch_trace import shape_of
+from convert.from_torch.head import Head
+from convert.from_torch.ops import module_of, op_name, single_input, softmax_kind
+from convert.from_torch.trace import shape_of
 from service.errors import ConversionError
 
 

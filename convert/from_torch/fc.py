@@ -26,8 +26,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from convert import torch_head, torch_rewrite
-from convert.torch_trace import (
+from convert.from_torch import head as torch_head
+from convert.from_torch import rewrite as torch_rewrite
+from convert.from_torch.trace import (
     dummy_input,
     infer_in_channels,
     normalize_size,

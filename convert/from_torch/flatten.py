@@ -19,8 +19,8 @@ import numpy as np
 import torch.fx as fx
 from torch import nn
 
-from convert.torch_ops import module_of, op_name, single_input
-from convert.torch_trace import describe, shape_of
+from convert.from_torch.ops import module_of, op_name, single_input
+from convert.from_torch.trace import describe, shape_of
 from service.errors import ConversionError
 
 RESHAPE_OPS = frozenset({"flatten", "view", "reshape", "squeeze"})

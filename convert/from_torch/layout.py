@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch.fx as fx
 from torch import nn
 
-from convert.torch_flatten import PERMUTE_OPS, permutation
-from convert.torch_ops import module_of, op_name, tensor_inputs
-from convert.torch_trace import describe, shape_of
+from convert.from_torch.flatten import PERMUTE_OPS, permutation
+from convert.from_torch.ops import module_of, op_name, tensor_inputs
+from convert.from_torch.trace import describe, shape_of
 from service.errors import ConversionError
 
 NCHW = ("N", "C", "H", "W")

@@ -29,8 +29,7 @@ from convert.flatten_order import (
     feature_coordinates,
     named_order,
 )
-from convert.geometry import detect_layout, trace_graph
-from convert.onnx_graph import (
+from convert.from_onnx.graph import (
     BINARY_OPS,
     CHANNEL_AXIS_OPS,
     META_OPS,
@@ -43,7 +42,8 @@ from convert.onnx_graph import (
     static_dims,
     topological_nodes,
 )
-from convert.onnx_head_build import HeadPlan, Linear, assemble, freeze_auto_pad, read_linear
+from convert.from_onnx.head_build import HeadPlan, Linear, assemble, freeze_auto_pad, read_linear
+from convert.geometry import detect_layout, trace_graph
 from service.errors import ConversionError
 
 FLATTEN_ORDERS = ("auto", "chw", "hwc")
