@@ -19,7 +19,7 @@ from dense_models import build_dense_model
 from service.contract import Preprocessing
 from service.engine import Engine, EngineConfig, ScoreOptions, graphs, host_memory, preprocess
 from service.engine.postprocess import softmax
-from service.errors import InvalidOption
+from service.errors import InvalidOption, ModelLoadError
 
 DIGITS = Path(__file__).resolve().parents[1] / "models" / "digits"
 # float32 probabilities: softmax of logits via onnxruntime's Exp vs numpy's exp differs by a
@@ -179,10 +179,23 @@ def test_release_memory_runs_on_the_cpu_arena(rgb_model):
     assert engine.score(np.zeros((20, 20, 3), np.uint8)).maps[0].cells == (3, 2)
 
 
-def test_fp16_channels_last_failure_falls_back_to_nchw(rgb_model, monkeypatch):
-    """cuDNN may find no NHWC algorithm for a kernel at the first pass (HEURISTIC_QUERY_FAILED
-    on VGG-16's 7x7 head): the pass is retried once in NCHW, never an error. Emulated on
-    CPU: the "channels-last" session fails every run."""
+@pytest.mark.parametrize(
+    "fails, tried",
+    [
+        # As seen on an H200 (cuDNN 9.19): HEURISTIC finds no fp16 plan for VGG-16's 7x7
+        # head conv in either layout; EXHAUSTIVE does.
+        (lambda nhwc, search: search == "HEURISTIC", [(True, "HEURISTIC"), (True, "EXHAUSTIVE")]),
+        # No channels-last algorithm at all: NCHW, searched.
+        (
+            lambda nhwc, search: nhwc,
+            [(True, "HEURISTIC"), (True, "EXHAUSTIVE"), (False, "EXHAUSTIVE")],
+        ),
+    ],
+)
+def test_fp16_cudnn_refusals_fall_back_to_safer_settings(rgb_model, monkeypatch, fails, tried):
+    """cuDNN may find no algorithm for a kernel at the first pass (HEURISTIC_QUERY_FAILED on
+    VGG-16's 7x7 head): the pass is retried with EXHAUSTIVE search, then in NCHW, never an
+    error while a setting works. Emulated on CPU: the refused sessions fail every run."""
     from service.engine import precision as precision_module
 
     class FailingSession(ort.InferenceSession):
@@ -192,21 +205,44 @@ def test_fp16_channels_last_failure_falls_back_to_nchw(rgb_model, monkeypatch):
     opened = []
 
     def open_model_bytes(model, config, *, cuda, nhwc=False):
-        opened.append(nhwc and cuda)  # nhwc means nothing on CPU
-        kind = FailingSession if nhwc and cuda else ort.InferenceSession
+        setting = (nhwc, config.cuda_conv_search)
+        opened.append(setting)
+        kind = FailingSession if cuda and fails(*setting) else ort.InferenceSession
         return kind(model, providers=["CPUExecutionProvider"])
 
     monkeypatch.setattr(precision_module, "open_model_bytes", open_model_bytes)
     engine = Engine(rgb_model, config=EngineConfig(warmup=False))
-    reference = engine.score(np.zeros((30, 40, 3), np.uint8), FP16_OPTIONS).maps[0].scores
+    image = np.zeros((30, 40, 3), np.uint8)
+    reference = engine.score(image, FP16_OPTIONS).maps[0].scores
     for net in engine._nets:  # as on a GPU engine
         net._precisions = precision_module.PrecisionSessions(rgb_model, engine.config, on_cuda=True)
-    image = np.zeros((30, 40, 3), np.uint8)
+    opened.clear()
     scores = engine.score(image, FP16_OPTIONS).maps[0].scores
     np.testing.assert_array_equal(scores, reference)
-    assert opened[1:] == [True, False]  # NHWC first, then NCHW once, kept
+    assert opened == tried
     engine.score(image, FP16_OPTIONS)
-    assert opened[1:] == [True, False]
+    assert opened == tried  # the working setting is kept
+
+
+def test_fp16_refused_in_every_setting_is_a_clear_error(rgb_model, monkeypatch):
+    from service.engine import precision as precision_module
+
+    class FailingSession(ort.InferenceSession):
+        def run_with_iobinding(self, *args, **kwargs):
+            raise RuntimeError("CUDNN_FE failure: no execution plans (emulated)")
+
+    monkeypatch.setattr(
+        precision_module,
+        "open_model_bytes",
+        lambda model, config, *, cuda, nhwc=False: FailingSession(
+            model, providers=["CPUExecutionProvider"]
+        ),
+    )
+    engine = Engine(rgb_model, config=EngineConfig(warmup=False))
+    for net in engine._nets:
+        net._precisions = precision_module.PrecisionSessions(rgb_model, engine.config, on_cuda=True)
+    with pytest.raises(ModelLoadError, match="no execution plans"):
+        engine.score(np.zeros((30, 40, 3), np.uint8), FP16_OPTIONS)
 
 
 FP16_OPTIONS = ScoreOptions(precision="fp16")

@@ -145,13 +145,16 @@ class DenseNet:
                 {graphs.STARTS: corners[0], graphs.ENDS: corners[1]},
                 graphs.IMAGE,
             )
-            try:
-                raw = runtime.run_to_device(session, {self.input_name: image}, {}, self.output_name)
-            except Exception as exc:  # noqa: BLE001 - retried once in a safer layout, or raised
-                if self._precisions is None or not self._precisions.demote(precision, exc):
-                    raise
-                session, dtype = self.session_for(precision)
-                raw = runtime.run_to_device(session, {self.input_name: image}, {}, self.output_name)
+            while True:
+                try:
+                    raw = runtime.run_to_device(
+                        session, {self.input_name: image}, {}, self.output_name
+                    )
+                    break
+                except Exception as exc:  # noqa: BLE001 - retried in safer settings, or raised
+                    if self._precisions is None or not self._precisions.demote(precision, exc):
+                        raise
+                    session, dtype = self.session_for(precision)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
             shape = (1, height, width) if layout == "NHWC" else (1, "C", height, width)
             raise _run_error(self.label, shape, exc) from None

@@ -6,7 +6,11 @@
 - ``fp16``: a half-precision copy of the model, made at first use with onnxruntime's
   ``float16`` converter (fp16 input and output: no casts at the edges; the preprocess graph
   casts the normalised image, the postprocess graph computes softmax and top-k in fp32),
-  run with ``prefer_nhwc`` on CUDA (tensor cores; falls back to NCHW when cuDNN refuses).
+  run with ``prefer_nhwc`` on CUDA (tensor cores). cuDNN may find no fp16 algorithm for
+  some kernels under HEURISTIC search (seen on an H200, cuDNN 9.19: HEURISTIC_QUERY_FAILED
+  and "no execution plans support the graph" on VGG-16's 7x7 head conv, in NHWC and NCHW
+  alike): a failed pass is retried with EXHAUSTIVE search, then in NCHW
+  (:data:`FP16_CUDA_SETTINGS`), never on the CPU.
 - ``bf16``: refused with the reason: onnxruntime's CPU and CUDA execution providers have no
   bfloat16 convolution kernel.
 
@@ -34,6 +38,9 @@ log = logging.getLogger("densemap.engine")
 AVAILABLE = AVAILABLE_PRECISIONS  # bf16: see check_precision
 ALIASES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "half": "fp16"}
 _PROTOBUF_LIMIT = 2**31 - 1
+# (channels-last, cuDNN search) of the fp16 session on CUDA, in the order tried: each failed
+# pass moves to the next. None = the engine's configured search (EngineConfig.cuda_conv_search).
+FP16_CUDA_SETTINGS = ((True, None), (True, "EXHAUSTIVE"), (False, "EXHAUSTIVE"))
 
 
 def check_precision(value) -> str:
@@ -71,7 +78,7 @@ class PrecisionSessions:
         self._config = config
         self._on_cuda = on_cuda
         self._sessions: dict[str, tuple[ort.InferenceSession, str]] = {}
-        self._nchw_only: set[str] = set()
+        self._fp16_setting = 0  # index into FP16_CUDA_SETTINGS
         self._lock = threading.Lock()
 
     def session_for(self, precision: str, fp32: ort.InferenceSession):
@@ -88,9 +95,10 @@ class PrecisionSessions:
             config = replace(self._config, tf32=True, device="cuda")
             return create_session(self._path, config), "float32"
         if precision == "fp16":
-            nhwc = precision not in self._nchw_only
+            nhwc, search = FP16_CUDA_SETTINGS[self._fp16_setting]
+            config = replace(self._config, cuda_conv_search=search or self._config.cuda_conv_search)
             model = self._float16_model()
-            session = open_model_bytes(model, self._config, cuda=self._on_cuda, nhwc=nhwc)
+            session = open_model_bytes(model, config, cuda=self._on_cuda, nhwc=nhwc)
             return session, "float16"
         raise InvalidOption(f"precision {precision!r} is not available")
 
@@ -103,18 +111,22 @@ class PrecisionSessions:
             raise ModelLoadError(f"{self._path.name}: no float16 copy: {exc}") from None
 
     def demote(self, precision: str, error: Exception) -> bool:
-        """After a failed fp16 pass on CUDA with channels-last convolutions (cuDNN may find
-        no NHWC algorithm for some kernels, e.g. HEURISTIC_QUERY_FAILED on a 7x7 head),
-        reopen the session in NCHW and say whether the pass is worth retrying."""
-        if not self._on_cuda or precision != "fp16" or precision in self._nchw_only:
+        """After a failed fp16 pass on CUDA (cuDNN may find no algorithm for some kernels
+        under HEURISTIC search or in NHWC), reopen the session with the next of
+        :data:`FP16_CUDA_SETTINGS` and say whether the pass is worth retrying."""
+        last = len(FP16_CUDA_SETTINGS) - 1
+        if not self._on_cuda or precision != "fp16" or self._fp16_setting >= last:
             return False
-        log.warning(
-            "%s: fp16 channels-last pass failed (%s); using NCHW convolutions from now on",
-            self._path.name,
-            " ".join(str(error).split())[:200],
-        )
         with self._lock:
-            self._nchw_only.add(precision)
+            self._fp16_setting += 1
+            nhwc, search = FP16_CUDA_SETTINGS[self._fp16_setting]
+            log.warning(
+                "%s: fp16 pass failed (%s); using %s convolutions with %s cuDNN search from now on",
+                self._path.name,
+                " ".join(str(error).split())[:200],
+                "NHWC" if nhwc else "NCHW",
+                search or self._config.cuda_conv_search,
+            )
             self._sessions[precision] = self._open(precision)
         return True
 

@@ -239,7 +239,10 @@ def bare_fp32_rows() -> None:
 
 def main() -> int:
     report["device"] = "cpu" if CPU else torch.cuda.get_device_name()
+    skip = os.environ.get("GPU_CHECK_SKIP", "").split(",")  # step names, e.g. bare_fp32_rows
     for step in (digits_row, mini_vgg_row, vgg16_rows, bare_fp32_rows):
+        if step.__name__ in skip:
+            continue
         if time.time() - STARTED > BUDGET_S:
             row(f"{step.__name__} skipped: over BENCH_BUDGET_S={BUDGET_S:g}")
             continue
