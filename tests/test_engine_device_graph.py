@@ -184,11 +184,19 @@ def test_release_memory_runs_on_the_cpu_arena(rgb_model):
     [
         # As seen on an H200 (cuDNN 9.19): HEURISTIC finds no fp16 plan for VGG-16's 7x7
         # head conv in either layout; EXHAUSTIVE does.
-        (lambda nhwc, search: search == "HEURISTIC", [(True, "HEURISTIC"), (True, "EXHAUSTIVE")]),
-        # No channels-last algorithm at all: NCHW, searched.
         (
-            lambda nhwc, search: nhwc,
-            [(True, "HEURISTIC"), (True, "EXHAUSTIVE"), (False, "EXHAUSTIVE")],
+            lambda nhwc, search, ws: search == "HEURISTIC",
+            [(1, "HEURISTIC", 1), (1, "EXHAUSTIVE", 1)],
+        ),
+        # The uncapped search asks for more memory than is free (71 GB seen): capped.
+        (
+            lambda nhwc, search, ws: search == "HEURISTIC" or ws,
+            [(1, "HEURISTIC", 1), (1, "EXHAUSTIVE", 1), (1, "EXHAUSTIVE", 0)],
+        ),
+        # No channels-last algorithm at all: NCHW, searched, capped.
+        (
+            lambda nhwc, search, ws: nhwc,
+            [(1, "HEURISTIC", 1), (1, "EXHAUSTIVE", 1), (1, "EXHAUSTIVE", 0), (0, "EXHAUSTIVE", 0)],
         ),
     ],
 )
@@ -204,8 +212,8 @@ def test_fp16_cudnn_refusals_fall_back_to_safer_settings(rgb_model, monkeypatch,
 
     opened = []
 
-    def open_model_bytes(model, config, *, cuda, nhwc=False):
-        setting = (nhwc, config.cuda_conv_search)
+    def open_model_bytes(model, config, *, cuda, nhwc=False, max_workspace=True):
+        setting = (int(nhwc), config.cuda_conv_search, int(max_workspace))
         opened.append(setting)
         kind = FailingSession if cuda and fails(*setting) else ort.InferenceSession
         return kind(model, providers=["CPUExecutionProvider"])
@@ -234,7 +242,7 @@ def test_fp16_refused_in_every_setting_is_a_clear_error(rgb_model, monkeypatch):
     monkeypatch.setattr(
         precision_module,
         "open_model_bytes",
-        lambda model, config, *, cuda, nhwc=False: FailingSession(
+        lambda model, config, *, cuda, nhwc=False, max_workspace=True: FailingSession(
             model, providers=["CPUExecutionProvider"]
         ),
     )

@@ -96,26 +96,25 @@ def torch_peer(spec: dict, image: np.ndarray) -> dict[str, float]:
     return times
 
 
+def free_gib() -> float | None:
+    return None if CPU else round(torch.cuda.mem_get_info()[0] / 2**30, 1)
+
+
 def vgg16_rows() -> None:
     path = dense_model("vgg16")
     image = np.random.default_rng(0).integers(0, 256, (BIG, BIG, 3), dtype=np.uint8)
     peer = torch_peer(VGG16, image)
+    if not CPU:
+        torch.cuda.empty_cache()  # the peer's net and activations are gone by now
     fresh = engine(path)
     start = time.perf_counter()
     fresh.score(image, TOP5)
     first_big = time.perf_counter() - start
-    steady = {p: best(lambda p=p: fresh.score(image, ScoreOptions(**{**TOP5.__dict__, "precision": p})))
-              for p in ("fp32", "fp16")}  # fmt: skip
+    steady = {"fp32": best(lambda: fresh.score(image, TOP5))}
     row(f"1. VGG-16 {BIG}² uint8 -> top-5, fp32 exact vs torch fp32 cuDNN",
         engine_ms=steady["fp32"] * 1e3, torch_ms=peer["fp32"] * 1e3,
         ratio=peer["fp32"] / steady["fp32"], target=">= 0.9",
         budget_mib=fresh.memory_budget >> 20, providers=list(fresh.providers))  # fmt: skip
-    row(f"2. VGG-16 {BIG}² uint8 -> top-5, fp16 vs torch fp16 autocast channels_last",
-        engine_ms=steady["fp16"] * 1e3, torch_ms=peer["fp16"] * 1e3,
-        ratio=peer["fp16"] / steady["fp16"], target=">= 1.0")  # fmt: skip
-    report_fp16 = fresh.compare_precision(image, "fp16")
-    row(f"3a. fp16 vs fp32, VGG-16 {BIG}² noise image", **report_fp16.__dict__,
-        target="argmax agreement >= 0.999")  # fmt: skip
     shapes = []
     for height, width in NEW_SHAPES:
         other = np.random.default_rng(1).integers(0, 256, (height, width, 3), dtype=np.uint8)
@@ -127,8 +126,25 @@ def vgg16_rows() -> None:
     for name, first, steady_s in shapes:
         row(f"5. first request of a new shape, VGG-16 {name}", first_ms=first * 1e3,
             steady_ms=steady_s * 1e3, ratio=first / steady_s, target="<= 2")  # fmt: skip
+    try:
+        serve_row(path, image, fresh)
+    except Exception as exc:  # noqa: BLE001 - the fp16 rows still run
+        row("6. serve row failed", error=f"{type(exc).__name__}: {str(exc)[:500]}")
+    fp16 = ScoreOptions(**{**TOP5.__dict__, "precision": "fp16"})
+    free_before = free_gib()
+    start = time.perf_counter()
+    fresh.score(image, fp16)
+    first_fp16 = time.perf_counter() - start
+    steady["fp16"] = best(lambda: fresh.score(image, fp16))
+    row(f"2. VGG-16 {BIG}² uint8 -> top-5, fp16 vs torch fp16 autocast channels_last",
+        engine_ms=steady["fp16"] * 1e3, torch_ms=peer["fp16"] * 1e3,
+        ratio=peer["fp16"] / steady["fp16"], target=">= 1.0", first_ms=first_fp16 * 1e3,
+        free_gib_before=free_before)  # fmt: skip
+    report_fp16 = fresh.compare_precision(image, "fp16")
+    row(f"3a. fp16 vs fp32, VGG-16 {BIG}² noise image", **report_fp16.__dict__,
+        target="argmax agreement >= 0.999")  # fmt: skip
+    fresh = None  # its sessions and their device memory go before the searched engine
     exhaustive_rows(path, image, steady)
-    serve_row(path, image, fresh)
 
 
 def exhaustive_rows(path: Path, image: np.ndarray, heuristic: dict[str, float]) -> None:
