@@ -37,15 +37,16 @@ CONV_SEARCHES = ("HEURISTIC", "EXHAUSTIVE", "DEFAULT")
 
 
 def cuda_provider_options(
-    *, tf32: bool = False, search: str = "HEURISTIC", max_workspace: bool = True
+    *, tf32: bool = False, search: str = "HEURISTIC", max_workspace: bool = False
 ) -> dict[str, str]:
     """CUDA EP settings: cuDNN conv algorithm ``search`` (HEURISTIC by default: EXHAUSTIVE
     times every algorithm for each new input shape, hundreds of ms a shape), an arena that
     grows only as requested, and no TF32 unless asked (onnxruntime enables it by default; it
     rounds conv inputs to 10-bit mantissas, so GPU maps would differ from CPU maps by ~3e-4
-    of the logit range). ``max_workspace=False`` caps cuDNN's workspace (onnxruntime's
-    default lets the search ask for all free memory: 71 GB for VGG-16's fp16 7x7 head conv
-    at 2048² on an H200, which fails once other sessions hold memory)."""
+    of the logit range). cuDNN's workspace is capped unless ``max_workspace``: onnxruntime's
+    default lets a conv take half the free memory (71 GB for VGG-16's 7x7 head conv at
+    2048² on an H200, fp32 and fp16 alike), which its arena then keeps, so that a second
+    session (fp16, another model, the server beside a script) runs out of memory."""
     return {
         "device_id": "0",
         "cudnn_conv_algo_search": search,
@@ -120,7 +121,7 @@ def open_aux_session(model: bytes, config: EngineConfig, *, cuda: bool) -> ort.I
 
 
 def open_model_bytes(
-    model: bytes, config: EngineConfig, *, cuda: bool, nhwc: bool = False, max_workspace=True
+    model: bytes, config: EngineConfig, *, cuda: bool, nhwc: bool = False, max_workspace=False
 ) -> ort.InferenceSession:
     """A session for a model the engine derived (e.g. its float16 copy).
 

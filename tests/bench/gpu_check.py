@@ -222,11 +222,13 @@ def bare_fp32_rows() -> None:
     batch = (image.astype(np.float32) / 255).transpose(2, 0, 1)[None].copy()
     device = "cpu" if CPU else "cuda"
     for search in ("HEURISTIC", "EXHAUSTIVE"):
-        for nhwc in ("0", "1"):
+        for nhwc in os.environ.get("GPU_CHECK_NHWC", "0,1").split(","):
             if time.time() - STARTED > BUDGET_S:
                 return
+            workspace = os.environ.get("GPU_CHECK_MAX_WORKSPACE", "1")  # onnxruntime's default
             cuda = ("CUDAExecutionProvider", {"cudnn_conv_algo_search": search, "use_tf32": "0",
-                                              "prefer_nhwc": nhwc})  # fmt: skip
+                                              "prefer_nhwc": nhwc,
+                                              "cudnn_conv_use_max_workspace": workspace})  # fmt: skip
             try:
                 session = ort.InferenceSession(
                     str(path), providers=["CPUExecutionProvider"] if CPU else [cuda]
@@ -244,8 +246,8 @@ def bare_fp32_rows() -> None:
                 start = time.perf_counter()
                 run()
                 first = time.perf_counter() - start
-                row(f"7. bare VGG-16 {BIG}² fp32 pass, IO binding, {search}, prefer_nhwc={nhwc} "
-                    "(decision data)", steady_ms=best(run) * 1e3, first_ms=first * 1e3)  # fmt: skip
+                row(f"7. bare VGG-16 {BIG}² fp32 pass, IO binding, {search}, prefer_nhwc={nhwc}, "
+                    f"max_workspace={workspace} (decision data)", steady_ms=best(run) * 1e3, first_ms=first * 1e3)  # fmt: skip
             except Exception as exc:  # noqa: BLE001 - a refused setting is data too
                 row(f"7. bare VGG-16 fp32, {search}, prefer_nhwc={nhwc} failed",
                     error=f"{type(exc).__name__}: {str(exc)[:300]}")  # fmt: skip
