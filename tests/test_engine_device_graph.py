@@ -214,7 +214,7 @@ def test_fp16_cudnn_refusals_fall_back_to_safer_settings(rgb_model, monkeypatch,
         return kind(model, providers=["CPUExecutionProvider"])
 
     monkeypatch.setattr(precision_module, "open_model_bytes", open_model_bytes)
-    engine = Engine(rgb_model, config=EngineConfig(warmup=False))
+    engine = Engine(rgb_model, config=EngineConfig(warmup=False, cuda_conv_search="HEURISTIC"))
     image = np.zeros((30, 40, 3), np.uint8)
     reference = engine.score(image, FP16_OPTIONS).maps[0].scores
     for net in engine._nets:  # as on a GPU engine

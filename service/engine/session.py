@@ -37,7 +37,7 @@ CONV_SEARCHES = ("HEURISTIC", "EXHAUSTIVE", "DEFAULT")
 
 
 def cuda_provider_options(
-    *, tf32: bool = False, search: str = "HEURISTIC", max_workspace: bool = False
+    *, tf32: bool = False, search: str = "EXHAUSTIVE", max_workspace: bool = False
 ) -> dict[str, str]:
     """CUDA EP settings: cuDNN conv algorithm ``search`` (HEURISTIC by default: EXHAUSTIVE
     times every algorithm for each new input shape, hundreds of ms a shape), an arena that
