@@ -183,12 +183,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add(
         parser,
         "--cuda-conv-search",
-        default="EXHAUSTIVE",
+        default="HEURISTIC",
         choices=("HEURISTIC", "EXHAUSTIVE", "DEFAULT"),
-        help="cuDNN convolution algorithm search: EXHAUSTIVE (default) times every algorithm "
-        "that fits a capped workspace once per image shape (list warm-up shapes in the "
-        "model's densemap.json); HEURISTIC takes cuDNN's first pick, whose workspace can be "
-        "tens of GB; DEFAULT does no search",
+        help="cuDNN convolution algorithm search: HEURISTIC (default) is cheap for every new "
+        "image shape; EXHAUSTIVE times every algorithm once per shape (about 12%% faster "
+        "steady state on VGG-16, 3-9x slower first requests: list warm-up shapes in the "
+        "model's densemap.json); DEFAULT does no search",
     )
     parser.add_argument(
         "--no-tiling",

@@ -50,11 +50,11 @@ class EngineConfig:
     # image shapes (height, width) scored once at load, so their first request is not slow
     warmup_shapes: tuple[tuple[int, int], ...] = ()
     arena_keep_bytes: int = DEFAULT_ARENA_KEEP_BYTES
-    # cuDNN convolution algorithm search: "EXHAUSTIVE" times each algorithm within a capped
-    # workspace once per shape (VGG-16 2048² on an H200: 113 ms steady vs 130 ms). HEURISTIC
-    # takes cuDNN's first pick whatever its workspace: an FFT conv asking 71 GB there, which
-    # the session's arena keeps (docs/engine.md, "GPU check"). "DEFAULT": no search.
-    cuda_conv_search: str = "EXHAUSTIVE"
+    # cuDNN convolution algorithm search. Measured on an H200, VGG-16 (docs/engine.md, "GPU
+    # check"): HEURISTIC, the default, 134 ms at 2048², first request of a new shape 1.1-1.9x
+    # its steady time; EXHAUSTIVE 118 ms steady but 3.2-8.7x on new shapes (list warm-up
+    # shapes in densemap.json if you choose it); "DEFAULT": one fixed algorithm, no search.
+    cuda_conv_search: str = "HEURISTIC"
     # the object box of a cell relative to its window, for detections that do not set one
     # (a model's densemap.json "box_offsets"); see DetectionOptions.box_offsets
     box_offsets: tuple[float, float, float, float] = DEFAULT_BOX_OFFSETS

@@ -37,16 +37,17 @@ CONV_SEARCHES = ("HEURISTIC", "EXHAUSTIVE", "DEFAULT")
 
 
 def cuda_provider_options(
-    *, tf32: bool = False, search: str = "EXHAUSTIVE", max_workspace: bool = False
+    *, tf32: bool = False, search: str = "HEURISTIC", max_workspace: bool = False
 ) -> dict[str, str]:
     """CUDA EP settings: cuDNN conv algorithm ``search`` (HEURISTIC by default: EXHAUSTIVE
     times every algorithm for each new input shape, hundreds of ms a shape), an arena that
     grows only as requested, and no TF32 unless asked (onnxruntime enables it by default; it
     rounds conv inputs to 10-bit mantissas, so GPU maps would differ from CPU maps by ~3e-4
-    of the logit range). cuDNN's workspace is capped unless ``max_workspace``: onnxruntime's
-    default lets a conv take half the free memory (71 GB for VGG-16's 7x7 head conv at
-    2048² on an H200, fp32 and fp16 alike), which its arena then keeps, so that a second
-    session (fp16, another model, the server beside a script) runs out of memory."""
+    of the logit range). The workspace an EXHAUSTIVE search may try is capped unless
+    ``max_workspace`` (no speed difference measured on VGG-16 at 2048², H200: 113.1 ms
+    either way). The cap does NOT stop VGG-16's 7x7 head conv from taking 71 GB at 2048² in
+    the session's arena, under every search setting measured; a second session in the same
+    process then runs out of memory there (docs/engine.md, "GPU check": open problem)."""
     return {
         "device_id": "0",
         "cudnn_conv_algo_search": search,
