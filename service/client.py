@@ -6,6 +6,7 @@
         print([m.name for m in client.list_models()])
         result = client.score("cat.jpg", model="digits", output_stride=4, top_k=3)
         probabilities = result.maps[0].scores          # [C, n_h, n_w] numpy array
+        boxes = result.maps[0].head_maps.get("boxes")  # an extra head's map, if the model has one
         top, left, bottom, right = result.maps[0].geometry.box(0, 0)
         found = client.score("page.png", model="digits", detections=True).detections
         x0, y0, x1, y1 = found[0].box                  # original-image pixels
@@ -28,6 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service._proto.densemap.v1 import densemap_pb2 as pb
 from service._proto.densemap.v1 import densemap_pb2_grpc as pb_grpc
 from service.contract import Geometry, Preprocessing
+from service.engine.heads import HeadInfo
 from service.engine.options import DetectionOptions, ScoreOptions
 from service.engine.result import PrecisionReport, ScoreMap
 from service.errors import DensemapError, InvalidOption
@@ -38,6 +40,7 @@ from service.server.codec import (
     result_from_response,
 )
 from service.server.config import DEFAULT_MAX_MESSAGE_BYTES
+from service.server.head_codec import model_heads_from_proto
 
 DEFAULT_TARGET = "localhost:50051"
 _OPTION_NAMES = tuple(f.name for f in fields(ScoreOptions))
@@ -69,6 +72,7 @@ class RemoteModel:
     default_precision: str = "fp32"
     precisions: tuple[str, ...] = ("fp32",)
     precision_report: tuple[PrecisionReport, ...] = ()
+    heads: tuple[HeadInfo, ...] = ()  # every output map, primary (``scores``) first
 
 
 def _pair(pair: pb.Pair) -> tuple[int, int]:
@@ -101,6 +105,7 @@ def _model_from_proto(info: pb.ModelInfo) -> RemoteModel:
         default_precision=info.default_precision or "fp32",
         precisions=tuple(info.precisions) or ("fp32",),
         precision_report=tuple(precision_report_from_proto(r) for r in info.precision_report),
+        heads=model_heads_from_proto(info),
     )
 
 
@@ -114,6 +119,9 @@ def _score_options(options: dict) -> ScoreOptions:
         options = {**options, "scales": tuple(options["scales"])}
     if options.get("classes") is not None:
         options = {**options, "classes": tuple(options["classes"])}
+    heads = options.get("heads")
+    if heads is not None and not isinstance(heads, str):
+        options = {**options, "heads": tuple(heads)}
     if options.get("detections") is True:  # shorthand for the default DetectionOptions()
         options = {**options, "detections": DetectionOptions()}
     elif options.get("detections") is False:
@@ -221,7 +229,9 @@ class DensemapClient:
         ``options`` are :class:`~service.engine.options.ScoreOptions` fields
         (output_stride, scales, probabilities, dtype, top_k, classes, argmax,
         include_map, image_top_k, precision, detections: a ``DetectionOptions`` or True for
-        the defaults). ``timings`` of the result are server-side seconds.
+        the defaults, heads: the extra heads to return, None = all, () = none). Each
+        ``ScaleMap.head_maps`` holds the extra heads' maps by name (numpy), and
+        ``result.heads`` describes them. ``timings`` of the result are server-side seconds.
         """
         request = self._request(image, model, options)
         labels = self._model_labels(model)  # cached; fetched first, while the server answers

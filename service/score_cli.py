@@ -59,6 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="fp32 (exact), tf32 or fp16 (faster on GPUs; default: the model's own, fp32)",
     )
     opts.add_argument(
+        "--heads",
+        metavar="LIST",
+        help="models with several heads: the extra heads to store, e.g. boxes,landmarks, or "
+        "'none' (default: all of them; the class map is always kept)",
+    )
+    opts.add_argument(
         "--memory-budget",
         metavar="SIZE",
         help="activation memory per pass before the engine tiles: bytes, or 512M, 2G (default: 1G)",
@@ -162,6 +168,18 @@ def parse_scales(text: str) -> tuple[float, ...]:
     return scales
 
 
+def parse_heads(text: str | None) -> tuple[str, ...] | None:
+    """``--heads``: None (all), ``none`` -> (), else the comma-separated names."""
+    if text is None:
+        return None
+    if text.strip().lower() == "none":
+        return ()
+    names = tuple(name.strip() for name in text.split(","))
+    if not all(names):
+        raise InvalidOption(f"--heads {text!r}: give head names separated by commas, or none")
+    return names
+
+
 def split_ray_address(ray: str | None, paths: list[str]) -> tuple[str | None, list[str]]:
     """``--ray PATH`` (no address given, a path after it) puts PATH back among the inputs."""
     if ray is None or ray == "":
@@ -258,6 +276,7 @@ def build_request(args: argparse.Namespace):
         top_k=args.top_k,
         precision=args.precision,
         detections=detection_options(args),
+        heads=parse_heads(args.heads),
     )
     ray = None
     if args.ray is not None:

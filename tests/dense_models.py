@@ -14,6 +14,8 @@ Public API:
 - :func:`make_dense_net` returns the torch module with the same weights (``seed``), e.g. in
   float64 (``.double()``) for reference crops.
 - :func:`small_layers`, :func:`mini_vgg_layers`, :func:`vgg16_layers` are layer specs.
+- :func:`build_two_head_model` writes a contract-v2 model with a class head and a box
+  regression head over one trunk; :func:`make_two_head_net` rebuilds it in torch.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import onnx
 import torch
 from torch import nn
 
-from service.contract import Geometry, ModelMetadata, Preprocessing, Variant
+from service.contract import Geometry, Head, ModelMetadata, Preprocessing, Variant
 
 
 @dataclass(frozen=True)
@@ -244,3 +246,139 @@ def build_dense_model(
         net = make_dense_net(**common, atrous=factor)
         _export(net, folder / variant.file, channels, window, metadata)
     return main
+
+
+# -- several heads ----------------------------------------------------------------------------
+BOX_LABELS = ("dx1", "dy1", "dx2", "dy2")
+
+
+class TwoHeadNet(nn.Module):
+    """A shared trunk with a class head and a box-regression head (both dense maps)."""
+
+    def __init__(self, dense: nn.Sequential, box_head: nn.Conv2d) -> None:
+        super().__init__()
+        self.trunk = dense[:-1]
+        self.classes = dense[-1]
+        self.boxes = box_head
+
+    def forward(self, x):
+        features = self.trunk(x)
+        return self.classes(features), self.boxes(features)
+
+
+def make_two_head_net(
+    *,
+    layers: tuple[Layer, ...],
+    window: tuple[int, int],
+    channels: int,
+    classes: int,
+    box_channels: int = 4,
+    box_kernel: tuple[int, int] | None = None,
+    atrous: int = 1,
+    seed: int = 0,
+) -> TwoHeadNet:
+    """The two-head net (eval mode): :func:`make_dense_net`'s trunk and class head (same
+    weights for the same ``seed``) plus a ``box_channels`` regression head over the same
+    trunk output. ``box_kernel`` other than the class head's kernel makes a head whose map
+    does not have the model's geometry (for load-check tests)."""
+    dense = make_dense_net(
+        layers=layers, window=window, channels=channels, classes=classes, atrous=atrous, seed=seed
+    )
+    class_head = dense[-1]
+    kernel = class_head.kernel_size if box_kernel is None else box_kernel
+    box_head = nn.Conv2d(class_head.in_channels, box_channels, kernel, dilation=class_head.dilation)
+    generator = torch.Generator().manual_seed(seed + 1000)
+    with torch.no_grad():
+        for param in box_head.parameters():
+            fan_in = param[0].numel() if param.dim() > 1 else 1
+            param.copy_(torch.randn(param.shape, generator=generator) / fan_in**0.5)
+    return TwoHeadNet(dense, box_head).eval()
+
+
+def build_two_head_model(
+    tmp_dir: str | Path,
+    *,
+    padded: bool = False,
+    window: tuple[int, int] = (12, 16),
+    channels: int = 3,
+    classes: int = 5,
+    box_channels: int = 4,
+    box_kernel: tuple[int, int] | None = None,
+    with_atrous: tuple[int, ...] = (),
+    seed: int = 0,
+    output_names: tuple[str, str] = ("scores", "boxes"),
+    extra_heads: tuple[Head, ...] | None = None,
+) -> Path:
+    """Write a two-head dense model (contract v2: a class head ``scores`` of ``classes``
+    logits and a regression head ``boxes`` of ``box_channels`` values) and its à-trous
+    variants; returns the path of ``model.onnx``.
+
+    ``output_names`` are the ONNX outputs' names and ``extra_heads`` the metadata's extra
+    heads (default: ``Head("boxes", "regression", BOX_LABELS)``): tests give them
+    disagreeing values to see the model refused. :func:`make_two_head_net` with the same
+    arguments rebuilds the torch net.
+    """
+    folder = Path(tmp_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    layers = small_layers(padded=padded)
+    head_kernel = tuple(_trunk_size(layers, r) for r in window)
+    axes = [_axis_geometry(layers, k) for k in head_kernel]
+    stride = tuple(a[0] for a in axes)
+    offset = tuple(a[2] for a in axes)
+    field = tuple(a[1] for a in axes)
+    effective = tuple(
+        min(r, o + f) - max(0, o) for r, o, f in zip(window, offset, field, strict=True)
+    )
+    if extra_heads is None:
+        labels = BOX_LABELS if box_channels == len(BOX_LABELS) else ()
+        extra_heads = (Head("boxes", "regression", labels),)
+    variants = tuple(Variant(stride=s, file=f"model_s{s}.onnx") for s in with_atrous)
+    metadata = ModelMetadata(
+        geometry=Geometry(
+            window=window,
+            stride=stride,
+            receptive_field=field,
+            receptive_field_offset=offset,
+            effective_window=effective,
+            padded=padded,
+        ),
+        preprocessing=Preprocessing(
+            color="L" if channels == 1 else "RGB",
+            scale=1 / 255,
+            mean=(0.5,) * channels,
+            std=(0.25,) * channels,
+        ),
+        labels=tuple(f"class{i}" for i in range(classes)),
+        output_name="scores",
+        extra_heads=extra_heads,
+        variants=variants,
+        source="tests/dense_models.py (two heads)",
+    )
+    common = dict(layers=layers, window=window, channels=channels, classes=classes)
+    common.update(box_channels=box_channels, box_kernel=box_kernel, seed=seed)
+    for factor, name in [(1, "model.onnx")] + [
+        (stride[0] // v.stride[0], v.file) for v in variants
+    ]:
+        net = make_two_head_net(**common, atrous=factor)
+        _export_heads(net, folder / name, channels, window, metadata, output_names)
+    return folder / "model.onnx"
+
+
+def _export_heads(net, path: Path, channels: int, window, metadata, output_names) -> None:
+    example = torch.zeros(1, channels, *window)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            net,
+            (example,),
+            str(path),
+            dynamo=False,
+            opset_version=17,
+            input_names=[metadata.input_name],
+            output_names=list(output_names),
+            dynamic_axes={metadata.input_name: {2: "height", 3: "width"}},
+        )
+    model = onnx.load(str(path))
+    for key, value in metadata.to_props().items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(path))

@@ -15,7 +15,8 @@ from server_harness import (  # noqa: F401  (fixtures)
 )
 
 from service.client import DensemapClient
-from service.engine import ScoreOptions, preprocess
+from service.contract import CONTRACT_VERSION
+from service.engine import HeadInfo, ScoreOptions, preprocess
 from service.engine.result import ScoreMap
 
 
@@ -39,6 +40,11 @@ def assert_same_result(got: ScoreMap, expected: ScoreMap) -> None:
             else:
                 assert have.dtype == want.dtype, name
                 np.testing.assert_array_equal(have, want, err_msg=name)
+        assert set(remote.head_maps) == set(local.head_maps)
+        for name, want in local.head_maps.items():
+            assert remote.head_maps[name].dtype == want.dtype, name
+            np.testing.assert_array_equal(remote.head_maps[name], want, err_msg=name)
+    assert got.heads == expected.heads
     np.testing.assert_array_equal(got.image_scores, expected.image_scores)
     assert [i for i, _ in got.image_top_k] == [i for i, _ in expected.image_top_k]
     np.testing.assert_array_equal(
@@ -117,6 +123,7 @@ def test_list_and_get_models(client, engines):  # noqa: F811
     assert info.geometry == engine.metadata.geometry
     assert info.preprocessing == engine.metadata.preprocessing
     assert info.supported_strides == engine.supported_strides == (4, 2, 1)
-    assert info.output_kind == "logits" and info.contract_version == 1
+    assert info.output_kind == "logits" and info.contract_version == CONTRACT_VERSION
+    assert info.heads == engine.heads == (HeadInfo("scores", "logits", engine.labels, 5),)
     assert info.providers == engine.providers
     assert client.load_failures() == {}

@@ -5,11 +5,14 @@ Layout of ``<out>/<relpath>.npz`` (load with ``numpy.load``, no pickle needed):
 - ``scores_<k>``: the map of scale ``k`` (in ``--scales`` order), ``[C, n_h, n_w]``;
 - ``top_k_indices_<k>``, ``top_k_scores_<k>``: per-cell top-k (with ``--top-k``);
 - ``argmax_<k>``, ``argmax_scores_<k>``, ``classes_<k>``: per ``--save`` (:mod:`.storage`);
+- ``head_<name>_<k>``: the map of extra head ``<name>`` at scale ``k``, ``[channels, n_h,
+  n_w]`` (models with several heads; in every ``--save`` mode that writes an ``.npz``);
 - ``image_scores``: ``[C]`` image-level scores; ``labels``: ``[C]`` class names;
 - ``meta``: a JSON string: source relpath, image size, model, options, and per map its
   shape and geometry (stride, window, origin, receptive field, scale, resize), and
   ``storage`` (save mode, map dtype, compression; absent in files from before ``--save``,
-  which hold float32 maps uncompressed).
+  which hold float32 maps uncompressed); ``heads`` (name, kind, labels, channels of each
+  extra head stored; absent when there is none).
 
 The file is a zip (deflated by default, as ``numpy.savez_compressed``) written with fixed
 timestamps, so equal results give
@@ -31,7 +34,8 @@ from typing import BinaryIO
 
 import numpy as np
 
-from service.batch.storage import LEGACY, Storage, map_arrays
+from service.batch.storage import LEGACY, Storage, head_arrays, map_arrays
+from service.engine.heads import HeadInfo
 from service.engine.options import ScoreOptions
 from service.engine.result import MapGeometry, ScaleMap, ScoreMap
 
@@ -57,8 +61,9 @@ def write_atomic(target: Path, write: Callable[[BinaryIO], None], *, partial_dir
 
 def options_to_json(options: ScoreOptions) -> dict:
     doc = asdict(options)
-    if doc.get("detections") is None:  # runs from before detections existed read the same
-        doc.pop("detections", None)
+    for name in ("detections", "heads"):  # runs from before these existed read the same
+        if doc.get(name) is None:
+            doc.pop(name, None)
     return doc
 
 
@@ -75,6 +80,7 @@ def encode_result(
     maps_meta = []
     for k, scale_map in enumerate(result.maps):
         arrays.update(map_arrays(k, scale_map, storage))
+        arrays.update(head_arrays(k, scale_map, storage))
         if scale_map.classes is not None:
             arrays[f"classes_{k}"] = np.asarray(scale_map.classes, dtype=np.int32)
         maps_meta.append({"shape": list(scale_map.shape), "geometry": asdict(scale_map.geometry)})
@@ -91,6 +97,8 @@ def encode_result(
     }
     if storage != LEGACY_STORAGE:  # files as before --save read back byte for byte
         meta["storage"] = storage.to_json()
+    if result.heads and storage.writes_npz:
+        meta["heads"] = [head_to_json(head) for head in result.heads]
     arrays["meta"] = np.array(json.dumps(meta, sort_keys=True))
     return arrays
 
@@ -105,6 +113,11 @@ def write_npz(f: BinaryIO, arrays: dict[str, np.ndarray], *, compress: bool = Fa
             info.external_attr = 0o644 << 16
             with zf.open(info, mode="w", force_zip64=True) as member:
                 np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
+
+
+def head_to_json(head: HeadInfo) -> dict:
+    return {"name": head.name, "kind": head.kind, "labels": list(head.labels),
+            "channels": head.channels}  # fmt: skip
 
 
 def read_meta(path: Path) -> dict:
@@ -123,6 +136,10 @@ def load_result(path: Path | str) -> tuple[ScoreMap, dict]:
     """Read an output ``.npz`` back into a :class:`ScoreMap` plus its ``meta`` document."""
     with np.load(path, allow_pickle=False) as npz:
         meta = json.loads(str(npz["meta"]))
+        heads = tuple(
+            HeadInfo(h["name"], h["kind"], tuple(h["labels"]), h["channels"])
+            for h in meta.get("heads", ())
+        )
         maps = []
         for k, map_doc in enumerate(meta["maps"]):
             fields = {name: npz[f"{name}_{k}"] for name in _PER_MAP_ARRAYS if f"{name}_{k}" in npz}
@@ -131,6 +148,7 @@ def load_result(path: Path | str) -> tuple[ScoreMap, dict]:
                 ScaleMap(
                     geometry=_geometry(map_doc["geometry"]),
                     classes=None if classes is None else tuple(int(c) for c in classes),
+                    head_maps={h.name: npz[f"head_{h.name}_{k}"] for h in heads},
                     **fields,
                 )
             )
@@ -140,5 +158,6 @@ def load_result(path: Path | str) -> tuple[ScoreMap, dict]:
             image_top_k=[(int(i), float(s)) for i, s in meta["image_top_k"]],
             labels=tuple(str(v) for v in npz["labels"]),
             image_size=tuple(meta["image_size"]),
+            heads=heads,
         )
     return result, meta

@@ -107,7 +107,17 @@ def check_options(options: ScoreOptions, scorer) -> None:
             f"--logits: model {name!r} outputs probabilities (its softmax is part of the "
             "graph), so there are no logits to write: leave --logits out"
         )
-    plan_outputs(options, num_classes=scorer.num_classes, output_kind=scorer.output_kind)
+    try:
+        plan_outputs(
+            options,
+            num_classes=scorer.num_classes,
+            output_kind=scorer.output_kind,
+            heads=scorer.heads,
+        )
+    except InvalidOption as exc:
+        if options.heads is None or "head" not in str(exc):
+            raise
+        raise InvalidOption(f"--heads: {exc}") from None
     if options.detections is not None:
         from service.engine.detections import plan_detections
         from service.engine.options import DEFAULT_BOX_OFFSETS

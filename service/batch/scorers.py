@@ -42,6 +42,7 @@ class EngineScorer:
         self.color: str = engine.metadata.preprocessing.color
         self.num_classes: int = engine.num_classes
         self.output_kind: str = engine.metadata.output_kind
+        self.heads = tuple(engine.heads)  # every head, primary first
         self.native_stride: tuple[int, int] = tuple(engine.metadata.geometry.stride)
         self.supported_strides: tuple[int, ...] = tuple(engine.supported_strides)
 
@@ -76,6 +77,7 @@ class RemoteScorer:
         self.color: str = info.preprocessing.color
         self.num_classes: int = info.num_classes
         self.output_kind: str = info.output_kind
+        self.heads = tuple(info.heads)  # every head, primary first
         self.native_stride: tuple[int, int] = tuple(info.geometry.stride)
         self.supported_strides: tuple[int, ...] = tuple(info.supported_strides)
 

@@ -9,6 +9,9 @@
 - ``detections``: no ``.npz``; the boxes go to ``detections.jsonl`` (needs ``--detections``);
 - ``none``: no ``.npz`` (summary, and heat-maps when asked, only).
 
+In every mode that writes an ``.npz``, each extra head's map is ``head_<name>_<k>`` (models
+with several heads; ``--heads`` picks them), stored in the map dtype like the scores.
+
 Scores are stored as float16 (``--map-dtype fp16``, the default: each value is the
 engine's rounded to the nearest float16) or as the engine computed them (``--map-dtype
 fp32``: float32, or float16 with ``--dtype fp16``), in a deflate-compressed zip (as ``numpy.savez_compressed``) unless
@@ -62,6 +65,15 @@ def _scores(values: np.ndarray, storage: Storage) -> np.ndarray:
     if storage.map_dtype == "fp16":
         values = values.astype(np.float16)
     return np.ascontiguousarray(values)
+
+
+def head_arrays(k: int, scale_map: ScaleMap, storage: Storage) -> dict[str, np.ndarray]:
+    """The extra heads' maps of map ``k``, in the stored map dtype (none without an .npz)."""
+    if not storage.writes_npz:
+        return {}
+    return {
+        f"head_{name}_{k}": _scores(values, storage) for name, values in scale_map.head_maps.items()
+    }
 
 
 def map_arrays(k: int, scale_map: ScaleMap, storage: Storage) -> dict[str, np.ndarray]:

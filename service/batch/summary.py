@@ -4,7 +4,8 @@ Row fields: ``path`` (as read), ``relpath`` (output key), ``status`` (``ok``, ``
 or ``failed``), ``size`` [h, w], ``map_shape`` ([n_h, n_w] per scale), ``top`` (image-level
 classes: index, label, score), ``cells_above`` (per scale, the classes with cells whose
 probability is at least ``cell_threshold``: index, label, cells), ``seconds`` (engine time),
-``outputs`` (files written, relative to the output folder), ``detection_count`` with
+``outputs`` (files written, relative to the output folder), ``heads`` (models with several
+heads: name, kind and channels of each extra head returned), ``detection_count`` with
 ``--detections`` and, for failures, ``error``.
 
 Rows are appended while the run goes (one ``write`` call per row, so a killed run leaves
@@ -29,7 +30,7 @@ from service.engine.result import ScoreMap
 def ok_row(
     job: ImageJob, result: ScoreMap, *, seconds: float, outputs: list[str], labels: tuple[str, ...]
 ) -> dict:
-    return {
+    row = {
         "path": job.source,
         "relpath": job.relpath,
         "status": "ok",
@@ -39,6 +40,11 @@ def ok_row(
         "seconds": round(seconds, 6),
         "outputs": outputs,
     }
+    if result.heads:  # rows of one-output models stay as they were
+        row["heads"] = [
+            {"name": h.name, "kind": h.kind, "channels": h.channels} for h in result.heads
+        ]
+    return row
 
 
 def cells_above(result: ScoreMap, threshold: float, *, probabilities: bool) -> list[list[dict]]:
@@ -106,6 +112,11 @@ def skipped_row(job: ImageJob, npz: Path, outputs: list[str], previous: dict | N
             "top": top_classes(meta["image_top_k"], tuple(meta["labels"])),
             "seconds": None,
         }
+        if meta.get("heads"):
+            row["heads"] = [
+                {"name": h["name"], "kind": h["kind"], "channels": h["channels"]}
+                for h in meta["heads"]
+            ]
     row.update(path=job.source, relpath=job.relpath, status="skipped", outputs=outputs)
     return row
 

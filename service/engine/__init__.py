@@ -5,6 +5,7 @@
 """
 
 from service.engine.engine import Engine
+from service.engine.heads import HeadInfo
 from service.engine.image_input import preprocess
 from service.engine.options import EngineConfig, ScoreOptions
 from service.engine.repository import ModelRepository, ReloadReport, default_models_dir
@@ -13,6 +14,7 @@ from service.engine.result import MapGeometry, ScaleMap, ScoreMap
 __all__ = [
     "Engine",
     "EngineConfig",
+    "HeadInfo",
     "MapGeometry",
     "ModelRepository",
     "ReloadReport",

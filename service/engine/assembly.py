@@ -2,7 +2,8 @@
 
 Each pass (or tile) returns, for the cells it keeps, only what the caller asked for: map
 values, per-cell top-k and argmax, plus the per-class sum of cell probabilities and a count
-of non-finite raw values. :class:`MapAssembly` writes them where the cells belong in the
+of non-finite raw values, and the map of each extra head asked for (cropped to the same
+cells, :mod:`service.engine.heads`). :class:`MapAssembly` writes them where the cells belong in the
 final map (``Placement``: rows and columns as ranges, stepped for shift-and-stitch) and
 turns the whole into a :class:`~service.engine.result.ScaleMap`.
 """
@@ -16,6 +17,7 @@ import onnxruntime as ort
 
 from service.contract import Pair
 from service.engine import graphs
+from service.engine.heads import head_key
 from service.engine.postprocess import OutputPlan
 from service.engine.result import MapGeometry, ScaleMap
 from service.engine.runtime import Runtime
@@ -51,10 +53,22 @@ class PostprocessCall:
             self._host[graphs.DETECT_CLASSES] = np.array(detect.classes, np.int64)
             self._host[graphs.THRESHOLD] = np.array([detect.threshold], np.float32)
 
+    @property
+    def head_names(self) -> tuple[str, ...]:
+        """The extra heads (ONNX outputs) a pass must bind besides the primary one."""
+        return tuple(head.name for head in self.plan.heads)
+
     def run(
-        self, runtime: Runtime, raw: ort.OrtValue, cells: tuple[int, int, int, int], *, raw_dtype
+        self,
+        runtime: Runtime,
+        raw: ort.OrtValue,
+        cells: tuple[int, int, int, int],
+        *,
+        raw_dtype,
+        heads: dict[str, ort.OrtValue] | None = None,
     ) -> dict[str, np.ndarray]:
-        """The outputs for cells [r0, r1) x [c0, c1) of the raw map ``raw`` [1, C, h, w]."""
+        """The outputs for cells [r0, r1) x [c0, c1) of the raw map ``raw`` [1, C, h, w]
+        and of each extra head's raw map in ``heads``."""
         spec = graphs.PostprocessSpec(
             raw_dtype=raw_dtype,
             model_gives_probabilities=self.plan.model_gives_probabilities,
@@ -70,7 +84,17 @@ class PostprocessCall:
         host[graphs.STARTS] = np.array(cells[:2], np.int64)
         host[graphs.ENDS] = np.array(cells[2:], np.int64)
         session = runtime.postprocess_session(spec)
-        return runtime.run_to_host(session, {graphs.RAW: raw}, host, self.outputs)
+        parts = runtime.run_to_host(session, {graphs.RAW: raw}, host, self.outputs)
+        if heads:
+            out_dtype = np.dtype(self.plan.dtype).name
+            head = runtime.head_session(graphs.HeadSpec(raw_dtype=raw_dtype, out_dtype=out_dtype))
+            corners = {graphs.STARTS: host[graphs.STARTS], graphs.ENDS: host[graphs.ENDS]}
+            wanted = (graphs.HEAD_MAP, graphs.NONFINITE)
+            for name, value in heads.items():
+                found = runtime.run_to_host(head, {graphs.RAW: value}, corners, wanted)
+                parts[head_key(name)] = found[graphs.HEAD_MAP]
+                parts[graphs.NONFINITE] = parts[graphs.NONFINITE] + found[graphs.NONFINITE]
+        return parts
 
 
 class MapAssembly:
@@ -89,6 +113,8 @@ class MapAssembly:
             self.arrays[graphs.TOP_INDICES] = np.empty((plan.top_k, n_h, n_w), np.int32)
         if plan.argmax:
             self.arrays[graphs.ARGMAX] = np.empty((n_h, n_w), np.int32)
+        for head in plan.heads:
+            self.arrays[head_key(head.name)] = np.empty((head.channels, n_h, n_w), plan.dtype)
         self.probability_sum = np.zeros(num_classes, np.float64)
         self.nonfinite = 0
         self.filled = 0
@@ -143,4 +169,5 @@ class MapAssembly:
         result.top_k_scores = self.arrays.get(graphs.TOP_VALUES)
         result.top_k_indices = self.arrays.get(graphs.TOP_INDICES)
         result.argmax = self.arrays.get(graphs.ARGMAX)
+        result.head_maps = {head.name: self.arrays[head_key(head.name)] for head in self.plan.heads}
         return result, self.probability_sum / count

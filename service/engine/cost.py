@@ -7,7 +7,8 @@ request that cannot be served is refused in milliseconds, not after minutes of p
 Counted, per request (bytes; docs/engine.md "Request cost"):
 
 - ``map_bytes``: every array the engine returns, over all scales (score map of the selected
-  classes in the map dtype, per-cell top-k values and int32 indices, int32 argmax).
+  classes in the map dtype, per-cell top-k values and int32 indices, int32 argmax, the
+  map of each extra head returned in the map dtype).
 - ``held_bytes``: what stays resident while the passes run: the image (decoded uint8, or
   the float array given), every scale's maps, and the largest resized image.
 - ``activation_bytes``: the peak bytes of one pass after tiling: its activations
@@ -29,6 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from service.contract import Pair
+from service.engine.heads import head_key
 from service.engine.postprocess import OutputPlan
 
 RAW_COPIES = 2  # postprocess temporaries of a pass's raw map (exp, then the probabilities)
@@ -103,14 +105,18 @@ def output_bytes(plan: OutputPlan, cells: int, num_classes: int) -> dict[str, in
         outputs["top_k_indices"] = plan.top_k * cells * 4
     if plan.argmax:
         outputs["argmax"] = cells * 4
+    for head in plan.heads:
+        outputs[head_key(head.name)] = head.channels * cells * itemsize
     return outputs
 
 
 def pass_copies(plan: OutputPlan, cells: int, num_classes: int) -> int:
     """Bytes a pass of ``cells`` cells needs besides the net's activations: the postprocess
-    temporaries of its raw map, and its outputs on the device and on the host."""
+    temporaries of its raw map (and of each extra head's), and its outputs on the device
+    and on the host."""
     outputs = sum(output_bytes(plan, cells, num_classes).values()) + 8 * num_classes
-    return RAW_COPIES * num_classes * cells * 4 + OUTPUT_COPIES * outputs
+    head_raw = sum(head.channels for head in plan.heads) * cells * 4
+    return RAW_COPIES * num_classes * cells * 4 + head_raw + OUTPUT_COPIES * outputs
 
 
 def scale_cost(

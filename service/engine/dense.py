@@ -147,9 +147,17 @@ class DenseNet:
             )
             while True:
                 try:
-                    raw = runtime.run_to_device(
-                        session, {self.input_name: image}, {}, self.output_name
-                    )
+                    if post.head_names:  # the primary and the extra heads asked for
+                        outputs = (self.output_name, *post.head_names)
+                        bound = runtime.run_outputs_to_device(
+                            session, {self.input_name: image}, outputs
+                        )
+                        raw = bound.pop(self.output_name)
+                    else:
+                        bound = None
+                        raw = runtime.run_to_device(
+                            session, {self.input_name: image}, {}, self.output_name
+                        )
                     break
                 except Exception as exc:  # noqa: BLE001 - retried in safer settings, or raised
                     if self._precisions is None or not self._precisions.demote(precision, exc):
@@ -159,8 +167,10 @@ class DenseNet:
             shape = (1, height, width) if layout == "NHWC" else (1, "C", height, width)
             raise _run_error(self.label, shape, exc) from None
         self._check_output(tuple(raw.shape()), height, width)
+        for name, value in (bound or {}).items():
+            self._check_output(tuple(value.shape()), height, width, head=name)
         del image
-        return post.run(runtime, raw, cells, raw_dtype=dtype)
+        return post.run(runtime, raw, cells, raw_dtype=dtype, heads=bound)
 
     def session_for(self, precision: str) -> tuple[ort.InferenceSession, str]:
         """(session, input/output element type) of this net at ``precision``."""
@@ -168,16 +178,19 @@ class DenseNet:
             return self.session, "float32"
         return self._precisions.session_for(precision, self.session)
 
-    def _check_output(self, shape: tuple[int, ...], height: int, width: int) -> None:
+    def _check_output(
+        self, shape: tuple[int, ...], height: int, width: int, *, head: str | None = None
+    ) -> None:
         n_h, n_w = self.grid.cells(height, width)
+        what = "" if head is None else f" head {head!r}"
         if len(shape) != 4 or shape[0] != 1:
             raise ModelLoadError(
-                f"{self.label}: expected an output of shape [1, classes, n_h, n_w], got "
+                f"{self.label}:{what} expected an output of shape [1, classes, n_h, n_w], got "
                 f"{list(shape)}: is this a converted dense model?"
             )
         if shape[2] < n_h or shape[3] < n_w:
             raise ModelLoadError(
-                f"{self.label}: the model returned {shape[2]}x{shape[3]} cells on "
+                f"{self.label}:{what} the model returned {shape[2]}x{shape[3]} cells on "
                 f"a {height}x{width} image, but its metadata "
                 f"(window {self.grid.window}, stride {self.grid.stride}) promises "
                 f"{n_h}x{n_w}: the metadata geometry is wrong; reconvert the model"
@@ -196,6 +209,15 @@ class DenseNet:
         self._check_output(scores.shape, image_chw.shape[1], image_chw.shape[2])
         n_h, n_w = self.grid.cells(image_chw.shape[1], image_chw.shape[2])
         return np.ascontiguousarray(scores[0, :, :n_h, :n_w], dtype=np.float32)
+
+    def output_shapes(self, image_chw: np.ndarray, outputs: tuple[str, ...]) -> dict:
+        """The raw output shape of each of ``outputs`` on a host fp32 pass (load checks)."""
+        batch = image_chw[None] if self.layout == "NCHW" else image_chw.transpose(1, 2, 0)[None]
+        try:
+            values = self.session.run(list(outputs), {self.input_name: batch})
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+            raise _run_error(self.label, batch.shape, exc) from None
+        return {name: tuple(value.shape) for name, value in zip(outputs, values, strict=True)}
 
 
 def _run_error(label: str, shape: tuple[int, ...], exc: Exception) -> Exception:

@@ -26,6 +26,7 @@ from service.engine.cost import (
 from service.engine.dense import PixelSource, check_cancel, shift_and_stitch
 from service.engine.detections import candidates, plan_detections, select
 from service.engine.device_memory import resolve_memory_budget
+from service.engine.heads import HeadInfo
 from service.engine.loading import load_nets
 from service.engine.options import DEFAULT_CUDA_REPORT_PRECISIONS, EngineConfig, ScoreOptions
 from service.engine.pass_budget import estimate_passes, pass_bytes_of
@@ -74,6 +75,7 @@ class Engine:
         self._metadata: ModelMetadata = loaded.metadata
         self._labels = loaded.labels
         self._num_classes = loaded.num_classes
+        self._heads = loaded.heads  # primary first
         self._nets = loaded.nets  # main net first, then à-trous variants
         self._providers = loaded.providers
         self._runtime = Runtime(providers=loaded.providers, config=config)
@@ -108,6 +110,12 @@ class Engine:
     @property
     def num_classes(self) -> int:
         return self._num_classes
+
+    @property
+    def heads(self) -> tuple[HeadInfo, ...]:
+        """Every output map of the model, primary (classification) head first: name, kind,
+        channel labels, channels (docs/engine.md "Several heads")."""
+        return self._heads
 
     @property
     def providers(self) -> tuple[str, ...]:
@@ -204,7 +212,10 @@ class Engine:
         if any(not isinstance(v, (int, np.integer)) or isinstance(v, bool) for v in sizes):
             raise InvalidOption(f"height and width must be ints, got {height!r} x {width!r}")
         plan = plan_outputs(
-            options, num_classes=self._num_classes, output_kind=self._metadata.output_kind
+            options,
+            num_classes=self._num_classes,
+            output_kind=self._metadata.output_kind,
+            heads=self._heads,
         )
         net, factor = self._plan_stride(options.output_stride)
         scales = check_scales(options.scales)
@@ -248,7 +259,10 @@ class Engine:
             raise InvalidOption(f"cancel must be a callable returning bool, got {cancel!r}")
         cost = self.estimate_image(image, options)  # refuses before any pixel is decoded
         plan = plan_outputs(
-            options, num_classes=self._num_classes, output_kind=self._metadata.output_kind
+            options,
+            num_classes=self._num_classes,
+            output_kind=self._metadata.output_kind,
+            heads=self._heads,
         )
         detect = None
         if options.detections is not None:
@@ -329,6 +343,7 @@ class Engine:
             image_size=(int(height), int(width)),
             timings=timings,
             detections=detections,
+            heads=plan.heads,
         )
 
     def release_memory(self) -> None:

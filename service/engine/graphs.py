@@ -8,6 +8,8 @@
   what the caller asked for: the map (softmax over the class axis, class subset, float16),
   per-cell top-k and argmax, the per-class sum of cell probabilities (float64, for image
   scores) and a count of non-finite raw values.
+- :func:`head_graph`: an extra head's raw output [1, C, h, w] and the same cells -> its map
+  in the requested dtype and its count of non-finite values (never softmaxed).
 
 Both are plain ONNX (opset 17), so the CPU and CUDA execution providers run the same graphs;
 only the requested outputs are built (onnxruntime runs every node of a graph) and copied back
@@ -45,6 +47,7 @@ DETECT_CLASSES, THRESHOLD, ABOVE_CELLS, ABOVE_SCORES = (
     "above_cells",
     "above_scores",
 )
+HEAD_MAP = "head_map"
 MAP, TOP_VALUES, TOP_INDICES, ARGMAX, PROB_SUM, NONFINITE = (
     "map",
     "top_values",
@@ -252,3 +255,48 @@ def postprocess_graph(spec: PostprocessSpec) -> bytes:
             source = f"{target}_64"
         nodes.append(helper.make_node("Cast", [source], [target], to=TensorProto.INT32))
     return _model(nodes, "densemap_postprocess", inputs, outputs, consts)
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """The structure of one extra head's graph: element types in and out."""
+
+    raw_dtype: str = "float32"  # the net's output element type
+    out_dtype: str = "float32"  # element type of the returned map
+
+
+def head_graph(spec: HeadSpec) -> bytes:
+    """``raw`` [1, C, h, w] + cells ``starts``/``ends`` -> ``head_map`` [C, n_h, n_w] (the
+    model's own values in ``out_dtype``) and ``nonfinite`` (NaN/Inf count)."""
+    consts = [_const("axes_cells", [2, 3], np.int64), _const("axes_batch", [0], np.int64)]
+    nodes = [
+        helper.make_node("Slice", [RAW, STARTS, ENDS, "axes_cells"], ["cropped"]),
+        helper.make_node("Squeeze", ["cropped", "axes_batch"], ["cells"]),
+    ]
+    checked = "cells"
+    if spec.raw_dtype != "float32":  # IsInf has float32 kernels on every provider
+        nodes.append(helper.make_node("Cast", ["cells"], ["cells_f"], to=FLOAT))
+        checked = "cells_f"
+    nodes += [
+        helper.make_node("IsNaN", [checked], ["is_nan"]),
+        helper.make_node("IsInf", [checked], ["is_inf"]),
+        helper.make_node("Or", ["is_nan", "is_inf"], ["bad"]),
+        helper.make_node("Cast", ["bad"], ["bad_f"], to=FLOAT),
+        helper.make_node("ReduceSum", ["bad_f"], [NONFINITE], keepdims=0),
+    ]
+    if spec.raw_dtype == spec.out_dtype:
+        nodes.append(helper.make_node("Identity", ["cells"], [HEAD_MAP]))
+    else:
+        nodes.append(
+            helper.make_node("Cast", ["cells"], [HEAD_MAP], to=ELEMENT_TYPES[spec.out_dtype])
+        )
+    inputs = [
+        helper.make_tensor_value_info(RAW, ELEMENT_TYPES[spec.raw_dtype], [1, "C", "h", "w"]),
+        helper.make_tensor_value_info(STARTS, INT64, [2]),
+        helper.make_tensor_value_info(ENDS, INT64, [2]),
+    ]
+    outputs = [
+        helper.make_tensor_value_info(HEAD_MAP, ELEMENT_TYPES[spec.out_dtype], ["C", "n_h", "n_w"]),
+        helper.make_tensor_value_info(NONFINITE, FLOAT, []),
+    ]
+    return _model(nodes, "densemap_head", inputs, outputs, consts)

@@ -1,8 +1,10 @@
 """Loading a model folder's ONNX files into :class:`~service.engine.dense.DenseNet` objects.
 
 Reads the metadata contract (``onnx.load(..., load_external_data=False)``), opens the main
-model and every à-trous variant named in the metadata (same folder), checks the input and
-output names and the class count, and warms every session up once on a window-size input.
+model and every à-trous variant named in the metadata (same folder), checks the input name
+and that the outputs are the metadata's heads, each a map with the model's geometry
+(:mod:`service.engine.heads`), the class and channel counts, and warms every session up
+once on a window-size input.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import onnx
 
 from service.contract import ModelMetadata
 from service.engine.dense import DenseNet, Grid
+from service.engine.heads import HeadInfo, check_head_maps, check_outputs, describe_heads
 from service.engine.memory import ActivationEstimator
 from service.engine.options import EngineConfig
 from service.engine.precision import PrecisionSessions
@@ -40,6 +43,7 @@ class LoadedModel:
     num_classes: int
     nets: tuple[DenseNet, ...]  # main net first
     providers: tuple[str, ...]
+    heads: tuple[HeadInfo, ...] = ()  # every head, primary first
 
 
 def read_proto(path: Path) -> onnx.ModelProto:
@@ -74,11 +78,7 @@ def _open_net(path: Path, proto, metadata: ModelMetadata, grid: Grid, config) ->
     session = create_session(path, config)
     inputs = [i.name for i in session.get_inputs()]
     outputs = [o.name for o in session.get_outputs()]
-    if metadata.input_name not in inputs or metadata.output_name not in outputs:
-        raise ModelLoadError(
-            f"{path.name}: metadata names input {metadata.input_name!r} and output "
-            f"{metadata.output_name!r}, but the graph has inputs {inputs} and outputs {outputs}"
-        )
+    check_outputs(metadata, inputs, outputs, file=path.name)
     estimator = ActivationEstimator(
         proto, input_name=metadata.input_name, layout=metadata.preprocessing.layout
     )
@@ -103,8 +103,9 @@ def _variant_grid(main: Grid, stride, path: Path) -> Grid:
     return Grid(stride, main.window, main.receptive_field, main.receptive_field_offset)
 
 
-def _count_classes(net: DenseNet, channels: int) -> int:
-    """Run the net once on a window-size input (warm-up) and read the class count."""
+def _count_classes(net: DenseNet, channels: int, heads: tuple[str, ...]) -> dict[str, int]:
+    """Run the net once on a window-size input (warm-up) and read the class count; with
+    extra heads, each head's channels, checking that each has the primary's cells."""
     window = net.grid.window
     shape = (channels, *window)
     scores = net.run(np.zeros(shape, dtype=np.float32))
@@ -112,7 +113,15 @@ def _count_classes(net: DenseNet, channels: int) -> int:
         raise ModelLoadError(
             f"{net.label}: a window-size input gave {scores.shape[1:]} cells, expected 1x1"
         )
-    return int(scores.shape[0])
+    counts = {heads[0]: int(scores.shape[0])}
+    if len(heads) == 1:
+        return counts
+    for size in (window, tuple(r + s for r, s in zip(window, net.grid.stride, strict=True))):
+        shapes = net.output_shapes(np.zeros((channels, *size), np.float32), heads)
+        primary = shapes.pop(heads[0])
+        check_head_maps(shapes, cells=primary[2:], size=size, file=net.label)
+    counts.update((name, int(shape[1])) for name, shape in shapes.items())
+    return counts
 
 
 def load_nets(
@@ -136,10 +145,14 @@ def load_nets(
             _open_net(variant_path, read_proto(variant_path), metadata, variant_grid, config)
         )
     channels = metadata.preprocessing.channels
-    counts = {net.label: _count_classes(net, channels) for net in nets}
-    if len(set(counts.values())) != 1:
-        raise ModelLoadError(f"the model and its variants disagree on the class count: {counts}")
-    num_classes = next(iter(counts.values()))
+    names = tuple(head.name for head in metadata.heads)
+    counts = {net.label: _count_classes(net, channels, names) for net in nets}
+    if len({tuple(c.items()) for c in counts.values()}) != 1:
+        what = "class count" if len(names) == 1 else "channels of their heads"
+        flat = {label: c[names[0]] if len(names) == 1 else c for label, c in counts.items()}
+        raise ModelLoadError(f"the model and its variants disagree on the {what}: {flat}")
+    head_channels = next(iter(counts.values()))
+    num_classes = head_channels[names[0]]
     if config.warmup:  # one multi-cell pass per net: first requests then run at steady speed
         for net in nets:
             size = [2 * r for r in net.grid.window]
@@ -155,13 +168,17 @@ def load_nets(
     where = providers[0] + (
         f" (CUDA not used: {fallback})" if fallback and CPU == providers[0] else ""
     )
+    extra = "".join(f", head {h.name!r} ({h.kind})" for h in metadata.extra_heads)
     log.info(
-        "model %r loaded on %s: %d classes, stride %s, à-trous %s, %.2fs",
+        "model %r loaded on %s: %d classes%s, stride %s, à-trous %s, %.2fs",
         name,
         where,
         num_classes,
+        extra,
         geometry.stride,
         [v.stride for v in metadata.variants] or "none",
         time.perf_counter() - started,
     )
-    return LoadedModel(metadata, tuple(str(x) for x in chosen), num_classes, tuple(nets), providers)
+    chosen = tuple(str(x) for x in chosen)
+    heads = describe_heads(metadata, head_channels, chosen)
+    return LoadedModel(metadata, chosen, num_classes, tuple(nets), providers, heads)

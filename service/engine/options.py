@@ -101,6 +101,8 @@ class ScoreOptions:
     - ``image_top_k``: how many image-level classes to report.
     - ``precision``: "fp32" (exact), "tf32" or "fp16"; None uses the model's default.
     - ``detections``: also return boxes (:class:`DetectionOptions`); None = off.
+    - ``heads``: names of the model's extra heads to return (models with several outputs,
+      ``ScaleMap.head_maps``); None = all of them, () = none.
     """
 
     output_stride: int | None = None
@@ -114,3 +116,4 @@ class ScoreOptions:
     image_top_k: int = DEFAULT_IMAGE_TOP_K
     precision: str | None = None
     detections: DetectionOptions | None = None
+    heads: tuple[str, ...] | None = None

@@ -9,6 +9,8 @@ Rules (documented in docs/engine.md):
 - image scores: the mean over cells of the class probabilities (softmax even when logits
   are returned), computed in float64 and averaged over scales; image top-k ranks the
   selected classes, clipped to their number.
+- ``heads``: the extra heads returned (:mod:`service.engine.heads`), each its own map of
+  the model's values in the map dtype.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from service.engine.heads import HeadInfo, select_heads
 from service.engine.options import ScoreOptions
 from service.errors import InvalidImage, InvalidOption, ModelLoadError
 
@@ -36,10 +39,18 @@ class OutputPlan:
     image_top_k: int
     argmax: bool
     include_map: bool
+    heads: tuple[HeadInfo, ...] = ()  # the extra heads returned, in model order
 
 
-def plan_outputs(options: ScoreOptions, *, num_classes: int, output_kind: str) -> OutputPlan:
-    """Check the output options against the model; raise InvalidOption naming the fix."""
+def plan_outputs(
+    options: ScoreOptions,
+    *,
+    num_classes: int,
+    output_kind: str,
+    heads: tuple[HeadInfo, ...] = (),
+) -> OutputPlan:
+    """Check the output options against the model (``heads``: all of its heads, primary
+    first; none for a one-output model); raise InvalidOption naming the fix."""
     # a softmax (probabilities) or per-class sigmoids (sigmoid) already ends the model
     gives_probabilities = output_kind in ("probabilities", "sigmoid")
     if not options.probabilities and gives_probabilities:
@@ -91,6 +102,7 @@ def plan_outputs(options: ScoreOptions, *, num_classes: int, output_kind: str) -
         image_top_k=min(int(options.image_top_k), selectable),
         argmax=bool(options.argmax),
         include_map=bool(options.include_map),
+        heads=select_heads(options.heads, heads),
     )
 
 

@@ -184,6 +184,7 @@ def compare_precision(engine, image, precision: str, *, output_stride=None) -> P
         probabilities=own_probabilities,
         image_top_k=0,
         precision="fp32",
+        heads=(),  # the primary head's map is compared
     )
     exact = engine.score(image, options).maps[0].scores
     other = engine.score(image, replace(options, precision=precision)).maps[0].scores

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from service.engine.heads import HeadInfo
+
 
 @dataclass(frozen=True)
 class MapGeometry:
@@ -37,7 +39,8 @@ class MapGeometry:
 
 @dataclass
 class ScaleMap:
-    """One map: ``scores`` is [C, n_h, n_w] (None when not requested)."""
+    """One map: ``scores`` is [C, n_h, n_w] (None when not requested); ``head_maps`` holds
+    each returned extra head's map [channels, n_h, n_w] by head name (same cells)."""
 
     geometry: MapGeometry
     scores: np.ndarray | None = None
@@ -46,11 +49,12 @@ class ScaleMap:
     argmax: np.ndarray | None = None  # [n_h, n_w] int32
     classes: tuple[int, ...] | None = None  # class index of each channel of ``scores``
     cells: tuple[int, int] | None = None  # (n_h, n_w), set by the engine even with no array
+    head_maps: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def shape(self) -> tuple[int, int]:
         """(n_h, n_w): cells per axis."""
-        for arr in (self.scores, self.argmax, self.top_k_indices):
+        for arr in (self.scores, self.argmax, self.top_k_indices, *self.head_maps.values()):
             if arr is not None:
                 return tuple(arr.shape[-2:])
         if self.cells is not None:
@@ -87,6 +91,7 @@ class ScoreMap:
     image_size: tuple[int, int] = (0, 0)  # (h, w) of the original image
     timings: dict[str, float] = field(default_factory=dict)  # seconds: decode, infer, ...
     detections: list[Detection] | None = None  # best first; None unless asked for
+    heads: tuple[HeadInfo, ...] = ()  # the extra heads of every ScaleMap.head_maps
 
 
 @dataclass(frozen=True)

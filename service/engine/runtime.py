@@ -74,6 +74,9 @@ class Runtime:
     def postprocess_session(self, spec: graphs.PostprocessSpec) -> ort.InferenceSession:
         return self._session(("post", spec), lambda: graphs.postprocess_graph(spec))
 
+    def head_session(self, spec: graphs.HeadSpec) -> ort.InferenceSession:
+        return self._session(("head", spec), lambda: graphs.head_graph(spec))
+
     # -- tensors ---------------------------------------------------------------------------
     def upload(self, array: np.ndarray) -> ort.OrtValue:
         """A C-contiguous copy of ``array`` on the device (on CPU: the array itself)."""
@@ -91,6 +94,20 @@ class Runtime:
         binding.bind_output(output, self.device_type, 0)
         session.run_with_iobinding(binding)
         return binding.get_outputs()[0]
+
+    def run_outputs_to_device(
+        self,
+        session: ort.InferenceSession,
+        device_inputs: dict[str, ort.OrtValue],
+        outputs: Sequence[str],
+    ) -> dict[str, ort.OrtValue]:
+        """Run ``session``; its ``outputs`` (only those: a model's heads the request did not
+        ask for are not bound) stay on the device."""
+        binding = _bind_inputs(session, device_inputs, {})
+        for name in outputs:
+            binding.bind_output(name, self.device_type, 0)
+        session.run_with_iobinding(binding)
+        return dict(zip(outputs, binding.get_outputs(), strict=True))
 
     def run_to_host(
         self,

@@ -23,6 +23,12 @@ from service.server.detection_codec import (
     detections_from_response,
     fill_detections,
 )
+from service.server.head_codec import (
+    fill_head_maps,
+    heads_from_proto,
+    heads_to_proto,
+    read_head_maps,
+)
 
 WIRE_DTYPES: dict[int, np.dtype] = {
     pb.UINT8: np.dtype("<u1"),
@@ -136,6 +142,7 @@ def options_to_proto(options: ScoreOptions, out: pb.ScoreOptions) -> None:
     out.precision = options.precision or ""
     if options.detections is not None:
         detection_options_to_proto(options.detections, out.detections)
+    heads_to_proto(options.heads, out)
 
 
 def options_from_proto(options: pb.ScoreOptions) -> ScoreOptions:
@@ -177,6 +184,7 @@ def options_from_proto(options: pb.ScoreOptions) -> ScoreOptions:
         detections=detection_options_from_proto(options.detections)
         if options.HasField("detections")
         else None,
+        heads=heads_from_proto(options),
     )
 
 
@@ -230,6 +238,7 @@ def fill_response(out: pb.ScoreResponse, result: ScoreMap) -> None:
             array = getattr(scale_map, name)
             if array is not None:
                 fill_tensor(getattr(map_pb, name), array)
+        fill_head_maps(map_pb, scale_map, result.heads, fill_tensor)
     out.image_scores[:] = np.asarray(result.image_scores, dtype=np.float32)
     for index, score in result.image_top_k:
         label = result.labels[index] if index < len(result.labels) else ""
@@ -243,7 +252,7 @@ def result_from_response(
 ) -> ScoreMap:
     """Client side: a :class:`ScoreMap` with numpy arrays, timings in seconds; its
     ``detections`` is a list when ``detections`` (the request asked for them), else None."""
-    maps = []
+    maps, heads = [], ()
     for map_pb in response.maps:
         arrays = {
             name: read_tensor(getattr(map_pb, name), what=name) if map_pb.HasField(name) else None
@@ -252,7 +261,10 @@ def result_from_response(
         classes = tuple(map_pb.classes) or None
         cells = (map_pb.cells.h, map_pb.cells.w) if map_pb.HasField("cells") else None
         geometry = _read_geometry(map_pb.geometry)
-        maps.append(ScaleMap(geometry=geometry, classes=classes, cells=cells, **arrays))
+        head_maps, heads = read_head_maps(map_pb, read_tensor)
+        maps.append(
+            ScaleMap(geometry=geometry, classes=classes, cells=cells, head_maps=head_maps, **arrays)
+        )
     timing = response.timing
     return ScoreMap(
         maps=maps,
@@ -265,4 +277,5 @@ def result_from_response(
             for stage in ("decode", "queue", "infer", "encode", "total")
         },
         detections=detections_from_response(response) if detections else None,
+        heads=heads,
     )

@@ -13,6 +13,7 @@ import grpc
 from service._proto.densemap.v1 import densemap_pb2 as pb
 from service._proto.densemap.v1 import densemap_pb2_grpc as pb_grpc
 from service.server import codec
+from service.server.head_codec import fill_model_heads
 from service.server.scoring import Call, ScoringCore
 from service.server.status import NotServing, abort
 
@@ -49,6 +50,7 @@ def fill_model_info(out: pb.ModelInfo, engine, *, name: str, with_labels: bool) 
     out.precisions[:] = list(engine.precisions)
     for report in engine.precision_report:
         codec.precision_report_to_proto(report, out.precision_report.add())
+    fill_model_heads(out, engine.heads, with_labels=with_labels)
 
 
 def load_failures(repository) -> list[tuple[str, str]]:

@@ -3,10 +3,12 @@
 A dense model takes ONE input, either ``image`` (UINT8 [H, W, C] in the model's color
 order) or ``image_bytes`` (BYTES [1], an encoded image). Outputs, always sent in
 ``raw_output_contents`` (tritonclient's ``as_numpy`` reads nothing else), per scale i
-(suffix "" for the first scale, "_<i>" for the others): ``scores`` [C, n_h, n_w],
-``top_k_indices``/``top_k_scores`` [k, n_h, n_w], ``argmax`` [n_h, n_w]; plus
+(suffix "" for the first scale, "_<i>" for the others): ``scores`` [C, n_h, n_w] (the
+primary head), ``top_k_indices``/``top_k_scores`` [k, n_h, n_w], ``argmax`` [n_h, n_w],
+and one output per extra head, named by the head, [channels, n_h, n_w]; plus
 ``image_scores`` [num_classes]; with ``detections=true``, the detection outputs of
-:mod:`service.server.kserve_detections`. Options are request parameters (see PARAMETERS).
+:mod:`service.server.kserve_detections`. Names: :mod:`service.server.kserve_outputs`.
+Options are request parameters (see PARAMETERS).
 """
 
 from __future__ import annotations
@@ -17,10 +19,16 @@ import struct
 
 import numpy as np
 
-from service.engine.cost import RequestCost, response_bytes
-from service.engine.options import DetectionOptions, ScoreOptions
-from service.errors import InvalidImage, InvalidOption, ModelNotFound
+from service.errors import InvalidImage, ModelNotFound
 from service.server import kserve_detections
+from service.server.kserve_outputs import (
+    MAP_OUTPUTS,
+    estimated_bytes,
+    head_output,
+    output_name,
+    requested_options,
+    set_geometry,
+)
 from service.server.kserve_parameters import options_from_parameters
 from service.server.kserve_proto import ModelInferResponse, ModelMetadataResponse, message_class
 from service.server.scoring import Call, ScoringCore
@@ -28,10 +36,8 @@ from service.server.status import quote_name
 
 PLATFORM = "onnxruntime_onnx"
 INPUTS = {"image": "UINT8", "image_bytes": "BYTES"}
-MAP_OUTPUTS = ("scores", "top_k_indices", "top_k_scores", "argmax")
 DATATYPES = {"float32": "FP32", "float16": "FP16", "int32": "INT32"}
 VERSIONS = ("", "1")
-GEOMETRY_PAIRS = ("stride", "window", "origin", "receptive_field", "receptive_field_offset")
 
 
 def _server_version() -> str:
@@ -39,18 +45,6 @@ def _server_version() -> str:
         return importlib.metadata.version("densemap")
     except importlib.metadata.PackageNotFoundError:
         return "0+unknown"
-
-
-def _output_name(base: str, scale_index: int) -> str:
-    return base if scale_index == 0 else f"{base}_{scale_index}"
-
-
-def _set_geometry(output, geometry) -> None:
-    """Geometry of the map an output belongs to, as output parameters."""
-    output.parameters["scale"].double_param = geometry.scale
-    output.parameters["resize"].string_param = ",".join(repr(v) for v in geometry.resize)
-    for pair in GEOMETRY_PAIRS:
-        output.parameters[pair].string_param = ",".join(str(v) for v in getattr(geometry, pair))
 
 
 def _check_version(name: str, version: str) -> None:
@@ -140,67 +134,6 @@ def _read_input(request) -> np.ndarray | bytes:
     return values.astype(np.uint8).reshape(shape)
 
 
-def _response_bytes(cost: RequestCost, wanted: set[str] | None, num_classes: int) -> int:
-    """A lower bound of the ModelInferResponse's size: only the outputs asked for."""
-    if wanted is None:
-        return response_bytes(cost.scales, num_classes=num_classes)
-    per_scale = {
-        index: {base for base in MAP_OUTPUTS if _output_name(base, index) in wanted}
-        for index in range(len(cost.scales))
-    }
-    return response_bytes(
-        cost.scales,
-        num_classes=num_classes,
-        wanted=per_scale,
-        image_scores="image_scores" in wanted,
-    )
-
-
-def _requested_outputs(request, options: ScoreOptions, scale_count: int) -> ScoreOptions:
-    """Narrow the options to the requested outputs (empty: all the options produce)."""
-    names = [output.name for output in request.outputs]
-    valid = {"image_scores", *kserve_detections.OUTPUTS} | {
-        _output_name(base, i) for base in MAP_OUTPUTS for i in range(scale_count)
-    }
-    unknown = [name for name in names if name not in valid]
-    if unknown:
-        raise InvalidOption(
-            f"unknown output(s) {unknown[:5]}: this request can give {sorted(valid)}"
-        )
-    shared = [o.name for o in request.outputs if "shared_memory_region" in o.parameters]
-    if shared:
-        raise InvalidOption(
-            f"output(s) {shared[:5]} ask for a shared memory region, which densemap does not "
-            "serve: request them without one; outputs come in raw_output_contents"
-        )
-    classified = [o.name for o in request.outputs if "classification" in o.parameters]
-    if classified:
-        raise InvalidOption(
-            f"output(s) {classified[:5]} ask for Triton classification (class_count), which "
-            "dense maps do not support: leave class_count at 0 and use the request parameters "
-            "top_k (per cell, outputs top_k_indices/top_k_scores) or image_top_k"
-        )
-    if not names:
-        return options
-    wanted = {name.rsplit("_", 1)[0] if name[-1].isdigit() else name for name in names}
-    detections = options.detections
-    if wanted & set(kserve_detections.OUTPUTS):
-        detections = detections or DetectionOptions()
-    else:
-        detections = None
-    if wanted & {"top_k_indices", "top_k_scores"} and options.top_k == 0:
-        raise InvalidOption("top-k outputs need the request parameter top_k > 0")
-    return ScoreOptions(
-        **{
-            **options.__dict__,
-            "include_map": "scores" in wanted,
-            "argmax": "argmax" in wanted,
-            "top_k": options.top_k if wanted & {"top_k_indices", "top_k_scores"} else 0,
-            "detections": detections,
-        }
-    )
-
-
 class KServeServicer:
     """The six KServe RPCs; registered by ``kserve_proto.add_servicer_to_server``."""
 
@@ -245,6 +178,10 @@ class KServeServicer:
             response.outputs.add(name="detections", datatype="FP32", shape=[-1, 6])
             response.outputs.add(name="detection_labels", datatype="BYTES", shape=[-1])
             response.outputs.add(name="detection_cells", datatype="INT32", shape=[-1, 3])
+            for head in engine.heads[1:]:  # extra heads: [channels, n_h, n_w]
+                response.outputs.add(
+                    name=head_output(head), datatype="FP32", shape=[head.channels, -1, -1]
+                )
             return response
 
         return self._core.unary(context, "kserve.ModelMetadata", metadata)
@@ -257,26 +194,33 @@ class KServeServicer:
     def _infer(self, call: Call, request):
         engine = call.engine(request.model_name)
         _check_version(request.model_name, request.model_version)
+        heads = engine.heads
         with call.timed("decode"):
             options = options_from_parameters(request.parameters)
-            options = _requested_outputs(request, options, len(options.scales))
+            options, wanted = requested_options(request, options, heads)
             image = _read_input(request)
-        wanted = {output.name for output in request.outputs} or None
         result = call.score(
             engine,
             image,
             options,
-            response_bytes=lambda cost: _response_bytes(cost, wanted, engine.num_classes),
+            response_bytes=lambda cost: estimated_bytes(cost, wanted, heads, engine.num_classes),
         )
         response = ModelInferResponse(model_name=request.model_name, model_version="1")
         response.id = request.id
         with call.timed("encode"):
             for index, scale_map in enumerate(result.maps):
                 for base in MAP_OUTPUTS:
-                    array, name = getattr(scale_map, base), _output_name(base, index)
+                    array, name = getattr(scale_map, base), output_name(base, index)
                     if array is not None and (wanted is None or name in wanted):
                         output = self._add_output(response, name, array)
-                        _set_geometry(output, scale_map.geometry)
+                        set_geometry(output, scale_map.geometry)
+                for head in result.heads:
+                    name = output_name(head_output(head), index)
+                    if wanted is None or name in wanted:
+                        output = self._add_output(response, name, scale_map.head_maps[head.name])
+                        set_geometry(output, scale_map.geometry)
+                        output.parameters["head"].string_param = head.name
+                        output.parameters["kind"].string_param = head.kind
             if wanted is None or "image_scores" in wanted:
                 self._add_output(response, "image_scores", np.asarray(result.image_scores))
             if result.detections is not None:

@@ -48,7 +48,7 @@ class Image(_message.Message):
     def __init__(self, encoded: _Optional[bytes] = ..., array: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ScoreOptions(_message.Message):
-    __slots__ = ("output_stride", "scales", "output", "dtype", "top_k", "classes", "argmax", "omit_map", "image_top_k", "precision", "detections")
+    __slots__ = ("output_stride", "scales", "output", "dtype", "top_k", "classes", "argmax", "omit_map", "image_top_k", "precision", "detections", "heads", "omit_heads")
     OUTPUT_STRIDE_FIELD_NUMBER: _ClassVar[int]
     SCALES_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +60,8 @@ class ScoreOptions(_message.Message):
     IMAGE_TOP_K_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     DETECTIONS_FIELD_NUMBER: _ClassVar[int]
+    HEADS_FIELD_NUMBER: _ClassVar[int]
+    OMIT_HEADS_FIELD_NUMBER: _ClassVar[int]
     output_stride: int
     scales: _containers.RepeatedScalarFieldContainer[float]
     output: Output
@@ -71,7 +73,9 @@ class ScoreOptions(_message.Message):
     image_top_k: int
     precision: str
     detections: DetectionOptions
-    def __init__(self, output_stride: _Optional[int] = ..., scales: _Optional[_Iterable[float]] = ..., output: _Optional[_Union[Output, str]] = ..., dtype: _Optional[_Union[DType, str]] = ..., top_k: _Optional[int] = ..., classes: _Optional[_Iterable[int]] = ..., argmax: _Optional[bool] = ..., omit_map: _Optional[bool] = ..., image_top_k: _Optional[int] = ..., precision: _Optional[str] = ..., detections: _Optional[_Union[DetectionOptions, _Mapping]] = ...) -> None: ...
+    heads: _containers.RepeatedScalarFieldContainer[str]
+    omit_heads: bool
+    def __init__(self, output_stride: _Optional[int] = ..., scales: _Optional[_Iterable[float]] = ..., output: _Optional[_Union[Output, str]] = ..., dtype: _Optional[_Union[DType, str]] = ..., top_k: _Optional[int] = ..., classes: _Optional[_Iterable[int]] = ..., argmax: _Optional[bool] = ..., omit_map: _Optional[bool] = ..., image_top_k: _Optional[int] = ..., precision: _Optional[str] = ..., detections: _Optional[_Union[DetectionOptions, _Mapping]] = ..., heads: _Optional[_Iterable[str]] = ..., omit_heads: _Optional[bool] = ...) -> None: ...
 
 class DetectionOptions(_message.Message):
     __slots__ = ("classes", "threshold", "iou", "max_count", "across_classes", "box_offsets")
@@ -160,7 +164,7 @@ class MapGeometry(_message.Message):
     def __init__(self, stride: _Optional[_Union[Pair, _Mapping]] = ..., window: _Optional[_Union[Pair, _Mapping]] = ..., origin: _Optional[_Union[Pair, _Mapping]] = ..., receptive_field: _Optional[_Union[Pair, _Mapping]] = ..., receptive_field_offset: _Optional[_Union[Pair, _Mapping]] = ..., scale: _Optional[float] = ..., resize_h: _Optional[float] = ..., resize_w: _Optional[float] = ...) -> None: ...
 
 class ScaleMap(_message.Message):
-    __slots__ = ("geometry", "scores", "classes", "top_k_indices", "top_k_scores", "argmax", "cells")
+    __slots__ = ("geometry", "scores", "classes", "top_k_indices", "top_k_scores", "argmax", "cells", "heads")
     GEOMETRY_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
     CLASSES_FIELD_NUMBER: _ClassVar[int]
@@ -168,6 +172,7 @@ class ScaleMap(_message.Message):
     TOP_K_SCORES_FIELD_NUMBER: _ClassVar[int]
     ARGMAX_FIELD_NUMBER: _ClassVar[int]
     CELLS_FIELD_NUMBER: _ClassVar[int]
+    HEADS_FIELD_NUMBER: _ClassVar[int]
     geometry: MapGeometry
     scores: Tensor
     classes: _containers.RepeatedScalarFieldContainer[int]
@@ -175,7 +180,32 @@ class ScaleMap(_message.Message):
     top_k_scores: Tensor
     argmax: Tensor
     cells: Pair
-    def __init__(self, geometry: _Optional[_Union[MapGeometry, _Mapping]] = ..., scores: _Optional[_Union[Tensor, _Mapping]] = ..., classes: _Optional[_Iterable[int]] = ..., top_k_indices: _Optional[_Union[Tensor, _Mapping]] = ..., top_k_scores: _Optional[_Union[Tensor, _Mapping]] = ..., argmax: _Optional[_Union[Tensor, _Mapping]] = ..., cells: _Optional[_Union[Pair, _Mapping]] = ...) -> None: ...
+    heads: _containers.RepeatedCompositeFieldContainer[HeadMap]
+    def __init__(self, geometry: _Optional[_Union[MapGeometry, _Mapping]] = ..., scores: _Optional[_Union[Tensor, _Mapping]] = ..., classes: _Optional[_Iterable[int]] = ..., top_k_indices: _Optional[_Union[Tensor, _Mapping]] = ..., top_k_scores: _Optional[_Union[Tensor, _Mapping]] = ..., argmax: _Optional[_Union[Tensor, _Mapping]] = ..., cells: _Optional[_Union[Pair, _Mapping]] = ..., heads: _Optional[_Iterable[_Union[HeadMap, _Mapping]]] = ...) -> None: ...
+
+class HeadMap(_message.Message):
+    __slots__ = ("name", "kind", "labels", "values")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: str
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    values: Tensor
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class Head(_message.Message):
+    __slots__ = ("name", "kind", "labels", "channels")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: str
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    channels: int
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., channels: _Optional[int] = ...) -> None: ...
 
 class ClassScore(_message.Message):
     __slots__ = ("index", "label", "score")
@@ -294,7 +324,7 @@ class ModelGeometry(_message.Message):
     def __init__(self, window: _Optional[_Union[Pair, _Mapping]] = ..., stride: _Optional[_Union[Pair, _Mapping]] = ..., origin: _Optional[_Union[Pair, _Mapping]] = ..., receptive_field: _Optional[_Union[Pair, _Mapping]] = ..., receptive_field_offset: _Optional[_Union[Pair, _Mapping]] = ..., effective_window: _Optional[_Union[Pair, _Mapping]] = ..., padded: _Optional[bool] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "num_classes", "labels", "geometry", "supported_strides", "preprocessing", "output_kind", "providers", "source", "contract_version", "default_precision", "precisions", "precision_report")
+    __slots__ = ("name", "num_classes", "labels", "geometry", "supported_strides", "preprocessing", "output_kind", "providers", "source", "contract_version", "default_precision", "precisions", "precision_report", "heads")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
@@ -308,6 +338,7 @@ class ModelInfo(_message.Message):
     DEFAULT_PRECISION_FIELD_NUMBER: _ClassVar[int]
     PRECISIONS_FIELD_NUMBER: _ClassVar[int]
     PRECISION_REPORT_FIELD_NUMBER: _ClassVar[int]
+    HEADS_FIELD_NUMBER: _ClassVar[int]
     name: str
     num_classes: int
     labels: _containers.RepeatedScalarFieldContainer[str]
@@ -321,7 +352,8 @@ class ModelInfo(_message.Message):
     default_precision: str
     precisions: _containers.RepeatedScalarFieldContainer[str]
     precision_report: _containers.RepeatedCompositeFieldContainer[PrecisionReport]
-    def __init__(self, name: _Optional[str] = ..., num_classes: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., geometry: _Optional[_Union[ModelGeometry, _Mapping]] = ..., supported_strides: _Optional[_Iterable[int]] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., output_kind: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., source: _Optional[str] = ..., contract_version: _Optional[int] = ..., default_precision: _Optional[str] = ..., precisions: _Optional[_Iterable[str]] = ..., precision_report: _Optional[_Iterable[_Union[PrecisionReport, _Mapping]]] = ...) -> None: ...
+    heads: _containers.RepeatedCompositeFieldContainer[Head]
+    def __init__(self, name: _Optional[str] = ..., num_classes: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., geometry: _Optional[_Union[ModelGeometry, _Mapping]] = ..., supported_strides: _Optional[_Iterable[int]] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., output_kind: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., source: _Optional[str] = ..., contract_version: _Optional[int] = ..., default_precision: _Optional[str] = ..., precisions: _Optional[_Iterable[str]] = ..., precision_report: _Optional[_Iterable[_Union[PrecisionReport, _Mapping]]] = ..., heads: _Optional[_Iterable[_Union[Head, _Mapping]]] = ...) -> None: ...
 
 class PrecisionReport(_message.Message):
     __slots__ = ("precision", "max_probability_deviation", "max_logit_deviation", "argmax_agreement", "cells", "image")
