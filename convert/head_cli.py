@@ -32,7 +32,7 @@ def add_head_arguments(parser: argparse.ArgumentParser) -> None:
         type=_head_file,
         default=[],
         metavar="NAME=FILE",
-        help="channel labels of one output, one per line; repeatable",
+        help="channel labels of one output, one per line; repeatable (default: none)",
     )
     parser.add_argument(
         "--primary-head",

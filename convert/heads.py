@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from service.contract import HEAD_KINDS, OUTPUT_KINDS, Head
+from convert.geometry import compute_geometry
+from service.contract import HEAD_KINDS, OUTPUT_KINDS, Geometry, Head
 from service.errors import ConversionError, ModelLoadError
 
 FINAL_OPS = {"Softmax": "softmax", "LogSoftmax": "log_softmax", "Sigmoid": "sigmoid"}
@@ -182,6 +183,20 @@ def _primary(heads: list[Head], wanted: str | None, listing: str) -> Head:
         f"no head classifies ({kinds}): the primary head, which top-k, argmax and "
         f"detections read, needs a kind among {', '.join(OUTPUT_KINDS)}"
     )
+
+
+def heads_geometry(dense: onnx.ModelProto, *, window: tuple[int, int]) -> Geometry:
+    """The geometry of a dense model: every output's must agree (one trunk, one grid)."""
+    names = [value.name for value in dense.graph.output]
+    geometries = {name: compute_geometry(dense, window=window, output=name) for name in names}
+    first = geometries[names[0]]
+    for name in names[1:]:
+        if geometries[name] != first:
+            raise ConversionError(
+                f"heads {names[0]!r} and {name!r} have different geometry ({first} and "
+                f"{geometries[name]}): every head must read the same trunk output"
+            )
+    return first
 
 
 def check_channels(heads: Sequence[Head], channels: Mapping[str, int]) -> None:

@@ -31,7 +31,13 @@ import onnx
 from convert.atrous import make_atrous, supported_strides
 from convert.from_onnx.graph import image_input, static_dims
 from convert.geometry import compute_geometry, trace_graph
-from convert.heads import HeadOptions, check_channels, dense_outputs, resolve_heads
+from convert.heads import (
+    HeadOptions,
+    check_channels,
+    dense_outputs,
+    heads_geometry,
+    resolve_heads,
+)
 from convert.runtime import cpu_session, image_shape, numpy_dtype, run_outputs
 from service.contract import METADATA_KEY, Geometry, ModelMetadata, Preprocessing, Variant
 from service.errors import ConversionError, ModelLoadError
@@ -177,7 +183,7 @@ def finish_dense(
         )
     window = as_pair(window, "window")
     resolved = resolve_heads(dense_outputs(dense), heads, labels=tuple(labels))
-    geometry = _geometry(dense, window)
+    geometry = heads_geometry(dense, window=window)
     layout = trace_graph(dense).layout
     image = image_input(dense.graph)
     channels = static_dims(image)[1 if layout == "NCHW" else 3]
@@ -212,20 +218,6 @@ def finish_dense(
         for folder in reversed(created):  # a failed conversion leaves no new folders either
             with contextlib.suppress(OSError):
                 folder.rmdir()
-
-
-def _geometry(dense: onnx.ModelProto, window: Pair) -> Geometry:
-    """The geometry of every output; they must agree (one trunk, one grid)."""
-    names = [value.name for value in dense.graph.output]
-    geometries = {name: compute_geometry(dense, window=window, output=name) for name in names}
-    first = geometries[names[0]]
-    for name in names[1:]:
-        if geometries[name] != first:
-            raise ConversionError(
-                f"heads {names[0]!r} and {name!r} have different geometry ({first} and "
-                f"{geometries[name]}): every head must read the same trunk output"
-            )
-    return first
 
 
 def _make_folders(folder: Path) -> list[Path]:
