@@ -166,3 +166,13 @@ def test_two_hand_built_heads_on_one_flatten_equal_crops():
     for name, reference in expected.items():
         got = maps[name][0, :, : reference.shape[1], : reference.shape[2]]
         np.testing.assert_allclose(got, reference, rtol=0, atol=FP64_TOLERANCE)
+
+
+def test_an_output_that_is_the_flattened_map_is_refused():
+    classifier = _two_reads()
+    flat = next(node for node in classifier.graph.node if node.op_type == "Flatten")
+    classifier.graph.output.append(
+        helper.make_tensor_value_info(flat.output[0], onnx.TensorProto.FLOAT, None)
+    )
+    with pytest.raises(ConversionError, match=r"the output 'flatten\d+' is the feature map"):
+        rewrite_head(classifier)

@@ -141,13 +141,17 @@ def _fc_branches(name: str, index: GraphIndex, chain: list) -> list[tuple[list, 
     Flatten/Reshape/Transpose/Squeeze only; the heads may share the flatten."""
     outputs = {value.name for value in index.graph.output}
     readers = [n for n in index.consumers.get(name, []) if n.op_type not in ("Shape", "Size")]
-    if name in outputs or not readers:
+    if name in outputs:
+        raise ConversionError(
+            f"the output {name!r} is the feature map itself, flattened or pooled, not computed "
+            "by a fully-connected head: it has no per-window dense form beside the heads"
+        )
+    if not readers:
         producer = index.producer.get(name)
         where = node_label(producer) if producer is not None else f"tensor {name!r}"
         raise ConversionError(
             f"the head is not a flatten -> fully-connected chain: {where} feeds no FC layer "
-            "(an output that is the flattened trunk, attention or a global operation?): no "
-            "exact dense form"
+            "(attention or a global operation?): no exact dense form"
         )
     branches = []
     for node in readers:
