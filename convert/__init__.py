@@ -5,7 +5,10 @@ Public API (``import convert`` never imports torch; the torch entry points do, l
 - :func:`convert_torch` — a torch ``nn.Module`` classifier to a dense ONNX file;
 - :func:`convert_onnx` — a fixed-size ONNX classifier (any framework) to a dense ONNX file;
 - :func:`verify` — compare a written dense model with its classifier, crop by crop;
-- :func:`fully_convolutional` — the torch-side rewrite alone (returns an ``nn.Module``).
+- :func:`fully_convolutional` — the torch-side rewrite alone (returns an ``nn.Module``);
+- :class:`HeadOptions` — kinds, labels, primary head and names of a classifier's heads
+  (a torch forward returning a tuple or dict, an ONNX graph with several outputs: one
+  dense map per output, see :mod:`convert.heads`).
 
 Both converters end in :func:`convert.pipeline.finish_dense`: geometry from the graph,
 à-trous variants, the metadata contract of :mod:`service.contract`, onnx.checker, one
@@ -24,6 +27,7 @@ from convert.verify import VerifyReport, verify
 __all__ = [
     "VerifyReport",
     "ConversionResult",
+    "HeadOptions",
     "convert_onnx",
     "convert_torch",
     "fully_convolutional",
@@ -42,16 +46,26 @@ def convert_torch(
     preprocessing=None,
     strides=(),
     source: str = "",
+    heads=None,
 ):
     """Convert a torch classifier trained on ``input_size`` windows; returns a
-    :class:`~convert.pipeline.ConversionResult`. Needs ``pip install 'densemap[convert]'``."""
+    :class:`~convert.pipeline.ConversionResult`. Needs ``pip install 'densemap[convert]'``.
+
+    A forward returning a tuple or dict of tensors gives one dense head per output;
+    ``heads`` (a :class:`convert.heads.HeadOptions`) names their kinds, labels, the primary
+    head and, for a tuple, the heads' names. ``labels`` are the primary head's."""
     from convert.export import export_onnx
     from convert.from_torch.fc import convert_classifier
+    from convert.heads import HeadOptions
     from convert.pipeline import finish_dense
 
+    heads = heads or HeadOptions()
     conversion = convert_classifier(model, input_size=input_size, in_channels=in_channels)
     dense = export_onnx(
-        conversion.module, input_size=conversion.input_size, in_channels=conversion.in_channels
+        conversion.ordered_module(),
+        input_size=conversion.input_size,
+        in_channels=conversion.in_channels,
+        output_names=conversion.head_names(heads.names),
     )
     return finish_dense(
         dense,
@@ -61,6 +75,7 @@ def convert_torch(
         labels=labels,
         source=source or f"torch:{type(model).__name__}",
         strides=strides,
+        heads=heads,
     )
 
 
@@ -92,8 +107,11 @@ def convert_onnx(
     labels=(),
     preprocessing=None,
     strides=(),
+    heads=None,
 ):
-    """Convert a fixed-size ONNX classifier; the window R is its input size."""
+    """Convert a fixed-size ONNX classifier; the window R is its input size. Every graph
+    output is a head, named as in the graph; ``heads`` (a
+    :class:`convert.heads.HeadOptions`) names kinds, labels and the primary head."""
     from convert.from_onnx.head import classifier_window, rewrite_head
     from convert.pipeline import finish_dense
 
@@ -108,7 +126,20 @@ def convert_onnx(
         labels=labels,
         source=Path(path).name,
         strides=strides,
+        heads=_onnx_heads(heads),
     )
+
+
+def _onnx_heads(heads):
+    """An ONNX classifier's outputs are named in its graph: names cannot be given."""
+    from service.errors import ConversionError
+
+    if heads is not None and heads.names:
+        raise ConversionError(
+            "head names apply to a torch forward that returns a tuple; an ONNX classifier's "
+            "heads are its graph's output names"
+        )
+    return heads
 
 
 def __getattr__(name: str):
@@ -116,6 +147,10 @@ def __getattr__(name: str):
         from convert.from_torch.fc import fully_convolutional
 
         return fully_convolutional
+    if name == "HeadOptions":
+        from convert.heads import HeadOptions
+
+        return HeadOptions
     if name == "ConversionResult":
         from convert.pipeline import ConversionResult
 

@@ -2,6 +2,7 @@
 
     densemap convert --arch vgg16 --weights vgg16.pth --input-size 224 -o vgg16.onnx
     densemap convert CLASSIFIER.onnx -o DENSE.onnx [--flatten-order hwc] [--verify]
+    densemap convert DETECTOR.onnx -o DENSE.onnx --head boxes=regression [--primary-head scores]
 
 Light to import: torch is imported inside :func:`run`, and only for ``--arch``.
 Every bad input ends in one line on stderr and a non-zero exit; nothing is left at the
@@ -15,6 +16,7 @@ import json
 import logging
 from pathlib import Path
 
+from convert.head_cli import add_head_arguments, head_summary, read_head_options
 from service.errors import ConversionError, DensemapError, ModelLoadError
 
 QUIET_LOGGERS = ("onnx_ir", "onnxscript", "torch.onnx", "torch.export")
@@ -48,6 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="flatten order of an ONNX classifier when the graph does not tell",
     )
+    add_head_arguments(parser)
     parser.add_argument(
         "--verify", action="store_true", help="compare with crop-by-crop evaluation"
     )
@@ -77,7 +80,7 @@ def parse_strides(text: str | None) -> list[tuple[int, int]]:
     return [parse_size(part, "--strides") for part in text.split(",") if part.strip()]
 
 
-def read_labels(path: Path | None) -> tuple[str, ...]:
+def read_labels(path: Path | None, flag: str = "--labels ") -> tuple[str, ...]:
     if path is None:
         return ()
     from service.contract import parse_labels
@@ -85,9 +88,9 @@ def read_labels(path: Path | None) -> tuple[str, ...]:
     try:
         labels = parse_labels(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConversionError(f"cannot read --labels {path}: {exc}") from None
+        raise ConversionError(f"cannot read {flag}{path}: {exc}") from None
     if not labels:
-        raise ConversionError(f"--labels {path} is empty: give one label per line")
+        raise ConversionError(f"{flag}{path} is empty: give one label per line")
     return labels
 
 
@@ -136,7 +139,7 @@ def _check_arguments(args) -> None:
         raise ConversionError("-o must differ from the classifier file, which it would replace")
 
 
-def _convert_arch(args, labels, preprocessing, strides):
+def _convert_arch(args, labels, preprocessing, strides, heads):
     try:
         import torch  # noqa: F401
     except ImportError:
@@ -160,6 +163,7 @@ def _convert_arch(args, labels, preprocessing, strides):
         preprocessing=preprocessing or spec.preprocessing,
         strides=strides,
         source=source,
+        heads=heads,
     )
     return result, model
 
@@ -173,6 +177,8 @@ def _summary(result) -> str:
         f"{'padded' if g.padded else 'unpadded'}, {result.metadata.output_kind}"
         + _final_note(getattr(result, "final_activation", None))
     ]
+    if result.metadata.extra_heads:
+        lines.append(head_summary(result.metadata))
     lines += [
         f"wrote {path} (stride {v.stride[0]}x{v.stride[1]})"
         for path, v in zip(result.variant_paths, result.metadata.variants, strict=True)
@@ -219,8 +225,9 @@ def _run(args: argparse.Namespace) -> int:
     labels = read_labels(args.labels)
     preprocessing = read_preprocessing(args.preprocessing)
     strides = parse_strides(args.strides)
+    heads = read_head_options(args)
     if args.arch is not None:
-        result, classifier = _convert_arch(args, labels, preprocessing, strides)
+        result, classifier = _convert_arch(args, labels, preprocessing, strides, heads)
     else:
         classifier = args.classifier
         result = convert_onnx(
@@ -230,6 +237,7 @@ def _run(args: argparse.Namespace) -> int:
             labels=labels,
             preprocessing=preprocessing,
             strides=strides,
+            heads=heads,
         )
     print(_summary(result))
     if not args.verify:

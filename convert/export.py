@@ -24,6 +24,7 @@ import copy
 import io
 import logging
 import warnings
+from collections.abc import Sequence
 
 import onnx
 import torch
@@ -46,15 +47,17 @@ def export_onnx(
     dtype: torch.dtype = torch.float32,
     input_name: str = "input",
     output_name: str = "scores",
+    output_names: Sequence[str] = (),
     dynamic: bool = True,
 ) -> onnx.ModelProto:
     """Export a fully-convolutional module; batch, height and width stay dynamic
-    (named ``batch``, ``height``, ``width``) unless ``dynamic=False``."""
+    (named ``batch``, ``height``, ``width``) unless ``dynamic=False``. A module returning a
+    tuple of maps (several heads) names them ``output_names``, in order."""
     dynamic_shapes = ({0: "batch", 2: "height", 3: "width"},) if dynamic else None
     return _export(
         module, input_size=input_size, in_channels=in_channels, dtype=dtype,
-        input_name=input_name, output_name=output_name, dynamo=True,
-        dynamic_shapes=dynamic_shapes,
+        input_name=input_name, output_names=tuple(output_names) or (output_name,),
+        dynamo=True, dynamic_shapes=dynamic_shapes,
     )  # fmt: skip
 
 
@@ -67,15 +70,17 @@ def export_classifier_onnx(
     dtype: torch.dtype = torch.float32,
     input_name: str = "input",
     output_name: str = "logits",
+    output_names: Sequence[str] = (),
     dynamic_batch: bool = True,
 ) -> onnx.ModelProto:
     """Export an original fixed-size classifier (input ``input_size``), with a dynamic batch
-    axis unless ``dynamic_batch=False``. ``dynamo`` picks the exporter."""
+    axis unless ``dynamic_batch=False``. ``dynamo`` picks the exporter. A classifier with
+    several outputs (a tuple, or a dict: its values in order) names them ``output_names``."""
     dynamic_shapes = ({0: "batch"},) if dynamic_batch and dynamo else None
     return _export(
         model, input_size=input_size, in_channels=in_channels, dtype=dtype,
-        input_name=input_name, output_name=output_name, dynamo=dynamo,
-        dynamic_shapes=dynamic_shapes, dynamic_batch=dynamic_batch,
+        input_name=input_name, output_names=tuple(output_names) or (output_name,),
+        dynamo=dynamo, dynamic_shapes=dynamic_shapes, dynamic_batch=dynamic_batch,
     )  # fmt: skip
 
 
@@ -88,7 +93,7 @@ def needs_external_data(model: onnx.ModelProto) -> bool:
 
 
 def _export(
-    module, *, input_size, in_channels, dtype, input_name, output_name, dynamo,
+    module, *, input_size, in_channels, dtype, input_name, output_names, dynamo,
     dynamic_shapes, dynamic_batch=True,
 ) -> onnx.ModelProto:  # fmt: skip
     size = normalize_size(input_size)
@@ -102,15 +107,15 @@ def _export(
             if dynamo:
                 program = torch.onnx.export(
                     module, (example,), dynamo=True, external_data=False, verbose=False,
-                    input_names=[input_name], output_names=[output_name],
+                    input_names=[input_name], output_names=list(output_names),
                     dynamic_shapes=dynamic_shapes,
                 )  # fmt: skip
                 return program.model_proto
             buffer = io.BytesIO()
-            axes = {input_name: {0: "batch"}, output_name: {0: "batch"}}
+            axes = {name: {0: "batch"} for name in (input_name, *output_names)}
             torch.onnx.export(
                 module, (example,), buffer, dynamo=False, verbose=False,
-                input_names=[input_name], output_names=[output_name],
+                input_names=[input_name], output_names=list(output_names),
                 dynamic_axes=axes if dynamic_batch else None,
             )  # fmt: skip
             return onnx.load_from_string(buffer.getvalue())

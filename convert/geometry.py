@@ -270,11 +270,14 @@ def trace_graph(
     return trace
 
 
-def compute_geometry(model: onnx.ModelProto, *, window: Pair) -> Geometry:
-    """The :class:`~service.contract.Geometry` of a dense model for training window R."""
+def compute_geometry(
+    model: onnx.ModelProto, *, window: Pair, output: str | None = None
+) -> Geometry:
+    """The :class:`~service.contract.Geometry` of a dense model for training window R, at
+    its output named ``output`` (default: the first)."""
     window = (window, window) if isinstance(window, int) else tuple(window)
     trace = trace_graph(model)
-    output = model.graph.output[0].name
+    output = output or model.graph.output[0].name
     result = trace.fields.get(output)
     if result is None:
         raise ConversionError(f"the model output {output!r} is not a feature map")

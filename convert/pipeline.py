@@ -7,6 +7,9 @@ R + 2S, and only then moves the files into place. Nothing is left at the output 
 when any step fails: the files are written into a temporary folder beside the output and
 renamed with ``os.replace``.
 
+Every output of the dense model is a head (:mod:`convert.heads`): one geometry for all,
+each named, typed and labelled in the metadata (contract version 2), the primary first.
+
 Cell cropping rule: a dense model may return more cells than n = (W - R) // S + 1 per axis
 (ceil_mode pooling, or a trunk that ignores trailing pixels of R); the engine, and
 :mod:`convert.verify`, keep the first n.
@@ -19,7 +22,7 @@ import importlib.metadata
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +31,14 @@ import onnx
 from convert.atrous import make_atrous, supported_strides
 from convert.from_onnx.graph import image_input, static_dims
 from convert.geometry import compute_geometry, trace_graph
-from convert.runtime import cpu_session, image_shape, numpy_dtype, run_scores
+from convert.heads import (
+    HeadOptions,
+    check_channels,
+    dense_outputs,
+    heads_geometry,
+    resolve_heads,
+)
+from convert.runtime import cpu_session, image_shape, numpy_dtype, run_outputs
 from service.contract import METADATA_KEY, Geometry, ModelMetadata, Preprocessing, Variant
 from service.errors import ConversionError, ModelLoadError
 
@@ -50,7 +60,9 @@ class ConversionResult:
     path: Path
     metadata: ModelMetadata
     variant_paths: tuple[Path, ...] = ()
-    final_activation: str | None = None  # 'softmax', 'log_softmax', 'sigmoid' or None
+    # the primary head's final op: 'softmax', 'log_softmax', 'sigmoid' or None
+    final_activation: str | None = None
+    final_activations: dict[str, str | None] = field(default_factory=dict)  # per head name
 
 
 def as_pair(value, name: str) -> Pair:
@@ -63,28 +75,6 @@ def as_pair(value, name: str) -> Pair:
     if h < 1 or w < 1:
         raise ConversionError(f"{name} must be positive, got {value!r}")
     return (h, w)
-
-
-FINAL_OPS = {"Softmax": "softmax", "LogSoftmax": "log_softmax", "Sigmoid": "sigmoid"}
-# The metadata contract (v1) knows "logits" and "probabilities". Log-probabilities are
-# logits (their softmax is the probabilities); sigmoid scores are independent per-class
-# probabilities, the contract's "sigmoid" kind.
-CONTRACT_KINDS = {"softmax": "probabilities", "sigmoid": "sigmoid"}
-
-
-def final_activation(model: onnx.ModelProto) -> str | None:
-    """'softmax', 'log_softmax' or 'sigmoid' when that op computes the output, else None."""
-    producers = {out: node for node in model.graph.node for out in node.output}
-    node = producers.get(model.graph.output[0].name)
-    while node is not None and node.op_type in ("Identity", "Transpose", "Dropout"):
-        node = producers.get(node.input[0])
-    return None if node is None else FINAL_OPS.get(node.op_type)
-
-
-def output_kind(model: onnx.ModelProto) -> str:
-    """The contract's output kind: 'probabilities' after a Softmax, 'sigmoid' after a
-    Sigmoid, else 'logits'."""
-    return CONTRACT_KINDS.get(final_activation(model), "logits")
 
 
 def default_preprocessing(layout: str, channels: int) -> Preprocessing:
@@ -139,8 +129,9 @@ def _save(model: onnx.ModelProto, path: Path) -> list[Path]:
     return [path, data]
 
 
-def _check_runs(path: Path, geometry: Geometry, classes: int | None, prep: Preprocessing) -> int:
-    """onnx.checker plus one onnxruntime run on an R + 2S image; returns the class count."""
+def _check_runs(path: Path, geometry: Geometry, prep: Preprocessing) -> dict[str, int]:
+    """onnx.checker plus one onnxruntime run on an R + 2S image; returns each output's
+    channel count, by name."""
     try:
         onnx.checker.check_model(str(path), full_check=False)
     except onnx.checker.ValidationError as exc:
@@ -149,18 +140,25 @@ def _check_runs(path: Path, geometry: Geometry, classes: int | None, prep: Prepr
     size = tuple(r + 2 * s for r, s in zip(geometry.window, geometry.stride, strict=True))
     shape = image_shape(layout=prep.layout, channels=prep.channels, size=size)
     image = np.random.default_rng(0).random(shape).astype(numpy_dtype(session))
-    scores = run_scores(session, image)
+    outputs = run_outputs(session, image)
     expected = geometry.cells(*size)
-    if scores.ndim != 4 or scores.shape[2] < expected[0] or scores.shape[3] < expected[1]:
+    channels, cells = {}, {}
+    for name, scores in outputs.items():
+        what = f"output {name!r}" if len(outputs) > 1 else "scores"
+        if scores.ndim != 4 or scores.shape[2] < expected[0] or scores.shape[3] < expected[1]:
+            raise ConversionError(
+                f"the dense model gives {what} of shape {list(scores.shape)} on a {size} "
+                f"image, expected [1, classes, >={expected[0]}, >={expected[1]}]"
+            )
+        if not np.all(np.isfinite(scores)):
+            raise ConversionError(f"the dense model gives non-finite {what} on a random image")
+        channels[name], cells[name] = int(scores.shape[1]), tuple(scores.shape[2:])
+    if len(set(cells.values())) > 1:
         raise ConversionError(
-            f"the dense model gives scores of shape {list(scores.shape)} on a {size} image, "
-            f"expected [1, classes, >={expected[0]}, >={expected[1]}]"
+            f"the dense model's outputs have different cell counts {cells} on a {size} image: "
+            "every head must read the same trunk output"
         )
-    if classes is not None and scores.shape[1] != classes:
-        raise ConversionError(f"variant gives {scores.shape[1]} classes, expected {classes}")
-    if not np.all(np.isfinite(scores)):
-        raise ConversionError("the dense model gives non-finite scores on a random image")
-    return int(scores.shape[1])
+    return channels
 
 
 def finish_dense(
@@ -172,28 +170,35 @@ def finish_dense(
     labels: tuple[str, ...] | list[str] = (),
     source: str = "",
     strides=(),
+    heads: HeadOptions | None = None,
 ) -> ConversionResult:
-    """Check ``dense``, add its metadata and variants, and write them atomically."""
+    """Check ``dense``, add its metadata and variants, and write them atomically.
+
+    Every output of ``dense`` is a head (:mod:`convert.heads`); ``labels`` are the primary
+    head's, ``heads`` names kinds, labels and the primary head."""
     output = Path(output)
     if output.is_dir():
         raise ConversionError(
             f"output {output} is a folder: give a file path, e.g. {output}/dense.onnx"
         )
     window = as_pair(window, "window")
-    geometry = compute_geometry(dense, window=window)
+    resolved = resolve_heads(dense_outputs(dense), heads, labels=tuple(labels))
+    geometry = heads_geometry(dense, window=window)
     layout = trace_graph(dense).layout
     image = image_input(dense.graph)
     channels = static_dims(image)[1 if layout == "NCHW" else 3]
     prep = preprocessing or default_preprocessing(layout, channels)
     _check_preprocessing(prep, layout, channels)
     variants = _variants(dense, output, geometry, strides)
+    primary = resolved.primary
     metadata = ModelMetadata(
         geometry=geometry,
         preprocessing=prep,
-        labels=tuple(labels),
-        output_kind=output_kind(dense),
+        labels=primary.labels,
+        output_kind=primary.kind,
         input_name=image.name,
-        output_name=dense.graph.output[0].name,
+        output_name=primary.name,
+        extra_heads=resolved.heads[1:],
         variants=tuple(Variant(stride=v_geom.stride, file=name) for name, _, v_geom in variants),
         source=source,
         converter_version=converter_version(),
@@ -204,7 +209,10 @@ def finish_dense(
         staged = _stage(staging, output, dense, metadata, variants)
         result = _move_into_place(staged, output, metadata)
         created = []
-        return replace(result, final_activation=final_activation(dense))
+        finals = resolved.final_activations
+        return replace(
+            result, final_activation=finals[primary.name], final_activations=dict(finals)
+        )
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         for folder in reversed(created):  # a failed conversion leaves no new folders either
@@ -249,16 +257,15 @@ def _stage(staging: Path, output: Path, dense, metadata, variants) -> list[tuple
     """Write and check every file in ``staging``; returns (staged, final) path pairs."""
     main = _with_metadata(_copy(dense), metadata)
     main_files = _save(main, staging / output.name)
-    classes = _check_runs(main_files[0], metadata.geometry, None, metadata.preprocessing)
-    if metadata.labels and len(metadata.labels) != classes:
-        raise ConversionError(
-            f"{len(metadata.labels)} labels were given but the model has {classes} classes"
-        )
+    channels = _check_runs(main_files[0], metadata.geometry, metadata.preprocessing)
+    check_channels(metadata.heads, channels)
     files = [*main_files]
     for name, model, v_geom in variants:
         v_meta = ModelMetadata(**{**metadata.__dict__, "geometry": v_geom, "variants": ()})
         v_files = _save(_with_metadata(model, v_meta), staging / name)
-        _check_runs(v_files[0], v_geom, classes, metadata.preprocessing)
+        v_channels = _check_runs(v_files[0], v_geom, metadata.preprocessing)
+        if v_channels != channels:
+            raise ConversionError(f"variant gives channels {v_channels}, expected {channels}")
         files = [*v_files, *files]
     return [(path, output.parent / path.name) for path in files]
 

@@ -46,10 +46,17 @@ def image_shape(*, layout: str, channels: int, size: tuple[int, int], batch: int
 
 def run_scores(session: ort.InferenceSession, image: np.ndarray) -> np.ndarray:
     """The first output of one run, as an array."""
+    return next(iter(run_outputs(session, image).values()))
+
+
+def run_outputs(session: ort.InferenceSession, image: np.ndarray) -> dict[str, np.ndarray]:
+    """Every output of one run, by name, in the graph's order."""
+    names = [output.name for output in session.get_outputs()]
     try:
-        return session.run(None, {session.get_inputs()[0].name: image})[0]
+        values = session.run(names, {session.get_inputs()[0].name: image})
     except Exception as exc:  # onnxruntime raises its own exception types
         raise ConversionError(f"onnxruntime cannot run the model: {exc}") from None
+    return dict(zip(names, values, strict=True))
 
 
 def to_float64(model):
@@ -115,9 +122,15 @@ class Float64Runner:
 
         self.evaluator = ReferenceEvaluator(to_float64(model), new_ops=[_inference_batch_norm()])
         self.input_name = image_input(model.graph).name
+        self.output_names = [output.name for output in model.graph.output]
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
-        return self.evaluator.run(None, {self.input_name: image.astype(np.float64)})[0]
+        return next(iter(self.outputs(image).values()))
+
+    def outputs(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        """Every output, by name, in the graph's order."""
+        values = self.evaluator.run(self.output_names, {self.input_name: image.astype(np.float64)})
+        return dict(zip(self.output_names, values, strict=True))
 
 
 class OrtRunner:
@@ -129,3 +142,7 @@ class OrtRunner:
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         return run_scores(self.session, image.astype(self.dtype))
+
+    def outputs(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        """Every output, by name, in the graph's order."""
+        return run_outputs(self.session, image.astype(self.dtype))

@@ -2,7 +2,9 @@
 
 For each image size (R + 3S plus a remainder, non-square by default) every window crop
 runs through the original classifier (batched), the dense model runs once, and the map is
-cropped to n = (W - R) // S + 1 cells per axis (the engine's rule). Max |difference|:
+cropped to n = (W - R) // S + 1 cells per axis (the engine's rule). A model with several
+heads is compared head by head: each dense output with the classifier's own output for
+that head (a dict by key, a tuple or ONNX outputs in order). Max |difference|:
 
 - **unpadded nets** must agree to the tolerance (fp32: 1e-4 x max(1, max|score|), the
   rounding of summing in another order; fp64: 1e-9 x the same);
@@ -14,7 +16,6 @@ cropped to n = (W - R) // S + 1 cells per axis (the engine's rule). Max |differe
 
 from __future__ import annotations
 
-import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,15 +23,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from convert.from_onnx.graph import image_input
 from convert.pipeline import read_metadata
+from convert.reference import Classifier, by_head, crop_scores
 from convert.runtime import Float64Runner, OrtRunner
 from service.contract import ModelMetadata
 from service.errors import ConversionError
 
 Pair = tuple[int, int]
 TOLERANCE = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-9}
-CROP_BATCH = 32
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,7 @@ class VerifyRow:
     against: str
     max_diff: float
     limit: float | None  # None: a difference that is expected (padding), not checked
+    head: str = ""  # the output compared (models with several heads)
 
     @property
     def ok(self) -> bool:
@@ -67,16 +68,20 @@ class VerifyReport:
         return max((row.max_diff for row in self.rows if row.limit is not None), default=0.0)
 
     def table(self) -> str:
+        heads = [row.head for row in self.rows]
+        width = max(map(len, heads)) if len(set(heads)) > 1 else 0
+        head = f"{'head':<{width}}  " if width else ""
         lines = [
             f"verify ({self.dtype}): dense model vs window-by-window classifier",
-            f"  {'image':>9}  {'cells':>5}  {'compared with':<26}  {'max|diff|':>9}  "
+            f"  {'image':>9}  {'cells':>5}  {head}{'compared with':<26}  {'max|diff|':>9}  "
             f"{'limit':>7}  result",
         ]
         for row in self.rows:
             size, cells = f"{row.size[0]}x{row.size[1]}", f"{row.cells[0]}x{row.cells[1]}"
             limit = "-" if row.limit is None else f"{row.limit:.1e}"
+            head = f"{row.head:<{width}}  " if width else ""
             lines.append(
-                f"  {size:>9}  {cells:>5}  {row.against:<26}  {row.max_diff:>9.2e}  "
+                f"  {size:>9}  {cells:>5}  {head}{row.against:<26}  {row.max_diff:>9.2e}  "
                 f"{limit:>7}  {row.verdict}"
             )
         if self.padded:
@@ -98,69 +103,11 @@ def default_sizes(window: Pair, stride: Pair) -> tuple[Pair, ...]:
     )
 
 
-class _Classifier:
-    """Runs the original classifier on a batch of crops (torch module or ONNX file)."""
-
-    def __init__(self, classifier, dtype: np.dtype) -> None:
-        self.torch_module = None
-        if isinstance(classifier, (str, os.PathLike)):
-            self.run = _onnx_classifier(Path(classifier), dtype)
-        else:
-            import torch
-
-            module = copy.deepcopy(classifier).eval()
-            module = module.double() if dtype == np.float64 else module.float()
-            self.torch_module = module
-
-            def run(batch: np.ndarray) -> np.ndarray:
-                with torch.no_grad():
-                    return module(torch.from_numpy(batch)).numpy()
-
-            self.run = run
-
-
-def _onnx_classifier(path: Path, dtype: np.dtype):
-    try:
-        model = onnx.load(str(path))
-    except Exception as exc:  # onnx raises DecodeError, OSError, ...
-        raise ConversionError(f"cannot read the classifier {path}: {exc}") from None
-    batch_dim = image_input(model.graph).type.tensor_type.shape.dim[0]
-    fixed_batch = batch_dim.dim_value if batch_dim.HasField("dim_value") else None
-    single = Float64Runner(model) if dtype == np.float64 else OrtRunner(model.SerializeToString())
-
-    def run(batch: np.ndarray) -> np.ndarray:
-        if fixed_batch is None:
-            return single(batch)
-        chunks = []
-        for start in range(0, len(batch), fixed_batch):
-            chunk = batch[start : start + fixed_batch]
-            padded = np.concatenate([chunk] + [chunk[-1:]] * (fixed_batch - len(chunk)))
-            chunks.append(single(padded)[: len(chunk)])
-        return np.concatenate(chunks)
-
-    return run
-
-
-def _crop_scores(classify, image, meta: ModelMetadata, cells: Pair) -> np.ndarray:
-    """[classes, n_h, n_w] scores of the classifier on every window crop."""
-    (r_h, r_w), (s_h, s_w) = meta.geometry.window, meta.geometry.stride
-    nchw = meta.preprocessing.layout == "NCHW"
-    crops = []
-    for i in range(cells[0]):
-        for j in range(cells[1]):
-            rows, cols = slice(i * s_h, i * s_h + r_h), slice(j * s_w, j * s_w + r_w)
-            crops.append(image[:, :, rows, cols] if nchw else image[:, rows, cols, :])
-    batch = np.concatenate(crops)
-    scores = np.concatenate(
-        [classify(batch[k : k + CROP_BATCH]) for k in range(0, len(batch), CROP_BATCH)]
-    )
-    return scores.reshape(cells[0], cells[1], -1).transpose(2, 0, 1)
-
-
 def _dense_runner(dense_path: Path, dtype: np.dtype):
+    """Runs the dense model: {output name: map}, in the graph's order."""
     if dtype == np.float64:
-        return Float64Runner(onnx.load(str(dense_path)))
-    return OrtRunner(str(dense_path))
+        return Float64Runner(onnx.load(str(dense_path))).outputs
+    return OrtRunner(str(dense_path)).outputs
 
 
 def _random_image(rng, meta: ModelMetadata, size: Pair, dtype) -> np.ndarray:
@@ -188,13 +135,17 @@ def verify(
         raise ConversionError(f"verify runs in float32 or float64, not {dtype}")
     meta = read_metadata(dense_path)
     geometry = meta.geometry
-    classify = _Classifier(classifier, dtype)
     dense = _dense_runner(Path(dense_path), dtype)
+    names = _graph_outputs(dense_path)
+    classify = Classifier(classifier, dtype, names)
     rng = np.random.default_rng(seed)
     rows = []
     window_image = _random_image(rng, meta, geometry.window, dtype)
-    diff, limit = _max_diff(dense(window_image)[0, :, 0, 0], classify.run(window_image)[0], dtype)
-    rows.append(VerifyRow(geometry.window, (1, 1), "classifier, whole window", diff, limit))
+    got, expected = dense(window_image), classify.run(window_image)
+    for name in names:
+        diff, limit = _max_diff(got[name][0, :, 0, 0], expected[name][0], dtype)
+        whole = "classifier, whole window"
+        rows.append(VerifyRow(geometry.window, (1, 1), whole, diff, limit, head=name))
     module = None
     if geometry.padded and classify.torch_module is not None:
         from convert.from_torch.fc import fully_convolutional
@@ -208,19 +159,31 @@ def verify(
                 f"verify size {size} is smaller than the window {geometry.window}"
             )
         image = _random_image(rng, meta, size, dtype)
-        score_map = dense(image)[0, :, : cells[0], : cells[1]]
-        crops = _crop_scores(classify.run, image, meta, cells)
-        diff, limit = _max_diff(score_map, crops, dtype)
-        label = f"crops ({cells[0] * cells[1]} windows)"
-        rows.append(VerifyRow(size, cells, label, diff, None if geometry.padded else limit))
+        maps = {name: m[0, :, : cells[0], : cells[1]] for name, m in dense(image).items()}
+        crops = crop_scores(classify.run, image, meta, cells)
+        expected = None
         if module is not None:
             import torch
 
             with torch.no_grad():
-                expected = module(torch.from_numpy(image)).numpy()[0, :, : cells[0], : cells[1]]
-            diff, limit = _max_diff(score_map, expected, dtype)
-            rows.append(VerifyRow(size, cells, "converted torch module", diff, limit))
+                value = classify.as_numpy(module(torch.from_numpy(image)))
+            expected = by_head(value, names, "the converted torch module")
+        for name in names:
+            diff, limit = _max_diff(maps[name], crops[name], dtype)
+            label = f"crops ({cells[0] * cells[1]} windows)"
+            checked = None if geometry.padded else limit
+            rows.append(VerifyRow(size, cells, label, diff, checked, head=name))
+            if expected is not None:
+                own = expected[name][0, :, : cells[0], : cells[1]]
+                diff, limit = _max_diff(maps[name], own, dtype)
+                rows.append(VerifyRow(size, cells, "converted torch module", diff, limit, name))
     return VerifyReport(rows=tuple(rows), padded=geometry.padded, dtype=dtype.name)
+
+
+def _graph_outputs(dense_path) -> list[str]:
+    """The dense model's output names in graph order (a tuple forward's order)."""
+    model = onnx.load(str(dense_path), load_external_data=False)
+    return [value.name for value in model.graph.output]
 
 
 def precision_table(dense_path: str | os.PathLike, *, seed: int = 0) -> str:

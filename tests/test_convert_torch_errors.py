@@ -139,13 +139,15 @@ def test_wrong_channel_count_is_reported():
         fully_convolutional(VggLike(), input_size=8, in_channels=1)
 
 
-def test_tuple_output_is_refused():
+def test_a_feature_map_beside_the_scores_is_refused_by_name():
     class TwoOutputs(VggLike):
         def forward(self, x):
             features = self.features(x)
             return self.classifier(torch.flatten(features, 1)), features
 
-    with pytest.raises(ConversionError, match="not one tensor"):
+    with pytest.raises(
+        ConversionError, match=r"^output 1 of the forward has shape \(2, 4, 3, 3\) at input"
+    ):
         fully_convolutional(TwoOutputs(), input_size=8)
 
 

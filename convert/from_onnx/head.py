@@ -13,22 +13,20 @@ training size R):
 
 Per-feature ops between FC layers stay, their vectors of F values laid out as (1, F, 1, 1)
 channel vectors (PRelu slopes, scales, biases); a final Softmax runs over channels.
+
+Several heads (class scores plus box regression, ...): every graph output is a head, and
+each must be computed per feature from the same feature map F, through one flatten or
+global pool per head or a shared one; heads may share FC layers. Each output becomes its
+own dense map with the same geometry. A head reading another feature map, an output that
+is not computed from F, or ops mixing features of different heads' widths are refused.
 The image input keeps its name, layout and dtype; batch, height and width become dynamic.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import onnx
 
-from convert.flatten_order import (
-    MOVEMENT_OPS,
-    PASS_OPS,
-    UnknownOrder,
-    detect_feature_order,
-    feature_coordinates,
-    named_order,
-)
+from convert.flatten_order import PASS_OPS
 from convert.from_onnx.graph import (
     BINARY_OPS,
     CHANNEL_AXIS_OPS,
@@ -42,13 +40,18 @@ from convert.from_onnx.graph import (
     static_dims,
     topological_nodes,
 )
-from convert.from_onnx.head_build import HeadPlan, Linear, assemble, freeze_auto_pad, read_linear
+from convert.from_onnx.head_build import HeadPlan, assemble, freeze_auto_pad
+from convert.from_onnx.head_read import (
+    FirstLayer,
+    Linear,
+    first_layers,
+    read_linear,
+    trunk_source,
+)
 from convert.geometry import detect_layout, trace_graph
 from service.errors import ConversionError
 
 FLATTEN_ORDERS = ("auto", "chw", "hwc")
-AVERAGE_OPS = {"GlobalAveragePool": "AveragePool", "ReduceMean": "AveragePool"}
-MAX_OPS = {"GlobalMaxPool": "MaxPool", "ReduceMax": "MaxPool"}
 
 
 def _fixed_copy(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -84,115 +87,15 @@ def classifier_window(model: onnx.ModelProto) -> tuple[int, int]:
     return _window(image, (2, 3) if layout == "NCHW" else (1, 2))
 
 
-def _head_start(trace, model, index):
-    if not trace.collapses:
-        raise ConversionError(
-            "the model has no fully-connected or global-pool head: its output is already a "
-            "feature map (nothing to convert)"
-        )
-    if len(trace.collapses) > 1:
-        names = ", ".join(node_label(node) for node, _ in trace.collapses)
-        raise ConversionError(
-            f"the feature map collapses at several nodes ({names}): one head only"
-        )
-    node, source = trace.collapses[0]
-    outputs = [value.name for value in model.graph.output]
-    if len(outputs) != 1 or outputs[0] not in trace.global_origin:
-        raise ConversionError(f"expected one classifier output computed by the head, got {outputs}")
-    if node.op_type in ("MatMul", "Gemm") or (
-        node.op_type not in MOVEMENT_OPS and node.op_type not in AVERAGE_OPS | MAX_OPS
-    ):
-        raise ConversionError(
-            f"the head starts with {node_label(node)}, which is neither a flatten nor an "
-            "average/max global pool (attention or a global operation?): no exact dense form"
-        )
-    return node, source
-
-
-def _walk_chain(start: str, index: GraphIndex):
-    """Movement nodes from ``start`` up to the first FC node."""
-    chain, name = [], start
-    while True:
-        node = index.sole_consumer(name)
-        if node is None:
-            producer = index.producer.get(name)
-            where = node_label(producer) if producer is not None else f"tensor {name!r}"
-            raise ConversionError(
-                f"the head is not a flatten -> fully-connected chain: {where} feeds several "
-                "nodes or no FC layer (attention or a global operation?): no exact dense form"
-            )
-        if node.op_type in ("Gemm", "MatMul"):
-            return chain, node
-        if node.op_type not in MOVEMENT_OPS | PASS_OPS:
-            raise ConversionError(
-                f"{node_label(node)} sits between the feature map and the first fully-connected "
-                "layer; only Flatten, Reshape, Transpose and Squeeze are supported there"
-            )
-        chain.append(node)
-        name = node.output[0]
-
-
-def _global_pool(node, field, index, source_shape):
-    axes = set(field.axes)
-    if node.op_type.startswith("Reduce"):
-        rank = len(source_shape)
-        attrs = attributes(node)
-        raw = attrs.get("axes")
-        if raw is None and len(node.input) > 1:
-            value = index.constant(node.input[1])
-            raw = None if value is None else value.reshape(-1).tolist()
-        if raw is None or {int(a) % rank for a in raw} != axes:
-            raise ConversionError(f"{node_label(node)} must reduce exactly the H and W axes")
-        keep = attrs.get("keepdims", 1)
-    else:
-        keep = 1
-    channel_axis = ({0, 1, 2, 3} - axes - {0}).pop()
-    pooled_shape = tuple(1 if a in axes else n for a, n in enumerate(source_shape))
-    if not keep:
-        channel_axis -= sum(1 for a in axes if a < channel_axis)
-        pooled_shape = tuple(n for a, n in enumerate(source_shape) if a not in axes)
-    pool_op = (AVERAGE_OPS | MAX_OPS)[node.op_type]
-    return pool_op, pooled_shape, channel_axis
-
-
-def _feature_map_order(chain, index, source_shape, field, flatten_order, fc):
-    """(c, y, x) per FC input feature, detected from the graph or named by the user."""
-    channel_axis = ({0, 1, 2, 3} - set(field.axes) - {0}).pop()
-    channels, height, width = (source_shape[a] for a in (channel_axis, *field.axes))
-    try:
-        flat = detect_feature_order(chain, index, source_shape)
-    except UnknownOrder as unknown:
-        if flatten_order == "auto" and channels > 1 and height * width > 1:
-            raise ConversionError(
-                f"cannot tell the flatten order feeding {node_label(fc)} (tensor {unknown} has "
-                "no known shape): pass flatten_order 'chw' (PyTorch, Caffe) or 'hwc' (Keras, "
-                "TensorFlow); on the command line --flatten-order chw|hwc"
-            ) from None
-        order = "chw" if flatten_order == "auto" else flatten_order
-        return named_order(order, channels, height, width)
-    coords = feature_coordinates(
-        flat, source_shape, channel_axis=channel_axis, spatial_axes=field.axes
-    )
-    if flatten_order != "auto" and not all(
-        np.array_equal(a, b)
-        for a, b in zip(coords, named_order(flatten_order, channels, height, width), strict=True)
-    ):
-        raise ConversionError(
-            f"the graph flattens the feature map in another order than flatten_order="
-            f"{flatten_order!r}: leave it on 'auto', the graph's order is exact"
-        )
-    return coords
-
-
-def _read_tail(fc, index, model) -> tuple[list[Linear], list]:
-    """Read the FC layers and the per-feature ops between them, up to the output. The head
-    may branch and join (``x * Sigmoid(x)``); every op must act per feature, because on the
-    map the features are channels: vectors of F values are laid out as (1, F, 1, 1)."""
-    first = read_linear(fc, index)
-    linears, edits = [first], []
-    output = model.graph.output[0].name
-    features = {first.output: first.weight.shape[0]}  # head tensor -> its feature count
-    absorbed = {id(node) for node in first.nodes}
+def _read_tail(firsts: list[FirstLayer], index, model) -> tuple[list[Linear], list, dict]:
+    """Read the FC layers and the per-feature ops after the first FCs, up to the outputs.
+    The heads may share layers, branch and join (``x * Sigmoid(x)``); every op must act per
+    feature, because on the map the features are channels: vectors of F values are laid out
+    as (1, F, 1, 1). Returns the FC layers, the edits and each output's channel count."""
+    linears = [first.linear for first in firsts]
+    edits = []
+    features = {linear.output: linear.weight.shape[0] for linear in linears}  # tensor -> F
+    absorbed = {id(node) for linear in linears for node in linear.nodes}
     opset = opset_version(model)
     for node in topological_nodes(model.graph):
         head_inputs = [name for name in node.input if name in features]
@@ -223,9 +126,14 @@ def _read_tail(fc, index, model) -> tuple[list[Linear], list]:
         elif node.op_type not in PASS_OPS | {"BatchNormalization"}:  # BN is per channel
             raise ConversionError(f"{node_label(node)} in the classifier head is not supported")
         features[node.output[0]] = width
-    if output not in features:
-        raise ConversionError(f"the classifier output {output!r} is not computed by the head")
-    return linears, edits
+    widths = {}
+    for value in model.graph.output:
+        if value.name not in features:
+            raise ConversionError(
+                f"the classifier output {value.name!r} is not computed by the head"
+            )
+        widths[value.name] = features[value.name]
+    return linears, edits, widths
 
 
 def rewrite_head(model: onnx.ModelProto, *, flatten_order: str = "auto") -> onnx.ModelProto:
@@ -239,35 +147,18 @@ def rewrite_head(model: onnx.ModelProto, *, flatten_order: str = "auto") -> onnx
     index = GraphIndex.build(work.graph)
     trace = trace_graph(work, index=index, allow_collapse=True)
     _window(image_input(model.graph), (2, 3) if trace.layout == "NCHW" else (1, 2))
-    node, source = _head_start(trace, work, index)
+    source, collapses = trunk_source(trace, work)
     field, source_shape = trace.fields[source], index.shape(source)
-    if source_shape is None or None in source_shape or len(source_shape) != 4:
-        raise ConversionError(f"the feature map {source!r} before the head has no known shape")
-    kernel = tuple(source_shape[a] for a in field.axes)
-    if node.op_type in AVERAGE_OPS or node.op_type in MAX_OPS:
-        pool_op, pooled_shape, channel_axis = _global_pool(node, field, index, source_shape)
-        chain, fc = _walk_chain(node.output[0], index)
-        try:
-            flat = detect_feature_order(chain, index, pooled_shape)
-        except UnknownOrder:  # only channels remain: any reshape keeps their order
-            flat = np.arange(int(np.prod(pooled_shape)))
-        channel = np.unravel_index(flat, pooled_shape)[channel_axis]
-        coords = (channel, np.zeros_like(channel), np.zeros_like(channel))
-        plan_pool, conv_kernel = (pool_op, kernel), (1, 1)
-    else:
-        chain, fc = _walk_chain(source, index)
-        coords = _feature_map_order(chain, index, source_shape, field, flatten_order, fc)
-        plan_pool, conv_kernel = None, kernel
-    linears, edits = _read_tail(fc, index, work)
+    firsts = first_layers(collapses, index, source=source, field=field, flatten_order=flatten_order)
+    linears, edits, widths = _read_tail(firsts, index, work)
     plan = HeadPlan(
         source=source,
         field=field,
         linears=linears,
+        firsts=firsts,
         edits=edits,
-        coords=coords,
+        outputs=widths,
         channels=source_shape[({0, 1, 2, 3} - set(field.axes) - {0}).pop()],
-        conv_kernel=conv_kernel,
-        pool=plan_pool,
         layout=trace.layout,
     )
     dense = assemble(work, index=index, trace=trace, plan=plan)

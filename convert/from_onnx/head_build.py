@@ -1,7 +1,6 @@
-"""Build the convolutional head that replaces a classifier's FC head (see ``onnx_head``).
+"""Build the convolutional head that replaces a classifier's FC head (see ``head``).
 
-:func:`read_linear` turns a Gemm or MatMul(+Add) into an effective ``(O, I)`` weight and a
-bias; :func:`assemble` writes the Conv (and pool) nodes in place of the FC nodes, fixes the
+:func:`assemble` writes the Conv (and pool) nodes in place of the FC nodes, fixes the
 elementwise ops of the head for an NCHW map, drops the dead flatten chain and makes batch,
 height and width dynamic.
 """
@@ -24,79 +23,24 @@ from convert.from_onnx.graph import (
     remove_dead_nodes,
     set_attribute,
 )
+from convert.from_onnx.head_read import FirstLayer, Linear
 from convert.geometry import Field, Trace
 from service.errors import ConversionError
 
 
 @dataclass
-class Linear:
-    """One FC layer: ``output = input @ weight.T + bias``."""
-
-    nodes: list[onnx.NodeProto]
-    input: str
-    output: str
-    weight: np.ndarray  # (O, I)
-    bias: np.ndarray | None  # (O,)
-
-
-@dataclass
 class HeadPlan:
-    """Everything :func:`assemble` needs, found by ``onnx_head.rewrite_head``."""
+    """Everything :func:`assemble` needs, found by ``from_onnx.head.rewrite_head``. A model
+    with several heads has one first layer per head (or one shared) over the same map."""
 
     source: str  # the trunk's last feature map
     field: Field
-    linears: list[Linear]
+    linears: list[Linear]  # every FC layer, the first layers' included
+    firsts: list[FirstLayer]
     edits: list[tuple[str, onnx.NodeProto, int]]  # (kind, node, channels at that node)
-    coords: tuple[np.ndarray, np.ndarray, np.ndarray]  # (c, y, x) per first-FC feature
+    outputs: dict[str, int]  # each graph output's channel count
     channels: int
-    conv_kernel: tuple[int, int]
-    pool: tuple[str, tuple[int, int]] | None
     layout: str
-
-
-def _constant_weight(node: onnx.NodeProto, index: GraphIndex, name: str) -> np.ndarray:
-    value = index.constant(name)
-    if value is None:
-        raise ConversionError(f"{node_label(node)} has non-constant weights: cannot convert")
-    if value.dtype.kind != "f":
-        raise ConversionError(f"{node_label(node)} has {value.dtype} weights; expected floats")
-    return value
-
-
-def _bias(node: onnx.NodeProto, value: np.ndarray, outputs: int) -> np.ndarray:
-    if value.size == 1:
-        return np.full(outputs, value.reshape(-1)[0], dtype=value.dtype)
-    if value.size != outputs:
-        raise ConversionError(f"{node_label(node)} has a bias of shape {list(value.shape)}")
-    return value.reshape(outputs)
-
-
-def read_linear(node: onnx.NodeProto, index: GraphIndex) -> Linear:
-    """The FC layer computed by a Gemm, or by a MatMul and the Add that may follow it."""
-    if node.op_type == "Gemm":
-        attrs = attributes(node)
-        if attrs.get("transA", 0):
-            raise ConversionError(f"{node_label(node)} transposes its input (transA=1)")
-        b = _constant_weight(node, index, node.input[1])
-        weight = (b if attrs.get("transB", 0) else b.T) * b.dtype.type(attrs.get("alpha", 1.0))
-        bias = None
-        if len(node.input) > 2 and node.input[2]:
-            c = _constant_weight(node, index, node.input[2])
-            bias = _bias(node, c * c.dtype.type(attrs.get("beta", 1.0)), weight.shape[0])
-        return Linear([node], node.input[0], node.output[0], weight, bias)
-    b = _constant_weight(node, index, node.input[1])
-    if b.ndim != 2:
-        raise ConversionError(f"{node_label(node)} multiplies by a rank-{b.ndim} tensor")
-    linear = Linear([node], node.input[0], node.output[0], b.T, None)
-    add = index.sole_consumer(node.output[0])
-    if add is not None and add.op_type == "Add":
-        other = [name for name in add.input if name != node.output[0]]
-        value = index.constant(other[0]) if len(other) == 1 else None
-        if value is not None and value.size in (1, b.shape[1]):
-            linear.nodes.append(add)
-            linear.output = add.output[0]
-            linear.bias = _bias(add, value, b.shape[1])
-    return linear
 
 
 def freeze_auto_pad(graph: onnx.GraphProto, index: GraphIndex) -> None:
@@ -177,23 +121,26 @@ def _conv(linear, weight, names, source, kernel) -> tuple[onnx.NodeProto, list]:
     return node, inits
 
 
-def _first_layer(plan, trace, index, names) -> tuple[list, list]:
-    source, nodes = _canonical(plan, trace, index, names)
-    if plan.pool is not None and plan.pool[1] != (1, 1):
-        op, kernel = plan.pool
-        pooled = names.fresh(f"{plan.source}_pooled")
-        nodes.append(
-            helper.make_node(
-                op, [source], [pooled], name=pooled, kernel_shape=list(kernel), strides=[1, 1]
-            )
-        )
-        source = pooled
-    first = plan.linears[0]
-    out_channels = first.weight.shape[0]
-    weight = np.zeros((out_channels, plan.channels, *plan.conv_kernel), dtype=first.weight.dtype)
-    c, y, x = plan.coords
-    weight[:, c, y, x] = first.weight  # feature f of the FC reads element (c[f], y[f], x[f])
-    conv, inits = _conv(first, weight, names, source, plan.conv_kernel)
+def _first_layer(plan: HeadPlan, first: FirstLayer, source: str, names, pooled: dict):
+    """The Conv (after a sliding pool, shared between heads) replacing one first FC."""
+    nodes = []
+    if first.pool is not None and first.pool[1] != (1, 1):
+        op, kernel = first.pool
+        if op not in pooled:
+            pooled[op] = names.fresh(f"{plan.source}_pooled")
+            nodes.append(
+                helper.make_node(
+                    op, [source], [pooled[op]], name=pooled[op], kernel_shape=list(kernel),
+                    strides=[1, 1],
+                )
+            )  # fmt: skip
+        source = pooled[op]
+    linear = first.linear
+    out_channels = linear.weight.shape[0]
+    weight = np.zeros((out_channels, plan.channels, *first.conv_kernel), dtype=linear.weight.dtype)
+    c, y, x = first.coords
+    weight[:, c, y, x] = linear.weight  # feature f of the FC reads element (c[f], y[f], x[f])
+    conv, inits = _conv(linear, weight, names, source, first.conv_kernel)
     return [*nodes, conv], inits
 
 
@@ -224,8 +171,8 @@ def _edit(kind, node, channels, names, opset, index: GraphIndex) -> tuple[list, 
     return [node], inits
 
 
-def make_dynamic(model: onnx.ModelProto, *, layout: str, classes: int) -> None:
-    """Dynamic batch, height and width on the input; an [N, classes, h, w] output."""
+def make_dynamic(model: onnx.ModelProto, *, layout: str, outputs: dict[str, int]) -> None:
+    """Dynamic batch, height and width on the input; [N, channels, h, w] outputs."""
     graph = model.graph
     image = image_input(graph)
     dims = image.type.tensor_type.shape.dim
@@ -234,11 +181,10 @@ def make_dynamic(model: onnx.ModelProto, *, layout: str, classes: int) -> None:
         dims[axis].Clear()
         dims[axis].dim_param = param
     del graph.value_info[:]
-    output = graph.output[0]
-    elem_type = output.type.tensor_type.elem_type
-    output.CopyFrom(
-        helper.make_tensor_value_info(output.name, elem_type, ["N", classes, "cells_h", "cells_w"])
-    )
+    for output in graph.output:
+        elem_type = output.type.tensor_type.elem_type
+        dims = ["N", outputs[output.name], "cells_h", "cells_w"]
+        output.CopyFrom(helper.make_tensor_value_info(output.name, elem_type, dims))
     try:
         inferred = onnx.shape_inference.infer_shapes(model)
         graph.value_info.extend(inferred.graph.value_info)
@@ -251,10 +197,16 @@ def assemble(model: onnx.ModelProto, *, index: GraphIndex, trace: Trace, plan: H
     graph = model.graph
     names = _Names(graph)
     replaced = {id(node) for linear in plan.linears for node in linear.nodes}
-    inserts: dict[int, tuple[list, list]] = {
-        id(plan.linears[0].nodes[0]): _first_layer(plan, trace, index, names)
-    }
-    for linear in plan.linears[1:]:
+    source, canonical = _canonical(plan, trace, index, names)
+    pooled: dict[str, str] = {}
+    inserts: dict[int, tuple[list, list]] = {}
+    for first in plan.firsts:
+        inserts[id(first.linear.nodes[0])] = _first_layer(plan, first, source, names, pooled)
+    if canonical:  # the NHWC -> NCHW Transpose goes with the first of them (nodes are sorted)
+        key = id(plan.firsts[0].linear.nodes[0])
+        inserts[key] = ([*canonical, *inserts[key][0]], inserts[key][1])
+    firsts = {id(first.linear) for first in plan.firsts}
+    for linear in (linear for linear in plan.linears if id(linear) not in firsts):
         out_channels, in_channels = linear.weight.shape
         weight = linear.weight.reshape(out_channels, in_channels, 1, 1)
         node, inits = _conv(linear, weight, names, linear.input, (1, 1))
@@ -275,7 +227,7 @@ def assemble(model: onnx.ModelProto, *, index: GraphIndex, trace: Trace, plan: H
     graph.node.extend(nodes)
     graph.initializer.extend(initializers)
     remove_dead_nodes(graph)
-    make_dynamic(model, layout=plan.layout, classes=plan.linears[-1].weight.shape[0])
+    make_dynamic(model, layout=plan.layout, outputs=plan.outputs)
     return model
 
 

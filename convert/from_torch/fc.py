@@ -10,7 +10,9 @@ dummy batch at ``input_size`` to learn every tensor's shape, then rewrites the h
 - an adaptive pool that is an identity at ``input_size`` is removed; a global average (max)
   pool feeding the head (``AdaptiveAvgPool2d(1)``, ``x.mean((2, 3))``, ``amax``) becomes a
   sliding ``AvgPool2d((h, w), stride=1)`` (``MaxPool2d``) over the trunk output;
-- a final softmax / log-softmax runs over the channel axis (dim 1) of the NCHW map.
+- a final softmax / log-softmax runs over the channel axis (dim 1) of the NCHW map;
+- a forward returning a tuple or dict of outputs (several heads on one trunk) gives a
+  module returning the same structure of maps, one per head.
 
 Anything with no exact dense form (a global op inside the trunk, an attention head, a
 non-identity adaptive pool) raises :class:`~service.errors.ConversionError` naming the layer.
@@ -20,6 +22,7 @@ The result is checked against the original at ``input_size`` before it is return
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +31,13 @@ from torch import nn
 
 from convert.from_torch import head as torch_head
 from convert.from_torch import rewrite as torch_rewrite
+from convert.from_torch.outputs import (
+    ForwardOutputs,
+    OrderedOutputs,
+    forward_outputs,
+    head_names,
+    output_values,
+)
 from convert.from_torch.trace import (
     dummy_input,
     infer_in_channels,
@@ -51,10 +61,24 @@ class TorchConversion:
     input_size: tuple[int, int]
     in_channels: int
     trunk_output: tuple[int, int, int]  # C, h, w of the trunk at input_size
-    head_pool: str  # "none", "identity", "avg" or "max"
-    num_classes: int
-    final_activation: str | None  # "softmax", "log_softmax", "sigmoid" or None
+    head_pool: str  # "none", "identity", "avg" or "max" (of the first output's head)
+    num_classes: int  # channels of the first output
+    final_activation: str | None  # of the first output: "softmax", "log_softmax", "sigmoid"
     removed: tuple[str, ...]  # module paths / node names taken out of the graph
+    outputs: ForwardOutputs | None = None  # the forward's output structure
+    channels: tuple[int, ...] = ()  # per output, in the forward's order
+    final_activations: tuple[str | None, ...] = ()  # per output, in the forward's order
+
+    def head_names(self, given: Sequence[str] = ()) -> tuple[str, ...]:
+        """The heads' names: dict keys, ``given`` names, ``output0``... or ``scores``."""
+        return head_names(self.outputs, given)
+
+    def ordered_module(self) -> nn.Module:
+        """The module, returning a flat tuple of maps in the forward's order when the
+        classifier has several outputs (what the ONNX exporter names)."""
+        if not self.outputs.several:
+            return self.module
+        return OrderedOutputs(self.module, self.outputs.keys).eval()
 
     @property
     def ends_in_softmax(self) -> bool:
@@ -79,8 +103,9 @@ def convert_classifier(
     channels = in_channels if in_channels is not None else infer_in_channels(gm)
     image_nchw = dummy_input(gm, size=size, in_channels=channels)
     reference = propagate_shapes(gm, image_nchw)
+    outputs = forward_outputs(gm)
 
-    head = torch_head.find_head(gm, size=size)
+    head = torch_head.find_head(gm, size=size, outputs=outputs)
     torch_head.check_trunk(gm, head)
     removed = torch_rewrite.rewrite(gm, head)
     gm.graph.lint()
@@ -88,16 +113,20 @@ def convert_classifier(
     gm.delete_all_unused_submodules()
     gm.eval()
 
-    _check_against_original(gm, image_nchw, reference, size)
+    references = output_values(reference, outputs)
+    _check_against_original(gm, outputs, image_nchw, references, size)
     return TorchConversion(
         module=gm,
         input_size=size,
         in_channels=channels,
         trunk_output=head.trunk_output,
         head_pool=head.pool_kind,
-        num_classes=int(reference.shape[1]),
-        final_activation=head.final_activation,
+        num_classes=int(references[0].shape[1]),
+        final_activation=head.final_activations[0],
         removed=tuple(removed),
+        outputs=outputs,
+        channels=tuple(int(value.shape[1]) for value in references),
+        final_activations=head.final_activations,
     )
 
 
@@ -114,25 +143,32 @@ def final_activation(model: nn.Module) -> str | None:
 
 
 def _check_against_original(
-    gm: fx.GraphModule, image_nchw: torch.Tensor, reference: torch.Tensor, size
+    gm: fx.GraphModule, outputs: ForwardOutputs, image_nchw: torch.Tensor, references, size
 ) -> None:
-    """The dense module at input_size must give the original's scores in a 1x1 map."""
+    """The dense module at input_size must give the original's outputs in 1x1 maps."""
     with torch.no_grad():
-        score_map = gm(image_nchw)
-    expected = (reference.shape[0], reference.shape[1], 1, 1)
-    if not isinstance(score_map, torch.Tensor) or tuple(score_map.shape) != expected:
-        got = tuple(score_map.shape) if isinstance(score_map, torch.Tensor) else score_map
-        raise ConversionError(
-            f"internal check failed: the converted module gives {got} at input size "
-            f"{size[0]}x{size[1]}, expected {expected}. Please report this model."
-        )
-    scores = score_map.flatten(1)
-    diff = (scores - reference).abs().max().item()
-    scale = 1.0 + reference.abs().max().item()
-    tolerance = CHECK_TOLERANCE.get(reference.dtype, LOW_PRECISION_TOLERANCE)
-    if not diff <= tolerance * scale:
-        raise ConversionError(
-            f"internal check failed: the converted module differs from the original by "
-            f"{diff:.3g} at input size {size[0]}x{size[1]} (allowed {tolerance * scale:.3g}). "
-            "The head contains an op the converter does not understand: please report it."
-        )
+        result = gm(image_nchw)
+    try:
+        maps = output_values(result, outputs)
+    except (KeyError, IndexError, TypeError):
+        maps = (result,)
+    for position, (score_map, reference) in enumerate(zip(maps, references, strict=False)):
+        what = f" ({outputs.label(position)})" if outputs.several else ""
+        expected = (reference.shape[0], reference.shape[1], 1, 1)
+        if not isinstance(score_map, torch.Tensor) or tuple(score_map.shape) != expected:
+            got = tuple(score_map.shape) if isinstance(score_map, torch.Tensor) else score_map
+            raise ConversionError(
+                f"internal check failed: the converted module gives {got}{what} at input size "
+                f"{size[0]}x{size[1]}, expected {expected}. Please report this model."
+            )
+        scores = score_map.flatten(1)
+        diff = (scores - reference).abs().max().item()
+        scale = 1.0 + reference.abs().max().item()
+        tolerance = CHECK_TOLERANCE.get(reference.dtype, LOW_PRECISION_TOLERANCE)
+        if not diff <= tolerance * scale:
+            raise ConversionError(
+                f"internal check failed: the converted module differs from the original by "
+                f"{diff:.3g}{what} at input size {size[0]}x{size[1]} (allowed "
+                f"{tolerance * scale:.3g}). The head contains an op the converter does not "
+                "understand: please report it."
+            )

@@ -4,6 +4,8 @@ The head is found from the output backwards: a chain of per-feature ops on ``(N,
 tensors (Linear, activations, dropout, BatchNorm1d, softmax), fed by a flatten of the trunk's
 ``C x h x w`` output, optionally through a global pool over H, W. Everything upstream of
 that is the trunk, which must be local everywhere (see :mod:`convert.from_torch.ops`).
+A forward with several outputs (a tuple or dict) has one such chain per output; they may
+share ops (a shared Linear, then one per head) and must all read the same trunk output.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from convert.from_torch.ops import (
     spatial_size_source,
     tensor_inputs,
 )
+from convert.from_torch.outputs import ForwardOutputs, forward_outputs
 from convert.from_torch.trace import describe, shape_of
 from service.errors import ConversionError
 
@@ -36,8 +39,11 @@ PASSTHROUGH_OPS = frozenset({"dropout", "contiguous", "clone"})
 
 
 @dataclass
-class Head:
-    chain: list[fx.Node]  # per-feature (N, F) head ops in graph order (a DAG: x * sigmoid(x))
+class Feed:
+    """One read of the trunk output by the head: a flatten (after moves) or a global pool.
+    Heads of a multi-head classifier share one feed or each have their own."""
+
+    source: fx.Node  # the (N, F) tensor the head ops read
     moves: list[fx.Node]  # flatten/view/permute/no-op nodes before the head, nearest it first
     pool: fx.Node | None  # the pool between trunk and flatten, if any
     pool_kind: str  # "none", "identity", "avg" or "max"
@@ -45,27 +51,85 @@ class Head:
     trunk_output: tuple[int, int, int]
     feature_volume: tuple[int, int, int]  # what the first Linear sees, as C x h x w
     feature_order: np.ndarray  # per first-Linear input feature: its flat index in the volume
-    final_activation: str | None
-    first_linears: set[fx.Node] = field(default_factory=set)  # read the flattened volume
+
+
+@dataclass
+class Head:
+    """Every head of the classifier: the per-feature ops of all outputs (shared ones once)."""
+
+    chain: list[fx.Node]  # per-feature (N, F) head ops in graph order (a DAG: x * sigmoid(x))
+    feeds: list[Feed]
+    final_activations: tuple[str | None, ...]  # per output, in the forward's order
+    first_linears: dict[fx.Node, Feed] = field(default_factory=dict)  # read a feed
     constants: list[tuple[fx.Node, fx.Node]] = field(default_factory=list)  # (op, F-vector)
     identity_pools: list[fx.Node] = field(default_factory=list)
 
+    @property
+    def trunk_end(self) -> fx.Node:
+        return self.feeds[0].trunk_end
 
-def find_head(gm: fx.GraphModule, *, size: tuple[int, int]) -> Head:
+    @property
+    def trunk_output(self) -> tuple[int, int, int]:
+        return self.feeds[0].trunk_output
+
+    @property
+    def pool_kind(self) -> str:
+        return self.feeds[0].pool_kind
+
+
+def find_head(gm: fx.GraphModule, *, size: tuple[int, int], outputs: ForwardOutputs) -> Head:
+    """The heads computing every output of ``gm`` from one trunk output."""
     size_text = f"{size[0]}x{size[1]}"
-    node = _output_node(gm).args[0]
-    shape = shape_of(node) if isinstance(node, fx.Node) else None
-    if shape is None or len(shape) != 2:
-        raise ConversionError(
-            f"the model's output has shape {shape} at input size {size_text}, expected "
-            "(batch, classes): it has no Linear classifier head to convert (a model that "
-            "already outputs a score map is fully convolutional as it is)."
-        )
     dependent = input_dependent(gm)
-    chain, source = head_region(gm, node, dependent)
+    regions, feeds = [], {}
+    for position, node in enumerate(outputs.nodes):
+        where = f"{outputs.label(position)} of the forward" if outputs.several else ""
+        shape = shape_of(node)
+        if (shape is None or len(shape) != 2) and where:
+            raise ConversionError(
+                f"{where} has shape {shape} at input size {size_text}, expected (batch, "
+                "features): every output of a classifier with several heads must be an "
+                "(N, F) tensor computed per window from the trunk by its own head (a feature "
+                "map or a per-image value has no dense form beside them)."
+            )
+        if shape is None or len(shape) != 2:
+            raise ConversionError(
+                f"the model's output has shape {shape} at input size {size_text}, expected "
+                "(batch, classes): it has no Linear classifier head to convert (a model that "
+                "already outputs a score map is fully convolutional as it is)."
+            )
+        what = f"the head of {where}" if where else "the classifier head"
+        chain, source = head_region(gm, node, dependent, what=what)
+        if source not in feeds:
+            feeds[source] = _feed(gm, source, size_text)
+        feed = feeds[source]
+        if not any(isinstance(module_of(gm, n), nn.Linear) for n in chain) and (
+            feed.feature_volume[1:] != (1, 1)
+        ):
+            raise ConversionError(
+                f"{'the model' if not where else where} has no Linear classifier head: it "
+                f"flattens {describe(gm, feed.trunk_end)}. densemap converts classifiers whose "
+                "head is nn.Linear layers on the flattened (or globally pooled) trunk output, "
+                "or a conv head followed by a global pool (SqueezeNet)."
+            )
+        regions.append(chain)
+    _same_trunk(gm, outputs, list(feeds.values()))
+    in_chain = {n for chain in regions for n in chain}
+    chain = [n for n in gm.graph.nodes if n in in_chain]
     linears = [n for n in chain if isinstance(module_of(gm, n), nn.Linear)]
     if len({n.target for n in linears}) != len(linears):
         raise ConversionError("a Linear layer is used twice in the head: not supported.")
+    head = Head(
+        chain=chain,
+        feeds=list(feeds.values()),
+        final_activations=tuple(final_activation(gm, node) for node in outputs.nodes),
+    )
+    head.first_linears, head.constants = classify_head_ops(gm, chain, feeds, dependent)
+    return head
+
+
+def _feed(gm: fx.GraphModule, source: fx.Node, size_text: str) -> Feed:
+    """How the head reads the trunk at ``source``: moves, pool, volume and flatten order."""
     if head_pool_kind(gm, source) in ("avg", "max") and len(shape_of(source)) == 2:
         moves, pool = [], source  # x.mean((2, 3)) straight into the head
     else:
@@ -95,30 +159,28 @@ def find_head(gm: fx.GraphModule, *, size: tuple[int, int]) -> Head:
     pool_kind = _pool_kind(gm, pool, size_text)
     channels, height, width = trunk_shape[1:]
     volume = (channels, 1, 1) if pool_kind in ("avg", "max") else (channels, height, width)
-    if not linears and volume[1:] != (1, 1):
-        raise ConversionError(
-            f"the model has no Linear classifier head: its output flattens "
-            f"{describe(gm, trunk_end)}. densemap converts classifiers whose head is nn.Linear "
-            "layers on the flattened (or globally pooled) trunk output, or a conv head followed "
-            "by a global pool (SqueezeNet)."
-        )
-    head = Head(
-        chain=chain,
-        moves=moves,
-        pool=pool,
-        pool_kind=pool_kind,
-        trunk_end=trunk_end,
-        trunk_output=(channels, height, width),
-        feature_volume=volume,
-        feature_order=feature_order(gm, moves, shape_of(pool or trunk_end)[1:])
+    order = (
+        feature_order(gm, moves, shape_of(pool or trunk_end)[1:])
         if moves
-        else np.arange(math.prod(volume)),
-        final_activation=final_activation(gm),
+        else np.arange(math.prod(volume))
     )
-    head.first_linears, head.constants = classify_head_ops(
-        gm, chain, source, dependent, volume=volume, order=head.feature_order
-    )
-    return head
+    return Feed(
+        source=source, moves=moves, pool=pool, pool_kind=pool_kind, trunk_end=trunk_end,
+        trunk_output=(channels, height, width), feature_volume=volume, feature_order=order,
+    )  # fmt: skip
+
+
+def _same_trunk(gm: fx.GraphModule, outputs: ForwardOutputs, feeds: list[Feed]) -> None:
+    ends = {feed.trunk_end for feed in feeds}
+    if len(ends) > 1:
+        reads = "; ".join(
+            f"{describe(gm, feed.source)} reads {describe(gm, feed.trunk_end)}" for feed in feeds
+        )
+        raise ConversionError(
+            f"the heads of the {len(outputs.nodes)} outputs read different trunk positions "
+            f"({reads}): every head must read the same trunk output (a head on an earlier "
+            "layer has another geometry, no common grid)."
+        )
 
 
 def check_trunk(gm: fx.GraphModule, head: Head) -> None:
@@ -150,10 +212,11 @@ def check_trunk(gm: fx.GraphModule, head: Head) -> None:
         _check_local_shapes(gm, node, dependent)
 
 
-def final_activation(gm: fx.GraphModule) -> str | None:
-    """'softmax' / 'log_softmax' when the forward ends in one over the classes, 'sigmoid'
-    when it ends in a sigmoid (independent per-class scores), else None."""
-    node = _output_node(gm).args[0]
+def final_activation(gm: fx.GraphModule, node: fx.Node | None = None) -> str | None:
+    """'softmax' / 'log_softmax' when the output ``node`` (default: the forward's first)
+    ends in one over the classes, 'sigmoid' when it ends in a sigmoid (independent
+    per-class scores), else None."""
+    node = node or forward_outputs(gm).nodes[0]
     while isinstance(node, fx.Node) and _is_passthrough(gm, node):
         node = node.args[0]
     if not isinstance(node, fx.Node):
@@ -164,10 +227,6 @@ def final_activation(gm: fx.GraphModule) -> str | None:
 
 
 # -- helpers ------------------------------------------------------------------------------
-def _output_node(gm: fx.GraphModule) -> fx.Node:
-    return next(n for n in gm.graph.nodes if n.op == "output")
-
-
 def _is_passthrough(gm: fx.GraphModule, node: fx.Node) -> bool:
     module = module_of(gm, node)
     if module is not None:

@@ -53,8 +53,11 @@ def _is_head_op(gm: fx.GraphModule, node: fx.Node) -> bool:
     return op_name(node) in PER_CHANNEL_FUNCTIONS
 
 
-def head_region(gm, output: fx.Node, dependent) -> tuple[list[fx.Node], fx.Node]:
-    """The per-feature ops that compute the output from one (N, F) source, and that source."""
+def head_region(
+    gm, output: fx.Node, dependent, *, what: str = "the classifier head"
+) -> tuple[list[fx.Node], fx.Node]:
+    """The per-feature ops that compute the output from one (N, F) source, and that source.
+    ``what`` names the head in errors."""
     region: set[fx.Node] = set()
     frontier: set[fx.Node] = set()
     stack = [output]
@@ -70,43 +73,50 @@ def head_region(gm, output: fx.Node, dependent) -> tuple[list[fx.Node], fx.Node]
     if len(frontier) != 1:
         names = ", ".join(sorted(describe(gm, n) for n in frontier))
         raise ConversionError(
-            f"the classifier head reads several tensors ({names}): expected one flattened or "
+            f"{what} reads several tensors ({names}): expected one flattened or "
             "globally pooled trunk output (attention, class tokens and other global ops have "
             "no exact dense form)."
         )
     return [n for n in gm.graph.nodes if n in region], frontier.pop()
 
 
-def classify_head_ops(gm, chain, source: fx.Node, dependent, *, volume, order):
-    """Mark the Linears that read the flattened volume, and collect the per-feature vectors
-    (``x * scale + bias``) that must be laid out along the channels of the map."""
-    first_linears: set[fx.Node] = set()
+def classify_head_ops(gm, chain, feeds: dict, dependent):
+    """Mark the Linears that read a feed (the flattened or pooled volume: ``feeds`` maps
+    each source node to its :class:`~convert.from_torch.head.Feed`), and collect the
+    per-feature vectors (``x * scale + bias``) that must be laid out along the channels."""
+    first_linears: dict[fx.Node, object] = {}
     constants: list[tuple[fx.Node, fx.Node]] = []
-    after_linear: dict[fx.Node, bool] = {source: False}
+    # per node: the feed it still reads before any Linear, or None after a Linear
+    before_linear: dict[fx.Node, object] = dict(feeds)
     for node in chain:
         inputs = [a for a in tensor_inputs(node) if a in dependent]
-        flags = {after_linear[a] for a in inputs}
+        flags = {id(before_linear[a]) for a in inputs}
         if len(flags) != 1:
+            mixed = None in (before_linear[a] for a in inputs)
             raise ConversionError(
-                f"{describe(gm, node)} combines features from before and after a Linear layer: "
-                "no convolutional form."
+                f"{describe(gm, node)} combines features "
+                + ("from before and after a Linear layer" if mixed else "of two trunk reads")
+                + ": no convolutional form."
             )
-        post = flags.pop()
+        feed = before_linear[inputs[0]]
+        post = feed is None
         module = module_of(gm, node)
         if isinstance(module, nn.Linear):
             if not post:
-                first_linears.add(node)
-            after_linear[node] = True
+                first_linears[node] = feed
+            before_linear[node] = None
             continue
-        after_linear[node] = post
+        before_linear[node] = feed
         per_feature = isinstance(module, nn.BatchNorm1d) or (
             isinstance(module, nn.PReLU) and module.num_parameters > 1
         )
         vectors = [a for a in tensor_inputs(node) if a not in dependent and _numel(a) > 1]
         if op_name(node) in PER_CHANNEL_FUNCTIONS:
             per_feature, vectors = per_feature or bool(vectors), []
-        pooled = volume[1:] == (1, 1)
-        ordered = np.array_equal(order, np.arange(len(order)))
+        pooled = not post and feed.feature_volume[1:] == (1, 1)
+        ordered = not post and np.array_equal(
+            feed.feature_order, np.arange(len(feed.feature_order))
+        )
         if not post and (per_feature or vectors) and not (pooled and ordered):
             raise ConversionError(
                 f"{describe(gm, node)} has per-feature parameters on the flattened C x h x w "

@@ -3,7 +3,8 @@
 :func:`rewrite` takes the :class:`~convert.from_torch.head.Head` that ``find_head`` and
 ``check_trunk`` validated and, in place on the ``GraphModule``:
 
-- removes identity adaptive pools and the flatten/view/reshape/permute nodes before the head;
+- removes identity adaptive pools and the flatten/view/reshape/permute nodes before the head
+  (before every head of a multi-head classifier, once each when heads share them);
 - turns a global average/max pool into ``AvgPool2d((h, w), stride=1)`` / ``MaxPool2d``;
 - turns the first Linear into ``Conv2d(C, O, (h, w))`` and later ones into 1x1 convs, copying
   weights with asserted shapes (the kernel taps follow the flatten order, permutes
@@ -17,7 +18,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from convert.from_torch.head import Head
+from convert.from_torch.head import Feed, Head
 from convert.from_torch.ops import module_of, op_name, single_input, softmax_kind
 from convert.from_torch.trace import shape_of
 from service.errors import ConversionError
@@ -28,24 +29,27 @@ def rewrite(gm: fx.GraphModule, head: Head) -> list[str]:
     of the layers taken out."""
     graph = gm.graph
     removed = []
-    for node in head.identity_pools + ([head.pool] if head.pool_kind == "identity" else []):
-        removed.append(str(node.target) if node.op == "call_module" else node.name)
+    identity = [feed.pool for feed in head.feeds if feed.pool_kind == "identity"]
+    moves = [node for feed in head.feeds for node in feed.moves]
+    for node in head.identity_pools + identity + moves:
+        if node in removed:
+            continue  # read by two heads' feeds: taken out once
+        removed.append(node)
         node.replace_all_uses_with(single_input(node))
         graph.erase_node(node)
-    for node in head.moves:
-        removed.append(str(node.target) if node.op == "call_module" else node.name)
-        node.replace_all_uses_with(single_input(node))
-        graph.erase_node(node)
-    if head.pool_kind in ("avg", "max"):
-        _slide_pool(gm, head)
+    slid = set()
+    for feed in head.feeds:
+        if feed.pool_kind in ("avg", "max") and feed.pool not in slid:
+            slid.add(feed.pool)
+            _slide_pool(gm, feed)
     for node, vector in head.constants:
         _per_channel(graph, node, vector)
     for node in head.chain:
         module = module_of(gm, node)
         if isinstance(module, nn.Linear):
-            first = node in head.first_linears
-            volume = head.feature_volume if first else (module.in_features, 1, 1)
-            order = head.feature_order if first else None
+            feed = head.first_linears.get(node)
+            volume = feed.feature_volume if feed else (module.in_features, 1, 1)
+            order = feed.feature_order if feed else None
             conv = _linear_to_conv(module, volume, node.target, order)
             _set_submodule(gm, str(node.target), conv)
         elif isinstance(module, nn.BatchNorm1d):
@@ -55,10 +59,10 @@ def rewrite(gm: fx.GraphModule, head: Head) -> list[str]:
         elif softmax_kind(gm, node) is not None:
             _set_softmax_dim(node)
     _erase_dead_size_nodes(graph)
-    return removed
+    return [str(node.target) if node.op == "call_module" else node.name for node in removed]
 
 
-def _slide_pool(gm: fx.GraphModule, head: Head) -> None:
+def _slide_pool(gm: fx.GraphModule, head: Feed) -> None:
     """Global pool over the trunk's h x w -> the same pool sliding with stride 1."""
     _, height, width = head.trunk_output
     pool_type = nn.AvgPool2d if head.pool_kind == "avg" else nn.MaxPool2d

@@ -118,15 +118,21 @@ def dummy_input(gm: fx.GraphModule, *, size: tuple[int, int], in_channels: int) 
     return image_nchw.to(device=device, dtype=dtype)
 
 
-def propagate_shapes(gm: fx.GraphModule, image_nchw: torch.Tensor) -> torch.Tensor:
-    """Run ``image_nchw`` through ``gm``, record node shapes, return the model's output."""
+def propagate_shapes(gm: fx.GraphModule, image_nchw: torch.Tensor):
+    """Run ``image_nchw`` through ``gm``, record node shapes, return the model's output:
+    one tensor, or a tuple/list or dict of tensors (one per head)."""
     size_text = f"{image_nchw.shape[-2]}x{image_nchw.shape[-1]} (HxW)"
     with torch.no_grad():
         output = _ShapeRecorder(gm, size_text).run(image_nchw)
-    if not isinstance(output, torch.Tensor):
+    values = output.values() if isinstance(output, dict) else output
+    several = isinstance(output, (tuple, list, dict))
+    if not (isinstance(output, torch.Tensor) or several) or (
+        several and not all(isinstance(v, torch.Tensor) for v in values)
+    ):
         raise ConversionError(
-            f"the model returns {type(output).__name__}, not one tensor of class scores: "
-            "wrap it so that forward() returns only the (N, classes) logits."
+            f"the model returns {type(output).__name__}, not a tensor of class scores or a "
+            "tuple/list or dict of tensors (one per head): wrap it so that forward() returns "
+            "the (N, classes) logits, or a flat tuple or dict of (N, F) tensors."
         )
     return output
 
