@@ -7,9 +7,11 @@ R + 2S, and only then moves the files into place. Nothing is left at the output 
 when any step fails: the files are written into a temporary folder beside the output and
 renamed with ``os.replace``.
 
-Cell cropping rule: a dense model may return more cells than n = (W - R) // S + 1 per axis
-(ceil_mode pooling, or a trunk that ignores trailing pixels of R); the engine, and
-:mod:`convert.verify`, keep the first n.
+Cell cropping rule: a dense trunk may return more cells than n = (W - R) // S + 1 per axis
+(ceil_mode pooling, or a trunk that ignores trailing pixels of R). Every written model,
+variants included, crops its outputs to exactly n in the graph (:mod:`convert.cell_crop`,
+from the input's dynamic shape), so it stands alone in any runtime; the engine and
+:mod:`convert.verify` still keep the first n of older models that return more.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import numpy as np
 import onnx
 
 from convert.atrous import make_atrous, supported_strides
+from convert.cell_crop import crop_to_cells
 from convert.from_onnx.graph import image_input, static_dims
 from convert.geometry import compute_geometry, trace_graph
 from convert.runtime import cpu_session, image_shape, numpy_dtype, run_scores
@@ -151,10 +154,10 @@ def _check_runs(path: Path, geometry: Geometry, classes: int | None, prep: Prepr
     image = np.random.default_rng(0).random(shape).astype(numpy_dtype(session))
     scores = run_scores(session, image)
     expected = geometry.cells(*size)
-    if scores.ndim != 4 or scores.shape[2] < expected[0] or scores.shape[3] < expected[1]:
+    if scores.ndim != 4 or tuple(scores.shape[2:]) != expected:
         raise ConversionError(
             f"the dense model gives scores of shape {list(scores.shape)} on a {size} image, "
-            f"expected [1, classes, >={expected[0]}, >={expected[1]}]"
+            f"expected [1, classes, {expected[0]}, {expected[1]}]"
         )
     if classes is not None and scores.shape[1] != classes:
         raise ConversionError(f"variant gives {scores.shape[1]} classes, expected {classes}")
@@ -247,7 +250,7 @@ def _variants(dense, output, geometry, strides) -> list:
 
 def _stage(staging: Path, output: Path, dense, metadata, variants) -> list[tuple[Path, Path]]:
     """Write and check every file in ``staging``; returns (staged, final) path pairs."""
-    main = _with_metadata(_copy(dense), metadata)
+    main = _with_metadata(_cropped(_copy(dense), metadata.geometry, metadata), metadata)
     main_files = _save(main, staging / output.name)
     classes = _check_runs(main_files[0], metadata.geometry, None, metadata.preprocessing)
     if metadata.labels and len(metadata.labels) != classes:
@@ -257,10 +260,20 @@ def _stage(staging: Path, output: Path, dense, metadata, variants) -> list[tuple
     files = [*main_files]
     for name, model, v_geom in variants:
         v_meta = ModelMetadata(**{**metadata.__dict__, "geometry": v_geom, "variants": ()})
-        v_files = _save(_with_metadata(model, v_meta), staging / name)
+        v_files = _save(_with_metadata(_cropped(model, v_geom, metadata), v_meta), staging / name)
         _check_runs(v_files[0], v_geom, classes, metadata.preprocessing)
         files = [*v_files, *files]
     return [(path, output.parent / path.name) for path in files]
+
+
+def _cropped(model: onnx.ModelProto, geometry: Geometry, metadata) -> onnx.ModelProto:
+    """``model`` with its outputs cropped to n cells per axis in the graph."""
+    return crop_to_cells(
+        model,
+        window=geometry.window,
+        stride=geometry.stride,
+        layout=metadata.preprocessing.layout,
+    )
 
 
 def _move_into_place(staged, output: Path, metadata) -> ConversionResult:

@@ -21,7 +21,8 @@ Geometry conventions (all per axis, as ``(h, w)`` tuples of ints):
 - ``padded``: whether any conv/pool before the head pads. Padded nets are NOT equal to
   crop-by-crop evaluation (crops see zeros at their border); see README "Exactness".
 - Cells per axis on an image of size W: ``n = (W - R) // S + 1``; an image smaller than R
-  has no cell. The engine crops any extra cell a model returns (ceil_mode pooling) to n.
+  has no cell. Models written by the converter return exactly n (the crop is in the graph);
+  the engine crops any extra cell an older model returns (ceil_mode pooling) to n.
 
 Variants: à-trous networks with a finer output stride S/k, stored as separate ONNX files
 next to the main one, listed in ``variants`` with their output stride and file name.
