@@ -1,92 +1,53 @@
-"""Check a dense model against its classifier: crop by crop, on random images.
+"""Check a dense model and its à-trous variants against the classifier, crop by crop.
 
 For each image size (R + 3S plus a remainder, non-square by default) every window crop
-runs through the original classifier (batched), the dense model runs once, and the map is
-cropped to n = (W - R) // S + 1 cells per axis (the engine's rule). Max |difference|:
+runs through the original classifier (batched), each net (the main model, then every
+variant at its finer stride T) runs once, and its map is cropped to n = (W - R) // T + 1
+cells per axis (written models already return exactly n; older ones may return more).
+Each row's max |difference| is held to the limit of :mod:`convert.verify_limits`: a
+multiple of the classifier's own float32 rounding, measured against float64 on windows of
+size R, with a floor relative to the scores.
 
-- **unpadded nets** must agree to the tolerance (fp32: 1e-4 x max(1, max|score|), the
-  rounding of summing in another order; fp64: 1e-9 x the same);
+- **unpadded nets** must agree on every crop, at the native stride and at each variant's;
 - **padded nets** differ by design: a crop sees zero padding at its border where the dense
-  pass sees real neighbours (VGG paper, section 3.2). The crop rows are reported as
-  expected, and exactness is checked against the converted torch module instead (torch
-  path), plus the classifier on an image of exactly R, where both see the same zeros.
+  pass sees real neighbours (VGG paper, section 3.2). Crop rows are reported as expected;
+  exactness is checked against the converted torch module (torch path only), on windows
+  of exactly R, where both see the same zeros, and for each variant against the native
+  map on the cells they share (every k-th cell).
+
+Big nets take a while (VGG-16: minutes): with ``progress=None`` a progress bar goes to
+stderr when it is a terminal; ``progress=False`` keeps it quiet.
 """
 
 from __future__ import annotations
 
-import copy
 import os
-from dataclasses import dataclass
+import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from convert.from_onnx.graph import image_input
+from convert import verify_limits
+from convert.classifier_runner import Classifier, crop_batches, crop_scores
 from convert.pipeline import read_metadata
 from convert.runtime import Float64Runner, OrtRunner
-from service.contract import ModelMetadata
+from convert.verify_limits import Tolerance
+from convert.verify_report import (
+    CROPS,
+    NATIVE_MAP,
+    TORCH_MODULE,
+    WHOLE_WINDOW,
+    VerifyReport,
+    VerifyRow,
+)
+from service.contract import Geometry, ModelMetadata
 from service.errors import ConversionError
 
+__all__ = ["VerifyReport", "VerifyRow", "default_sizes", "precision_table", "verify"]
+
 Pair = tuple[int, int]
-TOLERANCE = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-9}
-CROP_BATCH = 32
-
-
-@dataclass(frozen=True)
-class VerifyRow:
-    size: Pair
-    cells: Pair
-    against: str
-    max_diff: float
-    limit: float | None  # None: a difference that is expected (padding), not checked
-
-    @property
-    def ok(self) -> bool:
-        return self.limit is None or self.max_diff <= self.limit
-
-    @property
-    def verdict(self) -> str:
-        if self.limit is None:
-            return "expected (padding)"
-        return "ok" if self.ok else "FAIL"
-
-
-@dataclass(frozen=True)
-class VerifyReport:
-    rows: tuple[VerifyRow, ...]
-    padded: bool
-    dtype: str
-
-    @property
-    def passed(self) -> bool:
-        return all(row.ok for row in self.rows)
-
-    @property
-    def max_checked_diff(self) -> float:
-        return max((row.max_diff for row in self.rows if row.limit is not None), default=0.0)
-
-    def table(self) -> str:
-        lines = [
-            f"verify ({self.dtype}): dense model vs window-by-window classifier",
-            f"  {'image':>9}  {'cells':>5}  {'compared with':<26}  {'max|diff|':>9}  "
-            f"{'limit':>7}  result",
-        ]
-        for row in self.rows:
-            size, cells = f"{row.size[0]}x{row.size[1]}", f"{row.cells[0]}x{row.cells[1]}"
-            limit = "-" if row.limit is None else f"{row.limit:.1e}"
-            lines.append(
-                f"  {size:>9}  {cells:>5}  {row.against:<26}  {row.max_diff:>9.2e}  "
-                f"{limit:>7}  {row.verdict}"
-            )
-        if self.padded:
-            lines += [
-                "  padded net: each crop sees zero padding at its border where the dense pass",
-                "  sees real neighbours (VGG paper sec. 3.2), so crop differences are expected;",
-                "  exactness is checked against the converted module and at the window size.",
-            ]
-        lines.append("  PASSED" if self.passed else "  FAILED: differences past the limit")
-        return "\n".join(lines)
+PROGRESS_DELAY = 1.0  # seconds before the bar appears: quick verifications stay quiet
 
 
 def default_sizes(window: Pair, stride: Pair) -> tuple[Pair, ...]:
@@ -98,80 +59,39 @@ def default_sizes(window: Pair, stride: Pair) -> tuple[Pair, ...]:
     )
 
 
-class _Classifier:
-    """Runs the original classifier on a batch of crops (torch module or ONNX file)."""
+class _Progress:
+    """A tqdm bar over the verification's passes (classifier batches, dense passes)."""
 
-    def __init__(self, classifier, dtype: np.dtype) -> None:
-        self.torch_module = None
-        if isinstance(classifier, (str, os.PathLike)):
-            self.run = _onnx_classifier(Path(classifier), dtype)
-        else:
-            import torch
+    def __init__(self, total: int, enabled: bool | None) -> None:
+        self.bar = None
+        if sys.stderr.isatty() if enabled is None else enabled:
+            from tqdm import tqdm
 
-            module = copy.deepcopy(classifier).eval()
-            module = module.double() if dtype == np.float64 else module.float()
-            self.torch_module = module
+            self.bar = tqdm(
+                total=total, desc="verify", unit="pass", file=sys.stderr, delay=PROGRESS_DELAY
+            )
 
-            def run(batch: np.ndarray) -> np.ndarray:
-                with torch.no_grad():
-                    return module(torch.from_numpy(batch)).numpy()
+    def step(self, what: str = "", count: int = 1) -> None:
+        if self.bar is not None:
+            if what:
+                self.bar.set_postfix_str(what, refresh=False)
+            self.bar.update(count)
 
-            self.run = run
-
-
-def _onnx_classifier(path: Path, dtype: np.dtype):
-    try:
-        model = onnx.load(str(path))
-    except Exception as exc:  # onnx raises DecodeError, OSError, ...
-        raise ConversionError(f"cannot read the classifier {path}: {exc}") from None
-    batch_dim = image_input(model.graph).type.tensor_type.shape.dim[0]
-    fixed_batch = batch_dim.dim_value if batch_dim.HasField("dim_value") else None
-    single = Float64Runner(model) if dtype == np.float64 else OrtRunner(model.SerializeToString())
-
-    def run(batch: np.ndarray) -> np.ndarray:
-        if fixed_batch is None:
-            return single(batch)
-        chunks = []
-        for start in range(0, len(batch), fixed_batch):
-            chunk = batch[start : start + fixed_batch]
-            padded = np.concatenate([chunk] + [chunk[-1:]] * (fixed_batch - len(chunk)))
-            chunks.append(single(padded)[: len(chunk)])
-        return np.concatenate(chunks)
-
-    return run
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
-def _crop_scores(classify, image, meta: ModelMetadata, cells: Pair) -> np.ndarray:
-    """[classes, n_h, n_w] scores of the classifier on every window crop."""
-    (r_h, r_w), (s_h, s_w) = meta.geometry.window, meta.geometry.stride
-    nchw = meta.preprocessing.layout == "NCHW"
-    crops = []
-    for i in range(cells[0]):
-        for j in range(cells[1]):
-            rows, cols = slice(i * s_h, i * s_h + r_h), slice(j * s_w, j * s_w + r_w)
-            crops.append(image[:, :, rows, cols] if nchw else image[:, rows, cols, :])
-    batch = np.concatenate(crops)
-    scores = np.concatenate(
-        [classify(batch[k : k + CROP_BATCH]) for k in range(0, len(batch), CROP_BATCH)]
-    )
-    return scores.reshape(cells[0], cells[1], -1).transpose(2, 0, 1)
+class _Net:
+    """One dense file to check: the main model or a variant."""
 
-
-def _dense_runner(dense_path: Path, dtype: np.dtype):
-    if dtype == np.float64:
-        return Float64Runner(onnx.load(str(dense_path)))
-    return OrtRunner(str(dense_path))
-
-
-def _random_image(rng, meta: ModelMetadata, size: Pair, dtype) -> np.ndarray:
-    prep = meta.preprocessing
-    shape = (1, prep.channels, *size) if prep.layout == "NCHW" else (1, *size, prep.channels)
-    return rng.standard_normal(shape).astype(dtype)
-
-
-def _max_diff(a: np.ndarray, b: np.ndarray, dtype) -> tuple[float, float]:
-    limit = TOLERANCE[np.dtype(dtype)] * max(1.0, float(np.abs(b).max()))
-    return float(np.abs(a - b).max()), limit
+    def __init__(self, path: Path, geometry: Geometry, dtype: np.dtype, *, main: bool) -> None:
+        self.path = path
+        self.geometry = geometry
+        self.label = "" if main else path.name
+        self.run = (
+            Float64Runner(onnx.load(str(path))) if dtype == np.float64 else OrtRunner(str(path))
+        )
 
 
 def verify(
@@ -181,46 +101,168 @@ def verify(
     sizes=None,
     seed: int = 0,
     dtype=np.float32,
+    progress: bool | None = None,
 ) -> VerifyReport:
-    """Compare the dense model at ``dense_path`` with ``classifier`` (module or ONNX path)."""
+    """Compare the dense model at ``dense_path`` and its à-trous variants with
+    ``classifier`` (a torch module or an ONNX classifier's path)."""
     dtype = np.dtype(dtype)
-    if dtype not in TOLERANCE:
+    if dtype not in (np.float32, np.float64):
         raise ConversionError(f"verify runs in float32 or float64, not {dtype}")
+    dense_path = Path(dense_path)
     meta = read_metadata(dense_path)
     geometry = meta.geometry
-    classify = _Classifier(classifier, dtype)
-    dense = _dense_runner(Path(dense_path), dtype)
-    rng = np.random.default_rng(seed)
-    rows = []
-    window_image = _random_image(rng, meta, geometry.window, dtype)
-    diff, limit = _max_diff(dense(window_image)[0, :, 0, 0], classify.run(window_image)[0], dtype)
-    rows.append(VerifyRow(geometry.window, (1, 1), "classifier, whole window", diff, limit))
+    sizes = [
+        (s, s) if isinstance(s, int) else tuple(s)
+        for s in sizes or default_sizes(geometry.window, geometry.stride)
+    ]
+    for size in sizes:
+        if min(geometry.cells(*size)) < 1:
+            raise ConversionError(
+                f"verify size {size} is smaller than the window {geometry.window}"
+            )
+    classify = Classifier(classifier, dtype)
     module = None
     if geometry.padded and classify.torch_module is not None:
         from convert.from_torch.fc import fully_convolutional
 
         module = fully_convolutional(classify.torch_module, input_size=geometry.window)
-    for size in sizes or default_sizes(geometry.window, geometry.stride):
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        cells = geometry.cells(*size)
-        if min(cells) < 1:
-            raise ConversionError(
-                f"verify size {size} is smaller than the window {geometry.window}"
-            )
-        image = _random_image(rng, meta, size, dtype)
-        score_map = dense(image)[0, :, : cells[0], : cells[1]]
-        crops = _crop_scores(classify.run, image, meta, cells)
-        diff, limit = _max_diff(score_map, crops, dtype)
-        label = f"crops ({cells[0] * cells[1]} windows)"
-        rows.append(VerifyRow(size, cells, label, diff, None if geometry.padded else limit))
-        if module is not None:
-            import torch
+    nets = [_Net(dense_path, geometry, dtype, main=True)]
+    for variant in meta.variants:
+        path = dense_path.parent / variant.file
+        nets.append(_Net(path, read_metadata(path).geometry, dtype, main=False))
+    bar = _Progress(_count_passes(geometry, nets, sizes, module is not None), progress)
+    try:
+        rng = np.random.default_rng(seed)
+        windows = _random_image(
+            rng, meta, geometry.window, dtype, batch=verify_limits.ROUNDING_WINDOWS
+        )
+        reference = classify.run(windows)
+        tolerance = _tolerance(classify, windows, reference, dtype)
+        bar.step("float64 rounding at R", len(windows))
+        images = [_random_image(rng, meta, size, dtype) for size in sizes]
+        check = _Check(classify, module, meta, tolerance, bar)
+        rows = check.main(nets[0], windows, reference, images)
+        for net in nets[1:]:
+            rows += check.variant(net, windows, reference, images)
+    finally:
+        bar.close()
+    return VerifyReport(
+        rows=tuple(rows),
+        padded=geometry.padded,
+        dtype=dtype.name,
+        tolerance=tolerance,
+        window=geometry.window,
+    )
 
-            with torch.no_grad():
-                expected = module(torch.from_numpy(image)).numpy()[0, :, : cells[0], : cells[1]]
-            diff, limit = _max_diff(score_map, expected, dtype)
-            rows.append(VerifyRow(size, cells, "converted torch module", diff, limit))
-    return VerifyReport(rows=tuple(rows), padded=geometry.padded, dtype=dtype.name)
+
+def _count_passes(geometry: Geometry, nets, sizes, module: bool) -> int:
+    total = verify_limits.ROUNDING_WINDOWS + len(nets)
+    for size in sizes:
+        total += 1 + crop_batches(geometry.cells(*size)) + int(module)
+        for net in nets[1:]:
+            total += 1 + (0 if geometry.padded else crop_batches(net.geometry.cells(*size)))
+    return total
+
+
+def _random_image(rng, meta: ModelMetadata, size: Pair, dtype, *, batch: int = 1) -> np.ndarray:
+    channels = meta.preprocessing.channels
+    nchw = meta.preprocessing.layout == "NCHW"
+    shape = (batch, channels, *size) if nchw else (batch, *size, channels)
+    return rng.standard_normal(shape).astype(dtype)
+
+
+def _tolerance(classify: Classifier, windows, reference, dtype) -> Tolerance:
+    if dtype == np.float64:
+        return Tolerance(dtype="float64")
+    try:
+        return verify_limits.measure(reference, classify.float64_run(), windows)
+    except Exception as exc:  # noqa: BLE001 - onnx.reference lacks an op or a type, ...
+        reason = " ".join(str(exc).split())[:160] or type(exc).__name__
+        return Tolerance(dtype="float32", unmeasured=f"the classifier fails in float64: {reason}")
+
+
+class _Check:
+    """The rows of one verification, net by net."""
+
+    def __init__(self, classify, module, meta: ModelMetadata, tolerance: Tolerance, bar) -> None:
+        self.classify = classify
+        self.module = module
+        self.meta = meta
+        self.tolerance = tolerance
+        self.bar = bar
+        self.main_maps: list[np.ndarray] = []
+
+    def row(self, net, size, cells, against, got, expected, *, checked=True) -> VerifyRow:
+        diff = float(np.abs(got.astype(np.float64) - expected).max()) if got.size else 0.0
+        limit = self.tolerance.limit(expected) if checked else None
+        return VerifyRow(size, cells, against, diff, limit, net=net.label)
+
+    def at_window(self, net, windows, reference) -> VerifyRow:
+        scores = net.run(windows)[:, :, 0, 0]
+        self.bar.step(f"{net.label or 'main model'} at R")
+        against = f"{WHOLE_WINDOW} ({len(windows)})" if len(windows) > 1 else WHOLE_WINDOW
+        return self.row(net, net.geometry.window, (1, 1), against, scores, reference)
+
+    def crops(self, net, image, cells):
+        layout = self.meta.preprocessing.layout
+        step = self.bar.step
+        return crop_scores(
+            self.classify.run, image, geometry=net.geometry, layout=layout, cells=cells, step=step
+        )
+
+    def main(self, net, windows, reference, images) -> list[VerifyRow]:
+        rows = [self.at_window(net, windows, reference)]
+        padded = net.geometry.padded
+        for image in images:
+            size = _size(image, self.meta)
+            cells = net.geometry.cells(*size)
+            score_map = net.run(image)[0, :, : cells[0], : cells[1]]
+            self.main_maps.append(score_map)
+            self.bar.step(f"main model {size[0]}x{size[1]}")
+            crops = self.crops(net, image, cells)
+            against = f"{CROPS} ({cells[0] * cells[1]} windows)"
+            rows.append(self.row(net, size, cells, against, score_map, crops, checked=not padded))
+            if self.module is not None:
+                import torch
+
+                with torch.no_grad():
+                    expected = self.module(torch.from_numpy(image)).numpy()
+                rows.append(
+                    self.row(
+                        net,
+                        size,
+                        cells,
+                        TORCH_MODULE,
+                        score_map,
+                        expected[0, :, : cells[0], : cells[1]],
+                    )
+                )
+                self.bar.step("converted torch module")
+        return rows
+
+    def variant(self, net, windows, reference, images) -> list[VerifyRow]:
+        """Unpadded: the variant's map against crops at its stride. Padded: its every k-th
+        cell against the native map (crops would differ by padding anyway)."""
+        rows = [self.at_window(net, windows, reference)]
+        native = self.meta.geometry.stride
+        k = tuple(s // t for s, t in zip(native, net.geometry.stride, strict=True))
+        for image, main_map in zip(images, self.main_maps, strict=True):
+            size = _size(image, self.meta)
+            cells = net.geometry.cells(*size)
+            score_map = net.run(image)[0, :, : cells[0], : cells[1]]
+            self.bar.step(f"{net.label} {size[0]}x{size[1]}")
+            if self.meta.geometry.padded:
+                shared = score_map[:, :: k[0], :: k[1]][:, : main_map.shape[1], : main_map.shape[2]]
+                rows.append(self.row(net, size, main_map.shape[1:], NATIVE_MAP, shared, main_map))
+            else:
+                crops = self.crops(net, image, cells)
+                against = f"{CROPS} ({cells[0] * cells[1]} windows)"
+                rows.append(self.row(net, size, cells, against, score_map, crops))
+        return rows
+
+
+def _size(image: np.ndarray, meta: ModelMetadata) -> Pair:
+    return tuple(image.shape[2:4] if meta.preprocessing.layout == "NCHW" else image.shape[1:3])
 
 
 def precision_table(dense_path: str | os.PathLike, *, seed: int = 0) -> str:

@@ -19,7 +19,7 @@ from convert import archs
 from service.cli import main
 from service.contract import ModelMetadata
 
-verify_module = importlib.import_module("convert.verify")  # `convert.verify` is the function
+verify_limits = importlib.import_module("convert.verify_limits")
 
 
 def _densemap(*args, cwd):
@@ -75,6 +75,10 @@ def test_arch_with_weights_and_verify(lenet_weights, tmp_path):
     meta = _metadata(tmp_path / "out" / "lenet5.onnx")
     assert meta.labels[3] == "digit 3" and meta.geometry.stride == (4, 4)
     assert meta.preprocessing.color == "L" and meta.source == "lenet5:lenet5.pth"
+    # every net is checked, the variant at its own stride, and the limit says where it's from
+    assert "lenet5.s2.onnx (a-trous variant):" in done.stdout
+    assert "crops (48 windows)" in done.stdout  # 8x6 cells at stride 2 on 46x43
+    assert "the classifier's own float32 rounding" in " ".join(done.stdout.split())
 
 
 def test_onnx_classifier(onnx_classifier, tmp_path):
@@ -167,7 +171,7 @@ def test_bad_inputs_exit_2_with_one_line(argv, message, onnx_classifier, tmp_pat
 
 
 def test_failed_verify_exits_1_and_removes_the_output(onnx_classifier, tmp_path, capsys, monkeypatch):  # fmt: skip
-    monkeypatch.setattr(verify_module, "TOLERANCE", {k: -1.0 for k in verify_module.TOLERANCE})
+    monkeypatch.setattr(verify_limits.Tolerance, "limit", lambda self, scores: -1.0)
     code, captured = _run_in_process(
         [onnx_classifier, "-o", tmp_path / "d.onnx", "--strides", "2", "--verify"], capsys
     )

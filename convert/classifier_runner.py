@@ -1,0 +1,103 @@
+"""The original classifier, run on window crops for ``--verify``: a torch module or an ONNX
+file, in float32 or float64 (onnxruntime has no double Conv: float64 ONNX runs go through
+onnx's reference evaluator, :class:`convert.runtime.Float64Runner`)."""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from convert.from_onnx.graph import image_input
+from convert.runtime import Float64Runner, OrtRunner
+from service.contract import Geometry
+from service.errors import ConversionError
+
+Pair = tuple[int, int]
+Run = Callable[[np.ndarray], np.ndarray]
+CROP_BATCH = 8  # windows per classifier call: a big net's activations stay small
+
+
+class Classifier:
+    """Runs the original classifier on a batch of windows in ``dtype``; ``float64_run()``
+    gives a float64 twin (for the rounding measurement)."""
+
+    def __init__(self, classifier, dtype: np.dtype) -> None:
+        self._source = classifier
+        self.torch_module = None
+        if isinstance(classifier, (str, os.PathLike)):
+            self.run = _onnx_classifier(Path(classifier), dtype)
+        else:
+            self.torch_module = _torch_copy(classifier, dtype)
+            self.run = _torch_run(self.torch_module)
+
+    def float64_run(self) -> Run:
+        if self.torch_module is None:
+            return _onnx_classifier(Path(self._source), np.dtype(np.float64))
+        return _torch_run(_torch_copy(self._source, np.dtype(np.float64)))
+
+
+def _torch_copy(classifier, dtype: np.dtype):
+    module = copy.deepcopy(classifier).eval()
+    return module.double() if dtype == np.float64 else module.float()
+
+
+def _torch_run(module) -> Run:
+    import torch
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return module(torch.from_numpy(batch)).numpy()
+
+    return run
+
+
+def _onnx_classifier(path: Path, dtype: np.dtype) -> Run:
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # onnx raises DecodeError, OSError, ...
+        raise ConversionError(f"cannot read the classifier {path}: {exc}") from None
+    batch_dim = image_input(model.graph).type.tensor_type.shape.dim[0]
+    fixed_batch = batch_dim.dim_value if batch_dim.HasField("dim_value") else None
+    single = Float64Runner(model) if dtype == np.float64 else OrtRunner(model.SerializeToString())
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        if fixed_batch is None:
+            return single(batch)
+        chunks = []
+        for start in range(0, len(batch), fixed_batch):
+            chunk = batch[start : start + fixed_batch]
+            padded = np.concatenate([chunk] + [chunk[-1:]] * (fixed_batch - len(chunk)))
+            chunks.append(single(padded)[: len(chunk)])
+        return np.concatenate(chunks)
+
+    return run
+
+
+def crop_batches(cells: Pair) -> int:
+    """How many classifier calls :func:`crop_scores` makes for ``cells``."""
+    return -(-(cells[0] * cells[1]) // CROP_BATCH)
+
+
+def crop_scores(
+    run: Run, image: np.ndarray, *, geometry: Geometry, layout: str, cells: Pair, step=None
+) -> np.ndarray:
+    """[classes, n_h, n_w]: the classifier on every window crop at ``geometry``'s stride;
+    ``step()`` is called after each batch (progress)."""
+    (r_h, r_w), (s_h, s_w) = geometry.window, geometry.stride
+    crops = []
+    for i in range(cells[0]):
+        for j in range(cells[1]):
+            rows, cols = slice(i * s_h, i * s_h + r_h), slice(j * s_w, j * s_w + r_w)
+            crops.append(image[:, :, rows, cols] if layout == "NCHW" else image[:, rows, cols, :])
+    batch = np.concatenate(crops)
+    scores = []
+    for start in range(0, len(batch), CROP_BATCH):
+        scores.append(run(batch[start : start + CROP_BATCH]))
+        if step is not None:
+            step()
+    return np.concatenate(scores).reshape(cells[0], cells[1], -1).transpose(2, 0, 1)
