@@ -42,9 +42,11 @@ def convert_torch(
     preprocessing=None,
     strides=(),
     source: str = "",
+    random_weights: bool = False,
 ):
     """Convert a torch classifier trained on ``input_size`` windows; returns a
-    :class:`~convert.pipeline.ConversionResult`. Needs ``pip install 'densemap[convert]'``."""
+    :class:`~convert.pipeline.ConversionResult`. Needs ``pip install 'densemap[convert]'``.
+    ``random_weights=True`` records in the metadata that ``model`` was never trained."""
     from convert.export import export_onnx
     from convert.from_torch.fc import convert_classifier
     from convert.pipeline import finish_dense
@@ -61,6 +63,7 @@ def convert_torch(
         labels=labels,
         source=source or f"torch:{type(model).__name__}",
         strides=strides,
+        random_weights=random_weights,
     )
 
 

@@ -175,8 +175,10 @@ def finish_dense(
     labels: tuple[str, ...] | list[str] = (),
     source: str = "",
     strides=(),
+    random_weights: bool = False,
 ) -> ConversionResult:
-    """Check ``dense``, add its metadata and variants, and write them atomically."""
+    """Check ``dense``, add its metadata and variants, and write them atomically.
+    ``random_weights`` records in the metadata that the weights were never trained."""
     output = Path(output)
     if output.is_dir():
         raise ConversionError(
@@ -200,6 +202,7 @@ def finish_dense(
         variants=tuple(Variant(stride=v_geom.stride, file=name) for name, _, v_geom in variants),
         source=source,
         converter_version=converter_version(),
+        random_weights=random_weights,
     )
     created = _make_folders(output.parent)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))

@@ -36,6 +36,12 @@ must classify (any kind but ``regression``). In Python the primary head is the f
 ``output_name``/``output_kind``/``labels`` (as in version 1) and the others are
 ``extra_heads``; :attr:`ModelMetadata.heads` lists them all, primary first.
 
+``random_weights``: true when the converter was asked to write a model whose weights were
+never trained (``densemap convert --arch NAME --random-weights``, for trials and
+benchmarks): its scores mean nothing. The key is optional and additive, so the contract
+stays version 2: a file without it (older converters) reads as false, and older readers
+ignore it.
+
 Versions: 1 had one output, described by top-level ``output_name``, ``output_kind`` and
 ``labels``. 2 lists every output under ``heads`` (primary first) instead. Writers write
 :data:`CONTRACT_VERSION`; readers read every version up to it and refuse newer ones.
@@ -210,9 +216,14 @@ class ModelMetadata:
     converter_version: str = ""
     version: int = CONTRACT_VERSION
     extra_heads: tuple[Head, ...] = ()
+    random_weights: bool = False  # written with untrained weights on purpose (docstring)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", tuple(str(v) for v in self.labels))
+        if not isinstance(self.random_weights, bool):
+            raise ModelLoadError(
+                f"metadata field 'random_weights' must be true or false, got {self.random_weights!r}"
+            )
         object.__setattr__(self, "variants", tuple(self.variants))
         object.__setattr__(self, "extra_heads", tuple(self.extra_heads))
         if self.output_kind not in OUTPUT_KINDS:
@@ -301,6 +312,7 @@ class ModelMetadata:
                 source=doc.get("source", ""),
                 converter_version=doc.get("converter_version", ""),
                 version=version,
+                random_weights=doc.get("random_weights", False),
             )
         except ModelLoadError:
             raise
