@@ -46,18 +46,13 @@ def crop_to_cells(
     if not outputs:
         return model
     axes = (2, 3) if layout == "NCHW" else (1, 2)
-    graph.initializer.extend(
-        [
-            _ints(f"{PREFIX}_hw_axes", axes),
-            _ints(f"{PREFIX}_window", window),
-            _ints(f"{PREFIX}_stride", stride),
-            _ints(f"{PREFIX}_two", (2, 2)),
-            _ints(f"{PREFIX}_starts", (0, 0)),
-            _ints(f"{PREFIX}_map_axes", (2, 3)),
-        ]
-    )
     p = PREFIX
-    nodes = [
+    constants = {
+        "hw_axes": axes, "window": window, "stride": stride, "two": (2, 2), "starts": (0, 0),
+        "map_axes": (2, 3),
+    }  # fmt: skip
+    nodes = [_constant(f"{p}_{name}", values) for name, values in constants.items()]
+    nodes += [
         helper.make_node("Shape", [image_input(graph).name], [f"{p}_shape"]),
         helper.make_node("Gather", [f"{p}_shape", f"{p}_hw_axes"], [f"{p}_hw"], axis=0),
         helper.make_node("Sub", [f"{p}_hw", f"{p}_window"], [f"{p}_past"]),
@@ -107,8 +102,10 @@ def _rename(graph: onnx.GraphProto, old: str, new: str) -> None:
             value.name = new
 
 
-def _ints(name: str, values) -> onnx.TensorProto:
-    return numpy_helper.from_array(np.array(values, dtype=np.int64), name)
+def _constant(name: str, values) -> onnx.NodeProto:
+    """A Constant node (not an initializer: IR-3 graphs must list initializers as inputs)."""
+    tensor = numpy_helper.from_array(np.array(values, dtype=np.int64), name)
+    return helper.make_node("Constant", [], [name], value=tensor)
 
 
 def _upgrade(model: onnx.ModelProto) -> onnx.ModelProto:
