@@ -83,15 +83,24 @@ class _Progress:
 
 
 class _Net:
-    """One dense file to check: the main model or a variant."""
+    """One dense file to check: the main model or a variant (its session opens at first
+    use, after the float64 measurement has freed its memory)."""
 
     def __init__(self, path: Path, geometry: Geometry, dtype: np.dtype, *, main: bool) -> None:
         self.path = path
         self.geometry = geometry
         self.label = "" if main else path.name
-        self.run = (
-            Float64Runner(onnx.load(str(path))) if dtype == np.float64 else OrtRunner(str(path))
-        )
+        self._dtype = dtype
+        self._runner = None
+
+    def run(self, image: np.ndarray) -> np.ndarray:
+        if self._runner is None:
+            self._runner = (
+                Float64Runner(onnx.load(str(self.path)))
+                if self._dtype == np.float64
+                else OrtRunner(str(self.path))
+            )
+        return self._runner(image)
 
 
 def verify(
@@ -120,25 +129,26 @@ def verify(
             raise ConversionError(
                 f"verify size {size} is smaller than the window {geometry.window}"
             )
-    classify = Classifier(classifier, dtype)
-    module = None
-    if geometry.padded and classify.torch_module is not None:
-        from convert.from_torch.fc import fully_convolutional
-
-        module = fully_convolutional(classify.torch_module, input_size=geometry.window)
     nets = [_Net(dense_path, geometry, dtype, main=True)]
     for variant in meta.variants:
         path = dense_path.parent / variant.file
         nets.append(_Net(path, read_metadata(path).geometry, dtype, main=False))
-    bar = _Progress(_count_passes(geometry, nets, sizes, module is not None), progress)
+    classify = Classifier(classifier, dtype)
+    padded_module = geometry.padded and classify.torch_module is not None
+    bar = _Progress(_count_passes(geometry, nets, sizes, padded_module), progress)
     try:
         rng = np.random.default_rng(seed)
         windows = _random_image(
             rng, meta, geometry.window, dtype, batch=verify_limits.ROUNDING_WINDOWS
         )
         reference = classify.run(windows)
-        tolerance = _tolerance(classify, windows, reference, dtype)
+        tolerance = _tolerance(classify, windows, reference, dtype)  # frees its fp64 copy
         bar.step("float64 rounding at R", len(windows))
+        module = None
+        if padded_module:
+            from convert.from_torch.fc import fully_convolutional
+
+            module = fully_convolutional(classify.torch_module, input_size=geometry.window)
         images = [_random_image(rng, meta, size, dtype) for size in sizes]
         check = _Check(classify, module, meta, tolerance, bar)
         rows = check.main(nets[0], windows, reference, images)
