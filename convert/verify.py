@@ -236,17 +236,9 @@ class _Check:
                 import torch
 
                 with torch.no_grad():
-                    expected = self.module(torch.from_numpy(image)).numpy()
-                rows.append(
-                    self.row(
-                        net,
-                        size,
-                        cells,
-                        TORCH_MODULE,
-                        score_map,
-                        expected[0, :, : cells[0], : cells[1]],
-                    )
-                )
+                    expected = self.module(torch.from_numpy(image)).numpy()[0]
+                expected = expected[:, : cells[0], : cells[1]]
+                rows.append(self.row(net, size, cells, TORCH_MODULE, score_map, expected))
                 self.bar.step("converted torch module")
         return rows
 
