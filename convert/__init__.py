@@ -47,13 +47,15 @@ def convert_torch(
     strides=(),
     source: str = "",
     heads=None,
+    random_weights: bool = False,
 ):
     """Convert a torch classifier trained on ``input_size`` windows; returns a
     :class:`~convert.pipeline.ConversionResult`. Needs ``pip install 'densemap[convert]'``.
 
     A forward returning a tuple or dict of tensors gives one dense head per output;
     ``heads`` (a :class:`convert.heads.HeadOptions`) names their kinds, labels, the primary
-    head and, for a tuple, the heads' names. ``labels`` are the primary head's."""
+    head and, for a tuple, the heads' names. ``labels`` are the primary head's.
+    ``random_weights=True`` records in the metadata that ``model`` was never trained."""
     from convert.export import export_onnx
     from convert.from_torch.fc import convert_classifier
     from convert.heads import HeadOptions
@@ -76,6 +78,7 @@ def convert_torch(
         source=source or f"torch:{type(model).__name__}",
         strides=strides,
         heads=heads,
+        random_weights=random_weights,
     )
 
 

@@ -1,6 +1,7 @@
 """``densemap convert``: a classifier (reference architecture + weights, or ONNX) -> dense ONNX.
 
     densemap convert --arch vgg16 --weights vgg16.pth --input-size 224 -o vgg16.onnx
+    densemap convert --arch lenet5 --random-weights -o trial.onnx     # untrained, recorded
     densemap convert CLASSIFIER.onnx -o DENSE.onnx [--flatten-order hwc] [--verify]
     densemap convert DETECTOR.onnx -o DENSE.onnx --head boxes=regression [--primary-head scores]
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 
 from convert.head_cli import add_head_arguments, head_summary, read_head_options
@@ -31,7 +33,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "classifier", nargs="?", type=Path, help="a fixed-size ONNX classifier to convert"
     )
     parser.add_argument("--arch", help="a reference architecture (lenet5, alexnet, vgg16, ...)")
-    parser.add_argument("--weights", type=Path, help="state_dict (.pth) for --arch")
+    parser.add_argument("--weights", type=Path, help="state_dict (.pth) for --arch (required)")
+    parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="convert --arch with untrained random weights instead of --weights (trials, "
+        "benchmarks; the metadata records it)",
+    )
     parser.add_argument("--num-classes", type=int, help="classes of --arch (default: its own)")
     parser.add_argument(
         "--input-size", help="training window of --arch: 224 or HxW (default: the arch's own)"
@@ -128,6 +136,7 @@ def _check_arguments(args) -> None:
                 ("--num-classes", args.num_classes),
                 ("--input-size", args.input_size),
                 ("--trust-pickle", args.trust_pickle),
+                ("--random-weights", args.random_weights),
             )
             if value
         ]
@@ -135,6 +144,14 @@ def _check_arguments(args) -> None:
             raise ConversionError(f"{', '.join(extra)} only apply with --arch")
     elif args.flatten_order != "auto":
         raise ConversionError("--flatten-order only applies to ONNX classifiers")
+    elif args.weights is None and not args.random_weights:
+        raise ConversionError(
+            f"--arch {args.arch} needs its trained weights: --weights FILE.pth (a state_dict). "
+            "To convert untrained random weights on purpose (a trial, a benchmark), pass "
+            "--random-weights: the metadata records it"
+        )
+    elif args.weights is not None and args.random_weights:
+        raise ConversionError("give --weights or --random-weights, not both")
     if args.classifier is not None and args.classifier.resolve() == args.output.resolve():
         raise ConversionError("-o must differ from the classifier file, which it would replace")
 
@@ -150,7 +167,7 @@ def _convert_arch(args, labels, preprocessing, strides, heads):
     spec = archs.get_spec(args.arch)
     size = parse_size(args.input_size, "--input-size") if args.input_size else spec.input_size
     model = archs.build(args.arch, num_classes=args.num_classes, input_size=size)
-    source = f"{spec.name}"
+    source = f"{spec.name}:random-weights"
     if args.weights is not None:
         model = load_weights(model, args.weights, trust_pickle=args.trust_pickle) or model
         source = f"{spec.name}:{args.weights.name}"
@@ -164,6 +181,7 @@ def _convert_arch(args, labels, preprocessing, strides, heads):
         strides=strides,
         source=source,
         heads=heads,
+        random_weights=args.random_weights,
     )
     return result, model
 
@@ -240,6 +258,12 @@ def _run(args: argparse.Namespace) -> int:
             heads=heads,
         )
     print(_summary(result))
+    if result.metadata.random_weights:
+        print(
+            f"densemap convert: warning: {result.path} has random, untrained weights "
+            "(--random-weights): its scores mean nothing; its metadata says random_weights",
+            file=sys.stderr,
+        )
     if not args.verify:
         return 0
     try:

@@ -10,9 +10,11 @@ renamed with ``os.replace``.
 Every output of the dense model is a head (:mod:`convert.heads`): one geometry for all,
 each named, typed and labelled in the metadata (contract version 2), the primary first.
 
-Cell cropping rule: a dense model may return more cells than n = (W - R) // S + 1 per axis
-(ceil_mode pooling, or a trunk that ignores trailing pixels of R); the engine, and
-:mod:`convert.verify`, keep the first n.
+Cell cropping rule: a dense trunk may return more cells than n = (W - R) // S + 1 per axis
+(ceil_mode pooling, or a trunk that ignores trailing pixels of R). Every written model,
+variants included, crops its outputs to exactly n in the graph (:mod:`convert.cell_crop`,
+from the input's dynamic shape), so it stands alone in any runtime; the engine and
+:mod:`convert.verify` still keep the first n of older models that return more.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import numpy as np
 import onnx
 
 from convert.atrous import make_atrous, supported_strides
+from convert.cell_crop import crop_to_cells
 from convert.from_onnx.graph import image_input, static_dims
 from convert.geometry import compute_geometry, trace_graph
 from convert.heads import (
@@ -142,22 +145,17 @@ def _check_runs(path: Path, geometry: Geometry, prep: Preprocessing) -> dict[str
     image = np.random.default_rng(0).random(shape).astype(numpy_dtype(session))
     outputs = run_outputs(session, image)
     expected = geometry.cells(*size)
-    channels, cells = {}, {}
+    channels = {}
     for name, scores in outputs.items():
         what = f"output {name!r}" if len(outputs) > 1 else "scores"
-        if scores.ndim != 4 or scores.shape[2] < expected[0] or scores.shape[3] < expected[1]:
+        if scores.ndim != 4 or tuple(scores.shape[2:]) != expected:
             raise ConversionError(
                 f"the dense model gives {what} of shape {list(scores.shape)} on a {size} "
-                f"image, expected [1, classes, >={expected[0]}, >={expected[1]}]"
+                f"image, expected [1, classes, {expected[0]}, {expected[1]}]"
             )
         if not np.all(np.isfinite(scores)):
             raise ConversionError(f"the dense model gives non-finite {what} on a random image")
-        channels[name], cells[name] = int(scores.shape[1]), tuple(scores.shape[2:])
-    if len(set(cells.values())) > 1:
-        raise ConversionError(
-            f"the dense model's outputs have different cell counts {cells} on a {size} image: "
-            "every head must read the same trunk output"
-        )
+        channels[name] = int(scores.shape[1])
     return channels
 
 
@@ -171,11 +169,13 @@ def finish_dense(
     source: str = "",
     strides=(),
     heads: HeadOptions | None = None,
+    random_weights: bool = False,
 ) -> ConversionResult:
     """Check ``dense``, add its metadata and variants, and write them atomically.
 
     Every output of ``dense`` is a head (:mod:`convert.heads`); ``labels`` are the primary
-    head's, ``heads`` names kinds, labels and the primary head."""
+    head's, ``heads`` names kinds, labels and the primary head. ``random_weights`` records
+    in the metadata that the weights were never trained."""
     output = Path(output)
     if output.is_dir():
         raise ConversionError(
@@ -202,6 +202,7 @@ def finish_dense(
         variants=tuple(Variant(stride=v_geom.stride, file=name) for name, _, v_geom in variants),
         source=source,
         converter_version=converter_version(),
+        random_weights=random_weights,
     )
     created = _make_folders(output.parent)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
@@ -255,19 +256,29 @@ def _variants(dense, output, geometry, strides) -> list:
 
 def _stage(staging: Path, output: Path, dense, metadata, variants) -> list[tuple[Path, Path]]:
     """Write and check every file in ``staging``; returns (staged, final) path pairs."""
-    main = _with_metadata(_copy(dense), metadata)
+    main = _with_metadata(_cropped(_copy(dense), metadata.geometry, metadata), metadata)
     main_files = _save(main, staging / output.name)
     channels = _check_runs(main_files[0], metadata.geometry, metadata.preprocessing)
     check_channels(metadata.heads, channels)
     files = [*main_files]
     for name, model, v_geom in variants:
         v_meta = ModelMetadata(**{**metadata.__dict__, "geometry": v_geom, "variants": ()})
-        v_files = _save(_with_metadata(model, v_meta), staging / name)
+        v_files = _save(_with_metadata(_cropped(model, v_geom, metadata), v_meta), staging / name)
         v_channels = _check_runs(v_files[0], v_geom, metadata.preprocessing)
         if v_channels != channels:
             raise ConversionError(f"variant gives channels {v_channels}, expected {channels}")
         files = [*v_files, *files]
     return [(path, output.parent / path.name) for path in files]
+
+
+def _cropped(model: onnx.ModelProto, geometry: Geometry, metadata) -> onnx.ModelProto:
+    """``model`` with its outputs cropped to n cells per axis in the graph."""
+    return crop_to_cells(
+        model,
+        window=geometry.window,
+        stride=geometry.stride,
+        layout=metadata.preprocessing.layout,
+    )
 
 
 def _move_into_place(staged, output: Path, metadata) -> ConversionResult:

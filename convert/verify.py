@@ -1,97 +1,55 @@
-"""Check a dense model against its classifier: crop by crop, on random images.
+"""Check a dense model and its à-trous variants against the classifier, crop by crop.
 
 For each image size (R + 3S plus a remainder, non-square by default) every window crop
-runs through the original classifier (batched), the dense model runs once, and the map is
-cropped to n = (W - R) // S + 1 cells per axis (the engine's rule). A model with several
-heads is compared head by head: each dense output with the classifier's own output for
-that head (a dict by key, a tuple or ONNX outputs in order). Max |difference|:
+runs through the original classifier (batched), each net (the main model, then every
+variant at its finer stride T) runs once, and its map is cropped to n = (W - R) // T + 1
+cells per axis (written models already return exactly n; older ones may return more).
+Each row's max |difference| is held to the limit of :mod:`convert.verify_limits`: a
+multiple of the classifier's own float32 rounding, measured against float64 on windows of
+size R, with a floor relative to the scores. A model with several heads is compared head
+by head: each dense output with the classifier's own output for that head (a dict by key,
+a tuple or ONNX outputs in order), each with its own measured rounding.
 
-- **unpadded nets** must agree to the tolerance (fp32: 1e-4 x max(1, max|score|), the
-  rounding of summing in another order; fp64: 1e-9 x the same);
+- **unpadded nets** must agree on every crop, at the native stride and at each variant's;
 - **padded nets** differ by design: a crop sees zero padding at its border where the dense
-  pass sees real neighbours (VGG paper, section 3.2). The crop rows are reported as
-  expected, and exactness is checked against the converted torch module instead (torch
-  path), plus the classifier on an image of exactly R, where both see the same zeros.
+  pass sees real neighbours (VGG paper, section 3.2). Crop rows are reported as expected;
+  exactness is checked against the converted torch module (torch path only), on windows
+  of exactly R, where both see the same zeros, and for each variant against the native
+  map on the cells they share (every k-th cell).
+
+Big nets take a while (VGG-16: minutes): with ``progress=None`` a progress bar goes to
+stderr when it is a terminal; ``progress=False`` keeps it quiet.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 
+from convert import verify_limits
+from convert.classifier_runner import Classifier, crop_batches, crop_scores
 from convert.pipeline import read_metadata
-from convert.reference import Classifier, by_head, crop_scores
 from convert.runtime import Float64Runner, OrtRunner
-from service.contract import ModelMetadata
+from convert.verify_limits import Tolerance
+from convert.verify_report import (
+    CROPS,
+    NATIVE_MAP,
+    TORCH_MODULE,
+    WHOLE_WINDOW,
+    VerifyReport,
+    VerifyRow,
+)
+from service.contract import Geometry, ModelMetadata
 from service.errors import ConversionError
 
+__all__ = ["VerifyReport", "VerifyRow", "default_sizes", "precision_table", "verify"]
+
 Pair = tuple[int, int]
-TOLERANCE = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-9}
-
-
-@dataclass(frozen=True)
-class VerifyRow:
-    size: Pair
-    cells: Pair
-    against: str
-    max_diff: float
-    limit: float | None  # None: a difference that is expected (padding), not checked
-    head: str = ""  # the output compared (models with several heads)
-
-    @property
-    def ok(self) -> bool:
-        return self.limit is None or self.max_diff <= self.limit
-
-    @property
-    def verdict(self) -> str:
-        if self.limit is None:
-            return "expected (padding)"
-        return "ok" if self.ok else "FAIL"
-
-
-@dataclass(frozen=True)
-class VerifyReport:
-    rows: tuple[VerifyRow, ...]
-    padded: bool
-    dtype: str
-
-    @property
-    def passed(self) -> bool:
-        return all(row.ok for row in self.rows)
-
-    @property
-    def max_checked_diff(self) -> float:
-        return max((row.max_diff for row in self.rows if row.limit is not None), default=0.0)
-
-    def table(self) -> str:
-        heads = [row.head for row in self.rows]
-        width = max(map(len, heads)) if len(set(heads)) > 1 else 0
-        head = f"{'head':<{width}}  " if width else ""
-        lines = [
-            f"verify ({self.dtype}): dense model vs window-by-window classifier",
-            f"  {'image':>9}  {'cells':>5}  {head}{'compared with':<26}  {'max|diff|':>9}  "
-            f"{'limit':>7}  result",
-        ]
-        for row in self.rows:
-            size, cells = f"{row.size[0]}x{row.size[1]}", f"{row.cells[0]}x{row.cells[1]}"
-            limit = "-" if row.limit is None else f"{row.limit:.1e}"
-            head = f"{row.head:<{width}}  " if width else ""
-            lines.append(
-                f"  {size:>9}  {cells:>5}  {head}{row.against:<26}  {row.max_diff:>9.2e}  "
-                f"{limit:>7}  {row.verdict}"
-            )
-        if self.padded:
-            lines += [
-                "  padded net: each crop sees zero padding at its border where the dense pass",
-                "  sees real neighbours (VGG paper sec. 3.2), so crop differences are expected;",
-                "  exactness is checked against the converted module and at the window size.",
-            ]
-        lines.append("  PASSED" if self.passed else "  FAILED: differences past the limit")
-        return "\n".join(lines)
+PROGRESS_DELAY = 1.0  # seconds before the bar appears: quick verifications stay quiet
 
 
 def default_sizes(window: Pair, stride: Pair) -> tuple[Pair, ...]:
@@ -103,22 +61,49 @@ def default_sizes(window: Pair, stride: Pair) -> tuple[Pair, ...]:
     )
 
 
-def _dense_runner(dense_path: Path, dtype: np.dtype):
-    """Runs the dense model: {output name: map}, in the graph's order."""
-    if dtype == np.float64:
-        return Float64Runner(onnx.load(str(dense_path))).outputs
-    return OrtRunner(str(dense_path)).outputs
+class _Progress:
+    """A tqdm bar over the verification's passes (classifier batches, dense passes)."""
+
+    def __init__(self, total: int, enabled: bool | None) -> None:
+        self.bar = None
+        if sys.stderr.isatty() if enabled is None else enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=total, desc="verify", unit="pass", file=sys.stderr, delay=PROGRESS_DELAY
+            )
+
+    def step(self, what: str = "", count: int = 1) -> None:
+        if self.bar is not None:
+            if what:
+                self.bar.set_postfix_str(what, refresh=False)
+            self.bar.update(count)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
-def _random_image(rng, meta: ModelMetadata, size: Pair, dtype) -> np.ndarray:
-    prep = meta.preprocessing
-    shape = (1, prep.channels, *size) if prep.layout == "NCHW" else (1, *size, prep.channels)
-    return rng.standard_normal(shape).astype(dtype)
+class _Net:
+    """One dense file to check: the main model or a variant (its session opens at first
+    use, after the float64 measurement has freed its memory)."""
 
+    def __init__(self, path: Path, geometry: Geometry, dtype: np.dtype, *, main: bool) -> None:
+        self.path = path
+        self.geometry = geometry
+        self.label = "" if main else path.name
+        self._dtype = dtype
+        self._runner = None
 
-def _max_diff(a: np.ndarray, b: np.ndarray, dtype) -> tuple[float, float]:
-    limit = TOLERANCE[np.dtype(dtype)] * max(1.0, float(np.abs(b).max()))
-    return float(np.abs(a - b).max()), limit
+    def run(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        """Every output of the net on ``image``, by name."""
+        if self._runner is None:
+            self._runner = (
+                Float64Runner(onnx.load(str(self.path)))
+                if self._dtype == np.float64
+                else OrtRunner(str(self.path))
+            )
+        return self._runner.outputs(image)
 
 
 def verify(
@@ -128,56 +113,188 @@ def verify(
     sizes=None,
     seed: int = 0,
     dtype=np.float32,
+    progress: bool | None = None,
 ) -> VerifyReport:
-    """Compare the dense model at ``dense_path`` with ``classifier`` (module or ONNX path)."""
+    """Compare the dense model at ``dense_path`` and its à-trous variants with
+    ``classifier`` (a torch module or an ONNX classifier's path)."""
     dtype = np.dtype(dtype)
-    if dtype not in TOLERANCE:
+    if dtype not in (np.float32, np.float64):
         raise ConversionError(f"verify runs in float32 or float64, not {dtype}")
+    dense_path = Path(dense_path)
     meta = read_metadata(dense_path)
     geometry = meta.geometry
-    dense = _dense_runner(Path(dense_path), dtype)
-    names = _graph_outputs(dense_path)
-    classify = Classifier(classifier, dtype, names)
-    rng = np.random.default_rng(seed)
-    rows = []
-    window_image = _random_image(rng, meta, geometry.window, dtype)
-    got, expected = dense(window_image), classify.run(window_image)
-    for name in names:
-        diff, limit = _max_diff(got[name][0, :, 0, 0], expected[name][0], dtype)
-        whole = "classifier, whole window"
-        rows.append(VerifyRow(geometry.window, (1, 1), whole, diff, limit, head=name))
-    module = None
-    if geometry.padded and classify.torch_module is not None:
-        from convert.from_torch.fc import fully_convolutional
-
-        module = fully_convolutional(classify.torch_module, input_size=geometry.window)
-    for size in sizes or default_sizes(geometry.window, geometry.stride):
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        cells = geometry.cells(*size)
-        if min(cells) < 1:
+    sizes = [
+        (s, s) if isinstance(s, int) else tuple(s)
+        for s in sizes or default_sizes(geometry.window, geometry.stride)
+    ]
+    for size in sizes:
+        if min(geometry.cells(*size)) < 1:
             raise ConversionError(
                 f"verify size {size} is smaller than the window {geometry.window}"
             )
-        image = _random_image(rng, meta, size, dtype)
-        maps = {name: m[0, :, : cells[0], : cells[1]] for name, m in dense(image).items()}
-        crops = crop_scores(classify.run, image, meta, cells)
-        expected = None
-        if module is not None:
-            import torch
+    nets = [_Net(dense_path, geometry, dtype, main=True)]
+    for variant in meta.variants:
+        path = dense_path.parent / variant.file
+        nets.append(_Net(path, read_metadata(path).geometry, dtype, main=False))
+    classify = Classifier(classifier, dtype, _graph_outputs(dense_path))
+    padded_module = geometry.padded and classify.torch_module is not None
+    bar = _Progress(_count_passes(geometry, nets, sizes, padded_module), progress)
+    try:
+        rng = np.random.default_rng(seed)
+        windows = _random_image(
+            rng, meta, geometry.window, dtype, batch=verify_limits.ROUNDING_WINDOWS
+        )
+        reference = classify.run(windows)
+        tolerances = _tolerances(classify, windows, reference, dtype)  # frees its fp64 copy
+        bar.step("float64 rounding at R", len(windows))
+        module = None
+        if padded_module:
+            from convert.from_torch.fc import fully_convolutional
 
-            with torch.no_grad():
-                value = classify.as_numpy(module(torch.from_numpy(image)))
-            expected = by_head(value, names, "the converted torch module")
-        for name in names:
-            diff, limit = _max_diff(maps[name], crops[name], dtype)
-            label = f"crops ({cells[0] * cells[1]} windows)"
-            checked = None if geometry.padded else limit
-            rows.append(VerifyRow(size, cells, label, diff, checked, head=name))
-            if expected is not None:
-                own = expected[name][0, :, : cells[0], : cells[1]]
-                diff, limit = _max_diff(maps[name], own, dtype)
-                rows.append(VerifyRow(size, cells, "converted torch module", diff, limit, name))
-    return VerifyReport(rows=tuple(rows), padded=geometry.padded, dtype=dtype.name)
+            module = fully_convolutional(classify.torch_module, input_size=geometry.window)
+        images = [_random_image(rng, meta, size, dtype) for size in sizes]
+        check = _Check(classify, module, meta, tolerances, bar)
+        rows = check.main(nets[0], windows, reference, images)
+        for net in nets[1:]:
+            rows += check.variant(net, windows, reference, images)
+    finally:
+        bar.close()
+    return VerifyReport(
+        rows=tuple(rows),
+        padded=geometry.padded,
+        dtype=dtype.name,
+        tolerance=tolerances[classify.names[0]],
+        window=geometry.window,
+        head_tolerances=tuple(tolerances.items()) if len(tolerances) > 1 else (),
+    )
+
+
+def _count_passes(geometry: Geometry, nets, sizes, module: bool) -> int:
+    total = verify_limits.ROUNDING_WINDOWS + len(nets)
+    for size in sizes:
+        total += 1 + crop_batches(geometry.cells(*size)) + int(module)
+        for net in nets[1:]:
+            total += 1 + (0 if geometry.padded else crop_batches(net.geometry.cells(*size)))
+    return total
+
+
+def _random_image(rng, meta: ModelMetadata, size: Pair, dtype, *, batch: int = 1) -> np.ndarray:
+    channels = meta.preprocessing.channels
+    nchw = meta.preprocessing.layout == "NCHW"
+    shape = (batch, channels, *size) if nchw else (batch, *size, channels)
+    return rng.standard_normal(shape).astype(dtype)
+
+
+def _tolerances(classify: Classifier, windows, reference, dtype) -> dict[str, Tolerance]:
+    """Each head's limit: from its own float32 rounding (one float64 run of the windows)."""
+    if dtype == np.float64:
+        return {name: Tolerance(dtype="float64") for name in classify.names}
+    try:
+        run64 = classify.float64_run()
+        windows64 = windows.astype(np.float64)
+        # one window at a time: fp64 convolutions unfold their input (memory on big nets)
+        outputs64 = [run64(windows64[i : i + 1]) for i in range(len(windows64))]
+    except Exception as exc:  # noqa: BLE001 - onnx.reference lacks an op or a type, ...
+        reason = " ".join(str(exc).split())[:160] or type(exc).__name__
+        unmeasured = f"the classifier fails in float64: {reason}"
+        return {name: Tolerance(dtype="float32", unmeasured=unmeasured) for name in classify.names}
+    return {
+        name: verify_limits.from_scores(
+            reference[name], np.concatenate([output[name] for output in outputs64])
+        )
+        for name in classify.names
+    }
+
+
+class _Check:
+    """The rows of one verification, net by net, head by head."""
+
+    def __init__(self, classify, module, meta: ModelMetadata, tolerances, bar) -> None:
+        self.classify = classify
+        self.module = module
+        self.meta = meta
+        self.tolerances = tolerances
+        self.names = classify.names
+        self.bar = bar
+        self.main_maps: list[dict[str, np.ndarray]] = []
+
+    def rows(self, net, size, cells, against, got, expected, *, checked=True) -> list[VerifyRow]:
+        """One row per head: ``got`` and ``expected`` are {head: values}."""
+        rows = []
+        for name in self.names:
+            values, reference = got[name], expected[name]
+            diff = (
+                float(np.abs(values.astype(np.float64) - reference).max()) if values.size else 0.0
+            )
+            limit = self.tolerances[name].limit(reference) if checked else None
+            head = name if len(self.names) > 1 else ""
+            rows.append(VerifyRow(size, cells, against, diff, limit, net=net.label, head=head))
+        return rows
+
+    def at_window(self, net, windows, reference) -> list[VerifyRow]:
+        scores = {name: out[:, :, 0, 0] for name, out in net.run(windows).items()}
+        self.bar.step(f"{net.label or 'main model'} at R")
+        against = f"{WHOLE_WINDOW} ({len(windows)})" if len(windows) > 1 else WHOLE_WINDOW
+        return self.rows(net, net.geometry.window, (1, 1), against, scores, reference)
+
+    def maps(self, net, image, cells) -> dict[str, np.ndarray]:
+        return {name: out[0, :, : cells[0], : cells[1]] for name, out in net.run(image).items()}
+
+    def crops(self, net, image, cells):
+        layout = self.meta.preprocessing.layout
+        step = self.bar.step
+        return crop_scores(
+            self.classify.run, image, geometry=net.geometry, layout=layout, cells=cells, step=step
+        )
+
+    def main(self, net, windows, reference, images) -> list[VerifyRow]:
+        rows = self.at_window(net, windows, reference)
+        padded = net.geometry.padded
+        for image in images:
+            size = _size(image, self.meta)
+            cells = net.geometry.cells(*size)
+            maps = self.maps(net, image, cells)
+            self.main_maps.append(maps)
+            self.bar.step(f"main model {size[0]}x{size[1]}")
+            crops = self.crops(net, image, cells)
+            against = f"{CROPS} ({cells[0] * cells[1]} windows)"
+            rows += self.rows(net, size, cells, against, maps, crops, checked=not padded)
+            if self.module is not None:
+                outputs = self.classify.module_outputs(self.module, image)
+                expected = {
+                    name: out[0, :, : cells[0], : cells[1]] for name, out in outputs.items()
+                }
+                rows += self.rows(net, size, cells, TORCH_MODULE, maps, expected)
+                self.bar.step("converted torch module")
+        return rows
+
+    def variant(self, net, windows, reference, images) -> list[VerifyRow]:
+        """Unpadded: the variant's maps against crops at its stride. Padded: their every k-th
+        cell against the native maps (crops would differ by padding anyway)."""
+        rows = self.at_window(net, windows, reference)
+        native = self.meta.geometry.stride
+        k = tuple(s // t for s, t in zip(native, net.geometry.stride, strict=True))
+        for image, main_maps in zip(images, self.main_maps, strict=True):
+            size = _size(image, self.meta)
+            cells = net.geometry.cells(*size)
+            maps = self.maps(net, image, cells)
+            self.bar.step(f"{net.label} {size[0]}x{size[1]}")
+            if self.meta.geometry.padded:
+                native_cells = next(iter(main_maps.values())).shape[1:]
+                shared = {
+                    name: m[:, :: k[0], :: k[1]][:, : native_cells[0], : native_cells[1]]
+                    for name, m in maps.items()
+                }
+                rows += self.rows(net, size, native_cells, NATIVE_MAP, shared, main_maps)
+            else:
+                crops = self.crops(net, image, cells)
+                against = f"{CROPS} ({cells[0] * cells[1]} windows)"
+                rows += self.rows(net, size, cells, against, maps, crops)
+        return rows
+
+
+def _size(image: np.ndarray, meta: ModelMetadata) -> Pair:
+    return tuple(image.shape[2:4] if meta.preprocessing.layout == "NCHW" else image.shape[1:3])
 
 
 def _graph_outputs(dense_path) -> list[str]:

@@ -21,7 +21,8 @@ Geometry conventions (all per axis, as ``(h, w)`` tuples of ints):
 - ``padded``: whether any conv/pool before the head pads. Padded nets are NOT equal to
   crop-by-crop evaluation (crops see zeros at their border); see README "Exactness".
 - Cells per axis on an image of size W: ``n = (W - R) // S + 1``; an image smaller than R
-  has no cell. The engine crops any extra cell a model returns (ceil_mode pooling) to n.
+  has no cell. Models written by the converter return exactly n (the crop is in the graph);
+  the engine crops any extra cell an older model returns (ceil_mode pooling) to n.
 
 Variants: à-trous networks with a finer output stride S/k, stored as separate ONNX files
 next to the main one, listed in ``variants`` with their output stride and file name.
@@ -34,6 +35,12 @@ head is the classification head that top-k, argmax, heat-maps and detections rea
 must classify (any kind but ``regression``). In Python the primary head is the fields
 ``output_name``/``output_kind``/``labels`` (as in version 1) and the others are
 ``extra_heads``; :attr:`ModelMetadata.heads` lists them all, primary first.
+
+``random_weights``: true when the converter was asked to write a model whose weights were
+never trained (``densemap convert --arch NAME --random-weights``, for trials and
+benchmarks): its scores mean nothing. The key is optional and additive, so the contract
+stays version 2: a file without it (older converters) reads as false, and older readers
+ignore it.
 
 Versions: 1 had one output, described by top-level ``output_name``, ``output_kind`` and
 ``labels``. 2 lists every output under ``heads`` (primary first) instead. Writers write
@@ -209,9 +216,14 @@ class ModelMetadata:
     converter_version: str = ""
     version: int = CONTRACT_VERSION
     extra_heads: tuple[Head, ...] = ()
+    random_weights: bool = False  # written with untrained weights on purpose (docstring)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", tuple(str(v) for v in self.labels))
+        if not isinstance(self.random_weights, bool):
+            raise ModelLoadError(
+                f"metadata field 'random_weights' must be true or false, got {self.random_weights!r}"
+            )
         object.__setattr__(self, "variants", tuple(self.variants))
         object.__setattr__(self, "extra_heads", tuple(self.extra_heads))
         if self.output_kind not in OUTPUT_KINDS:
@@ -300,6 +312,7 @@ class ModelMetadata:
                 source=doc.get("source", ""),
                 converter_version=doc.get("converter_version", ""),
                 version=version,
+                random_weights=doc.get("random_weights", False),
             )
         except ModelLoadError:
             raise

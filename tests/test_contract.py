@@ -125,3 +125,16 @@ def test_version_1_documents_still_read():
     assert meta.version == 1
     assert meta.heads == (Head("probs", "sigmoid", ("zero", "one")),)
     assert meta.extra_heads == ()
+
+
+def test_random_weights_is_written_read_back_and_defaults_to_false():
+    meta = ModelMetadata(**{**make_metadata().__dict__, "random_weights": True})
+    doc = json.loads(meta.to_json())
+    assert doc["random_weights"] is True and doc["version"] == 2
+    assert ModelMetadata.from_json(meta.to_json()).random_weights is True
+    assert json.loads(make_metadata().to_json())["random_weights"] is False
+    del doc["random_weights"]  # a version-2 file from an older converter
+    assert ModelMetadata.from_json(json.dumps(doc)).random_weights is False
+    doc["random_weights"] = "yes"
+    with pytest.raises(ModelLoadError, match="'random_weights' must be true or false, got 'yes'"):
+        ModelMetadata.from_json(json.dumps(doc))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
 import re
 import subprocess
@@ -18,8 +19,9 @@ from torch import nn
 from convert import archs
 from service.cli import main
 from service.contract import ModelMetadata
+from service.engine import Engine, EngineConfig
 
-verify_module = importlib.import_module("convert.verify")  # `convert.verify` is the function
+verify_limits = importlib.import_module("convert.verify_limits")
 
 
 def _densemap(*args, cwd):
@@ -75,6 +77,36 @@ def test_arch_with_weights_and_verify(lenet_weights, tmp_path):
     meta = _metadata(tmp_path / "out" / "lenet5.onnx")
     assert meta.labels[3] == "digit 3" and meta.geometry.stride == (4, 4)
     assert meta.preprocessing.color == "L" and meta.source == "lenet5:lenet5.pth"
+    assert meta.random_weights is False and "warning" not in done.stderr
+    # every net is checked, the variant at its own stride, and the limit says where it's from
+    assert "lenet5.s2.onnx (a-trous variant):" in done.stdout
+    assert "crops (48 windows)" in done.stdout  # 8x6 cells at stride 2 on 46x43
+    assert "the classifier's own float32 rounding" in " ".join(done.stdout.split())
+
+
+def test_arch_without_weights_needs_random_weights_and_the_metadata_records_it(
+    tmp_path, capsys, caplog
+):
+    code, captured = _run_in_process(["--arch", "lenet5", "-o", tmp_path / "x.onnx"], capsys)
+    assert code == 2 and not (tmp_path / "x.onnx").exists()
+    assert captured.err == (
+        "densemap convert: error: --arch lenet5 needs its trained weights: --weights FILE.pth "
+        "(a state_dict). To convert untrained random weights on purpose (a trial, a "
+        "benchmark), pass --random-weights: the metadata records it\n"
+    )
+    code, captured = _run_in_process(
+        ["--arch", "lenet5", "--random-weights", "-o", tmp_path / "x.onnx"], capsys
+    )
+    assert code == 0, captured.err
+    assert captured.err == (
+        f"densemap convert: warning: {tmp_path / 'x.onnx'} has random, untrained weights "
+        "(--random-weights): its scores mean nothing; its metadata says random_weights\n"
+    )
+    meta = _metadata(tmp_path / "x.onnx")
+    assert meta.random_weights is True and meta.source == "lenet5:random-weights"
+    with caplog.at_level(logging.WARNING, logger="densemap.engine"):
+        Engine(tmp_path / "x.onnx", config=EngineConfig(warmup=False))
+    assert "model 'x' was converted with random, untrained weights" in caplog.text
 
 
 def test_onnx_classifier(onnx_classifier, tmp_path):
@@ -139,8 +171,14 @@ def _run_in_process(argv, capsys):
         (["CLS", "--arch", "lenet5"], "or --arch lenet5, not both"),
         (["CLS", "--weights", "w.pth"], "--weights only apply with --arch"),
         (["--arch", "lenet5", "--flatten-order", "hwc"], "only applies to ONNX classifiers"),
-        (["--arch", "nonet"], "unknown architecture 'nonet'"),
-        (["--arch", "lenet5", "--input-size", "ax3"], "--input-size must be N or HxW"),
+        (["--arch", "nonet", "--random-weights"], "unknown architecture 'nonet'"),
+        (
+            ["--arch", "lenet5", "--random-weights", "--input-size", "ax3"],
+            "--input-size must be N or HxW",
+        ),
+        (["--arch", "lenet5"], "--arch lenet5 needs its trained weights: --weights FILE.pth"),
+        (["--arch", "lenet5", "--weights", "w.pth", "--random-weights"], "not both"),
+        (["CLS", "--random-weights"], "--random-weights only apply with --arch"),
         (["CLS", "--strides", "16,x"], "--strides must be N or HxW"),
         (["CLS", "--labels", "missing.txt"], "cannot read --labels"),
         (["CLS", "--preprocessing", "PREP"], "--preprocessing .*fields: layout"),
@@ -167,7 +205,7 @@ def test_bad_inputs_exit_2_with_one_line(argv, message, onnx_classifier, tmp_pat
 
 
 def test_failed_verify_exits_1_and_removes_the_output(onnx_classifier, tmp_path, capsys, monkeypatch):  # fmt: skip
-    monkeypatch.setattr(verify_module, "TOLERANCE", {k: -1.0 for k in verify_module.TOLERANCE})
+    monkeypatch.setattr(verify_limits.Tolerance, "limit", lambda self, scores: -1.0)
     code, captured = _run_in_process(
         [onnx_classifier, "-o", tmp_path / "d.onnx", "--strides", "2", "--verify"], capsys
     )
@@ -178,7 +216,8 @@ def test_failed_verify_exits_1_and_removes_the_output(onnx_classifier, tmp_path,
 
 def test_missing_torch_gives_the_install_hint(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
-    code, captured = _run_in_process(["--arch", "lenet5", "-o", tmp_path / "x.onnx"], capsys)
+    argv = ["--arch", "lenet5", "--random-weights", "-o", tmp_path / "x.onnx"]
+    code, captured = _run_in_process(argv, capsys)
     assert code == 2
     assert "pip install 'densemap[convert]'" in captured.err
 

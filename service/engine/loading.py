@@ -163,6 +163,12 @@ def load_nets(
             f"model {name!r} has {num_classes} classes but {len(chosen)} labels: fix the "
             "labels (labels.txt: one per line) or the metadata"
         )
+    if metadata.random_weights:
+        log.warning(
+            "model %r was converted with random, untrained weights (--random-weights): "
+            "its scores mean nothing",
+            name,
+        )
     providers = tuple(nets[0].session.get_providers())
     fallback = cuda_fallback_reason() if config.device == "auto" else None
     where = providers[0] + (
