@@ -29,6 +29,7 @@ from convert.flatten_order import (
     feature_coordinates,
     named_order,
 )
+from convert.from_onnx.channel_moves import fold_channel_moves
 from convert.from_onnx.graph import (
     BINARY_OPS,
     CHANNEL_AXIS_OPS,
@@ -43,6 +44,7 @@ from convert.from_onnx.graph import (
     topological_nodes,
 )
 from convert.from_onnx.head_build import HeadPlan, Linear, assemble, freeze_auto_pad, read_linear
+from convert.from_onnx.pooled_head import flatten_only_head, slide_global_pool
 from convert.geometry import detect_layout, trace_graph
 from service.errors import ConversionError
 
@@ -126,7 +128,9 @@ def _walk_chain(start: str, index: GraphIndex):
         if node.op_type not in MOVEMENT_OPS | PASS_OPS:
             raise ConversionError(
                 f"{node_label(node)} sits between the feature map and the first fully-connected "
-                "layer; only Flatten, Reshape, Transpose and Squeeze are supported there"
+                "layer; only Flatten, Reshape, Transpose and Squeeze are supported there. "
+                "A class token joined to the flattened map, or attention over it, is computed "
+                "per image: no exact dense form"
             )
         chain.append(node)
         name = node.output[0]
@@ -235,11 +239,21 @@ def rewrite_head(model: onnx.ModelProto, *, flatten_order: str = "auto") -> onnx
             f"flatten_order must be one of {FLATTEN_ORDERS}, got {flatten_order!r}"
         )
     work = _fixed_copy(model)
+    if fold_channel_moves(work.graph):  # ShuffleNet's channel shuffle -> Gather on channels
+        del work.graph.value_info[:]
+        work = _fixed_copy(work)
     freeze_auto_pad(work.graph, GraphIndex.build(work.graph))
     index = GraphIndex.build(work.graph)
     trace = trace_graph(work, index=index, allow_collapse=True)
+    if slide_global_pool(work.graph, index, trace):  # SqueezeNet, ConvNeXt heads
+        index = GraphIndex.build(work.graph)
+        trace = trace_graph(work, index=index, allow_collapse=True)
     _window(image_input(model.graph), (2, 3) if trace.layout == "NCHW" else (1, 2))
     node, source = _head_start(trace, work, index)
+    flat_head = flatten_only_head(work, index=index, trace=trace)
+    if flat_head is not None:
+        _drop_initializer_inputs(flat_head)
+        return flat_head
     field, source_shape = trace.fields[source], index.shape(source)
     if source_shape is None or None in source_shape or len(source_shape) != 4:
         raise ConversionError(f"the feature map {source!r} before the head has no known shape")
