@@ -27,6 +27,7 @@ from onnx import helper, numpy_helper
 
 from convert.flatten_order import UnknownOrder, fold_shape_tensor, move_indices
 from convert.from_onnx.graph import GraphIndex, attributes, remove_dead_nodes
+from service.errors import ConversionError
 
 MOVE_OPS = frozenset({"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Gather"})
 MAX_CHAIN = 6
@@ -55,10 +56,8 @@ def _chain(start: onnx.NodeProto, index: GraphIndex):
     while len(nodes) < MAX_CHAIN:
         try:
             array = _move(node, index, array)
-        except (UnknownOrder, ValueError, IndexError, np.exceptions.AxisError):
-            return None
-        except Exception:  # move_indices raises ConversionError on ops it does not know
-            return None
+        except (UnknownOrder, ConversionError, ValueError, IndexError, np.exceptions.AxisError):
+            return None  # an unknown target, or not a plain movement: left to the tracer
         nodes.append(node)
         if array.shape == tuple(shape):
             # a size-1 axis hides what a Transpose does to it at R (a 1x1 map's H/W swap
