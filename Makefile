@@ -7,7 +7,7 @@ CORE_STAMP := $(VENV)/.densemap-core
 STAMP := $(VENV)/.densemap-installed
 EXTRAS ?= convert,train,distributed,dev
 
-.PHONY: setup test lint protos demo bench soak clean
+.PHONY: setup test lint protos demo bench soak sweep clean
 
 # The core install (engine, server, CLI: no torch, no Ray): what `make demo` needs.
 $(CORE_STAMP): pyproject.toml setup.py constraints.txt
@@ -45,6 +45,14 @@ bench: $(STAMP)
 # A bounded soak (issue 11): DENSEMAP_SOAK_CLIENTS clients for DENSEMAP_SOAK_SECONDS per setting.
 soak: $(STAMP)
 	$(BIN)/python -m pytest -q tests/bench/bench_soak.py -s -o python_files='bench_*.py'
+
+# The architecture sweep (issue 14): torchvision classifiers converted on both paths and
+# checked cell by cell. Not part of `make test` (torchvision is no dependency; files are
+# named sweep_*.py). torchvision's model code is pure Python: --no-deps keeps torch as is.
+sweep: $(STAMP)
+	$(BIN)/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('torchvision') is None)" \
+		|| $(BIN)/python -m pip install -q --no-deps torchvision==0.28.0
+	$(BIN)/python -m pytest -q tests/sweep -o python_files='sweep_*.py'
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

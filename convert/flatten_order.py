@@ -37,7 +37,7 @@ def _axes_of(node: onnx.NodeProto, index: GraphIndex, rank: int) -> list[int] | 
 
 SHAPE_FOLD_OPS = frozenset(
     "Shape Constant Gather Unsqueeze Squeeze Concat Cast Slice Identity Mul Div Add Sub "
-    "ReduceProd".split()
+    "ReduceProd Range".split()
 )
 
 

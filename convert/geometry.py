@@ -37,6 +37,7 @@ from convert.from_onnx.graph import (
     topological_nodes,
     window_params,
 )
+from convert.from_onnx.local_ops import local_field
 from service.contract import Geometry
 from service.errors import ConversionError
 
@@ -195,6 +196,9 @@ def _propagate(node: onnx.NodeProto, trace: Trace, index: GraphIndex, source: Fi
         axes = _reduce_axes(node, index, source.rank)
         if axes is not None and not axes & set(source.axes) and attrs.get("keepdims", 1):
             return source
+    local = local_field(node, source, index) if node.input[0] in trace.fields else None
+    if local is not None:
+        return local
     if op in COLLAPSE_OPS:
         return None
     raise ConversionError(

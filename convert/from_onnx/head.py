@@ -27,6 +27,7 @@ from __future__ import annotations
 import onnx
 
 from convert.flatten_order import PASS_OPS
+from convert.from_onnx.channel_moves import fold_channel_moves
 from convert.from_onnx.graph import (
     BINARY_OPS,
     CHANNEL_AXIS_OPS,
@@ -48,6 +49,7 @@ from convert.from_onnx.head_read import (
     read_linear,
     trunk_source,
 )
+from convert.from_onnx.pooled_head import flatten_only_head, slide_global_pool
 from convert.geometry import detect_layout, trace_graph
 from service.errors import ConversionError
 
@@ -143,11 +145,22 @@ def rewrite_head(model: onnx.ModelProto, *, flatten_order: str = "auto") -> onnx
             f"flatten_order must be one of {FLATTEN_ORDERS}, got {flatten_order!r}"
         )
     work = _fixed_copy(model)
+    if fold_channel_moves(work.graph):  # ShuffleNet's channel shuffle -> Gather on channels
+        del work.graph.value_info[:]
+        work = _fixed_copy(work)
     freeze_auto_pad(work.graph, GraphIndex.build(work.graph))
     index = GraphIndex.build(work.graph)
     trace = trace_graph(work, index=index, allow_collapse=True)
+    if slide_global_pool(work.graph, index, trace):  # SqueezeNet, ConvNeXt heads
+        index = GraphIndex.build(work.graph)
+        trace = trace_graph(work, index=index, allow_collapse=True)
     _window(image_input(model.graph), (2, 3) if trace.layout == "NCHW" else (1, 2))
     source, collapses = trunk_source(trace, work)
+    if len(work.graph.output) == 1 and len(trace.collapses) == 1:
+        flat_head = flatten_only_head(work, index=index, trace=trace)
+        if flat_head is not None:  # SqueezeNet: the pooled map is the output
+            _drop_initializer_inputs(flat_head)
+            return flat_head
     field, source_shape = trace.fields[source], index.shape(source)
     firsts = first_layers(collapses, index, source=source, field=field, flatten_order=flatten_order)
     linears, edits, widths = _read_tail(firsts, index, work)

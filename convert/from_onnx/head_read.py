@@ -168,7 +168,9 @@ def _fc_branches(name: str, index: GraphIndex, chain: list) -> list[tuple[list, 
         else:
             raise ConversionError(
                 f"{node_label(node)} sits between the feature map and the first fully-connected "
-                "layer; only Flatten, Reshape, Transpose and Squeeze are supported there"
+                "layer; only Flatten, Reshape, Transpose and Squeeze are supported there. "
+                "A class token joined to the flattened map, or attention over it, is computed "
+                "per image: no exact dense form"
             )
     return branches
 

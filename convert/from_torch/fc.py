@@ -38,6 +38,8 @@ from convert.from_torch.outputs import (
     head_names,
     output_values,
 )
+from convert.from_torch.pooled_head import slide_inner_pool
+from convert.from_torch.shuffle import fold_channel_shuffles
 from convert.from_torch.trace import (
     dummy_input,
     infer_in_channels,
@@ -103,6 +105,8 @@ def convert_classifier(
     channels = in_channels if in_channels is not None else infer_in_channels(gm)
     image_nchw = dummy_input(gm, size=size, in_channels=channels)
     reference = propagate_shapes(gm, image_nchw)
+    fold_channel_shuffles(gm)  # ShuffleNet: views through H, W -> a channel index_select
+    slide_inner_pool(gm)  # ConvNeXt: global pool -> LayerNorm over C -> flatten
     outputs = forward_outputs(gm)
 
     head = torch_head.find_head(gm, size=size, outputs=outputs)

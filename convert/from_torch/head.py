@@ -19,7 +19,7 @@ from torch import nn
 
 from convert.from_torch.flatten import feature_order, walk_moves
 from convert.from_torch.head_region import classify_head_ops, head_region, input_dependent
-from convert.from_torch.layout import check_layouts
+from convert.from_torch.layout import check_layouts, restore_nchw
 from convert.from_torch.ops import (
     adaptive_pool_change,
     global_problem,
@@ -133,7 +133,7 @@ def _feed(gm: fx.GraphModule, source: fx.Node, size_text: str) -> Feed:
     if head_pool_kind(gm, source) in ("avg", "max") and len(shape_of(source)) == 2:
         moves, pool = [], source  # x.mean((2, 3)) straight into the head
     else:
-        moves, before = walk_moves(gm, source)
+        moves, before = restore_nchw(gm, *walk_moves(gm, source))
         if not moves:
             raise ConversionError(
                 f"the classifier head is fed by {describe(gm, source)}, which is not a "

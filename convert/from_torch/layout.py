@@ -90,3 +90,37 @@ def check_layouts(gm: fx.GraphModule, trunk: set[fx.Node], dependent, trunk_end)
     if end and end != NCHW:
         raise _swap_message(gm, trunk_end, end, "ends the trunk")
     return local
+
+
+def layout_at(gm: fx.GraphModule, node: fx.Node, depth: int = 64) -> tuple[str, ...]:
+    """The axis layout of a 4-D tensor, followed back through permutes to the last op that
+    reads N, C, H, W (a conv, pool, norm) or the input; ops in between keep their input's."""
+    if depth == 0 or node.op == "placeholder":
+        return NCHW
+    module = module_of(gm, node)
+    if isinstance(module, NCHW_MODULES) or op_name(node) in NCHW_FUNCTIONS:
+        return NCHW
+    inputs = tensor_inputs(node)
+    if not inputs:
+        return NCHW
+    layout = layout_at(gm, inputs[0], depth - 1)
+    if op_name(node) in PERMUTE_OPS and len(layout) == len(shape_of(node) or ()):
+        layout = tuple(layout[a] for a in permutation(node, len(layout)))
+    return layout
+
+
+def restore_nchw(gm: fx.GraphModule, moves: list[fx.Node], before: fx.Node):
+    """Cut the moves before a head where a permute brings a channels-last tensor back to
+    N, C, H, W (ConvNeXt's ``LayerNorm2d`` before its flatten): that permute belongs to
+    the trunk, which must end N, C, H, W. Returns ``(moves, before)``."""
+    layout = layout_at(gm, before)
+    if layout == NCHW or len(layout) != 4:
+        return moves, before
+    for position in range(len(moves) - 1, -1, -1):  # from the trunk side
+        node = moves[position]
+        if op_name(node) not in PERMUTE_OPS or len(shape_of(node) or ()) != 4:
+            return moves, before
+        layout = tuple(layout[a] for a in permutation(node, 4))
+        if layout == NCHW:
+            return moves[:position], node
+    return moves, before

@@ -1,0 +1,54 @@
+"""Per-position ops of an ONNX trunk that are neither windows nor elementwise.
+
+A dense map is exact when every op of the trunk is local. Besides convolutions, pools and
+elementwise ops, some ops act on the channels of one position only, and so convert as
+they are:
+
+- ``LayerNormalization`` whose normalized axes (``axis`` to the last) hold no spatial axis:
+  ConvNeXt's ``LayerNorm2d`` (Transpose to channels-last, normalize over C, Transpose back);
+- ``MatMul`` of a spatial tensor whose last axis is not spatial by a constant matrix: a
+  ``Linear`` on a channels-last tensor (ConvNeXt's blocks), a 1x1 convolution in effect;
+- ``Gather`` with constant indices on the channel axis: a channel permutation or selection,
+  what :mod:`convert.from_onnx.channel_moves` turns ShuffleNet's shuffle into;
+- ``Slice`` with constant bounds on the channel axis (``x.chunk(2, dim=1)``).
+
+:func:`local_field` returns the field of such a node's output (the same as its input's:
+the node reads one position), ``None`` for any other node, and raises when a
+normalization runs over a spatial axis (per image, not per window).
+"""
+
+from __future__ import annotations
+
+import onnx
+
+from convert.from_onnx.graph import GraphIndex, attributes, node_label
+from service.errors import ConversionError
+
+
+def local_field(node: onnx.NodeProto, source, index: GraphIndex):
+    """The output field of a per-position op reading the spatial tensor ``node.input[0]``
+    (field ``source``), or ``None`` when ``node`` is not one of them."""
+    op, attrs, rank = node.op_type, attributes(node), source.rank
+    if op == "LayerNormalization":
+        axis = attrs.get("axis", -1) % rank
+        if set(range(axis, rank)) & set(source.axes):
+            raise ConversionError(
+                f"{node_label(node)} normalizes over a spatial axis (axis={attrs.get('axis', -1)}"
+                " of a tensor whose H, W are at axes "
+                f"{list(source.axes)}): it is computed per image, not per window, so the "
+                "classifier has no exact dense form (only a LayerNorm over the channels, like "
+                "ConvNeXt's, converts)"
+            )
+        return source
+    if op == "MatMul":
+        weight = index.constant(node.input[1])
+        if weight is not None and weight.ndim == 2 and (rank - 1) not in source.axes:
+            return source  # a Linear over the channels of a channels-last tensor
+        return None
+    if op == "Gather":
+        axis = attrs.get("axis", 0) % rank
+        indices = index.constant(node.input[1])
+        if indices is not None and indices.ndim == 1 and axis != 0 and axis not in source.axes:
+            return source  # picks channels: the same at every position
+        return None
+    return None
