@@ -1,8 +1,8 @@
 """Head variants of the architecture sweep: one small padded trunk, several FC heads.
 
 Each entry is an ``Arch`` like ``torchvision_zoo``'s (build, window, trunk, head), so the
-sweep checks it the same way on both paths. Heads with several outputs (another part of
-issue 14) belong in ``HEAD_VARIANTS`` too once the converter writes them.
+sweep checks it the same way on both paths. ``TwoHeads`` has several outputs (class logits
+and box regression): the sweep checks it head by head (``sweep_torchvision.py``).
 """
 
 from __future__ import annotations
@@ -63,3 +63,25 @@ HEAD_VARIANTS = {
     "head_flatten_hwc": Arch(lambda: PermutedFlattenHead((0, 2, 3, 1)), 16, _trunk, _head),
     "head_flatten_whc": Arch(lambda: PermutedFlattenHead((0, 3, 2, 1)), 16, _trunk, _head),
 }
+
+
+class TwoHeads(SmallTrunk):
+    """Class logits and 4 box values from one padded trunk: a shared Linear + PReLU, then
+    one Linear per head; the forward returns a tuple (scores, boxes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Sequential(nn.Linear(6 * 4 * 4, 12), nn.PReLU(12))
+        self.classes = nn.Linear(12, 10)
+        self.boxes = nn.Linear(12, 4)
+
+    def forward(self, x):
+        return two_heads(self, self.features(x))
+
+
+def two_heads(model: TwoHeads, features):
+    shared = model.shared(torch.flatten(features, 1))
+    return model.classes(shared), model.boxes(shared)
+
+
+MULTI_HEAD = Arch(TwoHeads, 16, _trunk, two_heads)

@@ -31,12 +31,13 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: shared helpers
 
 from convert_onnx_support import export_classifier, ort32  # noqa: E402
-from head_variants import HEAD_VARIANTS  # noqa: E402
+from head_variants import HEAD_VARIANTS, MULTI_HEAD  # noqa: E402
 from torchvision_zoo import CONVERTED, REFUSAL_WORDS, REFUSED  # noqa: E402
 
 import convert  # noqa: E402
-from convert.export import export_onnx  # noqa: E402
+from convert.export import export_classifier_onnx, export_onnx  # noqa: E402
 from convert.from_torch.fc import convert_classifier  # noqa: E402
+from convert.heads import HeadOptions  # noqa: E402
 from convert.pipeline import finish_dense  # noqa: E402
 from service.errors import ConversionError  # noqa: E402
 
@@ -130,3 +131,70 @@ def test_refused_on_the_onnx_path_with_the_reason(name, tmp_path):
     with pytest.raises(ConversionError, match=REFUSAL_WORDS[name]):
         convert.convert_onnx(tmp_path / "c.onnx", tmp_path / "dense.onnx")
     assert not (tmp_path / "dense.onnx").exists()
+
+
+HEAD_NAMES = ("scores", "boxes")
+
+
+def heads_on_trunk_windows(model: nn.Module, image: torch.Tensor) -> dict[str, np.ndarray]:
+    """{head: [channels, n_h, n_w]}: each head of the two-head variant on every window of
+    its trunk output, float64."""
+    arch = MULTI_HEAD
+    model = model.double()
+    with torch.no_grad():
+        h, w = arch.trunk(model, torch.zeros(1, 3, arch.window, arch.window).double()).shape[2:]
+        features = arch.trunk(model, image)
+        n_h, n_w = features.shape[2] - h + 1, features.shape[3] - w + 1
+        windows = [features[:, :, i : i + h, j : j + w] for i in range(n_h) for j in range(n_w)]
+        outputs = arch.head(model, torch.cat(windows))
+    return {
+        name: out.reshape(n_h, n_w, -1).permute(2, 0, 1).numpy()
+        for name, out in zip(HEAD_NAMES, outputs, strict=True)
+    }
+
+
+def _run_heads(path: Path, image: np.ndarray) -> dict[str, np.ndarray]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    values = session.run(list(HEAD_NAMES), {session.get_inputs()[0].name: image})
+    return {name: value[0] for name, value in zip(HEAD_NAMES, values, strict=True)}
+
+
+def _multi_head_model() -> nn.Module:
+    torch.manual_seed(0)
+    return MULTI_HEAD.build().eval()
+
+
+def test_several_heads_on_the_torch_path():
+    model = _multi_head_model()
+    image = _image(MULTI_HEAD.window)
+    expected = heads_on_trunk_windows(model, image)
+    conversion = convert_classifier(model.double(), input_size=MULTI_HEAD.window)
+    with torch.no_grad():
+        maps = conversion.module(image)
+    for name, score_map in zip(HEAD_NAMES, maps, strict=True):
+        _assert_map(score_map.numpy()[0], expected[name], FP64_TOLERANCE)
+
+
+@pytest.mark.parametrize("dynamo", [True, False])
+def test_several_heads_on_the_onnx_path(dynamo, tmp_path):
+    model = _multi_head_model()
+    image = _image(MULTI_HEAD.window)
+    expected = heads_on_trunk_windows(model, image)
+    window = (MULTI_HEAD.window, MULTI_HEAD.window)
+    classifier = export_classifier_onnx(
+        model.float(), input_size=window, in_channels=3, dynamo=dynamo, output_names=HEAD_NAMES
+    )
+    onnx.save(classifier, str(tmp_path / "classifier.onnx"))
+    heads = HeadOptions(kinds={"boxes": "regression"})
+    result = convert.convert_onnx(
+        tmp_path / "classifier.onnx", tmp_path / "dense.onnx", heads=heads
+    )
+    assert [(h.name, h.kind) for h in result.metadata.heads] == [
+        ("scores", "logits"),
+        ("boxes", "regression"),
+    ]
+    maps = _run_heads(result.path, image.numpy().astype(np.float32))
+    for name in HEAD_NAMES:
+        _assert_map(maps[name], expected[name], FP32_TOLERANCE)
