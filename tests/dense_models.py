@@ -155,7 +155,11 @@ def make_dense_net(
     return net.eval()
 
 
-def _export(net: nn.Module, path: Path, channels: int, window, metadata: ModelMetadata) -> None:
+def _export(
+    net: nn.Module, path: Path, channels: int, window, metadata: ModelMetadata, output_names=None
+) -> None:
+    """Export ``net`` with dynamic H, W and write ``metadata`` into it; ``output_names``
+    default to the primary head's."""
     example = torch.zeros(1, channels, *window)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -166,7 +170,7 @@ def _export(net: nn.Module, path: Path, channels: int, window, metadata: ModelMe
             dynamo=False,
             opset_version=17,
             input_names=[metadata.input_name],
-            output_names=[metadata.output_name],
+            output_names=list(output_names or [metadata.output_name]),
             dynamic_axes={metadata.input_name: {2: "height", 3: "width"}},
         )
     model = onnx.load(str(path))
@@ -360,25 +364,5 @@ def build_two_head_model(
         (stride[0] // v.stride[0], v.file) for v in variants
     ]:
         net = make_two_head_net(**common, atrous=factor)
-        _export_heads(net, folder / name, channels, window, metadata, output_names)
+        _export(net, folder / name, channels, window, metadata, output_names)
     return folder / "model.onnx"
-
-
-def _export_heads(net, path: Path, channels: int, window, metadata, output_names) -> None:
-    example = torch.zeros(1, channels, *window)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            net,
-            (example,),
-            str(path),
-            dynamo=False,
-            opset_version=17,
-            input_names=[metadata.input_name],
-            output_names=list(output_names),
-            dynamic_axes={metadata.input_name: {2: "height", 3: "width"}},
-        )
-    model = onnx.load(str(path))
-    for key, value in metadata.to_props().items():
-        model.metadata_props.add(key=key, value=value)
-    onnx.save(model, str(path))
