@@ -12,6 +12,9 @@ Rows, each with its target, in one run (ratios against the torch peer of the sam
 5. First request of a new shape vs steady, VGG-16 at 1000x1032, 1064x968 and 2048².
 6. ``densemap serve`` (in-process gRPC, localhost) vs ``Engine.score``, 2048² uint8 -> top-5.
 Then decision data: EXHAUSTIVE search in the engine, and the bare fp32 pass per search/layout.
+Each step runs in a process of its own, so that one step's device memory (VGG-16's 71 GB
+head-conv workspace at 2048², docs/engine.md) cannot starve the next; within a step one big
+VGG-16 session runs at a time (row 3a compares fp16 with fp32 at 1024² for that reason).
 The report goes to $OUT/gpu_report.json (or ./gpu_report.json) and stdout, row by row.
 """
 
@@ -37,8 +40,10 @@ from dense_models import make_dense_net  # noqa: E402
 from service.engine import Engine, EngineConfig, ScoreOptions  # noqa: E402
 
 CPU = os.environ.get("GPU_CHECK_CPU") == "1"
+CHILD = "--step" in sys.argv
 DEVICE = "cpu" if CPU else "cuda"
 BIG = 320 if CPU else 2048
+AGREE = 256 if CPU else 1024  # fp16 vs fp32 agreement: both sessions' workspaces fit
 NEW_SHAPES = [(300, 332), (364, 268)] if CPU else [(1000, 1032), (1064, 968)]
 BUDGET_S = float(os.environ.get("BENCH_BUDGET_S", "230"))
 DIGITS = ROOT / "models" / "digits"
@@ -49,9 +54,10 @@ report: dict = {"onnxruntime": ort.__version__, "torch": torch.__version__, "row
 
 def row(what: str, **values) -> None:
     values = {"what": what, **values, "t_s": round(time.time() - STARTED, 1)}
-    report["rows"].append(values)
     print(json.dumps(values), flush=True)
-    Path(os.environ.get("OUT", "."), "gpu_report.json").write_text(json.dumps(report, indent=1))
+    if not CHILD:  # a step's process prints its rows; the parent keeps the report
+        report["rows"].append(values)
+        Path(os.environ.get("OUT", "."), "gpu_report.json").write_text(json.dumps(report, indent=1))
 
 
 def best(function, repeat: int = 5) -> float:
@@ -71,13 +77,15 @@ def engine(path: Path, **config) -> Engine:
     return Engine(path, config=EngineConfig(device=DEVICE, **config))
 
 
-def torch_peer(spec: dict, image: np.ndarray) -> dict[str, float]:
+def torch_peer(spec: dict, image: np.ndarray, labels=("fp32", "fp16")) -> dict[str, float]:
     """torch/cuDNN on the same dense net: fp32 (benchmark), fp16 autocast channels_last."""
     torch.backends.cudnn.benchmark = True
     net = make_dense_net(**spec).to(DEVICE).eval()
     x = torch.from_numpy(image).to(DEVICE).permute(2, 0, 1)[None].float() / 255
     times = {}
     for label, dtype, channels_last in (("fp32", None, False), ("fp16", torch.float16, True)):
+        if label not in labels:
+            continue
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
         model = net.to(
@@ -100,21 +108,35 @@ def free_gib() -> float | None:
     return None if CPU else round(torch.cuda.mem_get_info()[0] / 2**30, 1)
 
 
-def vgg16_rows() -> None:
-    path = dense_model("vgg16")
-    image = np.random.default_rng(0).integers(0, 256, (BIG, BIG, 3), dtype=np.uint8)
-    peer = torch_peer(VGG16, image)
+def big_image(seed: int = 0, size: int = BIG) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+def release() -> None:
+    """Free what dropped engines and torch held on the device before the next big session
+    (VGG-16's 2048² head conv keeps a 71 GB workspace in its session's arena: docs/engine.md)."""
+    import gc
+
+    gc.collect()
     if not CPU:
-        torch.cuda.empty_cache()  # the peer's net and activations are gone by now
+        torch.cuda.empty_cache()
+
+
+def vgg16_fp32_rows() -> None:
+    """Rows 1 and 5: the exact fp32 path against torch fp32, and first requests."""
+    path = dense_model("vgg16")
+    image = big_image()
+    peer = torch_peer(VGG16, image, labels=("fp32",))
+    release()
     fresh = engine(path)
     start = time.perf_counter()
     fresh.score(image, TOP5)
     first_big = time.perf_counter() - start
-    steady = {"fp32": best(lambda: fresh.score(image, TOP5))}
+    steady = best(lambda: fresh.score(image, TOP5))
     row(f"1. VGG-16 {BIG}² uint8 -> top-5, fp32 exact vs torch fp32 cuDNN",
-        engine_ms=steady["fp32"] * 1e3, torch_ms=peer["fp32"] * 1e3,
-        ratio=peer["fp32"] / steady["fp32"], target=">= 0.9",
-        budget_mib=fresh.memory_budget >> 20, providers=list(fresh.providers))  # fmt: skip
+        engine_ms=steady * 1e3, torch_ms=peer["fp32"] * 1e3, ratio=peer["fp32"] / steady,
+        target=">= 0.9", budget_mib=fresh.memory_budget >> 20,
+        providers=list(fresh.providers))  # fmt: skip
     shapes = []
     for height, width in NEW_SHAPES:
         other = np.random.default_rng(1).integers(0, 256, (height, width, 3), dtype=np.uint8)
@@ -122,33 +144,54 @@ def vgg16_rows() -> None:
         fresh.score(other, TOP5)
         first = time.perf_counter() - start
         shapes.append((f"{height}x{width}", first, best(lambda o=other: fresh.score(o, TOP5), 3)))
-    shapes.append((f"{BIG}x{BIG} (first request after load)", first_big, steady["fp32"]))
+    shapes.append((f"{BIG}x{BIG} (first request after load)", first_big, steady))
     for name, first, steady_s in shapes:
         row(f"5. first request of a new shape, VGG-16 {name}", first_ms=first * 1e3,
             steady_ms=steady_s * 1e3, ratio=first / steady_s, target="<= 2")  # fmt: skip
-    try:
-        serve_row(path, image, fresh)
-    except Exception as exc:  # noqa: BLE001 - the fp16 rows still run
-        row("6. serve row failed", error=f"{type(exc).__name__}: {str(exc)[:500]}")
+
+
+def vgg16_fp16_rows() -> None:
+    """Rows 2 and 3a: fp16 against torch fp16 at BIG (only the fp16 session runs there), then
+    fp16 vs fp32 agreement at AGREE² (both sessions' workspaces must fit beside each other)."""
+    path = dense_model("vgg16")
+    image = big_image()
+    peer = torch_peer(VGG16, image, labels=("fp16",))
+    release()
+    fresh = engine(path)
     fp16 = ScoreOptions(**{**TOP5.__dict__, "precision": "fp16"})
     free_before = free_gib()
     start = time.perf_counter()
     fresh.score(image, fp16)
-    first_fp16 = time.perf_counter() - start
-    steady["fp16"] = best(lambda: fresh.score(image, fp16))
+    first = time.perf_counter() - start
+    steady = best(lambda: fresh.score(image, fp16))
     row(f"2. VGG-16 {BIG}² uint8 -> top-5, fp16 vs torch fp16 autocast channels_last",
-        engine_ms=steady["fp16"] * 1e3, torch_ms=peer["fp16"] * 1e3,
-        ratio=peer["fp16"] / steady["fp16"], target=">= 1.0", first_ms=first_fp16 * 1e3,
-        free_gib_before=free_before)  # fmt: skip
-    report_fp16 = fresh.compare_precision(image, "fp16")
-    row(f"3a. fp16 vs fp32, VGG-16 {BIG}² noise image", **report_fp16.__dict__,
+        engine_ms=steady * 1e3, torch_ms=peer["fp16"] * 1e3, ratio=peer["fp16"] / steady,
+        target=">= 1.0", first_ms=first * 1e3, free_gib_before=free_before)  # fmt: skip
+    report_fp16 = fresh.compare_precision(big_image(3, AGREE), "fp16")
+    row(f"3a. fp16 vs fp32, VGG-16 {AGREE}² noise image", **report_fp16.__dict__,
         target="argmax agreement >= 0.999")  # fmt: skip
-    fresh = None  # its sessions and their device memory go before the searched engine
-    if "exhaustive_rows" not in os.environ.get("GPU_CHECK_SKIP", ""):
-        exhaustive_rows(path, image, steady)
 
 
-def exhaustive_rows(path: Path, image: np.ndarray, heuristic: dict[str, float]) -> None:
+def vgg16_serve_row() -> None:
+    """Row 6: ``Engine.score`` first, then that engine released and the server started, so
+    that one VGG-16 session holds the device at a time."""
+    path = dense_model("vgg16")
+    image = big_image()
+    direct = engine(path)
+    local = best(lambda: direct.score(image, TOP5))
+    direct = None
+    release()
+    remote = serve_time(path, image)
+    row(f"6. densemap serve vs Engine.score, {BIG}² uint8 -> top-5", serve_ms=remote * 1e3,
+        engine_ms=local * 1e3, ratio=remote / local, target="<= 1.2")  # fmt: skip
+
+
+def vgg16_exhaustive_rows() -> None:
+    """Decision data: the engine with EXHAUSTIVE cuDNN search, fp32 then fp16."""
+    exhaustive_rows(dense_model("vgg16"), big_image())
+
+
+def exhaustive_rows(path: Path, image: np.ndarray) -> None:
     """The same engine with EXHAUSTIVE cuDNN search: steady speed vs first-request cost."""
     searched = engine(path, cuda_conv_search="EXHAUSTIVE")
     for precision in ("fp32", "fp16"):
@@ -158,11 +201,12 @@ def exhaustive_rows(path: Path, image: np.ndarray, heuristic: dict[str, float]) 
         first = time.perf_counter() - start
         steady = best(lambda o=options: searched.score(image, o))
         row(f"1b/2b. VGG-16 {BIG}² {precision}, EXHAUSTIVE search (decision data)",
-            steady_ms=steady * 1e3, heuristic_ms=heuristic[precision] * 1e3,
-            first_ms=first * 1e3, first_over_steady=first / steady)  # fmt: skip
+            steady_ms=steady * 1e3, first_ms=first * 1e3,
+            first_over_steady=first / steady)  # fmt: skip
 
 
-def serve_row(path: Path, image: np.ndarray, direct: Engine) -> None:
+def serve_time(path: Path, image: np.ndarray) -> float:
+    """Best time of a densemap.v1 top-5 request through an in-process server on localhost."""
     from service.client import DensemapClient
     from service.server.app import create_server
     from service.server.config import ServerConfig
@@ -179,13 +223,10 @@ def serve_row(path: Path, image: np.ndarray, direct: Engine) -> None:
         try:
             assert server.wait_ready(300), "the server did not load VGG-16"
             with DensemapClient(f"127.0.0.1:{port}", timeout=120) as client:
-                remote = best(lambda: client.score(image, model="vgg16", top_k=5,
-                                                   include_map=False, image_top_k=0))  # fmt: skip
+                return best(lambda: client.score(image, model="vgg16", top_k=5,
+                                                 include_map=False, image_top_k=0))  # fmt: skip
         finally:
             server.stop(5)
-    local = best(lambda: direct.score(image, TOP5))
-    row(f"6. densemap serve vs Engine.score, {BIG}² uint8 -> top-5", serve_ms=remote * 1e3,
-        engine_ms=local * 1e3, ratio=remote / local, target="<= 1.2")  # fmt: skip
 
 
 def mini_vgg_row() -> None:
@@ -256,19 +297,59 @@ def bare_fp32_rows() -> None:
                 session = binding = None
 
 
+STEPS = {
+    step.__name__: step
+    for step in (
+        digits_row,
+        mini_vgg_row,
+        vgg16_fp32_rows,
+        vgg16_fp16_rows,
+        vgg16_serve_row,
+        vgg16_exhaustive_rows,
+        bare_fp32_rows,
+    )
+}
+
+
+def run_step(name: str) -> None:
+    """One step in a process of its own (its device memory goes with it), its rows kept."""
+    import subprocess
+
+    left = max(30.0, BUDGET_S - (time.time() - STARTED) + 60)
+    try:
+        done = subprocess.run(
+            [sys.executable, __file__, "--step", name],
+            stdout=subprocess.PIPE, text=True, timeout=left,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired as exc:
+        out, failure = exc.stdout or "", f"timed out after {left:.0f} s"
+    else:
+        out, failure = done.stdout, None if done.returncode == 0 else f"exit {done.returncode}"
+    for line in (out.decode() if isinstance(out, bytes) else out).splitlines():
+        if line.startswith('{"what"'):
+            values = json.loads(line)
+            row(values.pop("what"), **{k: v for k, v in values.items() if k != "t_s"})
+    if failure:
+        row(f"{name} failed", error=failure)
+
+
 def main() -> int:
+    if CHILD:
+        name = sys.argv[sys.argv.index("--step") + 1]
+        try:
+            STEPS[name]()
+        except Exception as exc:  # noqa: BLE001 - reported as a row, then the next step
+            row(f"{name} failed", error=f"{type(exc).__name__}: {str(exc)[:500]}")
+        return 0
     report["device"] = "cpu" if CPU else torch.cuda.get_device_name()
     skip = os.environ.get("GPU_CHECK_SKIP", "").split(",")  # step names, e.g. bare_fp32_rows
-    for step in (digits_row, mini_vgg_row, vgg16_rows, bare_fp32_rows):
-        if step.__name__ in skip:
+    for name in STEPS:
+        if name in skip:
             continue
         if time.time() - STARTED > BUDGET_S:
-            row(f"{step.__name__} skipped: over BENCH_BUDGET_S={BUDGET_S:g}")
+            row(f"{name} skipped: over BENCH_BUDGET_S={BUDGET_S:g}")
             continue
-        try:
-            step()
-        except Exception as exc:  # noqa: BLE001 - one failed step must not hide the others
-            row(f"{step.__name__} failed", error=f"{type(exc).__name__}: {str(exc)[:500]}")
+        run_step(name)
     report["total_s"] = round(time.time() - STARTED, 1)
     row("done")
     return 0
