@@ -17,20 +17,20 @@ from pathlib import Path
 
 import numpy as np
 
-from service.contract import ModelMetadata, Pair
+from service.contract import ModelMetadata
 from service.engine import host_memory, image_input
-from service.engine.assembly import MapAssembly, Placement, PostprocessCall
+from service.engine.assembly import PostprocessCall
 from service.engine.cost import (
     RequestCost,
 )
-from service.engine.dense import PixelSource, check_cancel, shift_and_stitch
+from service.engine.dense import check_cancel
 from service.engine.detections import candidates, plan_detections, select
 from service.engine.device_memory import resolve_memory_budget
 from service.engine.heads import HeadInfo
 from service.engine.loading import load_nets
 from service.engine.options import DEFAULT_CUDA_REPORT_PRECISIONS, EngineConfig, ScoreOptions
 from service.engine.pass_budget import estimate_passes, pass_bytes_of
-from service.engine.postprocess import check_finite, plan_outputs, rank_image_scores
+from service.engine.postprocess import plan_outputs, rank_image_scores
 from service.engine.precision import (
     AVAILABLE,
     check_precision,
@@ -38,16 +38,15 @@ from service.engine.precision import (
     measure_precisions,
 )
 from service.engine.request_checks import (
-    cells_at,
     check_scales,
     common_divisors,
     image_size,
     plan_stride,
     read_image,
 )
-from service.engine.result import MapGeometry, PrecisionReport, ScoreMap
+from service.engine.result import PrecisionReport, ScoreMap
 from service.engine.runtime import Runtime
-from service.engine.tiling import run_region
+from service.engine.scale_pass import ScalePlan, score_scale
 from service.errors import (
     ImageTooSmall,
     InvalidOption,
@@ -281,52 +280,43 @@ class Engine:
             cost = self.estimate_request(height, width, options, float_input=float_chw is not None)
         scales = tuple(scale.scale for scale in cost.scales)
         sizes = [scale.size for scale in cost.scales]
-        room = cost.activation_budget
-        pass_bytes = pass_bytes_of(net, plan, self._num_classes)
         precision = (
             self._default_precision
             if options.precision is None
             else check_precision(options.precision)
         )
-        post = PostprocessCall(plan, detect=detect)
+        scale_plan = ScalePlan(
+            runtime=self._runtime,
+            metadata=self._metadata,
+            net=net,
+            factor=factor,
+            post=PostprocessCall(plan, detect=detect),
+            precision=precision,
+            room=cost.activation_budget,
+            pass_bytes=pass_bytes_of(net, plan, self._num_classes),
+            tiling=self._config.tiling,
+            num_classes=self._num_classes,
+            model_name=self._name,
+            cancel=cancel,
+        )
         maps, image_scores, found = [], [], []
         for index, (scale, size) in enumerate(zip(scales, sizes, strict=True)):
             check_cancel(cancel, f"before scale {scale}")
-            tic = time.perf_counter()
-            if uint8_hwc is not None:
-                resized = image_input.resize_uint8(uint8_hwc, size)
-                source = PixelSource(
-                    runtime=self._runtime,
-                    preprocessing=self._metadata.preprocessing,
-                    uint8_hwc=resized,
-                )
-            else:
-                source = PixelSource(
-                    runtime=self._runtime,
-                    preprocessing=self._metadata.preprocessing,
-                    float_chw=image_input.resize_float(float_chw, size),
-                )
-            timings["preprocess"] += time.perf_counter() - tic
-            tic = time.perf_counter()
-            assembly = MapAssembly(
-                plan, cells=cells_at(net, factor, size), num_classes=self._num_classes
+            scale_map, scale_scores, assembly = score_scale(
+                scale_plan,
+                uint8_hwc=uint8_hwc,
+                float_chw=float_chw,
+                scale=scale,
+                size=size,
+                original=(height, width),
+                timings=timings,
             )
-            self._dense_map(
-                net, factor, source, cancel, post, assembly.place, precision, room, pass_bytes
-            )
-            timings["infer"] += time.perf_counter() - tic
-            tic = time.perf_counter()
-            check_finite(
-                assembly.nonfinite, model=self._name, from_floats=float_chw is not None, scale=scale
-            )
-            geometry = self._map_geometry(net.grid.stride, factor, scale, size, (height, width))
-            scale_map, scale_scores = assembly.scale_map(geometry)
             maps.append(scale_map)
             image_scores.append(scale_scores)
             if detect is not None:
-                found.append(candidates(assembly.above(), detect, geometry, index))
-            timings["postprocess"] += time.perf_counter() - tic
-            del source
+                tic = time.perf_counter()
+                found.append(candidates(assembly.above(), detect, scale_map.geometry, index))
+                timings["postprocess"] += time.perf_counter() - tic
         # the held bytes plus the largest pass after tiling (cost.activation_bytes)
         if cost.peak_bytes > self._config.arena_keep_bytes:
             self.release_memory()  # give a big request's buffers back
@@ -368,56 +358,6 @@ class Engine:
         preprocessing = self._metadata.preprocessing
         limit = self._config.max_pixels
         return read_image(image, preprocessing=preprocessing, max_pixels=limit, timings=timings)
-
-    def _dense_map(
-        self,
-        net,
-        factor: Pair,
-        source: PixelSource,
-        cancel,
-        post: PostprocessCall,
-        place: Placement,
-        precision: str,
-        room: int,
-        pass_bytes: Callable[[int, int], int],
-    ) -> None:
-        size = (source.height, source.width)
-
-        def run_pass(top: int, left: int, place_pass: Placement) -> None:
-            run_region(
-                net,
-                source,
-                top=top,
-                left=left,
-                height=size[0] - top,
-                width=size[1] - left,
-                budget=room,
-                pass_bytes=pass_bytes,
-                tiling=self._config.tiling,
-                cancel=cancel,
-                post=post,
-                place=place_pass,
-                precision=precision,
-            )
-
-        if factor == (1, 1):
-            run_pass(0, 0, place)
-            return
-        shift_and_stitch(
-            run_pass, grid=net.grid, factor=factor, size=size, place=place, cancel=cancel
-        )
-
-    def _map_geometry(self, net_stride, factor, scale, size, original) -> MapGeometry:
-        geometry = self._metadata.geometry
-        return MapGeometry(
-            stride=(net_stride[0] // factor[0], net_stride[1] // factor[1]),
-            window=geometry.window,
-            origin=geometry.origin,
-            receptive_field=geometry.receptive_field,
-            receptive_field_offset=geometry.receptive_field_offset,
-            scale=scale,
-            resize=(size[0] / original[0], size[1] / original[1]),
-        )
 
     def __repr__(self) -> str:
         return f"Engine(name={self._name!r}, providers={self._providers})"
