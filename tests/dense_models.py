@@ -155,6 +155,35 @@ def make_dense_net(
     return net.eval()
 
 
+def _geometry(layers, window, *, padded: bool) -> Geometry:
+    """The contract geometry of a dense net of ``layers`` trained on ``window``."""
+    head_kernel = tuple(_trunk_size(layers, r) for r in window)
+    axes = [_axis_geometry(layers, k) for k in head_kernel]
+    stride = tuple(a[0] for a in axes)
+    field = tuple(a[1] for a in axes)
+    offset = tuple(a[2] for a in axes)
+    effective = tuple(
+        min(r, o + f) - max(0, o) for r, o, f in zip(window, offset, field, strict=True)
+    )
+    return Geometry(
+        window=window,
+        stride=stride,
+        receptive_field=field,
+        receptive_field_offset=offset,
+        effective_window=effective,
+        padded=padded,
+    )
+
+
+def _preprocessing(channels: int) -> Preprocessing:
+    return Preprocessing(
+        color="L" if channels == 1 else "RGB",
+        scale=1 / 255,
+        mean=(0.5,) * channels,
+        std=(0.25,) * channels,
+    )
+
+
 def _export(
     net: nn.Module, path: Path, channels: int, window, metadata: ModelMetadata, output_names=None
 ) -> None:
@@ -211,33 +240,17 @@ def build_dense_model(
     folder = Path(tmp_dir)
     folder.mkdir(parents=True, exist_ok=True)
     layers = small_layers(padded=padded) if layers is None else layers
-    head_kernel = tuple(_trunk_size(layers, r) for r in window)
-    axes = [_axis_geometry(layers, k) for k in head_kernel]
-    stride = tuple(a[0] for a in axes)
-    field = tuple(a[1] for a in axes)
-    offset = tuple(a[2] for a in axes)
-    effective = tuple(
-        min(r, o + f) - max(0, o) for r, o, f in zip(window, offset, field, strict=True)
-    )
     softmax = output_kind == "probabilities"
     common = dict(layers=layers, window=window, channels=channels, classes=classes)
     common.update(hidden=hidden, softmax=softmax, seed=seed)
     variants = tuple(Variant(stride=s, file=f"model_s{s}.onnx") for s in with_atrous)
+    geometry = _geometry(
+        layers, window, padded=any(isinstance(x, Conv) and x.padding for x in layers)
+    )
+    stride = geometry.stride
     metadata = ModelMetadata(
-        geometry=Geometry(
-            window=window,
-            stride=stride,
-            receptive_field=field,
-            receptive_field_offset=offset,
-            effective_window=effective,
-            padded=any(isinstance(x, Conv) and x.padding for x in layers),
-        ),
-        preprocessing=Preprocessing(
-            color="L" if channels == 1 else "RGB",
-            scale=1 / 255,
-            mean=(0.5,) * channels,
-            std=(0.25,) * channels,
-        ),
+        geometry=geometry,
+        preprocessing=_preprocessing(channels),
         labels=tuple(labels) if labels is not None else tuple(f"class{i}" for i in range(classes)),
         output_kind=output_kind,
         variants=variants,
@@ -325,33 +338,15 @@ def build_two_head_model(
     folder = Path(tmp_dir)
     folder.mkdir(parents=True, exist_ok=True)
     layers = small_layers(padded=padded)
-    head_kernel = tuple(_trunk_size(layers, r) for r in window)
-    axes = [_axis_geometry(layers, k) for k in head_kernel]
-    stride = tuple(a[0] for a in axes)
-    offset = tuple(a[2] for a in axes)
-    field = tuple(a[1] for a in axes)
-    effective = tuple(
-        min(r, o + f) - max(0, o) for r, o, f in zip(window, offset, field, strict=True)
-    )
     if extra_heads is None:
         labels = BOX_LABELS if box_channels == len(BOX_LABELS) else ()
         extra_heads = (Head("boxes", "regression", labels),)
     variants = tuple(Variant(stride=s, file=f"model_s{s}.onnx") for s in with_atrous)
+    geometry = _geometry(layers, window, padded=padded)
+    stride = geometry.stride
     metadata = ModelMetadata(
-        geometry=Geometry(
-            window=window,
-            stride=stride,
-            receptive_field=field,
-            receptive_field_offset=offset,
-            effective_window=effective,
-            padded=padded,
-        ),
-        preprocessing=Preprocessing(
-            color="L" if channels == 1 else "RGB",
-            scale=1 / 255,
-            mean=(0.5,) * channels,
-            std=(0.25,) * channels,
-        ),
+        geometry=geometry,
+        preprocessing=_preprocessing(channels),
         labels=tuple(f"class{i}" for i in range(classes)),
         output_name="scores",
         extra_heads=extra_heads,
