@@ -38,14 +38,9 @@ log = logging.getLogger("densemap.engine")
 AVAILABLE = AVAILABLE_PRECISIONS  # bf16: see check_precision
 ALIASES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "half": "fp16"}
 _PROTOBUF_LIMIT = 2**31 - 1
-# (channels-last, cuDNN search, uncapped workspace) of the fp16 session on CUDA, in the order
-# tried: each failed pass moves to the next. None = EngineConfig.cuda_conv_search. The
-# workspace stays capped (session.cuda_provider_options says why).
-FP16_CUDA_SETTINGS = (
-    (True, None, False),
-    (True, "EXHAUSTIVE", False),
-    (False, "EXHAUSTIVE", False),
-)
+# (channels-last, cuDNN search) of the fp16 session on CUDA, in the order tried: each failed
+# pass moves to the next. None = EngineConfig.cuda_conv_search.
+FP16_CUDA_SETTINGS = ((True, None), (True, "EXHAUSTIVE"), (False, "EXHAUSTIVE"))
 
 
 def check_precision(value) -> str:
@@ -84,7 +79,6 @@ class PrecisionSessions:
         self._on_cuda = on_cuda
         self._sessions: dict[str, tuple[ort.InferenceSession, str]] = {}
         self._fp16_setting = 0  # index into FP16_CUDA_SETTINGS
-        self._half: bytes | None = None  # the float16 model, kept while settings may change
         self._lock = threading.Lock()
 
     def session_for(self, precision: str, fp32: ort.InferenceSession):
@@ -101,16 +95,10 @@ class PrecisionSessions:
             config = replace(self._config, tf32=True, device="cuda")
             return create_session(self._path, config), "float32"
         if precision == "fp16":
-            nhwc, search, max_workspace = FP16_CUDA_SETTINGS[self._fp16_setting]
+            nhwc, search = FP16_CUDA_SETTINGS[self._fp16_setting]
             config = replace(self._config, cuda_conv_search=search or self._config.cuda_conv_search)
-            if self._half is None:
-                self._half = self._float16_model()
-            session = open_model_bytes(
-                self._half, config, cuda=self._on_cuda, nhwc=nhwc, max_workspace=max_workspace
-            )
-            if not self._on_cuda or self._fp16_setting == len(FP16_CUDA_SETTINGS) - 1:
-                self._half = None  # no further setting to try: keep no copy
-            return session, "float16"
+            model = self._float16_model()  # again after a refusal: rare, and no copy is kept
+            return open_model_bytes(model, config, cuda=self._on_cuda, nhwc=nhwc), "float16"
         raise InvalidOption(f"precision {precision!r} is not available")
 
     def _float16_model(self) -> bytes:
@@ -130,15 +118,13 @@ class PrecisionSessions:
             return False
         with self._lock:
             self._fp16_setting += 1
-            nhwc, search, max_workspace = FP16_CUDA_SETTINGS[self._fp16_setting]
+            nhwc, search = FP16_CUDA_SETTINGS[self._fp16_setting]
             log.warning(
-                "%s: fp16 pass failed (%s); using %s convolutions, %s cuDNN search and %s "
-                "workspace from now on",
+                "%s: fp16 pass failed (%s); using %s convolutions and %s cuDNN search from now on",
                 self._path.name,
                 " ".join(str(error).split())[:200],
                 "NHWC" if nhwc else "NCHW",
                 search or self._config.cuda_conv_search,
-                "uncapped" if max_workspace else "capped",
             )
             self._sessions[precision] = self._open(precision)
         return True

@@ -36,22 +36,19 @@ _cuda_lock = threading.Lock()
 CONV_SEARCHES = ("HEURISTIC", "EXHAUSTIVE", "DEFAULT")
 
 
-def cuda_provider_options(
-    *, tf32: bool = False, search: str = "HEURISTIC", max_workspace: bool = False
-) -> dict[str, str]:
+def cuda_provider_options(*, tf32: bool = False, search: str = "HEURISTIC") -> dict[str, str]:
     """CUDA EP settings: cuDNN conv algorithm ``search`` (HEURISTIC by default: EXHAUSTIVE
     times every algorithm for each new input shape, hundreds of ms a shape), an arena that
     grows only as requested, and no TF32 unless asked (onnxruntime enables it by default; it
     rounds conv inputs to 10-bit mantissas, so GPU maps would differ from CPU maps by ~3e-4
-    of the logit range). The workspace an EXHAUSTIVE search may try is capped unless
-    ``max_workspace`` (no speed difference measured on VGG-16 at 2048², H200: 113.1 ms
-    either way). The cap does NOT stop VGG-16's 7x7 head conv from taking 71 GB at 2048² in
+    of the logit range). The workspace an EXHAUSTIVE search may try is capped (no speed
+    difference measured on VGG-16 at 2048², H200: 113.1 ms either way). The cap does NOT stop VGG-16's 7x7 head conv from taking 71 GB at 2048² in
     the session's arena, under every search setting measured; a second session in the same
     process then runs out of memory there (docs/engine.md, "GPU check": open problem)."""
     return {
         "device_id": "0",
         "cudnn_conv_algo_search": search,
-        "cudnn_conv_use_max_workspace": "1" if max_workspace else "0",
+        "cudnn_conv_use_max_workspace": "0",
         "arena_extend_strategy": "kSameAsRequested",
         "do_copy_in_default_stream": "1",
         "use_tf32": "1" if tf32 else "0",
@@ -122,7 +119,7 @@ def open_aux_session(model: bytes, config: EngineConfig, *, cuda: bool) -> ort.I
 
 
 def open_model_bytes(
-    model: bytes, config: EngineConfig, *, cuda: bool, nhwc: bool = False, max_workspace=False
+    model: bytes, config: EngineConfig, *, cuda: bool, nhwc: bool = False
 ) -> ort.InferenceSession:
     """A session for a model the engine derived (e.g. its float16 copy).
 
@@ -135,9 +132,7 @@ def open_model_bytes(
             return _open(model, config, [CPU])
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph
             raise ModelLoadError(f"onnxruntime cannot load a derived model: {exc}") from None
-    options = cuda_provider_options(
-        tf32=config.tf32, search=config.cuda_conv_search, max_workspace=max_workspace
-    )
+    options = cuda_provider_options(tf32=config.tf32, search=config.cuda_conv_search)
     attempts = ([{**options, "prefer_nhwc": "1"}] if nhwc else []) + [options]
     failure = "the CUDA provider did not load"
     for attempt in attempts:
