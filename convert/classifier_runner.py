@@ -43,7 +43,13 @@ def by_head(value, names: list[str], what: str) -> dict[str, np.ndarray]:
             f"{what} returns {len(value)} outputs, but the dense model has {len(names)} heads "
             f"({', '.join(names)}): verify the classifier the model was converted from"
         )
-    return {name: np.asarray(v) for name, v in zip(names, value, strict=True)}
+    return {name: _as_scores(np.asarray(v)) for name, v in zip(names, value, strict=True)}
+
+
+def _as_scores(value: np.ndarray) -> np.ndarray:
+    """[N, C] scores; a classifier written with convolutions only (DenseNet as Caffe2 wrote
+    it) returns them as [N, C, 1, 1]."""
+    return value[:, :, 0, 0] if value.ndim == 4 and value.shape[2:] == (1, 1) else value
 
 
 class Classifier:

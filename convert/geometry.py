@@ -183,7 +183,12 @@ def _propagate(node: onnx.NodeProto, trace: Trace, index: GraphIndex, source: Fi
         axis = attrs.get("axis", 1 if op != "Split" else 0)
         spans_space = _axis_is_spatial(node, source, axis)
         if op in CHANNEL_AXIS_OPS and index.opset < 13:  # old softmax flattens from axis on
-            spans_space = any(a >= axis % source.rank for a in source.axes)
+            if any(a >= axis % source.rank for a in source.axes):
+                raise ConversionError(
+                    f"{node_label(node)} (opset {index.opset}, before 13) normalises axis "
+                    f"{axis} and every axis after it together, so over the spatial axes too: "
+                    "it is computed per image, not per window: no exact dense form"
+                )
         if spans_space:
             raise ConversionError(f"{node_label(node)} runs over a spatial axis")
         return source

@@ -76,7 +76,7 @@ def onnx_crops64(classifier: onnx.ModelProto, image64, *, window, stride, cells)
         for j in range(cells[1]):
             top, left = i * stride[0], j * stride[1]
             crop = image64[:, :, top : top + window[0], left : left + window[1]]
-            row = run(np.ascontiguousarray(crop))[0]
+            row = run(np.ascontiguousarray(crop))[0].reshape(-1)  # [C] or [C, 1, 1]
             if scores.size == 0:
                 scores = np.zeros((row.shape[0], *cells))
             scores[:, i, j] = row
@@ -303,12 +303,18 @@ def keras_style_classifier(flatten_shape_known: bool = True):
     g.node("Transpose", perm=[0, 2, 3, 1])  # [1, 2, 3, 3] at window (9, 13)
     if flatten_shape_known:
         target = g.const(np.array([1, -1], dtype=np.int64), "shape")
-    else:  # a target computed by Floor and Cast: neither shape inference nor the
-        # converter's shape folding (Shape/Gather/Concat/Cast...) resolves it
-        as_float = g.const(np.array([1.0, -1.0], dtype=np.float32), "shape")
+    else:  # a target computed from the feature map's shape through Floor and Cast:
+        # constant folding cannot (it reads the image), nor shape inference's data
+        # propagation, nor the converter's shape folding (Shape/Gather/Concat/Cast...)
+        features = g.current
+        batch = g.node("Shape", [features])
+        first = g.node("Slice", [batch, g.const(np.array([0], np.int64)), g.const(np.array([1], np.int64))])  # fmt: skip
+        as_float = g.node("Cast", [first], to=onnx.TensorProto.FLOAT)
         floored = g.node("Floor", [as_float])
-        target = g.node("Cast", [floored], to=onnx.TensorProto.INT64)
-        g.current = g.nodes[-3].output[0]
+        as_int = g.node("Cast", [floored], to=onnx.TensorProto.INT64)
+        rest = g.const(np.array([-1], dtype=np.int64), "shape")
+        target = g.node("Concat", [as_int, rest], axis=0)
+        g.current = features
     flat = g.node("Reshape", [g.current, target])
     hidden = g.node("MatMul", [flat, g.const(g.rng.standard_normal((18, 5)).astype(np.float32))])
     g.node("Add", [hidden, g.const(g.rng.standard_normal(5).astype(np.float32), "b")])

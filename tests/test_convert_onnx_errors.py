@@ -84,11 +84,11 @@ def test_unsupported_trunk_op_is_named():
         rewrite_head(classifier)
 
 
-def test_model_without_a_head_is_refused():
+def test_model_whose_output_is_a_map_at_the_window_is_refused():
     g = GraphBuilder(3)
     g.conv(4, 3)
-    g.conv(2, 6)
-    with pytest.raises(ConversionError, match="no fully-connected or global-pool head"):
+    g.conv(2, 4)  # 8 -> 6 -> 3: three cells per axis at R, a segmentation-like output
+    with pytest.raises(ConversionError, match="already a feature map of 3x3 cells"):
         rewrite_head(g.model(8))
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import onnx
 
 from convert.flatten_order import PASS_OPS
+from convert.from_onnx.canonical import canonical_classifier, shapes_at_window
 from convert.from_onnx.channel_moves import fold_channel_moves
 from convert.from_onnx.graph import (
     BINARY_OPS,
@@ -49,26 +50,15 @@ from convert.from_onnx.head_read import (
     read_linear,
     trunk_source,
 )
-from convert.from_onnx.pooled_head import flatten_only_head, slide_global_pool
+from convert.from_onnx.pooled_head import (
+    convolutional_head,
+    flatten_only_head,
+    slide_global_pool,
+)
 from convert.geometry import detect_layout, trace_graph
 from service.errors import ConversionError
 
 FLATTEN_ORDERS = ("auto", "chw", "hwc")
-
-
-def _fixed_copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy with a batch of 1 and all shapes inferred (data propagation resolves Reshapes)."""
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
-    image = image_input(work.graph)
-    dims = image.type.tensor_type.shape.dim
-    if not dims[0].HasField("dim_value"):
-        dims[0].Clear()
-        dims[0].dim_value = 1
-    try:
-        return onnx.shape_inference.infer_shapes(work, data_prop=True)
-    except Exception as exc:  # onnx raises several unrelated types here
-        raise ConversionError(f"ONNX shape inference failed on the classifier: {exc}") from None
 
 
 def _window(image: onnx.ValueInfoProto, axes: tuple[int, int]) -> tuple[int, int]:
@@ -144,10 +134,10 @@ def rewrite_head(model: onnx.ModelProto, *, flatten_order: str = "auto") -> onnx
         raise ConversionError(
             f"flatten_order must be one of {FLATTEN_ORDERS}, got {flatten_order!r}"
         )
-    work = _fixed_copy(model)
+    work = shapes_at_window(canonical_classifier(model))
     if fold_channel_moves(work.graph):  # ShuffleNet's channel shuffle -> Gather on channels
         del work.graph.value_info[:]
-        work = _fixed_copy(work)
+        work = shapes_at_window(work)
     freeze_auto_pad(work.graph, GraphIndex.build(work.graph))
     index = GraphIndex.build(work.graph)
     trace = trace_graph(work, index=index, allow_collapse=True)
@@ -155,11 +145,13 @@ def rewrite_head(model: onnx.ModelProto, *, flatten_order: str = "auto") -> onnx
         index = GraphIndex.build(work.graph)
         trace = trace_graph(work, index=index, allow_collapse=True)
     _window(image_input(model.graph), (2, 3) if trace.layout == "NCHW" else (1, 2))
+    conv_head = convolutional_head(work, index=index, trace=trace)
+    if conv_head is not None:  # every output is already one cell at R
+        return conv_head
     source, collapses = trunk_source(trace, work)
     if len(work.graph.output) == 1 and len(trace.collapses) == 1:
         flat_head = flatten_only_head(work, index=index, trace=trace)
         if flat_head is not None:  # SqueezeNet: the pooled map is the output
-            _drop_initializer_inputs(flat_head)
             return flat_head
     field, source_shape = trace.fields[source], index.shape(source)
     firsts = first_layers(collapses, index, source=source, field=field, flatten_order=flatten_order)
@@ -174,17 +166,4 @@ def rewrite_head(model: onnx.ModelProto, *, flatten_order: str = "auto") -> onnx
         channels=source_shape[({0, 1, 2, 3} - set(field.axes) - {0}).pop()],
         layout=trace.layout,
     )
-    dense = assemble(work, index=index, trace=trace, plan=plan)
-    _drop_initializer_inputs(dense)
-    return dense
-
-
-def _drop_initializer_inputs(model: onnx.ModelProto) -> None:
-    """Old exporters (IR 3) list every initializer as a graph input too; the dense model
-    adds initializers of its own, so keep the image as the only input, at IR >= 4."""
-    weights = {init.name for init in model.graph.initializer}
-    image = [value for value in model.graph.input if value.name not in weights]
-    if len(image) != len(model.graph.input):
-        del model.graph.input[:]
-        model.graph.input.extend(image)
-    model.ir_version = max(model.ir_version, 4)
+    return assemble(work, index=index, trace=trace, plan=plan)

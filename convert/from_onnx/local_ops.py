@@ -19,6 +19,7 @@ normalization runs over a spatial axis (per image, not per window).
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 
 from convert.from_onnx.graph import GraphIndex, attributes, node_label
@@ -45,6 +46,8 @@ def local_field(node: onnx.NodeProto, source, index: GraphIndex):
         if weight is not None and weight.ndim == 2 and (rank - 1) not in source.axes:
             return source  # a Linear over the channels of a channels-last tensor
         return None
+    if op == "Slice":
+        return source if _slices_channels(node, source, index) else None
     if op == "Gather":
         axis = attrs.get("axis", 0) % rank
         indices = index.constant(node.input[1])
@@ -52,3 +55,37 @@ def local_field(node: onnx.NodeProto, source, index: GraphIndex):
             return source  # picks channels: the same at every position
         return None
     return None
+
+
+FULL_RANGE = 2**31 - 1  # exporters write INT_MAX or INT64_MAX for "to the end"
+
+
+def _slice_bounds(node: onnx.NodeProto, index: GraphIndex):
+    """(starts, ends, axes or None, steps or None) of a Slice, ``None`` when not constant."""
+    if len(node.input) == 1:  # before opset 10: bounds are attributes
+        attrs = attributes(node)
+        return attrs.get("starts"), attrs.get("ends"), attrs.get("axes"), None
+    bounds = []
+    for position in range(1, 5):
+        name = node.input[position] if position < len(node.input) else ""
+        value = index.constant(name) if name else None
+        if name and value is None:
+            return None
+        bounds.append(None if value is None else [int(v) for v in np.ravel(value)])
+    return None if bounds[0] is None or bounds[1] is None else tuple(bounds)
+
+
+def _slices_channels(node: onnx.NodeProto, source, index: GraphIndex) -> bool:
+    """Whether a Slice with constant bounds cuts only the channel axis (any other axis it
+    names is kept whole): the same channels at every position."""
+    bounds = _slice_bounds(node, index)
+    if bounds is None:
+        return False
+    starts, ends, axes, steps = bounds
+    axes = list(range(len(starts))) if axes is None else axes
+    steps = [1] * len(starts) if steps is None else steps
+    for axis, start, end, step in zip(axes, starts, ends, steps, strict=True):
+        whole = start == 0 and end >= FULL_RANGE and step == 1
+        if (axis % source.rank == 0 or axis % source.rank in source.axes) and not whole:
+            return False
+    return True

@@ -131,3 +131,25 @@ def _copy(node: onnx.NodeProto) -> onnx.NodeProto:
     copy = onnx.NodeProto()
     copy.CopyFrom(node)
     return copy
+
+
+def convolutional_head(model: onnx.ModelProto, *, index: GraphIndex, trace: Trace):
+    """The dense model of a classifier whose every output is already an NCHW map of one
+    cell at R (after :func:`slide_global_pool`: GAP -> 1x1 Conv, DenseNet as Caffe2 wrote
+    it; conv head -> GAP -> Softmax, SqueezeNet's; a net of convolutions only), or
+    ``None`` when space collapses somewhere or an output is not such a map."""
+    if trace.collapses:
+        return None
+    outputs = {}
+    for value in model.graph.output:
+        field, shape = trace.fields.get(value.name), index.shape(value.name)
+        if field is None or field.axes != (2, 3) or shape is None or len(shape) != 4:
+            return None
+        if tuple(shape[2:]) != (1, 1):
+            raise ConversionError(
+                f"the output {value.name!r} is already a feature map of {shape[2]}x{shape[3]} "
+                "cells at the window size: not a window classifier (nothing to convert)"
+            )
+        outputs[value.name] = int(shape[1])
+    make_dynamic(model, layout=trace.layout, outputs=outputs)
+    return model
