@@ -114,10 +114,17 @@ def convert_onnx(
 ):
     """Convert a fixed-size ONNX classifier; the window R is its input size. Every graph
     output is a head, named as in the graph; ``heads`` (a
-    :class:`convert.heads.HeadOptions`) names kinds, labels and the primary head."""
+    :class:`convert.heads.HeadOptions`) names kinds, labels and the primary head.
+    ``preprocessing`` is required: a :class:`~service.contract.Preprocessing`, a preset
+    (``"imagenet"``, ``"caffe"``, ``"unit"``, ``"none"``: :mod:`convert.preprocessing`) or
+    a JSON file's path."""
     from convert.from_onnx.head import classifier_window, rewrite_head
     from convert.pipeline import finish_dense
+    from convert.preprocessing import MISSING
+    from service.errors import ConversionError
 
+    if preprocessing is None:  # an ONNX graph carries no normalisation: never guess it
+        raise ConversionError(MISSING.replace("--preprocessing ", "preprocessing="))
     model = load_onnx_classifier(path)
     window = classifier_window(model)
     dense = rewrite_head(model, flatten_order=flatten_order)

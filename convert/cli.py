@@ -13,13 +13,12 @@ output path (``--debug`` shows the traceback).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
 
 from convert.head_cli import add_head_arguments, head_summary, read_head_options
-from service.errors import ConversionError, DensemapError, ModelLoadError
+from service.errors import ConversionError, DensemapError
 
 QUIET_LOGGERS = ("onnx_ir", "onnxscript", "torch.onnx", "torch.export")
 TORCH_MISSING = (
@@ -46,7 +45,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("-o", "--output", type=Path, required=True, help="dense ONNX to write")
     parser.add_argument("--labels", type=Path, help="text file, one class label per line")
-    parser.add_argument("--preprocessing", type=Path, help="JSON: layout, color, scale, mean, std")
+    parser.add_argument(
+        "--preprocessing",
+        metavar="PRESET|FILE.json",
+        help="how pixels become the model's input, required for ONNX classifiers: imagenet "
+        "(/255, ImageNet mean/std), caffe (BGR 0-255 minus mean), unit (/255), none (raw "
+        "0-255) or a JSON file (layout, color, scale, mean, std); --arch: its own",
+    )
     parser.add_argument(
         "--strides",
         help="output strides to provide, e.g. 32,16,8 (à-trous variants; default: the native "
@@ -102,20 +107,13 @@ def read_labels(path: Path | None, flag: str = "--labels ") -> tuple[str, ...]:
     return labels
 
 
-def read_preprocessing(path: Path | None):
-    if path is None:
-        return None
-    from service.contract import Preprocessing
+def read_preprocessing(value: str | None):
+    """A preset name as it is (the model's layout adapts it), a JSON file read now."""
+    from convert.preprocessing import PRESETS, read_file
 
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-        return Preprocessing(**doc)
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ConversionError(f"cannot read --preprocessing {path}: {exc}") from None
-    except (TypeError, ModelLoadError) as exc:
-        raise ConversionError(
-            f"--preprocessing {path}: {exc} (fields: layout, color, scale, mean, std)"
-        ) from None
+    if value is None or value in PRESETS:
+        return value
+    return read_file(Path(value))
 
 
 def _check_arguments(args) -> None:
@@ -152,6 +150,10 @@ def _check_arguments(args) -> None:
         )
     elif args.weights is not None and args.random_weights:
         raise ConversionError("give --weights or --random-weights, not both")
+    if args.classifier is not None and args.preprocessing is None:
+        from convert.preprocessing import MISSING
+
+        raise ConversionError(MISSING)
     if args.classifier is not None and args.classifier.resolve() == args.output.resolve():
         raise ConversionError("-o must differ from the classifier file, which it would replace")
 

@@ -41,6 +41,8 @@ from convert.heads import (
     heads_geometry,
     resolve_heads,
 )
+from convert.preprocessing import preset as preprocessing_preset
+from convert.preprocessing import resolve as resolve_preprocessing
 from convert.runtime import cpu_session, image_shape, numpy_dtype, run_outputs
 from service.contract import METADATA_KEY, Geometry, ModelMetadata, Preprocessing, Variant
 from service.errors import ConversionError, ModelLoadError
@@ -81,13 +83,9 @@ def as_pair(value, name: str) -> Pair:
 
 
 def default_preprocessing(layout: str, channels: int) -> Preprocessing:
-    if channels not in (1, 3):
-        raise ConversionError(
-            f"the model reads {channels} input channels; densemap's image contract supports "
-            "1 (grey) or 3 (RGB/BGR)"
-        )
-    color = "L" if channels == 1 else "RGB"
-    return Preprocessing(layout=layout, color=color, mean=(0.0,) * channels, std=(1.0,) * channels)
+    """A torch module converted in Python without preprocessing: pixels / 255 (``unit``).
+    The ONNX path and the command line never get here: they refuse to guess."""
+    return preprocessing_preset("unit", layout=layout, channels=channels)
 
 
 def _check_preprocessing(prep: Preprocessing, layout: str, channels: int) -> None:
@@ -164,7 +162,7 @@ def finish_dense(
     output: str | os.PathLike,
     *,
     window: Pair | int,
-    preprocessing: Preprocessing | None = None,
+    preprocessing: Preprocessing | str | None = None,
     labels: tuple[str, ...] | list[str] = (),
     source: str = "",
     strides=(),
@@ -187,7 +185,11 @@ def finish_dense(
     layout = trace_graph(dense).layout
     image = image_input(dense.graph)
     channels = static_dims(image)[1 if layout == "NCHW" else 3]
-    prep = preprocessing or default_preprocessing(layout, channels)
+    prep = (
+        default_preprocessing(layout, channels)
+        if preprocessing is None
+        else resolve_preprocessing(preprocessing, layout=layout, channels=channels)
+    )
     _check_preprocessing(prep, layout, channels)
     variants = _variants(dense, output, geometry, strides)
     primary = resolved.primary

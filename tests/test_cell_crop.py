@@ -54,9 +54,9 @@ def _convert(path_kind: str, model: nn.Module, window, out) -> convert.Conversio
     if path_kind == "onnx-opset9":  # moved to opset 10 for Slice; ceil pools are end pads
         proto = export_classifier(model, window, dynamo=False, opset=9)
         onnx.save_model(proto, str(classifier))
-        return convert.convert_onnx(classifier, out)
+        return convert.convert_onnx(classifier, out, preprocessing="unit")
     onnx.save_model(export_classifier(model, window, dynamo=False), str(classifier))
-    return convert.convert_onnx(classifier, out, strides=[2, 1])
+    return convert.convert_onnx(classifier, out, strides=[2, 1], preprocessing="unit")
 
 
 @pytest.mark.parametrize("path_kind", ["torch", "onnx", "onnx-opset9"])

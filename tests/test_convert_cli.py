@@ -110,7 +110,9 @@ def test_arch_without_weights_needs_random_weights_and_the_metadata_records_it(
 
 
 def test_onnx_classifier(onnx_classifier, tmp_path):
-    done = _densemap(onnx_classifier, "-o", "dense.onnx", "--verify", cwd=tmp_path)
+    done = _densemap(
+        onnx_classifier, "-o", "dense.onnx", "--preprocessing", "unit", "--verify", cwd=tmp_path
+    )
     assert done.returncode == 0, done.stderr
     assert "PASSED" in done.stdout
     assert _metadata(tmp_path / "dense.onnx").geometry.window == (10, 10)
@@ -120,7 +122,7 @@ def test_onnx_classifier(onnx_classifier, tmp_path):
 def test_truncated_onnx_file(onnx_classifier, tmp_path):
     truncated = tmp_path / "truncated.onnx"
     truncated.write_bytes(onnx_classifier.read_bytes()[:300])
-    done = _densemap(truncated, "-o", "dense.onnx", cwd=tmp_path)
+    done = _densemap(truncated, "-o", "dense.onnx", "--preprocessing", "unit", cwd=tmp_path)
     assert done.returncode == 2
     assert done.stderr.strip().startswith("densemap convert: error:")
     assert "truncated" in done.stderr and "Traceback" not in done.stderr
@@ -182,6 +184,8 @@ def _run_in_process(argv, capsys):
         (["CLS", "--strides", "16,x"], "--strides must be N or HxW"),
         (["CLS", "--labels", "missing.txt"], "cannot read --labels"),
         (["CLS", "--preprocessing", "PREP"], "--preprocessing .*fields: layout"),
+        (["CLS", "--preprocessing", "imagenett"], "cannot read --preprocessing imagenett.*preset"),
+        (["ONLY_CLS"], "no input normalisation .*--preprocessing imagenet .*--preprocessing unit"),
         (["CLS", "--strides", "3"], "does not divide"),
         (["--arch", "lenet5", "--weights", "nope.pth"], "nope.pth"),
         (["CLS", "-o", "CLS"], "must differ from the classifier"),
@@ -195,6 +199,9 @@ def test_bad_inputs_exit_2_with_one_line(argv, message, onnx_classifier, tmp_pat
         else tmp_path / a
         for a in argv
     ]
+    if onnx_classifier in argv and "--preprocessing" not in argv:
+        argv += ["--preprocessing", "unit"]
+    argv = [onnx_classifier if a == "ONLY_CLS" else a for a in argv]
     output = [] if "-o" in argv else ["-o", tmp_path / "out.onnx"]
     code, captured = _run_in_process([*argv, *output], capsys)
     assert code == 2
@@ -207,7 +214,17 @@ def test_bad_inputs_exit_2_with_one_line(argv, message, onnx_classifier, tmp_pat
 def test_failed_verify_exits_1_and_removes_the_output(onnx_classifier, tmp_path, capsys, monkeypatch):  # fmt: skip
     monkeypatch.setattr(verify_limits.Tolerance, "limit", lambda self, scores: -1.0)
     code, captured = _run_in_process(
-        [onnx_classifier, "-o", tmp_path / "d.onnx", "--strides", "2", "--verify"], capsys
+        [
+            onnx_classifier,
+            "-o",
+            tmp_path / "d.onnx",
+            "--strides",
+            "2",
+            "--verify",
+            "--preprocessing",
+            "unit",
+        ],
+        capsys,
     )
     assert code == 1
     assert "FAILED" in captured.out and "verification failed" in captured.out

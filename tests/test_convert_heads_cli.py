@@ -38,7 +38,7 @@ def test_head_flags_end_to_end_with_verify(detector, tmp_path):
     (tmp_path / "classes.txt").write_text("face\nhand\nnone\n")
     out = tmp_path / "models" / "detector" / "model.onnx"
     done = subprocess.run(
-        [sys.executable, "-m", "service.cli", "convert", str(detector), "-o", str(out),
+        [sys.executable, "-m", "service.cli", "convert", str(detector), "-o", str(out), "--preprocessing", "unit",
          "--head", "boxes=regression", "--head-labels", f"boxes={tmp_path / 'boxes.txt'}",
          "--labels", str(tmp_path / "classes.txt"), "--strides", "2,1", "--verify"],
         capture_output=True, text=True, timeout=300,
@@ -65,7 +65,7 @@ def test_head_flags_end_to_end_with_verify(detector, tmp_path):
 
 def test_primary_head_flag_picks_the_head(detector, tmp_path, capsys):
     out = tmp_path / "d.onnx"
-    code = main(["convert", str(detector), "-o", str(out), "--primary-head", "boxes",
+    code = main(["convert", str(detector), "-o", str(out), "--preprocessing", "unit", "--primary-head", "boxes",
                  "--head", "scores=regression", "--head", "boxes=sigmoid"])  # fmt: skip
     assert code == 0, capsys.readouterr().err
     assert capsys.readouterr().out.splitlines()[1] == "heads: boxes (sigmoid), scores (regression)"
@@ -88,7 +88,17 @@ def test_primary_head_flag_picks_the_head(detector, tmp_path, capsys):
 )
 def test_malformed_head_flags_are_usage_errors(detector, tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as exit_info:
-        main(["convert", str(detector), "-o", str(tmp_path / "d.onnx"), *flags])
+        main(
+            [
+                "convert",
+                str(detector),
+                "-o",
+                str(tmp_path / "d.onnx"),
+                "--preprocessing",
+                "unit",
+                *flags,
+            ]
+        )
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("usage: ") and message in err, err
@@ -123,7 +133,7 @@ def test_bad_head_flags_exit_2_naming_the_heads(detector, tmp_path, capsys, flag
     flags = [f.replace("LABELS", str(labels)).replace("MISSING", str(tmp_path / "no.txt"))
              for f in flags]  # fmt: skip
     out = tmp_path / "out" / "d.onnx"
-    code = main(["convert", str(detector), "-o", str(out), *flags])
+    code = main(["convert", str(detector), "-o", str(out), "--preprocessing", "unit", *flags])
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("densemap convert: error: ") and message in err, err

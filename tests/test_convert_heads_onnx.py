@@ -78,7 +78,9 @@ def test_written_model_has_every_head_with_kinds_and_labels(dynamo, tmp_path):
     names = ("scores", "boxes", "attributes")
     onnx.save_model(_classifier(model, names, dynamo=dynamo), str(path))
     options = HeadOptions(kinds={"boxes": "regression"}, labels={"attributes": ("hat", "mask")})
-    result = convert.convert_onnx(path, tmp_path / "dense.onnx", strides=[1], heads=options)
+    result = convert.convert_onnx(
+        path, tmp_path / "dense.onnx", strides=[1], heads=options, preprocessing="unit"
+    )
     meta = result.metadata
     assert [(h.name, h.kind, h.labels) for h in meta.heads] == [
         ("scores", "probabilities", ()),
@@ -101,7 +103,9 @@ def test_head_names_are_refused_for_an_onnx_classifier(tmp_path):
     path = tmp_path / "classifier.onnx"
     onnx.save_model(_classifier(TwoHeads(), ("scores", "boxes"), dynamo=True), str(path))
     with pytest.raises(ConversionError, match="heads are its graph's output names"):
-        convert.convert_onnx(path, tmp_path / "d.onnx", heads=HeadOptions(names=("a", "b")))
+        convert.convert_onnx(
+            path, tmp_path / "d.onnx", heads=HeadOptions(names=("a", "b")), preprocessing="unit"
+        )
 
 
 def _two_reads(*, second_from_earlier=False, output_map=False, mix=False, reduce=False):

@@ -106,7 +106,7 @@ def test_batchnorm_before_opset_14_verifies_in_float64(opset, tmp_path):
     )
     _assert_dense_equals_crops(classifier, (12, 12), channels=1)
     onnx.save_model(classifier, str(tmp_path / "bn.onnx"))
-    convert.convert_onnx(tmp_path / "bn.onnx", tmp_path / "dense.onnx")
+    convert.convert_onnx(tmp_path / "bn.onnx", tmp_path / "dense.onnx", preprocessing="unit")
     report = convert.verify(tmp_path / "bn.onnx", tmp_path / "dense.onnx", dtype="float64")
     assert report.passed, report.table()
 
@@ -129,7 +129,9 @@ def test_initializers_listed_as_graph_inputs_ir3(tmp_path):
         )
     _assert_dense_equals_crops(classifier, (12, 10), channels=1)
     onnx.save_model(classifier, str(tmp_path / "old.onnx"))
-    result = convert.convert_onnx(tmp_path / "old.onnx", tmp_path / "dense.onnx", strides=[1])
+    result = convert.convert_onnx(
+        tmp_path / "old.onnx", tmp_path / "dense.onnx", strides=[1], preprocessing="unit"
+    )
     for path in (result.path, *result.variant_paths):
         assert [value.name for value in onnx.load(str(path)).graph.input] == ["input"]
     report = convert.verify(tmp_path / "old.onnx", result.path, dtype="float64")
@@ -172,6 +174,8 @@ def test_legacy_exporter_deduplicated_initializers_through_identity(tmp_path):
     assert len(identities) >= 2, [n.op_type for n in classifier.graph.node]
     _assert_dense_equals_crops(classifier, (13, 11))
     onnx.save_model(classifier, str(tmp_path / "vgg.onnx"))
-    result = convert.convert_onnx(tmp_path / "vgg.onnx", tmp_path / "dense.onnx", strides=[1])
+    result = convert.convert_onnx(
+        tmp_path / "vgg.onnx", tmp_path / "dense.onnx", strides=[1], preprocessing="unit"
+    )
     report = convert.verify(tmp_path / "vgg.onnx", result.path, dtype="float64")
     assert report.passed, report.table()

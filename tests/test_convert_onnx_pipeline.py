@@ -82,7 +82,7 @@ def test_convert_onnx_writes_model_variants_and_contract(classifier_file, tmp_pa
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_verify_passes_for_an_unpadded_net(classifier_file, tmp_path, dtype):
-    convert.convert_onnx(classifier_file, tmp_path / "d.onnx")
+    convert.convert_onnx(classifier_file, tmp_path / "d.onnx", preprocessing="unit")
     for classifier in (classifier_file, _unpadded()):
         report = convert.verify(classifier, tmp_path / "d.onnx", dtype=dtype)
         assert report.passed and not report.padded
@@ -94,7 +94,7 @@ def test_verify_passes_for_an_unpadded_net(classifier_file, tmp_path, dtype):
 
 
 def test_verify_fails_on_a_wrong_dense_model(classifier_file, tmp_path):
-    convert.convert_onnx(classifier_file, tmp_path / "d.onnx")
+    convert.convert_onnx(classifier_file, tmp_path / "d.onnx", preprocessing="unit")
     model = onnx.load(str(tmp_path / "d.onnx"))
     floats = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
     last = floats[-1]  # the head's bias (the cell crop's constants are int64)
@@ -134,13 +134,17 @@ def test_padded_ceil_mode_net_matches_the_converted_torch_module(tmp_path):
 def _bad(kind, classifier_file, out_dir, monkeypatch):
     out = out_dir / "d.onnx"
     if kind == "labels":
-        return convert.convert_onnx(classifier_file, out, labels=["only", "two"])
+        return convert.convert_onnx(
+            classifier_file, out, labels=["only", "two"], preprocessing="unit"
+        )
     if kind == "preprocessing":
         return convert.convert_onnx(classifier_file, out, preprocessing=Preprocessing(color="L", mean=(0,), std=(1,)))  # fmt: skip
     if kind == "stride":
-        return convert.convert_onnx(classifier_file, out, strides=[3])
+        return convert.convert_onnx(classifier_file, out, strides=[3], preprocessing="unit")
     if kind == "folder":  # the folders created for the output go too
-        return convert.convert_onnx(classifier_file, out_dir / "new" / "d.onnx", labels=["a"])
+        return convert.convert_onnx(
+            classifier_file, out_dir / "new" / "d.onnx", labels=["a"], preprocessing="unit"
+        )
     if kind == "replace":
         calls = []
 
@@ -151,11 +155,11 @@ def _bad(kind, classifier_file, out_dir, monkeypatch):
             os.rename(src, dst)
 
         monkeypatch.setattr(pipeline.os, "replace", failing_replace)
-        return convert.convert_onnx(classifier_file, out, strides=[2])
+        return convert.convert_onnx(classifier_file, out, strides=[2], preprocessing="unit")
     source = out_dir.parent / f"{kind}.onnx"
     data = classifier_file.read_bytes()
     source.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"not onnx"}[kind])
-    return convert.convert_onnx(source, out)
+    return convert.convert_onnx(source, out, preprocessing="unit")
 
 
 @pytest.mark.parametrize(
@@ -180,23 +184,23 @@ def test_failures_leave_nothing_at_the_output(kind, message, classifier_file, tm
 
 def test_missing_output_folders_are_created(classifier_file, tmp_path):
     out = tmp_path / "repo" / "my model" / "1" / "model.onnx"
-    result = convert.convert_onnx(classifier_file, out, strides=[2])
+    result = convert.convert_onnx(classifier_file, out, strides=[2], preprocessing="unit")
     assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx", "model.s2.onnx"]
     assert result.path == out
     with pytest.raises(ConversionError, match="is a folder"):
-        convert.convert_onnx(classifier_file, out.parent)
+        convert.convert_onnx(classifier_file, out.parent, preprocessing="unit")
     with pytest.raises(ConversionError, match="cannot create the output folder"):
-        convert.convert_onnx(classifier_file, out / "below a file.onnx")
+        convert.convert_onnx(classifier_file, out / "below a file.onnx", preprocessing="unit")
 
 
 def test_missing_classifier_file(tmp_path):
     with pytest.raises(ConversionError, match="no such file"):
-        convert.convert_onnx(tmp_path / "nope.onnx", tmp_path / "d.onnx")
+        convert.convert_onnx(tmp_path / "nope.onnx", tmp_path / "d.onnx", preprocessing="unit")
 
 
 def test_external_data_past_the_threshold(classifier_file, tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "EXTERNAL_DATA_THRESHOLD", 0)
-    result = convert.convert_onnx(classifier_file, tmp_path / "d.onnx")
+    result = convert.convert_onnx(classifier_file, tmp_path / "d.onnx", preprocessing="unit")
     assert sorted(os.listdir(tmp_path)) == ["d.onnx", "d.onnx.data"]
     assert _ort_metadata(result.path) == result.metadata
     assert convert.verify(classifier_file, result.path).passed
@@ -213,7 +217,9 @@ def test_import_convert_does_not_import_torch():
 def test_verify_an_nhwc_classifier_with_a_fixed_batch(tmp_path):
     """Keras-style graph: NHWC input, batch fixed at 1, H,W,C flatten, softmax output."""
     onnx.save_model(keras_style_classifier(), str(tmp_path / "keras.onnx"))
-    result = convert.convert_onnx(tmp_path / "keras.onnx", tmp_path / "d.onnx", strides=[1])
+    result = convert.convert_onnx(
+        tmp_path / "keras.onnx", tmp_path / "d.onnx", strides=[1], preprocessing="unit"
+    )
     assert result.metadata.preprocessing.layout == "NHWC"
     assert result.metadata.output_kind == "probabilities"
     report = convert.verify(tmp_path / "keras.onnx", result.path, dtype="float64")

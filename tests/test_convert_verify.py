@@ -131,7 +131,9 @@ def test_a_correct_convmixer_like_conversion_passes_on_both_paths(convmixer, tmp
     }
     classifier = tmp_path / "classifier.onnx"
     onnx.save_model(export_classifier(convmixer, 32, dynamo=True), str(classifier))
-    result = convert.convert_onnx(classifier, tmp_path / "o.onnx", strides=[2])
+    result = convert.convert_onnx(
+        classifier, tmp_path / "o.onnx", strides=[2], preprocessing="unit"
+    )
     report = convert.verify(classifier, result.path)  # onnxruntime on both sides here
     assert report.passed, report.table()
 
@@ -189,7 +191,7 @@ def test_the_footnote_names_only_the_checks_that_ran(tmp_path):
     model = CeilOverhang(POOLS["max"]()).eval()
     classifier = tmp_path / "classifier.onnx"
     onnx.save_model(export_classifier(model, WINDOW, dynamo=False), str(classifier))
-    convert.convert_onnx(classifier, tmp_path / "o.onnx")
+    convert.convert_onnx(classifier, tmp_path / "o.onnx", preprocessing="unit")
     table = convert.verify(classifier, tmp_path / "o.onnx").table()
     assert table.endswith(
         PADDED_NOTE + "  on windows of exactly R (both see the same zeros).\n"

@@ -46,7 +46,8 @@ def repo(tmp_path_factory, classifier) -> Path:
     onnx.save_model(proto, str(exported))
     (root / "boxes.txt").write_text("dy0\ndx0\ndy1\ndx1\n")
     out = root / "models" / MODEL / "model.onnx"
-    code = main(["convert", str(exported), "-o", str(out), "--head", "boxes=regression",
+    code = main(["convert", str(exported), "-o", str(out), "--preprocessing", "unit",
+                 "--head", "boxes=regression",
                  "--head-labels", f"boxes={root / 'boxes.txt'}"])  # fmt: skip
     assert code == 0
     return root / "models"

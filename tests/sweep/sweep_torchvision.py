@@ -121,7 +121,9 @@ def test_onnx_path_equals_head_on_trunk_windows(name, dynamo, tmp_path):
     expected = head_on_trunk_windows(name, model, image)
     classifier = export_classifier(model.float(), window, dynamo=dynamo)
     onnx.save(classifier, str(tmp_path / "classifier.onnx"))
-    result = convert.convert_onnx(tmp_path / "classifier.onnx", tmp_path / "dense.onnx")
+    result = convert.convert_onnx(
+        tmp_path / "classifier.onnx", tmp_path / "dense.onnx", preprocessing="unit"
+    )
     score_map = ort32(onnx.load(str(result.path)), image.numpy())[0]
     _assert_map(score_map, _cells_in_image(expected, result, image), FP32_TOLERANCE)
 
@@ -138,7 +140,7 @@ def test_refused_on_the_onnx_path_with_the_reason(name, tmp_path):
     build, window = REFUSED[name]
     onnx.save(export_classifier(build().eval(), window, dynamo=True), str(tmp_path / "c.onnx"))
     with pytest.raises(ConversionError, match=REFUSAL_WORDS[name]):
-        convert.convert_onnx(tmp_path / "c.onnx", tmp_path / "dense.onnx")
+        convert.convert_onnx(tmp_path / "c.onnx", tmp_path / "dense.onnx", preprocessing="unit")
     assert not (tmp_path / "dense.onnx").exists()
 
 
@@ -198,7 +200,7 @@ def test_several_heads_on_the_onnx_path(dynamo, tmp_path):
     onnx.save(classifier, str(tmp_path / "classifier.onnx"))
     heads = HeadOptions(kinds={"boxes": "regression"})
     result = convert.convert_onnx(
-        tmp_path / "classifier.onnx", tmp_path / "dense.onnx", heads=heads
+        tmp_path / "classifier.onnx", tmp_path / "dense.onnx", heads=heads, preprocessing="unit"
     )
     assert [(h.name, h.kind) for h in result.metadata.heads] == [
         ("scores", "logits"),
