@@ -95,3 +95,32 @@ def test_resnet_serves_through_both_grpc_apis(resnet):
         np.testing.assert_array_equal(reply.as_numpy("scores"), expected.maps[0].scores)
     finally:
         server.stop(0)
+
+
+def test_the_same_weights_through_onnx_and_preprocessing_imagenet_serve_the_same_maps(
+    resnet, tmp_path, capsys
+):
+    # issue 18: an ONNX export of these weights converted with a guessed x/255 served maps
+    # 4.3 logits away from --arch resnet18's; now the preprocessing is said, not guessed
+    from convert.export import export_classifier_onnx
+
+    model, arch_path = resnet
+    exported = tmp_path / "resnet18.onnx"
+    proto = export_classifier_onnx(
+        model, input_size=(WINDOW, WINDOW), in_channels=3, dynamo=False
+    )
+    exported.write_bytes(proto.SerializeToString())
+    dense = tmp_path / "repo" / "resnet18" / "model.onnx"
+    assert densemap(["convert", str(exported), "-o", str(dense)]) == 2
+    assert "--preprocessing imagenet" in capsys.readouterr().err
+    assert (
+        densemap(["convert", str(exported), "-o", str(dense), "--preprocessing", "imagenet"]) == 0
+    )
+    from_arch, from_onnx = Engine(arch_path), Engine(dense)
+    assert from_onnx.metadata.preprocessing == from_arch.metadata.preprocessing
+    image = np.random.default_rng(2).integers(0, 256, (WINDOW + 2 * 32 + 7, 130, 3), np.uint8)
+    options = ScoreOptions(probabilities=False)
+    expected = from_arch.score(image, options).maps[0].scores
+    logits = from_onnx.score(image, options).maps[0].scores
+    assert logits.shape == expected.shape
+    np.testing.assert_allclose(logits, expected, rtol=0, atol=RTOL * np.abs(expected).max())

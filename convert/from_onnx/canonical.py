@@ -9,8 +9,9 @@ and is decided from what an op does there, never from how an exporter happened t
   every shape after it. The listed weights become plain initializers, at IR >= 4.
 - **Constant subgraphs.** A weight computed from constants (``Reshape(initializer,
   initializer)``, a ``ConstantOfShape`` bias) is a constant: onnxscript's constant folder
-  turns it into an initializer. Only nodes that do not read the image are folded, and the
-  image's batch, height and width are symbolic meanwhile, so nothing is fixed to R.
+  turns it into an initializer. Only nodes that do not read the image's values are folded
+  (shape arithmetic may: the channel count is static), and the image's batch, height and
+  width are symbolic meanwhile, so nothing is fixed to R.
 - **Windows that are global at R.** A pool or conv whose one window at R covers its whole
   input along an axis (kernel, pads, dilation, ceil mode) reads every real value there:
   GoogLeNet's final 7x7 average pool with pads (0, 0, 1, 1) on a 6x6 map averages the 36
@@ -34,6 +35,7 @@ from onnx import helper, numpy_helper
 
 from convert.from_onnx.graph import (
     CHANNEL_AXIS_OPS,
+    META_OPS,
     GraphIndex,
     attributes,
     image_input,
@@ -79,10 +81,12 @@ def list_weights_as_initializers(model: onnx.ModelProto) -> None:
 
 
 def _image_dependent(graph: onnx.GraphProto, image: str) -> set[str]:
-    """Output names of every node whose value depends on the image."""
+    """Output names of every node whose value depends on the image's values. Shape and
+    Size read only its shape: what is computed from them may fold where it does not
+    depend on the (symbolic) batch, height and width: ``x.chunk(2, dim=1)``'s bounds."""
     dependent = {image}
     for node in topological_nodes(graph):
-        if any(name in dependent for name in node.input):
+        if node.op_type not in META_OPS and any(name in dependent for name in node.input):
             dependent.update(node.output)
     return dependent
 
@@ -96,6 +100,7 @@ def fold_constant_subgraphs(model: onnx.ModelProto) -> None:
     if all(any(n in dependent for n in node.output) or node.op_type == "Constant"
            for node in model.graph.node):  # fmt: skip
         return
+    del model.graph.value_info[:]  # shapes inferred at R would fold H and W to R's
     dims = image.type.tensor_type.shape.dim
     kept = [onnx.TensorShapeProto.Dimension() for _ in dims]
     for dim, copy in zip(dims, kept, strict=True):
@@ -114,6 +119,7 @@ def fold_constant_subgraphs(model: onnx.ModelProto) -> None:
     try:
         onnxscript.optimizer.fold_constants(
             model,
+            onnx_shape_inference=True,  # static channel counts inside shape arithmetic
             input_size_limit=FOLD_SIZE_LIMIT,
             output_size_limit=FOLD_SIZE_LIMIT,
             should_fold=should_fold,

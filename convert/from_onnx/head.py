@@ -27,7 +27,11 @@ from __future__ import annotations
 import onnx
 
 from convert.flatten_order import PASS_OPS
-from convert.from_onnx.canonical import canonical_classifier, shapes_at_window
+from convert.from_onnx.canonical import (
+    canonical_classifier,
+    fold_constant_subgraphs,
+    shapes_at_window,
+)
 from convert.from_onnx.channel_moves import fold_channel_moves
 from convert.from_onnx.graph import (
     BINARY_OPS,
@@ -135,8 +139,10 @@ def rewrite_head(model: onnx.ModelProto, *, flatten_order: str = "auto") -> onnx
             f"flatten_order must be one of {FLATTEN_ORDERS}, got {flatten_order!r}"
         )
     work = shapes_at_window(canonical_classifier(model))
-    if fold_channel_moves(work.graph):  # ShuffleNet's channel shuffle -> Gather on channels
-        del work.graph.value_info[:]
+    # ShuffleNet's channel shuffle -> Gather on channels; the shape arithmetic on its output
+    # (the next block's x.chunk(2, dim=1) bounds, its shuffle's targets) then folds too
+    while fold_channel_moves(work.graph):
+        fold_constant_subgraphs(work)
         work = shapes_at_window(work)
     freeze_auto_pad(work.graph, GraphIndex.build(work.graph))
     index = GraphIndex.build(work.graph)

@@ -110,7 +110,10 @@ def test_torch_path_equals_head_on_trunk_windows(name, tmp_path):
     _assert_map(written, _cells_in_image(expected, result, image), FP32_TOLERANCE)
 
 
-ONNX_CASES = [(name, True) for name in sorted(ARCHS)] + [("vgg11", False)]
+ONNX_CASES = [(name, True) for name in sorted(ARCHS)] + [
+    ("vgg11", False),
+    ("shufflenet_v2_x0_5", False),
+]
 
 
 @pytest.mark.parametrize(("name", "dynamo"), ONNX_CASES)
