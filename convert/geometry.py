@@ -173,6 +173,8 @@ def _propagate(node: onnx.NodeProto, trace: Trace, index: GraphIndex, source: Fi
     op, attrs = node.op_type, attributes(node)
     if op in WINDOW_OPS:
         return _window_field(node, source, index)
+    if op == "BatchNormalization":
+        _check_per_channel(node, index, attrs)
     if op in UNARY_OPS:
         return source
     if op in BINARY_OPS or op == "Concat":
@@ -210,6 +212,17 @@ def _propagate(node: onnx.NodeProto, trace: Trace, index: GraphIndex, source: Fi
         f"{node_label(node)} is not supported on a feature map (densemap knows convolutions, "
         "pools, elementwise ops and channel concatenation)"
     )
+
+
+def _check_per_channel(node: onnx.NodeProto, index: GraphIndex, attrs: dict) -> None:
+    """BatchNormalization acts per channel unless it is ``spatial=0`` (opset < 9), which
+    normalises every position with statistics of its own: tied to R, no dense form."""
+    stats = [index.constant(name) for name in node.input[1:5]]
+    if attrs.get("spatial", 1) == 0 or any(v is not None and v.ndim > 1 for v in stats):
+        raise ConversionError(
+            f"{node_label(node)} normalises each position of the window with statistics of "
+            "its own (spatial=0): they are tied to positions at R, so it has no dense form"
+        )
 
 
 def _pad_field(node, index, source, attrs) -> Field:

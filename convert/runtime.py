@@ -112,6 +112,55 @@ def _inference_batch_norm():
     return BatchNormalization
 
 
+def _max_pool():
+    """MaxPool over NCHW for the float64 evaluator. onnx.reference's own mis-sizes and
+    misplaces windows when the begin and end pads differ per axis (Caffe2's ceil-mode
+    emulation, pads (0, 0, 1, 1)): a 3x3 pool with pads (1, 0, 1, 2) on 6x9 gives 5x10.
+    Padded positions are -inf; ``ceil_mode`` keeps a last window that starts inside the
+    input or its begin padding, as onnxruntime does."""
+    from onnx.reference.op_run import OpRun
+
+    class MaxPool(OpRun):
+        op_domain = ""
+
+        def _run(self, x, auto_pad=None, ceil_mode=None, dilations=None, kernel_shape=None,
+                 pads=None, storage_order=None, strides=None):  # fmt: skip
+            if len(self.onnx_node.output) > 1 or x.ndim != 4:
+                raise NotImplementedError("MaxPool with indices or not 2-D")
+            if auto_pad not in (None, "NOTSET", "VALID", b"NOTSET", b"VALID"):
+                raise NotImplementedError(f"MaxPool with auto_pad={auto_pad}")
+            kernel = list(kernel_shape)
+            strides = list(strides or [1, 1])
+            dilations = list(dilations or [1, 1])
+            pads = [0, 0, 0, 0] if auto_pad in ("VALID", b"VALID") else list(pads or [0] * 4)
+            sizes, extra = [], []
+            for a in range(2):
+                span = dilations[a] * (kernel[a] - 1) + 1
+                room = x.shape[2 + a] + pads[a] + pads[a + 2] - span
+                count = (-(-room // strides[a]) if ceil_mode else room // strides[a]) + 1
+                if ceil_mode and (count - 1) * strides[a] >= x.shape[2 + a] + pads[a]:
+                    count -= 1
+                sizes.append(count)
+                extra.append(
+                    max(
+                        0,
+                        (count - 1) * strides[a] + span - (x.shape[2 + a] + pads[a] + pads[a + 2]),
+                    )
+                )
+            widths = ((0, 0), (0, 0), (pads[0], pads[2] + extra[0]), (pads[1], pads[3] + extra[1]))
+            padded = np.pad(x, widths, constant_values=-np.inf)
+            out = np.full((*x.shape[:2], *sizes), -np.inf, dtype=x.dtype)
+            for ky in range(kernel[0]):
+                for kx in range(kernel[1]):
+                    top, left = ky * dilations[0], kx * dilations[1]
+                    view = padded[:, :, top : top + strides[0] * (sizes[0] - 1) + 1 : strides[0],
+                                  left : left + strides[1] * (sizes[1] - 1) + 1 : strides[1]]  # fmt: skip
+                    np.maximum(out, view, out=out)
+            return (out,)
+
+    return MaxPool
+
+
 class Float64Runner:
     """Runs an ONNX model in float64 with ``onnx.reference`` (see :func:`to_float64`)."""
 
@@ -120,7 +169,9 @@ class Float64Runner:
 
         from convert.from_onnx.graph import image_input
 
-        self.evaluator = ReferenceEvaluator(to_float64(model), new_ops=[_inference_batch_norm()])
+        self.evaluator = ReferenceEvaluator(
+            to_float64(model), new_ops=[_inference_batch_norm(), _max_pool()]
+        )
         self.input_name = image_input(model.graph).name
         self.output_names = [output.name for output in model.graph.output]
 

@@ -174,3 +174,30 @@ def spatial_softmax_classifier():
     weight = g.const(g.rng.standard_normal((3, 16)).astype(np.float32), "fc")
     g.node("Gemm", [g.current, weight, g.const(np.zeros(3, np.float32))], transB=1)
     return caffe2_style(g.model(10, opset=CAFFE2_OPSET, output_dims=[1, 3])), (10, 10)
+
+
+def strided_global_pool_classifier():
+    """``F.avg_pool2d(x, 4)`` on a 4x4 map (CIFAR ResNets' head): stride 4, one output at
+    R; the map's stride must stay the trunk's, not 4 times it. Window 12."""
+    g = GraphBuilder(3, seed=18)
+    g.conv(4, 3)  # 12 -> 10
+    g.node("Relu")
+    g.pool("MaxPool", 2, 2)  # 10 -> 5
+    g.conv(6, 2)  # 5 -> 4
+    g.pool("AveragePool", 4, 4)
+    g.node("Flatten", axis=1)
+    weight = g.const(g.rng.standard_normal((3, 6)).astype(np.float32), "fc")
+    g.node("Gemm", [g.current, weight, g.const(np.zeros(3, np.float32))], transB=1)
+    return caffe2_style(g.model(12, opset=CAFFE2_OPSET, output_dims=[1, 3])), (12, 12)
+
+
+def spatial_batchnorm_classifier():
+    """BatchNormalization with statistics per position (spatial=0, opset 7): tied to R."""
+    g = GraphBuilder(3, seed=19)
+    g.conv(2, 3)  # 8 -> 6
+    stats = [g.const(g.rng.random((2, 6, 6)).astype(np.float32) + 0.5) for _ in range(4)]
+    g.node("BatchNormalization", [g.current, *stats], spatial=0)
+    g.node("Flatten", axis=1)
+    weight = g.const(g.rng.standard_normal((3, 72)).astype(np.float32), "fc")
+    g.node("Gemm", [g.current, weight, g.const(np.zeros(3, np.float32))], transB=1)
+    return caffe2_style(g.model(8, opset=7, output_dims=[1, 3]), opset=7), (8, 8)

@@ -19,10 +19,12 @@ from caffe2_graphs import (
     googlenet_style_classifier,
     reshaped_weight_classifier,
     shuffle_classifier,
+    spatial_batchnorm_classifier,
     spatial_softmax_classifier,
     squeezenet_style_classifier,
+    strided_global_pool_classifier,
 )
-from convert_onnx_support import cells, dense64, onnx_crops64, ort32
+from convert_onnx_support import cells, dense64, onnx_crops64
 
 import convert
 from convert.runtime import Float64Runner
@@ -39,10 +41,12 @@ CASES = {
     "DenseNet with a Flatten": lambda: densenet_style_classifier(flatten=True),
     "GoogLeNet: 7x7 average, pads 0,0,1,1": googlenet_style_classifier,
     "GoogLeNet, count_include_pad=1": lambda: googlenet_style_classifier(count_include_pad=1),
+    "GoogLeNet, a 7x7 max pool": lambda: googlenet_style_classifier(op="MaxPool"),
     "a 7x7 conv with pads 0,0,1,1 on 6x6": lambda: googlenet_style_classifier(op="Conv"),
     "channel split by Slice, opset 9": channel_split_classifier,
     "channel split by Slice, opset 11": lambda: channel_split_classifier(opset=11),
     "channel shuffle in an IR-3 graph": shuffle_classifier,
+    "a 4x4 average at stride 4 on a 4x4 map": strided_global_pool_classifier,
 }
 
 
@@ -86,24 +90,6 @@ def test_googlenet_pool_is_a_six_by_six_average_not_the_seven_by_seven_it_is_wri
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in pools[0].attribute}
     assert list(attrs["kernel_shape"]) == [6, 6] and not any(attrs.get("pads", [0]))
     assert list(attrs["strides"]) == [1, 1]
-
-
-def test_global_max_pool_at_the_window_matches_onnxruntime_crops(tmp_path):
-    # onnx's reference evaluator mishandles MaxPool's asymmetric pads: float32 crops here
-    classifier, window = googlenet_style_classifier(op="MaxPool")
-    result = _convert(classifier, tmp_path)
-    size = (window[0] + 9, window[1] + 5)
-    image = np.random.default_rng(6).standard_normal((1, 3, *size)).astype(np.float32)
-    stride = result.metadata.geometry.stride
-    n = cells(size, window, stride)
-    expected = np.zeros((5, *n), np.float32)
-    for i in range(n[0]):
-        for j in range(n[1]):
-            top, left = i * stride[0], j * stride[1]
-            crop = np.ascontiguousarray(image[:, :, top : top + window[0], left : left + window[1]])
-            expected[:, i, j] = ort32(classifier, crop)[0]
-    score_map = ort32(onnx.load(str(result.path)), image)[0]
-    np.testing.assert_allclose(score_map, expected, rtol=0, atol=1e-6)  # float32 rounding
 
 
 def _extract(model: onnx.ModelProto, inputs: list[str], outputs: list[str]) -> onnx.ModelProto:
@@ -166,3 +152,14 @@ def test_old_softmax_over_space_is_refused_as_per_image(tmp_path):
     with pytest.raises(ConversionError, match="Softmax node .* over the spatial axes too"):
         _convert(classifier, tmp_path)
     assert not (tmp_path / "dense.onnx").exists()
+
+
+def test_strided_global_pool_keeps_the_trunk_stride(tmp_path):
+    classifier, _ = strided_global_pool_classifier()
+    assert _convert(classifier, tmp_path).metadata.geometry.stride == (2, 2)  # not (8, 8)
+
+
+def test_batchnorm_with_statistics_per_position_is_refused(tmp_path):
+    classifier, _ = spatial_batchnorm_classifier()
+    with pytest.raises(ConversionError, match="statistics of its own .spatial=0."):
+        _convert(classifier, tmp_path)

@@ -106,9 +106,7 @@ def test_the_same_weights_through_onnx_and_preprocessing_imagenet_serve_the_same
 
     model, arch_path = resnet
     exported = tmp_path / "resnet18.onnx"
-    proto = export_classifier_onnx(
-        model, input_size=(WINDOW, WINDOW), in_channels=3, dynamo=False
-    )
+    proto = export_classifier_onnx(model, input_size=(WINDOW, WINDOW), in_channels=3, dynamo=False)
     exported.write_bytes(proto.SerializeToString())
     dense = tmp_path / "repo" / "resnet18" / "model.onnx"
     assert densemap(["convert", str(exported), "-o", str(dense)]) == 2

@@ -13,7 +13,8 @@ and is decided from what an op does there, never from how an exporter happened t
   (shape arithmetic may: the channel count is static), and the image's batch, height and
   width are symbolic meanwhile, so nothing is fixed to R.
 - **Windows that are global at R.** A pool or conv whose one window at R covers its whole
-  input along an axis (kernel, pads, dilation, ceil mode) reads every real value there:
+  input along an axis (kernel, pads, dilation, ceil mode) reads every real value there
+  (its stride does not matter at R: ``F.avg_pool2d(x, 4)`` on a 4x4 map is a global pool):
   GoogLeNet's final 7x7 average pool with pads (0, 0, 1, 1) on a 6x6 map averages the 36
   real values (``count_include_pad=0``). On a larger image its dense form is a 6x6
   average at stride 1, not the 7x7 one it is written as. Such an axis gets the input's
@@ -167,11 +168,11 @@ def _global_axes(node, index: GraphIndex) -> list[int]:
     axes = []
     for a in range(2):
         size, kernel, begin = shape[2 + a], params["kernel"][a], params["pads"][a]
-        dilation = params["dilations"][a]
+        dilation, stride = params["dilations"][a], params["strides"][a]
         if out[2 + a] != 1 or (size > 1 and dilation != 1):
             continue
-        if begin <= 0 and kernel >= size and not params["pads"][a + 2]:
-            continue  # an unpadded window the size of its input: already exact as it is
+        if not begin and not params["pads"][a + 2] and kernel == size and stride == 1:
+            continue  # already a window of its input's size at stride 1
         if kernel - begin >= size:
             axes.append(a)
     return axes
