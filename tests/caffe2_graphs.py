@@ -201,3 +201,17 @@ def spatial_batchnorm_classifier():
     weight = g.const(g.rng.standard_normal((3, 72)).astype(np.float32), "fc")
     g.node("Gemm", [g.current, weight, g.const(np.zeros(3, np.float32))], transB=1)
     return caffe2_style(g.model(8, opset=7, output_dims=[1, 3]), opset=7), (8, 8)
+
+
+def flatten_then_softmax_classifier(*, conv: bool = True, opset: int = 7):
+    """GAP -> [1x1 Conv] -> Flatten -> Softmax: MobileNet/SqueezeNet as MXNet's exporter
+    wrote them (opset 7): no FC layer, the softmax after the flatten. Window 14."""
+    g = GraphBuilder(3, seed=20)
+    _trunk(g)
+    g.node("GlobalAveragePool")
+    if conv:
+        g.conv(5, 1)
+    g.node("Flatten", axis=1)
+    g.node("Softmax", axis=1)
+    dims = [1, 5 if conv else 6]
+    return caffe2_style(g.model(14, opset=opset, output_dims=dims), opset=opset), (14, 14)

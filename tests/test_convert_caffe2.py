@@ -16,6 +16,7 @@ from caffe2_graphs import (
     GOOGLENET_FEATURES,
     channel_split_classifier,
     densenet_style_classifier,
+    flatten_then_softmax_classifier,
     googlenet_style_classifier,
     reshaped_weight_classifier,
     shuffle_classifier,
@@ -47,6 +48,10 @@ CASES = {
     "channel split by Slice, opset 11": lambda: channel_split_classifier(opset=11),
     "channel shuffle in an IR-3 graph": shuffle_classifier,
     "a 4x4 average at stride 4 on a 4x4 map": strided_global_pool_classifier,
+    "MXNet: GAP, 1x1 conv, Flatten, Softmax": flatten_then_softmax_classifier,
+    "GAP, Flatten, Softmax (no FC), opset 13": lambda: flatten_then_softmax_classifier(
+        conv=False, opset=13
+    ),
 }
 
 
@@ -142,6 +147,9 @@ def test_softmax_over_the_classes_keeps_its_kind(tmp_path):
     classifier, _ = squeezenet_style_classifier()
     result = _convert(classifier, tmp_path)
     assert result.metadata.output_kind == "probabilities"
+    classifier, _ = flatten_then_softmax_classifier()
+    (tmp_path / "f").mkdir()
+    assert _convert(classifier, tmp_path / "f").metadata.output_kind == "probabilities"
     classifier, _ = densenet_style_classifier()
     (tmp_path / "d").mkdir()
     assert _convert(classifier, tmp_path / "d").metadata.output_kind == "logits"

@@ -21,6 +21,11 @@ and is decided from what an op does there, never from how an exporter happened t
   size as kernel, no pads, stride 1 (a conv keeps the taps that meet real values; an
   average that counted its pads is scaled back), and the new node is checked against the
   old one at R on random values before it replaces it.
+- **Per-feature ops after a flatten of one position** (``GAP -> 1x1 Conv -> Flatten ->
+  Softmax``, MobileNet and SqueezeNet as MXNet wrote them): a Flatten/Reshape/Squeeze that
+  only drops the unit axes of a map of one cell at R, read by an activation or a softmax
+  over the features, moves after that op (the softmax then runs over the channel axis), so
+  the head ends in the flatten and the map is the output.
 - **Softmax before opset 13** runs over all axes from ``axis`` on, flattened. Where those
   axes after ``axis`` are all 1 at R (C x 1 x 1 after a global pool) it is a softmax over
   ``axis`` alone: it becomes ``Transpose -> Softmax(last axis) -> Transpose``, which stays
@@ -68,6 +73,11 @@ def canonical_classifier(model: onnx.ModelProto) -> onnx.ModelProto:
     changed |= _channel_softmaxes(work, index)
     if changed:
         remove_dead_nodes(work.graph)
+    for _ in range(len(work.graph.node)):  # each pass moves one flatten past one op
+        index = GraphIndex.build(shapes_at_window(work).graph)
+        index.opset = opset_version(work)
+        if not _sink_flatten(work, index):
+            break
     return work
 
 
@@ -326,3 +336,74 @@ def _channel_softmaxes(model: onnx.ModelProto, index: GraphIndex) -> bool:
         _replace(graph, node, nodes)
         changed = True
     return changed
+
+
+# -- per-feature ops after a flatten of one position --------------------------------------
+
+SINKABLE = frozenset(
+    "Relu LeakyRelu PRelu Sigmoid Tanh Clip Elu Selu Celu HardSigmoid HardSwish Softplus "
+    "Softsign Identity Dropout Exp Log Neg Abs Softmax LogSoftmax".split()
+)
+
+
+def _unit_flatten_axis(node, index: GraphIndex) -> int | None:
+    """The channel axis of a rank-4 map of one position that ``node`` (Flatten, Reshape or
+    Squeeze) turns into [N, C] without reordering anything, else ``None``."""
+    if node.op_type not in ("Flatten", "Reshape", "Squeeze"):
+        return None
+    shape, out = index.shape(node.input[0]), index.shape(node.output[0])
+    if shape is None or out is None or len(shape) != 4 or len(out) != 2 or None in shape[1:]:
+        return None
+    wide = [a for a in range(1, 4) if shape[a] != 1]
+    if len(wide) != 1 or out[1] != shape[wide[0]]:
+        return None
+    return wide[0]
+
+
+def _sink_flatten(model: onnx.ModelProto, index: GraphIndex) -> bool:
+    """Move one flatten of a one-position map after the per-feature op reading it."""
+    graph, opset = model.graph, opset_version(model)
+    for flat in list(graph.node):
+        axis = _unit_flatten_axis(flat, index)
+        op = index.sole_consumer(flat.output[0]) if axis is not None else None
+        if op is None or op.op_type not in SINKABLE or op.input[0] != flat.output[0]:
+            continue
+        if any(index.constant(name) is None or index.constant(name).size != 1
+               for name in op.input[1:] if name):  # fmt: skip
+            continue  # a per-feature vector (a PRelu slope) would need laying out: leave it
+        if op.op_type in CHANNEL_AXIS_OPS and attributes(op).get("axis", 1) % 2 != 1:
+            continue  # over the batch axis: not over the features
+        name = op.name or op.output[0]
+        moved, result = f"{name}_on_map", op.output[0]
+        nodes = _on_map(op, flat.input[0], moved, axis=axis, opset=opset)
+        flattened = onnx.NodeProto()
+        flattened.CopyFrom(flat)
+        flattened.input[0], flattened.output[0] = moved, result
+        _replace(graph, op, [*nodes, flattened])
+        graph.node.remove(flat)
+        return True
+    return False
+
+
+def _on_map(op, source: str, target: str, *, axis: int, opset: int) -> list:
+    """``op`` applied to the rank-4 map ``source`` instead of its flattened features."""
+    copy = onnx.NodeProto()
+    copy.CopyFrom(op)
+    del copy.input[0:1]
+    copy.input.insert(0, source)
+    copy.output[0] = target
+    if op.op_type not in CHANNEL_AXIS_OPS:
+        return [copy]
+    if opset >= 13:
+        set_attribute(copy, "axis", axis)
+        return [copy]
+    perm = [a for a in range(4) if a != axis] + [axis]  # old softmax: classes last
+    back = [perm.index(a) for a in range(4)]
+    last, normalised = f"{target}_classes_last", f"{target}_normalised"
+    copy.input[0], copy.output[0] = last, normalised
+    set_attribute(copy, "axis", 3)
+    return [
+        helper.make_node("Transpose", [source], [last], perm=perm, name=last),
+        copy,
+        helper.make_node("Transpose", [normalised], [target], perm=back, name=target),
+    ]
