@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from convert.from_onnx.canonical import runnable_classifier
 from convert.from_onnx.graph import image_input
 from convert.runtime import Float64Runner, OrtRunner
 from service.contract import Geometry
@@ -120,6 +121,7 @@ def _onnx_classifier(path: Path, dtype: np.dtype):
         model = onnx.load(str(path))
     except Exception as exc:  # onnx raises DecodeError, OSError, ...
         raise ConversionError(f"cannot read the classifier {path}: {exc}") from None
+    model = runnable_classifier(model)  # IR 3 weights as initializers, opset < 7 upgraded
     batch_dim = image_input(model.graph).type.tensor_type.shape.dim[0]
     fixed_batch = batch_dim.dim_value if batch_dim.HasField("dim_value") else None
     single = Float64Runner(model) if dtype == np.float64 else OrtRunner(model.SerializeToString())

@@ -215,3 +215,27 @@ def flatten_then_softmax_classifier(*, conv: bool = True, opset: int = 7):
     g.node("Softmax", axis=1)
     dims = [1, 5 if conv else 6]
     return caffe2_style(g.model(14, opset=opset, output_dims=dims), opset=opset), (14, 14)
+
+
+def opset6_classifier():
+    """Opset 6 (older than onnxruntime runs): BatchNormalization with ``is_test``, Gemm with
+    ``broadcast``. Window 14."""
+    g = GraphBuilder(3, seed=22)
+    g.conv(4, 3)  # 14 -> 12
+    stats = [g.const(g.rng.random(4).astype(np.float32) + 0.5) for _ in range(4)]
+    g.node("BatchNormalization", [g.current, *stats], epsilon=1e-5)
+    g.node("Relu")
+    g.pool("MaxPool", 2, 2)  # 12 -> 6
+    g.node("Flatten", axis=1)
+    weight = g.const(g.rng.standard_normal((3, 144)).astype(np.float32) * 0.1, "fc")
+    g.node("Gemm", [g.current, weight, g.const(g.rng.standard_normal(3).astype(np.float32))],
+           transB=1)  # fmt: skip
+    g.node("Softmax", axis=1)
+    model = g.model(14, opset=7, output_dims=[1, 3])
+    for node in model.graph.node:
+        if node.op_type == "Gemm":
+            node.attribute.append(helper.make_attribute("broadcast", 1))
+        if node.op_type == "BatchNormalization":
+            node.attribute.append(helper.make_attribute("is_test", 1))
+    model.opset_import[0].version = 6
+    return caffe2_style(model, opset=6), (14, 14)

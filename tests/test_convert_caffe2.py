@@ -18,6 +18,7 @@ from caffe2_graphs import (
     densenet_style_classifier,
     flatten_then_softmax_classifier,
     googlenet_style_classifier,
+    opset6_classifier,
     reshaped_weight_classifier,
     shuffle_classifier,
     spatial_batchnorm_classifier,
@@ -49,6 +50,7 @@ CASES = {
     "channel shuffle in an IR-3 graph": shuffle_classifier,
     "a 4x4 average at stride 4 on a 4x4 map": strided_global_pool_classifier,
     "MXNet: GAP, 1x1 conv, Flatten, Softmax": flatten_then_softmax_classifier,
+    "opset 6 (BatchNormalization is_test, Gemm broadcast)": opset6_classifier,
     "GAP, Flatten, Softmax (no FC), opset 13": lambda: flatten_then_softmax_classifier(
         conv=False, opset=13
     ),

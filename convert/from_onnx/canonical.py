@@ -3,6 +3,8 @@
 Every rewrite is exact at the window size R, the one size the classifier is defined at,
 and is decided from what an op does there, never from how an exporter happened to write it:
 
+- **Old opsets.** A file older than opset 7, which onnxruntime does not run, is upgraded to
+  opset 9 by onnx's version converter (or refused naming the opset).
 - **Old IR.** IR-3 files list every initializer as a graph input too: such weights are
   inputs a caller may override (not constants, for onnx and for constant folding), and a
   rewrite that adds an initializer without listing it leaves an invalid graph that loses
@@ -55,6 +57,8 @@ from convert.from_onnx.graph import (
 from convert.geometry import detect_layout
 from service.errors import ConversionError
 
+MIN_RUNTIME_OPSET = 7  # onnxruntime's oldest supported default-domain opset
+UPGRADE_OPSET = 9  # what older files are converted to (Caffe2's zoo files use 9)
 FOLD_SIZE_LIMIT = 1 << 31  # elements: fold any weight (VGG's FC weight is 103 M)
 GLOBAL_AT_R_OPS = frozenset({"Conv", "MaxPool", "AveragePool", "LpPool"})
 PROBE_RTOL = 1e-5  # float32 onnxruntime runs of the same sums in another order
@@ -62,9 +66,7 @@ PROBE_RTOL = 1e-5  # float32 onnxruntime runs of the same sums in another order
 
 def canonical_classifier(model: onnx.ModelProto) -> onnx.ModelProto:
     """An equivalent copy of ``model`` in the form the head reader expects."""
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
-    list_weights_as_initializers(work)
+    work = runnable_classifier(model)
     fold_constant_subgraphs(work)
     shaped = shapes_at_window(work)
     index = GraphIndex.build(shaped.graph)
@@ -79,6 +81,29 @@ def canonical_classifier(model: onnx.ModelProto) -> onnx.ModelProto:
         if not _sink_flatten(work, index):
             break
     return work
+
+
+def runnable_classifier(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` that onnxruntime runs: weights as initializers (IR >= 4) and, for
+    a file older than opset 7 (onnxruntime's oldest), onnx's version converter to opset 9."""
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    list_weights_as_initializers(work)
+    opset = opset_version(work)
+    if opset >= MIN_RUNTIME_OPSET:
+        return work
+    try:
+        inferred = onnx.shape_inference.infer_shapes(work)
+        upgraded = onnx.version_converter.convert_version(inferred, UPGRADE_OPSET)
+    except Exception as exc:  # noqa: BLE001 - the converter raises several types
+        reason = " ".join(str(exc).split())[:200]
+        raise ConversionError(
+            f"the classifier uses opset {opset}, older than onnxruntime runs "
+            f"({MIN_RUNTIME_OPSET}), and onnx's version converter could not upgrade it "
+            f"({reason}): re-export it at opset {MIN_RUNTIME_OPSET} or later"
+        ) from None
+    del upgraded.graph.value_info[:]
+    return upgraded
 
 
 def list_weights_as_initializers(model: onnx.ModelProto) -> None:
