@@ -236,8 +236,10 @@ def make_int8_copies(
     )
 
 
-def agreement_warning(copies: Int8Copies, floor: float = DEFAULT_AGREEMENT_FLOOR) -> str | None:
-    """The warning for copies whose argmax agreement is under ``floor`` (None: at or over)."""
+def agreement_warning(copies: Int8Copies, floor: float | None = None) -> str | None:
+    """The warning for copies whose argmax agreement is under ``floor`` (None: at or over;
+    default :data:`DEFAULT_AGREEMENT_FLOOR`)."""
+    floor = DEFAULT_AGREEMENT_FLOOR if floor is None else floor
     if copies.argmax_agreement >= floor:
         return None
     return (
