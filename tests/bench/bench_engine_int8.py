@@ -11,8 +11,10 @@ on images that are not the ones timed):
 - VGG-16 (random weights, ``--random-weights``), 512² image (a 1024² fp32 pass takes
   seconds on 2 cores); calibrated on 4 other pictures 256².
 - the bundled ``digits`` model (its trained ``classifier.pt``, converted again here with
-  int8 copies), its 3 sample pages in one timed call each; calibrated on 4 synthetic pages
-  drawn like them with another seed (the agreement is the pages', not calibration's).
+  int8 copies): its 3 sample pages (PNG bytes, one call each: small pages, where decoding
+  and the request's fixed costs weigh), and the 2048² page of ``bench_detections.py``
+  tiled from them; calibrated on 4 synthetic pages drawn like them with another seed (the
+  agreement is the pages', not calibration's).
 
 Agreement: share of cells whose top class is fp32's; max |dz|/range: the largest logit
 deviation over the fp32 logit range (as GetModel's precision report).
@@ -24,6 +26,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+from bench_detections import page_2048
 from bench_engine_common import (
     BENCH_DIR,
     THREADS,
@@ -117,6 +120,7 @@ def test_int8_vs_fp32():
     pages = sorted((ROOT / "models/digits/pages").glob("page_*.png"))
     page_images = [path.read_bytes() for path in pages]
     rows.append(row("digits", digits_model(), page_images, f"{len(pages)} sample pages"))
+    rows.append(row("digits", digits_model(), [page_2048()], "2048² page of them"))
     print_table(
         f"int8 vs fp32 through Engine.score, top-5 out ({machine()})",
         ["model", "image", "fp32 ms", "int8 ms", "speed-up (>= 2x)", "agreement (>= 99%)",
