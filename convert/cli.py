@@ -66,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="IMAGES_DIR",
         help="also write int8 copies (NAME.int8.onnx, one per à-trous variant too) for "
         "precision 'int8' on CPUs, calibrated on these images (onnxruntime static QDQ); "
-        "their deviation from fp32 goes into the metadata",
+        "their deviation from fp32 goes into the metadata (default: none, fp32 only)",
     )
     parser.add_argument(
         "--verify", action="store_true", help="compare with crop-by-crop evaluation"
