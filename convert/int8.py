@@ -81,6 +81,27 @@ def check_calibration_folder(folder: Path) -> list[Path]:
     return files
 
 
+class CalibrationImages:
+    """The calibration images, kept as uint8 crops (a quarter of float32's bytes); iterating
+    gives each as a model input: float32, batch of one, the model's layout."""
+
+    def __init__(self, pixels: list[np.ndarray], preprocessing: Preprocessing) -> None:
+        self._pixels = pixels
+        self._preprocessing = preprocessing
+
+    def __len__(self) -> int:
+        return len(self._pixels)
+
+    def __iter__(self):
+        from service.engine.image_input import preprocess
+
+        for pixels in self._pixels:
+            image_chw = preprocess(pixels, self._preprocessing)
+            if self._preprocessing.layout == "NHWC":
+                image_chw = image_chw.transpose(1, 2, 0)
+            yield np.ascontiguousarray(image_chw[None], dtype=np.float32)
+
+
 def read_calibration_images(
     folder: Path,
     preprocessing: Preprocessing,
@@ -88,15 +109,15 @@ def read_calibration_images(
     window: Pair,
     max_images: int = DEFAULT_MAX_CALIBRATION_IMAGES,
     max_side: int = DEFAULT_CALIBRATION_MAX_SIDE,
-) -> list[np.ndarray]:
-    """The folder's images as model inputs (float32, batch of one, the model's layout).
-
-    ConversionError, naming the folder or the file and what to do, for a missing folder,
-    a folder without images, an unreadable image or one smaller than the window."""
-    from service.engine.image_input import decode, preprocess
+) -> CalibrationImages:
+    """The folder's images, decoded in the model's colour order and centre-cropped to
+    ``max_side``; ConversionError, naming the folder or the file and what to do, for a
+    missing folder, a folder without images, an unreadable image or one smaller than the
+    window."""
+    from service.engine.image_input import decode
 
     files = check_calibration_folder(Path(folder))
-    inputs = []
+    crops = []
     for path in files[:max_images]:
         try:
             pixels = decode(
@@ -113,15 +134,8 @@ def read_calibration_images(
                 f"window {window[0]}x{window[1]}: it has no cell; use bigger images"
             )
         top, left = (max(0, (height - max_side) // 2), max(0, (width - max_side) // 2))
-        pixels = pixels[top : top + max_side, left : left + max_side]
-        image_chw = preprocess(np.ascontiguousarray(pixels), preprocessing)
-        batch = (
-            image_chw[None]
-            if preprocessing.layout == "NCHW"
-            else image_chw.transpose(1, 2, 0)[None]
-        )
-        inputs.append(np.ascontiguousarray(batch, dtype=np.float32))
-    return inputs
+        crops.append(np.ascontiguousarray(pixels[top : top + max_side, left : left + max_side]))
+    return CalibrationImages(crops, preprocessing)
 
 
 @contextmanager
@@ -140,7 +154,7 @@ def _quiet_quantizer():
             logger.setLevel(level)
 
 
-def quantize_net(fp32: Path, int8: Path, inputs: Sequence[np.ndarray], input_name: str) -> None:
+def quantize_net(fp32: Path, int8: Path, inputs: CalibrationImages, input_name: str) -> None:
     """Write the static QDQ int8 copy of ``fp32`` at ``int8``, calibrated on ``inputs``."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -175,35 +189,36 @@ def quantize_net(fp32: Path, int8: Path, inputs: Sequence[np.ndarray], input_nam
         ) from None
 
 
-def _cell_maps(path: Path, inputs, output_name: str) -> list[np.ndarray]:
+def _session(path: Path):
     from convert.runtime import cpu_session
 
     session = cpu_session(os.fspath(path))
-    name = session.get_inputs()[0].name
-    return [session.run([output_name], {name: batch})[0][0] for batch in inputs]
+    return session, session.get_inputs()[0].name
 
 
 def measure(nets: Sequence[NetPaths], inputs, *, output_name: str, probabilities: bool):
     """(cells, max probability deviation, max logit deviation, worst argmax agreement) of
-    the int8 copies against their fp32 nets on ``inputs``."""
+    the int8 copies against their fp32 nets on ``inputs`` (one image's maps at a time)."""
     from service.engine.precision import compare_maps
 
     cells, prob, logit, agreement = 0, 0.0, 0.0, 1.0
     for net in nets:
-        exact = _cell_maps(net.fp32, inputs, output_name)
-        other = _cell_maps(net.int8, inputs, output_name)
-        agree = 0
-        net_cells = 0
-        for fp32_map, int8_map in zip(exact, other, strict=True):
+        (exact, exact_input), (other, other_input) = _session(net.fp32), _session(net.int8)
+        same = net_cells = 0
+        for batch in inputs:
             report = compare_maps(
-                "int8", fp32_map, int8_map, image="calibration", probabilities=probabilities
+                "int8",
+                exact.run([output_name], {exact_input: batch})[0][0],
+                other.run([output_name], {other_input: batch})[0][0],
+                image="calibration",
+                probabilities=probabilities,
             )
             prob = max(prob, report.max_probability_deviation)
             logit = max(logit, report.max_logit_deviation)
-            agree += round(report.argmax_agreement * report.cells)
+            same += round(report.argmax_agreement * report.cells)
             net_cells += report.cells
         cells += net_cells
-        agreement = min(agreement, agree / max(net_cells, 1))
+        agreement = min(agreement, same / max(net_cells, 1))
     return cells, prob, logit, agreement
 
 
