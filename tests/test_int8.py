@@ -269,3 +269,18 @@ def test_score_cli_and_model_settings_choose_int8(converted, engine, repo, tmp_p
     assert chosen.default_precision == "int8"
     np.testing.assert_array_equal(chosen.score(image).maps[0].scores, expected.maps[0].scores)
     assert "--int8-calibration" in repository.errors[TINY]  # no copies: not loaded, says why
+
+
+def test_serve_precision_int8_is_the_servers_default(converted, repo):  # noqa: F811
+    from service.cli import build_parser
+    from service.serve_cli import build_config
+
+    model, _ = converted
+    args = build_parser().parse_args(["serve", "--models", str(model.parents[1])])
+    assert build_config(args).engine.precision == "fp32"
+    args = build_parser().parse_args(["serve", "--precision", "int8"])
+    config = replace(build_config(args).engine, warmup=False)
+    assert config.precision == "int8"
+    assert Engine(model, config=config).default_precision == "int8"
+    with pytest.raises(ModelLoadError, match="needs the model's int8 copies"):
+        Engine(repo / TINY / "model.onnx", config=config)
