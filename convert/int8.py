@@ -15,8 +15,8 @@ warning naming the figure: the fp32 model is unaffected and precision="int8" is 
 
 Images: at most :data:`DEFAULT_MAX_CALIBRATION_IMAGES` (sorted by path), each at least the
 model's window; a side over :data:`DEFAULT_CALIBRATION_MAX_SIDE` is centre-cropped to it
-(native scale kept: cells see what they will see when scored; calibration runs every
-intermediate tensor as an output, so its memory grows with the image).
+(native scale kept: cells see what they will see when scored; each calibration pass runs
+a whole image, so its memory grows with the image).
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ DEFAULT_MAX_CALIBRATION_IMAGES = 64
 DEFAULT_CALIBRATION_MAX_SIDE = 1024
 MAX_CALIBRATION_PIXELS = 1 << 26  # a file's header over this is refused before decoding
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
-_QUANTIZER_LOGGERS = ("root",)  # quantize_static advises pre-processing at WARNING on root
 
 
 @dataclass(frozen=True)
@@ -140,18 +139,15 @@ def read_calibration_images(
 
 @contextmanager
 def _quiet_quantizer():
-    """quantize_static logs advice at WARNING on the root logger: not for our users."""
-    loggers = [
-        logging.getLogger() if n == "root" else logging.getLogger(n) for n in _QUANTIZER_LOGGERS
-    ]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
+    """quantize_static advises pre-processing at WARNING on the root logger: not for our
+    users (the converter's own checks stand for it)."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
+        root.setLevel(level)
 
 
 def quantize_net(fp32: Path, int8: Path, inputs: CalibrationImages, input_name: str) -> None:
