@@ -48,6 +48,7 @@ def convert_torch(
     source: str = "",
     heads=None,
     random_weights: bool = False,
+    int8_calibration: str | os.PathLike | None = None,
 ):
     """Convert a torch classifier trained on ``input_size`` windows; returns a
     :class:`~convert.pipeline.ConversionResult`. Needs ``pip install 'densemap[convert]'``.
@@ -55,7 +56,8 @@ def convert_torch(
     A forward returning a tuple or dict of tensors gives one dense head per output;
     ``heads`` (a :class:`convert.heads.HeadOptions`) names their kinds, labels, the primary
     head and, for a tuple, the heads' names. ``labels`` are the primary head's.
-    ``random_weights=True`` records in the metadata that ``model`` was never trained."""
+    ``random_weights=True`` records in the metadata that ``model`` was never trained.
+    ``int8_calibration``: a folder of images; also write int8 copies (:mod:`convert.int8`)."""
     from convert.export import export_onnx
     from convert.from_torch.fc import convert_classifier
     from convert.heads import HeadOptions
@@ -79,6 +81,7 @@ def convert_torch(
         strides=strides,
         heads=heads,
         random_weights=random_weights,
+        int8_calibration=int8_calibration,
     )
 
 
@@ -111,13 +114,15 @@ def convert_onnx(
     preprocessing=None,
     strides=(),
     heads=None,
+    int8_calibration: str | os.PathLike | None = None,
 ):
     """Convert a fixed-size ONNX classifier; the window R is its input size. Every graph
     output is a head, named as in the graph; ``heads`` (a
     :class:`convert.heads.HeadOptions`) names kinds, labels and the primary head.
     ``preprocessing`` is required: a :class:`~service.contract.Preprocessing`, a preset
     (``"imagenet"``, ``"caffe"``, ``"unit"``, ``"none"``: :mod:`convert.preprocessing`) or
-    a JSON file's path."""
+    a JSON file's path. ``int8_calibration``: a folder of images; also write int8 copies
+    (:mod:`convert.int8`)."""
     from convert.from_onnx.head import classifier_window, rewrite_head
     from convert.pipeline import finish_dense
     from convert.preprocessing import MISSING
@@ -137,6 +142,7 @@ def convert_onnx(
         source=Path(path).name,
         strides=strides,
         heads=_onnx_heads(heads),
+        int8_calibration=int8_calibration,
     )
 
 

@@ -4,6 +4,7 @@
     densemap convert --arch lenet5 --random-weights -o trial.onnx     # untrained, recorded
     densemap convert CLASSIFIER.onnx -o DENSE.onnx [--flatten-order hwc] [--verify]
     densemap convert DETECTOR.onnx -o DENSE.onnx --head boxes=regression [--primary-head scores]
+    densemap convert CLASSIFIER.onnx -o DIR/model.onnx --int8-calibration IMAGES_DIR  # + int8
 
 Light to import: torch is imported inside :func:`run`, and only for ``--arch``.
 Every bad input ends in one line on stderr and a non-zero exit; nothing is left at the
@@ -64,6 +65,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="flatten order of an ONNX classifier when the graph does not tell",
     )
     add_head_arguments(parser)
+    parser.add_argument(
+        "--int8-calibration",
+        type=Path,
+        metavar="IMAGES_DIR",
+        help="also write int8 copies (NAME.int8.onnx, one per à-trous variant too) for "
+        "precision 'int8' on CPUs, calibrated on these images (onnxruntime static QDQ); "
+        "their deviation from fp32 goes into the metadata (default: none, fp32 only)",
+    )
     parser.add_argument(
         "--verify", action="store_true", help="compare with crop-by-crop evaluation"
     )
@@ -184,6 +193,7 @@ def _convert_arch(args, labels, preprocessing, strides, heads):
         source=source,
         heads=heads,
         random_weights=args.random_weights,
+        int8_calibration=args.int8_calibration,
     )
     return result, model
 
@@ -203,7 +213,7 @@ def _summary(result) -> str:
         f"wrote {path} (stride {v.stride[0]}x{v.stride[1]})"
         for path, v in zip(result.variant_paths, result.metadata.variants, strict=True)
     ]
-    return "\n".join(lines)
+    return "\n".join(lines + _int8_summary(result))
 
 
 def _final_note(activation: str | None) -> str:
@@ -215,8 +225,20 @@ def _final_note(activation: str | None) -> str:
     return ""
 
 
+def _int8_summary(result) -> list[str]:
+    copies = result.metadata.int8
+    if copies is None:
+        return []
+    names = ", ".join(str(path) for path in result.int8_paths)
+    return [
+        f"wrote {names} (int8, calibrated on {copies.images} images: argmax agreement with "
+        f"fp32 {copies.argmax_agreement:.2%} of {copies.cells} cells, max|dp| "
+        f"{copies.max_probability_deviation:.2e}, max|dz|/range {copies.max_logit_deviation:.2e})"
+    ]
+
+
 def _remove_outputs(result) -> None:
-    for path in (result.path, *result.variant_paths):
+    for path in (result.path, *result.variant_paths, *result.int8_paths):
         path.unlink(missing_ok=True)
 
 
@@ -235,6 +257,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from convert import convert_onnx, verify
+    from convert.int8 import agreement_warning
     from convert.verify import precision_table
 
     if not getattr(args, "debug", False):  # the exporters' optimiser logs every pass at INFO
@@ -258,8 +281,12 @@ def _run(args: argparse.Namespace) -> int:
             preprocessing=preprocessing,
             strides=strides,
             heads=heads,
+            int8_calibration=args.int8_calibration,
         )
     print(_summary(result))
+    warning = agreement_warning(result.metadata.int8) if result.metadata.int8 else None
+    if warning:
+        print(f"densemap convert: warning: {warning}", file=sys.stderr)
     if result.metadata.random_weights:
         print(
             f"densemap convert: warning: {result.path} has random, untrained weights "

@@ -41,6 +41,7 @@ from convert.heads import (
     heads_geometry,
     resolve_heads,
 )
+from convert.int8 import NetPaths, check_calibration_folder, int8_file, int8_files, make_int8_copies
 from convert.preprocessing import preset as preprocessing_preset
 from convert.preprocessing import resolve as resolve_preprocessing
 from convert.runtime import cpu_session, image_shape, numpy_dtype, run_outputs
@@ -68,6 +69,7 @@ class ConversionResult:
     # the primary head's final op: 'softmax', 'log_softmax', 'sigmoid' or None
     final_activation: str | None = None
     final_activations: dict[str, str | None] = field(default_factory=dict)  # per head name
+    int8_paths: tuple[Path, ...] = ()  # the int8 copies, main net's first (--int8-calibration)
 
 
 def as_pair(value, name: str) -> Pair:
@@ -168,18 +170,23 @@ def finish_dense(
     strides=(),
     heads: HeadOptions | None = None,
     random_weights: bool = False,
+    int8_calibration: str | os.PathLike | None = None,
 ) -> ConversionResult:
     """Check ``dense``, add its metadata and variants, and write them atomically.
 
     Every output of ``dense`` is a head (:mod:`convert.heads`); ``labels`` are the primary
     head's, ``heads`` names kinds, labels and the primary head. ``random_weights`` records
-    in the metadata that the weights were never trained."""
+    in the metadata that the weights were never trained. ``int8_calibration``: a folder of
+    images; every net also gets an int8 copy calibrated on them (:mod:`convert.int8`),
+    recorded in the metadata with its measured deviation from fp32."""
     output = Path(output)
     if output.is_dir():
         raise ConversionError(
             f"output {output} is a folder: give a file path, e.g. {output}/dense.onnx"
         )
     window = as_pair(window, "window")
+    if int8_calibration is not None:
+        check_calibration_folder(Path(int8_calibration))  # before the slow steps
     resolved = resolve_heads(dense_outputs(dense), heads, labels=tuple(labels))
     geometry = heads_geometry(dense, window=window)
     layout = trace_graph(dense).layout
@@ -209,7 +216,7 @@ def finish_dense(
     created = _make_folders(output.parent)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
-        staged = _stage(staging, output, dense, metadata, variants)
+        staged, metadata = _stage(staging, output, dense, metadata, variants, int8_calibration)
         result = _move_into_place(staged, output, metadata)
         created = []
         finals = resolved.final_activations
@@ -256,8 +263,9 @@ def _variants(dense, output, geometry, strides) -> list:
     return result
 
 
-def _stage(staging: Path, output: Path, dense, metadata, variants) -> list[tuple[Path, Path]]:
-    """Write and check every file in ``staging``; returns (staged, final) path pairs."""
+def _stage(staging: Path, output: Path, dense, metadata, variants, int8_calibration):
+    """Write and check every file in ``staging``; returns (staged, final) path pairs and
+    the metadata written (with the int8 copies' when ``int8_calibration`` is a folder)."""
     main = _with_metadata(_cropped(_copy(dense), metadata.geometry, metadata), metadata)
     main_files = _save(main, staging / output.name)
     channels = _check_runs(main_files[0], metadata.geometry, metadata.preprocessing)
@@ -270,7 +278,32 @@ def _stage(staging: Path, output: Path, dense, metadata, variants) -> list[tuple
         if v_channels != channels:
             raise ConversionError(f"variant gives channels {v_channels}, expected {channels}")
         files = [*v_files, *files]
-    return [(path, output.parent / path.name) for path in files]
+    if int8_calibration is not None:
+        metadata = _stage_int8(staging, output, metadata, Path(int8_calibration))
+        _save(_with_metadata(main, metadata), staging / output.name)  # now naming them
+        files = [*(staging / name for name in int8_files(metadata.int8)), *files]
+    return [(path, output.parent / path.name) for path in files], metadata
+
+
+def _stage_int8(staging: Path, output: Path, metadata, calibration: Path) -> ModelMetadata:
+    """Write the int8 copy of every staged net (main first) and return the metadata that
+    records them (:mod:`convert.int8`)."""
+    nets = [
+        NetPaths(staging / output.name, staging / int8_file(output.name), metadata.geometry.stride)
+    ]
+    nets += [
+        NetPaths(staging / v.file, staging / int8_file(v.file), v.stride) for v in metadata.variants
+    ]
+    copies = make_int8_copies(
+        nets,
+        calibration,
+        preprocessing=metadata.preprocessing,
+        window=metadata.geometry.window,
+        input_name=metadata.input_name,
+        output_name=metadata.output_name,
+        probabilities=metadata.output_kind != "logits",
+    )
+    return replace(metadata, int8=copies)
 
 
 def _cropped(model: onnx.ModelProto, geometry: Geometry, metadata) -> onnx.ModelProto:
@@ -294,7 +327,10 @@ def _move_into_place(staged, output: Path, metadata) -> ConversionResult:
             target.unlink(missing_ok=True)
         raise ConversionError(f"cannot write {output}: {exc}") from None
     variant_paths = tuple(output.parent / v.file for v in metadata.variants)
-    return ConversionResult(path=output, metadata=metadata, variant_paths=variant_paths)
+    int8_paths = tuple(output.parent / name for name in int8_files(metadata.int8))
+    return ConversionResult(
+        path=output, metadata=metadata, variant_paths=variant_paths, int8_paths=int8_paths
+    )
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -307,6 +307,8 @@ def precision_table(dense_path: str | os.PathLike, *, seed: int = 0) -> str:
     """How far each faster precision's map is from fp32 on this model (informative, not a
     pass/fail check): fp16 as served by the engine, on a random image of R + 3S pixels.
     Measured on this machine's device; GPU fp16 kernels round alike but sum in another order.
+    int8 copies (``--int8-calibration``): as measured on the calibration images when they
+    were made (random noise is not what int8 was calibrated on).
     """
     from service.engine import Engine, EngineConfig
 
@@ -327,5 +329,11 @@ def precision_table(dense_path: str | os.PathLike, *, seed: int = 0) -> str:
             f"  {precision:<9}  {report.max_probability_deviation:>9.2e}  "
             f"{report.max_logit_deviation:>13.2e}  {report.argmax_agreement:.2%} "
             f"of {report.cells} cells"
+        )
+    for report in engine.precision_report:  # int8: its figures from calibration
+        lines.append(
+            f"  {report.precision:<9}  {report.max_probability_deviation:>9.2e}  "
+            f"{report.max_logit_deviation:>13.2e}  {report.argmax_agreement:.2%} "
+            f"of {report.cells} cells, on {report.image}"
         )
     return "\n".join(lines)

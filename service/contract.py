@@ -42,6 +42,14 @@ benchmarks): its scores mean nothing. The key is optional and additive, so the c
 stays version 2: a file without it (older converters) reads as false, and older readers
 ignore it.
 
+``int8`` (issue 22): int8 copies of the model and of each à-trous variant, written by
+``densemap convert --int8-calibration IMAGES_DIR`` with onnxruntime's static QDQ
+quantization, and how far the main net's int8 map was from fp32 on the calibration images
+(:class:`Int8Copies`). The key is optional and additive like ``random_weights``: a file
+without it has no int8 precision, and older readers ignore it (they read the fp32 model
+as before), so the contract stays version 2. Bumping the version would make every older
+densemap refuse these files, although all they lack is a precision they never offered.
+
 Versions: 1 had one output, described by top-level ``output_name``, ``output_kind`` and
 ``labels``. 2 lists every output under ``heads`` (primary first) instead. Writers write
 :data:`CONTRACT_VERSION`; readers read every version up to it and refuse newer ones.
@@ -76,6 +84,14 @@ def parse_labels(text: str) -> tuple[str, ...]:
     while lines and not lines[-1].strip():
         lines.pop()
     return tuple(line.strip() for line in lines)
+
+
+def _int8(doc) -> Int8Copies | None:
+    if doc is None:
+        return None
+    if not isinstance(doc, dict):
+        raise ModelLoadError(f"metadata field 'int8' must be an object, got {doc!r}")
+    return Int8Copies(**doc)
 
 
 def _pair(value, name: str) -> Pair:
@@ -176,6 +192,39 @@ class Variant:
 
 
 @dataclass(frozen=True)
+class Int8Copies:
+    """The int8 copies of a model (module docstring) and their deviation from fp32, measured
+    when they were calibrated: over every cell of every calibration image, the worst of
+    the main net and its variants."""
+
+    file: str  # the main net's int8 copy, beside it
+    variants: tuple[Variant, ...] = ()  # one int8 copy per à-trous variant, by stride
+    images: int = 0  # calibration images
+    cells: int = 0  # cells compared, all nets together
+    max_probability_deviation: float = 0.0  # max |p - p_fp32| (softmax of logits)
+    max_logit_deviation: float = 0.0  # max |z - z_fp32| / (max z_fp32 - min z_fp32)
+    argmax_agreement: float = 1.0  # share of cells whose top class is fp32's, worst net
+
+    def __post_init__(self) -> None:
+        Variant(stride=(1, 1), file=self.file)  # the same bare-file-name rule
+        variants = tuple(v if isinstance(v, Variant) else Variant(**v) for v in self.variants)
+        object.__setattr__(self, "variants", variants)
+        for name in ("images", "cells"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ModelLoadError(f"int8 field {name!r} must be a count, got {value!r}")
+        for name in ("max_probability_deviation", "max_logit_deviation", "argmax_agreement"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise ModelLoadError(f"int8 field {name!r} must be a number >= 0, got {value!r}")
+            object.__setattr__(self, name, float(value))
+
+    def file_for(self, stride: Pair) -> str | None:
+        """The int8 copy of the variant of ``stride`` (None: that variant has none)."""
+        return next((v.file for v in self.variants if v.stride == stride), None)
+
+
+@dataclass(frozen=True)
 class Head:
     """One output of the model: a dense map with the model's geometry (module docstring)."""
 
@@ -217,6 +266,7 @@ class ModelMetadata:
     version: int = CONTRACT_VERSION
     extra_heads: tuple[Head, ...] = ()
     random_weights: bool = False  # written with untrained weights on purpose (docstring)
+    int8: Int8Copies | None = None  # int8 copies and their calibration figures (docstring)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", tuple(str(v) for v in self.labels))
@@ -263,6 +313,8 @@ class ModelMetadata:
         for key in ("labels", "output_kind", "output_name", "extra_heads"):
             del doc[key]
         doc["heads"] = [head.to_doc() for head in self.heads]
+        if self.int8 is None:
+            del doc["int8"]  # optional and additive: files without int8 stay as they were
         doc["version"] = CONTRACT_VERSION
         return json.dumps(doc, sort_keys=True)
 
@@ -313,6 +365,7 @@ class ModelMetadata:
                 converter_version=doc.get("converter_version", ""),
                 version=version,
                 random_weights=doc.get("random_weights", False),
+                int8=_int8(doc.get("int8")),
             )
         except ModelLoadError:
             raise

@@ -56,7 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--precision",
         choices=AVAILABLE_PRECISIONS,
         default=None,
-        help="fp32 (exact), tf32 or fp16 (faster on GPUs; default: the model's own, fp32)",
+        help="fp32 (exact), tf32 or fp16 (faster on GPUs), int8 (faster on CPUs; models "
+        "converted with --int8-calibration); default: the model's own, fp32",
     )
     opts.add_argument(
         "--heads",

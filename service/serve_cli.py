@@ -178,7 +178,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="fp32",
         choices=AVAILABLE_PRECISIONS,
         help="default precision of requests that choose none (a model's densemap.json and "
-        "each request may choose another): fp32 is exact, tf32 and fp16 are faster on GPUs",
+        "each request may choose another): fp32 is exact, tf32 and fp16 are faster on GPUs, "
+        "int8 on CPUs (every model then needs int8 copies: convert --int8-calibration)",
     )
     _add(
         parser,

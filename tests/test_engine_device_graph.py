@@ -18,6 +18,8 @@ from dense_models import build_dense_model
 
 from service.contract import Preprocessing
 from service.engine import Engine, EngineConfig, ScoreOptions, graphs, host_memory, preprocess
+from service.engine import engine as engine_module
+from service.engine.arena_policy import ReleasePolicy
 from service.engine.postprocess import softmax
 from service.errors import InvalidOption, ModelLoadError
 
@@ -145,6 +147,7 @@ def test_precision_choice_and_refusals(rgb_model):
 
 def test_arena_is_released_after_big_requests_only(rgb_model, monkeypatch):
     engine = Engine(rgb_model, config=EngineConfig(warmup=False, arena_keep_bytes=50_000))
+    monkeypatch.setattr(engine_module, "PROCESS_POLICY", ReleasePolicy())  # no history
     released = []
     monkeypatch.setattr(engine._runtime, "release_memory", lambda: released.append(1))
     small = np.zeros((20, 20, 3), np.uint8)
@@ -159,12 +162,29 @@ def test_arena_is_released_after_big_requests_only(rgb_model, monkeypatch):
     assert released == [] and trimmed == []
     engine.score(big)
     assert released == [1] and trimmed == [1]  # the arena, then glibc's free heap pages
+    engine.score(big)  # a stream of big requests of one size keeps its buffers (issue 22)
+    engine.score(big)
+    assert released == [1] and trimmed == [1]
     # a request whose maps (not its passes) are big gives its memory back too
     maps = ScoreOptions(output_stride=1, scales=(1.0,) * 16)
     assert engine.estimate_request(30, 30, maps).peak_bytes > 50_000
     assert engine._nets[0].estimate_bytes(30, 30) < 50_000
     engine.score(np.zeros((30, 30, 3), np.uint8), maps)
     assert released == [1, 1] and trimmed == [1, 1]
+
+
+def test_release_policy_keeps_a_stream_and_releases_outliers():
+    policy, keep = ReleasePolicy(), 100
+    decisions = [policy.should_release(peak, keep_bytes=keep) for peak in (
+        50, 60,          # small: never
+        400, 420, 390,   # a stream of big requests: the first releases, the rest keep
+        4000,            # an outlier
+        400,             # the first after it: the arena held the outlier's size
+        410,             # the stream again
+        50,              # smaller after big ones
+        60,
+    )]  # fmt: skip
+    assert decisions == [False, False, True, False, False, True, True, False, True, False]
 
 
 def test_host_memory_trim_runs_on_this_c_library():

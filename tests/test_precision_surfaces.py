@@ -78,7 +78,7 @@ def test_kserve_precision_parameter(server, engines):  # noqa: F811
         expected = engines[TINY].score(image, FP16)
         np.testing.assert_array_equal(result.as_numpy("scores"), expected.maps[0].scores)
         with pytest.raises(InferenceServerException) as caught:
-            kserve.infer(TINY, [tensor], parameters={"precision": "int8"})
+            kserve.infer(TINY, [tensor], parameters={"precision": "fp8"})
     assert "INVALID_ARGUMENT" in str(caught.value.status())
     assert "precision must be one of" in caught.value.message()
 

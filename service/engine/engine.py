@@ -19,6 +19,7 @@ import numpy as np
 
 from service.contract import ModelMetadata
 from service.engine import host_memory, image_input
+from service.engine.arena_policy import PROCESS_POLICY
 from service.engine.assembly import PostprocessCall
 from service.engine.cost import (
     RequestCost,
@@ -33,6 +34,8 @@ from service.engine.pass_budget import estimate_passes, pass_bytes_of
 from service.engine.postprocess import plan_outputs, rank_image_scores
 from service.engine.precision import (
     AVAILABLE,
+    NO_INT8,
+    calibration_report,
     check_precision,
     compare_precision,
     measure_precisions,
@@ -81,17 +84,20 @@ class Engine:
         self._memory_budget = resolve_memory_budget(config, on_cuda=self._runtime.on_cuda)
         try:
             self._default_precision = check_precision(config.precision)
-            for precision in config.report_precisions or ():
-                check_precision(precision)
+            for precision in (self._default_precision, *(config.report_precisions or ())):
+                self._check_available(precision)
         except InvalidOption as exc:
-            raise ModelLoadError(f"EngineConfig: {exc}") from None
-        self._precision_report: tuple[PrecisionReport, ...] = ()
+            raise ModelLoadError(f"model {self._name!r}: EngineConfig: {exc}") from None
+        int8 = self._metadata.int8
+        self._precision_report: tuple[PrecisionReport, ...] = (
+            () if int8 is None else (calibration_report(int8),)
+        )
         if config.warmup:
             self._warm_up_shapes(config.warmup_shapes)
             chosen = config.report_precisions
             if chosen is None:
                 chosen = DEFAULT_CUDA_REPORT_PRECISIONS if self._runtime.on_cuda else ()
-            self._precision_report = measure_precisions(self, chosen)
+            self._precision_report += measure_precisions(self, chosen)
 
     # -- properties ----------------------------------------------------------------------
     @property
@@ -150,13 +156,15 @@ class Engine:
 
     @property
     def precisions(self) -> tuple[str, ...]:
-        """Precisions a request may ask for ("tf32" runs as fp32 on CPU)."""
-        return AVAILABLE
+        """Precisions a request may ask for ("tf32" runs as fp32 on CPU; "int8" only with
+        the model's int8 copies)."""
+        return tuple(p for p in AVAILABLE if p != "int8" or self._metadata.int8 is not None)
 
     @property
     def precision_report(self) -> tuple[PrecisionReport, ...]:
-        """Deviation from fp32 of each precision in EngineConfig.report_precisions,
-        measured at load (warm-up) on a noise image; empty without warm-up."""
+        """Deviation from fp32: int8's measured on the calibration images at conversion
+        (models with int8 copies), then each precision in EngineConfig.report_precisions
+        measured at load (warm-up) on a noise image (none without warm-up)."""
         return self._precision_report
 
     def compare_precision(
@@ -257,6 +265,7 @@ class Engine:
         if cancel is not None and not callable(cancel):
             raise InvalidOption(f"cancel must be a callable returning bool, got {cancel!r}")
         cost = self.estimate_image(image, options)  # refuses before any pixel is decoded
+        precision = self._request_precision(options)
         plan = plan_outputs(
             options,
             num_classes=self._num_classes,
@@ -280,11 +289,6 @@ class Engine:
             cost = self.estimate_request(height, width, options, float_input=float_chw is not None)
         scales = tuple(scale.scale for scale in cost.scales)
         sizes = [scale.size for scale in cost.scales]
-        precision = (
-            self._default_precision
-            if options.precision is None
-            else check_precision(options.precision)
-        )
         scale_plan = ScalePlan(
             runtime=self._runtime,
             metadata=self._metadata,
@@ -317,9 +321,11 @@ class Engine:
                 tic = time.perf_counter()
                 found.append(candidates(assembly.above(), detect, scale_map.geometry, index))
                 timings["postprocess"] += time.perf_counter() - tic
-        # the held bytes plus the largest pass after tiling (cost.activation_bytes)
-        if cost.peak_bytes > self._config.arena_keep_bytes:
-            self.release_memory()  # give a big request's buffers back
+        # the held bytes plus the largest pass after tiling (cost.activation_bytes): a big
+        # request gives its buffers back unless it is one of a stream of its size
+        keep = self._config.arena_keep_bytes
+        if PROCESS_POLICY.should_release(cost.peak_bytes, keep_bytes=keep):
+            self.release_memory()
         mean_scores = np.mean(image_scores, axis=0)
         tic = time.perf_counter()
         detections = None if detect is None else select(found, detect, self._labels)
@@ -350,6 +356,17 @@ class Engine:
         for height, width in shapes:
             blank = np.zeros((int(height), int(width), channels), dtype=np.uint8)
             self.score(blank, ScoreOptions(image_top_k=0, include_map=False, top_k=1))
+
+    def _check_available(self, precision: str) -> None:
+        if precision not in self.precisions:
+            raise InvalidOption(f"{self._name}: {NO_INT8}")  # the one model-dependent one
+
+    def _request_precision(self, options: ScoreOptions) -> str:
+        if options.precision is None:
+            return self._default_precision
+        precision = check_precision(options.precision)
+        self._check_available(precision)
+        return precision
 
     def _plan_stride(self, output_stride):
         return plan_stride(self._nets, output_stride, name=self._name, atrous=self.atrous_strides)

@@ -74,6 +74,24 @@ def _check_config(config: EngineConfig) -> None:
             raise ModelLoadError(f"EngineConfig.{name} must be a positive int, got {value!r}")
 
 
+def _int8_path(path: Path, metadata: ModelMetadata, stride) -> Path | None:
+    """The int8 copy of the net of ``stride`` at ``path`` (None: the model has none);
+    ModelLoadError when the metadata names a copy that is not there."""
+    copies = metadata.int8
+    if copies is None:
+        return None
+    name = copies.file if stride == metadata.geometry.stride else copies.file_for(stride)
+    if name is None:
+        return None
+    int8 = path.parent / name
+    if not int8.is_file():
+        raise ModelLoadError(
+            f"{path.name}: its metadata names the int8 copy {name}, which is not beside it: "
+            "copy it there, or reconvert the model"
+        )
+    return int8
+
+
 def _open_net(path: Path, proto, metadata: ModelMetadata, grid: Grid, config) -> DenseNet:
     session = create_session(path, config)
     inputs = [i.name for i in session.get_inputs()]
@@ -85,7 +103,9 @@ def _open_net(path: Path, proto, metadata: ModelMetadata, grid: Grid, config) ->
     on_cuda = CUDA in session.get_providers()
     return DenseNet(
         session,
-        precisions=PrecisionSessions(path, config, on_cuda=on_cuda),
+        precisions=PrecisionSessions(
+            path, config, on_cuda=on_cuda, int8_path=_int8_path(path, metadata, grid.stride)
+        ),
         grid=grid,
         estimator=estimator,
         input_name=metadata.input_name,

@@ -5,8 +5,9 @@
  "report_precisions": ["fp16", "tf32"]}
 ```
 
-- ``precision``: the default precision of this model's requests ("fp32", "tf32", "fp16");
-  a request may still choose another one.
+- ``precision``: the default precision of this model's requests ("fp32", "tf32", "fp16",
+  "int8": the last needs the model's int8 copies, else the model does not load); a request
+  may still choose another one.
 - ``warmup_shapes``: image shapes (height, width) scored once at load, so that the first
   request of each finds the device's per-shape state ready (cuDNN algorithm choice).
 - ``report_precisions``: precisions measured against fp32 at load (GetModel reports them).

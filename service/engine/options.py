@@ -12,9 +12,10 @@ DEFAULT_IMAGE_TOP_K = 5
 # memory than this gives the CPU arena's free memory and glibc's free heap pages back when it
 # ends (host_memory.py); smaller ones leave them for the next request (faster passes).
 DEFAULT_ARENA_KEEP_BYTES = 256 * 1024 * 1024
-PRECISIONS = ("fp32", "tf32", "fp16", "bf16")  # bf16 is named only to be refused with why
-AVAILABLE_PRECISIONS = ("fp32", "tf32", "fp16")
-DEFAULT_PRECISION = "fp32"  # exact; "tf32" and "fp16" trade exactness for speed
+PRECISIONS = ("fp32", "tf32", "fp16", "int8", "bf16")  # bf16: named only to be refused with why
+# int8 needs the model's int8 copies (densemap convert --int8-calibration; precision.py)
+AVAILABLE_PRECISIONS = ("fp32", "tf32", "fp16", "int8")
+DEFAULT_PRECISION = "fp32"  # exact; "tf32", "fp16" and "int8" trade exactness for speed
 DEFAULT_CUDA_REPORT_PRECISIONS = ("fp16",)
 # Detections (service/engine/detections.py, docs/engine.md "Detections")
 DEFAULT_DETECTION_THRESHOLD = 0.5  # a cell whose class probability is >= this is a candidate
@@ -99,7 +100,8 @@ class ScoreOptions:
     - ``argmax``: also return the per-cell label map.
     - ``include_map``: return the score map itself (False: only top-k/argmax/image scores).
     - ``image_top_k``: how many image-level classes to report.
-    - ``precision``: "fp32" (exact), "tf32" or "fp16"; None uses the model's default.
+    - ``precision``: "fp32" (exact), "tf32", "fp16" or "int8" (models converted with
+      ``--int8-calibration``); None uses the model's default.
     - ``detections``: also return boxes (:class:`DetectionOptions`); None = off.
     - ``heads``: names of the model's extra heads to return (models with several outputs,
       ``ScaleMap.head_maps``); None = all of them, () = none.

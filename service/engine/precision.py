@@ -1,4 +1,4 @@
-"""Arithmetic precision of a pass: exact fp32 by default, faster tf32 and fp16 on request.
+"""Arithmetic precision of a pass: exact fp32 by default, faster tf32, fp16, int8 on request.
 
 - ``fp32``: IEEE float32 everywhere (TF32 off on CUDA): the exact path, the default.
 - ``tf32``: the CUDA EP's TF32 convolutions/matmuls (10-bit mantissa products, float32
@@ -11,6 +11,13 @@
   and "no execution plans support the graph" on VGG-16's 7x7 head conv, in NHWC and NCHW
   alike): a failed pass is retried with EXHAUSTIVE search, then in NCHW
   (:data:`FP16_CUDA_SETTINGS`), never on the CPU.
+- ``int8``: the model's int8 copy (``NAME.int8.onnx``, one per à-trous variant), written by
+  ``densemap convert --int8-calibration IMAGES_DIR`` with onnxruntime's static QDQ
+  quantization (int8 weights per channel, int8 activations, float32 input and output:
+  fed like the fp32 net). For CPUs: 2-3x fp32's speed where the CPU has int8 dot products
+  (VNNI; README benchmarks). Its deviation from fp32, measured on the calibration images
+  at conversion (metadata), leads the engine's precision report; a model without copies
+  refuses it, saying how to make them.
 - ``bf16``: refused with the reason: onnxruntime's CPU and CUDA execution providers have no
   bfloat16 convolution kernel.
 
@@ -37,6 +44,11 @@ from service.errors import InvalidOption, ModelLoadError
 log = logging.getLogger("densemap.engine")
 AVAILABLE = AVAILABLE_PRECISIONS  # bf16: see check_precision
 ALIASES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "half": "fp16"}
+NO_INT8 = (
+    "precision 'int8' needs the model's int8 copies: convert it with "
+    "'densemap convert ... --int8-calibration IMAGES_DIR' (a few images like the ones it "
+    "scores), or use fp32"
+)
 _PROTOBUF_LIMIT = 2**31 - 1
 # (channels-last, cuDNN search) of the fp16 session on CUDA, in the order tried: each failed
 # pass moves to the next. None = EngineConfig.cuda_conv_search.
@@ -73,8 +85,11 @@ def to_float16(path: Path) -> bytes:
 class PrecisionSessions:
     """The non-fp32 sessions of one net, created at first use and kept."""
 
-    def __init__(self, path: Path, config: EngineConfig, *, on_cuda: bool) -> None:
+    def __init__(
+        self, path: Path, config: EngineConfig, *, on_cuda: bool, int8_path: Path | None = None
+    ) -> None:
         self._path = path
+        self._int8_path = int8_path  # the net's int8 copy, None: it has none
         self._config = config
         self._on_cuda = on_cuda
         self._sessions: dict[str, tuple[ort.InferenceSession, str]] = {}
@@ -99,6 +114,11 @@ class PrecisionSessions:
             config = replace(self._config, cuda_conv_search=search or self._config.cuda_conv_search)
             model = self._float16_model()  # again after a refusal: rare, and no copy is kept
             return open_model_bytes(model, config, cuda=self._on_cuda, nhwc=nhwc), "float16"
+        if precision == "int8":
+            if self._int8_path is None:
+                raise InvalidOption(f"{self._path.name}: {NO_INT8}")
+            config = replace(self._config, device="cuda" if self._on_cuda else "cpu")
+            return create_session(self._int8_path, config), "float32"
         raise InvalidOption(f"precision {precision!r} is not available")
 
     def _float16_model(self) -> bytes:
@@ -177,6 +197,18 @@ def compare_precision(engine, image, precision: str, *, output_stride=None) -> P
     what = "image bytes" if isinstance(image, (bytes, bytearray)) else "array"
     return compare_maps(
         check_precision(precision), exact, other, image=what, probabilities=own_probabilities
+    )
+
+
+def calibration_report(copies) -> PrecisionReport:
+    """The int8 copies' deviation from fp32 measured on the calibration images (metadata)."""
+    return PrecisionReport(
+        precision="int8",
+        max_probability_deviation=copies.max_probability_deviation,
+        max_logit_deviation=copies.max_logit_deviation,
+        argmax_agreement=copies.argmax_agreement,
+        cells=copies.cells,
+        image=f"{copies.images} calibration images (at conversion)",
     )
 
 

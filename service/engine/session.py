@@ -14,6 +14,7 @@ import ctypes
 import logging
 import os
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import onnxruntime as ort
@@ -111,7 +112,15 @@ def release_arena_options() -> ort.RunOptions:
 
 
 def open_aux_session(model: bytes, config: EngineConfig, *, cuda: bool) -> ort.InferenceSession:
-    """A session for one of the engine's own small graphs, on the model's device."""
+    """A session for one of the engine's own small graphs, on the model's device.
+
+    Its threads never spin (issue 22): every session has its own intra-op pool, whose idle
+    threads spin-wait for more work after a run. After the preprocess graph's few
+    milliseconds its threads went on spinning while the net ran, taking cores from the
+    net's own threads: on 2 cores an int8 mini-VGG pass ran at 0.58-0.72x a bare session's
+    speed through the engine, 0.94-0.98x with these threads asleep (fp32: 0.90-1.00x,
+    0.96-0.99x; README benchmarks). The net's session spins as ``config.spin_wait`` says."""
+    config = replace(config, spin_wait=False)
     if cuda:
         cuda_options = (CUDA, cuda_provider_options(tf32=False))
         return _open(model, config, [cuda_options, CPU])

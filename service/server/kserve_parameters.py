@@ -27,7 +27,8 @@ PARAMETERS = {
     "dtype": 'string: "fp32" (default) or "fp16" for score maps',
     "classes": 'string: comma-separated class indices to keep in the map, e.g. "3,7"',
     "image_top_k": f"int: image-level top-k reported (default {DEFAULT_IMAGE_TOP_K})",
-    "precision": 'string: "fp32" (exact), "tf32" or "fp16" (default: the model\'s own)',
+    "precision": 'string: "fp32" (exact), "tf32", "fp16" or "int8" (models with int8 '
+    "copies) (default: the model's own)",
     "detections": "bool: also return boxes (outputs detections, detection_labels, "
     "detection_cells; default false)",
     "detection_threshold": f"double: minimum class probability of a box "
