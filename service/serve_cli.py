@@ -13,6 +13,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import threading
 from pathlib import Path
 
@@ -65,8 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add(
         parser,
         "--metrics-port",
-        default=defaults.DEFAULT_METRICS_PORT,
+        default=None,
         type=int,
+        shown=f"{defaults.DEFAULT_METRICS_PORT}; with --port 0, a free port too (logged)",
         help="Prometheus /metrics port; 0 turns metrics off",
     )
     _add(
@@ -224,6 +226,22 @@ def _configure_logging(args: argparse.Namespace) -> None:
     log_stream.configure(json_lines=args.log_json, level=level)
 
 
+def _metrics_port(args: argparse.Namespace) -> int:
+    """--metrics-port, else 9090; with --port 0 (several servers on one host, tests) a free
+    port, so the second server does not fail on 9090."""
+    if args.metrics_port is not None:
+        return args.metrics_port
+    if args.port != 0:
+        return defaults.DEFAULT_METRICS_PORT
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((args.host.strip("[]"), 0))
+            return probe.getsockname()[1]
+    except OSError:  # the gRPC bind reports a bad --host; metrics then fail the same way
+        return defaults.DEFAULT_METRICS_PORT
+
+
 def build_config(args: argparse.Namespace):
     from service.score_cli import parse_bytes
     from service.server.config import ServerConfig
@@ -233,7 +251,7 @@ def build_config(args: argparse.Namespace):
         models_dir=args.models,
         host=args.host,
         port=args.port,
-        metrics_port=args.metrics_port,
+        metrics_port=_metrics_port(args),
         max_message_bytes=args.max_message_mb * MIB,
         workers=args.workers,
         max_in_flight=args.max_in_flight,
