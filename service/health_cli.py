@@ -11,6 +11,8 @@ import argparse
 import os
 import sys
 
+from service.errors import InvalidOption
+
 DEFAULT_SERVER = "localhost:50051"
 NOT_SERVING_EXIT = 1
 
@@ -50,7 +52,10 @@ def _channel(args: argparse.Namespace):
             with open(args.ca_cert, "rb") as handle:
                 roots = handle.read()
         except OSError as exc:
-            raise SystemExit(f"densemap health: cannot read --ca-cert {args.ca_cert!r}: {exc}")
+            raise InvalidOption(
+                f"cannot read --ca-cert {args.ca_cert!r}: {exc.strerror or exc}; pass the PEM "
+                "file of the CA that signed the server's certificate"
+            ) from None
     options = [("grpc.ssl_target_name_override", args.server_name)] if args.server_name else []
     credentials = grpc.ssl_channel_credentials(root_certificates=roots)
     return grpc.secure_channel(args.server, credentials, options=options)

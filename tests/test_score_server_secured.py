@@ -36,7 +36,7 @@ def certificate(tmp_path_factory) -> tuple[Path, Path]:
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
         + ["-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost"]
-        + ["-addext", f"subjectAltName=IP:{HOST}"],
+        + ["-addext", f"subjectAltName=IP:{HOST},DNS:densemap"],
         check=True,
         capture_output=True,
         timeout=60,
@@ -159,3 +159,19 @@ def test_unreadable_ca_file_and_misplaced_flags(plain_server, folder, tmp_path, 
     assert "--token, --tls apply to --server" in capsys.readouterr().err
     assert _score(folder, tmp_path / "o", "--server", plain_server, "--token", " ") == 2
     assert "--token is empty" in capsys.readouterr().err
+
+
+def test_densemap_health_probes_a_tls_server_by_its_certificate_name(
+    tls_server, certificate, capsys
+):
+    """The exec probe of deploy/k8s/overlays/tls: dials an address, checks the name."""
+    ca = f"--ca-cert={certificate[0]}"
+    probe = ["health", "--server", tls_server, ca, "--server-name=densemap"]
+    assert main([*probe, "--service=readiness"]) == 0
+    assert "'readiness': SERVING" in capsys.readouterr().out
+    assert main([*probe, "--service=liveness"]) == 0
+    assert main([*probe, "--service=no-such-model"]) == 1
+    assert "NOT_FOUND" in capsys.readouterr().out
+    assert main(["health", "--server", tls_server, "--timeout", "3"]) == 1  # plaintext: no
+    assert main(["health", "--server", tls_server, ca, "--server-name=other", "--timeout=3"]) == 1
+    capsys.readouterr()
