@@ -175,3 +175,24 @@ def test_densemap_health_probes_a_tls_server_by_its_certificate_name(
     assert main(["health", "--server", tls_server, "--timeout", "3"]) == 1  # plaintext: no
     assert main(["health", "--server", tls_server, ca, "--server-name=other", "--timeout=3"]) == 1
     capsys.readouterr()
+
+
+def test_stock_tritonclient_with_tls_and_token(tls_server, certificate):
+    """What docs/server.md shows for tritonclient: ssl, root_certificates (a path), headers."""
+    import numpy as np
+    import tritonclient.grpc as triton
+    from tritonclient.utils import InferenceServerException
+
+    image = np.zeros((40, 52, 3), np.uint8)
+    headers = {"authorization": f"Bearer {TOKEN}"}
+    with triton.InferenceServerClient(
+        tls_server, ssl=True, root_certificates=str(certificate[0])
+    ) as client:
+        assert client.is_server_ready(headers=headers)
+        tensor = triton.InferInput("image", list(image.shape), "UINT8")
+        tensor.set_data_from_numpy(image)
+        scores = client.infer(MODEL, [tensor], headers=headers).as_numpy("scores")
+        assert scores.shape[0] == 5
+        with pytest.raises(InferenceServerException) as caught:
+            client.is_server_ready()
+        assert caught.value.status() == "StatusCode.UNAUTHENTICATED"
