@@ -154,7 +154,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--device",
         default="auto",
         choices=("auto", "cpu", "cuda"),
-        help="onnxruntime device",
+        help="onnxruntime device: auto (CUDA when it really loads, else CPU), cuda (a "
+        "server that cannot use CUDA never becomes ready and logs which driver it needs), "
+        "or cpu",
     )
     _add(parser, "--threads", default=0, type=int, help="onnxruntime intra-op threads; 0: auto")
     _add(

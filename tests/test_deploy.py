@@ -201,7 +201,9 @@ def test_rayjob_image_and_entrypoint_match_the_readme_and_the_cli():
     groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
     images = {c["image"] for g in groups for c in g["template"]["spec"]["containers"]}
     assert images == {built[0]}, (images, built)
-    args = build_parser().parse_args(shlex.split(rayjob()["spec"]["entrypoint"]))
+    program, *argv = shlex.split(rayjob()["spec"]["entrypoint"])
+    assert program == "densemap"
+    args = build_parser().parse_args(argv)
     assert args.command == "score" and args.gpus and args.ray == "auto"
     assert args.out.startswith("/data/") and all(p.startswith("/data/") for p in args.paths)
 
