@@ -41,10 +41,8 @@ class ServerTarget:
                     f"cannot read --ca-cert {str(self.ca_cert)!r}: {exc.strerror or exc}; pass "
                     "the PEM file of the CA that signed the server's certificate"
                 ) from None
-        return DensemapClient(
-            self.address, token=self.token, tls=self.tls or roots is not None,
-            root_certificates=roots,
-        )  # fmt: skip
+        tls = self.tls or roots is not None
+        return DensemapClient(self.address, token=self.token, tls=tls, root_certificates=roots)
 
 
 def server_target(
