@@ -159,6 +159,10 @@ def test_unreadable_ca_file_and_misplaced_flags(plain_server, folder, tmp_path, 
     assert "--token, --tls apply to --server" in capsys.readouterr().err
     assert _score(folder, tmp_path / "o", "--server", plain_server, "--token", " ") == 2
     assert "--token is empty" in capsys.readouterr().err
+    for token in ("a\nb", "caf\u00e9", "two words"):  # a header cannot carry them
+        assert _score(folder, tmp_path / "o", "--server", plain_server, "--token", token) == 2
+        err = capsys.readouterr().err
+        assert "--token holds characters" in err and "Traceback" not in err, err
 
 
 def test_densemap_health_probes_a_tls_server_by_its_certificate_name(

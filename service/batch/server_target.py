@@ -9,12 +9,14 @@ of a plaintext server sees ``WRONG_VERSION_NUMBER``; an untrusted certificate
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from service.errors import InvalidOption
 
 TOKEN_ENV = "DENSEMAP_AUTH_TOKEN"  # the server's own variable: one Secret serves both sides
+TOKEN_CHARACTERS = re.compile(r"[\x21-\x7e]+")  # visible ASCII: what a header value carries
 
 
 @dataclass(frozen=True)
@@ -50,10 +52,16 @@ def server_target(
 ) -> ServerTarget:
     """The target of ``--server`` with ``--token`` (else ``$DENSEMAP_AUTH_TOKEN``), ``--tls``
     and ``--ca-cert`` (which implies ``--tls``)."""
+    source = "--token"
     if token is None:
-        token = os.environ.get(TOKEN_ENV, "").strip() or None
+        token, source = os.environ.get(TOKEN_ENV, "").strip() or None, TOKEN_ENV
     elif not token.strip():
         raise InvalidOption("--token is empty: give the server's token, or leave --token out")
+    if token is not None and not TOKEN_CHARACTERS.fullmatch(token):
+        raise InvalidOption(
+            f"{source} holds characters a gRPC header cannot carry (spaces, control or "
+            "non-ASCII characters): give the token exactly as the server was given it"
+        )
     return ServerTarget(
         address=address,
         token=token,
