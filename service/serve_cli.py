@@ -19,6 +19,7 @@ from pathlib import Path
 
 from service.engine.options import AVAILABLE_PRECISIONS, DEFAULT_MEMORY_BUDGET, EngineConfig
 from service.engine.repository import MODELS_HELP
+from service.errors import InvalidOption
 from service.server import config as defaults
 
 log = logging.getLogger("densemap.server")
@@ -244,6 +245,19 @@ def _metrics_port(args: argparse.Namespace) -> int:
         return defaults.DEFAULT_METRICS_PORT
 
 
+def _auth_token(given: str | None) -> str | None:
+    """--auth-token / DENSEMAP_AUTH_TOKEN without the newline a Secret made from a file
+    carries; set but blank is an error, never a server without auth."""
+    if given is None:
+        return None
+    if not given.strip():
+        raise InvalidOption(
+            f"--auth-token ({_env_name('--auth-token')}) is set but empty: give the token, or "
+            "unset it to serve without auth"
+        )
+    return given.strip()
+
+
 def build_config(args: argparse.Namespace):
     from service.score_cli import parse_bytes
     from service.server.config import ServerConfig
@@ -266,7 +280,7 @@ def build_config(args: argparse.Namespace):
         max_connection_age_seconds=args.max_connection_age_seconds,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
-        auth_token=args.auth_token or None,
+        auth_token=_auth_token(args.auth_token),
         engine=EngineConfig(
             device=args.device,
             intra_op_threads=args.threads,

@@ -122,3 +122,16 @@ def test_port_zero_picks_a_free_metrics_port_unless_one_is_given(monkeypatch):
     assert config.metrics_port == 9191
     monkeypatch.delenv("DENSEMAP_METRICS_PORT")
     assert build_config(build_parser().parse_args(["serve"])).metrics_port == 9090
+
+
+def test_a_token_from_a_file_secret_loses_its_newline_and_blank_is_refused(monkeypatch):
+    from service.errors import InvalidOption
+
+    monkeypatch.setenv("DENSEMAP_AUTH_TOKEN", "s3cret\n")  # kubectl create secret --from-file
+    assert build_config(build_parser().parse_args(["serve"])).auth_token == "s3cret"
+    for blank in ("", "\n"):  # an empty Secret must not mean a server without auth
+        monkeypatch.setenv("DENSEMAP_AUTH_TOKEN", blank)
+        with pytest.raises(InvalidOption, match="set but empty"):
+            build_config(build_parser().parse_args(["serve"]))
+    monkeypatch.delenv("DENSEMAP_AUTH_TOKEN")
+    assert build_config(build_parser().parse_args(["serve"])).auth_token is None
