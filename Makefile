@@ -7,7 +7,7 @@ CORE_STAMP := $(VENV)/.densemap-core
 STAMP := $(VENV)/.densemap-installed
 EXTRAS ?= convert,train,distributed,dev
 
-.PHONY: setup test lint protos demo bench soak sweep clean
+.PHONY: setup test lint protos demo bench soak sweep image clean
 
 # The core install (engine, server, CLI: no torch, no Ray): what `make demo` needs.
 $(CORE_STAMP): pyproject.toml setup.py constraints.txt
@@ -53,6 +53,15 @@ sweep: $(STAMP)
 	$(BIN)/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('torchvision') is None)" \
 		|| $(BIN)/python -m pip install -q --no-deps torchvision==0.28.0
 	$(BIN)/python -m pytest -q tests/sweep -o python_files='sweep_*.py'
+
+# The server image and the Ray image of deploy/ (needs docker, podman or buildah; CI has
+# none: tests/test_image_build.py runs this where one exists). Push them where your
+# cluster pulls from, and name that registry in deploy/k8s/base/kustomization.yaml.
+IMAGE ?= densemap:0.1.0
+RAY_IMAGE ?= densemap-ray:0.1.0
+image:
+	deploy/build-image.sh $(IMAGE)
+	deploy/build-image.sh $(RAY_IMAGE) cluster
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

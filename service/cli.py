@@ -33,6 +33,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("service.serve_cli", "serve a model repository over gRPC"),
     "score": ("service.score_cli", "score image files and folders into maps and heat-maps"),
     "render": ("service.render_cli", "redraw heat-maps from a score run's saved maps"),
+    "health": ("service.health_cli", "ask a server's health service (exec probes, TLS)"),
 }
 
 

@@ -15,6 +15,7 @@ from service.engine.options import (
     AVAILABLE_PRECISIONS,
     DEFAULT_DETECTION_THRESHOLD,
     DEFAULT_MAX_DETECTIONS,
+    DEFAULT_MAX_PIXELS,
     DEFAULT_NMS_IOU,
 )
 from service.engine.repository import MODELS_HELP
@@ -39,6 +40,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--models", metavar="DIR", help=MODELS_HELP)
     model.add_argument("--model", default=None, metavar="NAME", help="model name (default: digits)")
     model.add_argument("--server", metavar="HOST:PORT", help="score through a 'densemap serve'")
+    model.add_argument(
+        "--token",
+        metavar="TOKEN",
+        help="--server: the server's bearer token (default: $DENSEMAP_AUTH_TOKEN; prefer the "
+        "variable, command lines are visible to other users)",
+    )
+    model.add_argument("--tls", action="store_true", help="--server: connect with TLS")
+    model.add_argument(
+        "--ca-cert",
+        metavar="PEM",
+        help="--server: the CA certificate that signed the server's (implies --tls; default: "
+        "the system's roots)",
+    )
     opts = parser.add_argument_group("scoring options (as the engine's)")
     opts.add_argument(
         "--output-stride",
@@ -64,6 +78,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="LIST",
         help="models with several heads: the extra heads to store, e.g. boxes,landmarks, or "
         "'none' (default: all of them; the class map is always kept)",
+    )
+    opts.add_argument(
+        "--max-pixels",
+        type=int,
+        metavar="N",
+        help=f"refuse images with more pixels, read from the header (default "
+        f"{DEFAULT_MAX_PIXELS}; with --server the server's own --max-pixels applies)",
     )
     opts.add_argument(
         "--memory-budget",
@@ -242,16 +263,26 @@ def refuse_ray_client(address: str | None) -> None:
 def build_request(args: argparse.Namespace):
     from service.batch.run import BatchRequest, RayConfig
     from service.batch.scorers import DEFAULT_MODEL, ModelChoice
+    from service.batch.server_target import server_target
     from service.batch.storage import Storage
     from service.engine.options import EngineConfig, ScoreOptions
 
     ray_address, paths = split_ray_address(args.ray, list(args.paths))
     if not paths:
         raise InvalidOption("give at least one image file or folder to score")
-    if args.server and (args.models or args.memory_budget):
+    if args.server and (args.models or args.memory_budget or args.max_pixels is not None):
         raise InvalidOption(
-            "--models and --memory-budget apply to in-process scoring, not --server"
+            "--models, --memory-budget and --max-pixels apply to in-process scoring, not "
+            "--server (the server's own limits apply: densemap serve --max-pixels, "
+            "--memory-budget)"
         )
+    remote = [flag for flag in ("token", "tls", "ca_cert") if getattr(args, flag, None)]
+    if remote and not args.server:
+        flags = ", ".join("--" + flag.replace("_", "-") for flag in remote)
+        verb = "applies" if len(remote) == 1 else "apply"
+        raise InvalidOption(f"{flags} {verb} to --server HOST:PORT: add --server")
+    if args.max_pixels is not None and args.max_pixels < 1:
+        raise InvalidOption(f"--max-pixels must be >= 1, got {args.max_pixels}")
     if args.server and args.ray is not None:
         raise InvalidOption(
             "--server and --ray are exclusive: Ray actors load the model themselves"
@@ -266,9 +297,11 @@ def build_request(args: argparse.Namespace):
         raise InvalidOption("--workers must be >= 1")
     # Idle onnxruntime threads yield their cores to the decode/write threads (measured:
     # spinning ones burnt ~40% more CPU per image than the bare engine; docs/score.md).
-    engine = EngineConfig(spin_wait=False)
-    if args.memory_budget:
-        engine = EngineConfig(spin_wait=False, memory_budget=parse_bytes(args.memory_budget))
+    engine = EngineConfig(
+        spin_wait=False,
+        memory_budget=parse_bytes(args.memory_budget) if args.memory_budget else None,
+        max_pixels=DEFAULT_MAX_PIXELS if args.max_pixels is None else args.max_pixels,
+    )
     options = ScoreOptions(
         output_stride=args.output_stride,
         scales=parse_scales(args.scales),
@@ -288,7 +321,9 @@ def build_request(args: argparse.Namespace):
         options=options,
         model=ModelChoice(model=args.model or DEFAULT_MODEL, models_dir=args.models, engine=engine),
         globs=tuple(args.glob),
-        server=args.server,
+        server=server_target(args.server, token=args.token, tls=args.tls, ca_cert=args.ca_cert)
+        if args.server
+        else None,
         heatmap=bool(args.heatmap or args.heatmap_class),
         heatmap_class=args.heatmap_class,
         storage=Storage(save=args.save, map_dtype=args.map_dtype, compress=not args.no_compress),

@@ -13,11 +13,13 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import threading
 from pathlib import Path
 
 from service.engine.options import AVAILABLE_PRECISIONS, DEFAULT_MEMORY_BUDGET, EngineConfig
 from service.engine.repository import MODELS_HELP
+from service.errors import InvalidOption
 from service.server import config as defaults
 
 log = logging.getLogger("densemap.server")
@@ -65,8 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add(
         parser,
         "--metrics-port",
-        default=defaults.DEFAULT_METRICS_PORT,
+        default=None,
         type=int,
+        shown=f"{defaults.DEFAULT_METRICS_PORT}; with --port 0, a free port too (logged)",
         help="Prometheus /metrics port; 0 turns metrics off",
     )
     _add(
@@ -152,7 +155,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--device",
         default="auto",
         choices=("auto", "cpu", "cuda"),
-        help="onnxruntime device",
+        help="onnxruntime device: auto (CUDA when it really loads, else CPU), cuda (a "
+        "server that cannot use CUDA never becomes ready and logs which driver it needs), "
+        "or cpu",
     )
     _add(parser, "--threads", default=0, type=int, help="onnxruntime intra-op threads; 0: auto")
     _add(
@@ -225,6 +230,35 @@ def _configure_logging(args: argparse.Namespace) -> None:
     log_stream.configure(json_lines=args.log_json, level=level)
 
 
+def _metrics_port(args: argparse.Namespace) -> int:
+    """--metrics-port, else 9090; with --port 0 (several servers on one host, tests) a free
+    port, so the second server does not fail on 9090."""
+    if args.metrics_port is not None:
+        return args.metrics_port
+    if args.port != 0:
+        return defaults.DEFAULT_METRICS_PORT
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((args.host.strip("[]"), 0))
+            return probe.getsockname()[1]
+    except OSError:  # the gRPC bind reports a bad --host; metrics then fail the same way
+        return defaults.DEFAULT_METRICS_PORT
+
+
+def _auth_token(given: str | None) -> str | None:
+    """--auth-token / DENSEMAP_AUTH_TOKEN without the newline a Secret made from a file
+    carries; set but blank is an error, never a server without auth."""
+    if given is None:
+        return None
+    if not given.strip():
+        raise InvalidOption(
+            f"--auth-token ({_env_name('--auth-token')}) is set but empty: give the token, or "
+            "unset it to serve without auth"
+        )
+    return given.strip()
+
+
 def build_config(args: argparse.Namespace):
     from service.score_cli import parse_bytes
     from service.server.config import ServerConfig
@@ -234,7 +268,7 @@ def build_config(args: argparse.Namespace):
         models_dir=args.models,
         host=args.host,
         port=args.port,
-        metrics_port=args.metrics_port,
+        metrics_port=_metrics_port(args),
         max_message_bytes=args.max_message_mb * MIB,
         workers=args.workers,
         max_in_flight=args.max_in_flight,
@@ -247,7 +281,7 @@ def build_config(args: argparse.Namespace):
         max_connection_age_seconds=args.max_connection_age_seconds,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
-        auth_token=args.auth_token or None,
+        auth_token=_auth_token(args.auth_token),
         engine=EngineConfig(
             device=args.device,
             intra_op_threads=args.threads,

@@ -34,6 +34,7 @@ NO_DEFAULT = {
     "convert": {"--arch", "--weights", "--output", "--labels", "--preprocessing"},
     "score": {"--out", "--glob", "--server", "--heatmap-class"},
     "serve": set(),
+    "health": {"--server-name"},
 }
 
 

@@ -311,3 +311,21 @@ def test_default_model_is_the_bundled_digits(capsys, tmp_path):
     reference = engine.score(engine.decode(image.read_bytes()), ScoreOptions())
     expected = reference.maps[0].scores.astype(np.float16)  # stored as float16
     np.testing.assert_array_equal(result.maps[0].scores, expected)
+
+
+def test_max_pixels_limits_in_process_scoring_and_names_the_flag(capsys, repo, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(encode(random_image(40, 52, seed=5), "PNG"))  # 2080 pixels
+    assert main(["score", str(folder), "--out", str(tmp_path / "small"), "--models", str(repo),
+                 "--model", MODEL, "--max-pixels", "2000"]) == 1  # fmt: skip
+    err = capsys.readouterr().err
+    assert "over the limit of 2000 pixels" in err and "densemap score --max-pixels" in err, err
+    assert "EngineConfig.max_pixels" in err and "Traceback" not in err  # after the flags
+    assert err.index("--max-pixels") < err.index("EngineConfig.max_pixels")
+    assert main(["score", str(folder), "--out", str(tmp_path / "ok"), "--models", str(repo),
+                 "--model", MODEL, "--max-pixels", "2080"]) == 0  # fmt: skip
+    capsys.readouterr()
+    for bad in (["--max-pixels", "0"], ["--max-pixels", "9", "--server", "127.0.0.1:1"]):
+        assert main(["score", str(folder), "--out", str(tmp_path / "x"), *bad]) == 2
+        assert "--max-pixels" in capsys.readouterr().err

@@ -187,6 +187,8 @@ def test_an_engine_bug_is_internal_without_details_and_the_server_goes_on(repo):
         ({"engine": EngineConfig(device="tpu")}, "device"),
         ({"engine": EngineConfig(max_pixels=0)}, "max_pixels"),
         ({"engine": EngineConfig(intra_op_threads=-1)}, "threads"),
+        ({"auth_token": "two words"}, "visible ASCII"),
+        ({"auth_token": "line\nbreak"}, "visible ASCII"),
     ],
 )
 def test_bad_server_configuration_fails_before_serving(settings, word):

@@ -9,7 +9,6 @@ out. ``densemap score`` and ``densemap serve`` then run from an empty folder wit
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
 import shutil
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from packaging.requirements import Requirement
+from install_support import link_distributions, required_distributions
 
 from service import __version__
 from service.batch.outputs import load_result
@@ -66,29 +65,9 @@ def core_distributions(wheel: Path) -> set[str]:
     with zipfile.ZipFile(wheel) as archive:
         (metadata,) = [n for n in archive.namelist() if n.endswith(".dist-info/METADATA")]
         lines = archive.read(metadata).decode().splitlines()
-    todo = [line.split(":", 1)[1].strip() for line in lines if line.startswith("Requires-Dist:")]
-    found: set[str] = set()
-    while todo:
-        requirement = Requirement(todo.pop())
-        if requirement.marker and not requirement.marker.evaluate({"extra": ""}):
-            continue
-        name = requirement.name.lower().replace("_", "-")
-        if name in found:
-            continue
-        found.add(name)
-        todo.extend(importlib.metadata.distribution(name).requires or [])
-    return found
-
-
-def link_distributions(names: set[str], target: Path) -> None:
-    """Symlink every top-level entry the named installed distributions own into ``target``."""
-    target.mkdir()
-    for name in names:
-        dist = importlib.metadata.distribution(name)
-        for entry in {f.parts[0] for f in dist.files or () if f.parts[0] != ".."}:
-            source = Path(dist.locate_file(entry))
-            if source.exists() and not (target / entry).exists():
-                (target / entry).symlink_to(source)
+    return required_distributions(
+        line.split(":", 1)[1].strip() for line in lines if line.startswith("Requires-Dist:")
+    )
 
 
 @pytest.fixture(scope="module")

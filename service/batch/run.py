@@ -17,6 +17,7 @@ from service.batch.pipeline import PipelineConfig, run_pipeline
 from service.batch.progress import Progress
 from service.batch.rundir import OutputDir, RunSettings, heatmap_path, npz_path
 from service.batch.scorers import REMOTE_CONCURRENCY, ModelChoice, open_engine_scorer
+from service.batch.server_target import ServerTarget
 from service.batch.storage import Storage, check_storage
 from service.batch.summary import SummaryWriter, read_rows, skipped_row
 from service.batch.walk import ImageJob, find_images
@@ -45,7 +46,7 @@ class BatchRequest:
     options: ScoreOptions = ScoreOptions()
     model: ModelChoice = ModelChoice()
     globs: tuple[str, ...] = ()
-    server: str | None = None
+    server: ServerTarget | None = None  # --server, with its token and TLS
     heatmap: bool = False
     heatmap_class: str | None = None
     storage: Storage = Storage()

@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+from service.batch.server_target import ServerTarget, explain_unreachable
 from service.engine.options import EngineConfig, ScoreOptions
 from service.engine.result import ScoreMap
 from service.errors import InvalidOption
@@ -90,17 +91,16 @@ class RemoteScorer:
 
 
 @contextlib.contextmanager
-def open_remote_scorer(target: str, model: str) -> Iterator[RemoteScorer]:
-    from service.client import DensemapClient, RemoteError
+def open_remote_scorer(target: ServerTarget, model: str) -> Iterator[RemoteScorer]:
+    """A scorer through ``target``; a server that cannot be reached, refuses the token or
+    fails the TLS handshake is one InvalidOption naming the flag to change."""
+    from service.client import RemoteError
 
-    with DensemapClient(target) as client:
+    with target.open_client() as client:
         try:
             scorer = RemoteScorer(client, model)
         except RemoteError as exc:
-            if exc.code.name != "UNAVAILABLE":
+            if exc.code.name not in ("UNAVAILABLE", "UNAUTHENTICATED"):
                 raise
-            raise InvalidOption(
-                f"no densemap server answers at --server {target} ({exc.details}): start "
-                "one with 'densemap serve' (port 50051) or check the address"
-            ) from None
+            raise InvalidOption(explain_unreachable(target, exc.details)) from None
         yield scorer

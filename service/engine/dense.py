@@ -19,6 +19,7 @@ from service.contract import Pair, Preprocessing
 from service.engine import graphs
 from service.engine.assembly import Placement, PostprocessCall
 from service.engine.memory import ActivationEstimator
+from service.engine.options import MEMORY_BUDGET_SETTING
 from service.engine.precision import PrecisionSessions
 from service.engine.runtime import Runtime
 from service.errors import Cancelled, ImageTooLarge, ModelLoadError
@@ -226,7 +227,7 @@ def _run_error(label: str, shape: tuple[int, ...], exc: Exception) -> Exception:
     if "alloc" in message.lower() or isinstance(exc, MemoryError):
         return ImageTooLarge(
             f"{label}: out of memory on a {list(shape)} input ({message}): lower "
-            "EngineConfig.memory_budget so that the engine tiles, or send a smaller image"
+            f"{MEMORY_BUDGET_SETTING} so that the engine tiles, or send a smaller image"
         )
     return ModelLoadError(
         f"{label}: onnxruntime failed on a {list(shape)} input ({message}): the graph does "

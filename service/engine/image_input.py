@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from service.contract import Preprocessing
+from service.engine.options import PIXEL_LIMIT_SETTING
 from service.errors import DensemapError, ImageTooLarge, InvalidImage
 from service.truncation import check_encoded, check_tiff_strips, truncated
 
@@ -34,7 +35,7 @@ def check_pixels(height: int, width: int, max_pixels: int) -> None:
     if height * width > max_pixels:
         raise ImageTooLarge(
             f"image is {width}x{height} = {height * width} pixels, over the limit of "
-            f"{max_pixels} pixels: downscale it or raise EngineConfig.max_pixels"
+            f"{max_pixels} pixels: downscale it, or raise {PIXEL_LIMIT_SETTING}"
         )
 
 

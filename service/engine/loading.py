@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 
 from service.contract import ModelMetadata
+from service.engine.cuda_driver import driver_cuda_version
 from service.engine.dense import DenseNet, Grid
 from service.engine.heads import HeadInfo, check_head_maps, check_outputs, describe_heads
 from service.engine.memory import ActivationEstimator
@@ -195,7 +196,10 @@ def load_nets(
         f" (CUDA not used: {fallback})" if fallback and CPU == providers[0] else ""
     )
     extra = "".join(f", head {h.name!r} ({h.kind})" for h in metadata.extra_heads)
-    log.info(
+    # A GPU machine (a driver answers) scoring on the CPU is worth a warning, not an info line.
+    gpu_unused = fallback is not None and driver_cuda_version() is not None
+    log.log(
+        logging.WARNING if gpu_unused else logging.INFO,
         "model %r loaded on %s: %d classes%s, stride %s, à-trous %s, %.2fs",
         name,
         where,

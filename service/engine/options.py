@@ -26,6 +26,16 @@ BACKGROUND_LABEL = "background"  # left out of the default detection classes
 # (dx1, dy1, dx2, dy2) added to a cell's window (x0, y0, x1, y1), in units of the window's
 # width (dx) and height (dy): (0, 0, 0, 0) reports the window itself
 DEFAULT_BOX_OFFSETS = (0.0, 0.0, 0.0, 0.0)
+# How errors name a limit: by the flags an operator sets, then the Python field.
+PIXEL_LIMIT_SETTING = (
+    "the pixel limit (densemap serve --max-pixels or DENSEMAP_MAX_PIXELS, densemap score "
+    "--max-pixels, EngineConfig.max_pixels)"
+)
+MEMORY_BUDGET_SETTING = (
+    "the memory budget (--memory-budget of densemap serve and score, DENSEMAP_MEMORY_BUDGET, "
+    "EngineConfig.memory_budget)"
+)
+TILING_SETTING = "turn tiling on (drop densemap serve --no-tiling; EngineConfig.tiling)"
 
 
 @dataclass(frozen=True)

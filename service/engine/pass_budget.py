@@ -21,6 +21,7 @@ from service.engine.cost import (
     response_bytes,
     scale_cost,
 )
+from service.engine.options import MEMORY_BUDGET_SETTING, TILING_SETTING
 from service.engine.request_checks import cells_at, check_pixels
 from service.engine.tiling import plan_tiles
 from service.errors import ImageTooLarge
@@ -73,7 +74,7 @@ def check_pass(
         raise ImageTooLarge(
             f"the image{at} needs about {need} bytes for a pass, over {left} "
             f"({room} bytes), and tiling is off: send a smaller image, raise "
-            "EngineConfig.memory_budget or enable tiling"
+            f"{MEMORY_BUDGET_SETTING} or {TILING_SETTING}"
         )
     try:
         plan_tiles(net.grid, *size, fits=lambda h, w: pass_bytes(h, w) <= room)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from service.engine.cuda_driver import describe_driver
 from service.engine.options import EngineConfig
 from service.errors import ModelLoadError
 
@@ -211,8 +212,9 @@ def create_session(path: Path, config: EngineConfig) -> ort.InferenceSession:
             return session
         if config.device == "cuda":
             raise ModelLoadError(
-                f"EngineConfig(device='cuda') but CUDA is not usable: {_cuda_state['reason']}; "
-                "use device='auto' to fall back to CPU"
+                f"device 'cuda' (densemap serve --device cuda, EngineConfig.device) but CUDA is "
+                f"not usable: {_cuda_state['reason']} ({describe_driver()}); use device 'auto' "
+                "to fall back to CPU"
             )
     try:
         return _open(source, config, [CPU])
@@ -223,3 +225,25 @@ def create_session(path: Path, config: EngineConfig) -> ort.InferenceSession:
 def cuda_fallback_reason() -> str | None:
     """Why CUDA is not used in this process (None if it was never tried or it works)."""
     return None if _cuda_state.get("usable") is not False else str(_cuda_state["reason"])
+
+
+def _probe_model() -> bytes:
+    """The smallest model that runs on CUDA: float32 Identity, opset 13."""
+    from onnx import TensorProto, helper
+
+    value = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    output = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])], "probe", [value], [output]
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def cuda_problem(config: EngineConfig) -> str | None:
+    """None when a CUDA session really opens in this process, else why not and which driver
+    is needed (tried once per process, as for models: the outcome is remembered)."""
+    if _try_cuda(_probe_model(), config) is not None:
+        return None
+    return f"{_cuda_state['reason']} ({describe_driver()})"

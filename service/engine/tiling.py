@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from service.engine.assembly import Placement, PostprocessCall
 from service.engine.dense import DenseNet, Grid, PixelSource, check_cancel
+from service.engine.options import MEMORY_BUDGET_SETTING, TILING_SETTING
 from service.errors import ImageTooLarge
 
 
@@ -59,8 +60,8 @@ def plan_tiles(
     if not biggest_fits(1):
         raise ImageTooLarge(
             f"even a tile of one cell (window {grid.window}, receptive field "
-            f"{grid.receptive_field}) needs more activation memory than "
-            "EngineConfig.memory_budget: raise the budget"
+            f"{grid.receptive_field}) needs more activation memory than the budget: raise "
+            f"{MEMORY_BUDGET_SETTING}"
         )
     low, high = 1, max(n_h, n_w)  # biggest_fits(low) holds
     while low < high:
@@ -107,7 +108,7 @@ def run_region(
         raise ImageTooLarge(
             f"a {height}x{width} pass needs about {need} bytes of activations, over the "
             f"memory budget of {budget} bytes, and tiling is off: send a smaller image, "
-            "raise EngineConfig.memory_budget or enable tiling"
+            f"raise {MEMORY_BUDGET_SETTING} or {TILING_SETTING}"
         )
     rows, cols = plan_tiles(net.grid, height, width, fits=lambda h, w: pass_bytes(h, w) <= budget)
     for row in rows:

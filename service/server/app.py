@@ -32,6 +32,7 @@ from service.server.auth import BearerTokenInterceptor
 from service.server.config import ServerConfig
 from service.server.control_pool import ControlPoolInterceptor
 from service.server.densemap_servicer import SERVICE_NAME, DensemapServicer
+from service.server.device_check import device_problem
 from service.server.idle_memory import IdleRelease
 from service.server.kserve_servicer import KServeServicer
 from service.server.limits import Admission, ServingState
@@ -183,11 +184,15 @@ class DensemapServer:
                     f"{exc.strerror or exc}; pick another --metrics-port (0 turns metrics off)"
                 ) from None
         self._grpc.start()
+        tls, auth = config.tls_cert is not None, config.auth_token is not None
         log.info(
-            "densemap serving on %s (models %s)",
+            "densemap serving on %s (models %s; TLS %s, auth %s, device %s)",
             _address(config.host, self.port),
             config.models_dir,
-            extra={"port": self.port, "host": config.host},
+            "on" if tls else "off",
+            "bearer token" if auth else "off",
+            config.engine.device,
+            extra={"port": self.port, "host": config.host, "tls": tls, "auth": auth},
         )
         threading.Thread(target=self._load, name="densemap-load", daemon=True).start()
         if config.poll_seconds > 0:
@@ -210,6 +215,11 @@ class DensemapServer:
         return pair[0], pair[1]
 
     def _load(self) -> None:
+        problem = device_problem(self.config.engine)
+        if problem:  # never ready: a pod on a GPU node must not serve on CPU in silence
+            self.state.unusable = problem
+            log.error("not ready, and will not become ready: %s", problem)
+            return
         with self._reload_lock:
             try:
                 repository = self._open_repository()

@@ -7,6 +7,7 @@ Every field has a ``densemap serve`` flag and a ``DENSEMAP_*`` environment twin
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -132,6 +133,11 @@ class ServerConfig:
             problems.append("TLS needs both a certificate and a key file")
         if self.auth_token is not None and not self.auth_token.strip():
             problems.append("auth_token must not be empty (use None for no auth)")
+        elif self.auth_token is not None and not re.fullmatch(r"[\x21-\x7e]+", self.auth_token):
+            problems.append(
+                "auth_token may hold only visible ASCII characters (no spaces, control or "
+                "non-ASCII characters): clients send it in a gRPC header"
+            )
         if problems:
             raise InvalidOption("invalid server configuration: " + "; ".join(problems))
 

@@ -69,6 +69,7 @@ class ServingState:
         self.ready = False
         self.draining = False
         self.cut_message: str | None = None
+        self.unusable: str | None = None  # why the server can never become ready as started
         self._active = 0
 
     def set_ready(self, ready: bool) -> None:
@@ -90,6 +91,8 @@ class ServingState:
             raise NotServing(
                 "the server is shutting down: retry on another replica or after it restarts"
             )
+        if not self.ready and self.unusable:
+            raise NotServing(f"the server cannot serve: {self.unusable}")
         if not self.ready:
             raise NotServing("the server is still loading its models: retry in a few seconds")
 
