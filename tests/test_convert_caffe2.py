@@ -164,9 +164,18 @@ def test_old_softmax_over_space_is_refused_as_per_image(tmp_path):
     assert not (tmp_path / "dense.onnx").exists()
 
 
-def test_strided_global_pool_keeps_the_trunk_stride(tmp_path):
-    classifier, _ = strided_global_pool_classifier()
-    assert _convert(classifier, tmp_path).metadata.geometry.stride == (2, 2)  # not (8, 8)
+def test_strided_global_pool_keeps_its_stride_and_a_trous_refines_it(tmp_path):
+    # S is the product of the strides (2 x 4); the a-trous variant at 2 slides the 4x4 pool
+    # at every trunk position, each cell the classifier on its window (float64 crops)
+    classifier, window = strided_global_pool_classifier()
+    result = _convert(classifier, tmp_path, strides=[2])
+    assert result.metadata.geometry.stride == (8, 8)
+    size = (window[0] + 13, window[1] + 9)
+    image = np.random.default_rng(8).standard_normal((1, 3, *size))
+    n = cells(size, window, (2, 2))
+    expected = onnx_crops64(classifier, image, window=window, stride=(2, 2), cells=n)
+    fine = dense64(onnx.load(str(result.variant_paths[0])), image)[0]
+    np.testing.assert_allclose(fine, expected, rtol=0, atol=1e-9)
 
 
 def test_batchnorm_with_statistics_per_position_is_refused(tmp_path):

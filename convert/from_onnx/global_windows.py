@@ -1,15 +1,16 @@
 """Windows that are global at R: their dense form is a window of their input's size.
 
 A pool or conv whose one window at the window size R covers its whole input along an axis
-(from its kernel, pads, dilation and output size at R) reads every real value there: its
-stride does not matter at R, and its padding only pads. GoogLeNet of the ONNX model zoo
-ends in a 7x7 average pool with pads (0, 0, 1, 1) and ``count_include_pad=0`` on a 6x6 map:
-at R it averages the 36 real values, so on a larger image its dense form is a 6x6 average
-at stride 1, not the 7x7 one it is written as (which would average 49 real values at every
-inner cell). :func:`globalize_windows` gives such an axis the input's size as kernel, no
-pads, stride 1; a conv keeps the taps that meet real values; an average that counted its
-pads is multiplied by cells / kernel (two integers: exact in any float type). Each new node
-is run against the old one at R on random values before it replaces it.
+(from its kernel, pads, dilation and output size at R) reads every real value there, and
+its padding only pads. GoogLeNet of the ONNX model zoo ends in a 7x7 average pool with
+pads (0, 0, 1, 1) and ``count_include_pad=0`` on a 6x6 map: at R it averages the 36 real
+values, so on a larger image its dense form is a 6x6 average, not the 7x7 one it is
+written as (which would average 49 real values at every inner cell). Likewise a 3x3 conv
+with pad 1 on a 1x1 map uses its centre tap alone at R. :func:`globalize_windows` gives
+such an axis the input's size as kernel, no pads, no dilation, the same stride; a conv
+keeps the taps that meet real values; an average that counted its pads is multiplied by
+cells / kernel (two integers: exact in any float type). Each new node is run against the
+old one at R on random values before it replaces it.
 """
 
 from __future__ import annotations
@@ -49,11 +50,11 @@ def _global_axes(node, index: GraphIndex) -> list[int]:
     axes = []
     for a in range(2):
         size, kernel, begin = shape[2 + a], params["kernel"][a], params["pads"][a]
-        dilation, stride = params["dilations"][a], params["strides"][a]
+        dilation = params["dilations"][a]
         if out[2 + a] != 1 or (size > 1 and dilation != 1):
             continue
-        if not begin and not params["pads"][a + 2] and kernel == size and stride == 1:
-            continue  # already a window of its input's size at stride 1
+        if not begin and not params["pads"][a + 2] and kernel == size:
+            continue  # already a window of its input's size
         if kernel - begin >= size:
             axes.append(a)
     return axes
@@ -79,7 +80,7 @@ def globalize_windows(graph: onnx.GraphProto, index: GraphIndex) -> bool:
 
 def _global_form(node, index: GraphIndex, axes: list[int]):
     """The nodes (and initializers) computing ``node`` with a window of the input's size
-    on ``axes``: kernel = size, no pads, stride 1; the rest as it is."""
+    on ``axes``: kernel = size, no pads, no dilation; the stride and the rest as they are."""
     shape = index.shape(node.input[0])
     params = window_params(node, index)
     attrs = attributes(node)
@@ -91,7 +92,7 @@ def _global_form(node, index: GraphIndex, axes: list[int]):
         if node.op_type == "AveragePool" and attrs.get("count_include_pad", 0):
             cells *= size  # the sum was divided by the window's pads too
             divisor *= kernel[a]
-        kernel[a], pads[a], pads[a + 2], strides[a], dilations[a] = size, 0, 0, 1, 1
+        kernel[a], pads[a], pads[a + 2], dilations[a] = size, 0, 0, 1
     name = node.name or node.output[0]
     if node.op_type == "Conv":
         weight = index.constant(node.input[1])

@@ -91,7 +91,7 @@ CONVERTED = {
         lambda: models.inception_v3(
             num_classes=10, aux_logits=False, transform_input=False, init_weights=False
         ),
-        75,  # its minimum
+        107,  # a 2x2 map before the pool: no padded window sees a single cell at R
         INCEPTION_TRUNK,
         lambda m, f: m.fc(torch.flatten(m.dropout(m.avgpool(f)), 1)),
     ),
