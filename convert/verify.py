@@ -155,7 +155,8 @@ def verify(
     )  # fmt: skip
     classify = reference.classify
     padded_module = geometry.padded and classify.torch_module is not None
-    bar = _Progress(_count_passes(geometry, nets, sizes, padded_module), progress)
+    passes = _count_passes(geometry, nets, sizes, padded_module, reference.cut)
+    bar = _Progress(passes, progress)
     try:
         rng = np.random.default_rng(seed)
         windows = _random_image(
@@ -190,13 +191,21 @@ def verify(
     )
 
 
-def _count_passes(geometry: Geometry, nets, sizes, module: bool) -> int:
+def _count_passes(geometry: Geometry, nets, sizes, module: bool, cut) -> int:
     total = verify_limits.ROUNDING_WINDOWS + len(nets)
     for size in sizes:
         total += 2 + crop_batches(geometry.cells(*size)) + int(module)
         for net in nets[1:]:
-            total += 2 + (0 if geometry.padded else crop_batches(net.geometry.cells(*size)))
+            if not geometry.padded:
+                total += 1 + crop_batches(net.geometry.cells(*size))
+            else:
+                total += 1 + int(_on_trunk_grid(net.geometry.stride, cut))
     return total
+
+
+def _on_trunk_grid(stride: Pair, cut) -> bool:
+    """Whether windows at ``stride`` start on the trunk output's grid (k integer)."""
+    return cut is not None and all(s % j == 0 for s, j in zip(stride, cut.jump, strict=True))
 
 
 def _random_image(rng, meta: ModelMetadata, size: Pair, dtype, *, batch: int = 1) -> np.ndarray:
@@ -274,11 +283,8 @@ class _Expected:
         if not self.meta.geometry.padded:
             found[CROPS] = self.crops(image, net.geometry, cells)
             return found
-        cut = self.reference.cut
-        stride = net.geometry.stride
-        if cut is not None and not self.unavailable:
-            if all(s % j == 0 for s, j in zip(stride, cut.jump, strict=True)):
-                found[HEAD_ON_TRUNK] = self.exact(image, stride, cells)
+        if _on_trunk_grid(net.geometry.stride, self.reference.cut):
+            found[HEAD_ON_TRUNK] = self.exact(image, net.geometry.stride, cells)
         return found
 
 
