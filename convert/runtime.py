@@ -11,6 +11,9 @@ from service.errors import ConversionError
 if TYPE_CHECKING:  # onnxruntime is imported when a session is made: `import convert` stays light
     import onnxruntime as ort
 
+FLOAT32_WEIGHTS = 1 << 16  # elements: float64 runs keep weights this large in float32
+CAST_BLOCK = 256  # columns of a float32 weight cast to float64 at a time
+
 ORT_DTYPES = {
     "tensor(float)": np.float32,
     "tensor(double)": np.float64,
@@ -59,22 +62,38 @@ def run_outputs(session: ort.InferenceSession, image: np.ndarray) -> dict[str, n
     return dict(zip(names, values, strict=True))
 
 
-def to_float64(model):
-    """A float64 copy of an ONNX model, to be run with ``onnx.reference``.
+def to_float64(model, keep: frozenset[str] = frozenset()):
+    """A float64 copy of an ONNX model, to be run with ``onnx.reference``; the float32
+    initializers named in ``keep`` are left out of it and become float32 graph inputs
+    (:class:`Float64Runner` feeds them: large weights are never held twice nor in float64).
 
     onnxruntime has no double Conv/AveragePool kernels, so fp64 exactness checks evaluate
     the graph with onnx's reference evaluator instead (slow, fine for small test nets).
     """
     import onnx
-    from onnx import TensorProto, numpy_helper
+    from onnx import TensorProto, helper, numpy_helper
 
     copy = onnx.ModelProto()
-    copy.CopyFrom(model)
+    copy.ir_version = max(model.ir_version, 4)  # initializers need not be graph inputs
+    copy.opset_import.extend(model.opset_import)
+    copy.functions.extend(model.functions)
     graph = copy.graph
-    for index, init in enumerate(graph.initializer):
-        if init.data_type == TensorProto.FLOAT:
+    graph.name = model.graph.name
+    graph.node.extend(model.graph.node)
+    graph.input.extend(model.graph.input)
+    graph.output.extend(model.graph.output)
+    listed = {value.name for value in graph.input}
+    for init in model.graph.initializer:
+        if init.name in keep:
+            if init.name not in listed:
+                graph.input.append(
+                    helper.make_tensor_value_info(init.name, TensorProto.FLOAT, init.dims)
+                )
+        elif init.data_type == TensorProto.FLOAT:
             array = numpy_helper.to_array(init).astype(np.float64)
-            graph.initializer[index].CopyFrom(numpy_helper.from_array(array, init.name))
+            graph.initializer.append(numpy_helper.from_array(array, init.name))
+        else:
+            graph.initializer.append(init)
     for node in graph.node:
         for attr in node.attribute:
             if attr.name == "to" and attr.i == TensorProto.FLOAT:
@@ -86,10 +105,68 @@ def to_float64(model):
                     )
                 )
     for value in (*graph.input, *graph.output):
-        if value.type.tensor_type.elem_type == TensorProto.FLOAT:
+        if value.name not in keep and value.type.tensor_type.elem_type == TensorProto.FLOAT:
             value.type.tensor_type.elem_type = TensorProto.DOUBLE
-    del graph.value_info[:]
     return copy
+
+
+def _weights_kept_float32(model) -> frozenset[str]:
+    """Large float32 initializers read only as a Conv's kernel or a Gemm/MatMul operand:
+    ops that compute in float64 from float32 values exactly (with :func:`_mixed_matmuls`)."""
+    from onnx import TensorProto
+
+    readers: dict[str, set] = {}
+    for node in model.graph.node:
+        for position, name in enumerate(node.input):
+            use = node.op_type if node.op_type != "Conv" or position == 1 else "Conv input"
+            readers.setdefault(name, set()).add(use)
+    outputs = {value.name for value in model.graph.output}
+    return frozenset(
+        init.name
+        for init in model.graph.initializer
+        if init.data_type == TensorProto.FLOAT
+        and int(np.prod(init.dims)) >= FLOAT32_WEIGHTS
+        and init.name not in outputs
+        and readers.get(init.name, {""}) <= {"Conv", "Gemm", "MatMul"}
+    )
+
+
+def _matmul64(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a @ b in float64, a float32 operand cast in blocks (never whole: memory)."""
+    if a.dtype == np.float64 and b.dtype == np.float64:
+        return np.matmul(a, b)
+    if b.dtype != np.float64:
+        a = a.astype(np.float64)
+        blocks = [
+            np.matmul(a, b[..., start : start + CAST_BLOCK].astype(np.float64))
+            for start in range(0, b.shape[-1], CAST_BLOCK)
+        ]
+        return np.concatenate(blocks, axis=-1)
+    return np.swapaxes(_matmul64(np.swapaxes(b, -1, -2), np.swapaxes(a, -1, -2)), -1, -2)
+
+
+def _mixed_matmuls():
+    """Gemm and MatMul for float64 activations with float32 weights, computed in float64."""
+    from onnx.reference.op_run import OpRun
+
+    class Gemm(OpRun):
+        op_domain = ""
+
+        def _run(self, a, b, c=None, alpha=None, beta=None, transA=None, transB=None):  # noqa: N803
+            a = a.T if transA else a
+            b = b.T if transB else b
+            product = _matmul64(a, b) * (1.0 if alpha is None else alpha)
+            if c is not None:
+                product = product + (1.0 if beta is None else beta) * c.astype(np.float64)
+            return (product,)
+
+    class MatMul(OpRun):
+        op_domain = ""
+
+        def _run(self, a, b):
+            return (_matmul64(a, b),)
+
+    return [Gemm, MatMul]
 
 
 def _inference_batch_norm():
@@ -113,14 +190,24 @@ def _inference_batch_norm():
 
 
 class Float64Runner:
-    """Runs an ONNX model in float64 with ``onnx.reference`` (see :func:`to_float64`)."""
+    """Runs an ONNX model in float64 with ``onnx.reference`` (see :func:`to_float64`); its
+    large Conv/Gemm/MatMul weights stay float32, read in float64 block by block."""
 
     def __init__(self, model) -> None:
+        from onnx import numpy_helper
         from onnx.reference import ReferenceEvaluator
 
         from convert.from_onnx.graph import image_input
 
-        self.evaluator = ReferenceEvaluator(to_float64(model), new_ops=[_inference_batch_norm()])
+        keep = _weights_kept_float32(model)
+        self.weights = {
+            init.name: numpy_helper.to_array(init)
+            for init in model.graph.initializer
+            if init.name in keep
+        }
+        self.evaluator = ReferenceEvaluator(
+            to_float64(model, keep), new_ops=[_inference_batch_norm(), *_mixed_matmuls()]
+        )
         self.input_name = image_input(model.graph).name
         self.output_names = [output.name for output in model.graph.output]
 
@@ -129,7 +216,8 @@ class Float64Runner:
 
     def outputs(self, image: np.ndarray) -> dict[str, np.ndarray]:
         """Every output, by name, in the graph's order."""
-        values = self.evaluator.run(self.output_names, {self.input_name: image.astype(np.float64)})
+        feeds = {self.input_name: image.astype(np.float64), **self.weights}
+        values = self.evaluator.run(self.output_names, feeds)
         return dict(zip(self.output_names, values, strict=True))
 
 
