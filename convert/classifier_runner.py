@@ -116,7 +116,10 @@ def _onnx_classifier(path: Path, dtype: np.dtype):
         raise ConversionError(f"cannot read the classifier {path}: {exc}") from None
     batch_dim = image_input(model.graph).type.tensor_type.shape.dim[0]
     fixed_batch = batch_dim.dim_value if batch_dim.HasField("dim_value") else None
-    single = Float64Runner(model) if dtype == np.float64 else OrtRunner(model.SerializeToString())
+    if dtype == np.float64:
+        single = Float64Runner(model)
+    else:
+        single = OrtRunner(model.SerializeToString(), low_memory=True)
     del model
     return lambda batch: run_in_batches(single.outputs, batch, fixed_batch)
 

@@ -111,7 +111,7 @@ class _Net:
             self._runner = (
                 Float64Runner(onnx.load(str(self.path)))
                 if self._dtype == np.float64
-                else OrtRunner(str(self.path))
+                else OrtRunner(str(self.path), low_memory=True)
             )
         return self._runner.outputs(image)
 

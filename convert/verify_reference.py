@@ -19,7 +19,8 @@ import numpy as np
 import onnx
 
 from convert.classifier_runner import CROP_BATCH, Classifier, by_head, run_in_batches
-from convert.runtime import Float64Runner, OrtRunner
+from convert.float64 import Float64Runner, detach_weights
+from convert.runtime import OrtRunner
 from convert.trunk_windows import Cut, TrunkNotDense, find_cut, split
 from service.errors import ConversionError
 
@@ -29,15 +30,19 @@ Pair = tuple[int, int]
 class _Parts:
     """Trunk and head of an ONNX classifier, run in one dtype."""
 
-    def __init__(self, trunk: onnx.ModelProto, head: onnx.ModelProto, cut: Cut, dtype) -> None:
-        batch = trunk.graph.input[0].type.tensor_type.shape.dim[0]
+    def __init__(self, detached, cut: Cut, dtype) -> None:
+        """``detached``: [(light trunk, its weights), (light head, its weights)], the weights
+        shared by every runner made from them (:func:`convert.float64.detach_weights`)."""
+        batch = detached[0][0].graph.input[0].type.tensor_type.shape.dim[0]
         self.fixed_batch = batch.dim_value if batch.HasField("dim_value") else None
         self.cut = cut
         if np.dtype(dtype) == np.float64:
-            self.trunk, self.head = Float64Runner(trunk), Float64Runner(head)
+            self.trunk, self.head = (Float64Runner(part, weights) for part, weights in detached)
         else:
-            self.trunk = OrtRunner(trunk.SerializeToString())
-            self.head = OrtRunner(head.SerializeToString())
+            self.trunk, self.head = (
+                OrtRunner(part.SerializeToString(), low_memory=True, weights=weights)
+                for part, weights in detached
+            )
 
     def run(self, windows: np.ndarray) -> list[np.ndarray]:
         """The classifier's outputs on a batch of windows of R, in graph order."""
@@ -108,19 +113,20 @@ class Reference:
         if isinstance(classifier, (str, os.PathLike)):
             model = _load(Path(classifier))
             try:
-                self._split = _cut(model)
-                self.cut = self._split[2]
+                self._split, self.cut = _cut(model)
             except ConversionError as exc:
                 self.exact_unavailable = str(exc)
                 del model
                 self.classify = Classifier(classifier, self.dtype, self.names)
                 return
+            del model  # now the head, its weights detached: freed
             self.classify = _PartsClassifier(self)
         else:
             self.classify = Classifier(classifier, self.dtype, self.names)
             try:
-                self._split = _cut(_export(classifier, window, channels, self.dtype, names))
-                self.cut = self._split[2]
+                self._split, self.cut = _cut(
+                    _export(classifier, window, channels, self.dtype, names)
+                )
             except ConversionError as exc:
                 self.exact_unavailable = str(exc)
 
@@ -132,14 +138,14 @@ class Reference:
         return f"{self.cut.feature!r}, {self.cut.size[0]}x{self.cut.size[1]} at R"
 
     def parts(self, dtype=None) -> _Parts:
-        """The trunk and head in ``dtype`` (default: the verification's; kept for reuse)."""
-        if self._split is None:
-            raise ConversionError(self.exact_unavailable)
+        """The trunk and head in ``dtype`` (the verification's own: made once)."""
         dtype = self.dtype if dtype is None else np.dtype(dtype)
+        if self._split is None:
+            raise ConversionError(self.exact_unavailable or "the classifier was let go")
         if dtype != self.dtype:
-            return _Parts(*self._split, dtype)
+            return _Parts(self._split, self.cut, dtype)
         if self._parts is None:
-            self._parts = _Parts(*self._split, dtype)
+            self._parts = _Parts(self._split, self.cut, dtype)
         return self._parts
 
     def trunk_windows(self, image, *, stride: Pair, cells: Pair) -> dict[str, np.ndarray]:
@@ -183,10 +189,12 @@ def _load(path: Path) -> onnx.ModelProto:
         raise ConversionError(f"cannot read the classifier {path}: {exc}") from None
 
 
-def _cut(model: onnx.ModelProto) -> tuple[onnx.ModelProto, onnx.ModelProto, Cut]:
+def _cut(model: onnx.ModelProto) -> tuple[list, Cut]:
+    """([(light trunk, weights), (light head, weights)], the cut); ``model`` is consumed."""
     cut = find_cut(model)
-    trunk, head = split(model, cut)
-    return trunk, head, cut
+    parts = split(model, cut)
+    del model
+    return [detach_weights(part) for part in parts], cut
 
 
 def _export(module, window: Pair, channels: int, dtype: np.dtype, names) -> onnx.ModelProto:
