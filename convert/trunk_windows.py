@@ -27,8 +27,14 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from convert.from_onnx.graph import META_OPS, GraphIndex, image_input, topological_nodes
-from convert.geometry import trace_graph
+from convert.from_onnx.graph import (
+    META_OPS,
+    GraphIndex,
+    attributes,
+    image_input,
+    topological_nodes,
+)
+from convert.geometry import detect_layout, trace_graph
 from service.errors import ConversionError
 
 Pair = tuple[int, int]
@@ -55,8 +61,12 @@ class Cut:
 def find_cut(model: onnx.ModelProto) -> Cut:
     """The one feature map F every head of ``model`` starts from (see the module doc)."""
     index, shapes = _light_index(model)
-    trace = trace_graph(model, index=index, allow_collapse=True)
     image = image_input(model.graph).name
+    try:
+        trace = trace_graph(model, index=index, allow_collapse=True)
+        axes = {name: field.axes for name, field in trace.fields.items()}
+    except ConversionError:  # an op past the head's start the tracer refuses (old Softmax)
+        trace, axes = None, _axes_through_transposes(model, index, image)
     spatial = {image}
     cuts: list[tuple[onnx.NodeProto, list[str]]] = []
     for node in topological_nodes(model.graph):
@@ -64,22 +74,53 @@ def find_cut(model: onnx.ModelProto) -> Cut:
         if not inputs or node.op_type in META_OPS:
             continue
         outputs = node.output[:1] if node.op_type == "BatchNormalization" else node.output
-        if all(_is_map(name, trace, shapes) for name in outputs if name):
+        if all(_is_map(name, axes, shapes) for name in outputs if name):
             spatial.update(name for name in outputs if name)
         else:
             cuts.append((node, inputs))
     feature = _common_cut(model, cuts)
+    if trace is None:  # the trunk alone must trace (its fields: F's stride)
+        trace = trace_graph(_trunk_only(model, feature), index=index)
     field = trace.fields[feature]
     size = tuple(shapes[feature][axis] for axis in field.axes)
     return Cut(feature, field.axes, size, field.jump, trace.layout, shapes[feature])
 
 
-def _is_map(name: str, trace, shapes) -> bool:
+def _is_map(name: str, axes: dict[str, Pair], shapes) -> bool:
     """Whether ``name`` is a spatial map larger than 1x1 at R."""
-    field, shape = trace.fields.get(name), shapes.get(name)
-    if field is None or shape is None or len(shape) != 4:
+    shape = shapes.get(name)
+    if name not in axes or shape is None or len(shape) != 4:
         return False
-    return tuple(shape[axis] for axis in field.axes) != (1, 1)
+    return tuple(shape[axis] for axis in axes[name]) != (1, 1)
+
+
+def _axes_through_transposes(model, index: GraphIndex, image: str) -> dict[str, Pair]:
+    """Each tensor's spatial axes as the image's, moved by Transposes only (the first
+    spatial input's otherwise): enough to find the cut, which the trunk's trace confirms."""
+    layout = detect_layout(index, image)
+    axes = {image: (2, 3) if layout == "NCHW" else (1, 2)}
+    for node in topological_nodes(model.graph):
+        source = next((axes[name] for name in node.input if name in axes), None)
+        if source is None:
+            continue
+        if node.op_type == "Transpose":
+            perm = [int(p) for p in attributes(node).get("perm", [3, 2, 1, 0])]
+            source = (perm.index(source[0]), perm.index(source[1]))
+        axes.update(dict.fromkeys((name for name in node.output if name), source))
+    return axes
+
+
+def _trunk_only(model: onnx.ModelProto, feature: str) -> onnx.ModelProto:
+    """The nodes that compute ``feature``, F as the output, weights without data."""
+    nodes, reads = _needed(topological_nodes(model.graph), [feature], stop=set())
+    trunk = _skeleton(model, nodes)
+    trunk.graph.output.append(helper.make_tensor_value_info(feature, TensorProto.FLOAT, None))
+    trunk.graph.initializer.extend(
+        TensorProto(name=init.name, data_type=init.data_type, dims=init.dims)
+        for init in model.graph.initializer
+        if init.name in reads
+    )
+    return trunk
 
 
 def _common_cut(model: onnx.ModelProto, cuts) -> str:
@@ -120,12 +161,12 @@ def _light_index(model: onnx.ModelProto) -> tuple[GraphIndex, dict[str, tuple]]:
     """A :class:`GraphIndex` of ``model`` and every tensor's shape at R with a batch of 1,
     both made without copying the weights' values (a VGG's 500 MB): shape inference runs on
     a copy whose large float initializers have their dims and no data."""
-    light, large = _skeleton(model), []
+    light, large = _skeleton(model), set()
     for init in model.graph.initializer:
         if int(np.prod(init.dims)) <= SMALL_TENSOR or init.data_type != TensorProto.FLOAT:
             light.graph.initializer.append(init)
         else:
-            large.append(init.name)
+            large.add(init.name)
             light.graph.initializer.append(
                 TensorProto(name=init.name, data_type=init.data_type, dims=init.dims)
             )

@@ -92,7 +92,7 @@ def _independent_reference(classifier: onnx.ModelProto, image, *, feature, strid
     scores = np.zeros((3, *cells))
     for i in range(cells[0]):
         for j in range(cells[1]):
-            scores[:, i, j] = run(features[:, :, i : i + h, j : j + w])[0]
+            scores[:, i, j] = run(features[:, :, i : i + h, j : j + w])[0].reshape(-1)
     return scores
 
 
@@ -277,3 +277,27 @@ def test_the_cli_exits_1_on_a_wrong_padded_rewrite(googlenet_files, tmp_path, mo
     out = capsys.readouterr().out
     assert ("head on trunk windows" in out) and (("FAIL" in out) == bool(code)), out
     assert (tmp_path / "d.onnx").exists() == (not code)
+
+
+def test_a_head_the_tracer_refuses_past_the_cut_is_still_cut(googlenet_files):
+    """Caffe2 style, opset 11: the pool that is global at R, a 1x1 conv head and an old
+    Softmax over axis 1 (flattening C x 1 x 1 at R, which the tracer refuses on a map)."""
+    g = GraphBuilder(3, seed=1)
+    g.conv(4, 3, pad=1)
+    g.node("Relu")
+    g.pool("MaxPool", 2, 2)
+    g.conv(5, 2)
+    trunk = g.node("Relu")
+    g.node("AveragePool", kernel_shape=[7, 7], pads=[0, 0, 1, 1], count_include_pad=0)
+    g.conv(3, 1)
+    g.node("Softmax", axis=1)
+    classifier = g.model(R, opset=11, output_dims=[1, 3, 1, 1])
+    cut = find_cut(classifier)
+    assert (cut.feature, cut.size, cut.jump) == (trunk, (6, 6), (2, 2))
+    path = googlenet_files / "caffe2_style.onnx"
+    onnx.save_model(classifier, str(path))
+    image = np.random.default_rng(3).standard_normal((1, 3, *SIZES[0]))
+    expected = _independent_reference(classifier, image, feature=trunk, stride=(2, 2))
+    reference = Reference(path, np.float64, ["y"], window=(R, R), channels=3)
+    got = reference.trunk_windows(image, stride=(2, 2), cells=expected.shape[1:])["y"]
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
