@@ -19,7 +19,7 @@ floor relative to the scores. A model with several heads is compared head by hea
   padded the report says the check was not possible, and it does not pass;
 - **variants**: unpadded, against crops at their stride; padded, their every k-th cell
   against the (checked) native map, and against the head on the trunk's windows at T when T
-  is a multiple of the trunk's stride (shift-and-stitch is not exact there: NOTES sec. 2);
+  is a multiple of the trunk's stride (shift-and-stitch moves the zero border: not exact);
 - the torch path also compares a padded net with the converted torch module (extra row).
 
 Memory: the references are computed first and freed before each dense net runs alone, and
@@ -38,21 +38,16 @@ import numpy as np
 import onnx
 
 from convert import verify_limits
-from convert.classifier_runner import crop_batches, crop_scores
+from convert.classifier_runner import crop_batches
 from convert.pipeline import read_metadata
 from convert.runtime import Float64Runner, OrtRunner
-from convert.trunk_windows import TrunkNotDense
 from convert.verify_limits import Tolerance
 from convert.verify_reference import Reference
 from convert.verify_report import (
-    CROPS,
-    HEAD_ON_TRUNK,
-    NATIVE_MAP,
-    TORCH_MODULE,
-    WHOLE_WINDOW,
     VerifyReport,
     VerifyRow,
 )
+from convert.verify_rows import Check, Expected, add_module_maps, on_trunk_grid
 from service.contract import Geometry, ModelMetadata
 from service.errors import ConversionError
 
@@ -165,15 +160,15 @@ def verify(
         tolerances, at_window = _tolerances(classify, windows, dtype)  # frees its fp64 twin
         bar.step("float64 rounding at R", len(windows))
         images = [_random_image(rng, meta, size, dtype) for size in sizes]
-        expected = _Expected(reference, meta, bar)
+        expected = Expected(reference, meta, bar)
         references = [expected.main(image, nets[0].geometry) for image in images]
         if padded_module:
-            _add_module_maps(classify, geometry, images, references, bar)
+            add_module_maps(classify, geometry, images, references, bar)
         variant_references = [
             [expected.variant(image, net) for image in images] for net in nets[1:]
         ]
         reference.close()  # before the dense nets run: memory
-        check = _Check(classify.names, meta, tolerances, bar)
+        check = Check(classify.names, meta, tolerances, bar)
         rows = check.main(nets[0], windows, at_window, images, references)
         for net, refs in zip(nets[1:], variant_references, strict=True):
             rows += check.variant(net, windows, at_window, images, refs)
@@ -199,13 +194,8 @@ def _count_passes(geometry: Geometry, nets, sizes, module: bool, cut) -> int:
             if not geometry.padded:
                 total += 1 + crop_batches(net.geometry.cells(*size))
             else:
-                total += 1 + int(_on_trunk_grid(net.geometry.stride, cut))
+                total += 1 + int(on_trunk_grid(net.geometry.stride, cut))
     return total
-
-
-def _on_trunk_grid(stride: Pair, cut) -> bool:
-    """Whether windows at ``stride`` start on the trunk output's grid (k integer)."""
-    return cut is not None and all(s % j == 0 for s, j in zip(stride, cut.jump, strict=True))
 
 
 def _random_image(rng, meta: ModelMetadata, size: Pair, dtype, *, batch: int = 1) -> np.ndarray:
@@ -240,150 +230,6 @@ def _tolerances(classify, windows, dtype) -> tuple[dict[str, Tolerance], dict]:
         )
         for name in classify.names
     }, reference
-
-
-class _Expected:
-    """The references of every image, computed before any dense net runs."""
-
-    def __init__(self, reference: Reference, meta: ModelMetadata, bar) -> None:
-        self.reference = reference
-        self.meta = meta
-        self.bar = bar
-        self.unavailable = reference.exact_unavailable
-
-    def exact(self, image, stride: Pair, cells: Pair) -> dict[str, np.ndarray] | None:
-        """The head on the trunk's windows, or None (``unavailable`` says why)."""
-        if self.unavailable:
-            return None
-        try:
-            return self.reference.trunk_windows(image, stride=stride, cells=cells)
-        except TrunkNotDense as exc:
-            self.unavailable = str(exc)
-            return None
-        finally:
-            self.bar.step("head on trunk windows")
-
-    def crops(self, image, geometry: Geometry, cells: Pair) -> dict[str, np.ndarray]:
-        return crop_scores(
-            self.reference.classify.run, image, geometry=geometry,
-            layout=self.meta.preprocessing.layout, cells=cells, step=self.bar.step,
-        )  # fmt: skip
-
-    def main(self, image, geometry: Geometry) -> dict:
-        cells = geometry.cells(*_size(image, self.meta))
-        return {
-            "cells": cells,
-            HEAD_ON_TRUNK: self.exact(image, geometry.stride, cells),
-            CROPS: self.crops(image, geometry, cells),
-        }
-
-    def variant(self, image, net: _Net) -> dict:
-        cells = net.geometry.cells(*_size(image, self.meta))
-        found = {"cells": cells}
-        if not self.meta.geometry.padded:
-            found[CROPS] = self.crops(image, net.geometry, cells)
-            return found
-        if _on_trunk_grid(net.geometry.stride, self.reference.cut):
-            found[HEAD_ON_TRUNK] = self.exact(image, net.geometry.stride, cells)
-        return found
-
-
-def _add_module_maps(classify, geometry: Geometry, images, references, bar) -> None:
-    """The converted torch module's maps (padded torch path: an extra row)."""
-    from convert.from_torch.fc import fully_convolutional
-
-    module = fully_convolutional(classify.torch_module, input_size=geometry.window)
-    for image, found in zip(images, references, strict=True):
-        cells = found["cells"]
-        outputs = classify.module_outputs(module, image)
-        found[TORCH_MODULE] = {
-            name: out[0, :, : cells[0], : cells[1]] for name, out in outputs.items()
-        }
-        bar.step("converted torch module")
-
-
-class _Check:
-    """The rows of one verification, net by net, head by head."""
-
-    def __init__(self, names, meta: ModelMetadata, tolerances, bar) -> None:
-        self.meta = meta
-        self.tolerances = tolerances
-        self.names = names
-        self.bar = bar
-        self.main_maps: list[dict[str, np.ndarray]] = []
-
-    def rows(self, net, size, cells, against, got, expected, *, checked=True) -> list[VerifyRow]:
-        """One row per head: ``got`` and ``expected`` are {head: values}."""
-        rows = []
-        for name in self.names:
-            values, reference = got[name], expected[name]
-            diff = (
-                float(np.abs(values.astype(np.float64) - reference).max()) if values.size else 0.0
-            )
-            limit = self.tolerances[name].limit(reference) if checked else None
-            head = name if len(self.names) > 1 else ""
-            rows.append(VerifyRow(size, cells, against, diff, limit, net=net.label, head=head))
-        return rows
-
-    def at_window(self, net, windows, reference) -> list[VerifyRow]:
-        scores = {name: out[:, :, 0, 0] for name, out in net.run(windows).items()}
-        self.bar.step(f"{net.label or 'main model'} at R")
-        against = f"{WHOLE_WINDOW} ({len(windows)})" if len(windows) > 1 else WHOLE_WINDOW
-        return self.rows(net, net.geometry.window, (1, 1), against, scores, reference)
-
-    def maps(self, net, image, cells) -> dict[str, np.ndarray]:
-        return {name: out[0, :, : cells[0], : cells[1]] for name, out in net.run(image).items()}
-
-    def compare(self, net, image, found, maps) -> list[VerifyRow]:
-        size, cells = _size(image, self.meta), found["cells"]
-        windows = f"({cells[0] * cells[1]} windows)"
-        rows = []
-        if found.get(HEAD_ON_TRUNK) is not None:
-            against = f"{HEAD_ON_TRUNK} {windows}"
-            rows += self.rows(net, size, cells, against, maps, found[HEAD_ON_TRUNK])
-        if CROPS in found:
-            checked = not self.meta.geometry.padded
-            against = f"{CROPS} {windows}"
-            rows += self.rows(net, size, cells, against, maps, found[CROPS], checked=checked)
-        if TORCH_MODULE in found:
-            rows += self.rows(net, size, cells, TORCH_MODULE, maps, found[TORCH_MODULE])
-        return rows
-
-    def main(self, net, windows, at_window, images, references) -> list[VerifyRow]:
-        rows = self.at_window(net, windows, at_window)
-        for image, found in zip(images, references, strict=True):
-            maps = self.maps(net, image, found["cells"])
-            self.main_maps.append(maps)
-            self.bar.step(f"main model {_size(image, self.meta)}")
-            rows += self.compare(net, image, found, maps)
-        net.close()
-        return rows
-
-    def variant(self, net, windows, at_window, images, references) -> list[VerifyRow]:
-        """Unpadded: the variant's maps against crops at its stride. Padded: their every k-th
-        cell against the native maps, and against the head on the trunk's windows at T when
-        T is a multiple of the trunk's stride."""
-        rows = self.at_window(net, windows, at_window)
-        native = self.meta.geometry.stride
-        k = tuple(s // t for s, t in zip(native, net.geometry.stride, strict=True))
-        for image, main_maps, found in zip(images, self.main_maps, references, strict=True):
-            size = _size(image, self.meta)
-            maps = self.maps(net, image, found["cells"])
-            self.bar.step(f"{net.label} {size[0]}x{size[1]}")
-            if self.meta.geometry.padded:
-                native_cells = next(iter(main_maps.values())).shape[1:]
-                shared = {
-                    name: m[:, :: k[0], :: k[1]][:, : native_cells[0], : native_cells[1]]
-                    for name, m in maps.items()
-                }
-                rows += self.rows(net, size, native_cells, NATIVE_MAP, shared, main_maps)
-            rows += self.compare(net, image, found, maps)
-        net.close()
-        return rows
-
-
-def _size(image: np.ndarray, meta: ModelMetadata) -> Pair:
-    return tuple(image.shape[2:4] if meta.preprocessing.layout == "NCHW" else image.shape[1:3])
 
 
 def _graph_outputs(dense_path) -> list[str]:
