@@ -1,4 +1,4 @@
-"""Peak memory and bytes written by ``--verify`` on a VGG-11-sized ONNX classifier.
+"""Peak memory and bytes written by ``--verify`` on a VGG-11-sized ONNX classifier (issue 18).
 
 VGG-11 (torchvision's layout, written out in plain torch.nn: no torchvision needed), random
 weights, 1000 classes, R = 224, exported with the legacy exporter (~507 MB of float32
@@ -10,6 +10,9 @@ beyond the interpreter and its libraries (measured as the RSS before ``verify``)
 
     PYTHONPATH=$PWD python -m pytest -q -s tests/bench/bench_verify_memory.py \
         -o python_files='bench_*.py'
+
+For the code before, put its checkout on PYTHONPATH instead (the child runs in the bench
+folder, so the current folder's code is not imported by accident).
 """
 
 from __future__ import annotations
@@ -90,8 +93,12 @@ def _preprocessing():
 def measure(classifier: Path, dense: Path) -> dict:
     done = subprocess.run(
         [sys.executable, "-c", CHILD, str(classifier), str(dense)],
-        capture_output=True, text=True, check=True, env=os.environ,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+        env=os.environ,
+        cwd=BENCH_DIR,
+    )  # cwd: the code verified is the one on PYTHONPATH, not the current folder's
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
