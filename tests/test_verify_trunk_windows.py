@@ -301,3 +301,40 @@ def test_a_head_the_tracer_refuses_past_the_cut_is_still_cut(googlenet_files):
     reference = Reference(path, np.float64, ["y"], window=(R, R), channels=3)
     got = reference.trunk_windows(image, stride=(2, 2), cells=expected.shape[1:])["y"]
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
+
+
+def _strided_head_classifier() -> onnx.ModelProto:
+    """Padded; the head starts at a 4x4 map of stride 2 and pools it with stride 4, so the
+    dense stride is 8 and variants at 4 and 2 start on the trunk output's grid."""
+    g = GraphBuilder(3, seed=5)
+    g.conv(4, 3, pad=1)
+    g.node("Relu")
+    g.pool("MaxPool", 2, 2)
+    g.conv(5, 3, pad=1)
+    g.node("Relu")
+    g.pool("MaxPool", 4, 4)
+    g.node("Flatten", axis=1)
+    weight = g.const(g.rng.standard_normal((3, 5)).astype(np.float32))
+    g.node("Gemm", [g.current, weight, g.const(np.zeros(3, np.float32), "b")], transB=1)
+    return g.model(8, output_dims=[1, 3])
+
+
+def test_padded_variants_on_the_trunk_grid_are_checked_on_its_windows(tmp_path):
+    onnx.save_model(_strided_head_classifier(), str(tmp_path / "c.onnx"))
+    result = convert.convert_onnx(tmp_path / "c.onnx", tmp_path / "d.onnx", strides=[4, 2])
+    report = convert.verify(tmp_path / "c.onnx", result.path, dtype="float64")
+    assert report.passed and report.padded, report.table()
+    exact = [(row.net, row.cells) for row in report.rows if row.against.startswith("head on")]
+    assert exact == [
+        ("", (4, 3)), ("", (2, 4)),
+        ("d.s4.onnx", (8, 6)), ("d.s4.onnx", (3, 8)),
+        ("d.s2.onnx", (15, 11)), ("d.s2.onnx", (5, 15)),
+    ]  # fmt: skip
+    assert max(row.max_diff for row in report.rows if row.limit is not None) < 1e-12
+    variant = result.variant_paths[1]
+    weights = [t for t in onnx.load(str(variant)).graph.initializer if len(t.dims) == 4]
+    _perturb_largest(variant, variant, tuple(weights[1].dims))
+    report = convert.verify(tmp_path / "c.onnx", result.path, dtype="float64")
+    failed = {(row.net, row.against.split(" (")[0]) for row in report.rows if not row.ok}
+    assert ("d.s2.onnx", "head on trunk windows") in failed, report.table()
+    assert all(net == "d.s2.onnx" for net, _ in failed)
