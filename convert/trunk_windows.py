@@ -126,22 +126,23 @@ def _trunk_only(model: onnx.ModelProto, feature: str) -> onnx.ModelProto:
 def _common_cut(model: onnx.ModelProto, cuts) -> str:
     """The one feature map every head starts from (the first cut above each output)."""
     producers = {name: node for node in model.graph.node for name in node.output}
-    order = {id(node): position for position, (node, _) in enumerate(cuts)}
+    order = {tuple(node.output): position for position, (node, _) in enumerate(cuts)}
     features = {}
     for output in model.graph.output:
         ancestors, pending = set(), [output.name]
         while pending:
             node = producers.get(pending.pop())
-            if node is not None and id(node) not in ancestors:
-                ancestors.add(id(node))
+            if node is not None and tuple(node.output) not in ancestors:
+                ancestors.add(tuple(node.output))
                 pending.extend(node.input)
-        firsts = sorted((order[a], a) for a in ancestors if a in order)
+        firsts = sorted(order[a] for a in ancestors if a in order)
         if not firsts:
             raise ConversionError(
-                f"the classifier's output {output.name!r} is a feature map at its input size: "
-                "no head to cut the classifier at (is it a classifier?)"
+                f"the classifier's output {output.name!r} is still a feature map larger than "
+                "1x1 at its input size, or does not read the image: no head to cut the "
+                "classifier at (is it a window classifier?)"
             )
-        node, inputs = cuts[firsts[0][0]]
+        node, inputs = cuts[firsts[0]]
         if len(inputs) != 1:
             raise ConversionError(
                 f"the head of output {output.name!r} starts at {node.op_type} "
