@@ -4,7 +4,8 @@ Public API (``import convert`` never imports torch; the torch entry points do, l
 
 - :func:`convert_torch` — a torch ``nn.Module`` classifier to a dense ONNX file;
 - :func:`convert_onnx` — a fixed-size ONNX classifier (any framework) to a dense ONNX file;
-- :func:`verify` — compare a written dense model with its classifier, crop by crop;
+- :func:`verify` — compare a written dense model with its classifier: its own head on each
+  window of its own trunk's output (exact with padding), and crop by crop;
 - :func:`fully_convolutional` — the torch-side rewrite alone (returns an ``nn.Module``);
 - :class:`HeadOptions` — kinds, labels, primary head and names of a classifier's heads
   (a torch forward returning a tuple or dict, an ONNX graph with several outputs: one

@@ -124,19 +124,27 @@ def _onnx_classifier(path: Path, dtype: np.dtype):
     model = runnable_classifier(model)  # IR 3 weights as initializers, opset < 7 upgraded
     batch_dim = image_input(model.graph).type.tensor_type.shape.dim[0]
     fixed_batch = batch_dim.dim_value if batch_dim.HasField("dim_value") else None
-    single = Float64Runner(model) if dtype == np.float64 else OrtRunner(model.SerializeToString())
+    if dtype == np.float64:
+        single = Float64Runner(model)
+    else:
+        single = OrtRunner(model.SerializeToString(), low_memory=True)
+    del model
+    return lambda batch: run_in_batches(single.outputs, batch, fixed_batch)
 
-    def run(batch: np.ndarray) -> list[np.ndarray]:
-        if fixed_batch is None:
-            return list(single.outputs(batch).values())
-        chunks = []
-        for start in range(0, len(batch), fixed_batch):
-            chunk = batch[start : start + fixed_batch]
-            padded = np.concatenate([chunk] + [chunk[-1:]] * (fixed_batch - len(chunk)))
-            chunks.append([v[: len(chunk)] for v in single.outputs(padded).values()])
-        return [np.concatenate(parts) for parts in zip(*chunks, strict=True)]
 
-    return run
+def run_in_batches(
+    outputs: Callable[[np.ndarray], dict[str, np.ndarray]], batch: np.ndarray, fixed: int | None
+) -> list[np.ndarray]:
+    """Every output of ``outputs`` (a runner's, by name) on ``batch``, in graph order; a
+    model with a ``fixed`` batch size runs on chunks of it (the last one padded)."""
+    if fixed is None:
+        return list(outputs(batch).values())
+    chunks = []
+    for start in range(0, len(batch), fixed):
+        chunk = batch[start : start + fixed]
+        padded = np.concatenate([chunk] + [chunk[-1:]] * (fixed - len(chunk)))
+        chunks.append([v[: len(chunk)] for v in outputs(padded).values()])
+    return [np.concatenate(parts) for parts in zip(*chunks, strict=True)]
 
 
 def crop_batches(cells: Pair) -> int:

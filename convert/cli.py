@@ -74,7 +74,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "their deviation from fp32 goes into the metadata (default: none, fp32 only)",
     )
     parser.add_argument(
-        "--verify", action="store_true", help="compare with crop-by-crop evaluation"
+        "--verify",
+        action="store_true",
+        help="check every written net against the classifier's own head on its trunk's "
+        "windows (and crops on unpadded nets); exit 1 and remove the files on a failure",
     )
     parser.add_argument(
         "--trust-pickle",

@@ -1,24 +1,31 @@
-"""Check a dense model and its à-trous variants against the classifier, crop by crop.
+"""Check a dense model and its à-trous variants against the classifier it came from.
 
-For each image size (R + 3S plus a remainder, non-square by default) every window crop
-runs through the original classifier (batched), each net (the main model, then every
-variant at its finer stride T) runs once, and its map is cropped to n = (W - R) // T + 1
-cells per axis (written models already return exactly n; older ones may return more).
-Each row's max |difference| is held to the limit of :mod:`convert.verify_limits`: a
-multiple of the classifier's own float32 rounding, measured against float64 on windows of
-size R, with a floor relative to the scores. A model with several heads is compared head
-by head: each dense output with the classifier's own output for that head (a dict by key,
-a tuple or ONNX outputs in order), each with its own measured rounding.
+For each image size (R + 3S plus a remainder, non-square by default) the reference is the
+classifier's **own head on every window of its own trunk's output** over the whole image
+(:mod:`convert.trunk_windows`: the classifier is cut where its head starts at R): exact for
+every net, zero padding included, so a wrong rewrite fails whatever the net. Each net (the
+main model, then every variant at its finer stride T) runs once, and its map is cropped to
+n = (W - R) // T + 1 cells per axis (written models already return exactly n). Each row's
+max |difference| is held to the limit of :mod:`convert.verify_limits`: a multiple of the
+classifier's own float32 rounding, measured against float64 on windows of size R, with a
+floor relative to the scores. A model with several heads is compared head by head.
 
-- **unpadded nets** must agree on every crop, at the native stride and at each variant's;
-- **padded nets** differ by design: a crop sees zero padding at its border where the dense
-  pass sees real neighbours (VGG paper, section 3.2). Crop rows are reported as expected;
-  exactness is checked against the converted torch module (torch path only), on windows
-  of exactly R, where both see the same zeros, and for each variant against the native
-  map on the cells they share (every k-th cell).
+- **crops** (the classifier on each window) are checked too on **unpadded** nets, where they
+  equal the reference; on **padded** nets a crop sees zero padding at its border where the
+  dense pass sees real neighbours (VGG paper, section 3.2): their difference is reported as
+  information, never as the pass criterion;
+- a classifier whose trunk cannot run on a larger image (a constant that depends on R) or
+  that cannot be cut into one trunk and a head falls back to crops when unpadded; when
+  padded the report says the check was not possible, and it does not pass;
+- **variants**: unpadded, against crops at their stride; padded, their every k-th cell
+  against the (checked) native map, and against the head on the trunk's windows at T when T
+  is a multiple of the trunk's stride (shift-and-stitch moves the zero border: not exact);
+- the torch path also compares a padded net with the converted torch module (extra row).
 
-Big nets take a while (VGG-16: minutes): with ``progress=None`` a progress bar goes to
-stderr when it is a terminal; ``progress=False`` keeps it quiet.
+Memory: the references are computed first and freed before each dense net runs alone, and
+an ONNX classifier is held once, as its trunk and head. Big nets take a while (VGG-16:
+minutes): with ``progress=None`` a progress bar goes to stderr when it is a terminal;
+``progress=False`` keeps it quiet.
 """
 
 from __future__ import annotations
@@ -31,18 +38,16 @@ import numpy as np
 import onnx
 
 from convert import verify_limits
-from convert.classifier_runner import Classifier, crop_batches, crop_scores
+from convert.classifier_runner import crop_batches
 from convert.pipeline import read_metadata
 from convert.runtime import Float64Runner, OrtRunner
 from convert.verify_limits import Tolerance
+from convert.verify_reference import Reference
 from convert.verify_report import (
-    CROPS,
-    NATIVE_MAP,
-    TORCH_MODULE,
-    WHOLE_WINDOW,
     VerifyReport,
     VerifyRow,
 )
+from convert.verify_rows import Check, Expected, add_module_maps, on_trunk_grid
 from service.contract import Geometry, ModelMetadata
 from service.errors import ConversionError
 
@@ -85,8 +90,8 @@ class _Progress:
 
 
 class _Net:
-    """One dense file to check: the main model or a variant (its session opens at first
-    use, after the float64 measurement has freed its memory)."""
+    """One dense file to check: the main model or a variant. Its session opens at first use
+    and is closed by :meth:`close` (one net in memory at a time)."""
 
     def __init__(self, path: Path, geometry: Geometry, dtype: np.dtype, *, main: bool) -> None:
         self.path = path
@@ -101,9 +106,12 @@ class _Net:
             self._runner = (
                 Float64Runner(onnx.load(str(self.path)))
                 if self._dtype == np.float64
-                else OrtRunner(str(self.path))
+                else OrtRunner(str(self.path), low_memory=True)
             )
         return self._runner.outputs(image)
+
+    def close(self) -> None:
+        self._runner = None
 
 
 def verify(
@@ -136,27 +144,34 @@ def verify(
     for variant in meta.variants:
         path = dense_path.parent / variant.file
         nets.append(_Net(path, read_metadata(path).geometry, dtype, main=False))
-    classify = Classifier(classifier, dtype, _graph_outputs(dense_path))
+    reference = Reference(
+        classifier, dtype, _graph_outputs(dense_path),
+        window=geometry.window, channels=meta.preprocessing.channels,
+    )  # fmt: skip
+    classify = reference.classify
     padded_module = geometry.padded and classify.torch_module is not None
-    bar = _Progress(_count_passes(geometry, nets, sizes, padded_module), progress)
+    passes = _count_passes(geometry, nets, sizes, padded_module, reference.cut)
+    bar = _Progress(passes, progress)
     try:
         rng = np.random.default_rng(seed)
         windows = _random_image(
             rng, meta, geometry.window, dtype, batch=verify_limits.ROUNDING_WINDOWS
         )
-        reference = classify.run(windows)
-        tolerances = _tolerances(classify, windows, reference, dtype)  # frees its fp64 copy
+        tolerances, at_window = _tolerances(classify, windows, dtype)  # frees its fp64 twin
         bar.step("float64 rounding at R", len(windows))
-        module = None
-        if padded_module:
-            from convert.from_torch.fc import fully_convolutional
-
-            module = fully_convolutional(classify.torch_module, input_size=geometry.window)
         images = [_random_image(rng, meta, size, dtype) for size in sizes]
-        check = _Check(classify, module, meta, tolerances, bar)
-        rows = check.main(nets[0], windows, reference, images)
-        for net in nets[1:]:
-            rows += check.variant(net, windows, reference, images)
+        expected = Expected(reference, meta, bar)
+        references = [expected.main(image, nets[0].geometry) for image in images]
+        if padded_module:
+            add_module_maps(classify, geometry, images, references, bar)
+        variant_references = [
+            [expected.variant(image, net) for image in images] for net in nets[1:]
+        ]
+        reference.close()  # before the dense nets run: memory
+        check = Check(classify.names, meta, tolerances, bar)
+        rows = check.main(nets[0], windows, at_window, images, references)
+        for net, refs in zip(nets[1:], variant_references, strict=True):
+            rows += check.variant(net, windows, at_window, images, refs)
     finally:
         bar.close()
     return VerifyReport(
@@ -166,15 +181,20 @@ def verify(
         tolerance=tolerances[classify.names[0]],
         window=geometry.window,
         head_tolerances=tuple(tolerances.items()) if len(tolerances) > 1 else (),
+        exact_unavailable=expected.unavailable,
+        cut=reference.cut_label,
     )
 
 
-def _count_passes(geometry: Geometry, nets, sizes, module: bool) -> int:
+def _count_passes(geometry: Geometry, nets, sizes, module: bool, cut) -> int:
     total = verify_limits.ROUNDING_WINDOWS + len(nets)
     for size in sizes:
-        total += 1 + crop_batches(geometry.cells(*size)) + int(module)
+        total += 2 + crop_batches(geometry.cells(*size)) + int(module)
         for net in nets[1:]:
-            total += 1 + (0 if geometry.padded else crop_batches(net.geometry.cells(*size)))
+            if not geometry.padded:
+                total += 1 + crop_batches(net.geometry.cells(*size))
+            else:
+                total += 1 + int(on_trunk_grid(net.geometry.stride, cut))
     return total
 
 
@@ -185,116 +205,31 @@ def _random_image(rng, meta: ModelMetadata, size: Pair, dtype, *, batch: int = 1
     return rng.standard_normal(shape).astype(dtype)
 
 
-def _tolerances(classify: Classifier, windows, reference, dtype) -> dict[str, Tolerance]:
-    """Each head's limit: from its own float32 rounding (one float64 run of the windows)."""
+def _tolerances(classify, windows, dtype) -> tuple[dict[str, Tolerance], dict]:
+    """Each head's limit, from its own float32 rounding (one float64 run of the windows,
+    made and freed before the float32 run: memory), and the classifier's scores."""
     if dtype == np.float64:
-        return {name: Tolerance(dtype="float64") for name in classify.names}
+        return {name: Tolerance(dtype="float64") for name in classify.names}, classify.run(windows)
     try:
         run64 = classify.float64_run()
         windows64 = windows.astype(np.float64)
         # one window at a time: fp64 convolutions unfold their input (memory on big nets)
         outputs64 = [run64(windows64[i : i + 1]) for i in range(len(windows64))]
+        del run64
     except Exception as exc:  # noqa: BLE001 - onnx.reference lacks an op or a type, ...
         reason = " ".join(str(exc).split())[:160] or type(exc).__name__
         unmeasured = f"the classifier fails in float64: {reason}"
-        return {name: Tolerance(dtype="float32", unmeasured=unmeasured) for name in classify.names}
+        tolerances = {
+            name: Tolerance(dtype="float32", unmeasured=unmeasured) for name in classify.names
+        }
+        return tolerances, classify.run(windows)
+    reference = classify.run(windows)
     return {
         name: verify_limits.from_scores(
             reference[name], np.concatenate([output[name] for output in outputs64])
         )
         for name in classify.names
-    }
-
-
-class _Check:
-    """The rows of one verification, net by net, head by head."""
-
-    def __init__(self, classify, module, meta: ModelMetadata, tolerances, bar) -> None:
-        self.classify = classify
-        self.module = module
-        self.meta = meta
-        self.tolerances = tolerances
-        self.names = classify.names
-        self.bar = bar
-        self.main_maps: list[dict[str, np.ndarray]] = []
-
-    def rows(self, net, size, cells, against, got, expected, *, checked=True) -> list[VerifyRow]:
-        """One row per head: ``got`` and ``expected`` are {head: values}."""
-        rows = []
-        for name in self.names:
-            values, reference = got[name], expected[name]
-            diff = (
-                float(np.abs(values.astype(np.float64) - reference).max()) if values.size else 0.0
-            )
-            limit = self.tolerances[name].limit(reference) if checked else None
-            head = name if len(self.names) > 1 else ""
-            rows.append(VerifyRow(size, cells, against, diff, limit, net=net.label, head=head))
-        return rows
-
-    def at_window(self, net, windows, reference) -> list[VerifyRow]:
-        scores = {name: out[:, :, 0, 0] for name, out in net.run(windows).items()}
-        self.bar.step(f"{net.label or 'main model'} at R")
-        against = f"{WHOLE_WINDOW} ({len(windows)})" if len(windows) > 1 else WHOLE_WINDOW
-        return self.rows(net, net.geometry.window, (1, 1), against, scores, reference)
-
-    def maps(self, net, image, cells) -> dict[str, np.ndarray]:
-        return {name: out[0, :, : cells[0], : cells[1]] for name, out in net.run(image).items()}
-
-    def crops(self, net, image, cells):
-        layout = self.meta.preprocessing.layout
-        step = self.bar.step
-        return crop_scores(
-            self.classify.run, image, geometry=net.geometry, layout=layout, cells=cells, step=step
-        )
-
-    def main(self, net, windows, reference, images) -> list[VerifyRow]:
-        rows = self.at_window(net, windows, reference)
-        padded = net.geometry.padded
-        for image in images:
-            size = _size(image, self.meta)
-            cells = net.geometry.cells(*size)
-            maps = self.maps(net, image, cells)
-            self.main_maps.append(maps)
-            self.bar.step(f"main model {size[0]}x{size[1]}")
-            crops = self.crops(net, image, cells)
-            against = f"{CROPS} ({cells[0] * cells[1]} windows)"
-            rows += self.rows(net, size, cells, against, maps, crops, checked=not padded)
-            if self.module is not None:
-                outputs = self.classify.module_outputs(self.module, image)
-                expected = {
-                    name: out[0, :, : cells[0], : cells[1]] for name, out in outputs.items()
-                }
-                rows += self.rows(net, size, cells, TORCH_MODULE, maps, expected)
-                self.bar.step("converted torch module")
-        return rows
-
-    def variant(self, net, windows, reference, images) -> list[VerifyRow]:
-        """Unpadded: the variant's maps against crops at its stride. Padded: their every k-th
-        cell against the native maps (crops would differ by padding anyway)."""
-        rows = self.at_window(net, windows, reference)
-        native = self.meta.geometry.stride
-        k = tuple(s // t for s, t in zip(native, net.geometry.stride, strict=True))
-        for image, main_maps in zip(images, self.main_maps, strict=True):
-            size = _size(image, self.meta)
-            cells = net.geometry.cells(*size)
-            maps = self.maps(net, image, cells)
-            self.bar.step(f"{net.label} {size[0]}x{size[1]}")
-            if self.meta.geometry.padded:
-                native_cells = next(iter(main_maps.values())).shape[1:]
-                shared = {
-                    name: m[:, :: k[0], :: k[1]][:, : native_cells[0], : native_cells[1]]
-                    for name, m in maps.items()
-                }
-                rows += self.rows(net, size, native_cells, NATIVE_MAP, shared, main_maps)
-            else:
-                crops = self.crops(net, image, cells)
-                against = f"{CROPS} ({cells[0] * cells[1]} windows)"
-                rows += self.rows(net, size, cells, against, maps, crops)
-        return rows
-
-
-def _size(image: np.ndarray, meta: ModelMetadata) -> Pair:
-    return tuple(image.shape[2:4] if meta.preprocessing.layout == "NCHW" else image.shape[1:3])
+    }, reference
 
 
 def _graph_outputs(dense_path) -> list[str]:

@@ -1,9 +1,11 @@
 """The report of ``--verify``: one row per comparison, the limit's origin, honest footnotes.
 
 Each row compares one net (the main model or an à-trous variant) on one image with one
-reference. The footnote of a padded net names only the checks that really ran: the torch
-path compares the whole map with the converted torch module, the ONNX path has no such
-module and checks exactness at the window size only.
+reference, named in the row: the head on the trunk's windows (exact), crops (exact for
+unpadded nets; information only on padded ones), the classifier on whole windows of R, the
+native map's shared cells (variants), the converted torch module. The footnotes say where
+the classifier was cut and name only the checks that really ran; a padded net whose map
+past R could be compared with nothing exact is reported as not verified, never as passed.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from convert.verify_limits import Tolerance
 
 Pair = tuple[int, int]
 WHOLE_WINDOW = "classifier, whole window"
+HEAD_ON_TRUNK = "head on trunk windows"
 CROPS = "crops"
 TORCH_MODULE = "converted torch module"
 NATIVE_MAP = "native map, every k-th cell"
@@ -27,7 +30,7 @@ class VerifyRow:
     cells: Pair
     against: str
     max_diff: float
-    limit: float | None  # None: a difference that is expected (padding), not checked
+    limit: float | None  # None: information (crops of a padded net), not checked
     net: str = ""  # "" for the main model, else the variant's file name
     head: str = ""  # the output compared (models with several heads)
 
@@ -38,7 +41,7 @@ class VerifyRow:
     @property
     def verdict(self) -> str:
         if self.limit is None:
-            return "expected (padding)"
+            return "info (padding)"
         return "ok" if self.ok else "FAIL"
 
 
@@ -50,10 +53,19 @@ class VerifyReport:
     tolerance: Tolerance | None = None
     window: Pair = (0, 0)
     head_tolerances: tuple[tuple[str, Tolerance], ...] = ()  # several heads: each one's
+    exact_unavailable: str = ""  # why the head on the trunk's windows could not be computed
+    cut: str = ""  # where the classifier was cut (its head's input), for the footnote
+
+    @property
+    def unverified(self) -> bool:
+        """A padded net whose map past R was compared with nothing exact."""
+        return self.padded and not any(
+            row.against.startswith(HEAD_ON_TRUNK) for row in self.rows if not row.net
+        )
 
     @property
     def passed(self) -> bool:
-        return all(row.ok for row in self.rows)
+        return all(row.ok for row in self.rows) and not self.unverified
 
     @property
     def max_checked_diff(self) -> float:
@@ -63,8 +75,8 @@ class VerifyReport:
         width = max((len(row.head) for row in self.rows), default=0)
         head = f"{'head':<{width}}  " if width else ""
         lines = [
-            f"verify ({self.dtype}): dense model vs window-by-window classifier",
-            f"  {'image':>9}  {'cells':>5}  {head}{'compared with':<28}  {'max|diff|':>9}  "
+            f"verify ({self.dtype}): dense model vs the classifier it came from",
+            f"  {'image':>9}  {'cells':>5}  {head}{'compared with':<35}  {'max|diff|':>9}  "
             f"{'limit':>7}  result",
         ]
         net = None
@@ -76,7 +88,7 @@ class VerifyReport:
             limit = "-" if row.limit is None else f"{row.limit:.1e}"
             head = f"{row.head:<{width}}  " if width else ""
             lines.append(
-                f"  {size:>9}  {cells:>5}  {head}{row.against:<28}  {row.max_diff:>9.2e}  "
+                f"  {size:>9}  {cells:>5}  {head}{row.against:<35}  {row.max_diff:>9.2e}  "
                 f"{limit:>7}  {row.verdict}"
             )
         if self.head_tolerances:
@@ -85,31 +97,46 @@ class VerifyReport:
             notes = [] if self.tolerance is None else [self.tolerance.describe(self.window)]
         for note in (*notes, *self.footnote()):
             lines += textwrap.wrap(note, WIDTH, initial_indent="  ", subsequent_indent="  ")
-        lines.append("  PASSED" if self.passed else "  FAILED: differences past the limit")
+        if self.passed:
+            lines.append("  PASSED")
+        elif self.unverified and all(row.ok for row in self.rows):
+            lines.append("  NOT VERIFIED: nothing exact to compare the padded map with")
+        else:
+            lines.append("  FAILED: differences past the limit")
         return "\n".join(lines)
 
     def footnote(self) -> list[str]:
-        """What the padded-net rows mean, naming only the checks that ran (paragraphs)."""
-        if not self.padded:
-            return []
+        """What the rows mean, naming only the checks that ran (paragraphs)."""
         kinds = {row.against.split(" (")[0] for row in self.rows if row.limit is not None}
-        checked = []
-        if TORCH_MODULE in kinds:
-            checked.append("against the converted torch module")
-        if WHOLE_WINDOW in kinds:
-            checked.append("on windows of exactly R (both see the same zeros)")
-        if NATIVE_MAP in kinds:
-            checked.append("for each variant against the native map on their shared cells")
-        notes = [
-            "padded net: each crop sees zero padding at its border where the dense pass sees "
-            "real neighbours (VGG paper sec. 3.2), so crop differences are expected; exactness "
-            "is checked " + _join(checked) + "."
-        ]
-        if TORCH_MODULE not in kinds:
+        notes = []
+        if HEAD_ON_TRUNK in kinds:
             notes.append(
-                "The map past R is compared with nothing exact: an ONNX classifier has no "
-                "converted torch module to compare it with (convert from torch to check it)."
+                f"{HEAD_ON_TRUNK}: the classifier cut where its head starts ({self.cut}); its "
+                "head run on each window of its trunk's output over the whole image: exact "
+                "for every net, zero padding included."
             )
+        elif self.exact_unavailable:
+            notes.append(f"no {HEAD_ON_TRUNK}: {self.exact_unavailable}.")
+        if self.padded:
+            notes.append(
+                "padded net: each crop sees zero padding at its border where the dense pass "
+                "sees real neighbours (VGG paper sec. 3.2), so crop rows are information only."
+            )
+            others = []
+            if TORCH_MODULE in kinds:
+                others.append("against the converted torch module")
+            if NATIVE_MAP in kinds:
+                others.append("for each variant against the native map on their shared cells")
+            if others:
+                notes.append("Also checked " + _join(others) + ".")
+            if self.unverified:
+                notes.append(
+                    "The map past R was compared with nothing exact (the converted torch "
+                    "module shares the converter's rewrite): the check was not possible. "
+                    "Convert without --verify to keep the model unverified."
+                )
+        elif CROPS in kinds and HEAD_ON_TRUNK not in kinds:
+            notes.append("Unpadded net: crops are exact and are the check.")
         return notes
 
 

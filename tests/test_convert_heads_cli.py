@@ -51,8 +51,9 @@ def test_head_flags_end_to_end_with_verify(detector, tmp_path):
     assert lines[1] == "heads: scores (logits, 3 labels), boxes (regression, 4 labels)"
     assert lines[2] == f"wrote {out.parent / 'model.s1.onnx'} (stride 1x1)"
     rows = [line.split() for line in lines if line.strip().endswith(" ok")]
-    # the main model, then its stride-1 variant: whole window + two sizes, per head
-    assert [row[2] for row in rows] == ["scores", "boxes"] * 6
+    # per head: the main model's whole window + two sizes x (head on trunk windows, crops),
+    # then its stride-1 variant's whole window + two sizes (crops)
+    assert [row[2] for row in rows] == ["scores", "boxes"] * 8
     assert "  model.s1.onnx (a-trous variant):" in lines
     assert "  PASSED" in lines
     meta = _metadata(out)

@@ -137,10 +137,10 @@ def test_verify_compares_each_head_with_its_own_output(tmp_path):
     report = convert.verify(model, result.path)  # fp32: the export folds BatchNorm in fp32
     assert report.passed
     assert {row.head for row in report.rows} == {"scores", "boxes"}
-    assert len(report.rows) == 2 * 3  # whole window + two sizes, per head
+    assert len(report.rows) == 2 * 5  # whole window + two sizes x (trunk windows, crops)
     table = report.table().splitlines()
     assert table[1].split()[2:4] == ["head", "compared"]
-    assert [line.split()[2] for line in table[2:8]] == ["scores", "boxes"] * 3
+    assert [line.split()[2] for line in table[2:12]] == ["scores", "boxes"] * 5
     # a wrong box head is caught on the boxes rows only
     dense = onnx.load(str(result.path))
     producers = {out: node for node in dense.graph.node for out in node.output}
@@ -260,8 +260,8 @@ def test_stride_of_the_fixtures():
 
 
 class PaddedTwoHeads(TwoHeads):
-    """A padded trunk: crops differ by design, each head is checked against the converted
-    torch module instead."""
+    """A padded trunk: crops differ by design, each head is checked against its own head on
+    the trunk's windows (and the converted torch module)."""
 
     def __init__(self) -> None:
         super().__init__(form="tuple")
@@ -270,7 +270,7 @@ class PaddedTwoHeads(TwoHeads):
         self.boxes = nn.Linear(5 * 5 * 5, 4)
 
 
-def test_verify_checks_each_head_of_a_padded_net_against_the_converted_module(tmp_path):
+def test_verify_checks_each_head_of_a_padded_net_on_its_trunk_windows(tmp_path):
     model = PaddedTwoHeads()
     options = HeadOptions(names=("scores", "boxes"), kinds={"boxes": "regression"})
     result = convert.convert_torch(model, tmp_path / "d.onnx", input_size=WINDOW, heads=options)
@@ -280,5 +280,8 @@ def test_verify_checks_each_head_of_a_padded_net_against_the_converted_module(tm
     module_rows = [row for row in report.rows if row.against == "converted torch module"]
     assert [row.head for row in module_rows] == ["scores", "boxes"] * 2
     assert all(row.limit is not None and row.max_diff <= row.limit for row in module_rows)
+    exact_rows = [row for row in report.rows if row.against.startswith("head on trunk")]
+    assert [row.head for row in exact_rows] == ["scores", "boxes"] * 2
+    assert all(row.limit is not None and row.max_diff <= row.limit for row in exact_rows)
     crop_rows = [row for row in report.rows if row.against.startswith("crops")]
     assert crop_rows and all(row.limit is None for row in crop_rows)
