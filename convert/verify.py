@@ -20,7 +20,9 @@ floor relative to the scores. A model with several heads is compared head by hea
 - **variants**: unpadded, against crops at their stride; padded, their every k-th cell
   against the (checked) native map, and against the head on the trunk's windows at T when T
   is a multiple of the trunk's stride (shift-and-stitch moves the zero border: not exact);
-- the torch path also compares a padded net with the converted torch module (extra row).
+- the torch path compares a padded net with the converted torch module only where the
+  classifier cannot be cut (it slides windows that see one cell at R over real neighbours,
+  where the written model reads that cell alone, as the classifier does).
 
 Memory: the references are computed first and freed before each dense net runs alone, and
 an ONNX classifier is held once, as its trunk and head. Big nets take a while (VGG-16:
@@ -149,7 +151,9 @@ def verify(
         window=geometry.window, channels=meta.preprocessing.channels,
     )  # fmt: skip
     classify = reference.classify
-    padded_module = geometry.padded and classify.torch_module is not None
+    # the converted torch module only where no exact reference is (it slides windows that
+    # see one cell at R over real neighbours, where the written model reads that cell alone)
+    padded_module = geometry.padded and classify.torch_module is not None and reference.cut is None
     passes = _count_passes(geometry, nets, sizes, padded_module, reference.cut)
     bar = _Progress(passes, progress)
     try:

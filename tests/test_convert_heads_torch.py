@@ -261,7 +261,7 @@ def test_stride_of_the_fixtures():
 
 class PaddedTwoHeads(TwoHeads):
     """A padded trunk: crops differ by design, each head is checked against its own head on
-    the trunk's windows (and the converted torch module)."""
+    the trunk's windows."""
 
     def __init__(self) -> None:
         super().__init__(form="tuple")
@@ -277,9 +277,7 @@ def test_verify_checks_each_head_of_a_padded_net_on_its_trunk_windows(tmp_path):
     assert result.metadata.geometry.padded
     report = convert.verify(model, result.path)
     assert report.passed
-    module_rows = [row for row in report.rows if row.against == "converted torch module"]
-    assert [row.head for row in module_rows] == ["scores", "boxes"] * 2
-    assert all(row.limit is not None and row.max_diff <= row.limit for row in module_rows)
+    assert not [row for row in report.rows if row.against == "converted torch module"]
     exact_rows = [row for row in report.rows if row.against.startswith("head on trunk")]
     assert [row.head for row in exact_rows] == ["scores", "boxes"] * 2
     assert all(row.limit is not None and row.max_diff <= row.limit for row in exact_rows)

@@ -7,7 +7,7 @@ pads (0, 0, 1, 1) and ``count_include_pad=0`` on a 6x6 map: at R it averages the
 values, so on a larger image its dense form is a 6x6 average, not the 7x7 one it is
 written as (which would average 49 real values at every inner cell). Likewise a 3x3 conv
 with pad 1 on a 1x1 map uses its centre tap alone at R. :func:`globalize_windows` gives
-such an axis the input's size as kernel, no pads, no dilation, the same stride; a conv
+such an axis the input's size as kernel, no begin pad, the same stride; a conv
 keeps the taps that meet real values; an average that counted its pads is multiplied by
 cells / kernel (two integers: exact in any float type). Each new node is run against the
 old one at R on random values before it replaces it.
@@ -51,7 +51,7 @@ def _global_axes(node, index: GraphIndex) -> list[int]:
     for a in range(2):
         size, kernel, begin = shape[2 + a], params["kernel"][a], params["pads"][a]
         dilation = params["dilations"][a]
-        if out[2 + a] != 1 or (size > 1 and dilation != 1):
+        if out[2 + a] != 1 or dilation != 1:
             continue
         if not begin and not params["pads"][a + 2] and kernel == size:
             continue  # already a window of its input's size
@@ -80,7 +80,10 @@ def globalize_windows(graph: onnx.GraphProto, index: GraphIndex) -> bool:
 
 def _global_form(node, index: GraphIndex, axes: list[int]):
     """The nodes (and initializers) computing ``node`` with a window of the input's size
-    on ``axes``: kernel = size, no pads, no dilation; the stride and the rest as they are."""
+    on ``axes``: kernel = size, no begin pad; the stride and the rest as they are. The end
+    pad becomes size + begin + end - kernel, so the output has the old node's size at any
+    input size (its residual or concatenated partners keep theirs): only cells that
+    overhang the image, cropped away, read it."""
     shape = index.shape(node.input[0])
     params = window_params(node, index)
     attrs = attributes(node)
@@ -92,7 +95,8 @@ def _global_form(node, index: GraphIndex, axes: list[int]):
         if node.op_type == "AveragePool" and attrs.get("count_include_pad", 0):
             cells *= size  # the sum was divided by the window's pads too
             divisor *= kernel[a]
-        kernel[a], pads[a], pads[a + 2], dilations[a] = size, 0, 0, 1
+        end = size + pads[a] + pads[a + 2] - kernel[a]  # >= 0: one output at R
+        kernel[a], pads[a], pads[a + 2] = size, 0, end
     name = node.name or node.output[0]
     if node.op_type == "Conv":
         weight = index.constant(node.input[1])
@@ -104,7 +108,7 @@ def _global_form(node, index: GraphIndex, axes: list[int]):
             cut.append(slice(begins[a], begins[a] + shape[2 + a]) if a in axes else slice(None))
         inputs[1] = f"{name}_at_window"
         inits.append(numpy_helper.from_array(np.ascontiguousarray(weight[tuple(cut)]), inputs[1]))
-    new_attrs = {k: v for k, v in attrs.items() if k not in ("auto_pad", "ceil_mode")}
+    new_attrs = {k: v for k, v in attrs.items() if k != "auto_pad"}
     new_attrs.update(kernel_shape=kernel, pads=pads, strides=strides)
     if "dilations" in attrs:  # not an attribute of every pool at every opset
         new_attrs["dilations"] = dilations
@@ -163,3 +167,35 @@ def _check_same_at_window(node, replacement, inits, index: GraphIndex) -> None:
 
 def _as_float32(init: onnx.TensorProto) -> onnx.TensorProto:
     return numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float32), init.name)
+
+
+def globalize_at_window(model: onnx.ModelProto, *, window: tuple[int, int]) -> bool:
+    """:func:`globalize_windows` on a dense model (dynamic height and width), its shapes
+    read at the window size R; in place, returns whether it changed. The torch path's
+    dense nets get here (ResNet at R = 32: layer4's 3x3 convs see a 1x1 map at R and use
+    their centre tap alone, as the classifier does); the ONNX path's, already rewritten
+    as classifiers, are left as they are."""
+    from convert.from_onnx.graph import image_input, opset_version, remove_dead_nodes
+    from convert.geometry import detect_layout
+
+    shaped = onnx.ModelProto()
+    shaped.CopyFrom(model)
+    del shaped.graph.value_info[:]
+    image = image_input(shaped.graph)
+    layout = detect_layout(GraphIndex.build(shaped.graph), image.name)
+    dims = image.type.tensor_type.shape.dim
+    for axis, value in zip(
+        (0, *((2, 3) if layout == "NCHW" else (1, 2))), (1, *window), strict=True
+    ):
+        dims[axis].Clear()
+        dims[axis].dim_value = value
+    try:
+        shaped = onnx.shape_inference.infer_shapes(shaped, data_prop=True)
+    except Exception:  # noqa: BLE001 - no shapes, no rewrite: the tracer reports what it must
+        return False
+    index = GraphIndex.build(shaped.graph)
+    index.opset = opset_version(model)
+    if not globalize_windows(model.graph, index):
+        return False
+    remove_dead_nodes(model.graph)
+    return True
