@@ -12,7 +12,7 @@ import grpc
 
 from service._proto.densemap.v1 import densemap_pb2 as pb
 from service._proto.densemap.v1 import densemap_pb2_grpc as pb_grpc
-from service.server import codec
+from service.server import codec, request_counts
 from service.server.head_codec import fill_model_heads
 from service.server.scoring import Call, ScoringCore
 from service.server.status import NotServing, abort
@@ -65,6 +65,7 @@ class DensemapServicer(pb_grpc.DensemapServicer):
         self._core = core
 
     def _score(self, call: Call, request: pb.ScoreRequest) -> pb.ScoreResponse:
+        request_counts.check_score_request(request)
         engine = call.engine(request.model)
         with call.timed("decode"):
             image = codec.image_from_proto(request.image)

@@ -20,7 +20,7 @@ import struct
 import numpy as np
 
 from service.errors import InvalidImage, ModelNotFound
-from service.server import kserve_detections
+from service.server import kserve_detections, request_counts
 from service.server.kserve_outputs import (
     MAP_OUTPUTS,
     estimated_bytes,
@@ -192,6 +192,7 @@ class KServeServicer:
         )
 
     def _infer(self, call: Call, request):
+        request_counts.check_infer_request(request)
         engine = call.engine(request.model_name)
         _check_version(request.model_name, request.model_version)
         heads = engine.heads
