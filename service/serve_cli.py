@@ -95,6 +95,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     _add(
         parser,
+        "--max-request-gmacs",
+        default=defaults.DEFAULT_MAX_REQUEST_GMACS,
+        type=float,
+        shown="0 = per model: twice one image of --max-pixels at the native stride",
+        help="refuse (RESOURCE_EXHAUSTED) a request whose passes would compute more than this "
+        "many GMAC (multiply-accumulates, counted from the geometry before it runs)",
+    )
+    _add(
+        parser,
         "--max-streams",
         default=defaults.DEFAULT_MAX_STREAMS,
         type=int,
@@ -238,6 +247,7 @@ def build_config(args: argparse.Namespace):
         workers=args.workers,
         max_in_flight=args.max_in_flight,
         max_queue=args.max_queue,
+        max_request_gmacs=args.max_request_gmacs,
         max_streams=args.max_streams,
         max_streams_per_peer=args.max_streams_per_peer,
         stream_idle_seconds=args.stream_idle_seconds,

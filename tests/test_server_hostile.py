@@ -2,6 +2,8 @@
 
 - Malformed shapes are INVALID_ARGUMENT before any array is made (a 65-dimension shape used
   to reach numpy's reshape and come back INTERNAL).
+- A request's compute (MACs of every pass, from the geometry) is admitted before it runs:
+  a 64² PNG asking for 16 scales of 120 at stride 1 is RESOURCE_EXHAUSTED at once.
 - Repeated fields are counted before they are converted or quoted: millions of scales,
   KServe parameters or typed contents are INVALID_ARGUMENT naming the field, its count and
   the limit, not seconds and gigabytes of conversion.
@@ -22,6 +24,7 @@ from server_harness import (  # noqa: F401  (fixtures)
     repo,
     rgb_image,
     server,
+    start_server,
 )
 
 from service._proto.densemap.v1 import densemap_pb2 as pb
@@ -30,6 +33,7 @@ from service.server import request_counts
 
 Code = grpc.StatusCode
 GOOD = rgb_image(30, 30)
+FLAT_PNG = png_bytes(np.zeros((64, 64, 3), dtype=np.uint8))  # a 64² PNG of ~100 bytes
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +135,37 @@ def test_kserve_many_inputs_are_counted(stubs):
 def test_the_server_still_scores_after_the_hostile_requests(stubs):
     response = stubs[0].Score(array_request(GOOD), timeout=60)
     assert response.maps and response.image_size.h == 30
+
+
+def costly_request(scales) -> pb.ScoreRequest:
+    """The issue's few hundred bytes that ask for minutes of work (a small response)."""
+    request = pb.ScoreRequest(model=TINY, image={"encoded": FLAT_PNG})
+    request.options.scales[:] = scales
+    request.options.output_stride = 1
+    request.options.omit_map = True
+    return request
+
+
+def test_the_issues_costly_request_is_refused_by_its_compute(stubs):
+    request = costly_request([120.0] * 16)
+    assert request.ByteSize() < 400
+    with pytest.raises(grpc.RpcError) as caught:
+        stubs[0].Score(request, timeout=60)
+    assert caught.value.code() == Code.RESOURCE_EXHAUSTED
+    details = caught.value.details()
+    assert "GMAC" in details and "--max-request-gmacs" in details and "scales" in details
+
+
+def test_the_compute_limit_is_a_flag_and_admits_what_is_under_it(repo):  # noqa: F811
+    srv, port = start_server(repo, max_request_gmacs=1.0)
+    try:
+        with channel(f"127.0.0.1:{port}") as chan:
+            stub = pb_grpc.DensemapStub(chan)
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.Score(costly_request([60.0]), timeout=60)  # ~12 GMAC on TINY
+            assert caught.value.code() == Code.RESOURCE_EXHAUSTED
+            assert "limit of 1.0 GMAC" in caught.value.details()
+            response = stub.Score(costly_request([1.0]), timeout=60)  # ~0.02 GMAC
+            assert response.image_size.h == 64
+    finally:
+        srv.stop()

@@ -68,20 +68,50 @@ def infer_at_size(
     return shape_inference.infer_shapes(model)
 
 
-def conv_macs(model: onnx.ModelProto, input_name: str, height: int, width: int) -> int:
-    """Multiply-accumulates of every Conv node on one height x width NCHW image."""
-    inferred = infer_at_size(strip_weights(model), input_name, "NCHW", height, width).graph
-    shapes = {
-        v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
-        for v in [*inferred.input, *inferred.value_info, *inferred.output]
-    }
+MAC_OPS = frozenset(("Conv", "ConvTranspose", "Gemm", "MatMul"))
+
+
+def _dims(value) -> list[int] | None:
+    dims = value.type.tensor_type.shape.dim
+    if dims and all(d.HasField("dim_value") for d in dims):
+        return [d.dim_value for d in dims]
+    return None
+
+
+def graph_macs(graph: onnx.GraphProto) -> int:
+    """Multiply-accumulates of the Conv, ConvTranspose, Gemm and MatMul nodes of a graph
+    whose shapes are inferred: what one pass computes (elementwise ops are not counted)."""
+    shapes = {t.name: list(t.dims) for t in graph.initializer}
+    for value in [*graph.input, *graph.value_info, *graph.output]:
+        dims = _dims(value)
+        if dims is not None:
+            shapes[value.name] = dims
     total = 0
-    for node in inferred.node:
-        if node.op_type == "Conv":
-            weight = shapes[node.input[1]]  # [out, in/groups, kh, kw]: groups counted
-            out = shapes[node.output[0]]
+    for node in graph.node:
+        if node.op_type not in MAC_OPS or len(node.input) < 2:
+            continue
+        first, weight, out = (
+            shapes.get(name) for name in (node.input[0], node.input[1], node.output[0])
+        )
+        if weight is None or out is None or first is None:
+            continue
+        if node.op_type == "Conv":  # weight [out, in/groups, kh, kw]: groups counted
             total += int(np.prod(out, dtype=np.int64)) * int(np.prod(weight[1:], dtype=np.int64))
+        elif node.op_type == "ConvTranspose":  # weight [in, out/groups, kh, kw]
+            total += int(np.prod(first, dtype=np.int64)) * int(np.prod(weight[1:], dtype=np.int64))
+        else:  # every output element sums over the shared (inner) axis of the first input
+            inner = first[0] if node.op_type == "Gemm" and _transposed(node) else first[-1]
+            total += int(np.prod(out, dtype=np.int64)) * int(inner)
     return total
+
+
+def _transposed(node) -> bool:
+    return any(a.name == "transA" and a.i for a in node.attribute)
+
+
+def conv_macs(model: onnx.ModelProto, input_name: str, height: int, width: int) -> int:
+    """Multiply-accumulates of one height x width NCHW image (:func:`graph_macs`)."""
+    return graph_macs(infer_at_size(strip_weights(model), input_name, "NCHW", height, width).graph)
 
 
 class ActivationEstimator:
@@ -96,8 +126,15 @@ class ActivationEstimator:
         self._layout = layout
         self._weights = {t.name for t in model.graph.initializer}
         self.activation_bytes = functools.lru_cache(maxsize=4096)(self._activation_bytes)
+        self._inferred = functools.lru_cache(maxsize=64)(self._infer)
 
-    def _shapes(self, height: int, width: int) -> dict[str, int]:
+    def macs(self, height: int, width: int) -> int:
+        """Multiply-accumulates of one untiled pass on a height x width image."""
+        return self._inferred(int(height), int(width))[1]
+
+    def _infer(self, height: int, width: int) -> tuple[dict[str, int], int]:
+        """(bytes of each tensor whose shape is known, MACs) at height x width: one shape
+        inference serves both."""
         graph = infer_at_size(self._skeleton, self._input_name, self._layout, height, width).graph
         sizes: dict[str, int] = {}
         for value in [*graph.input, *graph.value_info, *graph.output]:
@@ -106,10 +143,10 @@ class ActivationEstimator:
             if dims and all(d.HasField("dim_value") for d in dims):
                 count = int(np.prod([d.dim_value for d in dims], dtype=np.int64))
                 sizes[value.name] = count * _element_size(tensor_type.elem_type)
-        return sizes
+        return sizes, graph_macs(graph)
 
     def _activation_bytes(self, height: int, width: int) -> int:
-        sizes = self._shapes(height, width)
+        sizes = self._inferred(height, width)[0]
         nodes = self._skeleton.graph.node
         last_use: dict[str, int] = {}
         for index, node in enumerate(nodes):

@@ -29,6 +29,7 @@ from service.engine import host_memory
 from service.errors import InvalidOption, ModelLoadError
 from service.server import kserve_proto
 from service.server.auth import BearerTokenInterceptor
+from service.server.compute_limit import ComputeLimit
 from service.server.config import ServerConfig
 from service.server.control_pool import ControlPoolInterceptor
 from service.server.densemap_servicer import SERVICE_NAME, DensemapServicer
@@ -95,6 +96,7 @@ class DensemapServer:
             admission=self.admission,
             metrics=self.metrics,
             max_response_bytes=config.max_message_bytes,
+            compute=ComputeLimit(config.max_request_gmacs),
         )
         self._grpc = self._build_grpc_server(core)
 

@@ -26,6 +26,7 @@ DEFAULT_POLL_SECONDS = 0.0  # 0: reload the repository only on SIGHUP
 DEFAULT_MAX_CONNECTION_AGE_SECONDS = 0.0  # 0: connections live forever
 DEFAULT_MAX_STREAMS = 16  # open streams (ScoreStream, health Watch, reflection) at once
 DEFAULT_MAX_STREAMS_PER_PEER = 4  # open streams from one client address
+DEFAULT_MAX_REQUEST_GMACS = 0.0  # 0: per model, from the pixel limit (compute_limit.py)
 DEFAULT_STREAM_IDLE_SECONDS = 60.0  # a stream that sends nothing this long is closed
 SERVER_BYTES_PER_PIXEL = 16  # decoded RGB uint8 (3) + its float32 copy (12), rounded up
 RESERVED_WORKERS = 4  # scoring threads beyond the admitted calls: refusals answer at once
@@ -74,6 +75,9 @@ class ServerConfig:
       address; they run on threads of their own. ``stream_idle_seconds``: a stream whose
       client sends nothing for this long is closed.
     - ``max_in_flight``/``max_queue``: per model, engine calls running / waiting.
+    - ``max_request_gmacs``: the compute one request may ask for, in GMAC (multiply-
+      accumulates of every pass, counted before it runs); 0: per model, twice one image at
+      the pixel limit at native stride (:mod:`service.server.compute_limit`).
     - ``grace_seconds``: how long a drain lets in-flight calls finish.
     - ``poll_seconds``: reload the repository every N seconds (0 = only on SIGHUP).
     - ``max_connection_age_seconds``: close client connections after this long, so
@@ -92,6 +96,7 @@ class ServerConfig:
     workers: int = DEFAULT_WORKERS
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
     max_queue: int = DEFAULT_MAX_QUEUE
+    max_request_gmacs: float = DEFAULT_MAX_REQUEST_GMACS
     max_streams: int = DEFAULT_MAX_STREAMS
     max_streams_per_peer: int = DEFAULT_MAX_STREAMS_PER_PEER
     stream_idle_seconds: float = DEFAULT_STREAM_IDLE_SECONDS
@@ -116,6 +121,11 @@ class ServerConfig:
             problems.append(f"workers must exceed {RESERVED_WORKERS} (got {self.workers})")
         if self.max_in_flight < 1 or self.max_queue < 0:
             problems.append("max_in_flight must be >= 1 and max_queue >= 0")
+        if not (math.isfinite(self.max_request_gmacs) and self.max_request_gmacs >= 0):
+            problems.append(
+                f"max_request_gmacs must be finite and >= 0, 0 = per model "
+                f"(got {self.max_request_gmacs})"
+            )
         if self.max_streams < 1 or self.max_streams_per_peer < 1:
             problems.append("max_streams and max_streams_per_peer must be >= 1")
         if not (math.isfinite(self.stream_idle_seconds) and self.stream_idle_seconds > 0):

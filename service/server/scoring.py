@@ -20,6 +20,7 @@ from service.engine.cost import RequestCost, describe
 from service.engine.options import ScoreOptions
 from service.engine.result import ScoreMap
 from service.errors import ImageTooLarge, ModelNotFound
+from service.server.compute_limit import ComputeLimit
 from service.server.limits import Admission, CallGuard, ServingState
 from service.server.metrics import UNKNOWN_MODEL, ServerMetrics
 from service.server.status import NotServing, ResponseTooLarge, quote_name, status_for
@@ -94,13 +95,14 @@ class Call:
         """Engine.score behind the model's queue, with the call's cancel hook.
 
         The request's cost is checked first, in milliseconds and before it queues
-        (``ScoringCore.check_cost``); ``response_bytes`` gives the size of the response an
+        (``ScoringCore.check_cost``, then its MACs against the compute limit); ``response_bytes`` gives the size of the response an
         API builds from it (default: densemap.v1's, every output).
         """
         with self.timed("decode"):
             cost = engine.estimate_image(image, options)
             size = cost.response_bytes if response_bytes is None else response_bytes(cost)
             self._core.check_cost(cost, size, budget=engine.memory_budget)
+            self._core.compute.check(engine, cost.macs, model=self.model)
         guard = CallGuard(self.context, self._core.state)
         guard.check()  # a request whose deadline already passed is not started
         core = self._core
@@ -145,12 +147,14 @@ class ScoringCore:
         admission: Admission,
         metrics: ServerMetrics,
         max_response_bytes: int = 2**31 - 1,
+        compute: ComputeLimit | None = None,
     ) -> None:
         self.models = models
         self.state = state
         self.admission = admission
         self.metrics = metrics
         self.max_response_bytes = max_response_bytes
+        self.compute = compute or ComputeLimit()
 
     def check_cost(self, cost: RequestCost, response_bytes: int, *, budget: int) -> None:
         """Refuse, before any work, a request whose response surely exceeds the message
