@@ -1,17 +1,25 @@
 """What every densemap.v1 and KServe call shares: gating, admission, timing, status, logs.
 
-A servicer method hands a function of :class:`Call` to :meth:`ScoringCore.unary` (or
-:meth:`ScoringCore.stream_item` per ScoreStream item). The core checks that the server
-serves, counts the call in flight, maps any exception to its status through the one table
-(``service.server.status``), records metrics and writes one debug log line per request.
+A servicer method (a coroutine on the server's event loop) hands a function of
+:class:`Call` to :meth:`ScoringCore.unary` (or :meth:`ScoringCore.stream_item` per
+ScoreStream item). The core checks that the server serves, counts the call in flight, maps
+any exception to its status through the one table (``service.server.status``), records
+metrics and writes one debug log line per request.
+
+A scoring call holds a thread only once its request message is complete and admitted: the
+core then runs its function (decode, queue, engine, encode, serialize) on the scoring
+thread pool, and the event loop goes on answering every other call meanwhile. Control
+calls (metadata, model lists) run on the loop itself: they only read state.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
+from concurrent import futures
+from contextlib import contextmanager
 from typing import TypeVar
 
 import grpc
@@ -62,9 +70,9 @@ class Models:
 class Call:
     """One request: its model label, stage timings (seconds) and input size."""
 
-    def __init__(self, core: ScoringCore, context: grpc.ServicerContext, api: str) -> None:
+    def __init__(self, core: ScoringCore, guard: CallGuard, api: str) -> None:
         self._core = core
-        self.context = context
+        self.guard = guard
         self.api = api
         self.model = UNKNOWN_MODEL
         self.seconds: dict[str, float] = {"decode": 0.0, "queue": 0.0, "infer": 0.0}
@@ -103,7 +111,7 @@ class Call:
             size = cost.response_bytes if response_bytes is None else response_bytes(cost)
             self._core.check_cost(cost, size, budget=engine.memory_budget)
             self._core.compute.check(engine, cost.macs, model=self.model)
-        guard = CallGuard(self.context, self._core.state)
+        guard = self.guard
         guard.check()  # a request whose deadline already passed is not started
         core = self._core
         with core.admission.model_slot(self.model, guard) as queued:
@@ -148,6 +156,7 @@ class ScoringCore:
         metrics: ServerMetrics,
         max_response_bytes: int = 2**31 - 1,
         compute: ComputeLimit | None = None,
+        pool: futures.Executor | None = None,
     ) -> None:
         self.models = models
         self.state = state
@@ -155,6 +164,7 @@ class ScoringCore:
         self.metrics = metrics
         self.max_response_bytes = max_response_bytes
         self.compute = compute or ComputeLimit()
+        self.pool = pool  # scoring threads (None: the loop's default executor)
 
     def check_cost(self, cost: RequestCost, response_bytes: int, *, budget: int) -> None:
         """Refuse, before any work, a request whose response surely exceeds the message
@@ -186,38 +196,68 @@ class ScoringCore:
         if size > self.max_response_bytes:
             raise ResponseTooLarge(self._too_large(size))
 
-    def unary(
+    def serialized(self, response) -> bytes:
+        """The response's wire bytes, made on the scoring thread (not the event loop), after
+        checking its size against the message limit."""
+        self.check_response_size(response)
+        return response.SerializeToString()
+
+    async def in_pool(self, call: Call, work: Callable[[], T]) -> T:
+        """Run ``work`` on a scoring thread. When gRPC ends the call meanwhile (a cancel, a
+        lost client, the deadline), the call's guard tells the work to stop, and this waits
+        for the thread to let go before it gives the call's slot back."""
+        future = asyncio.get_running_loop().run_in_executor(self.pool, work)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            call.guard.cancel()
+            await asyncio.wait({future})
+            raise
+
+    async def unary(
         self,
-        context: grpc.ServicerContext,
+        context,
         api: str,
         handler: Callable[[Call], T],
         *,
         scoring: bool = False,
-    ) -> T:
-        """Run one unary call; errors end it with their status (no traceback leaves)."""
-        call = Call(self, context, api)
+    ) -> T | bytes:
+        """Run one unary call; errors end it with their status (no traceback leaves).
+
+        ``scoring``: the handler runs on a scoring thread, holding a global slot, and the
+        response comes back serialized; else on the event loop (it must be quick)."""
+        call = Call(self, CallGuard.for_context(context, self.state), api)
         code = grpc.StatusCode.OK
         try:
             self.state.check_serving()
             self.state.track(context)
-            with self.admission.call_slot() if scoring else nullcontext():
+            if not scoring:
                 response = handler(call)
-            self.check_response_size(response)
-            return response
+                self.check_response_size(response)
+                return response
+            with self.admission.call_slot():
+                return await self.in_pool(call, lambda: self.serialized(handler(call)))
+        except asyncio.CancelledError:
+            code = call.guard.stop_code()
+            raise
         except Exception as exc:
             code, message = status_for(exc)
-            context.abort(code, message)
+            await context.abort(code, message)
         finally:
             self.finish(call, code)
 
-    def stream_item(self, call: Call, handler: Callable[[Call], T]) -> tuple[T | None, str, str]:
-        """Run one ScoreStream item, holding a scoring slot meanwhile: (result or None,
-        status code, message)."""
+    async def stream_item(
+        self, call: Call, handler: Callable[[Call], T]
+    ) -> tuple[bytes | None, grpc.StatusCode, str]:
+        """Run one ScoreStream item on a scoring thread, holding a scoring slot meanwhile:
+        (serialized response or None, status code, message)."""
         code, message, result = grpc.StatusCode.OK, "", None
         try:
             with self.admission.call_slot():
-                result = handler(call)
-            self.check_response_size(result)
+                result = await self.in_pool(call, lambda: self.serialized(handler(call)))
+        except asyncio.CancelledError:
+            self.finish(call, call.guard.stop_code())
+            raise
         except Exception as exc:
             result = None
             code, message = status_for(exc)
