@@ -44,6 +44,7 @@ from service.server.idle_memory import IdleRelease
 from service.server.kserve_servicer import KServeServicer
 from service.server.limits import Admission, ServingState
 from service.server.malformed import MalformedRequestInterceptor
+from service.server.memory_budget import MemoryBudget, default_memory_limit
 from service.server.metrics import ServerMetrics
 from service.server.scoring import Models, ScoringCore
 from service.server.status import NotServing
@@ -101,6 +102,7 @@ class DensemapServer:
         self._pool = futures.ThreadPoolExecutor(
             max_workers=config.workers, thread_name_prefix="densemap-score"
         )
+        self.memory = MemoryBudget(config.memory_limit or default_memory_limit())
         self.idle_release = IdleRelease(self._release_memory)
         self.admission = Admission(
             max_in_flight=config.max_in_flight,
@@ -116,6 +118,7 @@ class DensemapServer:
             max_response_bytes=config.max_message_bytes,
             compute=ComputeLimit(config.max_request_gmacs),
             pool=self._pool,
+            memory=self.memory,
         )
         self._grpc = self._on_loop(self._build_grpc_server(core))
         for name in ("", "readiness"):
@@ -137,6 +140,11 @@ class DensemapServer:
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
+            # the write timeout: while a call is open, ping its connection; one that does not
+            # answer (it reads nothing) is closed, and the responses it pinned are freed
+            ("grpc.keepalive_time_ms", int(1000 * config.write_timeout_seconds)),
+            ("grpc.keepalive_timeout_ms", int(1000 * config.write_timeout_seconds)),
+            ("grpc.http2.max_pings_without_data", 0),
         ]
         if config.max_connection_age_seconds > 0:
             options.append(
@@ -255,6 +263,7 @@ class DensemapServer:
 
     def _publish(self) -> None:
         """Health and metrics per model after a load or reload (the repository logs failures)."""
+        self.memory.measure_baseline()  # what the loaded models take, outside the budget
         names = self.models.names()
         status = NOT_SERVING if self.state.draining else SERVING
         for name in names:
@@ -293,9 +302,9 @@ class DensemapServer:
     def drain(self, grace: float | None = None) -> bool:
         """Stop taking calls, let in-flight ones finish (<= grace s), stop. True if all did."""
         grace = self.config.grace_seconds if grace is None else grace
-        self.state.begin_drain()
-        for name in ("", "readiness", *self._published):
+        for name in ("", "readiness", *self._published):  # probes first, then calls
             self._set_health(name, NOT_SERVING)
+        self.state.begin_drain()
         log.info("draining: %d call(s) in flight, grace %.0f s", self.state.active, grace)
         finished = self.state.wait_idle(grace)
         if not finished:

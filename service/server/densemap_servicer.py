@@ -67,6 +67,7 @@ class DensemapServicer(pb_grpc.DensemapServicer):
 
     def _score(self, call: Call, request: pb.ScoreRequest) -> pb.ScoreResponse:
         request_counts.check_score_request(request)
+        call.request_bytes = request.ByteSize()
         engine = call.engine(request.model)
         with call.timed("decode"):
             image = codec.image_from_proto(request.image)
@@ -109,6 +110,7 @@ class DensemapServicer(pb_grpc.DensemapServicer):
                 error.error.message = message
                 response = error
             yield response
+            call.release_memory()  # the response was written
             if core.state.draining:
                 await abort(
                     context,

@@ -30,6 +30,12 @@ from service.engine.result import ScoreMap
 from service.errors import ImageTooLarge, ModelNotFound
 from service.server.compute_limit import ComputeLimit
 from service.server.limits import Admission, CallGuard, ServingState
+from service.server.memory_budget import (
+    REQUEST_COPIES,
+    MemoryBudget,
+    Reservation,
+    default_memory_limit,
+)
 from service.server.metrics import UNKNOWN_MODEL, ServerMetrics
 from service.server.status import NotServing, ResponseTooLarge, quote_name, status_for
 
@@ -77,7 +83,14 @@ class Call:
         self.model = UNKNOWN_MODEL
         self.seconds: dict[str, float] = {"decode": 0.0, "queue": 0.0, "infer": 0.0}
         self.pixels = 0
+        self.request_bytes = 0  # the request message's size, set by the servicer
+        self.reservation: Reservation | None = None  # its bytes in the server's budget
         self.start = time.perf_counter()
+
+    def release_memory(self) -> None:
+        """Give the call's bytes back to the server's budget (its response is sent)."""
+        if self.reservation is not None:
+            self.reservation.release()
 
     def engine(self, name: str):
         engine = self._core.models.get(name)
@@ -111,6 +124,11 @@ class Call:
             size = cost.response_bytes if response_bytes is None else response_bytes(cost)
             self._core.check_cost(cost, size, budget=engine.memory_budget)
             self._core.compute.check(engine, cost.macs, model=self.model)
+            if self.reservation is None:  # the server's budget: request, work, response
+                held = max(cost.peak_bytes, cost.sending_bytes(size))
+                self.reservation = self._core.memory.reserve(
+                    REQUEST_COPIES * self.request_bytes + held
+                )
         guard = self.guard
         guard.check()  # a request whose deadline already passed is not started
         core = self._core
@@ -157,6 +175,7 @@ class ScoringCore:
         max_response_bytes: int = 2**31 - 1,
         compute: ComputeLimit | None = None,
         pool: futures.Executor | None = None,
+        memory: MemoryBudget | None = None,
     ) -> None:
         self.models = models
         self.state = state
@@ -165,6 +184,7 @@ class ScoringCore:
         self.max_response_bytes = max_response_bytes
         self.compute = compute or ComputeLimit()
         self.pool = pool  # scoring threads (None: the loop's default executor)
+        self.memory = memory or MemoryBudget(default_memory_limit())
 
     def check_cost(self, cost: RequestCost, response_bytes: int, *, budget: int) -> None:
         """Refuse, before any work, a request whose response surely exceeds the message
@@ -227,24 +247,25 @@ class ScoringCore:
         ``scoring``: the handler runs on a scoring thread, holding a global slot, and the
         response comes back serialized; else on the event loop (it must be quick)."""
         call = Call(self, CallGuard.for_context(context, self.state), api)
-        code = grpc.StatusCode.OK
+        context.add_done_callback(lambda _context: call.release_memory())  # response sent
         try:
             self.state.check_serving()
             self.state.track(context)
-            if not scoring:
+            if scoring:
+                with self.admission.call_slot():
+                    response = await self.in_pool(call, lambda: self.serialized(handler(call)))
+            else:
                 response = handler(call)
                 self.check_response_size(response)
-                return response
-            with self.admission.call_slot():
-                return await self.in_pool(call, lambda: self.serialized(handler(call)))
         except asyncio.CancelledError:
-            code = call.guard.stop_code()
+            self.finish(call, call.guard.stop_code())
             raise
         except Exception as exc:
             code, message = status_for(exc)
+            self.finish(call, code)  # counted before the client can see the status
             await context.abort(code, message)
-        finally:
-            self.finish(call, code)
+        self.finish(call, grpc.StatusCode.OK)
+        return response
 
     async def stream_item(
         self, call: Call, handler: Callable[[Call], T]
@@ -256,11 +277,13 @@ class ScoringCore:
             with self.admission.call_slot():
                 result = await self.in_pool(call, lambda: self.serialized(handler(call)))
         except asyncio.CancelledError:
+            call.release_memory()
             self.finish(call, call.guard.stop_code())
             raise
         except Exception as exc:
             result = None
             code, message = status_for(exc)
+            call.release_memory()
         self.finish(call, code)
         return result, code, message
 
