@@ -4,10 +4,11 @@ them (issue 19). Built on the ``h2`` package; used by tests and ``bench_soak``.
 - :class:`StalledCalls`: one connection whose calls send HEADERS and no DATA (``drip``
   None), or a message prefix and then one byte per ``drip`` seconds, forever.
 - :class:`UnreadCall`: one call whose request is sent whole, but whose response is never
-  read past the flow-control window (the client grants no more).
+  read past the flow-control window (the client grants no more); with ``reads=False`` the
+  client reads nothing at all from its socket (a frozen client).
 
-A reader thread per connection answers the server's SETTINGS and PINGs (an honest peer
-in every way but the one under test) until :meth:`close`.
+A reader thread per connection (unless ``reads=False``) answers the server's SETTINGS and
+PINGs (an honest peer in every way but the one under test) until :meth:`close`.
 """
 
 from __future__ import annotations
@@ -26,8 +27,12 @@ READ_BYTES = 65536
 
 
 class _Connection:
-    def __init__(self, host: str, port: int, *, window: int | None = None) -> None:
+    def __init__(
+        self, host: str, port: int, *, window: int | None = None, reads: bool = True
+    ) -> None:
         self.sock = socket.create_connection((host, port), timeout=10)
+        if not reads:  # a small receive buffer: the server's writes stall at once
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         self.sock.settimeout(None)
         config = h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
         self.h2 = h2.connection.H2Connection(config=config)
@@ -39,8 +44,8 @@ class _Connection:
         if window is not None:  # the window the server may fill before the client reads
             self.h2.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window})
         self.flush()
-        self.reader = threading.Thread(target=self._read, name="hostile-h2-reader", daemon=True)
-        self.reader.start()
+        if reads:
+            threading.Thread(target=self._read, name="hostile-h2-reader", daemon=True).start()
 
     def flush(self) -> None:
         with self.lock:
@@ -147,8 +152,10 @@ class UnreadCall:
     """One call whose request is sent whole and whose response is never read: the client
     grants the server ``window`` bytes of flow control and no more."""
 
-    def __init__(self, host: str, port: int, path: str, request: bytes, *, window=65535):
-        self.connection = _Connection(host, port, window=window)
+    def __init__(
+        self, host: str, port: int, path: str, request: bytes, *, window=65535, reads=True
+    ):
+        self.connection = _Connection(host, port, window=window, reads=reads)
         self.stream = self.connection.open_call(path)
         message = struct.pack(">BI", 0, len(request)) + request
         for start in range(0, len(message), 16384):
