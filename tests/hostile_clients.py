@@ -16,6 +16,7 @@ from __future__ import annotations
 import socket
 import struct
 import threading
+import time
 
 import h2.config
 import h2.connection
@@ -73,6 +74,24 @@ class _Connection:
         with self.lock:
             self.h2.send_data(stream_id, data, end_stream=end)
         self.flush()
+
+    def send_all(self, stream_id: int, data: bytes, *, seconds: float = 60.0) -> None:
+        """Send ``data`` as the server's flow-control window allows (the reader thread
+        takes its WINDOW_UPDATEs)."""
+        deadline = time.monotonic() + seconds
+        while data:
+            with self.lock:
+                room = min(
+                    self.h2.local_flow_control_window(stream_id), self.h2.max_outbound_frame_size
+                )
+                if room > 0:
+                    self.h2.send_data(stream_id, data[:room])
+                    data = data[room:]
+            self.flush()
+            if room <= 0:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the server granted no flow-control window")
+                time.sleep(0.005)
 
     def _read(self) -> None:
         try:
@@ -157,9 +176,7 @@ class UnreadCall:
     ):
         self.connection = _Connection(host, port, window=window, reads=reads)
         self.stream = self.connection.open_call(path)
-        message = struct.pack(">BI", 0, len(request)) + request
-        for start in range(0, len(message), 16384):
-            self.connection.send(self.stream, message[start : start + 16384])
+        self.connection.send_all(self.stream, struct.pack(">BI", 0, len(request)) + request)
         self.connection.send(self.stream, b"", end=True)
 
     def ended(self) -> bool:
