@@ -76,7 +76,7 @@ def test_unread_responses_stay_counted_and_refuse_further_calls_until_closed(rep
     target = f"{HOST}:{port}"
     try:
         unread.append(UnreadCall(HOST, port, SCORE, BIG.SerializeToString()))
-        wait_until(lambda: srv.memory.reserved > 0, what="the first call to reserve")
+        wait_until(lambda: srv.memory.reserved > 20 << 20, what="the first call to reserve")
         need = srv.memory.reserved
         assert need > 20 << 20  # at least its response
         fits = srv.memory.for_requests // need
@@ -112,4 +112,25 @@ def test_a_client_that_reads_nothing_is_dropped_after_the_write_timeout(repo):  
     finally:
         if frozen is not None:
             frozen.close()
+        srv.stop()
+
+
+def test_a_request_is_reserved_before_it_is_parsed(repo):  # noqa: F811
+    # room for about 10 MiB of requests: a 4 MB raw request (3 copies) does not fit
+    limit = int((memory_budget.resident_bytes() + (10 << 20)) / (1 - memory_budget.HEADROOM))
+    srv, port = start_server(repo, memory_limit=limit)
+    try:
+        srv.memory.measure_baseline()
+        big = pb.ScoreRequest(model=TINY)
+        big.image.array.dtype = pb.UINT8
+        big.image.array.shape[:] = [1000, 1400, 3]
+        big.image.array.data = bytes(1000 * 1400 * 3)
+        with channel(f"{HOST}:{port}") as chan:
+            with pytest.raises(grpc.RpcError) as caught:
+                pb_grpc.DensemapStub(chan).Score(big, timeout=60)
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "of server memory" in caught.value.details()
+            assert health_of(chan, "readiness") == SERVING
+        assert srv.memory.reserved == 0
+    finally:
         srv.stop()

@@ -162,7 +162,7 @@ class DensemapServer:
             stopping=self._stopping_error,
         )
         interceptors.append(self._streams)
-        interceptors.append(MalformedRequestInterceptor())
+        interceptors.append(MalformedRequestInterceptor(self.memory))
         server = grpc.aio.server(interceptors=interceptors, options=options)
         densemap_pb2_grpc.add_DensemapServicer_to_server(DensemapServicer(core), server)
         kserve_proto.add_servicer_to_server(KServeServicer(core), server)

@@ -67,7 +67,6 @@ class DensemapServicer(pb_grpc.DensemapServicer):
 
     def _score(self, call: Call, request: pb.ScoreRequest) -> pb.ScoreResponse:
         request_counts.check_score_request(request)
-        call.request_bytes = request.ByteSize()
         engine = call.engine(request.model)
         with call.timed("decode"):
             image = codec.image_from_proto(request.image)

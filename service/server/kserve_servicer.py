@@ -193,7 +193,6 @@ class KServeServicer:
 
     def _infer(self, call: Call, request):
         request_counts.check_infer_request(request)
-        call.request_bytes = request.ByteSize()
         engine = call.engine(request.model_name)
         _check_version(request.model_name, request.model_version)
         heads = engine.heads

@@ -8,6 +8,10 @@ every method with raw bytes in and out, and its wrapper:
 - refuses a control call (health, readiness, metadata, model lists) whose request is over
   :data:`CONTROL_MESSAGE_BYTES` before parsing it: those requests are a few bytes, and a
   huge one must not hold the event loop that answers probes;
+- reserves, for any other call, :data:`REQUEST_COPIES` times its request's size in the
+  server's memory budget (:mod:`service.server.memory_budget`) before parsing it, held
+  until the call is done (a stream's message: until the next one is read): a request that
+  does not fit is RESOURCE_EXHAUSTED before it is copied any further;
 - parses the request, and ends an unparsable one with INVALID_ARGUMENT through the status
   table like every other error;
 - sends responses a handler already serialized (scoring calls serialize on their thread,
@@ -21,6 +25,8 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
+from service.errors import DensemapError
+from service.server.memory_budget import REQUEST_COPIES, MemoryBudget, Reservation
 from service.server.status import MalformedRequest, abort
 
 CONTROL_MESSAGE_BYTES = 64 * 1024  # largest request of a control call
@@ -39,10 +45,12 @@ CONTROL_METHODS = frozenset(
 )
 
 
-def _parser(method: str, deserialize: Callable[[bytes], object]):
-    limit = CONTROL_MESSAGE_BYTES if method in CONTROL_METHODS else None
+def _parser(method: str, deserialize: Callable[[bytes], object], memory: MemoryBudget | None):
+    control = method in CONTROL_METHODS
+    limit = CONTROL_MESSAGE_BYTES if control else None
 
-    async def parse(raw: bytes, context):
+    async def parse(raw: bytes, context) -> tuple[object, Reservation | None]:
+        """(the request, its bytes' reservation in the memory budget or None)."""
         if limit is not None and len(raw) > limit:
             await abort(
                 context,
@@ -51,9 +59,17 @@ def _parser(method: str, deserialize: Callable[[bytes], object]):
                     "for this call (it needs a few bytes: a name at most)"
                 ),
             )
+        reservation = None
+        if memory is not None and not control:
+            try:
+                reservation = memory.reserve(REQUEST_COPIES * len(raw))
+            except DensemapError as exc:
+                await abort(context, exc)
         try:
-            return deserialize(raw)
+            return deserialize(raw), reservation
         except Exception:
+            if reservation is not None:
+                reservation.release()
             await abort(
                 context,
                 MalformedRequest(
@@ -76,8 +92,18 @@ def _serializer(serialize: Callable[[object], bytes] | None) -> Callable[[object
 
 
 async def _parse_each(raw_requests, parse, context) -> AsyncIterator[object]:
-    async for raw in raw_requests:
-        yield await parse(raw, context)
+    """A stream's requests; each one's reservation is released once the next is asked for
+    (the handler is done with it) or the stream ends."""
+    reservation = None
+    try:
+        async for raw in raw_requests:
+            if reservation is not None:
+                reservation.release()
+            request, reservation = await parse(raw, context)
+            yield request
+    finally:
+        if reservation is not None:
+            reservation.release()
 
 
 def _wrap(behavior, parse, *, streaming_in: bool):
@@ -85,7 +111,12 @@ def _wrap(behavior, parse, *, streaming_in: bool):
     async generator (streamed responses), as gRPC's aio server accepts them."""
 
     async def request_of(raw, context):
-        return _parse_each(raw, parse, context) if streaming_in else await parse(raw, context)
+        if streaming_in:
+            return _parse_each(raw, parse, context)
+        request, reservation = await parse(raw, context)
+        if reservation is not None:
+            context.add_done_callback(lambda _context: reservation.release())
+        return request
 
     if inspect.isasyncgenfunction(behavior):
 
@@ -101,8 +132,10 @@ def _wrap(behavior, parse, *, streaming_in: bool):
     return run
 
 
-def parsing_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-    parse = _parser(method, handler.request_deserializer)
+def parsing_handler(
+    handler: grpc.RpcMethodHandler, method: str, memory: MemoryBudget | None = None
+) -> grpc.RpcMethodHandler:
+    parse = _parser(method, handler.request_deserializer, memory)
     kind = (
         ("stream" if handler.request_streaming else "unary")
         + "_"
@@ -114,10 +147,14 @@ def parsing_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMeth
 
 
 class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
-    """Parse requests inside the handler, so undecodable bytes get INVALID_ARGUMENT."""
+    """Parse requests inside the handler, so undecodable bytes get INVALID_ARGUMENT, after
+    reserving their bytes in ``memory`` (None: no budget)."""
+
+    def __init__(self, memory: MemoryBudget | None = None) -> None:
+        self._memory = memory
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None or handler.request_deserializer is None:
             return handler
-        return parsing_handler(handler, handler_call_details.method)
+        return parsing_handler(handler, handler_call_details.method, self._memory)

@@ -4,12 +4,12 @@ The engine's memory budget bounds ONE request; eight of them at once, or six res
 their clients never read, add up past the pod's limit (issue 19: 6.35 GB for eight raw
 8000² calls under an 8 Gi limit; 509 MiB pinned per unread 250 MiB response).
 :class:`MemoryBudget` is the server-wide bound, ``--memory-limit`` (default: the cgroup
-limit when there is one, else the machine's memory), and each scoring call reserves, once
-its cost is known and before it queues (:meth:`reserve`):
+limit when there is one, else the machine's memory), and each scoring call reserves
+(:meth:`reserve`):
 
 - its request, :data:`REQUEST_COPIES` times (gRPC's bytes, the parsed message, one field
-  read), held as long as the call lives;
-- the larger of the engine's peak (image, maps, one pass) and what sending holds (image,
+  read), before it is parsed (``malformed.py``), held as long as the call lives;
+- once its cost is known and before it queues, the larger of the engine's peak (image, maps, one pass) and what sending holds (image,
   maps, the response message and its serialized bytes), ``RequestCost``.
 
 The reservation is released when gRPC reports the call done: after the client has read the

@@ -30,12 +30,7 @@ from service.engine.result import ScoreMap
 from service.errors import ImageTooLarge, ModelNotFound
 from service.server.compute_limit import ComputeLimit
 from service.server.limits import Admission, CallGuard, ServingState
-from service.server.memory_budget import (
-    REQUEST_COPIES,
-    MemoryBudget,
-    Reservation,
-    default_memory_limit,
-)
+from service.server.memory_budget import MemoryBudget, Reservation, default_memory_limit
 from service.server.metrics import UNKNOWN_MODEL, ServerMetrics
 from service.server.status import NotServing, ResponseTooLarge, quote_name, status_for
 
@@ -83,7 +78,6 @@ class Call:
         self.model = UNKNOWN_MODEL
         self.seconds: dict[str, float] = {"decode": 0.0, "queue": 0.0, "infer": 0.0}
         self.pixels = 0
-        self.request_bytes = 0  # the request message's size, set by the servicer
         self.reservation: Reservation | None = None  # its bytes in the server's budget
         self.start = time.perf_counter()
 
@@ -124,11 +118,10 @@ class Call:
             size = cost.response_bytes if response_bytes is None else response_bytes(cost)
             self._core.check_cost(cost, size, budget=engine.memory_budget)
             self._core.compute.check(engine, cost.macs, model=self.model)
-            if self.reservation is None:  # the server's budget: request, work, response
+            if self.reservation is None:  # the server's budget: work and response (the
+                # request's bytes were reserved before it was parsed: malformed.py)
                 held = max(cost.peak_bytes, cost.sending_bytes(size))
-                self.reservation = self._core.memory.reserve(
-                    REQUEST_COPIES * self.request_bytes + held
-                )
+                self.reservation = self._core.memory.reserve(held)
         guard = self.guard
         guard.check()  # a request whose deadline already passed is not started
         core = self._core
