@@ -116,15 +116,15 @@ def test_a_client_that_reads_nothing_is_dropped_after_the_write_timeout(repo):  
 
 
 def test_a_request_is_reserved_before_it_is_parsed(repo):  # noqa: F811
-    # room for about 10 MiB of requests: a 4 MB raw request (3 copies) does not fit
+    # room for about 10 MiB of requests: a 6.3 MB raw request (2 copies) does not fit
     limit = int((memory_budget.resident_bytes() + (10 << 20)) / (1 - memory_budget.HEADROOM))
     srv, port = start_server(repo, memory_limit=limit)
     try:
         srv.memory.measure_baseline()
         big = pb.ScoreRequest(model=TINY)
         big.image.array.dtype = pb.UINT8
-        big.image.array.shape[:] = [1000, 1400, 3]
-        big.image.array.data = bytes(1000 * 1400 * 3)
+        big.image.array.shape[:] = [1500, 1400, 3]
+        big.image.array.data = bytes(1500 * 1400 * 3)
         with channel(f"{HOST}:{port}") as chan:
             with pytest.raises(grpc.RpcError) as caught:
                 pb_grpc.DensemapStub(chan).Score(big, timeout=60)

@@ -362,4 +362,8 @@ def create_server(
 ) -> tuple[DensemapServer, int]:
     """Build and start a server; returns it and its bound port (models load in background)."""
     server = DensemapServer(config, open_repository=open_repository)
-    return server, server.start()
+    try:
+        return server, server.start()
+    except BaseException:
+        server.stop()  # its event loop and threads end with it
+        raise

@@ -8,6 +8,8 @@ every method with raw bytes in and out, and its wrapper:
 - refuses a control call (health, readiness, metadata, model lists) whose request is over
   :data:`CONTROL_MESSAGE_BYTES` before parsing it: those requests are a few bytes, and a
   huge one must not hold the event loop that answers probes;
+- reads a scoring call's request itself (the call is registered request-streaming, which
+  the wire does not show), so that the received bytes are dropped once parsed;
 - reserves, for any other call, :data:`REQUEST_COPIES` times its request's size in the
   server's memory budget (:mod:`service.server.memory_budget`) before parsing it, held
   until the call is done (a stream's message: until the next one is read): a request that
@@ -132,10 +134,32 @@ def _wrap(behavior, parse, *, streaming_in: bool):
     return run
 
 
+def _read_in_handler(behavior, parse):
+    """A unary call's behavior registered as request-streaming: it reads its one message
+    itself (``context.read``), so no gRPC frame keeps the request's bytes alive once they
+    are parsed (a unary handler's caller holds them for the whole call)."""
+
+    async def run(_requests, context):
+        raw = await context.read()
+        if raw is grpc.aio.EOF:
+            await abort(context, MalformedRequest("the call ended before its request was sent"))
+        request, reservation = await parse(raw, context)
+        del raw
+        if reservation is not None:
+            context.add_done_callback(lambda _context: reservation.release())
+        return await behavior(request, context)
+
+    return run
+
+
 def parsing_handler(
     handler: grpc.RpcMethodHandler, method: str, memory: MemoryBudget | None = None
 ) -> grpc.RpcMethodHandler:
     parse = _parser(method, handler.request_deserializer, memory)
+    serializer = _serializer(handler.response_serializer)
+    if not (handler.request_streaming or handler.response_streaming or method in CONTROL_METHODS):
+        behavior = _read_in_handler(handler.unary_unary, parse)
+        return grpc.stream_unary_rpc_method_handler(behavior, response_serializer=serializer)
     kind = (
         ("stream" if handler.request_streaming else "unary")
         + "_"
@@ -143,7 +167,7 @@ def parsing_handler(
     )
     behavior = _wrap(getattr(handler, kind), parse, streaming_in=handler.request_streaming)
     factory = getattr(grpc, f"{kind}_rpc_method_handler")
-    return factory(behavior, response_serializer=_serializer(handler.response_serializer))
+    return factory(behavior, response_serializer=serializer)
 
 
 class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):

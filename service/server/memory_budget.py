@@ -7,8 +7,9 @@ their clients never read, add up past the pod's limit (issue 19: 6.35 GB for eig
 limit when there is one, else the machine's memory), and each scoring call reserves
 (:meth:`reserve`):
 
-- its request, :data:`REQUEST_COPIES` times (gRPC's bytes, the parsed message, one field
-  read), before it is parsed (``malformed.py``), held as long as the call lives;
+- its request, :data:`REQUEST_COPIES` times (the parsed message and one field read; the
+  received bytes are dropped once parsed), before it is parsed (``malformed.py``), held
+  as long as the call lives;
 - once its cost is known and before it queues, the larger of the engine's peak (image, maps, one pass) and what sending holds (image,
   maps, the response message and its serialized bytes), ``RequestCost``.
 
@@ -38,7 +39,7 @@ CGROUP_LIMIT_FILES = (
 )
 NO_CGROUP_LIMIT = 1 << 60  # cgroup v1 writes "no limit" as about 2**63
 HEADROOM = 0.2  # of the limit, never reserved: allocator slack, gRPC buffers, the heap
-REQUEST_COPIES = 3  # a request while its call lives: gRPC's bytes, the message, one read
+REQUEST_COPIES = 2  # a request while its call lives: the parsed message and one field read
 
 
 def cgroup_memory_limit(files=CGROUP_LIMIT_FILES) -> int | None:
