@@ -169,3 +169,19 @@ def test_the_compute_limit_is_a_flag_and_admits_what_is_under_it(repo):  # noqa:
             assert response.image_size.h == 64
     finally:
         srv.stop()
+
+
+def test_control_calls_refuse_big_requests_before_parsing(server):  # noqa: F811
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from service.server.malformed import CONTROL_MESSAGE_BYTES
+
+    _, target = server
+    with channel(target) as chan:
+        request = health_pb2.HealthCheckRequest(service="x" * (CONTROL_MESSAGE_BYTES + 1))
+        details = refused(health_pb2_grpc.HealthStub(chan).Check, request)
+        assert f"over the limit of {CONTROL_MESSAGE_BYTES}" in details
+        name = pb.GetModelRequest(name="y" * (CONTROL_MESSAGE_BYTES + 1))
+        assert "over the limit" in refused(pb_grpc.DensemapStub(chan).GetModel, name)
+        ok = health_pb2.HealthCheckRequest(service="readiness")
+        assert health_pb2_grpc.HealthStub(chan).Check(ok, timeout=10).status == 1  # SERVING
