@@ -170,13 +170,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--gpus", action="store_true", help="Ray: one GPU per actor")
 
 
-def parse_bytes(text: str) -> int:
+def parse_bytes(text: str, flag: str = "--memory-budget") -> int:
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
     if not match:
-        raise InvalidOption(f"--memory-budget {text!r} is not a size: use bytes, or 512M, 2G")
+        raise InvalidOption(f"{flag} {text!r} is not a size: use bytes, or 512M, 2G")
     value = int(float(match.group(1)) * _SIZE_SUFFIXES[match.group(2).upper()])
     if value <= 0:
-        raise InvalidOption("--memory-budget must be positive")
+        raise InvalidOption(f"{flag} must be positive")
     return value
 
 

@@ -98,6 +98,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     _add(
         parser,
+        "--max-request-gmacs",
+        default=defaults.DEFAULT_MAX_REQUEST_GMACS,
+        type=float,
+        shown="0 = per model: twice one image of --max-pixels at the native stride",
+        help="refuse (RESOURCE_EXHAUSTED) a request whose passes would compute more than this "
+        "many GMAC (multiply-accumulates, counted from the geometry before it runs)",
+    )
+    _add(
+        parser,
+        "--memory-limit",
+        default=None,
+        metavar="SIZE",
+        shown="the cgroup limit (a pod's) when there is one, else the machine's memory",
+        help="memory for the whole server (bytes, or 6G, 512M): scoring calls reserve their "
+        "request, maps and response within it, less 20%% headroom and the loaded models; "
+        "beyond, RESOURCE_EXHAUSTED",
+    )
+    _add(
+        parser,
+        "--write-timeout-seconds",
+        default=defaults.DEFAULT_WRITE_TIMEOUT_SECONDS,
+        type=float,
+        help="close a client connection that reads nothing (no keepalive ping answered) for "
+        "N seconds while a call is open, freeing the responses it pinned",
+    )
+    _add(
+        parser,
         "--max-streams",
         default=defaults.DEFAULT_MAX_STREAMS,
         type=int,
@@ -273,6 +300,11 @@ def build_config(args: argparse.Namespace):
         workers=args.workers,
         max_in_flight=args.max_in_flight,
         max_queue=args.max_queue,
+        max_request_gmacs=args.max_request_gmacs,
+        memory_limit=None
+        if args.memory_limit is None
+        else parse_bytes(args.memory_limit, "--memory-limit"),
+        write_timeout_seconds=args.write_timeout_seconds,
         max_streams=args.max_streams,
         max_streams_per_peer=args.max_streams_per_peer,
         stream_idle_seconds=args.stream_idle_seconds,

@@ -144,3 +144,44 @@ def test_estimates_refuse_what_score_refuses(engine):
         engine.estimate_image(np.zeros((0, 5, 3), np.uint8))
     float_cost = engine.estimate_image(np.zeros((3, 30, 40), np.float32))
     assert float_cost.image_size == (30, 40) and float_cost.image_bytes == 3 * 30 * 40 * 4
+
+
+def test_graph_macs_count_conv_grouped_conv_and_gemm():
+    from onnx import TensorProto, helper, shape_inference
+
+    from service.engine.memory import graph_macs
+
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["a"]),  # 3 -> 8, 3x3: 8 x 8 x 10 out
+        helper.make_node("Conv", ["a", "w2"], ["b"], group=4),  # 8 -> 8, 2 per group, 1x1
+        helper.make_node("Flatten", ["b"], ["f"]),
+        helper.make_node("Gemm", ["f", "w3"], ["y"]),  # 640 -> 7
+    ]
+    weights = [
+        helper.make_tensor_value_info("w1", TensorProto.FLOAT, [8, 3, 3, 3]),
+        helper.make_tensor_value_info("w2", TensorProto.FLOAT, [8, 2, 1, 1]),
+        helper.make_tensor_value_info("w3", TensorProto.FLOAT, [640, 7]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 10, 12]), *weights],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    inferred = shape_inference.infer_shapes(helper.make_model(graph)).graph
+    expected = 8 * 10 * 8 * (3 * 3 * 3) + 8 * 10 * 8 * 2 + 7 * 640
+    assert graph_macs(inferred) == expected
+
+
+def test_request_macs_count_every_pass_of_every_scale(engine):
+    # stride 1 runs the stride-2 à-trous variant at 2 x 2 shifts
+    assert engine.estimate_macs(60, 64, output_stride=1) == 4 * engine.estimate_macs(
+        60, 64, output_stride=2
+    )
+    assert engine.estimate_macs(60, 64, output_stride=4) == engine.estimate_macs(60, 64)
+    options = ScoreOptions(output_stride=1, scales=(1.0, 0.5))
+    cost = engine.estimate_request(60, 64, options)
+    assert cost.macs == sum(
+        engine.estimate_macs(*scale.size, output_stride=1) for scale in cost.scales
+    )
+    assert cost.scales[1].macs < cost.scales[0].macs and cost.scales[1].macs > 0

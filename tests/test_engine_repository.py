@@ -16,7 +16,7 @@ from dense_models import build_dense_model
 from onnx import TensorProto, helper
 
 from service.engine import EngineConfig, ModelRepository, default_models_dir
-from service.engine.memory import ActivationEstimator
+from service.engine.memory import ActivationEstimator, nchwc_block
 from service.engine.repository import bundled_models_dir, load_model
 from service.errors import ModelLoadError, ModelNotFound
 
@@ -158,6 +158,11 @@ def test_activation_estimate_of_a_known_graph():
     for h, w in ((10, 20), (101, 7)):
         conv_out = 4 * (h - 2) * (w - 2) * 4
         assert estimator.activation_bytes(h, w) == max(h * w * 4 + conv_out, 2 * conv_out)
+    # on CPU, onnxruntime holds what follows a Conv in the NCHWc layout: 4 channels -> 16
+    blocked = ActivationEstimator(model, input_name="x", layout="NCHW", channel_block=16)
+    for h, w in ((10, 20), (101, 7)):
+        conv_out = 16 * (h - 2) * (w - 2) * 4  # the input (1 channel) is not padded
+        assert blocked.activation_bytes(h, w) == max(h * w * 4 + conv_out, 2 * conv_out)
 
 
 def test_engine_runs_with_torch_blocked(tmp_path, built):
@@ -194,5 +199,5 @@ def test_engine_estimate_scales_with_pixels(built):
     assert 90 < big / small < 110  # activations grow with the pixel count
     model = onnx.load(str(built[0]))
     assert engine.estimate_bytes(40, 40) == ActivationEstimator(
-        model, input_name="input", layout="NCHW"
+        model, input_name="input", layout="NCHW", channel_block=nchwc_block()
     ).activation_bytes(40, 40)

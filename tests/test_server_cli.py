@@ -190,6 +190,9 @@ def test_every_flag_has_an_env_twin(monkeypatch, tmp_path):
         "DENSEMAP_WORKERS": "9",
         "DENSEMAP_MAX_IN_FLIGHT": "3",
         "DENSEMAP_MAX_QUEUE": "4",
+        "DENSEMAP_MAX_REQUEST_GMACS": "12.5",
+        "DENSEMAP_MEMORY_LIMIT": "6G",
+        "DENSEMAP_WRITE_TIMEOUT_SECONDS": "20",
         "DENSEMAP_MAX_STREAMS": "7",
         "DENSEMAP_MAX_STREAMS_PER_PEER": "2",
         "DENSEMAP_STREAM_IDLE_SECONDS": "30",
@@ -221,7 +224,8 @@ def test_every_flag_has_an_env_twin(monkeypatch, tmp_path):
     assert (config.max_in_flight, config.max_queue, config.grace_seconds) == (3, 4, 5.0)
     assert (config.poll_seconds, config.max_connection_age_seconds) == (2.0, 300.0)
     assert (config.max_streams, config.max_streams_per_peer) == (7, 2)
-    assert config.stream_idle_seconds == 30.0
+    assert config.stream_idle_seconds == 30.0 and config.max_request_gmacs == 12.5
+    assert config.memory_limit == 6 << 30 and config.write_timeout_seconds == 20.0
     assert config.auth_token == "t0ken" and config.tls_key == tmp_path / "k.pem"
     engine = config.engine
     assert (engine.device, engine.intra_op_threads, engine.max_pixels) == ("cpu", 1, 1000000)

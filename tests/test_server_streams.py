@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 import grpc
@@ -25,7 +26,7 @@ from server_harness import (  # noqa: F401  (fixtures)
 from service._proto.densemap.v1 import densemap_pb2 as pb
 from service._proto.densemap.v1 import densemap_pb2_grpc as pb_grpc
 from service.server.status import ServerBusy, StreamIdle
-from service.server.streams import IdleTimeoutReader, StreamLimits, peer_host
+from service.server.streams import StreamLimits, idle_limited, peer_host
 
 Code = grpc.StatusCode
 
@@ -98,10 +99,6 @@ def test_a_stream_that_sends_nothing_ends_after_the_idle_timeout(repo):  # noqa:
                 next(stream)
             assert caught.value.code() == Code.UNAVAILABLE
             wait_until(lambda: srv.stream_limits.open == 0, what="the slots to be freed")
-            readers = lambda: [  # noqa: E731
-                t for t in threading.enumerate() if t.name == "densemap-stream-reader"
-            ]
-            wait_until(lambda: not readers(), what="the reader threads to end")
     finally:
         stop.set()
         srv.stop()
@@ -144,18 +141,29 @@ def test_stream_limits_cap_in_all_and_per_peer():
     assert limits.open == 0
 
 
-def test_idle_timeout_reader_passes_requests_and_times_out():
-    gate = threading.Event()
+def test_idle_limited_passes_requests_and_times_out():
+    async def scenario():
+        gate = asyncio.Event()
 
-    def requests():
-        yield 1
-        yield 2
-        gate.wait(10)
+        async def requests():
+            yield 1
+            yield 2
+            await gate.wait()
 
-    reader = IdleTimeoutReader(requests(), idle_seconds=0.05)
-    assert [next(reader), next(reader)] == [1, 2]
-    with pytest.raises(StreamIdle, match="no request for 0.05 s"):
-        next(reader)
-    gate.set()
-    reader.close()
-    assert list(IdleTimeoutReader(iter(np.arange(3)), idle_seconds=5)) == [0, 1, 2]
+        reader = idle_limited(requests(), idle_seconds=0.05)
+        assert [await anext(reader), await anext(reader)] == [1, 2]
+        with pytest.raises(StreamIdle, match="no request for 0.05 s"):
+            await anext(reader)
+
+        async def three():
+            for value in np.arange(3):
+                yield value
+
+        assert [v async for v in idle_limited(three(), idle_seconds=5)] == [0, 1, 2]
+        stopping = idle_limited(requests(), idle_seconds=5, stopping=lambda: ServerBusy("drain"))
+        assert await anext(stopping) == 1
+        assert await anext(stopping) == 2
+        with pytest.raises(ServerBusy, match="drain"):
+            await anext(stopping)  # the drain ends a waiting stream long before its idle time
+
+    asyncio.run(scenario())

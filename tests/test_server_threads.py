@@ -1,4 +1,5 @@
-"""Which threads serve which calls: probes and metadata never wait behind scoring."""
+"""Which threads serve which calls: probes and metadata are answered on the event loop,
+scoring (Score, KServe ModelInfer, each ScoreStream image) on the scoring threads."""
 
 from __future__ import annotations
 
@@ -28,27 +29,28 @@ from service.server.kserve_servicer import KServeServicer
 def _recording(monkeypatch, cls, name: str, seen: dict[str, str]) -> None:
     original = getattr(cls, name)
 
-    def method(self, request, context):
+    async def method(self, request, context):
         seen[name] = threading.current_thread().name
-        return original(self, request, context)
+        return await original(self, request, context)
 
     monkeypatch.setattr(cls, name, method)
 
 
-def test_probes_and_metadata_run_on_control_threads_scoring_on_its_own(repo, monkeypatch):  # noqa: F811
+def test_control_calls_run_on_the_loop_and_scoring_on_the_scoring_threads(repo, monkeypatch):  # noqa: F811
     seen: dict[str, str] = {}
-    _recording(monkeypatch, health.HealthServicer, "Check", seen)
-    for name in ("GetModel", "ListModels", "Score"):
+    _recording(monkeypatch, health.aio.HealthServicer, "Check", seen)
+    for name in ("GetModel", "ListModels"):
         _recording(monkeypatch, DensemapServicer, name, seen)
     for name in ("ServerReady", "ModelMetadata"):
         _recording(monkeypatch, KServeServicer, name, seen)
-    original_stream = DensemapServicer.ScoreStream
+    for cls, name in ((DensemapServicer, "_score"), (KServeServicer, "_infer")):
+        original = getattr(cls, name)
 
-    def score_stream(self, requests, context):
-        seen["ScoreStream"] = threading.current_thread().name
-        yield from original_stream(self, requests, context)
+        def scored(self, call, request, _original=original, _name=name):
+            seen.setdefault(_name, set()).add((call.api, threading.current_thread().name))
+            return _original(self, call, request)
 
-    monkeypatch.setattr(DensemapServicer, "ScoreStream", score_stream)
+        monkeypatch.setattr(cls, name, scored)
     srv, port = start_server(repo)
     try:
         with channel(f"{HOST}:{port}") as chan:
@@ -61,9 +63,16 @@ def test_probes_and_metadata_run_on_control_threads_scoring_on_its_own(repo, mon
             kserve.ModelMetadata(kserve_pb.ModelMetadataRequest(name=TINY), timeout=5)
             stub.Score(array_request(rgb_image()), timeout=30)
             assert len(list(stub.ScoreStream(iter([array_request(rgb_image())]), timeout=30))) == 1
+            request = kserve_pb.ModelInferRequest(model_name=TINY)
+            image = rgb_image()
+            request.inputs.add(name="image", datatype="UINT8", shape=list(image.shape))
+            request.raw_input_contents.append(image.tobytes())
+            assert kserve.ModelInfer(request, timeout=30).raw_output_contents
     finally:
         srv.stop()
     for name in ("Check", "GetModel", "ListModels", "ServerReady", "ModelMetadata"):
-        assert seen[name].startswith("densemap-control"), (name, seen[name])
-    assert seen["Score"].startswith("densemap-score")
-    assert seen["ScoreStream"].startswith("densemap-stream")
+        assert seen[name] == "densemap-grpc", (name, seen[name])
+    apis = {api for api, _ in seen["_score"] | seen["_infer"]}
+    assert apis == {"densemap.Score", "densemap.ScoreStream", "kserve.ModelInfer"}
+    threads = {thread for _, thread in seen["_score"] | seen["_infer"]}
+    assert all(thread.startswith("densemap-score") for thread in threads), threads

@@ -15,6 +15,10 @@ Counted, per request (bytes; docs/engine.md "Request cost"):
   (``memory.py``) plus its copies (:func:`pass_copies`: the raw map's postprocess
   temporaries, twice its size, and its outputs twice: onnxruntime's buffer, the host copy).
   Tiles are sized so that both fit.
+- ``macs``: the multiply-accumulates of every pass (Conv, Gemm, MatMul nodes at the
+  scale's size, times the k x k shifts of a finer stride; shifted passes are a few cells
+  smaller and tiles overlap, so this is the compute of the untiled passes, rounded up to
+  whole shifts), what the server's compute limit admits.
 - ``response_bytes``: a lower bound of the densemap.v1 response's wire size (its arrays,
   image scores and top-k); the server refuses what surely exceeds its message limit.
 
@@ -50,6 +54,7 @@ class ScaleCost:
     outputs: Mapping[str, int]  # bytes of each returned array (scores, top_k_*, argmax)
     working_bytes: int  # the resized image
     pass_bytes: int = 0  # one untiled pass at this scale: activations and pass copies
+    macs: int = 0  # multiply-accumulates of this scale's passes (all k x k shifts)
 
     @property
     def map_bytes(self) -> int:
@@ -75,6 +80,11 @@ class RequestCost:
     @property
     def held_bytes(self) -> int:
         return held_bytes(self.image_bytes, self.scales)
+
+    @property
+    def macs(self) -> int:
+        """Multiply-accumulates of every pass of every scale."""
+        return sum(scale.macs for scale in self.scales)
 
     @property
     def peak_bytes(self) -> int:

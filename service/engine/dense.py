@@ -114,6 +114,10 @@ class DenseNet:
     def estimate_bytes(self, height: int, width: int) -> int:
         return self.estimator.activation_bytes(int(height), int(width))
 
+    def estimate_macs(self, height: int, width: int) -> int:
+        """Multiply-accumulates of one untiled pass on a height x width image."""
+        return self.estimator.macs(int(height), int(width))
+
     def run_pass(
         self,
         source: PixelSource,

@@ -195,6 +195,12 @@ class Engine:
             )
         return net.estimate_bytes(height, width)
 
+    def estimate_macs(self, height: int, width: int, *, output_stride: int | None = None) -> int:
+        """Multiply-accumulates of scoring a height x width image at ``output_stride`` (every
+        k x k shift of a finer stride), as ``estimate_request(...).macs`` counts them."""
+        net, factor = self._plan_stride(output_stride)
+        return factor[0] * factor[1] * net.estimate_macs(height, width)
+
     def estimate_request(
         self,
         height: int,

@@ -22,7 +22,7 @@ from service.contract import ModelMetadata
 from service.engine.cuda_driver import driver_cuda_version
 from service.engine.dense import DenseNet, Grid
 from service.engine.heads import HeadInfo, check_head_maps, check_outputs, describe_heads
-from service.engine.memory import ActivationEstimator
+from service.engine.memory import ActivationEstimator, nchwc_block
 from service.engine.options import EngineConfig
 from service.engine.precision import PrecisionSessions
 from service.engine.session import (
@@ -98,10 +98,13 @@ def _open_net(path: Path, proto, metadata: ModelMetadata, grid: Grid, config) ->
     inputs = [i.name for i in session.get_inputs()]
     outputs = [o.name for o in session.get_outputs()]
     check_outputs(metadata, inputs, outputs, file=path.name)
-    estimator = ActivationEstimator(
-        proto, input_name=metadata.input_name, layout=metadata.preprocessing.layout
-    )
     on_cuda = CUDA in session.get_providers()
+    estimator = ActivationEstimator(
+        proto,
+        input_name=metadata.input_name,
+        layout=metadata.preprocessing.layout,
+        channel_block=1 if on_cuda else nchwc_block(),
+    )
     return DenseNet(
         session,
         precisions=PrecisionSessions(

@@ -134,8 +134,10 @@ def estimate_passes(
             tiling=tiling,
             pass_bytes=pass_bytes,
         )
+    shifts = factor[0] * factor[1]
     scale_costs = tuple(
-        dataclasses.replace(c, pass_bytes=need) for c, need in zip(costs, passes, strict=True)
+        dataclasses.replace(c, pass_bytes=need, macs=shifts * net.estimate_macs(*c.size))
+        for c, need in zip(costs, passes, strict=True)
     )
     return RequestCost(
         image_size=original,

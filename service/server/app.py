@@ -1,5 +1,12 @@
 """The gRPC server: densemap.v1, KServe v2, health and reflection on one port.
 
+The server is gRPC's asyncio server (``grpc.aio``) on an event loop of its own thread: a
+call holds no thread while its headers, its body or its client's reads are awaited, so no
+number of slow or stalled clients can take the threads that score or answer probes.
+Health, readiness and metadata calls are answered on the loop; a scoring call takes one
+of ``--workers`` scoring threads once its request is complete and admitted
+(``scoring.ScoringCore``).
+
 Life cycle (:class:`DensemapServer`):
 
 1. ``start()`` binds the port and serves at once: ``liveness`` is SERVING, ``readiness``
@@ -15,9 +22,10 @@ Life cycle (:class:`DensemapServer`):
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent import futures
 
 import grpc
@@ -29,14 +37,15 @@ from service.engine import host_memory
 from service.errors import InvalidOption, ModelLoadError
 from service.server import kserve_proto
 from service.server.auth import BearerTokenInterceptor
+from service.server.compute_limit import ComputeLimit
 from service.server.config import ServerConfig
-from service.server.control_pool import ControlPoolInterceptor
 from service.server.densemap_servicer import SERVICE_NAME, DensemapServicer
 from service.server.device_check import device_problem
 from service.server.idle_memory import IdleRelease
 from service.server.kserve_servicer import KServeServicer
 from service.server.limits import Admission, ServingState
 from service.server.malformed import MalformedRequestInterceptor
+from service.server.memory_budget import MemoryBudget, default_memory_limit
 from service.server.metrics import ServerMetrics
 from service.server.scoring import Models, ScoringCore
 from service.server.status import NotServing
@@ -46,6 +55,8 @@ log = logging.getLogger("densemap.server")
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 CUT_SECONDS = 2.0  # after the grace: how long cut calls get to send their own status
+LOOP_CALL_SECONDS = 30.0  # longest wait for the event loop to run a life-cycle step
+MAX_STREAMS_PER_CONNECTION = 256  # HTTP/2 streams one client connection may open at once
 SERVICE_NAMES = (
     SERVICE_NAME,
     kserve_proto.SERVICE_NAME,
@@ -76,13 +87,23 @@ class DensemapServer:
         self.state = ServingState()
         self.models = Models()
         self.metrics = ServerMetrics()
-        self.health = health.HealthServicer()
+        self.health = health.aio.HealthServicer()
         self.port = 0
         self.metrics_port = 0
         self._ready_event = threading.Event()
         self._stopped = threading.Event()
         self._reload_lock = threading.Lock()
+        self._loop_lock = threading.Lock()  # the loop closes only between health updates
         self._published: set[str] = set()
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(
+            target=self._loop.run_forever, name="densemap-grpc", daemon=True
+        )
+        self._loop_thread.start()
+        self._pool = futures.ThreadPoolExecutor(
+            max_workers=config.workers, thread_name_prefix="densemap-score"
+        )
+        self.memory = MemoryBudget(config.memory_limit or default_memory_limit())
         self.idle_release = IdleRelease(self._release_memory)
         self.admission = Admission(
             max_in_flight=config.max_in_flight,
@@ -96,24 +117,43 @@ class DensemapServer:
             admission=self.admission,
             metrics=self.metrics,
             max_response_bytes=config.max_message_bytes,
+            compute=ComputeLimit(config.max_request_gmacs),
+            pool=self._pool,
+            memory=self.memory,
         )
-        self._grpc = self._build_grpc_server(core)
+        self._grpc = self._on_loop(self._build_grpc_server(core))
+        for name in ("", "readiness"):
+            self._set_health(name, NOT_SERVING)
+        self._set_health("liveness", SERVING)
 
-    def _build_grpc_server(self, core: ScoringCore) -> grpc.Server:
+    def _on_loop(self, coroutine: Coroutine, timeout: float | None = LOOP_CALL_SECONDS):
+        """Run ``coroutine`` on the server's event loop from another thread; its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
+
+    def _set_health(self, name: str, status) -> None:
+        with self._loop_lock:
+            if not self._loop.is_closed():
+                self._on_loop(self.health.set(name, status))
+
+    async def _build_grpc_server(self, core: ScoringCore) -> grpc.aio.Server:
         config = self.config
         options = [
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
+            # the write timeout: while a call is open, ping its connection; one that does not
+            # answer (it reads nothing) is closed, and the responses it pinned are freed
+            ("grpc.keepalive_time_ms", int(1000 * config.write_timeout_seconds)),
+            ("grpc.keepalive_timeout_ms", int(1000 * config.write_timeout_seconds)),
+            ("grpc.http2.max_pings_without_data", 0),
         ]
         if config.max_connection_age_seconds > 0:
             options.append(
                 ("grpc.max_connection_age_ms", int(1000 * config.max_connection_age_seconds))
             )
             options.append(("grpc.max_connection_age_grace_ms", int(1000 * config.grace_seconds)))
+        # Outermost first: a call without the token is refused before anything else.
         interceptors = [BearerTokenInterceptor(config.auth_token)] if config.auth_token else []
-        # Outermost first: the handler gRPC sees names the pool a call runs on.
-        self._control = ControlPoolInterceptor()
-        interceptors.append(self._control)
         self.stream_limits = StreamLimits(
             max_streams=config.max_streams, max_per_peer=config.max_streams_per_peer
         )
@@ -123,15 +163,8 @@ class DensemapServer:
             stopping=self._stopping_error,
         )
         interceptors.append(self._streams)
-        interceptors.append(MalformedRequestInterceptor())
-        server = grpc.server(
-            futures.ThreadPoolExecutor(
-                max_workers=config.workers, thread_name_prefix="densemap-score"
-            ),
-            interceptors=interceptors,
-            options=options,
-            maximum_concurrent_rpcs=config.workers * 4,
-        )
+        interceptors.append(MalformedRequestInterceptor(self.memory))
+        server = grpc.aio.server(interceptors=interceptors, options=options)
         densemap_pb2_grpc.add_DensemapServicer_to_server(DensemapServicer(core), server)
         kserve_proto.add_servicer_to_server(KServeServicer(core), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -139,9 +172,6 @@ class DensemapServer:
             [densemap_pb2.DESCRIPTOR, health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR]
         )
         reflection.enable_server_reflection(SERVICE_NAMES, server, pool=pool)
-        for name in ("", "readiness"):
-            self.health.set(name, NOT_SERVING)
-        self.health.set("liveness", SERVING)
         return server
 
     def _stopping_error(self) -> NotServing | None:
@@ -183,7 +213,7 @@ class DensemapServer:
                     f"cannot serve metrics on {_address(config.host, config.metrics_port)}: "
                     f"{exc.strerror or exc}; pick another --metrics-port (0 turns metrics off)"
                 ) from None
-        self._grpc.start()
+        self._on_loop(self._grpc.start())
         tls, auth = config.tls_cert is not None, config.auth_token is not None
         log.info(
             "densemap serving on %s (models %s; TLS %s, auth %s, device %s)",
@@ -232,7 +262,7 @@ class DensemapServer:
             return
         self.state.set_ready(True)
         for name in ("", "readiness"):
-            self.health.set(name, SERVING)
+            self._set_health(name, SERVING)
         self._ready_event.set()
         names = self.models.names()
         if not names:
@@ -243,12 +273,13 @@ class DensemapServer:
 
     def _publish(self) -> None:
         """Health and metrics per model after a load or reload (the repository logs failures)."""
+        self.memory.measure_baseline()  # what the loaded models take, outside the budget
         names = self.models.names()
         status = NOT_SERVING if self.state.draining else SERVING
         for name in names:
-            self.health.set(name, status)
+            self._set_health(name, status)
         for name in self._published - set(names):
-            self.health.set(name, NOT_SERVING)
+            self._set_health(name, NOT_SERVING)
         self.metrics.set_loaded(names, self._published)
         self._published = set(names)
 
@@ -281,9 +312,9 @@ class DensemapServer:
     def drain(self, grace: float | None = None) -> bool:
         """Stop taking calls, let in-flight ones finish (<= grace s), stop. True if all did."""
         grace = self.config.grace_seconds if grace is None else grace
+        for name in ("", "readiness", *self._published):  # probes first, then calls
+            self._set_health(name, NOT_SERVING)
         self.state.begin_drain()
-        for name in ("", "readiness", *self._published):
-            self.health.set(name, NOT_SERVING)
         log.info("draining: %d call(s) in flight, grace %.0f s", self.state.active, grace)
         finished = self.state.wait_idle(grace)
         if not finished:
@@ -310,16 +341,24 @@ class DensemapServer:
             host_memory.trim()
 
     def stop(self, grace: float | None = 0) -> None:
+        """Stop serving (calls still running after ``grace`` seconds are cancelled) and
+        end the event loop; safe to call more than once, from any thread but the loop's."""
         self.idle_release.stop()
         self._stopped.set()
         self.state.begin_drain()
-        self._grpc.stop(grace).wait()
-        self._streams.shutdown()
-        self._control.shutdown()
+        wait = None if grace is None else grace + LOOP_CALL_SECONDS
+        with self._loop_lock:
+            if not self._loop.is_closed():
+                self._on_loop(self._grpc.stop(grace), timeout=wait)
+                self._loop.call_soon_threadsafe(self._loop.stop)
+                self._loop_thread.join(LOOP_CALL_SECONDS)
+                self._loop.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
         self.metrics.stop()
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
-        return self._grpc.wait_for_termination(timeout)
+        """Wait until the server stopped; True when ``timeout`` passed first (as grpc's)."""
+        return not self._stopped.wait(timeout) or self._loop_thread.is_alive()
 
     def __enter__(self) -> DensemapServer:
         return self
@@ -333,4 +372,8 @@ def create_server(
 ) -> tuple[DensemapServer, int]:
     """Build and start a server; returns it and its bound port (models load in background)."""
     server = DensemapServer(config, open_repository=open_repository)
-    return server, server.start()
+    try:
+        return server, server.start()
+    except BaseException:
+        server.stop()  # its event loop and threads end with it
+        raise

@@ -15,6 +15,7 @@ import numpy as np
 
 from service._proto.densemap.v1 import densemap_pb2 as pb
 from service.engine.options import DEFAULT_IMAGE_TOP_K, ScoreOptions
+from service.engine.request_checks import MAX_SCALES
 from service.engine.result import MapGeometry, PrecisionReport, ScaleMap, ScoreMap
 from service.errors import InvalidImage, InvalidOption
 from service.server.detection_codec import (
@@ -29,6 +30,7 @@ from service.server.head_codec import (
     heads_to_proto,
     read_head_maps,
 )
+from service.server.request_counts import check_rank
 
 WIRE_DTYPES: dict[int, np.dtype] = {
     pb.UINT8: np.dtype("<u1"),
@@ -38,7 +40,6 @@ WIRE_DTYPES: dict[int, np.dtype] = {
 }
 IMAGE_DTYPES = {pb.UINT8: (2, 3), pb.FLOAT32: (3,)}  # accepted dtype -> accepted ranks
 MAP_DTYPES = {"float32": pb.FLOAT32, "float16": pb.FLOAT16}
-MAX_SCALES = 16
 
 
 # -- tensors --------------------------------------------------------------------------------
@@ -69,6 +70,7 @@ def read_tensor(tensor: pb.Tensor, *, what: str) -> np.ndarray:
         raise InvalidImage(
             f"{what}.dtype {_dtype_name(tensor.dtype)} is not supported: use UINT8 or FLOAT32"
         )
+    check_rank(len(tensor.shape), what)  # before any conversion: a shape may be huge
     shape = tuple(tensor.shape)
     if not shape or any(side < 1 for side in shape):
         raise InvalidImage(
@@ -152,11 +154,11 @@ def options_from_proto(options: pb.ScoreOptions) -> ScoreOptions:
             f"output_stride {options.output_stride} is negative: use 0 for the native stride or "
             "one of the model's supported_strides (GetModel)"
         )
+    if len(options.scales) > MAX_SCALES:  # counted before converting (request_counts)
+        raise InvalidOption(f"scales must be 1..{MAX_SCALES} values, got {len(options.scales)}")
     scales = tuple(options.scales) or (1.0,)
-    if len(scales) > MAX_SCALES or not all(math.isfinite(s) and s > 0 for s in scales):
-        raise InvalidOption(
-            f"scales must be 1..{MAX_SCALES} finite values > 0, got {list(options.scales)}"
-        )
+    if not all(math.isfinite(s) and s > 0 for s in scales):
+        raise InvalidOption(f"scales must be 1..{MAX_SCALES} finite values > 0, got {list(scales)}")
     if options.output not in (pb.OUTPUT_UNSPECIFIED, pb.PROBABILITIES, pb.LOGITS):
         raise InvalidOption(f"output {options.output} is unknown: use PROBABILITIES or LOGITS")
     dtypes = {pb.DTYPE_UNSPECIFIED: "float32", pb.FLOAT32: "float32", pb.FLOAT16: "float16"}

@@ -27,7 +27,9 @@ DEFAULT_POLL_SECONDS = 0.0  # 0: reload the repository only on SIGHUP
 DEFAULT_MAX_CONNECTION_AGE_SECONDS = 0.0  # 0: connections live forever
 DEFAULT_MAX_STREAMS = 16  # open streams (ScoreStream, health Watch, reflection) at once
 DEFAULT_MAX_STREAMS_PER_PEER = 4  # open streams from one client address
-DEFAULT_STREAM_IDLE_SECONDS = 60.0  # a stream that sends nothing this long is closed
+DEFAULT_MAX_REQUEST_GMACS = 0.0  # 0: per model, from the pixel limit (compute_limit.py)
+DEFAULT_STREAM_IDLE_SECONDS = 60.0
+DEFAULT_WRITE_TIMEOUT_SECONDS = 30.0  # a connection that reads nothing this long is dropped  # a stream that sends nothing this long is closed
 SERVER_BYTES_PER_PIXEL = 16  # decoded RGB uint8 (3) + its float32 copy (12), rounded up
 RESERVED_WORKERS = 4  # scoring threads beyond the admitted calls: refusals answer at once
 
@@ -75,6 +77,14 @@ class ServerConfig:
       address; they run on threads of their own. ``stream_idle_seconds``: a stream whose
       client sends nothing for this long is closed.
     - ``max_in_flight``/``max_queue``: per model, engine calls running / waiting.
+    - ``max_request_gmacs``: the compute one request may ask for, in GMAC (multiply-
+      accumulates of every pass, counted before it runs); 0: per model, twice one image at
+      the pixel limit at native stride (:mod:`service.server.compute_limit`).
+    - ``memory_limit``: bytes the whole server may use (RSS); scoring calls reserve their
+      request, maps and response within it (:mod:`service.server.memory_budget`). None:
+      the cgroup limit when there is one, else the machine's memory.
+    - ``write_timeout_seconds``: a client connection that reads nothing (not even the
+      server's keepalive pings) for this long is closed, with the responses it pinned.
     - ``grace_seconds``: how long a drain lets in-flight calls finish.
     - ``poll_seconds``: reload the repository every N seconds (0 = only on SIGHUP).
     - ``max_connection_age_seconds``: close client connections after this long, so
@@ -93,6 +103,9 @@ class ServerConfig:
     workers: int = DEFAULT_WORKERS
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
     max_queue: int = DEFAULT_MAX_QUEUE
+    max_request_gmacs: float = DEFAULT_MAX_REQUEST_GMACS
+    memory_limit: int | None = None
+    write_timeout_seconds: float = DEFAULT_WRITE_TIMEOUT_SECONDS
     max_streams: int = DEFAULT_MAX_STREAMS
     max_streams_per_peer: int = DEFAULT_MAX_STREAMS_PER_PEER
     stream_idle_seconds: float = DEFAULT_STREAM_IDLE_SECONDS
@@ -117,6 +130,17 @@ class ServerConfig:
             problems.append(f"workers must exceed {RESERVED_WORKERS} (got {self.workers})")
         if self.max_in_flight < 1 or self.max_queue < 0:
             problems.append("max_in_flight must be >= 1 and max_queue >= 0")
+        if not (math.isfinite(self.max_request_gmacs) and self.max_request_gmacs >= 0):
+            problems.append(
+                f"max_request_gmacs must be finite and >= 0, 0 = per model "
+                f"(got {self.max_request_gmacs})"
+            )
+        if self.memory_limit is not None and self.memory_limit < 64 * 2**20:
+            problems.append(f"memory_limit must be at least 64 MiB (got {self.memory_limit})")
+        if not (math.isfinite(self.write_timeout_seconds) and self.write_timeout_seconds >= 1):
+            problems.append(
+                f"write_timeout_seconds must be finite and >= 1 (got {self.write_timeout_seconds})"
+            )
         if self.max_streams < 1 or self.max_streams_per_peer < 1:
             problems.append("max_streams and max_streams_per_peer must be >= 1")
         if not (math.isfinite(self.stream_idle_seconds) and self.stream_idle_seconds > 0):

@@ -1,19 +1,20 @@
 """densemap.v1.Densemap: Score, ScoreStream, ListModels, GetModel.
 
 The servicer only translates messages to engine calls and back (``codec``); gating,
-backpressure, timing and status codes live in ``scoring``.
+backpressure, timing and status codes live in ``scoring``. Its gRPC methods are coroutines
+on the server's event loop; scoring runs on the scoring threads (``ScoringCore``), which
+send Score's response serialized (``malformed`` passes bytes through).
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterator
 
 import grpc
 
 from service._proto.densemap.v1 import densemap_pb2 as pb
 from service._proto.densemap.v1 import densemap_pb2_grpc as pb_grpc
-from service.server import codec
+from service.server import codec, request_counts
 from service.server.head_codec import fill_model_heads
+from service.server.limits import CallGuard
 from service.server.scoring import Call, ScoringCore
 from service.server.status import NotServing, abort
 
@@ -65,6 +66,7 @@ class DensemapServicer(pb_grpc.DensemapServicer):
         self._core = core
 
     def _score(self, call: Call, request: pb.ScoreRequest) -> pb.ScoreResponse:
+        request_counts.check_score_request(request)
         engine = call.engine(request.model)
         with call.timed("decode"):
             image = codec.image_from_proto(request.image)
@@ -78,33 +80,38 @@ class DensemapServicer(pb_grpc.DensemapServicer):
             setattr(response.timing, f"{stage}_ms", value)
         return response
 
-    def Score(self, request, context):
-        return self._core.unary(
+    async def Score(self, request, context):
+        return await self._core.unary(
             context, "densemap.Score", lambda call: self._score(call, request), scoring=True
         )
 
-    def ScoreStream(self, request_iterator, context) -> Iterator[pb.ScoreResponse]:
+    async def ScoreStream(self, request_iterator, context):
         """Open streams are limited and time out in ``streams``; an image being scored holds
-        a scoring slot (``stream_item``), an idle stream none."""
+        a scoring slot and a thread (``stream_item``), an idle stream neither."""
         core = self._core
         try:
             core.state.check_serving()
             core.state.track(context)
         except Exception as exc:
-            abort(context, exc)
-        for request in request_iterator:
-            call = Call(core, context, "densemap.ScoreStream")
-            response, code, message = core.stream_item(call, lambda c, r=request: self._score(c, r))
+            await abort(context, exc)
+        guard = CallGuard.for_context(context, core.state)
+        async for request in request_iterator:
+            call = Call(core, guard, "densemap.ScoreStream")
+            response, code, message = await core.stream_item(
+                call, lambda c, r=request: self._score(c, r)
+            )
             if code in _FATAL:
-                context.abort(code, message)
+                await context.abort(code, message)
             if response is None:
-                response = pb.ScoreResponse(model=request.model, request_id=request.request_id)
-                response.error.code = code.value[0]
-                response.error.code_name = code.name
-                response.error.message = message
+                error = pb.ScoreResponse(model=request.model, request_id=request.request_id)
+                error.error.code = code.value[0]
+                error.error.code_name = code.name
+                error.error.message = message
+                response = error
             yield response
+            call.release_memory()  # the response was written
             if core.state.draining:
-                abort(
+                await abort(
                     context,
                     NotServing(
                         "the server is shutting down: send the remaining images to "
@@ -112,7 +119,7 @@ class DensemapServicer(pb_grpc.DensemapServicer):
                     ),
                 )
 
-    def ListModels(self, request, context):
+    async def ListModels(self, request, context):
         def list_models(call: Call) -> pb.ListModelsResponse:
             response = pb.ListModelsResponse()
             repository = self._core.models.repository  # one snapshot; set once ready
@@ -123,13 +130,13 @@ class DensemapServicer(pb_grpc.DensemapServicer):
                 response.failures.add(name=name, message=message)
             return response
 
-        return self._core.unary(context, "densemap.ListModels", list_models)
+        return await self._core.unary(context, "densemap.ListModels", list_models)
 
-    def GetModel(self, request, context):
+    async def GetModel(self, request, context):
         def get_model(call: Call) -> pb.ModelInfo:
             engine = call.engine(request.name)
             info = pb.ModelInfo()
             fill_model_info(info, engine, name=request.name, with_labels=True)
             return info
 
-        return self._core.unary(context, "densemap.GetModel", get_model)
+        return await self._core.unary(context, "densemap.GetModel", get_model)

@@ -15,9 +15,9 @@ from service.engine.options import (
     DetectionOptions,
     ScoreOptions,
 )
+from service.engine.request_checks import MAX_SCALES
 from service.errors import InvalidOption
 from service.plain_numbers import parse_decimal, parse_integer
-from service.server.codec import MAX_SCALES
 
 PARAMETERS = {
     "output_stride": "int: output stride in pixels (default: the model's native stride)",

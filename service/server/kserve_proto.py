@@ -71,12 +71,13 @@ def _unsupported_handler(method: str, instead: str) -> grpc.RpcMethodHandler:
         )
     )
 
-    def refuse(_request, context):
-        context.abort(code, details)
+    async def refuse(_requests, context):
+        await context.abort(code, details)
 
+    # request-streaming handlers: gRPC runs them at once, without waiting for a request body
     if method == "ModelStreamInfer":
         return grpc.stream_stream_rpc_method_handler(refuse)
-    return grpc.unary_unary_rpc_method_handler(refuse)
+    return grpc.stream_unary_rpc_method_handler(refuse)
 
 
 def add_servicer_to_server(servicer, server: grpc.Server) -> None:

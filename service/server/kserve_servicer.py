@@ -20,7 +20,7 @@ import struct
 import numpy as np
 
 from service.errors import InvalidImage, ModelNotFound
-from service.server import kserve_detections
+from service.server import kserve_detections, request_counts
 from service.server.kserve_outputs import (
     MAP_OUTPUTS,
     estimated_bytes,
@@ -145,13 +145,13 @@ class KServeServicer:
         state = self._core.state
         return state.ready and not state.draining
 
-    def ServerLive(self, request, context):
+    async def ServerLive(self, request, context):
         return message_class("ServerLiveResponse")(live=True)
 
-    def ServerReady(self, request, context):
+    async def ServerReady(self, request, context):
         return message_class("ServerReadyResponse")(ready=self._ready())
 
-    def ModelReady(self, request, context):
+    async def ModelReady(self, request, context):
         ready = (
             self._ready()
             and request.name in self._core.models.names()
@@ -159,10 +159,10 @@ class KServeServicer:
         )
         return message_class("ModelReadyResponse")(ready=ready)
 
-    def ServerMetadata(self, request, context):
+    async def ServerMetadata(self, request, context):
         return message_class("ServerMetadataResponse")(name="densemap", version=self._version)
 
-    def ModelMetadata(self, request, context):
+    async def ModelMetadata(self, request, context):
         def metadata(call: Call):
             engine = call.engine(request.name)
             _check_version(request.name, request.version)
@@ -184,14 +184,15 @@ class KServeServicer:
                 )
             return response
 
-        return self._core.unary(context, "kserve.ModelMetadata", metadata)
+        return await self._core.unary(context, "kserve.ModelMetadata", metadata)
 
-    def ModelInfer(self, request, context):
-        return self._core.unary(
+    async def ModelInfer(self, request, context):
+        return await self._core.unary(
             context, "kserve.ModelInfer", lambda call: self._infer(call, request), scoring=True
         )
 
     def _infer(self, call: Call, request):
+        request_counts.check_infer_request(request)
         engine = call.engine(request.model_name)
         _check_version(request.model_name, request.model_version)
         heads = engine.heads

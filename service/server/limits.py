@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import collections
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -20,40 +21,67 @@ from contextlib import contextmanager
 import grpc
 
 from service.errors import Cancelled
-from service.server.status import DeadlineExceeded, NotServing, ServerBusy, quote_name
+from service.server.status import (
+    DeadlineExceeded,
+    NotServing,
+    ServerBusy,
+    quote_name,
+    status_for,
+)
 
 QUEUE_POLL_SECONDS = 0.05  # queued calls re-check cancellation and deadline this often
 
 
 class CallGuard:
-    """Cancel hook of one call: true once the client cancelled, the deadline passed, or the
-    drain's grace ended (``ServingState.cut``)."""
+    """Cancel hook of one call: true once the client cancelled or went away, the deadline
+    passed, or the drain's grace ended (``ServingState.cut``).
 
-    def __init__(self, context: grpc.ServicerContext, state: ServingState | None = None) -> None:
-        self._context = context
+    Made on the event loop (:meth:`for_context`), read from the scoring thread: the loop
+    sets ``gone`` when gRPC ends the call (a cancel, a lost connection, the deadline)."""
+
+    def __init__(self, deadline: float = math.inf, state: ServingState | None = None) -> None:
+        self._deadline = deadline  # time.monotonic() seconds
         self._state = state
+        self._gone = threading.Event()
         self._deadline_passed = False
+
+    @classmethod
+    def for_context(cls, context, state: ServingState | None = None) -> CallGuard:
+        """The guard of an aio call: its deadline, and ``gone`` once gRPC ends the call."""
+        remaining = context.time_remaining()
+        deadline = math.inf if remaining is None else time.monotonic() + remaining
+        guard = cls(deadline, state)
+        context.add_done_callback(lambda _context: guard.cancel())
+        return guard
+
+    def cancel(self) -> None:
+        """The call ended (the client cancelled or left): the work stops at its next check."""
+        self._gone.set()
 
     def __call__(self) -> bool:
         if self._state is not None and self._state.cut_message is not None:
             return True
-        if self._context.time_remaining() <= 0:
+        if time.monotonic() >= self._deadline:
             self._deadline_passed = True
             return True
-        return not self._context.is_active()
+        return self._gone.is_set()
 
     def remaining(self) -> float:
-        return self._context.time_remaining()
+        return self._deadline - time.monotonic()
 
     def error(self) -> Cancelled | NotServing:
         if self._state is not None and self._state.cut_message is not None:
             return NotServing(self._state.cut_message)
-        if self._deadline_passed:
+        if self._deadline_passed or self.remaining() <= 0:
             return DeadlineExceeded(
                 "the call's deadline passed before scoring finished: allow a longer deadline, "
                 "send a smaller image, or retry when the server is less busy"
             )
         return Cancelled("the client cancelled the call; the work was stopped")
+
+    def stop_code(self) -> grpc.StatusCode:
+        """The code to count for a call gRPC ended under us (cancelled or past deadline)."""
+        return status_for(self.error())[0]
 
     def check(self) -> None:
         """Raise the matching error when the call should not go on."""
@@ -96,21 +124,20 @@ class ServingState:
         if not self.ready:
             raise NotServing("the server is still loading its models: retry in a few seconds")
 
-    def track(self, context: grpc.ServicerContext) -> None:
-        """Count this call as in flight until gRPC reports it terminated."""
+    def track(self, context) -> None:
+        """Count this call as in flight until gRPC reports it done (its status sent)."""
         with self._cond:
             self._active += 1
         done = threading.Event()
 
-        def release() -> None:
+        def release(_context=None) -> None:
             if not done.is_set():
                 done.set()
                 with self._cond:
                     self._active -= 1
                     self._cond.notify_all()
 
-        if not context.add_callback(release):  # already terminated
-            release()
+        context.add_done_callback(release)
 
     @property
     def active(self) -> int:

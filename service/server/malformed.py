@@ -1,70 +1,184 @@
-"""Malformed request bytes are INVALID_ARGUMENT, on every service of the port.
+"""Request bytes: size-checked and parsed by the server itself, on every service of the port.
 
 gRPC Python deserializes a request before any handler runs and answers bytes that are not
-the method's protobuf message with INTERNAL ("Exception deserializing request!") plus a
-server-side traceback, which reads as a server bug. :class:`MalformedRequestInterceptor`
-hands the raw bytes to a wrapped handler that parses them itself and ends an unparsable
-request with INVALID_ARGUMENT, through the status table like every other error.
+the method's protobuf message with a bare UNKNOWN or INTERNAL plus a server-side
+traceback, which reads as a server bug. :class:`MalformedRequestInterceptor` registers
+every method with raw bytes in and out, and its wrapper:
+
+- refuses a control call (health, readiness, metadata, model lists) whose request is over
+  :data:`CONTROL_MESSAGE_BYTES` before parsing it: those requests are a few bytes, and a
+  huge one must not hold the event loop that answers probes;
+- reads a scoring call's request itself (the call is registered request-streaming, which
+  the wire does not show), so that the received bytes are dropped once parsed;
+- reserves, for any other call, :data:`REQUEST_COPIES` times its request's size in the
+  server's memory budget (:mod:`service.server.memory_budget`) before parsing it, held
+  until the call is done (a stream's message: until the next one is read): a request that
+  does not fit is RESOURCE_EXHAUSTED before it is copied any further;
+- parses the request, and ends an unparsable one with INVALID_ARGUMENT through the status
+  table like every other error;
+- sends responses a handler already serialized (scoring calls serialize on their thread,
+  not on the event loop) as they are, and serializes the others.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+import inspect
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
-from service.server.status import MalformedRequest, status_for
+from service.errors import DensemapError
+from service.server.memory_budget import REQUEST_COPIES, MemoryBudget, Reservation
+from service.server.status import MalformedRequest, abort
+
+CONTROL_MESSAGE_BYTES = 64 * 1024  # largest request of a control call
+CONTROL_METHODS = frozenset(
+    (
+        "/grpc.health.v1.Health/Check",
+        "/grpc.health.v1.Health/Watch",
+        "/inference.GRPCInferenceService/ServerLive",
+        "/inference.GRPCInferenceService/ServerReady",
+        "/inference.GRPCInferenceService/ModelReady",
+        "/inference.GRPCInferenceService/ServerMetadata",
+        "/inference.GRPCInferenceService/ModelMetadata",
+        "/densemap.v1.Densemap/ListModels",
+        "/densemap.v1.Densemap/GetModel",
+    )
+)
 
 
-def _parser(method: str, deserialize: Callable[[bytes], object]):
-    def parse(raw: bytes, context: grpc.ServicerContext):
+def _parser(method: str, deserialize: Callable[[bytes], object], memory: MemoryBudget | None):
+    control = method in CONTROL_METHODS
+    limit = CONTROL_MESSAGE_BYTES if control else None
+
+    async def parse(raw: bytes, context) -> tuple[object, Reservation | None]:
+        """(the request, its bytes' reservation in the memory budget or None)."""
+        if limit is not None and len(raw) > limit:
+            await abort(
+                context,
+                MalformedRequest(
+                    f"the request to {method} is {len(raw)} bytes, over the limit of {limit} "
+                    "for this call (it needs a few bytes: a name at most)"
+                ),
+            )
+        reservation = None
+        if memory is not None and not control:
+            try:
+                reservation = memory.reserve(REQUEST_COPIES * len(raw))
+            except DensemapError as exc:
+                await abort(context, exc)
         try:
-            return deserialize(raw)
+            return deserialize(raw), reservation
         except Exception:
-            code, details = status_for(
+            if reservation is not None:
+                reservation.release()
+            await abort(
+                context,
                 MalformedRequest(
                     f"the request is not a valid protobuf message for {method}: send it with "
                     "stubs generated from the server's .proto files (grpcurl and reflection "
                     "describe them)"
-                )
+                ),
             )
-            context.abort(code, details)
 
     return parse
 
 
-def _parse_each(raw_requests: Iterable[bytes], parse, context) -> Iterator[object]:
-    for raw in raw_requests:
-        yield parse(raw, context)
+def _serializer(serialize: Callable[[object], bytes] | None) -> Callable[[object], bytes]:
+    def send(response) -> bytes:
+        if isinstance(response, bytes) or serialize is None:
+            return response
+        return serialize(response)
+
+    return send
 
 
-def _parsing_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-    parse = _parser(method, handler.request_deserializer)
-    serializer = handler.response_serializer
-    if not handler.request_streaming:
-        kind = "unary_stream" if handler.response_streaming else "unary_unary"
-        behavior = getattr(handler, kind)
+async def _parse_each(raw_requests, parse, context) -> AsyncIterator[object]:
+    """A stream's requests; each one's reservation is released once the next is asked for
+    (the handler is done with it) or the stream ends."""
+    reservation = None
+    try:
+        async for raw in raw_requests:
+            if reservation is not None:
+                reservation.release()
+            request, reservation = await parse(raw, context)
+            yield request
+    finally:
+        if reservation is not None:
+            reservation.release()
 
-        def unary(raw, context):
-            return behavior(parse(raw, context), context)
 
-        factory = getattr(grpc, f"{kind}_rpc_method_handler")
-        return factory(unary, response_serializer=serializer)
-    kind = "stream_stream" if handler.response_streaming else "stream_unary"
-    behavior = getattr(handler, kind)
+def _wrap(behavior, parse, *, streaming_in: bool):
+    """``behavior`` with parsed requests: a coroutine (unary response or writer API) or an
+    async generator (streamed responses), as gRPC's aio server accepts them."""
 
-    def streaming(raw_requests, context):
-        return behavior(_parse_each(raw_requests, parse, context), context)
+    async def request_of(raw, context):
+        if streaming_in:
+            return _parse_each(raw, parse, context)
+        request, reservation = await parse(raw, context)
+        if reservation is not None:
+            context.add_done_callback(lambda _context: reservation.release())
+        return request
 
+    if inspect.isasyncgenfunction(behavior):
+
+        async def generate(raw, context):
+            async for response in behavior(await request_of(raw, context), context):
+                yield response
+
+        return generate
+
+    async def run(raw, context):
+        return await behavior(await request_of(raw, context), context)
+
+    return run
+
+
+def _read_in_handler(behavior, parse):
+    """A unary call's behavior registered as request-streaming: it reads its one message
+    itself (``context.read``), so no gRPC frame keeps the request's bytes alive once they
+    are parsed (a unary handler's caller holds them for the whole call)."""
+
+    async def run(_requests, context):
+        raw = await context.read()
+        if raw is grpc.aio.EOF:
+            await abort(context, MalformedRequest("the call ended before its request was sent"))
+        request, reservation = await parse(raw, context)
+        del raw
+        if reservation is not None:
+            context.add_done_callback(lambda _context: reservation.release())
+        return await behavior(request, context)
+
+    return run
+
+
+def parsing_handler(
+    handler: grpc.RpcMethodHandler, method: str, memory: MemoryBudget | None = None
+) -> grpc.RpcMethodHandler:
+    parse = _parser(method, handler.request_deserializer, memory)
+    serializer = _serializer(handler.response_serializer)
+    if not (handler.request_streaming or handler.response_streaming or method in CONTROL_METHODS):
+        behavior = _read_in_handler(handler.unary_unary, parse)
+        return grpc.stream_unary_rpc_method_handler(behavior, response_serializer=serializer)
+    kind = (
+        ("stream" if handler.request_streaming else "unary")
+        + "_"
+        + ("stream" if handler.response_streaming else "unary")
+    )
+    behavior = _wrap(getattr(handler, kind), parse, streaming_in=handler.request_streaming)
     factory = getattr(grpc, f"{kind}_rpc_method_handler")
-    return factory(streaming, response_serializer=serializer)
+    return factory(behavior, response_serializer=serializer)
 
 
-class MalformedRequestInterceptor(grpc.ServerInterceptor):
-    """Parse requests inside the handler, so undecodable bytes get INVALID_ARGUMENT."""
+class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
+    """Parse requests inside the handler, so undecodable bytes get INVALID_ARGUMENT, after
+    reserving their bytes in ``memory`` (None: no budget)."""
 
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
+    def __init__(self, memory: MemoryBudget | None = None) -> None:
+        self._memory = memory
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
         if handler is None or handler.request_deserializer is None:
             return handler
-        return _parsing_handler(handler, handler_call_details.method)
+        return parsing_handler(handler, handler_call_details.method, self._memory)

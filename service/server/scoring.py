@@ -1,17 +1,25 @@
 """What every densemap.v1 and KServe call shares: gating, admission, timing, status, logs.
 
-A servicer method hands a function of :class:`Call` to :meth:`ScoringCore.unary` (or
-:meth:`ScoringCore.stream_item` per ScoreStream item). The core checks that the server
-serves, counts the call in flight, maps any exception to its status through the one table
-(``service.server.status``), records metrics and writes one debug log line per request.
+A servicer method (a coroutine on the server's event loop) hands a function of
+:class:`Call` to :meth:`ScoringCore.unary` (or :meth:`ScoringCore.stream_item` per
+ScoreStream item). The core checks that the server serves, counts the call in flight, maps
+any exception to its status through the one table (``service.server.status``), records
+metrics and writes one debug log line per request.
+
+A scoring call holds a thread only once its request message is complete and admitted: the
+core then runs its function (decode, queue, engine, encode, serialize) on the scoring
+thread pool, and the event loop goes on answering every other call meanwhile. Control
+calls (metadata, model lists) run on the loop itself: they only read state.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
+from concurrent import futures
+from contextlib import contextmanager
 from typing import TypeVar
 
 import grpc
@@ -20,7 +28,9 @@ from service.engine.cost import RequestCost, describe
 from service.engine.options import ScoreOptions
 from service.engine.result import ScoreMap
 from service.errors import ImageTooLarge, ModelNotFound
+from service.server.compute_limit import ComputeLimit
 from service.server.limits import Admission, CallGuard, ServingState
+from service.server.memory_budget import MemoryBudget, Reservation, default_memory_limit
 from service.server.metrics import UNKNOWN_MODEL, ServerMetrics
 from service.server.status import NotServing, ResponseTooLarge, quote_name, status_for
 
@@ -61,14 +71,20 @@ class Models:
 class Call:
     """One request: its model label, stage timings (seconds) and input size."""
 
-    def __init__(self, core: ScoringCore, context: grpc.ServicerContext, api: str) -> None:
+    def __init__(self, core: ScoringCore, guard: CallGuard, api: str) -> None:
         self._core = core
-        self.context = context
+        self.guard = guard
         self.api = api
         self.model = UNKNOWN_MODEL
         self.seconds: dict[str, float] = {"decode": 0.0, "queue": 0.0, "infer": 0.0}
         self.pixels = 0
+        self.reservation: Reservation | None = None  # its bytes in the server's budget
         self.start = time.perf_counter()
+
+    def release_memory(self) -> None:
+        """Give the call's bytes back to the server's budget (its response is sent)."""
+        if self.reservation is not None:
+            self.reservation.release()
 
     def engine(self, name: str):
         engine = self._core.models.get(name)
@@ -94,14 +110,19 @@ class Call:
         """Engine.score behind the model's queue, with the call's cancel hook.
 
         The request's cost is checked first, in milliseconds and before it queues
-        (``ScoringCore.check_cost``); ``response_bytes`` gives the size of the response an
+        (``ScoringCore.check_cost``, then its MACs against the compute limit); ``response_bytes`` gives the size of the response an
         API builds from it (default: densemap.v1's, every output).
         """
         with self.timed("decode"):
             cost = engine.estimate_image(image, options)
             size = cost.response_bytes if response_bytes is None else response_bytes(cost)
             self._core.check_cost(cost, size, budget=engine.memory_budget)
-        guard = CallGuard(self.context, self._core.state)
+            self._core.compute.check(engine, cost.macs, model=self.model)
+            if self.reservation is None:  # the server's budget: work and response (the
+                # request's bytes were reserved before it was parsed: malformed.py)
+                held = max(cost.peak_bytes, cost.sending_bytes(size))
+                self.reservation = self._core.memory.reserve(held)
+        guard = self.guard
         guard.check()  # a request whose deadline already passed is not started
         core = self._core
         with core.admission.model_slot(self.model, guard) as queued:
@@ -145,12 +166,18 @@ class ScoringCore:
         admission: Admission,
         metrics: ServerMetrics,
         max_response_bytes: int = 2**31 - 1,
+        compute: ComputeLimit | None = None,
+        pool: futures.Executor | None = None,
+        memory: MemoryBudget | None = None,
     ) -> None:
         self.models = models
         self.state = state
         self.admission = admission
         self.metrics = metrics
         self.max_response_bytes = max_response_bytes
+        self.compute = compute or ComputeLimit()
+        self.pool = pool  # scoring threads (None: the loop's default executor)
+        self.memory = memory or MemoryBudget(default_memory_limit())
 
     def check_cost(self, cost: RequestCost, response_bytes: int, *, budget: int) -> None:
         """Refuse, before any work, a request whose response surely exceeds the message
@@ -182,41 +209,74 @@ class ScoringCore:
         if size > self.max_response_bytes:
             raise ResponseTooLarge(self._too_large(size))
 
-    def unary(
+    def serialized(self, response) -> bytes:
+        """The response's wire bytes, made on the scoring thread (not the event loop), after
+        checking its size against the message limit."""
+        self.check_response_size(response)
+        return response.SerializeToString()
+
+    async def in_pool(self, call: Call, work: Callable[[], T]) -> T:
+        """Run ``work`` on a scoring thread. When gRPC ends the call meanwhile (a cancel, a
+        lost client, the deadline), the call's guard tells the work to stop, and this waits
+        for the thread to let go before it gives the call's slot back."""
+        future = asyncio.get_running_loop().run_in_executor(self.pool, work)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            call.guard.cancel()
+            await asyncio.wait({future})
+            raise
+
+    async def unary(
         self,
-        context: grpc.ServicerContext,
+        context,
         api: str,
         handler: Callable[[Call], T],
         *,
         scoring: bool = False,
-    ) -> T:
-        """Run one unary call; errors end it with their status (no traceback leaves)."""
-        call = Call(self, context, api)
-        code = grpc.StatusCode.OK
+    ) -> T | bytes:
+        """Run one unary call; errors end it with their status (no traceback leaves).
+
+        ``scoring``: the handler runs on a scoring thread, holding a global slot, and the
+        response comes back serialized; else on the event loop (it must be quick)."""
+        call = Call(self, CallGuard.for_context(context, self.state), api)
+        context.add_done_callback(lambda _context: call.release_memory())  # response sent
         try:
             self.state.check_serving()
             self.state.track(context)
-            with self.admission.call_slot() if scoring else nullcontext():
+            if scoring:
+                with self.admission.call_slot():
+                    response = await self.in_pool(call, lambda: self.serialized(handler(call)))
+            else:
                 response = handler(call)
-            self.check_response_size(response)
-            return response
+                self.check_response_size(response)
+        except asyncio.CancelledError:
+            self.finish(call, call.guard.stop_code())
+            raise
         except Exception as exc:
             code, message = status_for(exc)
-            context.abort(code, message)
-        finally:
-            self.finish(call, code)
+            self.finish(call, code)  # counted before the client can see the status
+            await context.abort(code, message)
+        self.finish(call, grpc.StatusCode.OK)
+        return response
 
-    def stream_item(self, call: Call, handler: Callable[[Call], T]) -> tuple[T | None, str, str]:
-        """Run one ScoreStream item, holding a scoring slot meanwhile: (result or None,
-        status code, message)."""
+    async def stream_item(
+        self, call: Call, handler: Callable[[Call], T]
+    ) -> tuple[bytes | None, grpc.StatusCode, str]:
+        """Run one ScoreStream item on a scoring thread, holding a scoring slot meanwhile:
+        (serialized response or None, status code, message)."""
         code, message, result = grpc.StatusCode.OK, "", None
         try:
             with self.admission.call_slot():
-                result = handler(call)
-            self.check_response_size(result)
+                result = await self.in_pool(call, lambda: self.serialized(handler(call)))
+        except asyncio.CancelledError:
+            call.release_memory()
+            self.finish(call, call.guard.stop_code())
+            raise
         except Exception as exc:
             result = None
             code, message = status_for(exc)
+            call.release_memory()
         self.finish(call, code)
         return result, code, message
 

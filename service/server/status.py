@@ -119,7 +119,7 @@ def quote_name(name: str, limit: int = 80) -> str:
     return repr(name if len(name) <= limit else name[:limit] + "...")
 
 
-def abort(context: grpc.ServicerContext, exc: BaseException) -> None:
-    """End the call with the status of ``exc`` (raises, as ``context.abort`` does)."""
+async def abort(context, exc: BaseException) -> None:
+    """End an aio call with the status of ``exc`` (raises, as ``context.abort`` does)."""
     code, message = status_for(exc)
-    context.abort(code, message)
+    await context.abort(code, message)

@@ -1,14 +1,13 @@
-"""Open streams: their own threads, a cap in all and per peer, and an idle timeout.
+"""Open streams: a cap in all and per peer, and an idle timeout.
 
-The sync gRPC server runs each open stream in one handler thread for as long as it lives,
-whether or not the client sends anything. So the streams of :data:`STREAMS` (ScoreStream,
-health ``Watch``, reflection) run on a thread pool of their own (``--max-streams`` threads
-plus a few that answer refusals), never on the scoring or control threads, and:
+On the aio server an open stream holds no thread, but it holds a slot of its client's
+connection and a little memory for as long as it lives. So the streams of :data:`STREAMS`
+(ScoreStream, health ``Watch``, reflection):
 
 - at most ``--max-streams`` are open at once, and ``--max-streams-per-peer`` from one
   client address; beyond, a new stream gets RESOURCE_EXHAUSTED at once;
 - a stream whose client sends no request for ``--stream-idle-seconds`` ends with
-  UNAVAILABLE saying so (:class:`IdleTimeoutReader`), and an idle stream ends as soon as
+  UNAVAILABLE saying so (:func:`idle_limited`), and an idle stream ends as soon as
   the server drains;
 - an open stream holds no scoring slot: a ScoreStream takes one only while one of its
   images is scored (``DensemapServicer.ScoreStream``).
@@ -16,13 +15,13 @@ plus a few that answer refusals), never on the scoring or control threads, and:
 
 from __future__ import annotations
 
+import asyncio
 import collections
-import queue
+import inspect
 import threading
 import time
-from collections.abc import Callable, Iterator
-from concurrent import futures
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 import grpc
 
@@ -38,9 +37,7 @@ STREAMS = frozenset(
         "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
     )
 )
-REFUSAL_THREADS = 4  # stream threads beyond --max-streams, so refusals answer at once
 POLL_SECONDS = 0.25  # an idle stream re-checks the drain this often
-_END = object()
 
 
 def peer_host(peer: str) -> str:
@@ -91,84 +88,46 @@ class StreamLimits:
                     del self._peers[host]
 
 
-class IdleTimeoutReader:
-    """Iterate a stream's requests so that waiting for the next one can time out.
-
-    A helper thread reads one request each time the handler asks for one (no read-ahead,
-    so no request waits in memory); the handler waits at most ``idle_seconds``, then
-    raises :class:`StreamIdle`, or the error ``stopping()`` returns (a drain) sooner.
-    """
-
-    def __init__(
-        self,
-        requests: Iterator[object],
-        *,
-        idle_seconds: float,
-        stopping: Callable[[], BaseException | None] = lambda: None,
-    ) -> None:
-        self._requests = requests
-        self._idle_seconds = idle_seconds
-        self._stopping = stopping
-        self._wanted = threading.Semaphore(0)
-        self._items: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self._closed = False
-        self._thread: threading.Thread | None = None
-
-    def __iter__(self) -> IdleTimeoutReader:
-        return self
-
-    def __next__(self) -> object:
-        if self._thread is None:
-            self._thread = threading.Thread(
-                target=self._read, name="densemap-stream-reader", daemon=True
-            )
-            self._thread.start()
-        self._wanted.release()
-        deadline = time.monotonic() + self._idle_seconds
-        while True:
-            left = deadline - time.monotonic()
-            try:
-                item = self._items.get(timeout=max(min(POLL_SECONDS, left), 0.001))
-            except queue.Empty:
-                error = self._stopping()
+async def idle_limited(
+    requests: AsyncIterator[object],
+    *,
+    idle_seconds: float,
+    stopping: Callable[[], BaseException | None] = lambda: None,
+) -> AsyncIterator[object]:
+    """A stream's requests, read one at a time as the handler asks (no read-ahead, so no
+    request waits in memory); waiting for one raises :class:`StreamIdle` after
+    ``idle_seconds``, or the error ``stopping()`` returns (a drain) within POLL_SECONDS."""
+    iterator = aiter(requests)
+    while True:
+        pending = asyncio.ensure_future(anext(iterator))
+        deadline = time.monotonic() + idle_seconds
+        try:
+            while not pending.done():
+                left = deadline - time.monotonic()
+                await asyncio.wait({pending}, timeout=max(min(POLL_SECONDS, left), 0.001))
+                if pending.done():
+                    break
+                error = stopping()
                 if error is not None:
-                    raise error from None
+                    raise error
                 if time.monotonic() >= deadline:
                     raise StreamIdle(
-                        f"the stream sent no request for {self._idle_seconds:g} s (the "
-                        "server's --stream-idle-seconds), so it was closed to free its slot: "
-                        "open a new stream when you have images to send"
-                    ) from None
-                continue
-            if item is _END:
-                raise StopIteration
-            if isinstance(item, BaseException):
-                raise item
-            return item
-
-    def _read(self) -> None:
-        while True:
-            self._wanted.acquire()
-            if self._closed:
-                return
-            try:
-                item = next(self._requests)
-            except StopIteration:
-                item = _END
-            except BaseException as exc:  # the client cancelled, or a malformed request
-                item = exc
-            self._items.put(item)
-            if item is _END or isinstance(item, BaseException):
-                return
-
-    def close(self) -> None:
-        """Let the helper thread go (it also ends by itself when the call ends)."""
-        self._closed = True
-        self._wanted.release()
+                        f"the stream sent no request for {idle_seconds:g} s (the server's "
+                        "--stream-idle-seconds), so it was closed to free its slot: open a "
+                        "new stream when you have images to send"
+                    )
+        finally:
+            if not pending.done():
+                pending.cancel()
+        try:
+            item = pending.result()
+        except StopAsyncIteration:
+            return
+        yield item
 
 
-class StreamInterceptor(grpc.ServerInterceptor):
-    """Run each stream of :data:`STREAMS` on the stream threads, within the limits."""
+class StreamInterceptor(grpc.aio.ServerInterceptor):
+    """Hold each stream of :data:`STREAMS` within the limits, with the idle timeout."""
 
     def __init__(
         self,
@@ -180,50 +139,57 @@ class StreamInterceptor(grpc.ServerInterceptor):
         self.limits = limits
         self._idle_seconds = idle_seconds
         self._stopping = stopping
-        self.pool = futures.ThreadPoolExecutor(
-            max_workers=limits.max_streams + REFUSAL_THREADS, thread_name_prefix="densemap-stream"
-        )
 
     def _limited(self, behavior, *, reads: bool):
-        def streaming(request_or_iterator, context):
-            slot = self.limits.slot(context.peer())
+        generates = inspect.isasyncgenfunction(behavior)
+
+        @asynccontextmanager
+        async def opened(request_or_iterator, context):
             try:
+                slot = self.limits.slot(context.peer())
                 slot.__enter__()
             except DensemapError as exc:
-                abort(context, exc)
-            reader = None
-            if reads:
-                reader = IdleTimeoutReader(
-                    request_or_iterator, idle_seconds=self._idle_seconds, stopping=self._stopping
-                )
-                request_or_iterator = reader
+                await abort(context, exc)
             try:
-                yield from behavior(request_or_iterator, context)
+                if reads:
+                    request_or_iterator = idle_limited(
+                        request_or_iterator,
+                        idle_seconds=self._idle_seconds,
+                        stopping=self._stopping,
+                    )
+                yield request_or_iterator
             except DensemapError as exc:
-                abort(context, exc)
+                await abort(context, exc)
             finally:
-                if reader is not None:
-                    reader.close()
                 slot.__exit__(None, None, None)
 
-        streaming.experimental_thread_pool = self.pool  # gRPC runs the call on this pool
-        return streaming
+        if generates:
 
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
+            async def streaming(request_or_iterator, context):
+                async with opened(request_or_iterator, context) as requests:
+                    async for response in behavior(requests, context):
+                        yield response
+
+            return streaming
+
+        async def writing(request_or_iterator, context):  # the writer API (health Watch)
+            async with opened(request_or_iterator, context) as requests:
+                await behavior(requests, context)
+
+        return writing
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method not in STREAMS:
             return handler
-        if handler.request_streaming:
-            return grpc.stream_stream_rpc_method_handler(
-                self._limited(handler.stream_stream, reads=True),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return grpc.unary_stream_rpc_method_handler(
-            self._limited(handler.unary_stream, reads=False),
+        factory = (
+            grpc.stream_stream_rpc_method_handler
+            if handler.request_streaming
+            else grpc.unary_stream_rpc_method_handler
+        )
+        behavior = handler.stream_stream if handler.request_streaming else handler.unary_stream
+        return factory(
+            self._limited(behavior, reads=handler.request_streaming),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
-
-    def shutdown(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)

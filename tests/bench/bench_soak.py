@@ -55,15 +55,17 @@ SETTINGS = {  # name: (python -c prefix, extra environment)
 }
 
 
-def start(models_dir, prefix: str, env: dict) -> tuple[subprocess.Popen, int, int]:
-    """(process, gRPC port, metrics port) of a ready ``densemap serve``."""
+def start(
+    models_dir, prefix: str, env: dict, extra: tuple[str, ...] = ()
+) -> tuple[subprocess.Popen, int, int]:
+    """(process, gRPC port, metrics port) of a ready ``densemap serve`` (``extra`` flags)."""
     code = prefix + "from service.cli import main; sys.exit(main())"
     command = [sys.executable, "-c", "import sys; " + code, "serve", "--log-json"]
     with socket.socket() as sock:  # --metrics-port 0 turns metrics off: pick a free port
         sock.bind(("127.0.0.1", 0))
         metrics_port = sock.getsockname()[1]
     command += ["--host", "127.0.0.1", "--port", "0", "--metrics-port", str(metrics_port)]
-    command += ["--models", str(models_dir), "--threads", str(THREADS)]
+    command += ["--models", str(models_dir), "--threads", str(THREADS), *extra]
     environment = {**os.environ, **env}
     process = subprocess.Popen(
         command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=environment

@@ -1,0 +1,139 @@
+"""One memory budget for the whole server: what every scoring call holds, counted together.
+
+The engine's memory budget bounds ONE request; eight of them at once, or six responses
+their clients never read, add up past the pod's limit (issue 19: 6.35 GB for eight raw
+8000² calls under an 8 Gi limit; 509 MiB pinned per unread 250 MiB response).
+:class:`MemoryBudget` is the server-wide bound, ``--memory-limit`` (default: the cgroup
+limit when there is one, else the machine's memory), and each scoring call reserves
+(:meth:`reserve`):
+
+- its request, :data:`REQUEST_COPIES` times (the parsed message and one field read; the
+  received bytes are dropped once parsed), before it is parsed (``malformed.py``), held
+  as long as the call lives;
+- once its cost is known and before it queues, the larger of the engine's peak (image, maps, one pass) and what sending holds (image,
+  maps, the response message and its serialized bytes), ``RequestCost``.
+
+The reservation is released when gRPC reports the call done: after the client has read the
+whole response, or the call ended otherwise. So an unread response keeps its bytes counted
+(and a client that stops reading its connection altogether is dropped after the write
+timeout, gRPC's keepalive: ``--write-timeout-seconds``). A call that does not fit beside
+the reservations held is refused with RESOURCE_EXHAUSTED at once, saying so; one that can
+never fit is refused saying what to ask for instead. The bytes for requests are the limit
+less :data:`HEADROOM` of it (allocator slack, gRPC's buffers) and the process's resident
+memory once its models are loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+from service.engine.cost import describe
+from service.errors import ImageTooLarge
+from service.server.status import ServerBusy
+
+CGROUP_LIMIT_FILES = (
+    Path("/sys/fs/cgroup/memory.max"),  # cgroup v2
+    Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"),  # cgroup v1
+)
+NO_CGROUP_LIMIT = 1 << 60  # cgroup v1 writes "no limit" as about 2**63
+HEADROOM = 0.2  # of the limit, never reserved: allocator slack, gRPC buffers, the heap
+REQUEST_COPIES = 2  # a request while its call lives: the parsed message and one field read
+
+
+def cgroup_memory_limit(files=CGROUP_LIMIT_FILES) -> int | None:
+    """The memory limit of this process's cgroup, or None when there is none."""
+    for path in files:
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < NO_CGROUP_LIMIT:
+            return int(text)
+    return None
+
+
+def machine_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def default_memory_limit() -> int:
+    """``--memory-limit`` when not given: the cgroup limit (a pod's), else the machine's."""
+    return cgroup_memory_limit() or machine_memory()
+
+
+def resident_bytes() -> int:
+    """This process's resident memory (RSS) now."""
+    try:
+        resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+    return resident_pages * os.sysconf("SC_PAGE_SIZE")
+
+
+class Reservation:
+    """Bytes one call holds in the budget; :meth:`release` gives them back (once)."""
+
+    def __init__(self, budget: MemoryBudget, nbytes: int) -> None:
+        self._budget = budget
+        self.nbytes = nbytes
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._budget._give_back(self.nbytes)
+
+
+class MemoryBudget:
+    """The server-wide memory limit, and the bytes scoring calls hold within it."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._reserved = 0
+        self._baseline = 0  # resident bytes with the models loaded, no call running
+
+    @property
+    def reserved(self) -> int:
+        """Bytes reserved by calls now."""
+        return self._reserved
+
+    @property
+    def for_requests(self) -> int:
+        """Bytes calls may reserve in all: the limit less headroom and the baseline."""
+        return max(int(self.limit * (1 - HEADROOM)) - self._baseline, 0)
+
+    def measure_baseline(self) -> None:
+        """Take the process's resident memory now, less what calls hold, as the baseline
+        (after the models loaded or reloaded)."""
+        with self._lock:
+            self._baseline = max(resident_bytes() - self._reserved, 0)
+
+    def reserve(self, nbytes: int) -> Reservation:
+        """Hold ``nbytes`` for a call, or refuse it (RESOURCE_EXHAUSTED) with what to do."""
+        room = self.for_requests
+        if nbytes > room:
+            raise ImageTooLarge(
+                f"this request needs about {describe(nbytes)} of server memory (its request, "
+                f"maps and response), over all the server has for requests, "
+                f"{describe(room)} (--memory-limit {describe(self.limit)}, less the models "
+                "and headroom): ask for less (a smaller image, a coarser output_stride, fewer "
+                "scales or classes, dtype float16, only argmax or top-k outputs)"
+            )
+        with self._lock:
+            if self._reserved + nbytes > room:
+                raise ServerBusy(
+                    f"the server's memory for requests is in use: this request needs about "
+                    f"{describe(nbytes)}, and other calls hold {describe(self._reserved)} of "
+                    f"{describe(room)} (--memory-limit; responses not yet read by their "
+                    "clients count until they are): retry later with backoff, or on another "
+                    "replica"
+                )
+            self._reserved += nbytes
+        return Reservation(self, nbytes)
+
+    def _give_back(self, nbytes: int) -> None:
+        with self._lock:
+            self._reserved -= nbytes
