@@ -22,7 +22,7 @@ from service.contract import ModelMetadata
 from service.engine.dense import DenseNet, Grid
 from service.engine.heads import HeadInfo, check_head_maps, check_outputs, describe_heads
 from service.engine.memory import ActivationEstimator
-from service.engine.options import EngineConfig
+from service.engine.options import HEAD_UNFOLD_MODES, RUNTIMES, EngineConfig
 from service.engine.precision import PrecisionSessions
 from service.engine.session import (
     CONV_SEARCHES,
@@ -61,12 +61,17 @@ def read_metadata(proto: onnx.ModelProto) -> ModelMetadata:
 
 
 def _check_config(config: EngineConfig) -> None:
+    for name, choices in (("head_unfold", HEAD_UNFOLD_MODES), ("runtime", RUNTIMES)):
+        if getattr(config, name) not in choices:
+            raise ModelLoadError(
+                f"EngineConfig.{name} must be one of {choices}, got {getattr(config, name)!r}"
+            )
     if config.cuda_conv_search not in CONV_SEARCHES:
         raise ModelLoadError(
             f"EngineConfig.cuda_conv_search must be one of {CONV_SEARCHES}, "
             f"got {config.cuda_conv_search!r}"
         )
-    for name in ("max_pixels", "memory_budget"):
+    for name in ("max_pixels", "memory_budget", "head_unfold_min_weights"):
         value = getattr(config, name)
         if name == "memory_budget" and value is None:
             continue  # chosen for the device (device_memory.py)
