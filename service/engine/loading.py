@@ -80,17 +80,23 @@ def _check_config(config: EngineConfig) -> None:
 
 
 def _open_net(path: Path, proto, metadata: ModelMetadata, grid: Grid, config) -> DenseNet:
-    session = create_session(path, config)
+    if config.runtime == "torch":  # torch is imported there, only then
+        from service.engine.runtime_torch import open_torch_net
+
+        session, precisions = open_torch_net(path, config)
+    else:
+        session = create_session(path, config)
+        on_cuda = CUDA in session.get_providers()
+        precisions = PrecisionSessions(path, config, on_cuda=on_cuda)
     inputs = [i.name for i in session.get_inputs()]
     outputs = [o.name for o in session.get_outputs()]
     check_outputs(metadata, inputs, outputs, file=path.name)
     estimator = ActivationEstimator(
         proto, input_name=metadata.input_name, layout=metadata.preprocessing.layout
     )
-    on_cuda = CUDA in session.get_providers()
     return DenseNet(
         session,
-        precisions=PrecisionSessions(path, config, on_cuda=on_cuda),
+        precisions=precisions,
         grid=grid,
         estimator=estimator,
         input_name=metadata.input_name,
