@@ -265,3 +265,22 @@ except ModelLoadError as exc:
     )
     assert done.returncode == 0, done.stderr
     assert "pip install 'densemap[torch]'" in done.stdout
+
+
+def test_densemap_json_chooses_the_runtime_per_model(tmp_path):
+    import json
+    import shutil
+
+    from service.engine.repository import ModelRepository
+
+    for name, runtime in (("digits_torch", "torch"), ("digits_ort", None), ("bad", "tvm")):
+        folder = tmp_path / name
+        shutil.copytree(DIGITS.parent, folder, ignore=shutil.ignore_patterns("*.py", "pages"))
+        settings = json.loads((folder / "densemap.json").read_text())
+        if runtime is not None:
+            settings["runtime"] = runtime
+        (folder / "densemap.json").write_text(json.dumps(settings))
+    repository = ModelRepository(tmp_path, config=EngineConfig(warmup=False))
+    assert repository.get("digits_torch").providers[0] == TORCH_CPU
+    assert repository.get("digits_ort").providers[0] == "CPUExecutionProvider"
+    assert "runtime must be one of ('ort', 'torch'), got 'tvm'" in repository.errors["bad"]

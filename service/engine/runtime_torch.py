@@ -176,6 +176,12 @@ class TorchSession:
                 torch.cuda.current_stream().synchronize()
             return results
 
+    def release_memory(self) -> None:
+        """Give torch's cached CUDA blocks (activations, cuDNN workspaces) back to the
+        device after a big request, as the onnxruntime arenas are shrunk on CPU."""
+        if self._device.type == "cuda":
+            ops.torch.cuda.empty_cache()
+
     def run(self, outputs, feeds: dict) -> list[np.ndarray]:
         """Host arrays in and out (load-time checks and warm-up)."""
         torch = ops.torch
