@@ -152,3 +152,18 @@ def test_bad_head_unfold_setting_is_a_clear_load_error(vgg_model):
 
     with pytest.raises(ModelLoadError, match="head_unfold must be one of"):
         Engine(vgg_model, config=EngineConfig(warmup=False, head_unfold="gpu"))
+
+
+def test_float16_copy_is_unfolded_too(vgg_model):
+    """The fp16 copy of a CUDA session is made from the unfolded graph (precision.py)."""
+    from service.engine.precision import to_float16
+
+    half = onnx.load_from_string(to_float16(vgg_model, unfold_min_weights=20_000))
+    ops = [n.op_type for n in half.graph.node]
+    assert ops.count("Conv") == 5 and "MatMul" in ops
+    image = np.random.default_rng(3).standard_normal((1, 3, 80, 96))
+    exact = OrtRunner(str(vgg_model))(image)
+    approximate = OrtRunner(half.SerializeToString())(image)
+    assert approximate.shape == exact.shape
+    spread = float(exact.max() - exact.min())
+    assert np.abs(approximate.astype(np.float32) - exact).max() <= 1e-2 * spread  # float16
