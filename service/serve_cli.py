@@ -17,7 +17,15 @@ import socket
 import threading
 from pathlib import Path
 
-from service.engine.options import AVAILABLE_PRECISIONS, DEFAULT_MEMORY_BUDGET, EngineConfig
+from service.engine.options import (
+    AVAILABLE_PRECISIONS,
+    DEFAULT_HEAD_UNFOLD,
+    DEFAULT_MEMORY_BUDGET,
+    DEFAULT_RUNTIME,
+    HEAD_UNFOLD_MODES,
+    RUNTIMES,
+    EngineConfig,
+)
 from service.engine.repository import MODELS_HELP
 from service.errors import InvalidOption
 from service.server import config as defaults
@@ -223,6 +231,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "steady state on VGG-16, 3-9x slower first requests: list warm-up shapes in the "
         "model's densemap.json); DEFAULT does no search",
     )
+    _add(
+        parser,
+        "--runtime",
+        default=DEFAULT_RUNTIME,
+        choices=RUNTIMES,
+        help="what runs the dense nets: ort (onnxruntime) or torch (cuDNN with per-shape "
+        "search, channels-last fp16 on GPUs; needs pip install 'densemap[torch]'); a model's "
+        "densemap.json may choose its own",
+    )
+    _add(
+        parser,
+        "--head-unfold",
+        default=DEFAULT_HEAD_UNFOLD,
+        choices=HEAD_UNFOLD_MODES,
+        help="run huge-kernel head convs (FC6 as a 7x7 conv) as unfold + MatMul, which needs "
+        "no cuDNN workspace (71 GB for VGG-16 at 2048²): on cuda sessions, always or never",
+    )
     parser.add_argument(
         "--no-tiling",
         action="store_true",
@@ -324,6 +349,8 @@ def build_config(args: argparse.Namespace):
             tiling=not args.no_tiling,
             precision="tf32" if args.tf32 else args.precision,
             cuda_conv_search=args.cuda_conv_search,
+            runtime=args.runtime,
+            head_unfold=args.head_unfold,
         ),
     )
 

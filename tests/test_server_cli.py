@@ -208,6 +208,8 @@ def test_every_flag_has_an_env_twin(monkeypatch, tmp_path):
         "DENSEMAP_TF32": "1",
         "DENSEMAP_PRECISION": "fp16",
         "DENSEMAP_CUDA_CONV_SEARCH": "EXHAUSTIVE",
+        "DENSEMAP_RUNTIME": "torch",
+        "DENSEMAP_HEAD_UNFOLD": "never",
         "DENSEMAP_LOG_JSON": "true",
         "DENSEMAP_LOG_LEVEL": "debug",
         "DENSEMAP_TLS_CERT": str(tmp_path / "c.pem"),
@@ -232,6 +234,7 @@ def test_every_flag_has_an_env_twin(monkeypatch, tmp_path):
     assert engine.memory_budget == 32 << 20 and engine.tiling is False
     assert engine.precision == "tf32"  # --tf32 is the older spelling of --precision tf32
     assert engine.cuda_conv_search == "EXHAUSTIVE"
+    assert (engine.runtime, engine.head_unfold) == ("torch", "never")
     assert args.log_json is True and args.log_level == "debug"
     monkeypatch.delenv("DENSEMAP_MAX_PIXELS")  # without it, the limit follows the budget
     assert build_config(build_parser().parse_args(["serve"])).engine.max_pixels == 2 << 20

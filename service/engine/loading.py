@@ -23,7 +23,7 @@ from service.engine.cuda_driver import driver_cuda_version
 from service.engine.dense import DenseNet, Grid
 from service.engine.heads import HeadInfo, check_head_maps, check_outputs, describe_heads
 from service.engine.memory import ActivationEstimator, nchwc_block
-from service.engine.options import EngineConfig
+from service.engine.options import HEAD_UNFOLD_MODES, RUNTIMES, EngineConfig
 from service.engine.precision import PrecisionSessions
 from service.engine.session import (
     CONV_SEARCHES,
@@ -62,12 +62,17 @@ def read_metadata(proto: onnx.ModelProto) -> ModelMetadata:
 
 
 def _check_config(config: EngineConfig) -> None:
+    for name, choices in (("head_unfold", HEAD_UNFOLD_MODES), ("runtime", RUNTIMES)):
+        if getattr(config, name) not in choices:
+            raise ModelLoadError(
+                f"EngineConfig.{name} must be one of {choices}, got {getattr(config, name)!r}"
+            )
     if config.cuda_conv_search not in CONV_SEARCHES:
         raise ModelLoadError(
             f"EngineConfig.cuda_conv_search must be one of {CONV_SEARCHES}, "
             f"got {config.cuda_conv_search!r}"
         )
-    for name in ("max_pixels", "memory_budget"):
+    for name in ("max_pixels", "memory_budget", "head_unfold_min_weights"):
         value = getattr(config, name)
         if name == "memory_budget" and value is None:
             continue  # chosen for the device (device_memory.py)
@@ -94,22 +99,29 @@ def _int8_path(path: Path, metadata: ModelMetadata, stride) -> Path | None:
 
 
 def _open_net(path: Path, proto, metadata: ModelMetadata, grid: Grid, config) -> DenseNet:
-    session = create_session(path, config)
+    if config.runtime == "torch":  # torch is imported there, only then
+        from service.engine.runtime_torch import open_torch_net
+
+        session, precisions = open_torch_net(path, config)
+    else:
+        session = create_session(path, config)
+        on_cuda = CUDA in session.get_providers()
+        int8_path = _int8_path(path, metadata, grid.stride)
+        precisions = PrecisionSessions(path, config, on_cuda=on_cuda, int8_path=int8_path)
     inputs = [i.name for i in session.get_inputs()]
     outputs = [o.name for o in session.get_outputs()]
     check_outputs(metadata, inputs, outputs, file=path.name)
-    on_cuda = CUDA in session.get_providers()
+    # onnxruntime's CPU convolutions pad channels to blocks (NCHWc): count them there only
+    ort_cpu = config.runtime != "torch" and CUDA not in session.get_providers()
     estimator = ActivationEstimator(
         proto,
         input_name=metadata.input_name,
         layout=metadata.preprocessing.layout,
-        channel_block=1 if on_cuda else nchwc_block(),
+        channel_block=nchwc_block() if ort_cpu else 1,
     )
     return DenseNet(
         session,
-        precisions=PrecisionSessions(
-            path, config, on_cuda=on_cuda, int8_path=_int8_path(path, metadata, grid.stride)
-        ),
+        precisions=precisions,
         grid=grid,
         estimator=estimator,
         input_name=metadata.input_name,

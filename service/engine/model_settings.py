@@ -2,7 +2,7 @@
 
 ```json
 {"precision": "fp16", "warmup_shapes": [[1000, 1032], [2048, 2048]],
- "report_precisions": ["fp16", "tf32"]}
+ "report_precisions": ["fp16", "tf32"], "runtime": "torch"}
 ```
 
 - ``precision``: the default precision of this model's requests ("fp32", "tf32", "fp16",
@@ -11,6 +11,8 @@
 - ``warmup_shapes``: image shapes (height, width) scored once at load, so that the first
   request of each finds the device's per-shape state ready (cuDNN algorithm choice).
 - ``report_precisions``: precisions measured against fp32 at load (GetModel reports them).
+- ``runtime``: what runs this model's dense nets, "ort" or "torch" (docs/engine.md
+  "Runtimes"); the server's ``--runtime`` otherwise.
 - ``box_offsets``: [dx1, dy1, dx2, dy2], the object box of a cell relative to its window,
   in window sizes, for detections that do not set their own (docs/engine.md "Detections").
 
@@ -24,12 +26,12 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from service.engine.options import EngineConfig
+from service.engine.options import RUNTIMES, EngineConfig
 from service.engine.precision import check_precision
 from service.errors import InvalidOption, ModelLoadError
 
 SETTINGS_FILE = "densemap.json"
-KEYS = ("precision", "warmup_shapes", "report_precisions", "box_offsets")
+KEYS = ("precision", "warmup_shapes", "report_precisions", "box_offsets", "runtime")
 MAX_WARMUP_SHAPES = 16
 
 
@@ -97,6 +99,12 @@ def apply_model_settings(folder: Path, config: EngineConfig) -> EngineConfig:
         raise ModelLoadError(f"{path}: {exc}") from None
     if "warmup_shapes" in settings:
         changes["warmup_shapes"] = _shapes(settings["warmup_shapes"], path)
+    if "runtime" in settings:
+        if settings["runtime"] not in RUNTIMES:
+            raise ModelLoadError(
+                f"{path}: runtime must be one of {RUNTIMES}, got {settings['runtime']!r}"
+            )
+        changes["runtime"] = settings["runtime"]
     if "box_offsets" in settings:
         changes["box_offsets"] = _offsets(settings["box_offsets"], path)
     return replace(config, **changes)

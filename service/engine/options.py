@@ -17,6 +17,19 @@ PRECISIONS = ("fp32", "tf32", "fp16", "int8", "bf16")  # bf16: named only to be 
 AVAILABLE_PRECISIONS = ("fp32", "tf32", "fp16", "int8")
 DEFAULT_PRECISION = "fp32"  # exact; "tf32", "fp16" and "int8" trade exactness for speed
 DEFAULT_CUDA_REPORT_PRECISIONS = ("fp16",)
+# A conv is rewritten when its weights have at least this many elements and its kernel is
+# bigger than 1x1. The heads of FC classifiers converted to convs are far above it (VGG-16's
+# FC6: 7x7x512x4096 = 103 M, AlexNet's: 6x6x256x4096 = 38 M) and no trunk conv of a common
+# classifier comes near it (VGG's widest 3x3x512x512 is 2.4 M; AlexNet's 11x11 first conv
+# 35 k, which must stay a conv: unfolding a full-resolution image 121-fold would cost far
+# more memory than any workspace). 1x1 convs are GEMMs already.
+DEFAULT_HEAD_UNFOLD_MIN_WEIGHTS = 1 << 24
+HEAD_UNFOLD_MODES = ("cuda", "always", "never")  # see service/engine/head_unfold.py
+DEFAULT_HEAD_UNFOLD = "cuda"
+# Which runtime runs a model's dense net (docs/engine.md "Runtimes"): onnxruntime, or torch
+# (cuDNN with per-shape algorithm search, channels-last fp16; needs torch installed)
+RUNTIMES = ("ort", "torch")
+DEFAULT_RUNTIME = "ort"
 # Detections (service/engine/detections.py, docs/engine.md "Detections")
 DEFAULT_DETECTION_THRESHOLD = 0.5  # a cell whose class probability is >= this is a candidate
 DEFAULT_NMS_IOU = 0.5  # suppress a box whose IoU with a better box of its class is > this
@@ -69,6 +82,11 @@ class EngineConfig:
     # the object box of a cell relative to its window, for detections that do not set one
     # (a model's densemap.json "box_offsets"); see DetectionOptions.box_offsets
     box_offsets: tuple[float, float, float, float] = DEFAULT_BOX_OFFSETS
+    # huge-kernel convs (a classifier's FC6 as a 7x7 conv) as unfold + MatMul: "cuda"
+    # (CUDA sessions: no cuDNN workspace), "always" or "never" (service/engine/head_unfold.py)
+    head_unfold: str = DEFAULT_HEAD_UNFOLD
+    head_unfold_min_weights: int = DEFAULT_HEAD_UNFOLD_MIN_WEIGHTS
+    runtime: str = DEFAULT_RUNTIME  # "ort" (onnxruntime) or "torch" (runtime_torch.py)
 
 
 @dataclass(frozen=True)

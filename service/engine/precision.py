@@ -36,6 +36,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from service.engine.head_unfold import applies, unfold_huge_convs
 from service.engine.options import AVAILABLE_PRECISIONS, PRECISIONS, EngineConfig
 from service.engine.result import PrecisionReport
 from service.engine.session import create_session, open_model_bytes
@@ -69,11 +70,14 @@ def check_precision(value) -> str:
     return name
 
 
-def to_float16(path: Path) -> bytes:
-    """The model at ``path`` with float16 weights, input and output, serialised."""
+def to_float16(path: Path, *, unfold_min_weights: int | None = None) -> bytes:
+    """The model at ``path`` with float16 weights, input and output, serialised; with
+    ``unfold_min_weights``, its huge-kernel convs unfolded first (head_unfold.py)."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     model = onnx.load(str(path))  # with external weights, if any
+    if unfold_min_weights is not None:
+        unfold_huge_convs(model, min_weights=unfold_min_weights)
     half = convert_float_to_float16(model, keep_io_types=False, disable_shape_infer=True)
     if half.ByteSize() > _PROTOBUF_LIMIT:
         raise ModelLoadError(
@@ -123,7 +127,9 @@ class PrecisionSessions:
 
     def _float16_model(self) -> bytes:
         try:
-            return to_float16(self._path)
+            unfold = applies(self._config.head_unfold, cuda=self._on_cuda)
+            minimum = self._config.head_unfold_min_weights if unfold else None
+            return to_float16(self._path, unfold_min_weights=minimum)
         except ModelLoadError:
             raise
         except Exception as exc:  # noqa: BLE001 - the converter raises many types

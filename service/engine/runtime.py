@@ -90,6 +90,8 @@ class Runtime:
         output: str,
     ) -> ort.OrtValue:
         """Run ``session``; its one output ``output`` stays on the device."""
+        if hasattr(session, "run_ortvalues"):  # a net in the torch runtime (runtime_torch.py)
+            return session.run_ortvalues(device_inputs, [output])[output]
         binding = _bind_inputs(session, device_inputs, host_inputs)
         binding.bind_output(output, self.device_type, 0)
         session.run_with_iobinding(binding)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from service.engine.cuda_driver import describe_driver
+from service.engine.head_unfold import model_source
 from service.engine.options import EngineConfig
 from service.errors import ModelLoadError
 
@@ -168,7 +168,14 @@ def _open(source: str | bytes, config: EngineConfig, providers: list) -> ort.Inf
     return ort.InferenceSession(source, sess_options=session_options(config), providers=providers)
 
 
-def _try_cuda(source: str | bytes, config: EngineConfig) -> ort.InferenceSession | None:
+def _source(path: Path, config: EngineConfig, *, cuda: bool) -> str | bytes:
+    """The file, or its bytes with huge-kernel convs unfolded (head_unfold.py)."""
+    return model_source(
+        path, mode=config.head_unfold, min_weights=config.head_unfold_min_weights, cuda=cuda
+    )
+
+
+def _try_cuda(path: Path, config: EngineConfig) -> ort.InferenceSession | None:
     """A session on CUDA, or None (and remember why) when CUDA does not really load."""
     with _cuda_lock:
         if _cuda_state.get("usable") is False:
@@ -185,7 +192,7 @@ def _try_cuda(source: str | bytes, config: EngineConfig) -> ort.InferenceSession
                     CUDA,
                     cuda_provider_options(tf32=config.tf32, search=config.cuda_conv_search),
                 )
-                session = _open(source, config, [cuda, CPU])
+                session = _open(_source(path, config, cuda=True), config, [cuda, CPU])
             except Exception as exc:  # noqa: BLE001 - retried on CPU below, which reports
                 session, reason = None, f"CUDA session failed: {exc}"
             finally:
@@ -205,9 +212,8 @@ def create_session(path: Path, config: EngineConfig) -> ort.InferenceSession:
         raise ModelLoadError(f"EngineConfig.device must be one of {DEVICES}, got {config.device!r}")
     if not path.is_file():
         raise ModelLoadError(f"model file {path} does not exist")
-    source = os.fspath(path)
     if config.device in ("auto", "cuda"):
-        session = _try_cuda(source, config)
+        session = _try_cuda(path, config)
         if session is not None:
             return session
         if config.device == "cuda":
@@ -217,7 +223,7 @@ def create_session(path: Path, config: EngineConfig) -> ort.InferenceSession:
                 "to fall back to CPU"
             )
     try:
-        return _open(source, config, [CPU])
+        return _open(_source(path, config, cuda=False), config, [CPU])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph
         raise ModelLoadError(f"onnxruntime cannot load {path}: {exc}") from None
 

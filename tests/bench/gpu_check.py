@@ -12,6 +12,15 @@ Rows, each with its target, in one run (ratios against the torch peer of the sam
 5. First request of a new shape vs steady, VGG-16 at 1000x1032, 1064x968 and 2048².
 6. ``densemap serve`` (in-process gRPC, localhost) vs ``Engine.score``, 2048² uint8 -> top-5.
 Then decision data: EXHAUSTIVE search in the engine, and the bare fp32 pass per search/layout.
+Issue 20's rows (the head rewrite is the CUDA default, so rows 1-6 run it; "u" and "t" rows):
+1u/2u. The head conv kept a conv (``head_unfold="never"``) vs unfolded, fp32 and fp16.
+1t/2t. The torch runtime (``runtime="torch"``): fp32 vs torch fp32, fp16 vs torch fp16
+   channels_last; 3t. its fp32 map vs the onnxruntime engine's, its fp16 agreement;
+   5t. its first request of a new shape vs steady; 6t. ``densemap serve --runtime torch``
+   vs its ``Engine.score``.
+8. Two VGG-16-sized models, each with its fp16 copy, in one process (per runtime): memory
+   used after a BIG² request (after ``release_memory``) vs before it.
+``GPU_CHECK_ONLY=step,step`` runs only those steps (``GPU_CHECK_SKIP`` leaves some out).
 Each step runs in a process of its own, so that one step's device memory (VGG-16's 71 GB
 head-conv workspace at 2048², docs/engine.md) cannot starve the next; within a step one big
 VGG-16 session runs at a time (row 3a compares fp16 with fp32 at 1024² for that reason).
@@ -61,6 +70,7 @@ def row(what: str, **values) -> None:
 
 
 def best(function, repeat: int = 5) -> float:
+    repeat = 1 if CPU else repeat  # on CPU the script is tested, not timed (fp16 is slow)
     function()
     sync = torch.cuda.synchronize if not CPU else (lambda: None)
     times = []
@@ -205,7 +215,144 @@ def exhaustive_rows(path: Path, image: np.ndarray) -> None:
             first_over_steady=first / steady)  # fmt: skip
 
 
-def serve_time(path: Path, image: np.ndarray) -> float:
+def used_bytes() -> int:
+    """Device memory in use (CUDA: total - free), or the process's resident memory on CPU."""
+    if CPU:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+    free, total = torch.cuda.mem_get_info()
+    return total - free
+
+
+def unfold_rows() -> None:
+    """Decision data for the head rewrite: the engine with VGG-16's head conv kept a conv
+    vs unfolded (the CUDA default), fp32 and fp16, free memory before each."""
+    path = dense_model("vgg16")
+    image = big_image()
+    for mode in ("always" if CPU else "cuda", "never"):  # "cuda" would not unfold on CPU
+        for precision in ("fp32", "fp16"):
+            release()
+            free_before = free_gib()
+            try:
+                subject = engine(path, head_unfold=mode, report_precisions=())
+                options = ScoreOptions(**{**TOP5.__dict__, "precision": precision})
+                steady = best(lambda s=subject, o=options: s.score(image, o), 3)
+                row(f"1u/2u. VGG-16 {BIG}² {precision}, head_unfold={mode}",
+                    steady_ms=steady * 1e3, free_gib_before=free_before,
+                    free_gib_after=free_gib())  # fmt: skip
+            except Exception as exc:  # noqa: BLE001 - an out-of-memory is the data here
+                row(f"1u/2u. VGG-16 {BIG}² {precision}, head_unfold={mode} failed",
+                    error=f"{type(exc).__name__}: {str(exc)[:300]}")  # fmt: skip
+            subject = None
+
+
+def torch_runtime_rows() -> None:
+    """Rows 1t, 2t, 3t, 5t: the torch runtime against the torch peer, the onnxruntime
+    engine, and its own steady time."""
+    from service.engine.precision import compare_maps
+
+    path = dense_model("vgg16")
+    image = big_image()
+    peer = torch_peer(VGG16, image)
+    release()
+    fresh = engine(path, runtime="torch", report_precisions=())
+    start = time.perf_counter()
+    fresh.score(image, TOP5)
+    first_big = time.perf_counter() - start
+    fp16 = ScoreOptions(**{**TOP5.__dict__, "precision": "fp16"})
+    steady = best(lambda: fresh.score(image, TOP5))
+    row(f"1t. VGG-16 {BIG}² uint8 -> top-5, runtime torch fp32 vs torch fp32 cuDNN",
+        engine_ms=steady * 1e3, torch_ms=peer["fp32"] * 1e3, ratio=peer["fp32"] / steady,
+        target=">= 0.9", providers=list(fresh.providers))  # fmt: skip
+    if CPU:  # torch's CPU half convs: 119 s a pass here; row 3t still runs fp16 (smaller)
+        row("2t. skipped on CPU: torch's CPU float16 convolutions are ~15x its float32")
+    else:
+        start = time.perf_counter()
+        fresh.score(image, fp16)
+        first16 = time.perf_counter() - start
+        steady16 = best(lambda: fresh.score(image, fp16))
+        row(f"2t. VGG-16 {BIG}² uint8 -> top-5, runtime torch fp16 vs torch fp16 channels_last",
+            engine_ms=steady16 * 1e3, torch_ms=peer["fp16"] * 1e3,
+            ratio=peer["fp16"] / steady16, target=">= 1.0", first_ms=first16 * 1e3)  # fmt: skip
+    small = big_image(3, AGREE)
+    agreement = fresh.compare_precision(small, "fp16")
+    row(f"3t. runtime torch fp16 vs its fp32, VGG-16 {AGREE}² noise image",
+        **agreement.__dict__, target="argmax agreement >= 0.999")  # fmt: skip
+    logits = ScoreOptions(probabilities=False, image_top_k=0)
+    mine = fresh.score(small, logits).maps[0].scores
+    fresh_shapes = []
+    for height, width in NEW_SHAPES:
+        other = np.random.default_rng(1).integers(0, 256, (height, width, 3), dtype=np.uint8)
+        start = time.perf_counter()
+        fresh.score(other, TOP5)
+        first = time.perf_counter() - start
+        fresh_shapes.append((f"{height}x{width}", first,
+                             best(lambda o=other: fresh.score(o, TOP5), 3)))  # fmt: skip
+    fresh_shapes.append((f"{BIG}x{BIG} (first request after load)", first_big, steady))
+    for name, first, steady_s in fresh_shapes:
+        row(f"5t. runtime torch, first request of a new shape, VGG-16 {name}",
+            first_ms=first * 1e3, steady_ms=steady_s * 1e3, ratio=first / steady_s,
+            target="<= 2")  # fmt: skip
+    fresh = None
+    release()
+    reference = engine(path, report_precisions=()).score(small, logits).maps[0].scores
+    exact = compare_maps("fp32", reference, mine, image=f"noise {AGREE}²")
+    row(f"3t. runtime torch fp32 vs runtime ort fp32, VGG-16 {AGREE}²", **exact.__dict__,
+        target="max_logit_deviation <= 1e-5, argmax agreement 1.0")  # fmt: skip
+
+
+def two_models_rows() -> None:
+    """Row 8: two VGG-16-sized models, each with its fp16 copy, in one process, per
+    runtime; memory in use after a BIG² request (and release_memory) vs before it."""
+    first = dense_model("vgg16")
+    second = first.parent.with_name("vgg16_second") / "model.onnx"
+    if not second.is_file():
+        second.parent.mkdir(parents=True, exist_ok=True)
+        second.symlink_to(first)
+    image = big_image()
+    for runtime in ("ort", "torch"):
+        release()
+        try:
+            reports = () if CPU and runtime == "torch" else ("fp16",)
+            engines = [engine(p, runtime=runtime, report_precisions=reports)
+                       for p in (first, second)]  # fmt: skip
+            # torch's CPU half convs are ~15x slower than fp32 (VGG-16 320²: 119 s a pass):
+            # on CPU, where the script is only tested, the torch runtime's fp16 is left out
+            cpu_torch = CPU and runtime == "torch"
+            for precision in ("fp32",) if cpu_torch else ("fp32", "fp16"):
+                options = ScoreOptions(**{**TOP5.__dict__, "precision": precision})
+                for subject in engines:  # every session made and warm before measuring
+                    subject.score(image, options)
+                before = used_bytes()
+                for subject in engines:
+                    subject.score(image, options)
+                after = used_bytes()
+                row(f"8. two VGG-16 + fp16 copies in one process, runtime {runtime}, "
+                    f"{precision} {BIG}² request", used_gib_before=before / 2**30,
+                    used_gib_after=after / 2**30, ratio=after / before,
+                    target="<= 1.1")  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - an out-of-memory is the data here
+            row(f"8. two VGG-16 + fp16 copies, runtime {runtime} failed",
+                error=f"{type(exc).__name__}: {str(exc)[:300]}")  # fmt: skip
+        engines = None
+
+
+def torch_serve_row() -> None:
+    """Row 6t: ``densemap serve --runtime torch`` vs that runtime's ``Engine.score``."""
+    path = dense_model("vgg16")
+    image = big_image()
+    direct = engine(path, runtime="torch", report_precisions=())
+    local = best(lambda: direct.score(image, TOP5))
+    direct = None
+    release()
+    remote = serve_time(path, image, runtime="torch")
+    row(f"6t. densemap serve --runtime torch vs Engine.score, {BIG}² uint8 -> top-5",
+        serve_ms=remote * 1e3, engine_ms=local * 1e3, ratio=remote / local,
+        target="<= 1.2")  # fmt: skip
+
+
+def serve_time(path: Path, image: np.ndarray, *, runtime: str = "ort") -> float:
     """Best time of a densemap.v1 top-5 request through an in-process server on localhost."""
     from service.client import DensemapClient
     from service.server.app import create_server
@@ -217,7 +364,7 @@ def serve_time(path: Path, image: np.ndarray) -> float:
         (folder / "model.onnx").symlink_to(path)
         config = ServerConfig(
             models_dir=Path(root), host="127.0.0.1", port=0, metrics_port=0,
-            max_message_bytes=64 << 20, engine=EngineConfig(device=DEVICE),
+            max_message_bytes=64 << 20, engine=EngineConfig(device=DEVICE, runtime=runtime),
         )  # fmt: skip
         server, port = create_server(config)
         try:
@@ -307,6 +454,10 @@ STEPS = {
         vgg16_serve_row,
         vgg16_exhaustive_rows,
         bare_fp32_rows,
+        unfold_rows,
+        torch_runtime_rows,
+        two_models_rows,
+        torch_serve_row,
     )
 }
 
@@ -343,8 +494,9 @@ def main() -> int:
         return 0
     report["device"] = "cpu" if CPU else torch.cuda.get_device_name()
     skip = os.environ.get("GPU_CHECK_SKIP", "").split(",")  # step names, e.g. bare_fp32_rows
+    only = [name for name in os.environ.get("GPU_CHECK_ONLY", "").split(",") if name]
     for name in STEPS:
-        if name in skip:
+        if name in skip or (only and name not in only):
             continue
         if time.time() - STARTED > BUDGET_S:
             row(f"{name} skipped: over BENCH_BUDGET_S={BUDGET_S:g}")
