@@ -82,6 +82,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     _add(
         parser,
+        "--metrics-host",
+        default=defaults.DEFAULT_METRICS_HOST,
+        help="address /metrics listens on: plain HTTP without the token, so this host only "
+        "by default; 0.0.0.0 lets Prometheus scrape a pod (the shipped Kubernetes manifests "
+        "set it)",
+    )
+    _add(
+        parser,
         "--max-message-mb",
         default=defaults.DEFAULT_MAX_MESSAGE_BYTES // MIB,
         type=int,
@@ -174,6 +182,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=defaults.DEFAULT_MAX_CONNECTION_AGE_SECONDS,
         help="close client connections after N seconds so clients rebalance; 0: never",
+    )
+    _add(
+        parser,
+        "--require-models",
+        default="",
+        metavar="NAME,...",
+        shown="none: ready once any model is served",
+        help='ready only while every one of these models is served (readiness, health "" '
+        "and KServe ServerReady say NOT_SERVING otherwise, and the log says which is missing); "
+        "at least one model must be served in any case",
     )
     _add(parser, "--tls-cert", default=None, type=Path, metavar="PEM", help="TLS certificate")
     _add(parser, "--tls-key", default=None, type=Path, metavar="PEM", help="TLS private key")
@@ -289,12 +307,13 @@ def _metrics_port(args: argparse.Namespace) -> int:
         return args.metrics_port
     if args.port != 0:
         return defaults.DEFAULT_METRICS_PORT
-    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    host = args.metrics_host
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
         with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.bind((args.host.strip("[]"), 0))
+            probe.bind((host.strip("[]"), 0))
             return probe.getsockname()[1]
-    except OSError:  # the gRPC bind reports a bad --host; metrics then fail the same way
+    except OSError:  # a bad --metrics-host fails at start-up with the flag's name
         return defaults.DEFAULT_METRICS_PORT
 
 
@@ -321,6 +340,8 @@ def build_config(args: argparse.Namespace):
         host=args.host,
         port=args.port,
         metrics_port=_metrics_port(args),
+        metrics_host=args.metrics_host,
+        require_models=args.require_models,
         max_message_bytes=args.max_message_mb * MIB,
         workers=args.workers,
         max_in_flight=args.max_in_flight,

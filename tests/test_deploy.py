@@ -91,6 +91,14 @@ def test_every_kustomization_renders_and_validates(overlay, tmp_path):
     env = container_env(deployment)
     assert env["DENSEMAP_DEVICE"] == "cuda"  # never a silent CPU fallback on a GPU node
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    # /metrics listens on 127.0.0.1 unless told: the pod sets every address, so the port
+    # Prometheus is told to scrape answers
+    assert env["DENSEMAP_METRICS_HOST"] == "0.0.0.0"
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert int(annotations["prometheus.io/port"]) == ports["metrics"] == 9090
+    assert env.get("DENSEMAP_METRICS_PORT", "9090") == "9090"
     assert container["image"] == "densemap:0.1.0"  # kustomize's images: entry applies
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     assert mounts["/models"]["readOnly"] is True

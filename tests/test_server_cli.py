@@ -214,6 +214,8 @@ def test_every_flag_has_an_env_twin(monkeypatch, tmp_path):
         "DENSEMAP_LOG_LEVEL": "debug",
         "DENSEMAP_TLS_CERT": str(tmp_path / "c.pem"),
         "DENSEMAP_TLS_KEY": str(tmp_path / "k.pem"),
+        "DENSEMAP_METRICS_HOST": "0.0.0.0",
+        "DENSEMAP_REQUIRE_MODELS": " tiny, grey,,tiny ",
     }
     for name, value in env.items():
         monkeypatch.setenv(name, value)
@@ -229,6 +231,7 @@ def test_every_flag_has_an_env_twin(monkeypatch, tmp_path):
     assert config.stream_idle_seconds == 30.0 and config.max_request_gmacs == 12.5
     assert config.memory_limit == 6 << 30 and config.write_timeout_seconds == 20.0
     assert config.auth_token == "t0ken" and config.tls_key == tmp_path / "k.pem"
+    assert config.metrics_host == "0.0.0.0" and config.require_models == ("tiny", "grey")
     engine = config.engine
     assert (engine.device, engine.intra_op_threads, engine.max_pixels) == ("cpu", 1, 1000000)
     assert engine.memory_budget == 32 << 20 and engine.tiling is False
@@ -269,6 +272,8 @@ def test_defaults_serve_the_bundled_repository_on_50051(monkeypatch, tmp_path):
     config = build_config(build_parser().parse_args(["serve"]))
     assert config.models_dir.resolve() == BUNDLED and config.port == 50051
     assert config.metrics_port == 9090 and config.grace_seconds == 30.0
+    assert config.metrics_host == "127.0.0.1"  # plain HTTP: this host only, unless told
+    assert config.require_models == ()
 
 
 @pytest.mark.skipif(

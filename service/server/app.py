@@ -11,9 +11,11 @@ Life cycle (:class:`DensemapServer`):
 
 1. ``start()`` binds the port and serves at once: ``liveness`` is SERVING, ``readiness``
    and "" are NOT_SERVING, scoring calls get UNAVAILABLE while models load in a thread.
-2. Once the repository is loaded: readiness, "" and one health name per model SERVING.
-3. ``reload()`` (SIGHUP, ``poll_seconds``) re-reads the repository; a broken new model
-   is logged and never replaces a working one.
+2. Once the repository is loaded: one health name per model SERVING, and readiness and
+   "" SERVING only when at least one model is served, and every ``--require-models`` one
+   (:mod:`service.server.readiness`; else NOT_SERVING and one log line says why).
+3. ``reload()`` (SIGHUP, ``poll_seconds``) re-reads the repository and re-evaluates
+   readiness; a broken new model is logged and never replaces a working one.
 4. ``drain()`` (SIGTERM/SIGINT): readiness NOT_SERVING, new calls UNAVAILABLE, idle
    streams end, in-flight calls finish within the grace period; calls still running then
    end with UNAVAILABLE saying the grace ended (at their next pass or tile, within
@@ -35,11 +37,11 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from service._proto.densemap.v1 import densemap_pb2, densemap_pb2_grpc
 from service.engine import host_memory
 from service.errors import InvalidOption, ModelLoadError
-from service.server import kserve_proto
+from service.server import kserve_proto, readiness
 from service.server.auth import BearerTokenInterceptor
 from service.server.compute_limit import ComputeLimit
 from service.server.config import ServerConfig
-from service.server.densemap_servicer import SERVICE_NAME, DensemapServicer
+from service.server.densemap_servicer import SERVICE_NAME, DensemapServicer, load_failures
 from service.server.device_check import device_problem
 from service.server.idle_memory import IdleRelease
 from service.server.kserve_servicer import KServeServicer
@@ -85,12 +87,14 @@ class DensemapServer:
         self.config = config
         self._open_repository = open_repository or (lambda: open_model_repository(config))
         self.state = ServingState()
-        self.models = Models()
+        self.models = Models(config.models_dir)
         self.metrics = ServerMetrics()
         self.health = health.aio.HealthServicer()
         self.port = 0
         self.metrics_port = 0
-        self._ready_event = threading.Event()
+        self._ready_event = threading.Event()  # readiness SERVING
+        self._loaded_event = threading.Event()  # the first load finished
+        self._readiness_logged: str | None = "loading"  # the last verdict logged
         self._stopped = threading.Event()
         self._reload_lock = threading.Lock()
         self._loop_lock = threading.Lock()  # the loop closes only between health updates
@@ -206,12 +210,14 @@ class DensemapServer:
         if self.port == 0:
             raise InvalidOption(f"cannot listen on {address}: {fix}")
         if config.metrics_port:
+            host = config.metrics_host.strip().strip("[]")
             try:
-                self.metrics_port = self.metrics.start(host=config.host, port=config.metrics_port)
-            except OSError as exc:
+                self.metrics_port = self.metrics.start(host=host, port=config.metrics_port)
+            except (OSError, ValueError) as exc:  # ValueError: not an address at all
                 raise InvalidOption(
-                    f"cannot serve metrics on {_address(config.host, config.metrics_port)}: "
-                    f"{exc.strerror or exc}; pick another --metrics-port (0 turns metrics off)"
+                    f"cannot serve metrics on {_address(host, config.metrics_port)}: "
+                    f"{getattr(exc, 'strerror', None) or exc}; pick another --metrics-port "
+                    "(0 turns metrics off) or --metrics-host"
                 ) from None
         self._on_loop(self._grpc.start())
         tls, auth = config.tls_cert is not None, config.auth_token is not None
@@ -258,18 +264,49 @@ class DensemapServer:
                 return
             self.models.repository = repository
             self._publish()
+            if self.state.draining:
+                return
+            self.state.set_ready(True)  # loaded: calls are answered from now on
+            self._update_readiness()
+        self._loaded_event.set()
+
+    def _update_readiness(self) -> None:
+        """Readiness after a load or reload (under the reload lock): ready only while at
+        least one model, and every --require-models one, is served. Logs each change."""
+        names = self.models.names()
+        verdict = readiness.evaluate(
+            names,
+            dict(load_failures(self.models.repository)),
+            self.config.require_models,
+            f"the model repository {self.config.models_dir}",
+        )
+        self.state.readiness_problem = verdict.problem
         if self.state.draining:
             return
-        self.state.set_ready(True)
+        status = SERVING if verdict.ready else NOT_SERVING
         for name in ("", "readiness"):
-            self._set_health(name, SERVING)
-        self._ready_event.set()
-        names = self.models.names()
-        if not names:
-            log.warning(
-                "no model in %s: every scoring call will be NOT_FOUND", self.config.models_dir
+            self._set_health(name, status)
+        if self.state.draining:  # a drain began meanwhile: it wins
+            for name in ("", "readiness"):
+                self._set_health(name, NOT_SERVING)
+            return
+        if verdict.ready:
+            self._ready_event.set()
+        else:
+            self._ready_event.clear()
+        if verdict.problem == self._readiness_logged:
+            return  # said already (a poll every few seconds must not repeat it)
+        self._readiness_logged = verdict.problem
+        if verdict.ready:
+            log.info(
+                "ready: %d model(s): %s", len(names), ", ".join(names), extra={"models": names}
             )
-        log.info("ready: %d model(s): %s", len(names), ", ".join(names), extra={"models": names})
+        else:
+            log.error(
+                "not ready: %s",
+                verdict.problem,
+                extra={"models": names, "missing_models": list(verdict.missing)},
+            )
 
     def _publish(self) -> None:
         """Health and metrics per model after a load or reload (the repository logs failures)."""
@@ -298,6 +335,7 @@ class DensemapServer:
                     exc,
                 )
             self._publish()
+            self._update_readiness()
         log.info("reloaded: %s", ", ".join(self.models.names()) or "no model")
 
     def _poll(self) -> None:
@@ -307,7 +345,12 @@ class DensemapServer:
             self.reload()
 
     def wait_ready(self, timeout: float | None = None) -> bool:
+        """Wait until the server is ready (serves a model, and every required one)."""
         return self._ready_event.wait(timeout)
+
+    def wait_loaded(self, timeout: float | None = None) -> bool:
+        """Wait until the first load of the repository finished, ready or not."""
+        return self._loaded_event.wait(timeout)
 
     def drain(self, grace: float | None = None) -> bool:
         """Stop taking calls, let in-flight ones finish (<= grace s), stop. True if all did."""

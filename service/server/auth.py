@@ -1,7 +1,8 @@
 """Optional bearer-token check for every RPC except health and reflection (open for probes).
 
 Clients send the metadata ``authorization: Bearer <token>`` (tritonclient:
-``headers={"authorization": "Bearer <token>"}``). A missing or wrong token ends the call
+``headers={"authorization": "Bearer <token>"}``); the scheme is case-insensitive
+(``bearer``, ``BEARER``: RFC 6750), the token is not. A missing or wrong token ends the call
 with UNAUTHENTICATED, through the status table like every other error.
 """
 
@@ -34,11 +35,22 @@ def _deny_handler(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMetho
     return grpc.stream_unary_rpc_method_handler(deny)
 
 
+def bearer_token(value: str | bytes) -> bytes | None:
+    """The token of an ``authorization`` value ``Bearer <token>``, or None when its scheme
+    is another. RFC 6750 (after RFC 7235): the scheme is case-insensitive ("bearer",
+    "BEARER"), one or more spaces follow it; the token itself is compared exactly."""
+    raw = value.encode("latin-1", "replace") if isinstance(value, str) else bytes(value)
+    scheme, _, token = raw.strip(b" \t").partition(b" ")
+    if scheme.lower() != b"bearer":
+        return None
+    return token.lstrip(b" ")
+
+
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     """Refuses calls without ``authorization: Bearer <token>`` (constant-time compare)."""
 
     def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
+        self._expected = token.encode()
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -55,8 +67,14 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
                 "this server requires a bearer token: send the metadata "
                 "'authorization: Bearer <token>'",
             )
-        value = sent[0].encode() if isinstance(sent[0], str) else sent[0]
-        if not hmac.compare_digest(value, self._expected):
+        token = bearer_token(sent[0])
+        if token is None:
+            return _deny_handler(
+                handler,
+                "the authorization metadata is not a bearer token: send "
+                "'authorization: Bearer <token>'",
+            )
+        if not hmac.compare_digest(token, self._expected):
             return _deny_handler(
                 handler, "the bearer token is wrong: check the token the server was given"
             )

@@ -18,6 +18,7 @@ from service.errors import InvalidOption
 DEFAULT_HOST = "0.0.0.0"
 DEFAULT_PORT = 50051
 DEFAULT_METRICS_PORT = 9090  # 0 turns the Prometheus endpoint off
+DEFAULT_METRICS_HOST = "127.0.0.1"  # plain HTTP: this host only, unless --metrics-host says
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # receive and send
 DEFAULT_WORKERS = 32  # gRPC handler threads (inference runs in them, off the event loop)
 DEFAULT_MAX_IN_FLIGHT = 2  # engine calls running at once, per model
@@ -69,7 +70,9 @@ class ServerConfig:
     - ``models_dir``: repository root, one folder per model; None: ``$DENSEMAP_MODELS``,
       else the bundled repository (:func:`service.engine.repository.default_models_dir`).
     - ``host``/``port``: where gRPC listens; port 0 picks a free port.
-    - ``metrics_port``: Prometheus HTTP port on the same host; 0 = off.
+    - ``metrics_host``/``metrics_port``: where the Prometheus endpoint (plain HTTP, no
+      token) listens; 127.0.0.1 by default, so only this host reads it (a pod scraped by
+      Prometheus sets 0.0.0.0); port 0 = off.
     - ``max_message_bytes``: max receive and send message size.
     - ``workers``: scoring threads; at most ``workers - RESERVED_WORKERS`` scoring requests
       (unary calls and stream images being scored) are admitted, running or queued, at once.
@@ -89,6 +92,8 @@ class ServerConfig:
     - ``poll_seconds``: reload the repository every N seconds (0 = only on SIGHUP).
     - ``max_connection_age_seconds``: close client connections after this long, so
       clients re-resolve and spread over replicas (0 = never).
+    - ``require_models``: names that must all be served for the server to be ready (on
+      top of the rule that at least one model must be served).
     - ``tls_cert``/``tls_key``: PEM files; both or neither. ``auth_token``: required bearer
       token (None = no auth).
     - ``engine``: how models are loaded and run; its ``max_pixels`` defaults to
@@ -99,6 +104,7 @@ class ServerConfig:
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     metrics_port: int = DEFAULT_METRICS_PORT
+    metrics_host: str = DEFAULT_METRICS_HOST
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     workers: int = DEFAULT_WORKERS
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
@@ -112,6 +118,7 @@ class ServerConfig:
     grace_seconds: float = DEFAULT_GRACE_SECONDS
     poll_seconds: float = DEFAULT_POLL_SECONDS
     max_connection_age_seconds: float = DEFAULT_MAX_CONNECTION_AGE_SECONDS
+    require_models: tuple[str, ...] = ()
     tls_cert: Path | None = None
     tls_key: Path | None = None
     auth_token: str | None = None
@@ -121,7 +128,15 @@ class ServerConfig:
         if self.models_dir is None:
             object.__setattr__(self, "models_dir", default_models_dir())
         object.__setattr__(self, "models_dir", Path(self.models_dir))
+        required = self.require_models
+        if isinstance(required, str):  # "a,b" as the flag takes it
+            required = [name.strip() for name in required.split(",") if name.strip()]
+        object.__setattr__(self, "require_models", tuple(dict.fromkeys(required)))
         problems = []
+        if not self.metrics_host.strip():
+            problems.append("metrics_host must not be empty (127.0.0.1, 0.0.0.0, ::)")
+        if not all(isinstance(name, str) and name.strip() for name in self.require_models):
+            problems.append(f"require_models must be model names (got {self.require_models!r})")
         if not 0 <= self.port <= 65535 or not 0 <= self.metrics_port <= 65535:
             problems.append(f"ports must be in 0..65535 (got {self.port}, {self.metrics_port})")
         if self.max_message_bytes < 1024 or self.max_message_bytes > 2**31 - 1:

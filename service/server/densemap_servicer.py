@@ -126,8 +126,8 @@ class DensemapServicer(pb_grpc.DensemapServicer):
             for name in sorted(repository.names):
                 info = response.models.add()
                 fill_model_info(info, repository.get(name), name=name, with_labels=False)
-            for name, message in load_failures(repository):
-                response.failures.add(name=name, message=message)
+            for name, message in load_failures(repository):  # no server path leaves
+                response.failures.add(name=name, message=self._core.models.client_text(message))
             return response
 
         return await self._core.unary(context, "densemap.ListModels", list_models)

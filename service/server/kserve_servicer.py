@@ -141,19 +141,18 @@ class KServeServicer:
         self._core = core
         self._version = _server_version()
 
-    def _ready(self) -> bool:
-        state = self._core.state
-        return state.ready and not state.draining
-
     async def ServerLive(self, request, context):
         return message_class("ServerLiveResponse")(live=True)
 
     async def ServerReady(self, request, context):
-        return message_class("ServerReadyResponse")(ready=self._ready())
+        """Ready only when the server serves a model (and every --require-models one)."""
+        return message_class("ServerReadyResponse")(ready=self._core.state.ready_for_traffic)
 
     async def ModelReady(self, request, context):
+        state = self._core.state
         ready = (
-            self._ready()
+            state.ready
+            and not state.draining
             and request.name in self._core.models.names()
             and request.version in VERSIONS
         )

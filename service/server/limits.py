@@ -98,7 +98,16 @@ class ServingState:
         self.draining = False
         self.cut_message: str | None = None
         self.unusable: str | None = None  # why the server can never become ready as started
+        # loaded, but not ready: why (no model served, a --require-models one missing)
+        self.readiness_problem: str | None = None
         self._active = 0
+
+    @property
+    def ready_for_traffic(self) -> bool:
+        """What readiness, "" and KServe ServerReady say: loaded, serving at least one
+        model and every required one, and not draining. (``ready`` alone means loaded:
+        calls are answered, those for a model not served with NOT_FOUND.)"""
+        return self.ready and not self.draining and self.readiness_problem is None
 
     def set_ready(self, ready: bool) -> None:
         with self._cond:

@@ -1,4 +1,5 @@
-"""Prometheus metrics of the server, served over HTTP on ``--metrics-port`` (0 = off).
+"""Prometheus metrics of the server, served over plain HTTP on ``--metrics-host`` (127.0.0.1
+by default: no TLS, no token, so this host only unless told) and ``--metrics-port`` (0 = off).
 
 Each server owns its registry, so several servers (tests) never collide.
 

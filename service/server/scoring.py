@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable
 from concurrent import futures
@@ -28,6 +29,7 @@ from service.engine.cost import RequestCost, describe
 from service.engine.options import ScoreOptions
 from service.engine.result import ScoreMap
 from service.errors import ImageTooLarge, ModelNotFound
+from service.server.client_paths import client_text
 from service.server.compute_limit import ComputeLimit
 from service.server.limits import Admission, CallGuard, ServingState
 from service.server.memory_budget import MemoryBudget, Reservation, default_memory_limit
@@ -39,10 +41,17 @@ T = TypeVar("T")
 
 
 class Models:
-    """The current repository (None while loading); swapped whole on reload."""
+    """The current repository (None while loading); swapped whole on reload.
 
-    def __init__(self) -> None:
+    ``root``: the repository's folder, which :meth:`client_text` takes out of messages."""
+
+    def __init__(self, root: str | os.PathLike | None = None) -> None:
         self.repository = None
+        self.root = root
+
+    def client_text(self, message: str) -> str:
+        """``message`` as a client reads it: repository-relative paths, no absolute one."""
+        return client_text(message, self.root)
 
     def names(self) -> list[str]:
         repository = self.repository
@@ -255,6 +264,7 @@ class ScoringCore:
             raise
         except Exception as exc:
             code, message = status_for(exc)
+            message = self.models.client_text(message)
             self.finish(call, code)  # counted before the client can see the status
             await context.abort(code, message)
         self.finish(call, grpc.StatusCode.OK)
@@ -276,6 +286,7 @@ class ScoringCore:
         except Exception as exc:
             result = None
             code, message = status_for(exc)
+            message = self.models.client_text(message)
             call.release_memory()
         self.finish(call, code)
         return result, code, message
