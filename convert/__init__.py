@@ -58,12 +58,18 @@ def convert_torch(
     ``heads`` (a :class:`convert.heads.HeadOptions`) names their kinds, labels, the primary
     head and, for a tuple, the heads' names. ``labels`` are the primary head's.
     ``random_weights=True`` records in the metadata that ``model`` was never trained.
-    ``int8_calibration``: a folder of images; also write int8 copies (:mod:`convert.int8`)."""
+    ``int8_calibration``: a folder of images; also write int8 copies (:mod:`convert.int8`).
+    ``preprocessing`` is required, as for :func:`convert_onnx` (a module carries no
+    normalisation either): a ``Preprocessing``, a preset or a JSON file's path."""
     from convert.export import export_onnx
     from convert.from_torch.fc import convert_classifier
     from convert.heads import HeadOptions
     from convert.pipeline import finish_dense
+    from convert.preprocessing import MISSING
+    from service.errors import ConversionError
 
+    if preprocessing is None:  # never guessed: say how pixels become the model's input
+        raise ConversionError(MISSING.replace("--preprocessing ", "preprocessing="))
     heads = heads or HeadOptions()
     conversion = convert_classifier(model, input_size=input_size, in_channels=in_channels)
     dense = export_onnx(

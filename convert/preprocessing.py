@@ -2,9 +2,9 @@
 
 A dense model's metadata says how raw pixels become its input, ``(pixel * scale - mean) /
 std`` in a colour order (:class:`service.contract.Preprocessing`), and every map the
-service computes depends on it. An ONNX classifier carries no normalisation, so the ONNX
-path refuses to convert without one (``--preprocessing`` on the command line); the
-built-in ``--arch`` networks bring torchvision's. It is given as a JSON file or as one of
+service computes depends on it. An ONNX classifier or a torch module carries no normalisation, so
+converting one without it is refused (``--preprocessing`` on the command line, the
+``preprocessing`` argument in Python); the built-in ``--arch`` networks bring torchvision's. It is given as a JSON file or as one of
 the presets below, adapted to the model's layout:
 
 - ``imagenet``: RGB, pixels / 255, then ImageNet's mean and std (torchvision's classifiers
@@ -29,7 +29,7 @@ CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 PRESETS = ("imagenet", "caffe", "unit", "none")
 FIELDS = "layout, color, scale, mean, std"
 MISSING = (
-    "the ONNX classifier carries no input normalisation and densemap does not guess it: "
+    "the classifier carries no input normalisation and densemap does not guess it: "
     "pass --preprocessing imagenet (pixels/255, then ImageNet mean/std: torchvision and "
     "most PyTorch nets), --preprocessing unit (pixels/255), --preprocessing caffe (BGR "
     "0-255 minus the mean), --preprocessing none (raw 0-255) or --preprocessing FILE.json "

@@ -76,7 +76,9 @@ def test_atrous_keeps_the_overhang_cells(dense, k):
 
 def test_convert_torch_writes_variants_of_an_overhanging_net(tmp_path):
     model = CeilOverhang(POOLS["max"]())
-    result = convert.convert_torch(model, tmp_path / "d.onnx", input_size=WINDOW, strides=[2, 1])
+    result = convert.convert_torch(
+        model, tmp_path / "d.onnx", input_size=WINDOW, strides=[2, 1], preprocessing="unit"
+    )
     assert [v.stride for v in result.metadata.variants] == [(2, 2), (1, 1)]
     assert result.metadata.geometry.padded
     report = convert.verify(model, result.path)

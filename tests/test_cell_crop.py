@@ -49,7 +49,9 @@ def _run(session, image: np.ndarray) -> np.ndarray:
 
 def _convert(path_kind: str, model: nn.Module, window, out) -> convert.ConversionResult:
     if path_kind == "torch":
-        return convert.convert_torch(model, out, input_size=window, strides=[2, 1])
+        return convert.convert_torch(
+            model, out, input_size=window, strides=[2, 1], preprocessing="unit"
+        )
     classifier = out.with_name("classifier.onnx")
     if path_kind == "onnx-opset9":  # moved to opset 10 for Slice; ceil pools are end pads
         proto = export_classifier(model, window, dynamo=False, opset=9)
@@ -91,7 +93,9 @@ def test_plain_onnxruntime_gives_exactly_n_cells_equal_to_crops(path_kind, tmp_p
 
 
 def test_an_image_between_r_minus_s_and_r_has_no_cell(tmp_path):
-    result = convert.convert_torch(ceil_net(), tmp_path / "d.onnx", input_size=WINDOW)
+    result = convert.convert_torch(
+        ceil_net(), tmp_path / "d.onnx", input_size=WINDOW, preprocessing="unit"
+    )
     image = np.zeros((1, 3, WINDOW[0] - 1, WINDOW[1] - 3), np.float32)  # the trunk gives 1x1
     assert _run(_session(result.path), image).shape == (1, 3, 0, 0)
 

@@ -90,7 +90,7 @@ def test_written_model_names_every_head_and_its_variant_is_exact(tmp_path):
     )
     result = convert.convert_torch(
         model, tmp_path / "dense.onnx", input_size=WINDOW, labels=("a", "b", "c"),
-        strides=(2, 1), heads=options,
+        strides=(2, 1), heads=options, preprocessing="unit",
     )  # fmt: skip
     meta = _metadata(result.path)
     assert meta.heads == (
@@ -113,7 +113,9 @@ def test_written_model_names_every_head_and_its_variant_is_exact(tmp_path):
 def test_kinds_are_inferred_and_the_first_classifying_head_is_primary(tmp_path):
     model = TwoHeads(sigmoid=True, softmax=True)
     options = HeadOptions(kinds={"boxes": "regression"})
-    result = convert.convert_torch(model, tmp_path / "d.onnx", input_size=WINDOW, heads=options)
+    result = convert.convert_torch(
+        model, tmp_path / "d.onnx", input_size=WINDOW, heads=options, preprocessing="unit"
+    )
     assert [(h.name, h.kind) for h in result.metadata.heads] == [
         ("scores", "probabilities"),
         ("boxes", "regression"),
@@ -124,7 +126,9 @@ def test_kinds_are_inferred_and_the_first_classifying_head_is_primary(tmp_path):
         "scores": "softmax", "boxes": None, "attributes": "sigmoid",
     }  # fmt: skip
     primary = HeadOptions(kinds={"boxes": "regression"}, primary="attributes")
-    result = convert.convert_torch(model, tmp_path / "p.onnx", input_size=WINDOW, heads=primary)
+    result = convert.convert_torch(
+        model, tmp_path / "p.onnx", input_size=WINDOW, heads=primary, preprocessing="unit"
+    )
     assert [h.name for h in result.metadata.heads] == ["attributes", "scores", "boxes"]
     assert result.metadata.output_name == "attributes"
     assert result.metadata.output_kind == "sigmoid"
@@ -133,7 +137,9 @@ def test_kinds_are_inferred_and_the_first_classifying_head_is_primary(tmp_path):
 def test_verify_compares_each_head_with_its_own_output(tmp_path):
     model = TwoHeads(form="dict", shared=True)
     options = HeadOptions(kinds={"boxes": "regression"})
-    result = convert.convert_torch(model, tmp_path / "d.onnx", input_size=WINDOW, heads=options)
+    result = convert.convert_torch(
+        model, tmp_path / "d.onnx", input_size=WINDOW, heads=options, preprocessing="unit"
+    )
     report = convert.verify(model, result.path)  # fp32: the export folds BatchNorm in fp32
     assert report.passed
     assert {row.head for row in report.rows} == {"scores", "boxes"}
@@ -234,7 +240,9 @@ def test_what_has_no_dense_form_is_refused_by_name(model, message):
 )
 def test_bad_head_options_are_refused_naming_the_heads(options, message, tmp_path):
     with pytest.raises(ConversionError, match=message):
-        convert.convert_torch(TwoHeads(), tmp_path / "d.onnx", input_size=WINDOW, heads=options)
+        convert.convert_torch(
+            TwoHeads(), tmp_path / "d.onnx", input_size=WINDOW, heads=options, preprocessing="unit"
+        )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -242,7 +250,7 @@ def test_tuple_names_must_match_the_outputs(tmp_path):
     with pytest.raises(ConversionError, match="1 head names were given .* returns 2 outputs"):
         convert.convert_torch(
             TwoHeads(form="tuple"), tmp_path / "d.onnx", input_size=WINDOW,
-            heads=HeadOptions(names=("only",)),
+            heads=HeadOptions(names=("only",)), preprocessing="unit",
         )  # fmt: skip
 
 
@@ -273,7 +281,9 @@ class PaddedTwoHeads(TwoHeads):
 def test_verify_checks_each_head_of_a_padded_net_on_its_trunk_windows(tmp_path):
     model = PaddedTwoHeads()
     options = HeadOptions(names=("scores", "boxes"), kinds={"boxes": "regression"})
-    result = convert.convert_torch(model, tmp_path / "d.onnx", input_size=WINDOW, heads=options)
+    result = convert.convert_torch(
+        model, tmp_path / "d.onnx", input_size=WINDOW, heads=options, preprocessing="unit"
+    )
     assert result.metadata.geometry.padded
     report = convert.verify(model, result.path)
     assert report.passed

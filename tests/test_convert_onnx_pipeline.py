@@ -107,7 +107,9 @@ def test_verify_fails_on_a_wrong_dense_model(classifier_file, tmp_path):
 
 def test_padded_ceil_mode_net_matches_the_converted_torch_module(tmp_path):
     model = _padded_ceil()
-    result = convert.convert_torch(model, tmp_path / "p.onnx", input_size=19, strides=[2])
+    result = convert.convert_torch(
+        model, tmp_path / "p.onnx", input_size=19, strides=[2], preprocessing="unit"
+    )
     assert result.metadata.geometry.padded
     assert result.metadata.output_kind == "probabilities"
     report = convert.verify(model, result.path)

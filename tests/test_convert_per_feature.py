@@ -97,7 +97,9 @@ def test_onnx_path_per_feature_layers_equal_crops(final, dynamo):
 
 @pytest.mark.parametrize("final,kind", [(None, "logits"), ("sigmoid", "sigmoid"), ("log_softmax", "logits")])  # fmt: skip
 def test_final_activation_is_recorded_as_the_contract_kind(final, kind, tmp_path):
-    result = convert.convert_torch(PerFeatureHead(final), tmp_path / "d.onnx", input_size=WINDOW)
+    result = convert.convert_torch(
+        PerFeatureHead(final), tmp_path / "d.onnx", input_size=WINDOW, preprocessing="unit"
+    )
     assert result.metadata.output_kind == kind and result.final_activation == final
 
 
@@ -107,7 +109,7 @@ def test_sigmoid_model_scores_are_served_as_they_are(tmp_path):
     from service.errors import InvalidOption
 
     model = PerFeatureHead("sigmoid").eval()
-    convert.convert_torch(model, tmp_path / "d.onnx", input_size=WINDOW)
+    convert.convert_torch(model, tmp_path / "d.onnx", input_size=WINDOW, preprocessing="unit")
     engine = Engine(tmp_path / "d.onnx", config=EngineConfig(warmup=False))
     image = np.random.default_rng(0).integers(0, 256, (*IMAGE, 3), np.uint8)
     scores = engine.score(image).maps[0].scores

@@ -59,7 +59,7 @@ def _perturb(path, out, name: str, relative: float = 1e-3):
 @pytest.mark.parametrize("scale", [1.0, 1e-9])
 def test_one_weight_off_by_a_relative_1e3_fails_at_any_logit_scale(scale, tmp_path):
     model = _lenet(scale)
-    result = convert.convert_torch(model, tmp_path / "d.onnx", input_size=32)
+    result = convert.convert_torch(model, tmp_path / "d.onnx", input_size=32, preprocessing="unit")
     good = convert.verify(model, result.path)
     assert good.passed, good.table()
     wrong = _perturb(result.path, tmp_path / "wrong.onnx", "features.0.weight")
@@ -121,7 +121,9 @@ def convmixer():
 
 def test_a_correct_convmixer_like_conversion_passes_on_both_paths(convmixer, tmp_path):
     old_limit = _old_limit(convmixer, 3, (32, 32))
-    result = convert.convert_torch(convmixer, tmp_path / "t.onnx", input_size=32, strides=[2])
+    result = convert.convert_torch(
+        convmixer, tmp_path / "t.onnx", input_size=32, strides=[2], preprocessing="unit"
+    )
     report = convert.verify(convmixer, result.path)
     assert report.passed and report.padded, report.table()
     assert report.max_checked_diff > old_limit  # the old rule FAILED this correct conversion
@@ -143,7 +145,9 @@ def test_a_correct_convmixer_like_conversion_passes_on_both_paths(convmixer, tmp
 def test_a_wrong_convmixer_like_conversion_fails(convmixer, tmp_path):
     """The limit is loose where the classifier itself rounds a lot, not blind: the head's
     largest weight off by 5% fails."""
-    result = convert.convert_torch(convmixer, tmp_path / "t.onnx", input_size=32)
+    result = convert.convert_torch(
+        convmixer, tmp_path / "t.onnx", input_size=32, preprocessing="unit"
+    )
     initializers = onnx.load(str(result.path)).graph.initializer
     (head,) = [t.name for t in initializers if tuple(t.dims) == (5, 16, 1, 1)]
     report = convert.verify(convmixer, _perturb(result.path, tmp_path / "w.onnx", head, 0.05))
@@ -152,7 +156,9 @@ def test_a_wrong_convmixer_like_conversion_fails(convmixer, tmp_path):
 
 def test_variants_are_verified_at_their_own_stride(tmp_path):
     model = _lenet()
-    result = convert.convert_torch(model, tmp_path / "d.onnx", input_size=32, strides=[2])
+    result = convert.convert_torch(
+        model, tmp_path / "d.onnx", input_size=32, strides=[2], preprocessing="unit"
+    )
     variant = result.variant_paths[0]
     _perturb(variant, variant, "features.0.weight")  # only the variant is wrong
     report = convert.verify(model, result.path)
@@ -173,7 +179,9 @@ def test_variants_are_verified_at_their_own_stride(tmp_path):
 
 def test_a_padded_variant_is_checked_against_the_native_map(tmp_path):
     model = CeilOverhang(POOLS["max"]()).eval()
-    result = convert.convert_torch(model, tmp_path / "d.onnx", input_size=WINDOW, strides=[2])
+    result = convert.convert_torch(
+        model, tmp_path / "d.onnx", input_size=WINDOW, strides=[2], preprocessing="unit"
+    )
     assert result.metadata.geometry.padded
     assert convert.verify(model, result.path).passed
     variant = result.variant_paths[0]
@@ -207,7 +215,9 @@ def test_the_footnote_names_only_the_checks_that_ran(tmp_path):
     assert crops and all(row.verdict == "info (padding)" for row in crops)
     assert max(row.max_diff for row in crops) > 1e-3  # the padding, shown, not checked
 
-    convert.convert_torch(model, tmp_path / "t.onnx", input_size=WINDOW, strides=[2])
+    convert.convert_torch(
+        model, tmp_path / "t.onnx", input_size=WINDOW, strides=[2], preprocessing="unit"
+    )
     table = convert.verify(model, tmp_path / "t.onnx").table()
     assert table.endswith(
         HEAD_NOTE
@@ -218,7 +228,7 @@ def test_the_footnote_names_only_the_checks_that_ran(tmp_path):
 
 def test_the_limit_line_says_where_the_numbers_come_from(tmp_path, monkeypatch):
     model = _lenet()
-    result = convert.convert_torch(model, tmp_path / "d.onnx", input_size=32)
+    result = convert.convert_torch(model, tmp_path / "d.onnx", input_size=32, preprocessing="unit")
     report = convert.verify(model, result.path)
     text = " ".join(report.table().split())
     rounding = report.tolerance.rounding
@@ -243,7 +253,9 @@ def test_the_limit_line_says_where_the_numbers_come_from(tmp_path, monkeypatch):
 
 def test_progress_goes_to_stderr_only_when_asked_or_on_a_terminal(tmp_path, capsys, monkeypatch):
     model = _lenet()
-    result = convert.convert_torch(model, tmp_path / "d.onnx", input_size=32, strides=[2])
+    result = convert.convert_torch(
+        model, tmp_path / "d.onnx", input_size=32, strides=[2], preprocessing="unit"
+    )
     capsys.readouterr()
     convert.verify(model, result.path)  # progress=None: stderr is not a terminal here
     assert capsys.readouterr().err == ""

@@ -88,7 +88,7 @@ def mini_vgg_classifier() -> nn.Module:
 def converted_vgg(tmp_path_factory):
     out = tmp_path_factory.mktemp("vgg") / "model.onnx"
     return convert.convert_torch(
-        mini_vgg_classifier(), out, input_size=(32, 32), strides=[4, 2]
+        mini_vgg_classifier(), out, input_size=(32, 32), strides=[4, 2], preprocessing="unit"
     ).path
 
 
