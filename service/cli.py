@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"densemap {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_code", 2)  # 2: usage; 1: a run that could not finish
     except KeyboardInterrupt:
         print(f"densemap {args.command}: interrupted", file=sys.stderr)
         return INTERRUPTED

@@ -4,6 +4,10 @@ resume, server mode, and the usage errors, on the square model whose boxes are k
 from __future__ import annotations
 
 import json
+import signal
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +17,7 @@ from server_harness import HOST, start_server
 from service.cli import main
 from tests.square_model import square_model, squares_image
 
+ROOT = Path(__file__).resolve().parent.parent
 MODEL = "squares"
 IMAGES = {
     "one.png": squares_image(32, 40, [(0, 8, 16, 8)]),
@@ -131,3 +136,44 @@ def test_the_model_folders_box_offsets_apply_in_process(capsys, folder, tmp_path
     assert code == 0, stderr
     (one,) = [d for d in lines(out / "detections.jsonl") if d["relpath"] == "one.png"]
     assert [d["box"] for d in one["detections"]] == [[18.0, 8.0, 24.0, 20.0]]
+
+
+# Dies (SIGKILL) in the write thread right after the image's .npz and heat-map were renamed
+# into place and before its detections.jsonl line is written: the window resume must cover.
+KILLED_BEFORE_ITS_LINE = """
+import os, signal, sys
+from service.batch import detections_out
+from service.cli import main
+
+add = detections_out.DetectionsWriter.add
+
+def add_or_die(self, line):
+    if line["relpath"] == sys.argv[1]:
+        os.kill(os.getpid(), signal.SIGKILL)
+    add(self, line)
+
+detections_out.DetectionsWriter.add = add_or_die
+sys.exit(main(["score", *sys.argv[2:]]))
+"""
+
+
+def test_resume_redoes_an_image_killed_between_its_files_and_its_boxes(
+    capsys, repo, folder, tmp_path
+):
+    out = tmp_path / "out"
+    base = [str(folder), "--out", str(out), "--models", str(repo), "--model", MODEL,
+            "--detections", "--heatmap"]  # fmt: skip
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_BEFORE_ITS_LINE, "sub/two.png", *base, "--workers", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert (out / "sub/two.png.npz").is_file() and (out / "sub/two.png.heatmap.png").is_file()
+    assert [d["relpath"] for d in lines(out / "detections.jsonl")] == ["none.png", "one.png"]
+    appended = out / "summary.jsonl"  # as the killed run left it: appended, not yet rewritten
+    assert stat.S_IMODE(appended.stat().st_mode) & 0o111 == 0  # was created executable
+
+    code, stdout, stderr = run(capsys, *base)
+    assert code == 0, stderr
+    assert "scored 1, skipped 2" in stdout  # sub/two.png is redone: its boxes were missing
+    check_outputs(out)

@@ -17,12 +17,11 @@ files are rewritten whole (temp file + rename) when the run ends.
 from __future__ import annotations
 
 import json
-import os
 import threading
 from dataclasses import asdict
 from pathlib import Path
 
-from service.batch.outputs import write_atomic
+from service.batch.outputs import Halt, LineFile, OutputNotWritten, write_text
 from service.engine.result import Detection
 
 JSONL_FILE = "detections.jsonl"
@@ -73,34 +72,38 @@ def coco_results(lines: list[dict]) -> list[dict]:
 
 
 class DetectionsWriter:
-    """Collects each image's detections from any thread; :meth:`finish` writes both files."""
+    """Collects each image's detections from any thread; :meth:`finish` writes both files.
 
-    def __init__(self, root: Path, *, partial_dir: Path) -> None:
+    As :class:`service.batch.summary.SummaryWriter`: a line that cannot be appended sets
+    ``halt``; :meth:`finish` tries both files and raises :class:`OutputNotWritten` for the
+    first that cannot be written.
+    """
+
+    def __init__(self, root: Path, *, partial_dir: Path, halt: Halt | None = None) -> None:
         self.root = root
         self.partial_dir = partial_dir
         self.lines: dict[str, dict] = {}
         self._lock = threading.Lock()
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-        self._fd: int | None = os.open(root / JSONL_FILE, flags, 0o644)
+        halt = halt or Halt()
+        self._jsonl = LineFile(root / JSONL_FILE, partial_dir=partial_dir, halt=halt)
 
     def add(self, line: dict) -> None:
         text = (json.dumps(line, sort_keys=True) + "\n").encode()
         with self._lock:
             self.lines[line["relpath"]] = line
-            if self._fd is not None:
-                os.write(self._fd, text)
+            self._jsonl.append(text)
 
     def finish(self) -> None:
         with self._lock:
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
+            self._jsonl.close()
             lines = [self.lines[key] for key in sorted(self.lines)]
         text = "".join(json.dumps(line, sort_keys=True) + "\n" for line in lines)
         coco = json.dumps(coco_results(lines), indent=1) + "\n"
+        failed: OutputNotWritten | None = None
         for name, content in ((JSONL_FILE, text), (COCO_FILE, coco)):
-            write_atomic(
-                self.root / name,
-                lambda f, c=content: f.write(c.encode()),
-                partial_dir=self.partial_dir,
-            )
+            try:  # the COCO file is tried even when detections.jsonl cannot be written
+                write_text(self.root / name, content, partial_dir=self.partial_dir)
+            except OutputNotWritten as exc:
+                failed = failed or exc
+        if failed is not None:
+            raise failed

@@ -18,13 +18,20 @@ The file is a zip (deflated by default, as ``numpy.savez_compressed``) written w
 timestamps, so equal results give
 byte-identical files (local and Ray runs compare bit for bit). Every file is written to a
 temp file in the run's partial folder, then renamed into place: a killed run never leaves
-a partial output under its final name.
+a partial output under its final name. Files are created with mode 0o644 (less the umask).
+
+The run's own files (``summary.jsonl``, ``detections.jsonl``) are :class:`LineFile`: lines
+appended while the run goes, the whole file rewritten at the end. A write that fails there
+(disk full), or a disk full on any output, sets the run's :class:`Halt`: no image starts
+after it, and the run ends with :class:`OutputNotWritten` naming the file (exit 1).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import threading
 import uuid
 import zipfile
 from collections.abc import Callable
@@ -38,25 +45,117 @@ from service.batch.storage import LEGACY, Storage, head_arrays, map_arrays
 from service.engine.heads import HeadInfo
 from service.engine.options import ScoreOptions
 from service.engine.result import MapGeometry, ScaleMap, ScoreMap
+from service.errors import DensemapError
 
 NPZ_SUFFIX = ".npz"
 HEATMAP_SUFFIX = ".heatmap.png"
+FILE_MODE = 0o644  # every file a run creates (the umask applies)
+DISK_FULL = frozenset((errno.ENOSPC, errno.EDQUOT))
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 _PER_MAP_ARRAYS = ("scores", "top_k_indices", "top_k_scores", "argmax")
 LEGACY_STORAGE = Storage(**LEGACY)
 
 
+class OutputNotWritten(DensemapError):
+    """A file of the run cannot be written (disk full, I/O error): the run stops (exit 1)."""
+
+    exit_code = 1
+
+
+def not_written(path: Path | str, exc: OSError) -> OutputNotWritten:
+    """The error that stops a run on ``exc``, naming ``path`` (and "disk full" when so)."""
+    reason = exc.strerror or str(exc)
+    if exc.errno in DISK_FULL:
+        head = f"disk full: cannot write {path} ({reason}): free space"
+    else:
+        head = f"cannot write {path}: {reason}: fix that"
+    return OutputNotWritten(f"{head}, then rerun to resume (finished images are kept)")
+
+
+class Halt:
+    """The first error that stops a run; set from any thread, no image starts after it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.error: OutputNotWritten | None = None
+
+    def set(self, error: OutputNotWritten) -> None:
+        with self._lock:
+            if self.error is None:
+                self.error = error
+
+    def __call__(self) -> bool:
+        return self.error is not None
+
+
 def write_atomic(target: Path, write: Callable[[BinaryIO], None], *, partial_dir: Path) -> None:
-    """Write ``target`` through a temp file in ``partial_dir`` and an atomic rename."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``target`` through a temp file in ``partial_dir`` and an atomic rename.
+
+    An ``OSError`` names ``target`` (not the temp file) as its ``filename``.
+    """
     tmp = partial_dir / f"{uuid.uuid4().hex}-{target.name}"
     try:
-        with open(tmp, "wb") as f:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+        with os.fdopen(os.open(tmp, flags, FILE_MODE), "wb") as f:
             write(f)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror, str(target)) from exc
         raise
+
+
+def append_bytes(fd: int, data: bytes) -> None:
+    """All of ``data`` to ``fd`` (a short write is continued; an error raises)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+class LineFile:
+    """A run file appended line by line (a killed run leaves whole lines), rewritten whole
+    at the end. A failed append (disk full) stops the appends and sets ``halt``; the lines
+    are still kept by the caller for :meth:`rewrite`."""
+
+    def __init__(self, path: Path, *, partial_dir: Path, halt: Halt) -> None:
+        self.path = path
+        self.partial_dir = partial_dir
+        self.halt = halt
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+        try:
+            self._fd: int | None = os.open(path, flags, FILE_MODE)
+        except OSError as exc:
+            raise not_written(path, exc) from None
+
+    def append(self, data: bytes) -> None:
+        """Append ``data`` (whole lines); the caller serialises calls."""
+        if self._fd is None:
+            return
+        try:
+            append_bytes(self._fd, data)
+        except OSError as exc:
+            self.close()
+            self.halt.set(not_written(self.path, exc))
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def rewrite(self, text: str) -> None:
+        """Replace the file by ``text`` (temp file + rename); raises OutputNotWritten."""
+        self.close()
+        write_text(self.path, text, partial_dir=self.partial_dir)
+
+
+def write_text(path: Path, text: str, *, partial_dir: Path) -> None:
+    """``path`` holds ``text`` (temp file + rename), or :class:`OutputNotWritten` says why."""
+    try:
+        write_atomic(path, lambda f: f.write(text.encode()), partial_dir=partial_dir)
+    except OSError as exc:
+        raise not_written(path, exc) from None
 
 
 def options_to_json(options: ScoreOptions) -> dict:

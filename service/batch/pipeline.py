@@ -9,7 +9,8 @@ Three stages, two bounded thread pools::
 Images are scored in input order, one at a time by default (the engine itself uses every
 core); a remote server takes several calls at once. Both queues are bounded, so memory stays at about 4N decoded images. A failure on
 one image (unreadable, undecodable, too small, write error) becomes a ``failed`` row and the
-batch goes on.
+batch goes on; a disk full is no image's fault: its image fails, and the run's ``halt`` is
+set, after which no image starts (the run's own files failing set it too).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Protocol
 
 import numpy as np
 
+from service.batch.outputs import DISK_FULL, Halt, not_written
 from service.batch.summary import failed_row
 from service.batch.walk import ImageJob
 from service.batch.writer import ResultWriter
@@ -105,12 +107,16 @@ def run_pipeline(
     options: ScoreOptions,
     report: Report,
     config: PipelineConfig = PipelineConfig(),
+    halt: Halt | None = None,
 ) -> None:
     """Score every job, calling ``report(row)`` once per image (from any thread).
 
     On an exception in the calling thread (Ctrl-C), running score calls are cancelled,
-    results already computed are written whole, then the exception propagates.
+    results already computed are written whole, then the exception propagates. With a
+    ``halt``, a disk full sets it, and once it is set no image starts (those started
+    finish); without (Ray actors: every image of a batch gets its row) none is skipped.
     """
+    halted = halt if halt is not None else (lambda: False)
     workers = max(1, config.workers)
     depth = 2 * workers
     concurrency = max(1, config.concurrency)
@@ -138,6 +144,8 @@ def run_pipeline(
         try:
             report(writer.write(job, image, result, seconds=seconds))
         except Exception as exc:
+            if halt is not None and isinstance(exc, OSError) and exc.errno in DISK_FULL:
+                halt.set(not_written(exc.filename or job.relpath, exc))
             # A second Ctrl-C tears the output folder's temp files down under running
             # writes: a run being stopped does not blame its images (a rerun redoes them).
             if not stop.is_set():
@@ -160,7 +168,7 @@ def run_pipeline(
 
     try:
         refill()
-        while pending:
+        while pending and not halted():
             job, decoded = pending.popleft()
             refill()
             try:

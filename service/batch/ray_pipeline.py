@@ -137,8 +137,11 @@ def _score_dataset(ray, items: list[dict], spec: ActorSpec, *, size: int, blocks
     )
 
 
-def run_ray(jobs: list[ImageJob], *, request, output: OutputConfig, report: Callable) -> None:
-    """Score ``jobs`` on Ray, calling ``report(row)`` on the driver as rows stream back."""
+def run_ray(
+    jobs: list[ImageJob], *, request, output: OutputConfig, report: Callable, halt=None
+) -> None:
+    """Score ``jobs`` on Ray, calling ``report(row)`` on the driver as rows stream back;
+    stops taking rows once ``halt()`` (the run's own files cannot be written)."""
     if not jobs:
         return
     config = request.ray
@@ -169,6 +172,8 @@ def run_ray(jobs: list[ImageJob], *, request, output: OutputConfig, report: Call
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
             for text in batch["row"]:
                 report(json.loads(text))
+            if halt is not None and halt():
+                break
     except DensemapError:
         raise
     except Exception as exc:  # an actor that cannot start (model missing on a node...)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from service.batch.detections_out import JSONL_FILE, DetectionsWriter, read_lines
+from service.batch.outputs import Halt, OutputNotWritten
 from service.batch.pipeline import PipelineConfig, run_pipeline
 from service.batch.progress import Progress
 from service.batch.rundir import OutputDir, RunSettings, heatmap_path, npz_path
@@ -156,13 +157,21 @@ def _open_scorer(request: BatchRequest, stack: contextlib.ExitStack):
 
 
 def _recorded(out: OutputDir, request: BatchRequest) -> set[str] | None:
-    """With no ``.npz`` to look for, the relpaths an earlier run records as finished."""
-    if request.storage.writes_npz or request.overwrite:
+    """The relpaths an earlier run's lines record as finished (None: no line to check).
+
+    With ``--detections`` an image is done only with its ``detections.jsonl`` line, which
+    is written after its ``.npz`` and heat-map are renamed into place; with no ``.npz``
+    (``--save detections|none``) also with an ``ok``/``skipped`` summary row.
+    """
+    if request.overwrite:
         return None
-    rows = read_rows(out.summary_path)
-    done = {rel for rel, row in rows.items() if row.get("status") in ("ok", "skipped")}
+    done: set[str] | None = None
+    if not request.storage.writes_npz:
+        rows = read_rows(out.summary_path)
+        done = {rel for rel, row in rows.items() if row.get("status") in ("ok", "skipped")}
     if request.options.detections is not None:
-        done &= set(read_lines(out.root / JSONL_FILE))
+        lines = set(read_lines(out.root / JSONL_FILE))
+        done = lines if done is None else done & lines
     return done
 
 
@@ -177,9 +186,33 @@ def _skipped_rows(out: OutputDir, done: list[ImageJob]) -> list[dict]:
     return rows
 
 
+def _finish(writers: list, halt: Halt) -> None:
+    """Write the run's own files, each tried even when another cannot be written."""
+    for writer in writers:
+        try:
+            writer.finish()
+        except OutputNotWritten as exc:
+            halt.set(exc)
+
+
+def _stopped(halt: Halt, progress: Progress, out_dir: str) -> OutputNotWritten:
+    """The error that ends a halted run; its counts go to stdout as the last line."""
+    print(f"{progress.final_line(out_dir)} (stopped: rerun to resume)", flush=True)
+    left = progress.total - progress.done
+    return OutputNotWritten(
+        f"{left} image(s) not scored: {halt.error}" if left else str(halt.error)
+    )
+
+
 def run_batch(request: BatchRequest, *, tty: bool | None = None) -> BatchOutcome:
-    """Run the batch; per-image failures are counted, not raised."""
+    """Run the batch; per-image failures are counted, not raised.
+
+    A file of the run that cannot be written (disk full) stops it: no image starts after
+    that, the run's files are still written where they can be, and
+    :class:`OutputNotWritten` names the file.
+    """
     out_root = Path(request.out_dir)
+    OutputDir(out_root).check()  # a read-only --out: one message before the model loads
     jobs = find_images(request.paths, globs=request.globs, exclude=(str(out_root),))
     if not jobs:
         where = ", ".join(request.paths)
@@ -211,14 +244,16 @@ def run_batch(request: BatchRequest, *, tty: bool | None = None) -> BatchOutcome
             jobs,
             heatmap=request.heatmap,
             overwrite=request.overwrite,
+            npz=request.storage.writes_npz,
             recorded=_recorded(out, request),
         )
         skipped_rows = _skipped_rows(out, done)
-        summary = SummaryWriter(out.summary_path, partial_dir=out.partial)
+        halt = Halt()
+        summary = SummaryWriter(out.summary_path, partial_dir=out.partial, halt=halt)
         boxes = None
         if request.options.detections is not None:
             previous = read_lines(out.root / JSONL_FILE) if done else {}
-            boxes = DetectionsWriter(out.root, partial_dir=out.partial)
+            boxes = DetectionsWriter(out.root, partial_dir=out.partial, halt=halt)
             for job in done:
                 if job.relpath in previous:
                     boxes.add({**previous[job.relpath], "path": job.source})
@@ -258,7 +293,7 @@ def run_batch(request: BatchRequest, *, tty: bool | None = None) -> BatchOutcome
             if request.ray is not None:
                 from service.batch.ray_pipeline import run_ray
 
-                run_ray(todo, request=request, output=output, report=report)
+                run_ray(todo, request=request, output=output, report=report, halt=halt)
             else:
                 run_pipeline(
                     todo,
@@ -271,6 +306,7 @@ def run_batch(request: BatchRequest, *, tty: bool | None = None) -> BatchOutcome
                         concurrency=REMOTE_CONCURRENCY if request.server else 1,
                         debug=request.debug,
                     ),
+                    halt=halt,
                 )
         except KeyboardInterrupt:
             progress.close()
@@ -278,7 +314,7 @@ def run_batch(request: BatchRequest, *, tty: bool | None = None) -> BatchOutcome
             raise
         finally:
             progress.close()
-            summary.finish()
-            if boxes is not None:
-                boxes.finish()
+            _finish([summary] if boxes is None else [summary, boxes], halt)
+        if halt():
+            raise _stopped(halt, progress, str(out.root))
     return outcome

@@ -4,6 +4,10 @@
 ``densemap-run.json`` (model and options of the outputs, so a rerun with other settings
 cannot silently mix results), ``.partial/`` (temp files; a killed run may leave some, the
 next run deletes them) and ``.lock`` (one run at a time per folder).
+
+An output folder that cannot be written (read-only folder or file system) is refused up
+front, in one message; a disk full on the run's files stops the run with
+:class:`service.batch.outputs.OutputNotWritten`.
 """
 
 from __future__ import annotations
@@ -14,7 +18,15 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.batch.outputs import HEATMAP_SUFFIX, NPZ_SUFFIX, options_to_json, write_atomic
+from service.batch.outputs import (
+    DISK_FULL,
+    FILE_MODE,
+    HEATMAP_SUFFIX,
+    NPZ_SUFFIX,
+    not_written,
+    options_to_json,
+    write_text,
+)
 from service.batch.storage import LEGACY, Storage
 from service.batch.walk import OUTPUT_MARKER, ImageJob
 from service.engine.options import ScoreOptions
@@ -70,6 +82,13 @@ def _describe_changes(old: dict, new: dict) -> str:
     return ", ".join(changes)
 
 
+def _unwritable(root: Path, exc: OSError | None = None) -> InvalidOption:
+    reason = "read-only folder or file system" if exc is None else exc.strerror or str(exc)
+    return InvalidOption(
+        f"output folder {root} is not writable ({reason}): make it writable or choose another --out"
+    )
+
+
 class OutputDir:
     """Owns ``<out>/`` for the length of a run (use as a context manager)."""
 
@@ -79,19 +98,31 @@ class OutputDir:
         self.summary_path = self.root / SUMMARY_FILE
         self._lock_fd: int | None = None
 
-    def __enter__(self) -> OutputDir:
+    def check(self) -> None:
+        """Refuse, before any work, an output folder that is a file or cannot be written."""
         if self.root.exists() and not self.root.is_dir():
             raise InvalidOption(
                 f"--out {self.root} is an existing file, not a folder: choose a folder "
                 "(it is created if missing)"
             )
+        if self.root.is_dir() and not os.access(self.root, os.W_OK | os.X_OK):
+            raise _unwritable(self.root)
+
+    def __enter__(self) -> OutputDir:
+        self.check()
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise InvalidOption(f"cannot create output folder {self.root}: {exc}") from None
         self._lock()
         shutil.rmtree(self.partial, ignore_errors=True)
-        self.partial.mkdir()
+        try:
+            self.partial.mkdir()
+        except OSError as exc:
+            self.__exit__()
+            if exc.errno in DISK_FULL:
+                raise not_written(self.partial, exc) from None
+            raise _unwritable(self.root, exc) from None
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -101,7 +132,12 @@ class OutputDir:
             self._lock_fd = None
 
     def _lock(self) -> None:
-        self._lock_fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self._lock_fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, FILE_MODE)
+        except OSError as exc:  # EACCES/EROFS where os.access could not tell (root, NFS...)
+            if exc.errno in DISK_FULL:
+                raise not_written(self.root / LOCK_FILE, exc) from None
+            raise _unwritable(self.root, exc) from None
         try:
             import fcntl
         except ImportError:  # not POSIX: no cross-process lock
@@ -141,20 +177,27 @@ class OutputDir:
             if old.get("heatmap") and not new["heatmap"]:
                 new["heatmap"], new["heatmap_class"] = True, old.get("heatmap_class")
         text = json.dumps(new, indent=2, sort_keys=True) + "\n"
-        write_atomic(run_file, lambda f: f.write(text.encode()), partial_dir=self.partial)
+        write_text(run_file, text, partial_dir=self.partial)
 
     def is_complete(
-        self, job: ImageJob, *, heatmap: bool, recorded: set[str] | None = None
+        self,
+        job: ImageJob,
+        *,
+        heatmap: bool,
+        npz: bool = True,
+        recorded: set[str] | None = None,
     ) -> bool:
         """Whether every output of ``job`` exists (each was renamed into place whole).
 
-        ``recorded``: with no ``.npz`` to look for (``--save detections|none``), the
-        relpaths an earlier run's summary (and detections) lines record as finished.
+        ``npz``: the run writes an ``.npz`` per image. ``recorded``: the relpaths an earlier
+        run's lines record as finished: its ``detections.jsonl`` lines with
+        ``--detections`` (written after the ``.npz`` and heat-map were renamed into place,
+        so an image killed between the two is redone), and with no ``.npz``
+        (``--save detections|none``) its ``ok``/``skipped`` summary rows too.
         """
-        if recorded is None:
-            if not npz_path(self.root, job).is_file():
-                return False
-        elif job.relpath not in recorded:
+        if npz and not npz_path(self.root, job).is_file():
+            return False
+        if recorded is not None and job.relpath not in recorded:
             return False
         return not heatmap or heatmap_path(self.root, job).is_file()
 
@@ -164,6 +207,7 @@ class OutputDir:
         *,
         heatmap: bool,
         overwrite: bool,
+        npz: bool = True,
         recorded: set[str] | None = None,
     ) -> tuple[list[ImageJob], list[ImageJob]]:
         """(to score, already complete); with ``overwrite`` everything is to score."""
@@ -171,6 +215,6 @@ class OutputDir:
             return list(jobs), []
         todo, done = [], []
         for job in jobs:
-            complete = self.is_complete(job, heatmap=heatmap, recorded=recorded)
+            complete = self.is_complete(job, heatmap=heatmap, npz=npz, recorded=recorded)
             (done if complete else todo).append(job)
         return todo, done

@@ -9,20 +9,20 @@ heads: name, kind and channels of each extra head returned), ``detection_count``
 ``--detections`` and, for failures, ``error``.
 
 Rows are appended while the run goes (one ``write`` call per row, so a killed run leaves
-whole lines), then the file is rewritten sorted by ``relpath`` through a temp file.
+whole lines), then the file is rewritten sorted by ``relpath`` through a temp file
+(:class:`service.batch.outputs.LineFile`; mode 0o644 less the umask).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import threading
 from pathlib import Path
 
 import numpy as np
 
 from service.batch.heatmap import probabilities_of
-from service.batch.outputs import read_meta, write_atomic
+from service.batch.outputs import Halt, LineFile, read_meta
 from service.batch.walk import ImageJob
 from service.engine.result import ScoreMap
 
@@ -122,27 +122,26 @@ def skipped_row(job: ImageJob, npz: Path, outputs: list[str], previous: dict | N
 
 
 class SummaryWriter:
-    """Collects rows from any thread; :meth:`finish` writes the sorted file."""
+    """Collects rows from any thread; :meth:`finish` writes the sorted file.
 
-    def __init__(self, path: Path, *, partial_dir: Path) -> None:
+    A row that cannot be appended (disk full) sets ``halt`` (the run stops) and is kept for
+    :meth:`finish`, which raises :class:`OutputNotWritten` when the file cannot be written.
+    """
+
+    def __init__(self, path: Path, *, partial_dir: Path, halt: Halt | None = None) -> None:
         self.path = path
-        self.partial_dir = partial_dir
         self.rows: list[dict] = []
         self._lock = threading.Lock()
-        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND)
+        self._file = LineFile(path, partial_dir=partial_dir, halt=halt or Halt())
 
     def add(self, row: dict) -> None:
         line = (json.dumps(row, sort_keys=True) + "\n").encode()
         with self._lock:
             self.rows.append(row)
-            if self._fd is not None:
-                os.write(self._fd, line)
+            self._file.append(line)
 
     def finish(self) -> None:
         with self._lock:
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
+            self._file.close()
             rows = sorted(self.rows, key=lambda r: r["relpath"])
-        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
-        write_atomic(self.path, lambda f: f.write(text.encode()), partial_dir=self.partial_dir)
+        self._file.rewrite("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))

@@ -8,6 +8,8 @@ Each server owns its registry, so several servers (tests) never collide.
 - ``densemap_in_flight_requests{model}``: engine calls running now.
 - ``densemap_input_pixels{model}``: pixels per scored image.
 - ``densemap_model_loaded{model}``: 1 while the model is served, 0 after it was removed.
+- ``densemap_log_records_dropped_total``: log records lost to a log reader that went away
+  or fell behind (``service.server.log_stream.DroppingHandler``; the log never blocks).
 - ``process_resident_memory_bytes``, ``process_cpu_seconds_total`` (and the other
   ``process_*`` series of prometheus-client's ``ProcessCollector``, read from /proc on
   Linux): the server process's RSS and CPU time. The collector registers only on
@@ -26,6 +28,8 @@ from prometheus_client import (
     ProcessCollector,
     start_http_server,
 )
+
+from service.server.log_stream import dropped_records
 
 log = logging.getLogger("densemap.server")
 
@@ -72,6 +76,11 @@ class ServerMetrics:
             ["model"],
             registry=self.registry,
         )
+        Gauge(
+            "densemap_log_records_dropped_total",
+            "Log records dropped because the log reader went away or fell behind.",
+            registry=self.registry,
+        ).set_function(lambda: float(dropped_records()))
         ProcessCollector(registry=self.registry)  # RSS, CPU seconds, open fds (Linux)
         self._http = None
 
