@@ -23,9 +23,9 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 import convert
+from convert.torch_runtime.session import TORCH_CPU, open_torch_net
 from service.engine import Engine, EngineConfig, ScoreOptions
 from service.engine.dense import DenseNet
-from service.engine.runtime_torch import TORCH_CPU, open_torch_net
 from service.errors import ModelLoadError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -179,7 +179,7 @@ def run_both(nodes, inits=(), output_type=TensorProto.FLOAT):
     x = np.random.default_rng(6).standard_normal((1, 6, 17, 23)).astype(np.float32)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     (want,) = session.run(["y"], {"x": x})
-    from service.engine.runtime_torch import TorchGraph, TorchSession
+    from convert.torch_runtime.session import TorchGraph, TorchSession
 
     graph = TorchGraph(model, device=torch.device("cpu"), float_dtype=torch.float32,
                        channels_last=False)  # fmt: skip
@@ -287,7 +287,7 @@ def test_densemap_json_chooses_the_runtime_per_model(tmp_path):
 
 
 def test_int8_is_refused_on_the_torch_runtime_not_run_as_fp32():
-    from service.engine.runtime_torch import TorchPrecisions
+    from convert.torch_runtime.session import TorchPrecisions
     from service.errors import InvalidOption
 
     precisions = TorchPrecisions(None, torch.device("cpu"), False)

@@ -352,7 +352,7 @@ class Engine:
         """Give freed memory back to the system: the CPU arena's unused buffers (shared by
         every engine of the process) and glibc's free heap pages."""
         self._runtime.release_memory()
-        for net in self._nets:  # the torch runtime's cached CUDA blocks (runtime_torch.py)
+        for net in self._nets:  # the torch runtime's cached CUDA blocks (convert/torch_runtime/)
             getattr(net.session, "release_memory", lambda: None)()
         host_memory.trim()
 

@@ -9,6 +9,7 @@ once on a window-size input.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
 from collections.abc import Sequence
@@ -23,7 +24,7 @@ from service.engine.cuda_driver import driver_cuda_version
 from service.engine.dense import DenseNet, Grid
 from service.engine.heads import HeadInfo, check_head_maps, check_outputs, describe_heads
 from service.engine.memory import ActivationEstimator, nchwc_block
-from service.engine.options import HEAD_UNFOLD_MODES, RUNTIMES, EngineConfig
+from service.engine.options import HEAD_UNFOLD_MODES, RUNTIME_MODULES, RUNTIMES, EngineConfig
 from service.engine.precision import PrecisionSessions
 from service.engine.session import (
     CONV_SEARCHES,
@@ -99,10 +100,9 @@ def _int8_path(path: Path, metadata: ModelMetadata, stride) -> Path | None:
 
 
 def _open_net(path: Path, proto, metadata: ModelMetadata, grid: Grid, config) -> DenseNet:
-    if config.runtime == "torch":  # torch is imported there, only then
-        from service.engine.runtime_torch import open_torch_net
-
-        session, precisions = open_torch_net(path, config)
+    if config.runtime in RUNTIME_MODULES:  # torch is imported there, only then
+        runtime = importlib.import_module(RUNTIME_MODULES[config.runtime])
+        session, precisions = runtime.open_net(path, config)
     else:
         session = create_session(path, config)
         on_cuda = CUDA in session.get_providers()

@@ -30,6 +30,9 @@ DEFAULT_HEAD_UNFOLD = "cuda"
 # (cuDNN with per-shape algorithm search, channels-last fp16; needs torch installed)
 RUNTIMES = ("ort", "torch")
 DEFAULT_RUNTIME = "ort"
+# runtimes other than onnxruntime live outside service/ (which never imports torch) and are
+# imported by name, only when a model asks for them; each has open_net(path, config)
+RUNTIME_MODULES = {"torch": "convert.torch_runtime"}
 # Detections (service/engine/detections.py, docs/engine.md "Detections")
 DEFAULT_DETECTION_THRESHOLD = 0.5  # a cell whose class probability is >= this is a candidate
 DEFAULT_NMS_IOU = 0.5  # suppress a box whose IoU with a better box of its class is > this
@@ -86,7 +89,7 @@ class EngineConfig:
     # (CUDA sessions: no cuDNN workspace), "always" or "never" (service/engine/head_unfold.py)
     head_unfold: str = DEFAULT_HEAD_UNFOLD
     head_unfold_min_weights: int = DEFAULT_HEAD_UNFOLD_MIN_WEIGHTS
-    runtime: str = DEFAULT_RUNTIME  # "ort" (onnxruntime) or "torch" (runtime_torch.py)
+    runtime: str = DEFAULT_RUNTIME  # "ort" (onnxruntime) or "torch" (convert/torch_runtime/)
 
 
 @dataclass(frozen=True)

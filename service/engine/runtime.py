@@ -90,7 +90,7 @@ class Runtime:
         output: str,
     ) -> ort.OrtValue:
         """Run ``session``; its one output ``output`` stays on the device."""
-        if hasattr(session, "run_ortvalues"):  # a net in the torch runtime (runtime_torch.py)
+        if hasattr(session, "run_ortvalues"):  # a net in the torch runtime (convert/torch_runtime/)
             return session.run_ortvalues(device_inputs, [output])[output]
         binding = _bind_inputs(session, device_inputs, host_inputs)
         binding.bind_output(output, self.device_type, 0)

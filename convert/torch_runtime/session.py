@@ -8,13 +8,13 @@ of the weights (tensor cores). The preprocess and postprocess graphs stay onnxru
 (:mod:`service.engine.graphs`): tensors cross between the two through DLPack, without a
 copy, on the device (:meth:`TorchSession.run_ortvalues`).
 
-The graph is evaluated op by op (:mod:`service.engine.runtime_torch_ops`, onnxruntime's
+The graph is evaluated op by op (:mod:`convert.torch_runtime.ops`, onnxruntime's
 semantics; onnx2torch, the converter library, pulls torchvision, whose builds must match
 torch's exactly). A model with an op outside that set is refused at load, naming the op.
 fp32 is exact as onnxruntime's CPU fp32 is (maps equal to float32 rounding,
 tests/test_runtime_torch.py); TF32 stays off unless a request asks for ``tf32``.
 
-torch is imported here, on demand, and nowhere else in service/.
+torch is imported by :func:`open_torch_net`, on demand (:func:`convert.torch_runtime.ops.load`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from service.engine import runtime_torch_ops as ops
+from convert.torch_runtime import ops
 from service.engine.head_unfold import applies, unfold_huge_convs
 from service.engine.options import EngineConfig
 from service.errors import InvalidOption, ModelLoadError

@@ -1,21 +1,21 @@
 """ONNX operators in torch, with onnxruntime's semantics, for the torch runtime.
 
 The op set of densemap's dense models: convolutions, pools and normalisations
-(:mod:`service.engine.runtime_torch_windows`), activations, elementwise arithmetic, and
+(:mod:`convert.torch_runtime.windows`), activations, elementwise arithmetic, and
 the shape arithmetic of crop subgraphs (Shape, Gather, Slice, Concat, Reshape...).
 Each op is ``op(node, *inputs) -> tensor or tuple``; ``node`` gives its attributes, the
 model's opset and the float element type the graph runs in (``.half()`` copies compute in
 float16). Shape tensors stay int64 on the CPU; image tensors live on the model's device.
 
-torch is imported by :func:`load`, which the torch runtime calls: service/ never imports it
-otherwise (tests/test_service_torch_free.py).
+torch is imported by :func:`load`, which the torch runtime calls when it opens a model: the
+package itself imports without torch, so the engine can name the missing install.
 """
 
 from __future__ import annotations
 
 import math
 
-from service.engine import runtime_torch_windows as windows
+from convert.torch_runtime import windows
 
 torch = None  # set by load()
 F = None
