@@ -62,6 +62,7 @@ def convert_torch(
     ``preprocessing`` is required, as for :func:`convert_onnx` (a module carries no
     normalisation either): a ``Preprocessing``, a preset or a JSON file's path."""
     from convert.export import export_onnx
+    from convert.from_onnx.global_windows import globalize_at_window
     from convert.from_torch.fc import convert_classifier
     from convert.heads import HeadOptions
     from convert.pipeline import finish_dense
@@ -78,6 +79,9 @@ def convert_torch(
         in_channels=conversion.in_channels,
         output_names=conversion.head_names(heads.names),
     )
+    # windows that see one cell at R read it alone, as the classifier does (the ONNX path
+    # rewrites its classifier so before reading the head)
+    globalize_at_window(dense, window=conversion.input_size)
     return finish_dense(
         dense,
         output,

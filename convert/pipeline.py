@@ -32,7 +32,6 @@ import onnx
 
 from convert.atrous import make_atrous, supported_strides
 from convert.cell_crop import crop_to_cells
-from convert.from_onnx.global_windows import globalize_at_window
 from convert.from_onnx.graph import image_input, static_dims
 from convert.geometry import compute_geometry, trace_graph
 from convert.heads import (
@@ -186,8 +185,6 @@ def finish_dense(
             f"output {output} is a folder: give a file path, e.g. {output}/dense.onnx"
         )
     window = as_pair(window, "window")
-    dense = _copy(dense)
-    globalize_at_window(dense, window=window)  # windows that see one cell at R read it alone
     if int8_calibration is not None:
         check_calibration_folder(Path(int8_calibration))  # before the slow steps
     resolved = resolve_heads(dense_outputs(dense), heads, labels=tuple(labels))

@@ -31,6 +31,7 @@ from convert.from_onnx.graph import (
     META_OPS,
     GraphIndex,
     image_input,
+    index_at_window,
     opset_version,
     remove_dead_nodes,
     topological_nodes,
@@ -47,18 +48,13 @@ def canonical_classifier(model: onnx.ModelProto) -> onnx.ModelProto:
     """An equivalent copy of ``model`` in the form the head reader expects."""
     work = runnable_classifier(model)
     fold_constant_subgraphs(work)
-    shaped = shapes_at_window(work)
-    index = GraphIndex.build(shaped.graph)
-    index.opset = opset_version(work)
+    index = index_at_window(work)
     changed = globalize_windows(work.graph, index)
-    changed |= channel_softmaxes(work, index)
-    if changed:
+    if channel_softmaxes(work, index) or changed:
         remove_dead_nodes(work.graph)
-    for _ in range(len(work.graph.node)):  # each pass moves one flatten past one op
-        index = GraphIndex.build(shapes_at_window(work).graph)
-        index.opset = opset_version(work)
-        if not sink_flatten(work, index):
-            break
+        index = index_at_window(work)
+    while sink_flatten(work, index):  # each moves one flatten past one op: it ends
+        index = index_at_window(work)
     return work
 
 
@@ -147,17 +143,3 @@ def fold_constant_subgraphs(model: onnx.ModelProto) -> None:
     image = image_input(model.graph)
     for dim, copy in zip(image.type.tensor_type.shape.dim, kept, strict=True):
         dim.CopyFrom(copy)
-
-
-def shapes_at_window(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy with a batch of 1 and every shape inferred at R."""
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
-    dims = image_input(work.graph).type.tensor_type.shape.dim
-    if not dims[0].HasField("dim_value"):
-        dims[0].Clear()
-        dims[0].dim_value = 1
-    try:
-        return onnx.shape_inference.infer_shapes(work, data_prop=True)
-    except Exception as exc:  # onnx raises several unrelated types here
-        raise ConversionError(f"ONNX shape inference failed on the classifier: {exc}") from None

@@ -172,29 +172,18 @@ def _as_float32(init: onnx.TensorProto) -> onnx.TensorProto:
 def globalize_at_window(model: onnx.ModelProto, *, window: tuple[int, int]) -> bool:
     """:func:`globalize_windows` on a dense model (dynamic height and width), its shapes
     read at the window size R; in place, returns whether it changed. The torch path's
-    dense nets get here (ResNet at R = 32: layer4's 3x3 convs see a 1x1 map at R and use
-    their centre tap alone, as the classifier does); the ONNX path's, already rewritten
-    as classifiers, are left as they are."""
-    from convert.from_onnx.graph import image_input, opset_version, remove_dead_nodes
+    dense nets need it (ResNet at R = 32: layer4's 3x3 convs see a 1x1 map at R and use
+    their centre tap alone, as the classifier does); the ONNX path rewrites the classifier
+    itself (:mod:`convert.from_onnx.canonical`)."""
+    from convert.from_onnx.graph import image_input, index_at_window, remove_dead_nodes
     from convert.geometry import detect_layout
 
-    shaped = onnx.ModelProto()
-    shaped.CopyFrom(model)
-    del shaped.graph.value_info[:]
-    image = image_input(shaped.graph)
-    layout = detect_layout(GraphIndex.build(shaped.graph), image.name)
-    dims = image.type.tensor_type.shape.dim
-    for axis, value in zip(
-        (0, *((2, 3) if layout == "NCHW" else (1, 2))), (1, *window), strict=True
-    ):
-        dims[axis].Clear()
-        dims[axis].dim_value = value
+    image = image_input(model.graph).name
+    axes = (2, 3) if detect_layout(GraphIndex.build(model.graph), image) == "NCHW" else (1, 2)
     try:
-        shaped = onnx.shape_inference.infer_shapes(shaped, data_prop=True)
-    except Exception:  # noqa: BLE001 - no shapes, no rewrite: the tracer reports what it must
+        index = index_at_window(model, spatial=dict(zip(axes, window, strict=True)))
+    except ConversionError:  # no shapes, no rewrite: the tracer reports what it must
         return False
-    index = GraphIndex.build(shaped.graph)
-    index.opset = opset_version(model)
     if not globalize_windows(model.graph, index):
         return False
     remove_dead_nodes(model.graph)

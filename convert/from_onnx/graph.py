@@ -189,6 +189,30 @@ class GraphIndex:
         return readers[0]
 
 
+def shapes_at_window(model: onnx.ModelProto, *, spatial=None) -> onnx.ModelProto:
+    """A copy of ``model`` with a batch of 1 (and, given ``spatial`` as {axis: size}, those
+    image dimensions: a dense model's H and W at R) and every shape inferred."""
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    del work.graph.value_info[:]
+    dims = image_input(work.graph).type.tensor_type.shape.dim
+    fixed = {0: 1} if not dims[0].HasField("dim_value") else {}
+    for axis, size in {**fixed, **(spatial or {})}.items():
+        dims[axis].Clear()
+        dims[axis].dim_value = size
+    try:
+        return onnx.shape_inference.infer_shapes(work, data_prop=True)
+    except Exception as exc:  # onnx raises several unrelated types here
+        raise ConversionError(f"ONNX shape inference failed on the classifier: {exc}") from None
+
+
+def index_at_window(model: onnx.ModelProto, *, spatial=None) -> GraphIndex:
+    """The :class:`GraphIndex` of :func:`shapes_at_window`'s copy, with the model's opset."""
+    index = GraphIndex.build(shapes_at_window(model, spatial=spatial).graph)
+    index.opset = opset_version(model)
+    return index
+
+
 def topological_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     """The graph's nodes in an order where every node follows the producers of its inputs."""
     available = {init.name for init in graph.initializer} | {value.name for value in graph.input}

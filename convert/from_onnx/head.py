@@ -27,11 +27,7 @@ from __future__ import annotations
 import onnx
 
 from convert.flatten_order import PASS_OPS
-from convert.from_onnx.canonical import (
-    canonical_classifier,
-    fold_constant_subgraphs,
-    shapes_at_window,
-)
+from convert.from_onnx.canonical import canonical_classifier, fold_constant_subgraphs
 from convert.from_onnx.channel_moves import fold_channel_moves
 from convert.from_onnx.graph import (
     BINARY_OPS,
@@ -43,6 +39,7 @@ from convert.from_onnx.graph import (
     image_input,
     node_label,
     opset_version,
+    shapes_at_window,
     static_dims,
     topological_nodes,
 )
