@@ -27,15 +27,8 @@ def to_float64(model, keep: frozenset[str] = frozenset()):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    copy = onnx.ModelProto()
-    copy.ir_version = max(model.ir_version, 4)  # initializers need not be graph inputs
-    copy.opset_import.extend(model.opset_import)
-    copy.functions.extend(model.functions)
+    copy = _without_initializers(model, model.graph.input)
     graph = copy.graph
-    graph.name = model.graph.name
-    graph.node.extend(model.graph.node)
-    graph.input.extend(model.graph.input)
-    graph.output.extend(model.graph.output)
     listed = {value.name for value in graph.input}
     for init in model.graph.initializer:
         if init.name in keep:
@@ -226,19 +219,13 @@ def detach_weights(model) -> tuple[object, dict[str, np.ndarray]]:
     """(a light copy of ``model`` that reads its large Conv/Gemm/MatMul weights as float32
     graph inputs after its image, {their names: float32 arrays}): the arrays are fed to each
     run, shared by onnxruntime and float64 runners. Let ``model`` go afterwards."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     keep = _weights_kept_float32(model)
-    light = onnx.ModelProto()
-    light.ir_version = max(model.ir_version, 4)  # initializers need not be graph inputs
-    light.opset_import.extend(model.opset_import)
-    light.functions.extend(model.functions)
+    light = _without_initializers(
+        model, [value for value in model.graph.input if value.name not in keep]
+    )
     graph = light.graph
-    graph.name = model.graph.name
-    graph.node.extend(model.graph.node)
-    graph.input.extend(value for value in model.graph.input if value.name not in keep)
-    graph.output.extend(model.graph.output)
     weights = {}
     for init in model.graph.initializer:
         if init.name in keep:
@@ -255,3 +242,20 @@ def _first_input(model, weights) -> str:
     """The image (or feature map) input: the first graph input that is not a weight."""
     constants = {init.name for init in model.graph.initializer} | set(weights)
     return next(value.name for value in model.graph.input if value.name not in constants)
+
+
+def _without_initializers(model, inputs):
+    """A copy of ``model``'s graph (nodes, ``inputs``, outputs, opsets, functions) with no
+    initializers yet, at IR >= 4 where initializers need not be graph inputs."""
+    import onnx
+
+    copy = onnx.ModelProto()
+    copy.ir_version = max(model.ir_version, 4)
+    copy.opset_import.extend(model.opset_import)
+    copy.functions.extend(model.functions)
+    graph = copy.graph
+    graph.name = model.graph.name
+    graph.node.extend(model.graph.node)
+    graph.input.extend(inputs)
+    graph.output.extend(model.graph.output)
+    return copy
