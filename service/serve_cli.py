@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 from pathlib import Path
 
@@ -40,15 +41,64 @@ def _env_name(flag: str) -> str:
     return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
 
 
-def _env_bool(flag: str) -> bool:
-    value = os.environ.get(_env_name(flag), "").strip().lower()
+def _tf32_variable(text: str) -> str | None:
+    """DENSEMAP_TF32=1 (before --precision): "tf32"; 0 or empty: not set."""
+    return "tf32" if _bool_text(text, "DENSEMAP_TF32") else None
+
+
+def _bool_text(text: str, name: str) -> bool:
+    value = text.strip().lower()
     if value not in TRUE_WORDS + FALSE_WORDS:
-        raise SystemExit(f"densemap serve: {_env_name(flag)}={value!r} is not a boolean (1/0)")
+        raise SystemExit(f"densemap serve: {name}={value!r} is not a boolean (1/0)")
     return value in TRUE_WORDS
 
 
+def _env_bool(flag: str) -> bool:
+    return _bool_text(os.environ.get(_env_name(flag), ""), _env_name(flag))
+
+
+class DeprecatedFlag(argparse.Action):
+    """An old spelling that still works: stores ``const`` (a switch) or its value into the
+    new flag's dest and prints a note naming the new spelling."""
+
+    def __init__(self, option_strings, dest, *, instead: str, **kwargs) -> None:
+        self.instead = instead
+        kwargs.setdefault("default", argparse.SUPPRESS)  # the new flag's default stands
+        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        _note(f"{option_string} is deprecated: use {self.instead}")
+        setattr(namespace, self.dest, self.const if values is None or values == [] else values)
+
+
+def _note(text: str) -> None:
+    print(f"densemap serve: note: {text}", file=sys.stderr, flush=True)
+
+
+def _env_default(flag: str, default, *, old: str | None = None, old_value=None):
+    """The flag's DENSEMAP_* variable, else its deprecated ``old`` variable (with a note:
+    ``old_value`` maps that variable's text to this flag's), else ``default``."""
+    env = _env_name(flag)
+    if env in os.environ:
+        return os.environ[env]
+    if old is not None and old in os.environ:
+        value = os.environ[old] if old_value is None else old_value(os.environ[old])
+        if value is not None:
+            _note(f"{old} is deprecated: use {env}")
+            return value
+    return default
+
+
 def _add(
-    parser, flag: str, *, default, help: str, aliases: tuple[str, ...] = (), shown=None, **kwargs
+    parser,
+    flag: str,
+    *,
+    default,
+    help: str,
+    aliases: tuple[str, ...] = (),
+    shown=None,
+    env_alias: dict | None = None,
+    **kwargs,
 ) -> None:
     """A flag whose default comes from its DENSEMAP_* twin, documented in --help."""
     env = _env_name(flag)
@@ -56,7 +106,7 @@ def _add(
     parser.add_argument(
         flag,
         *aliases,
-        default=os.environ.get(env, default),
+        default=_env_default(flag, default, **(env_alias or {})),
         help=f"{help} (env {env}; default {shown})",
         **kwargs,
     )
@@ -96,8 +146,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="max gRPC message size received and sent, MiB",
     )
     _add(
-        parser, "--workers", default=defaults.DEFAULT_WORKERS, type=int, help="gRPC handler threads"
+        parser,
+        "--scoring-threads",
+        default=defaults.DEFAULT_SCORING_THREADS,
+        type=int,
+        env_alias={"old": "DENSEMAP_WORKERS"},
+        help="gRPC handler threads, in which requests are scored; at most this many - "
+        f"{defaults.RESERVED_SCORING_THREADS} scoring calls are admitted at once",
     )
+    parser.add_argument(  # the spelling before 0.x; score --workers means other things
+        "--workers", dest="scoring_threads", type=int, action=DeprecatedFlag,
+        instead="--scoring-threads",
+    )  # fmt: skip
     _add(
         parser,
         "--max-in-flight",
@@ -235,6 +295,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--precision",
         default="fp32",
         choices=AVAILABLE_PRECISIONS,
+        env_alias={"old": "DENSEMAP_TF32", "old_value": _tf32_variable},
         help="default precision of requests that choose none (a model's densemap.json and "
         "each request may choose another): fp32 is exact, tf32 and fp16 are faster on GPUs, "
         "int8 on CPUs (every model then needs int8 copies: convert --int8-calibration)",
@@ -273,13 +334,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="refuse images over the memory budget instead of tiling "
         f"(env {_env_name('--no-tiling')}=1)",
     )
-    parser.add_argument(
-        "--tf32",
-        action="store_true",
-        default=_env_bool("--tf32"),
-        help="same as --precision tf32: TF32 convolutions on the GPU, faster, but maps differ "
-        f"from CPU maps by ~3e-4 of the logit range (env {_env_name('--tf32')}=1; default off)",
-    )
+    parser.add_argument(  # tf32 is one precision: --precision tf32
+        "--tf32", dest="precision", nargs=0, const="tf32", action=DeprecatedFlag,
+        instead="--precision tf32",
+    )  # fmt: skip
     parser.add_argument(
         "--log-json",
         action="store_true",
@@ -343,7 +401,7 @@ def build_config(args: argparse.Namespace):
         metrics_host=args.metrics_host,
         require_models=args.require_models,
         max_message_bytes=args.max_message_mb * MIB,
-        workers=args.workers,
+        scoring_threads=args.scoring_threads,
         max_in_flight=args.max_in_flight,
         max_queue=args.max_queue,
         max_request_gmacs=args.max_request_gmacs,
@@ -368,7 +426,7 @@ def build_config(args: argparse.Namespace):
             else defaults.server_max_pixels(budget or DEFAULT_MEMORY_BUDGET),
             memory_budget=budget,
             tiling=not args.no_tiling,
-            precision="tf32" if args.tf32 else args.precision,
+            precision=args.precision,
             cuda_conv_search=args.cuda_conv_search,
             runtime=args.runtime,
             head_unfold=args.head_unfold,

@@ -7,7 +7,7 @@ from service.engine.session import cuda_provider_options, session_options
 def test_cuda_defaults_are_exact_and_shape_friendly():
     options = cuda_provider_options()
     # onnxruntime turns TF32 on by default; it changed GPU maps by ~3e-4 of the logit range
-    # on an H200 (README "GPU"), so it stays off unless EngineConfig(tf32=True).
+    # on an H200 (README "GPU"), so it stays off unless a pass runs at precision "tf32".
     assert options["use_tf32"] == "0"
     assert cuda_provider_options(tf32=True)["use_tf32"] == "1"
     # EXHAUSTIVE search made VGG-16's first request of a new shape 3-9x its steady time on an
@@ -21,4 +21,4 @@ def test_cuda_defaults_are_exact_and_shape_friendly():
 
 def test_session_threads_follow_the_config():
     assert session_options(EngineConfig(intra_op_threads=3)).intra_op_num_threads == 3
-    assert EngineConfig().tf32 is False
+    assert EngineConfig().precision == "fp32"  # tf32 is a precision, not a switch of its own

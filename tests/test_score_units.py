@@ -12,6 +12,7 @@ from service.batch.outputs import write_npz
 from service.batch.progress import Progress
 from service.batch.walk import find_images, has_image_signature
 from service.errors import InvalidOption
+from service.engine.options import ScoreOptions
 from service.score_cli import parse_bytes, parse_scales, split_ray_address
 
 
@@ -36,9 +37,11 @@ def test_sizes_and_scales_parse_or_explain():
         with pytest.raises(InvalidOption, match="memory-budget"):
             parse_bytes(bad)
     assert parse_scales("1,1.5") == (1.0, 1.5)
-    for bad in ("1,x", "0", "-1", "inf", ""):
+    with pytest.raises(InvalidOption, match="--scales '1,x' must be numbers"):
+        parse_scales("1,x")
+    for bad in ("0", "-1", "inf", ""):  # parsed; ScoreOptions refuses the values
         with pytest.raises(InvalidOption, match="scales"):
-            parse_scales(bad)
+            ScoreOptions(scales=parse_scales(bad))
 
 
 def test_pixel_cells_paint_a_stride_around_each_centre_and_no_border_streaks():

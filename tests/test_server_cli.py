@@ -187,7 +187,7 @@ def test_every_flag_has_an_env_twin(monkeypatch, tmp_path):
         "DENSEMAP_PORT": "6000",
         "DENSEMAP_METRICS_PORT": "0",
         "DENSEMAP_MAX_MESSAGE_MB": "64",
-        "DENSEMAP_WORKERS": "9",
+        "DENSEMAP_SCORING_THREADS": "9",
         "DENSEMAP_MAX_IN_FLIGHT": "3",
         "DENSEMAP_MAX_QUEUE": "4",
         "DENSEMAP_MAX_REQUEST_GMACS": "12.5",
@@ -205,8 +205,7 @@ def test_every_flag_has_an_env_twin(monkeypatch, tmp_path):
         "DENSEMAP_MAX_PIXELS": "1000000",
         "DENSEMAP_MEMORY_BUDGET": "32M",
         "DENSEMAP_NO_TILING": "1",
-        "DENSEMAP_TF32": "1",
-        "DENSEMAP_PRECISION": "fp16",
+        "DENSEMAP_PRECISION": "tf32",
         "DENSEMAP_CUDA_CONV_SEARCH": "EXHAUSTIVE",
         "DENSEMAP_RUNTIME": "torch",
         "DENSEMAP_HEAD_UNFOLD": "never",
@@ -224,7 +223,7 @@ def test_every_flag_has_an_env_twin(monkeypatch, tmp_path):
     assert (config.models_dir, config.host, config.port, config.metrics_port) == (
         tmp_path, HOST, 6000, 0,
     )  # fmt: skip
-    assert config.max_message_bytes == 64 << 20 and config.workers == 9
+    assert config.max_message_bytes == 64 << 20 and config.scoring_threads == 9
     assert (config.max_in_flight, config.max_queue, config.grace_seconds) == (3, 4, 5.0)
     assert (config.poll_seconds, config.max_connection_age_seconds) == (2.0, 300.0)
     assert (config.max_streams, config.max_streams_per_peer) == (7, 2)
@@ -235,7 +234,7 @@ def test_every_flag_has_an_env_twin(monkeypatch, tmp_path):
     engine = config.engine
     assert (engine.device, engine.intra_op_threads, engine.max_pixels) == ("cpu", 1, 1000000)
     assert engine.memory_budget == 32 << 20 and engine.tiling is False
-    assert engine.precision == "tf32"  # --tf32 is the older spelling of --precision tf32
+    assert engine.precision == "tf32"
     assert engine.cuda_conv_search == "EXHAUSTIVE"
     assert (engine.runtime, engine.head_unfold) == ("torch", "never")
     assert args.log_json is True and args.log_level == "debug"

@@ -221,7 +221,7 @@ def test_drain_ends_an_open_stream_after_its_current_image(blocking_server):
 
 def test_open_health_watches_cannot_starve_health_checks_or_scoring(repo):  # noqa: F811
     # each open Watch holds a stream thread, never a scoring slot; 2 per client address
-    srv, port = start_server(repo, workers=6, max_streams_per_peer=2)
+    srv, port = start_server(repo, scoring_threads=6, max_streams_per_peer=2)
     target = f"{HOST}:{port}"
     request = health_pb2.HealthCheckRequest(service="")
     try:

@@ -55,8 +55,8 @@ def assert_everything_answers(chan, srv) -> None:
 
 
 def test_64_headers_only_and_40_dripping_calls_leave_probes_and_scoring_served(repo):  # noqa: F811
-    # 6 workers: the thread-per-call server had 6 threads for all of this
-    srv, port = start_server(repo, workers=6)
+    # 6 scoring threads: the thread-per-call server had 6 threads for all of this
+    srv, port = start_server(repo, scoring_threads=6)
     stalled: list[StalledCalls] = []
     try:
         for path in (CHECK, SCORE, INFER, SCORE):
@@ -74,7 +74,7 @@ def test_64_headers_only_and_40_dripping_calls_leave_probes_and_scoring_served(r
 
 
 def test_calls_without_the_token_are_refused_before_their_body(repo):  # noqa: F811
-    srv, port = start_server(repo, workers=6, auth_token="s3cret")
+    srv, port = start_server(repo, scoring_threads=6, auth_token="s3cret")
     stalled = []
     try:
         stalled = [StalledCalls(HOST, port, SCORE, 16) for _ in range(2)]

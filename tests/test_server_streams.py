@@ -48,8 +48,8 @@ def _infer_request() -> kserve_pb.ModelInferRequest:
 
 
 def test_idle_streams_hold_no_scoring_slot_and_are_capped_per_peer(repo):  # noqa: F811
-    # workers 6: 2 scoring slots. Before, 2 idle streams took both: every Score failed.
-    srv, port = start_server(repo, workers=6, max_streams=8, max_streams_per_peer=3)
+    # scoring_threads 6: 2 scoring slots. Before, 2 idle streams took both: every Score failed.
+    srv, port = start_server(repo, scoring_threads=6, max_streams=8, max_streams_per_peer=3)
     stop = threading.Event()
     try:
         with channel(f"{HOST}:{port}") as chan:

@@ -37,6 +37,10 @@ class RayConfig:
     actor_cpus: float = 0.5  # >= 1 with few CPUs deadlocks Ray Data (docs/score.md, "Ray Data")
     batch_size: int = 4
 
+    def __post_init__(self) -> None:
+        if self.actors is not None and self.actors < 1:
+            raise InvalidOption(f"--workers (Ray actors) must be >= 1, got {self.actors}")
+
 
 @dataclass(frozen=True)
 class BatchRequest:
@@ -55,6 +59,18 @@ class BatchRequest:
     workers: int = 4
     ray: RayConfig | None = None
     debug: bool = False
+
+    def __post_init__(self) -> None:
+        """What no model can take: settings that contradict each other (the options,
+        storage and Ray settings checked their own values)."""
+        if self.workers < 1:
+            raise InvalidOption(f"--workers must be >= 1, got {self.workers}")
+        check_storage(
+            self.storage,
+            top_k=self.options.top_k,
+            detections=self.options.detections is not None,
+            dtype=self.options.dtype,
+        )
 
 
 @dataclass
@@ -85,54 +101,6 @@ def resolve_class(
     else:
         shown = f"the model has no labels: give a class index 0..{count - 1}"
     raise InvalidOption(f"--heatmap-class {name!r} is not a class of this model; {shown}")
-
-
-def check_options(options: ScoreOptions, scorer) -> None:
-    """Refuse, once and in the CLI's words, options that no image of this model can take."""
-    from service.engine.postprocess import plan_outputs
-
-    name, stride = scorer.model_name, options.output_stride
-    if stride is not None and stride not in scorer.supported_strides:
-        native = "x".join(str(s) for s in scorer.native_stride)
-        raise InvalidOption(
-            f"--output-stride {stride} is not offered by model {name!r}: use one of "
-            f"{', '.join(map(str, scorer.supported_strides))} (its stride {native} divided by "
-            "a whole number), or leave --output-stride out for the native stride"
-        )
-    if options.top_k > scorer.num_classes:
-        raise InvalidOption(
-            f"--top-k {options.top_k} is more than the {scorer.num_classes} classes of model "
-            f"{name!r}: use at most {scorer.num_classes}"
-        )
-    if not options.probabilities and scorer.output_kind == "probabilities":
-        raise InvalidOption(
-            f"--logits: model {name!r} outputs probabilities (its softmax is part of the "
-            "graph), so there are no logits to write: leave --logits out"
-        )
-    try:
-        plan_outputs(
-            options,
-            num_classes=scorer.num_classes,
-            output_kind=scorer.output_kind,
-            heads=scorer.heads,
-        )
-    except InvalidOption as exc:
-        if options.heads is None or "head" not in str(exc):
-            raise
-        raise InvalidOption(f"--heads: {exc}") from None
-    if options.detections is not None:
-        from service.engine.detections import plan_detections
-        from service.engine.options import DEFAULT_BOX_OFFSETS
-
-        try:
-            plan_detections(
-                options.detections,
-                labels=scorer.labels,
-                num_classes=scorer.num_classes,
-                box_offsets=DEFAULT_BOX_OFFSETS,
-            )
-        except InvalidOption as exc:
-            raise InvalidOption(f"--detections: {exc}") from None
 
 
 def _cell_threshold(options: ScoreOptions) -> float:
@@ -222,12 +190,7 @@ def run_batch(request: BatchRequest, *, tty: bool | None = None) -> BatchOutcome
         print(f"densemap score: warning: no image files{globs} in {where}", file=sys.stderr)
     with contextlib.ExitStack() as stack:
         scorer = _open_scorer(request, stack)
-        check_options(request.options, scorer)
-        check_storage(
-            request.storage,
-            top_k=request.options.top_k,
-            detections=request.options.detections is not None,
-        )
+        scorer.check_options(request.options)  # once, before any image: what the model refuses
         class_index = resolve_class(
             request.heatmap_class, scorer.labels, getattr(scorer, "num_classes", None)
         )

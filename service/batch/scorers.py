@@ -15,7 +15,10 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from service.batch.server_target import ServerTarget, explain_unreachable
+from service.engine.detections import detection_classes
 from service.engine.options import EngineConfig, ScoreOptions
+from service.engine.postprocess import plan_outputs
+from service.engine.request_checks import check_stride
 from service.engine.result import ScoreMap
 from service.errors import InvalidOption
 
@@ -44,8 +47,11 @@ class EngineScorer:
         self.num_classes: int = engine.num_classes
         self.output_kind: str = engine.metadata.output_kind
         self.heads = tuple(engine.heads)  # every head, primary first
-        self.native_stride: tuple[int, int] = tuple(engine.metadata.geometry.stride)
         self.supported_strides: tuple[int, ...] = tuple(engine.supported_strides)
+
+    def check_options(self, options: ScoreOptions) -> None:
+        """InvalidOption when the model cannot take ``options`` (the engine's own check)."""
+        self.engine.check_options(options)
 
     def decode(self, data: bytes) -> np.ndarray:
         return self.engine.decode(data)
@@ -79,8 +85,18 @@ class RemoteScorer:
         self.num_classes: int = info.num_classes
         self.output_kind: str = info.output_kind
         self.heads = tuple(info.heads)  # every head, primary first
-        self.native_stride: tuple[int, int] = tuple(info.geometry.stride)
         self.supported_strides: tuple[int, ...] = tuple(info.supported_strides)
+
+    def check_options(self, options: ScoreOptions) -> None:
+        """InvalidOption when the served model cannot take ``options``, from what GetModel
+        told (stride, classes, output kind, heads); the server checks the rest (its
+        precisions, its box offsets) on the first image."""
+        check_stride(options.output_stride, self.supported_strides, name=self.model_name)
+        plan_outputs(
+            options, num_classes=self.num_classes, output_kind=self.output_kind, heads=self.heads
+        )
+        if options.detections is not None:
+            detection_classes(options.detections, labels=self.labels, num_classes=self.num_classes)
 
     def decode(self, data: bytes) -> bytes:
         return data  # the server decodes; RemoteError(INVALID_ARGUMENT) names the problem

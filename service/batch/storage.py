@@ -13,9 +13,9 @@ In every mode that writes an ``.npz``, each extra head's map is ``head_<name>_<k
 with several heads; ``--heads`` picks them), stored in the map dtype like the scores.
 
 Scores are stored as float16 (``--map-dtype fp16``, the default: each value is the
-engine's rounded to the nearest float16) or as the engine computed them (``--map-dtype
-fp32``: float32, or float16 with ``--dtype fp16``), in a deflate-compressed zip (as ``numpy.savez_compressed``) unless
-``--no-compress``.
+engine's rounded to the nearest float16) or as float32 (``--map-dtype fp32``: as the engine
+computed them; refused with ``--dtype fp16``, whose maps hold float16 values only), in a
+deflate-compressed zip (as ``numpy.savez_compressed``) unless ``--no-compress``.
 """
 
 from __future__ import annotations
@@ -39,6 +39,12 @@ class Storage:
     map_dtype: str = "fp16"
     compress: bool = True
 
+    def __post_init__(self) -> None:
+        if self.save not in SAVE_MODES:
+            raise InvalidOption(f"--save {self.save!r}: use one of {', '.join(SAVE_MODES)}")
+        if self.map_dtype not in MAP_DTYPES:
+            raise InvalidOption(f"--map-dtype {self.map_dtype!r}: use fp16 or fp32")
+
     @property
     def writes_npz(self) -> bool:
         return self.save not in ("detections", "none")
@@ -47,12 +53,15 @@ class Storage:
         return {"save": self.save, "map_dtype": self.map_dtype, "compress": self.compress}
 
 
-def check_storage(storage: Storage, *, top_k: int, detections: bool) -> None:
-    """Refuse a ``--save`` that the other options leave with nothing to keep."""
-    if storage.save not in SAVE_MODES:
-        raise InvalidOption(f"--save {storage.save!r}: use one of {', '.join(SAVE_MODES)}")
-    if storage.map_dtype not in MAP_DTYPES:
-        raise InvalidOption(f"--map-dtype {storage.map_dtype!r}: use fp16 or fp32")
+def check_storage(storage: Storage, *, top_k: int, detections: bool, dtype: str) -> None:
+    """Refuse a ``--save`` that the other options leave with nothing to keep, and a
+    ``--map-dtype`` that contradicts the maps' ``dtype`` (ScoreOptions.dtype)."""
+    if dtype == "float16" and storage.map_dtype == "fp32":
+        raise InvalidOption(
+            "--dtype fp16 and --map-dtype fp32 contradict each other: the maps would hold "
+            "float16 values stored as float32. Drop --dtype fp16 to store the engine's float32 "
+            "values, or --map-dtype fp32 to store float16"
+        )
     if storage.save == "top-k" and top_k <= 0:
         raise InvalidOption("--save top-k keeps the per-cell top-k classes: add --top-k K")
     if storage.save == "detections" and not detections:
@@ -60,11 +69,8 @@ def check_storage(storage: Storage, *, top_k: int, detections: bool) -> None:
 
 
 def _scores(values: np.ndarray, storage: Storage) -> np.ndarray:
-    """float16 for ``fp16``; for ``fp32`` the engine's values as they are (float32, or
-    float16 with ``--dtype fp16``)."""
-    if storage.map_dtype == "fp16":
-        values = values.astype(np.float16)
-    return np.ascontiguousarray(values)
+    """The values in the stored dtype: float16 for ``fp16``, float32 for ``fp32``."""
+    return np.ascontiguousarray(values, dtype=MAP_DTYPES[storage.map_dtype])
 
 
 def head_arrays(k: int, scale_map: ScaleMap, storage: Storage) -> dict[str, np.ndarray]:

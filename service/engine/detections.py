@@ -11,13 +11,12 @@ and the best ``max_count`` survivors are returned. Rules: docs/engine.md "Detect
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from service.engine.nms import nms_per_class
-from service.engine.options import BACKGROUND_LABEL, MAX_DETECTIONS, DetectionOptions
+from service.engine.options import BACKGROUND_LABEL, DetectionOptions
 from service.engine.result import Detection, MapGeometry
 from service.errors import InvalidOption
 
@@ -34,24 +33,30 @@ class DetectionPlan:
     across_classes: bool = False
 
 
-def _number(name: str, value, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
-        raise InvalidOption(f"detections.{name} must be a number, got {value!r}")
-    value = float(value)
-    if not (math.isfinite(value) and low <= value <= high):
-        raise InvalidOption(f"detections.{name} must be in [{low:g}, {high:g}], got {value!r}")
-    return value
-
-
-def _flag(name: str, value) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise InvalidOption(f"detections.{name} must be True or False, got {value!r}")
-    return bool(value)
-
-
 def default_classes(labels: tuple[str, ...], num_classes: int) -> tuple[int, ...]:
     """Every class but the one labelled ``background`` (if any)."""
     return tuple(c for c in range(num_classes) if c >= len(labels) or labels[c] != BACKGROUND_LABEL)
+
+
+def detection_classes(
+    options: DetectionOptions, *, labels: tuple[str, ...], num_classes: int
+) -> tuple[int, ...]:
+    """The classes to report for this model; InvalidOption naming the fix. The options
+    checked their own values (DetectionOptions); this checks what depends on the model."""
+    if options.classes is None:
+        classes = default_classes(labels, num_classes)
+        if not classes:
+            raise InvalidOption(
+                "detections.classes is empty (the model's only class is background): give "
+                "the class indices to report"
+            )
+        return classes
+    if max(options.classes) >= num_classes:
+        raise InvalidOption(
+            f"detections.classes {list(options.classes)} must be distinct class indices of "
+            f"this model (0..{num_classes - 1})"
+        )
+    return options.classes
 
 
 def plan_detections(
@@ -61,51 +66,15 @@ def plan_detections(
     num_classes: int,
     box_offsets: tuple[float, float, float, float],
 ) -> DetectionPlan:
-    """Check ``options`` against the model; raise InvalidOption naming the fix."""
-    if not isinstance(options, DetectionOptions):
-        raise InvalidOption(
-            f"detections must be a DetectionOptions or None, got {type(options).__name__}"
-        )
-    if options.classes is None:
-        classes = default_classes(labels, num_classes)
-    else:
-        classes = tuple(options.classes)
-        bad = [c for c in classes if not isinstance(c, (int, np.integer)) or isinstance(c, bool)]
-        bad += [c for c in classes if c not in bad and not 0 <= c < num_classes]
-        if bad or len(set(classes)) != len(classes):
-            raise InvalidOption(
-                f"detections.classes {list(classes)} must be distinct class indices of this "
-                f"model (0..{num_classes - 1})"
-            )
-        classes = tuple(int(c) for c in classes)
-    if not classes:
-        raise InvalidOption(
-            "detections.classes is empty (the model's only class is background): give the "
-            "class indices to report"
-        )
-    count = options.max_count
-    if isinstance(count, bool) or not isinstance(count, (int, np.integer)):
-        raise InvalidOption(f"detections.max_count must be an int, got {count!r}")
-    if not 1 <= count <= MAX_DETECTIONS:
-        raise InvalidOption(f"detections.max_count must be in 1..{MAX_DETECTIONS}, got {count}")
-    given = box_offsets if options.box_offsets is None else options.box_offsets
-    try:
-        offsets = tuple(_number("box_offsets", v, -10.0, 10.0) for v in given)
-    except TypeError:
-        offsets = ()
-    if len(offsets) != 4 or 1 + offsets[2] - offsets[0] <= 0 or 1 + offsets[3] - offsets[1] <= 0:
-        raise InvalidOption(
-            f"detections.box_offsets must be 4 numbers (dx1, dy1, dx2, dy2) in window sizes "
-            f"that leave a box of positive size (1 + dx2 - dx1 > 0, 1 + dy2 - dy1 > 0), "
-            f"got {given!r}"
-        )
+    """The detection plan for this model; ``box_offsets``: the model's own, for options
+    that set none (EngineConfig.box_offsets)."""
     return DetectionPlan(
-        classes=classes,
-        threshold=_number("threshold", options.threshold, 0.0, 1.0),
-        iou=_number("iou", options.iou, 0.0, 1.0),
-        max_count=int(count),
-        box_offsets=offsets,
-        across_classes=_flag("across_classes", options.across_classes),
+        classes=detection_classes(options, labels=labels, num_classes=num_classes),
+        threshold=options.threshold,
+        iou=options.iou,
+        max_count=options.max_count,
+        box_offsets=box_offsets if options.box_offsets is None else options.box_offsets,
+        across_classes=options.across_classes,
     )
 
 

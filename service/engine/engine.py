@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -25,23 +26,21 @@ from service.engine.cost import (
     RequestCost,
 )
 from service.engine.dense import check_cancel
-from service.engine.detections import candidates, plan_detections, select
+from service.engine.detections import DetectionPlan, candidates, plan_detections, select
 from service.engine.device_memory import resolve_memory_budget
 from service.engine.heads import HeadInfo
 from service.engine.loading import load_nets
 from service.engine.options import DEFAULT_CUDA_REPORT_PRECISIONS, EngineConfig, ScoreOptions
 from service.engine.pass_budget import estimate_passes, pass_bytes_of
-from service.engine.postprocess import plan_outputs, rank_image_scores
+from service.engine.postprocess import OutputPlan, plan_outputs, rank_image_scores
 from service.engine.precision import (
     AVAILABLE,
     NO_INT8,
     calibration_report,
-    check_precision,
     compare_precision,
     measure_precisions,
 )
 from service.engine.request_checks import (
-    check_scales,
     common_divisors,
     image_size,
     plan_stride,
@@ -57,6 +56,16 @@ from service.errors import (
 )
 
 log = logging.getLogger("densemap.engine")
+
+
+class RequestPlan(NamedTuple):
+    """What one request's options ask of the model, checked against it."""
+
+    outputs: OutputPlan
+    detect: DetectionPlan | None
+    net: object  # the DenseNet to run
+    factor: tuple[int, int]  # shift-and-stitch factor per axis
+    precision: str
 
 
 class Engine:
@@ -82,8 +91,8 @@ class Engine:
         self._providers = loaded.providers
         self._runtime = Runtime(providers=loaded.providers, config=config)
         self._memory_budget = resolve_memory_budget(config, on_cuda=self._runtime.on_cuda)
+        self._default_precision = config.precision  # canonical: EngineConfig checked it
         try:
-            self._default_precision = check_precision(config.precision)
             for precision in (self._default_precision, *(config.report_precisions or ())):
                 self._check_available(precision)
         except InvalidOption as exc:
@@ -201,6 +210,14 @@ class Engine:
         net, factor = self._plan_stride(output_stride)
         return factor[0] * factor[1] * net.estimate_macs(height, width)
 
+    def check_options(self, options: ScoreOptions) -> None:
+        """Refuse options this model cannot take, before any image: InvalidOption naming
+        the fix (a stride it does not support, classes it does not have, logits of a model
+        that ends in a softmax, an unknown head, int8 without int8 copies). ScoreOptions
+        checked its own values when it was built; ``score`` and ``estimate_request`` run
+        this check too."""
+        self._plan(options)
+
     def estimate_request(
         self,
         height: int,
@@ -216,27 +233,15 @@ class Engine:
         limit or when the maps and copies, or a pass's smallest tile, exceed the memory
         budget. ``float_input``: the image is a float32 CxHxW array (4 bytes a sample).
         """
-        if not isinstance(options, ScoreOptions):
-            raise InvalidOption(
-                f"options must be a ScoreOptions, got {type(options).__name__}: "
-                "build one with ScoreOptions(...)"
-            )
         sizes = (height, width)
         if any(not isinstance(v, (int, np.integer)) or isinstance(v, bool) for v in sizes):
             raise InvalidOption(f"height and width must be ints, got {height!r} x {width!r}")
-        plan = plan_outputs(
-            options,
-            num_classes=self._num_classes,
-            output_kind=self._metadata.output_kind,
-            heads=self._heads,
-        )
-        net, factor = self._plan_stride(options.output_stride)
-        scales = check_scales(options.scales)
+        request = self._plan(options)
         return estimate_passes(
-            net,
-            factor,
-            plan,
-            scales=scales,
+            request.net,
+            request.factor,
+            request.outputs,
+            scales=options.scales,
             original=(int(height), int(width)),
             pixel_bytes=self._metadata.preprocessing.channels * (4 if float_input else 1),
             num_classes=self._num_classes,
@@ -271,22 +276,8 @@ class Engine:
         if cancel is not None and not callable(cancel):
             raise InvalidOption(f"cancel must be a callable returning bool, got {cancel!r}")
         cost = self.estimate_image(image, options)  # refuses before any pixel is decoded
-        precision = self._request_precision(options)
-        plan = plan_outputs(
-            options,
-            num_classes=self._num_classes,
-            output_kind=self._metadata.output_kind,
-            heads=self._heads,
-        )
-        detect = None
-        if options.detections is not None:
-            detect = plan_detections(
-                options.detections,
-                labels=self._labels,
-                num_classes=self._num_classes,
-                box_offsets=self._config.box_offsets,
-            )
-        net, factor = self._plan_stride(options.output_stride)
+        request = self._plan(options)
+        plan, detect, net, factor = request.outputs, request.detect, request.net, request.factor
         check_cancel(cancel, "before decoding")
         uint8_hwc, float_chw = self._read_image(image, timings)
         pixels = uint8_hwc if uint8_hwc is not None else float_chw.transpose(1, 2, 0)
@@ -301,7 +292,7 @@ class Engine:
             net=net,
             factor=factor,
             post=PostprocessCall(plan, detect=detect),
-            precision=precision,
+            precision=request.precision,
             room=cost.activation_budget,
             pass_bytes=pass_bytes_of(net, plan, self._num_classes),
             tiling=self._config.tiling,
@@ -369,12 +360,31 @@ class Engine:
         if precision not in self.precisions:
             raise InvalidOption(f"{self._name}: {NO_INT8}")  # the one model-dependent one
 
-    def _request_precision(self, options: ScoreOptions) -> str:
-        if options.precision is None:
-            return self._default_precision
-        precision = check_precision(options.precision)
+    def _plan(self, options: ScoreOptions) -> RequestPlan:
+        """What ``options`` ask of this model, checked against it (check_options)."""
+        if not isinstance(options, ScoreOptions):
+            raise InvalidOption(
+                f"options must be a ScoreOptions, got {type(options).__name__}: "
+                "build one with ScoreOptions(...)"
+            )
+        outputs = plan_outputs(
+            options,
+            num_classes=self._num_classes,
+            output_kind=self._metadata.output_kind,
+            heads=self._heads,
+        )
+        detect = None
+        if options.detections is not None:
+            detect = plan_detections(
+                options.detections,
+                labels=self._labels,
+                num_classes=self._num_classes,
+                box_offsets=self._config.box_offsets,
+            )
+        net, factor = self._plan_stride(options.output_stride)
+        precision = options.precision or self._default_precision
         self._check_available(precision)
-        return precision
+        return RequestPlan(outputs, detect, net, factor, precision)
 
     def _plan_stride(self, output_stride):
         return plan_stride(self._nets, output_stride, name=self._name, atrous=self.atrous_strides)

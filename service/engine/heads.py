@@ -97,15 +97,11 @@ def describe_heads(
 
 
 def select_heads(wanted, heads: tuple[HeadInfo, ...]) -> tuple[HeadInfo, ...]:
-    """The extra heads a request returns (``wanted``: ScoreOptions.heads), in model order."""
+    """The extra heads a request returns (``wanted``: ScoreOptions.heads, distinct names),
+    in model order."""
     extra = heads[1:]
     if wanted is None:
         return extra
-    if isinstance(wanted, str) or not all(isinstance(name, str) for name in _items(wanted)):
-        raise InvalidOption(
-            f"heads must be a sequence of head names, got {wanted!r}, e.g. "
-            f"{tuple(head.name for head in extra)}"
-        )
     names = list(wanted)
     known = [head.name for head in heads]
     unknown = [name for name in names if name not in known]
@@ -114,13 +110,4 @@ def select_heads(wanted, heads: tuple[HeadInfo, ...]) -> tuple[HeadInfo, ...]:
         raise InvalidOption(
             f"the model has no head(s) {unknown[:5]}: its heads are {known}{primary}"
         )
-    if len(set(names)) != len(names):
-        raise InvalidOption(f"heads holds duplicates: {names}")
     return tuple(head for head in extra if head.name in names)
-
-
-def _items(value) -> tuple:
-    try:
-        return tuple(value)
-    except TypeError:
-        raise InvalidOption(f"heads must be a sequence of head names, got {value!r}") from None

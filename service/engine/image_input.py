@@ -27,7 +27,8 @@ TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # the orientations that swap height and 
 RESAMPLE_NAME = "bilinear (Pillow Image.resize, BILINEAR; antialiased when downscaling)"
 
 
-def check_pixels(height: int, width: int, max_pixels: int) -> None:
+def check_pixel_limit(height: int, width: int, max_pixels: int) -> None:
+    """The image holds a pixel and at most ``max_pixels`` of them (its decoded size)."""
     if height == 0 or width == 0:
         raise InvalidImage(
             f"the image is {height}x{width} pixels, it holds no pixel: send a non-empty image"
@@ -138,7 +139,7 @@ def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
     check_encoded(data)
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
     image = Image.open(io.BytesIO(bytes(data)), formats=FORMATS)
-    check_pixels(image.height, image.width, max_pixels)
+    check_pixel_limit(image.height, image.width, max_pixels)
     if image.format == "TIFF":
         check_tiff_strips(image, len(data))
     return image
@@ -175,7 +176,7 @@ def check_uint8(image: np.ndarray, *, channels: int, max_pixels: int) -> np.ndar
         image = image[:, :, None]
     if image.ndim != 3:
         raise InvalidImage(f"a uint8 image must be HxW or HxWxC, got shape {image.shape}")
-    check_pixels(image.shape[0], image.shape[1], max_pixels)
+    check_pixel_limit(image.shape[0], image.shape[1], max_pixels)
     if image.shape[2] == 1 and channels == 3:
         image = np.repeat(image, 3, axis=2)
     if image.shape[2] != channels:
@@ -192,7 +193,7 @@ def check_float(image: np.ndarray, *, channels: int, max_pixels: int) -> np.ndar
         raise InvalidImage(
             f"a float image must be preprocessed CxHxW with C={channels}, got shape {image.shape}"
         )
-    check_pixels(image.shape[1], image.shape[2], max_pixels)
+    check_pixel_limit(image.shape[1], image.shape[2], max_pixels)
     with np.errstate(over="ignore", invalid="ignore"):
         image_chw = np.ascontiguousarray(image, dtype=np.float32)
     if not np.isfinite(image_chw).all():

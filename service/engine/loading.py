@@ -24,10 +24,9 @@ from service.engine.cuda_driver import driver_cuda_version
 from service.engine.dense import DenseNet, Grid
 from service.engine.heads import HeadInfo, check_head_maps, check_outputs, describe_heads
 from service.engine.memory import ActivationEstimator, nchwc_block
-from service.engine.options import HEAD_UNFOLD_MODES, RUNTIME_MODULES, RUNTIMES, EngineConfig
+from service.engine.options import RUNTIME_MODULES, EngineConfig
 from service.engine.precision import PrecisionSessions
 from service.engine.session import (
-    CONV_SEARCHES,
     CPU,
     CUDA,
     create_session,
@@ -60,25 +59,6 @@ def read_proto(path: Path) -> onnx.ModelProto:
 
 def read_metadata(proto: onnx.ModelProto) -> ModelMetadata:
     return ModelMetadata.from_props({p.key: p.value for p in proto.metadata_props})
-
-
-def _check_config(config: EngineConfig) -> None:
-    for name, choices in (("head_unfold", HEAD_UNFOLD_MODES), ("runtime", RUNTIMES)):
-        if getattr(config, name) not in choices:
-            raise ModelLoadError(
-                f"EngineConfig.{name} must be one of {choices}, got {getattr(config, name)!r}"
-            )
-    if config.cuda_conv_search not in CONV_SEARCHES:
-        raise ModelLoadError(
-            f"EngineConfig.cuda_conv_search must be one of {CONV_SEARCHES}, "
-            f"got {config.cuda_conv_search!r}"
-        )
-    for name in ("max_pixels", "memory_budget", "head_unfold_min_weights"):
-        value = getattr(config, name)
-        if name == "memory_budget" and value is None:
-            continue  # chosen for the device (device_memory.py)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ModelLoadError(f"EngineConfig.{name} must be a positive int, got {value!r}")
 
 
 def _int8_path(path: Path, metadata: ModelMetadata, stride) -> Path | None:
@@ -165,7 +145,6 @@ def load_nets(
 ) -> LoadedModel:
     """Open a converted model and its variants; raise ModelLoadError saying what is wrong."""
     started = time.perf_counter()
-    _check_config(config)
     proto = read_proto(path)
     metadata = read_metadata(proto)
     geometry = metadata.geometry

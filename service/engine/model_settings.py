@@ -26,54 +26,18 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from service.engine.options import RUNTIMES, EngineConfig
-from service.engine.precision import check_precision
+from service.engine.options import EngineConfig
 from service.errors import InvalidOption, ModelLoadError
 
 SETTINGS_FILE = "densemap.json"
 KEYS = ("precision", "warmup_shapes", "report_precisions", "box_offsets", "runtime")
-MAX_WARMUP_SHAPES = 16
-
-
-def _shapes(value, path: Path) -> tuple[tuple[int, int], ...]:
-    shapes = []
-    if not isinstance(value, list) or len(value) > MAX_WARMUP_SHAPES:
-        raise ModelLoadError(
-            f"{path}: warmup_shapes must be a list of at most {MAX_WARMUP_SHAPES} "
-            f"[height, width] pairs, got {value!r}"
-        )
-    for item in value:
-        if (
-            not isinstance(item, list)
-            or len(item) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in item)
-        ):
-            raise ModelLoadError(
-                f"{path}: each warmup shape must be [height, width] in pixels, got {item!r}"
-            )
-        shapes.append((item[0], item[1]))
-    return tuple(shapes)
-
-
-def _offsets(value, path: Path) -> tuple[float, float, float, float]:
-    numbers = isinstance(value, list) and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) <= 10 for v in value
-    )
-    if (
-        not numbers
-        or len(value) != 4
-        or 1 + value[2] - value[0] <= 0
-        or 1 + value[3] - value[1] <= 0
-    ):
-        raise ModelLoadError(
-            f"{path}: box_offsets must be [dx1, dy1, dx2, dy2] in window sizes (|v| <= 10) "
-            f"leaving a box of positive size, got {value!r}"
-        )
-    return tuple(float(v) for v in value)
 
 
 def apply_model_settings(folder: Path, config: EngineConfig) -> EngineConfig:
-    """``config`` with the settings of ``folder/densemap.json`` (unchanged without one)."""
+    """``config`` with the settings of ``folder/densemap.json`` (unchanged without one).
+
+    The keys are EngineConfig fields, checked by EngineConfig itself; a bad value is a
+    ModelLoadError naming the file and the field."""
     path = folder / SETTINGS_FILE
     if not path.is_file():
         return config
@@ -86,25 +50,7 @@ def apply_model_settings(folder: Path, config: EngineConfig) -> EngineConfig:
     unknown = sorted(set(settings) - set(KEYS))
     if unknown:
         raise ModelLoadError(f"{path}: unknown key(s) {unknown}; known keys: {KEYS}")
-    changes: dict = {}
     try:
-        if "precision" in settings:
-            changes["precision"] = check_precision(settings["precision"])
-        if "report_precisions" in settings:
-            value = settings["report_precisions"]
-            if not isinstance(value, list):
-                raise InvalidOption(f"report_precisions must be a list, got {value!r}")
-            changes["report_precisions"] = tuple(check_precision(p) for p in value)
+        return replace(config, **settings)
     except InvalidOption as exc:
         raise ModelLoadError(f"{path}: {exc}") from None
-    if "warmup_shapes" in settings:
-        changes["warmup_shapes"] = _shapes(settings["warmup_shapes"], path)
-    if "runtime" in settings:
-        if settings["runtime"] not in RUNTIMES:
-            raise ModelLoadError(
-                f"{path}: runtime must be one of {RUNTIMES}, got {settings['runtime']!r}"
-            )
-        changes["runtime"] = settings["runtime"]
-    if "box_offsets" in settings:
-        changes["box_offsets"] = _offsets(settings["box_offsets"], path)
-    return replace(config, **changes)

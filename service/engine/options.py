@@ -4,6 +4,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from service.engine.field_checks import (
+    check_box_offsets,
+    check_choice,
+    check_flag,
+    check_indices,
+    check_int,
+    check_names,
+    check_number,
+    check_pairs,
+    check_precision,
+    check_scales,
+)
+from service.errors import InvalidOption
+
 DEFAULT_MAX_PIXELS = 256 * 1024 * 1024  # 16384 x 16384: refuse bigger images before decoding
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of activations per pass before the engine tiles
 DEFAULT_INTRA_OP_THREADS = 0  # 0 lets onnxruntime choose (one per physical core)
@@ -12,11 +26,15 @@ DEFAULT_IMAGE_TOP_K = 5
 # memory than this gives the CPU arena's free memory and glibc's free heap pages back when it
 # ends (host_memory.py); smaller ones leave them for the next request (faster passes).
 DEFAULT_ARENA_KEEP_BYTES = 256 * 1024 * 1024
-PRECISIONS = ("fp32", "tf32", "fp16", "int8", "bf16")  # bf16: named only to be refused with why
 # int8 needs the model's int8 copies (densemap convert --int8-calibration; precision.py)
 AVAILABLE_PRECISIONS = ("fp32", "tf32", "fp16", "int8")
 DEFAULT_PRECISION = "fp32"  # exact; "tf32", "fp16" and "int8" trade exactness for speed
 DEFAULT_CUDA_REPORT_PRECISIONS = ("fp16",)
+DEVICES = ("auto", "cpu", "cuda")
+CONV_SEARCHES = ("HEURISTIC", "EXHAUSTIVE", "DEFAULT")  # cuDNN convolution algorithm search
+MAX_WARMUP_SHAPES = 16
+MAP_DTYPES = ("float32", "float16")  # ScoreOptions.dtype
+MAP_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16"}  # the server's and CLI's spellings
 # A conv is rewritten when its weights have at least this many elements and its kernel is
 # bigger than 1x1. The heads of FC classifiers converted to convs are far above it (VGG-16's
 # FC6: 7x7x512x4096 = 103 M, AlexNet's: 6x6x256x4096 = 38 M) and no trunk conv of a common
@@ -67,10 +85,10 @@ class EngineConfig:
     tiling: bool = True  # False: an image over the budget is refused (ImageTooLarge)
     warmup: bool = True
     spin_wait: bool = True  # False: idle onnxruntime threads yield their core (batch decoding)
-    # TF32 convolutions on Ampere+ GPUs: faster, but maps then differ from the CPU's by about
-    # 3e-4 of the logit range (measured on an H200, README "GPU"), so exactness wins by default.
-    tf32: bool = False
-    precision: str = DEFAULT_PRECISION  # for requests that do not choose one
+    # for requests that do not choose one. "tf32": TF32 convolutions on Ampere+ GPUs, faster,
+    # but maps then differ from the CPU's by about 3e-4 of the logit range (measured on an
+    # H200, README "GPU"), so exact fp32 is the default.
+    precision: str = DEFAULT_PRECISION
     # measured against fp32 at load (with warm-up), reported by GetModel; None: fp16 on
     # CUDA, none on CPU (where fp16 is rarely worth its load time)
     report_precisions: tuple[str, ...] | None = None
@@ -90,6 +108,43 @@ class EngineConfig:
     head_unfold: str = DEFAULT_HEAD_UNFOLD
     head_unfold_min_weights: int = DEFAULT_HEAD_UNFOLD_MIN_WEIGHTS
     runtime: str = DEFAULT_RUNTIME  # "ort" (onnxruntime) or "torch" (convert/torch_runtime/)
+
+    def __post_init__(self) -> None:
+        """Check every field (InvalidOption naming it); what needs the model (int8 copies)
+        is checked when an engine loads it."""
+        check_choice("EngineConfig.device", self.device, DEVICES)
+        check_int("EngineConfig.intra_op_threads", self.intra_op_threads, minimum=0)
+        for name in ("max_pixels", "head_unfold_min_weights"):
+            _set(self, name, check_int(f"EngineConfig.{name}", getattr(self, name), minimum=1))
+        if self.memory_budget is not None:  # None: chosen for the device (device_memory.py)
+            check_int("EngineConfig.memory_budget", self.memory_budget, minimum=1)
+        check_int("EngineConfig.arena_keep_bytes", self.arena_keep_bytes, minimum=0)
+        for name in ("tiling", "warmup", "spin_wait"):
+            check_flag(f"EngineConfig.{name}", getattr(self, name))
+        _set(self, "precision", check_precision(self.precision, "EngineConfig.precision"))
+        if self.report_precisions is not None:
+            chosen = _sequence("EngineConfig.report_precisions", self.report_precisions)
+            name = "EngineConfig.report_precisions"
+            _set(self, "report_precisions", tuple(check_precision(p, name) for p in chosen))
+        shapes = check_pairs(
+            "EngineConfig.warmup_shapes", self.warmup_shapes, limit=MAX_WARMUP_SHAPES
+        )
+        _set(self, "warmup_shapes", shapes)
+        check_choice("EngineConfig.cuda_conv_search", self.cuda_conv_search, CONV_SEARCHES)
+        _set(self, "box_offsets", check_box_offsets("EngineConfig.box_offsets", self.box_offsets))
+        check_choice("EngineConfig.head_unfold", self.head_unfold, HEAD_UNFOLD_MODES)
+        check_choice("EngineConfig.runtime", self.runtime, RUNTIMES)
+
+
+def _set(instance, name: str, value) -> None:
+    """Store the canonical form of a checked field of a frozen dataclass."""
+    object.__setattr__(instance, name, value)
+
+
+def _sequence(name: str, value) -> tuple:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise InvalidOption(f"{name} must be a sequence, got {value!r}")
+    return tuple(value)
 
 
 @dataclass(frozen=True)
@@ -115,6 +170,19 @@ class DetectionOptions:
     max_count: int = DEFAULT_MAX_DETECTIONS
     across_classes: bool = False
     box_offsets: tuple[float, float, float, float] | None = None
+
+    def __post_init__(self) -> None:
+        """Check every field (InvalidOption naming it); class indices are bounded by the
+        model's class count when a request reaches it."""
+        if self.classes is not None:
+            _set(self, "classes", check_indices("detections.classes", self.classes))
+        for name in ("threshold", "iou"):
+            _set(self, name, check_number(f"detections.{name}", getattr(self, name), 0.0, 1.0))
+        count = check_int("detections.max_count", self.max_count, minimum=1, maximum=MAX_DETECTIONS)
+        _set(self, "max_count", count)
+        _set(self, "across_classes", check_flag("detections.across_classes", self.across_classes))
+        if self.box_offsets is not None:
+            _set(self, "box_offsets", check_box_offsets("detections.box_offsets", self.box_offsets))
 
 
 @dataclass(frozen=True)
@@ -150,3 +218,32 @@ class ScoreOptions:
     precision: str | None = None
     detections: DetectionOptions | None = None
     heads: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        """Check every field (InvalidOption naming it). What depends on the model (a stride
+        it supports, class indices below its class count, its heads, int8 copies) is
+        checked by :meth:`Engine.check_options <service.engine.Engine.check_options>`."""
+        if self.output_stride is not None:
+            _set(self, "output_stride", check_int("output_stride", self.output_stride, minimum=1))
+        _set(self, "scales", check_scales(self.scales))
+        for name in ("probabilities", "argmax", "include_map"):
+            _set(self, name, check_flag(name, getattr(self, name)))
+        dtype = (
+            MAP_DTYPE_ALIASES.get(self.dtype, self.dtype) if isinstance(self.dtype, str) else None
+        )
+        if dtype not in MAP_DTYPES:
+            choices = (*MAP_DTYPES, *MAP_DTYPE_ALIASES)
+            raise InvalidOption(f"dtype must be one of {choices}, got {self.dtype!r}")
+        _set(self, "dtype", dtype)
+        for name in ("top_k", "image_top_k"):
+            _set(self, name, check_int(name, getattr(self, name), minimum=0))
+        if self.classes is not None:
+            _set(self, "classes", check_indices("classes", self.classes))
+        if self.precision is not None:
+            _set(self, "precision", check_precision(self.precision))
+        if self.detections is not None and not isinstance(self.detections, DetectionOptions):
+            raise InvalidOption(
+                f"detections must be a DetectionOptions or None, got {self.detections!r}"
+            )
+        if self.heads is not None:
+            _set(self, "heads", check_names("heads", self.heads))

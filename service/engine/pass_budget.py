@@ -22,7 +22,7 @@ from service.engine.cost import (
     scale_cost,
 )
 from service.engine.options import MEMORY_BUDGET_SETTING, TILING_SETTING
-from service.engine.request_checks import cells_at, check_pixels
+from service.engine.request_checks import cells_at, check_scaled_size
 from service.engine.tiling import plan_tiles
 from service.errors import ImageTooLarge
 
@@ -106,7 +106,7 @@ def estimate_passes(
     costs = []
     for scale in scales:
         size = image_input.resized_size(*original, scale, max_pixels=max_pixels)
-        check_pixels(size, scale, window=window, max_pixels=max_pixels)
+        check_scaled_size(size, scale, window=window, max_pixels=max_pixels)
         costs.append(
             scale_cost(
                 plan,

@@ -23,8 +23,7 @@ from service.engine.heads import HeadInfo, select_heads
 from service.engine.options import ScoreOptions
 from service.errors import InvalidImage, InvalidOption, ModelLoadError
 
-DTYPES = {"float32": np.float32, "float16": np.float16}
-DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16"}  # the server's and CLI's spellings
+DTYPES = {"float32": np.float32, "float16": np.float16}  # ScoreOptions.dtype -> numpy
 
 
 @dataclass(frozen=True)
@@ -50,7 +49,8 @@ def plan_outputs(
     heads: tuple[HeadInfo, ...] = (),
 ) -> OutputPlan:
     """Check the output options against the model (``heads``: all of its heads, primary
-    first; none for a one-output model); raise InvalidOption naming the fix."""
+    first; none for a one-output model); raise InvalidOption naming the fix. The options
+    checked their own values (ScoreOptions); this checks what depends on the model."""
     # a softmax (probabilities) or per-class sigmoids (sigmoid) already ends the model
     gives_probabilities = output_kind in ("probabilities", "sigmoid")
     if not options.probabilities and gives_probabilities:
@@ -58,50 +58,27 @@ def plan_outputs(
             f"this model outputs probabilities ({output_kind}: the model ends in it), so logits cannot be "
             "returned: ask for probabilities=True"
         )
-    dtype = (
-        DTYPE_ALIASES.get(options.dtype, options.dtype) if isinstance(options.dtype, str) else None
-    )
-    if dtype not in DTYPES:
+    classes = options.classes  # distinct indices >= 0 (ScoreOptions checked them)
+    if classes is not None and max(classes) >= num_classes:
+        bad = [c for c in classes if c >= num_classes]
         raise InvalidOption(
-            f"dtype must be one of {(*DTYPES, *DTYPE_ALIASES)}, got {options.dtype!r}"
+            f"classes {bad} are not class indices of this model (0..{num_classes - 1})"
         )
-    for name in ("probabilities", "argmax", "include_map"):
-        value = getattr(options, name)
-        if not isinstance(value, (bool, np.bool_)):
-            raise InvalidOption(f"{name} must be True or False, got {value!r}")
-    classes = options.classes
-    if classes is not None:
-        classes = tuple(classes)
-        if not classes:
-            raise InvalidOption("classes is empty: give at least one class index, or None")
-        bad = [c for c in classes if not isinstance(c, (int, np.integer)) or isinstance(c, bool)]
-        bad += [c for c in classes if c not in bad and not 0 <= c < num_classes]
-        if bad:
-            raise InvalidOption(
-                f"classes {bad} are not class indices of this model (0..{num_classes - 1})"
-            )
-        if len(set(classes)) != len(classes):
-            raise InvalidOption(f"classes holds duplicates: {classes}")
-        classes = tuple(int(c) for c in classes)
     selectable = num_classes if classes is None else len(classes)
-    for name in ("top_k", "image_top_k"):
-        value = getattr(options, name)
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
-            raise InvalidOption(f"{name} must be an int >= 0, got {value!r}")
     if options.top_k > selectable:
         raise InvalidOption(
             f"top_k={options.top_k} but only {selectable} classes can be ranked: "
             f"ask for at most {selectable}"
         )
     return OutputPlan(
-        probabilities=bool(options.probabilities),
+        probabilities=options.probabilities,
         model_gives_probabilities=gives_probabilities,
-        dtype=DTYPES[dtype],
+        dtype=DTYPES[options.dtype],
         classes=classes,
-        top_k=int(options.top_k),
-        image_top_k=min(int(options.image_top_k), selectable),
-        argmax=bool(options.argmax),
-        include_map=bool(options.include_map),
+        top_k=options.top_k,
+        image_top_k=min(options.image_top_k, selectable),
+        argmax=options.argmax,
+        include_map=options.include_map,
         heads=select_heads(options.heads, heads),
     )
 

@@ -36,15 +36,15 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from service.engine.field_checks import check_precision
 from service.engine.head_unfold import applies, unfold_huge_convs
-from service.engine.options import AVAILABLE_PRECISIONS, PRECISIONS, EngineConfig
+from service.engine.options import AVAILABLE_PRECISIONS, EngineConfig
 from service.engine.result import PrecisionReport
 from service.engine.session import create_session, open_model_bytes
 from service.errors import InvalidOption, ModelLoadError
 
 log = logging.getLogger("densemap.engine")
-AVAILABLE = AVAILABLE_PRECISIONS  # bf16: see check_precision
-ALIASES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "half": "fp16"}
+AVAILABLE = AVAILABLE_PRECISIONS  # bf16: see field_checks.check_precision
 NO_INT8 = (
     "precision 'int8' needs the model's int8 copies: convert it with "
     "'densemap convert ... --int8-calibration IMAGES_DIR' (a few images like the ones it "
@@ -54,20 +54,6 @@ _PROTOBUF_LIMIT = 2**31 - 1
 # (channels-last, cuDNN search) of the fp16 session on CUDA, in the order tried: each failed
 # pass moves to the next. None = EngineConfig.cuda_conv_search.
 FP16_CUDA_SETTINGS = ((True, None), (True, "EXHAUSTIVE"), (False, "EXHAUSTIVE"))
-
-
-def check_precision(value) -> str:
-    """The canonical precision name, or InvalidOption naming the choices."""
-    name = ALIASES.get(value, value) if isinstance(value, str) else None
-    if name not in PRECISIONS:
-        raise InvalidOption(f"precision must be one of {PRECISIONS}, got {value!r}")
-    if name == "bf16":
-        raise InvalidOption(
-            "precision 'bf16' is not available: onnxruntime's CPU and CUDA execution "
-            "providers have no bfloat16 convolution kernel; use 'fp16' (same tensor cores, "
-            "its deviation from fp32 is reported by gpu_check) or 'tf32'"
-        )
-    return name
 
 
 def to_float16(path: Path, *, unfold_min_weights: int | None = None) -> bytes:
@@ -111,8 +97,8 @@ class PrecisionSessions:
 
     def _open(self, precision: str) -> tuple[ort.InferenceSession, str]:
         if precision == "tf32":
-            config = replace(self._config, tf32=True, device="cuda")
-            return create_session(self._path, config), "float32"
+            config = replace(self._config, device="cuda")
+            return create_session(self._path, config, tf32=True), "float32"
         if precision == "fp16":
             nhwc, search = FP16_CUDA_SETTINGS[self._fp16_setting]
             config = replace(self._config, cuda_conv_search=search or self._config.cuda_conv_search)

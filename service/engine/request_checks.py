@@ -1,13 +1,15 @@
-"""What a request must satisfy before any work: output stride, scales, image, pixel limits.
+"""What a request must satisfy with this model before any work: output stride, image size,
+pixel limits.
 
 Pure functions of the request and the model's nets and metadata; :class:`Engine` calls them
-from ``estimate_request`` and ``score``. Each failure is the densemap error that names the
-fix (InvalidOption, InvalidImage, ImageTooSmall, ImageTooLarge).
+from ``check_options``, ``estimate_request`` and ``score``. The options checked their own
+values when they were built (:mod:`service.engine.field_checks`); these check them against
+the model. Each failure is the densemap error that names the fix (InvalidOption,
+InvalidImage, ImageTooSmall, ImageTooLarge).
 """
 
 from __future__ import annotations
 
-import math
 import time
 
 import numpy as np
@@ -16,8 +18,6 @@ from service.contract import Pair, Preprocessing
 from service.engine import image_input
 from service.errors import ImageTooLarge, ImageTooSmall, InvalidImage, InvalidOption
 
-MAX_SCALES = 16
-
 
 def common_divisors(stride: Pair) -> tuple[int, ...]:
     """Output strides S/k with an integer step on both axes, largest first."""
@@ -25,21 +25,23 @@ def common_divisors(stride: Pair) -> tuple[int, ...]:
     return tuple(sorted(divisors, reverse=True))
 
 
-def plan_stride(nets, output_stride, *, name: str, atrous: tuple[int, ...]):
-    """(net, (k_h, k_w)): the net to run and the shift-and-stitch factor per axis."""
-    if output_stride is None:
-        return nets[0], (1, 1)
-    supported = common_divisors(nets[0].grid.stride)
-    if (
-        not isinstance(output_stride, (int, np.integer))
-        or isinstance(output_stride, bool)
-        or output_stride not in supported
-    ):
+def check_stride(output_stride, supported: tuple[int, ...], *, name: str, atrous=None) -> None:
+    """``output_stride`` (None: native) is one of the model's ``supported`` strides;
+    ``atrous``: those an à-trous variant serves in one pass (None: not known here)."""
+    if output_stride is not None and output_stride not in supported:
+        one_pass = "" if atrous is None else f"; à-trous in one pass: {atrous or 'none'}"
         raise InvalidOption(
             f"output_stride {output_stride!r} is not supported by model {name!r}: "
-            f"use one of {supported} (S/k with an integer step; à-trous in one pass: "
-            f"{atrous or 'none'}), or None for the native stride"
+            f"use one of {supported} (S/k with an integer step{one_pass}), or None for the "
+            "native stride"
         )
+
+
+def plan_stride(nets, output_stride, *, name: str, atrous: tuple[int, ...]):
+    """(net, (k_h, k_w)): the net to run and the shift-and-stitch factor per axis."""
+    check_stride(output_stride, common_divisors(nets[0].grid.stride), name=name, atrous=atrous)
+    if output_stride is None:
+        return nets[0], (1, 1)
     candidates = [
         n for n in nets if n.grid.stride[0] % output_stride == 0
         and n.grid.stride[1] % output_stride == 0
@@ -58,22 +60,7 @@ def cells_at(net, factor: Pair, size: Pair) -> Pair:
     )
 
 
-def check_scales(scales) -> tuple[float, ...]:
-    try:
-        items = tuple(scales) if not isinstance(scales, (str, bytes)) else None
-        if items is None or any(isinstance(s, bool) for s in items):
-            raise TypeError("not numbers")
-        values = tuple(float(s) for s in items)
-    except (TypeError, ValueError):
-        raise InvalidOption(f"scales must be a sequence of numbers, got {scales!r}") from None
-    if not values or len(values) > MAX_SCALES:
-        raise InvalidOption(f"give between 1 and {MAX_SCALES} scales, got {len(values)}")
-    if any(not math.isfinite(s) or s <= 0 for s in values):
-        raise InvalidOption(f"scales must be finite and > 0, got {values}")
-    return values
-
-
-def check_pixels(size: Pair, scale: float, *, window: Pair, max_pixels: int) -> None:
+def check_scaled_size(size: Pair, scale: float, *, window: Pair, max_pixels: int) -> None:
     """The image at ``scale`` holds a window and stays within the pixel limit."""
     at = "" if scale == 1.0 else f" at scale {scale}"
     if size[0] < window[0] or size[1] < window[1]:
@@ -119,10 +106,10 @@ def image_size(image, *, preprocessing: Preprocessing, max_pixels: int) -> tuple
         return (*image_input.read_size(image, max_pixels=max_pixels), False)
     if isinstance(image, np.ndarray) and np.issubdtype(image.dtype, np.floating):
         if image.ndim == 3:
-            image_input.check_pixels(*image.shape[1:], max_pixels)
+            image_input.check_pixel_limit(*image.shape[1:], max_pixels)
             return int(image.shape[1]), int(image.shape[2]), True
     elif isinstance(image, np.ndarray) and image.ndim in (2, 3):
-        image_input.check_pixels(*image.shape[:2], max_pixels)
+        image_input.check_pixel_limit(*image.shape[:2], max_pixels)
         return int(image.shape[0]), int(image.shape[1]), False
     # raises the error that names what is wrong
     read_image(image, preprocessing=preprocessing, max_pixels=max_pixels, timings={})

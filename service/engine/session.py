@@ -27,15 +27,11 @@ log = logging.getLogger("densemap.engine")
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
-DEVICES = ("auto", "cpu", "cuda")
 ORT_DEFAULT_SEVERITY = 2  # onnxruntime's own default (warning)
 _QUIET_SEVERITY = 4  # fatal only, while CUDA is tried
 
 _cuda_state: dict[str, str | bool] = {}  # "usable": bool, "reason": str (process-wide)
 _cuda_lock = threading.Lock()
-
-
-CONV_SEARCHES = ("HEURISTIC", "EXHAUSTIVE", "DEFAULT")
 
 
 def cuda_provider_options(*, tf32: bool = False, search: str = "HEURISTIC") -> dict[str, str]:
@@ -142,7 +138,7 @@ def open_model_bytes(
             return _open(model, config, [CPU])
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph
             raise ModelLoadError(f"onnxruntime cannot load a derived model: {exc}") from None
-    options = cuda_provider_options(tf32=config.tf32, search=config.cuda_conv_search)
+    options = cuda_provider_options(search=config.cuda_conv_search)
     attempts = ([{**options, "prefer_nhwc": "1"}] if nhwc else []) + [options]
     failure = "the CUDA provider did not load"
     for attempt in attempts:
@@ -175,7 +171,7 @@ def _source(path: Path, config: EngineConfig, *, cuda: bool) -> str | bytes:
     )
 
 
-def _try_cuda(path: Path, config: EngineConfig) -> ort.InferenceSession | None:
+def _try_cuda(path: Path, config: EngineConfig, *, tf32: bool) -> ort.InferenceSession | None:
     """A session on CUDA, or None (and remember why) when CUDA does not really load."""
     with _cuda_lock:
         if _cuda_state.get("usable") is False:
@@ -190,7 +186,7 @@ def _try_cuda(path: Path, config: EngineConfig) -> ort.InferenceSession | None:
                 _preload_cuda_libraries()
                 cuda = (
                     CUDA,
-                    cuda_provider_options(tf32=config.tf32, search=config.cuda_conv_search),
+                    cuda_provider_options(tf32=tf32, search=config.cuda_conv_search),
                 )
                 session = _open(_source(path, config, cuda=True), config, [cuda, CPU])
             except Exception as exc:  # noqa: BLE001 - retried on CPU below, which reports
@@ -206,14 +202,13 @@ def _try_cuda(path: Path, config: EngineConfig) -> ort.InferenceSession | None:
         return None
 
 
-def create_session(path: Path, config: EngineConfig) -> ort.InferenceSession:
-    """An onnxruntime session for ``path`` on the device ``config.device`` asks for."""
-    if config.device not in DEVICES:
-        raise ModelLoadError(f"EngineConfig.device must be one of {DEVICES}, got {config.device!r}")
+def create_session(path: Path, config: EngineConfig, *, tf32: bool = False) -> ort.InferenceSession:
+    """An onnxruntime session for ``path`` on the device ``config.device`` asks for;
+    ``tf32``: TF32 convolutions on CUDA (precision "tf32"; fp32 sessions never use them)."""
     if not path.is_file():
         raise ModelLoadError(f"model file {path} does not exist")
     if config.device in ("auto", "cuda"):
-        session = _try_cuda(path, config)
+        session = _try_cuda(path, config, tf32=tf32)
         if session is not None:
             return session
         if config.device == "cuda":
@@ -250,6 +245,6 @@ def _probe_model() -> bytes:
 def cuda_problem(config: EngineConfig) -> str | None:
     """None when a CUDA session really opens in this process, else why not and which driver
     is needed (tried once per process, as for models: the outcome is remembered)."""
-    if _try_cuda(_probe_model(), config) is not None:
+    if _try_cuda(_probe_model(), config, tf32=False) is not None:
         return None
     return f"{_cuda_state['reason']} ({describe_driver()})"

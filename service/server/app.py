@@ -4,7 +4,7 @@ The server is gRPC's asyncio server (``grpc.aio``) on an event loop of its own t
 call holds no thread while its headers, its body or its client's reads are awaited, so no
 number of slow or stalled clients can take the threads that score or answer probes.
 Health, readiness and metadata calls are answered on the loop; a scoring call takes one
-of ``--workers`` scoring threads once its request is complete and admitted
+of ``--scoring-threads`` scoring threads once its request is complete and admitted
 (``scoring.ScoringCore``).
 
 Life cycle (:class:`DensemapServer`):
@@ -105,7 +105,7 @@ class DensemapServer:
         )
         self._loop_thread.start()
         self._pool = futures.ThreadPoolExecutor(
-            max_workers=config.workers, thread_name_prefix="densemap-score"
+            max_workers=config.scoring_threads, thread_name_prefix="densemap-score"
         )
         self.memory = MemoryBudget(config.memory_limit or default_memory_limit())
         self.idle_release = IdleRelease(self._release_memory)

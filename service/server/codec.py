@@ -15,7 +15,6 @@ import numpy as np
 
 from service._proto.densemap.v1 import densemap_pb2 as pb
 from service.engine.options import DEFAULT_IMAGE_TOP_K, ScoreOptions
-from service.engine.request_checks import MAX_SCALES
 from service.engine.result import MapGeometry, PrecisionReport, ScaleMap, ScoreMap
 from service.errors import InvalidImage, InvalidOption
 from service.server.detection_codec import (
@@ -132,9 +131,7 @@ def options_to_proto(options: ScoreOptions, out: pb.ScoreOptions) -> None:
     out.output_stride = options.output_stride or 0
     out.scales[:] = options.scales
     out.output = pb.PROBABILITIES if options.probabilities else pb.LOGITS
-    if options.dtype not in MAP_DTYPES:
-        raise InvalidOption(f"dtype must be one of {sorted(MAP_DTYPES)}, got {options.dtype!r}")
-    out.dtype = MAP_DTYPES[options.dtype]
+    out.dtype = MAP_DTYPES[options.dtype]  # canonical: ScoreOptions checked it
     out.top_k = options.top_k
     if options.classes is not None:
         out.classes[:] = options.classes
@@ -148,17 +145,13 @@ def options_to_proto(options: ScoreOptions, out: pb.ScoreOptions) -> None:
 
 
 def options_from_proto(options: pb.ScoreOptions) -> ScoreOptions:
-    """The engine options a request asks for; obvious mistakes are INVALID_ARGUMENT here."""
+    """The engine options a request asks for: the wire's defaults (0, empty) mapped to the
+    engine's; ScoreOptions checks the values (INVALID_ARGUMENT naming the field)."""
     if options.output_stride < 0:
         raise InvalidOption(
             f"output_stride {options.output_stride} is negative: use 0 for the native stride or "
             "one of the model's supported_strides (GetModel)"
         )
-    if len(options.scales) > MAX_SCALES:  # counted before converting (request_counts)
-        raise InvalidOption(f"scales must be 1..{MAX_SCALES} values, got {len(options.scales)}")
-    scales = tuple(options.scales) or (1.0,)
-    if not all(math.isfinite(s) and s > 0 for s in scales):
-        raise InvalidOption(f"scales must be 1..{MAX_SCALES} finite values > 0, got {list(scales)}")
     if options.output not in (pb.OUTPUT_UNSPECIFIED, pb.PROBABILITIES, pb.LOGITS):
         raise InvalidOption(f"output {options.output} is unknown: use PROBABILITIES or LOGITS")
     dtypes = {pb.DTYPE_UNSPECIFIED: "float32", pb.FLOAT32: "float32", pb.FLOAT16: "float16"}
@@ -168,13 +161,9 @@ def options_from_proto(options: pb.ScoreOptions) -> ScoreOptions:
             "or FLOAT16"
         )
     image_top_k = options.image_top_k if options.HasField("image_top_k") else DEFAULT_IMAGE_TOP_K
-    if options.top_k < 0 or image_top_k < 0:
-        raise InvalidOption(
-            f"top_k and image_top_k must be >= 0, got {options.top_k}, {image_top_k}"
-        )
     return ScoreOptions(
         output_stride=options.output_stride or None,
-        scales=scales,
+        scales=tuple(options.scales) or (1.0,),  # counted before converting (request_counts)
         probabilities=options.output != pb.LOGITS,
         dtype=dtypes[options.dtype],
         top_k=options.top_k,

@@ -20,7 +20,7 @@ DEFAULT_PORT = 50051
 DEFAULT_METRICS_PORT = 9090  # 0 turns the Prometheus endpoint off
 DEFAULT_METRICS_HOST = "127.0.0.1"  # plain HTTP: this host only, unless --metrics-host says
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # receive and send
-DEFAULT_WORKERS = 32  # gRPC handler threads (inference runs in them, off the event loop)
+DEFAULT_SCORING_THREADS = 32  # gRPC handler threads (inference runs in them, off the event loop)
 DEFAULT_MAX_IN_FLIGHT = 2  # engine calls running at once, per model
 DEFAULT_MAX_QUEUE = 16  # requests waiting for a slot, per model; beyond: RESOURCE_EXHAUSTED
 DEFAULT_GRACE_SECONDS = 30.0  # drain time for in-flight calls on SIGTERM/SIGINT
@@ -32,7 +32,7 @@ DEFAULT_MAX_REQUEST_GMACS = 0.0  # 0: per model, from the pixel limit (compute_l
 DEFAULT_STREAM_IDLE_SECONDS = 60.0
 DEFAULT_WRITE_TIMEOUT_SECONDS = 30.0  # a connection that reads nothing this long is dropped  # a stream that sends nothing this long is closed
 SERVER_BYTES_PER_PIXEL = 16  # decoded RGB uint8 (3) + its float32 copy (12), rounded up
-RESERVED_WORKERS = 4  # scoring threads beyond the admitted calls: refusals answer at once
+RESERVED_SCORING_THREADS = 4  # scoring threads beyond the admitted calls: refusals answer at once
 
 
 def server_max_pixels(memory_budget: int) -> int:
@@ -46,23 +46,6 @@ def server_engine_config() -> EngineConfig:
     return EngineConfig(max_pixels=server_max_pixels(DEFAULT_MEMORY_BUDGET))
 
 
-ENGINE_DEVICES = ("auto", "cpu", "cuda")  # the engine's; checked here so start-up fails fast
-
-
-def _engine_problems(engine: EngineConfig) -> list[str]:
-    """Engine settings the server checks before binding: a bad one would otherwise only
-    surface as every model failing to load behind a "ready" server."""
-    problems = []
-    if engine.device not in ENGINE_DEVICES:
-        problems.append(f"device must be one of {ENGINE_DEVICES} (got {engine.device!r})")
-    for name in ("max_pixels", "memory_budget"):
-        if getattr(engine, name) is not None and getattr(engine, name) < 1:
-            problems.append(f"{name} must be >= 1 (got {getattr(engine, name)})")
-    if engine.intra_op_threads < 0:
-        problems.append(f"threads must be >= 0, 0 = auto (got {engine.intra_op_threads})")
-    return problems
-
-
 @dataclass(frozen=True)
 class ServerConfig:
     """How :func:`service.server.app.create_server` binds, limits and loads.
@@ -74,7 +57,8 @@ class ServerConfig:
       token) listens; 127.0.0.1 by default, so only this host reads it (a pod scraped by
       Prometheus sets 0.0.0.0); port 0 = off.
     - ``max_message_bytes``: max receive and send message size.
-    - ``workers``: scoring threads; at most ``workers - RESERVED_WORKERS`` scoring requests
+    - ``scoring_threads``: gRPC handler threads, in which requests are scored; at most
+      ``scoring_threads - RESERVED_SCORING_THREADS`` scoring requests
       (unary calls and stream images being scored) are admitted, running or queued, at once.
     - ``max_streams``/``max_streams_per_peer``: open streams in all / from one client
       address; they run on threads of their own. ``stream_idle_seconds``: a stream whose
@@ -106,7 +90,7 @@ class ServerConfig:
     metrics_port: int = DEFAULT_METRICS_PORT
     metrics_host: str = DEFAULT_METRICS_HOST
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    workers: int = DEFAULT_WORKERS
+    scoring_threads: int = DEFAULT_SCORING_THREADS
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
     max_queue: int = DEFAULT_MAX_QUEUE
     max_request_gmacs: float = DEFAULT_MAX_REQUEST_GMACS
@@ -141,8 +125,11 @@ class ServerConfig:
             problems.append(f"ports must be in 0..65535 (got {self.port}, {self.metrics_port})")
         if self.max_message_bytes < 1024 or self.max_message_bytes > 2**31 - 1:
             problems.append("max_message_bytes must be in 1 KiB..2 GiB-1 (protobuf's limit)")
-        if self.workers <= RESERVED_WORKERS:
-            problems.append(f"workers must exceed {RESERVED_WORKERS} (got {self.workers})")
+        if self.scoring_threads <= RESERVED_SCORING_THREADS:
+            problems.append(
+                f"scoring_threads must exceed {RESERVED_SCORING_THREADS} "
+                f"(got {self.scoring_threads})"
+            )
         if self.max_in_flight < 1 or self.max_queue < 0:
             problems.append("max_in_flight must be >= 1 and max_queue >= 0")
         if not (math.isfinite(self.max_request_gmacs) and self.max_request_gmacs >= 0):
@@ -167,7 +154,8 @@ class ServerConfig:
             problems.append(
                 f"grace, poll and connection-age seconds must be finite and >= 0 (got {seconds})"
             )
-        problems.extend(_engine_problems(self.engine))
+        if not isinstance(self.engine, EngineConfig):  # it checked its own fields
+            problems.append(f"engine must be an EngineConfig, got {type(self.engine).__name__}")
         if (self.tls_cert is None) != (self.tls_key is None):
             problems.append("TLS needs both a certificate and a key file")
         if self.auth_token is not None and not self.auth_token.strip():
@@ -183,4 +171,4 @@ class ServerConfig:
     @property
     def max_admitted(self) -> int:
         """Scoring requests admitted (running + queued) over all models at once."""
-        return self.workers - RESERVED_WORKERS
+        return self.scoring_threads - RESERVED_SCORING_THREADS

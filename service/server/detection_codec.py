@@ -10,15 +10,11 @@ from service.engine.options import (
     DetectionOptions,
 )
 from service.engine.result import Detection
-from service.errors import InvalidOption
 
 
 def detection_options_to_proto(options: DetectionOptions, out: pb.DetectionOptions) -> None:
-    """Client side; the server's engine checks the values against the model."""
-    if not isinstance(options, DetectionOptions):
-        raise InvalidOption(
-            f"detections must be a DetectionOptions or None, got {type(options).__name__}"
-        )
+    """Client side (the options checked their values; the server checks them against the
+    model)."""
     out.SetInParent()
     if options.classes is not None:
         out.classes[:] = options.classes
@@ -31,7 +27,7 @@ def detection_options_to_proto(options: DetectionOptions, out: pb.DetectionOptio
 
 
 def detection_options_from_proto(options: pb.DetectionOptions) -> DetectionOptions:
-    """Server side: unset fields take the defaults; the engine checks the values."""
+    """Server side: unset fields take the defaults; DetectionOptions checks the values."""
     return DetectionOptions(
         classes=tuple(options.classes) or None,
         threshold=(

@@ -15,7 +15,6 @@ from service.engine.options import (
     DetectionOptions,
     ScoreOptions,
 )
-from service.engine.request_checks import MAX_SCALES
 from service.errors import InvalidOption
 from service.plain_numbers import parse_decimal, parse_integer
 
@@ -66,11 +65,8 @@ def _typed(name: str, parameter, kinds: tuple[str, ...]):
     return getattr(parameter, kind)
 
 
-def _int(name: str, parameter, *, minimum: int) -> int:
-    value = int(_typed(name, parameter, ("int64_param", "uint64_param")))
-    if value < minimum:
-        raise InvalidOption(f"parameter {name!r} must be >= {minimum}, got {value}")
-    return value
+def _int(name: str, parameter) -> int:
+    return int(_typed(name, parameter, ("int64_param", "uint64_param")))
 
 
 def _numbers(name: str, parameter, cast, kinds: tuple[str, ...]) -> tuple:
@@ -108,9 +104,7 @@ def _detection_options(parameters) -> DetectionOptions | None:
         if name in parameters:
             values[field] = float(_typed(name, parameters[name], ("double_param", "int64_param")))
     if "detection_max_count" in parameters:
-        values["max_count"] = _int(
-            "detection_max_count", parameters["detection_max_count"], minimum=1
-        )
+        values["max_count"] = _int("detection_max_count", parameters["detection_max_count"])
     if "detection_classes" in parameters:
         values["classes"] = _numbers(
             "detection_classes", parameters["detection_classes"], int, ("int64_param",)
@@ -134,7 +128,12 @@ def options_from_parameters(parameters) -> ScoreOptions:
         raise InvalidOption(f"unknown parameter(s) {unknown[:5]}; known parameters: {known}")
     options: dict = {}
     if "output_stride" in parameters:
-        stride = _int("output_stride", parameters["output_stride"], minimum=0)
+        stride = _int("output_stride", parameters["output_stride"])
+        if stride < 0:  # 0 is the wire's "native"; ScoreOptions checks the others
+            raise InvalidOption(
+                f"parameter 'output_stride' must be {PARAMETERS['output_stride']}, 0 or more; "
+                f"got {stride}"
+            )
         options["output_stride"] = stride or None
     if "scales" in parameters:
         options["scales"] = _numbers(
@@ -145,9 +144,9 @@ def options_from_parameters(parameters) -> ScoreOptions:
             _typed("probabilities", parameters["probabilities"], ("bool_param",))
         )
     if "top_k" in parameters:
-        options["top_k"] = _int("top_k", parameters["top_k"], minimum=0)
+        options["top_k"] = _int("top_k", parameters["top_k"])
     if "image_top_k" in parameters:
-        options["image_top_k"] = _int("image_top_k", parameters["image_top_k"], minimum=0)
+        options["image_top_k"] = _int("image_top_k", parameters["image_top_k"])
     if "dtype" in parameters:
         value = _typed("dtype", parameters["dtype"], ("string_param",))
         if value.lower() not in DTYPES:
@@ -160,9 +159,4 @@ def options_from_parameters(parameters) -> ScoreOptions:
     detections = _detection_options(parameters)
     if detections is not None:
         options["detections"] = detections
-    scales = options.get("scales", (1.0,))
-    if len(scales) > MAX_SCALES or not all(0 < s < float("inf") for s in scales):
-        raise InvalidOption(
-            f"parameter 'scales' must hold 1..{MAX_SCALES} finite values > 0, got {list(scales)}"
-        )
-    return ScoreOptions(**options)
+    return ScoreOptions(**options)  # checks the values, naming the field

@@ -190,7 +190,7 @@ class Admission:
             if self._admitted >= self.max_admitted:
                 raise ServerBusy(
                     f"the server already handles {self._admitted} scoring calls "
-                    f"(limit {self.max_admitted}, from --workers): retry later with backoff"
+                    f"(limit {self.max_admitted}, from --scoring-threads): retry later with backoff"
                 )
             self._admitted += 1
             if self._idle is not None:

@@ -1,0 +1,189 @@
+"""Options and configs check themselves once (issue 23, point 3): ScoreOptions,
+DetectionOptions, EngineConfig and the batch request refuse bad values when they are built,
+in the same words whichever front end built them; the engine checks only what needs the
+model; tf32 is one precision; old spellings of renamed flags still work, with a note."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from service._proto.densemap.v1 import densemap_pb2 as pb
+from service.batch.run import BatchRequest, RayConfig
+from service.batch.storage import Storage
+from service.cli import build_parser
+from service.engine.field_checks import MAX_SCALES
+from service.engine.options import DetectionOptions, EngineConfig, ScoreOptions
+from service.errors import InvalidOption
+from service.serve_cli import build_config
+from service.server.codec import options_from_proto
+from service.server.kserve_parameters import options_from_parameters
+from service.server.kserve_proto import InferParameter
+
+
+@pytest.mark.parametrize(
+    "fields, words",
+    [
+        ({"scales": ()}, "between 1 and 16 scales"),
+        ({"scales": (1.0,) * (MAX_SCALES + 1)}, "between 1 and 16 scales"),
+        ({"scales": (1.0, float("nan"))}, "finite and > 0"),
+        ({"scales": (0.0,)}, "finite and > 0"),
+        ({"scales": "1,2"}, "sequence of numbers"),
+        ({"scales": (True,)}, "sequence of numbers"),
+        ({"output_stride": 0}, "output_stride must be >= 1"),
+        ({"output_stride": 2.0}, "output_stride must be an int"),
+        ({"top_k": -1}, "top_k must be >= 0"),
+        ({"image_top_k": True}, "image_top_k must be an int"),
+        ({"classes": ()}, "classes is empty"),
+        ({"classes": (1, 1)}, "classes holds duplicates"),
+        ({"classes": (-1,)}, "classes entries must be >= 0"),
+        ({"dtype": "int8"}, "dtype must be one of"),
+        ({"probabilities": 1}, "probabilities must be True or False"),
+        ({"precision": "bf16"}, "no bfloat16 convolution kernel"),
+        ({"precision": "fp64"}, "precision must be one of"),
+        ({"heads": "boxes"}, "heads must be a sequence of names"),
+        ({"heads": ("boxes", "boxes")}, "heads holds duplicates"),
+        ({"detections": True}, "detections must be a DetectionOptions"),
+    ],
+)
+def test_score_options_refuse_bad_values_when_built(fields, words):
+    with pytest.raises(InvalidOption, match=words):
+        ScoreOptions(**fields)
+
+
+def test_score_options_store_canonical_values():
+    options = ScoreOptions(
+        output_stride=np.int64(4),
+        scales=[1, np.float32(1.5)],
+        dtype="fp16",
+        precision="float16",
+        classes=[np.int32(3), 1],
+        heads=["boxes"],
+        argmax=np.bool_(True),
+    )
+    assert options.output_stride == 4 and type(options.output_stride) is int
+    assert options.scales == (1.0, 1.5) and all(type(s) is float for s in options.scales)
+    assert (options.dtype, options.precision) == ("float16", "fp16")
+    assert options.classes == (3, 1) and options.heads == ("boxes",)
+    assert options.argmax is True
+
+
+@pytest.mark.parametrize(
+    "fields, words",
+    [
+        ({"threshold": 1.5}, r"detections.threshold must be in \[0, 1\]"),
+        ({"iou": float("nan")}, r"detections.iou must be in \[0, 1\]"),
+        ({"max_count": 0}, "detections.max_count must be in 1..10000"),
+        ({"classes": (2, 2)}, "detections.classes holds duplicates"),
+        ({"across_classes": "yes"}, "detections.across_classes must be True or False"),
+        ({"box_offsets": (0, 0, 0)}, "detections.box_offsets must be 4 numbers"),
+        ({"box_offsets": (0.6, 0, -0.6, 0)}, "box of positive size"),
+        ({"box_offsets": (11, 0, 12, 0)}, r"detections.box_offsets must be in \[-10, 10\]"),
+    ],
+)
+def test_detection_options_refuse_bad_values_when_built(fields, words):
+    with pytest.raises(InvalidOption, match=words):
+        DetectionOptions(**fields)
+
+
+@pytest.mark.parametrize(
+    "fields, words",
+    [
+        ({"device": "tpu"}, "EngineConfig.device must be one of"),
+        ({"max_pixels": 0}, "EngineConfig.max_pixels must be >= 1"),
+        ({"memory_budget": 0}, "EngineConfig.memory_budget must be >= 1"),
+        ({"intra_op_threads": -1}, "EngineConfig.intra_op_threads must be >= 0"),
+        ({"precision": "bf16"}, "no bfloat16"),
+        ({"report_precisions": "fp16"}, "report_precisions must be a sequence"),
+        ({"warmup_shapes": ((0, 9),)}, "EngineConfig.warmup_shapes must be >= 1"),
+        ({"warmup_shapes": ((8, 8),) * 17}, "at most 16"),
+        ({"cuda_conv_search": "FAST"}, "EngineConfig.cuda_conv_search must be one of"),
+        ({"box_offsets": (0, 0, -2, 0)}, "box of positive size"),
+        ({"head_unfold": "gpu"}, "EngineConfig.head_unfold must be one of"),
+        ({"runtime": "tvm"}, "EngineConfig.runtime must be one of"),
+        ({"tiling": "no"}, "EngineConfig.tiling must be True or False"),
+    ],
+)
+def test_engine_config_refuses_bad_values_when_built(fields, words):
+    with pytest.raises(InvalidOption, match=words):
+        EngineConfig(**fields)
+
+
+def test_engine_config_has_no_tf32_switch_besides_its_precision():
+    assert EngineConfig(precision="tf32").precision == "tf32"
+    assert EngineConfig(precision="float32").precision == "fp32"
+    with pytest.raises(TypeError):
+        EngineConfig(tf32=True)
+
+
+def test_every_front_end_gets_the_same_words_for_the_same_bad_scale():
+    """densemap.v1, KServe and Python refuse a zero scale with ScoreOptions' message."""
+    with pytest.raises(InvalidOption) as python:
+        ScoreOptions(scales=(1.0, 0.0))
+    with pytest.raises(InvalidOption) as densemap_v1:
+        options_from_proto(pb.ScoreOptions(scales=[1.0, 0.0]))
+    parameters = {"scales": InferParameter(string_param="1,0")}
+    with pytest.raises(InvalidOption) as kserve:
+        options_from_parameters(parameters)
+    assert str(python.value) == str(densemap_v1.value) == str(kserve.value)
+    with pytest.raises(InvalidOption, match="top_k must be >= 0"):
+        options_from_parameters({"top_k": InferParameter(int64_param=-1)})
+
+
+def _batch(**fields) -> BatchRequest:
+    return BatchRequest(paths=("x",), out_dir="out", **fields)
+
+
+def test_the_batch_request_refuses_contradictions_before_loading_a_model():
+    with pytest.raises(InvalidOption, match="--dtype fp16 and --map-dtype fp32 contradict"):
+        _batch(options=ScoreOptions(dtype="float16"), storage=Storage(map_dtype="fp32"))
+    _batch(options=ScoreOptions(dtype="float16"))  # stored as float16 either way
+    with pytest.raises(InvalidOption, match="add --top-k K"):
+        _batch(storage=Storage(save="top-k"))
+    with pytest.raises(InvalidOption, match="--workers must be >= 1"):
+        _batch(workers=0)
+    with pytest.raises(InvalidOption, match="--save 'all'"):
+        Storage(save="all")
+    with pytest.raises(InvalidOption, match="Ray actors"):
+        RayConfig(actors=0)
+
+
+def test_score_cli_passes_values_through_for_the_options_to_check(tmp_path):
+    from service.score_cli import build_request
+
+    def request(*flags):
+        args = build_parser().parse_args(["score", str(tmp_path), "--out", "o", *flags])
+        return build_request(args)
+
+    with pytest.raises(InvalidOption, match=r"detections.threshold must be in \[0, 1\]"):
+        request("--detections", "--threshold", "2")
+    with pytest.raises(InvalidOption, match="top_k must be >= 0"):
+        request("--top-k", "-1")
+    with pytest.raises(InvalidOption, match="--workers must be >= 1"):
+        request("--workers", "0")  # 0 was silently the default before
+    with pytest.raises(InvalidOption, match="EngineConfig.max_pixels must be >= 1"):
+        request("--max-pixels", "0")
+
+
+def test_serve_takes_the_old_spellings_with_a_note(monkeypatch, capsys):
+    for name in ("DENSEMAP_WORKERS", "DENSEMAP_SCORING_THREADS", "DENSEMAP_TF32"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("DENSEMAP_PRECISION", raising=False)
+    args = build_parser().parse_args(["serve", "--workers", "9", "--tf32"])
+    config = build_config(args)
+    assert config.scoring_threads == 9 and config.engine.precision == "tf32"
+    notes = capsys.readouterr().err
+    assert "--workers is deprecated: use --scoring-threads" in notes
+    assert "--tf32 is deprecated: use --precision tf32" in notes
+    monkeypatch.setenv("DENSEMAP_WORKERS", "7")
+    monkeypatch.setenv("DENSEMAP_TF32", "1")
+    config = build_config(build_parser().parse_args(["serve"]))
+    assert config.scoring_threads == 7 and config.engine.precision == "tf32"
+    notes = capsys.readouterr().err
+    assert "DENSEMAP_WORKERS is deprecated: use DENSEMAP_SCORING_THREADS" in notes
+    monkeypatch.setenv("DENSEMAP_TF32", "0")  # off: the default precision stands
+    assert build_config(build_parser().parse_args(["serve"])).engine.precision == "fp32"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    usage = capsys.readouterr().out  # the old spellings work but are not advertised
+    assert "--scoring-threads" in usage and "--workers" not in usage and "--tf32" not in usage
