@@ -11,8 +11,8 @@ from service.batch.heatmap import CLASS_PALETTE, LEGEND_LINE, RAMP, pixel_cells,
 from service.batch.outputs import write_npz
 from service.batch.progress import Progress
 from service.batch.walk import find_images, has_image_signature
-from service.errors import InvalidOption
 from service.engine.options import ScoreOptions
+from service.errors import InvalidOption
 from service.score_cli import parse_bytes, parse_scales, split_ray_address
 
 

@@ -19,7 +19,7 @@ from server_harness import (  # noqa: F401  (fixtures)
 )
 
 from service._proto.densemap.v1 import densemap_pb2_grpc as pb_grpc
-from service.engine import EngineConfig, ModelRepository
+from service.engine import ModelRepository
 from service.errors import (
     Cancelled,
     ConversionError,
