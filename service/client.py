@@ -7,11 +7,11 @@
         result = client.score("cat.jpg", model="digits", output_stride=4, top_k=3)
         probabilities = result.maps[0].scores          # [C, n_h, n_w] numpy array
         boxes = result.maps[0].head_maps.get("boxes")  # an extra head's map, if the model has one
-        top, left, bottom, right = result.maps[0].geometry.box(0, 0)
+        top, left, bottom, right = result.maps[0].geometry.window_at(0, 0)
         found = client.score("page.png", model="digits", detections=True).detections
         x0, y0, x1, y1 = found[0].box                  # original-image pixels
 
-``score`` returns the engine's own :class:`~service.engine.result.ScoreMap` type, so code
+``score`` returns the engine's own :class:`~service.engine.result.ScoreResult` type, so code
 works the same with a local ``Engine`` and a remote server. Failures raise
 :class:`RemoteError` (a ``DensemapError``) carrying the gRPC status code.
 """
@@ -31,7 +31,7 @@ from service._proto.densemap.v1 import densemap_pb2_grpc as pb_grpc
 from service.contract import Geometry, Preprocessing
 from service.engine.heads import HeadInfo
 from service.engine.options import DetectionOptions, ScoreOptions
-from service.engine.result import PrecisionReport, ScoreMap
+from service.engine.result import PrecisionReport, ScoreResult
 from service.errors import DensemapError, InvalidOption
 from service.server.codec import (
     image_to_proto,
@@ -223,7 +223,7 @@ class DensemapClient:
         model: str,
         timeout: float | None = None,
         **options,
-    ) -> ScoreMap:
+    ) -> ScoreResult:
         """Score one image: encoded bytes, a file path, uint8 HxW(xC) or float32 CxHxW.
 
         ``options`` are :class:`~service.engine.options.ScoreOptions` fields
@@ -247,7 +247,7 @@ class DensemapClient:
         timeout: float | None = None,
         return_errors: bool = False,
         **options,
-    ) -> Iterator[ScoreMap | RemoteError]:
+    ) -> Iterator[ScoreResult | RemoteError]:
         """Score many images over one call (pipelined), results in input order.
 
         A failed image raises :class:`RemoteError`, or is yielded as one with

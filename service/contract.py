@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 
 from service.errors import ModelLoadError
@@ -76,6 +77,11 @@ OUTPUT_KINDS = ("logits", "probabilities", "sigmoid")
 HEAD_KINDS = (*OUTPUT_KINDS, "regression")
 
 Pair = tuple[int, int]
+
+
+def warn_renamed(old: str, new: str) -> None:
+    """A DeprecationWarning for a public name that was renamed (README "Changelog")."""
+    warnings.warn(f"{old} is deprecated: use {new}", DeprecationWarning, stacklevel=3)
 
 
 def parse_labels(text: str) -> tuple[str, ...]:
@@ -136,11 +142,17 @@ class Geometry:
             (width - self.window[1]) // self.stride[1] + 1,
         )
 
-    def box(self, i: int, j: int) -> tuple[int, int, int, int]:
-        """Pixel box (top, left, bottom, right) of cell (i, j), bottom/right exclusive."""
+    def window_at(self, i: int, j: int) -> tuple[int, int, int, int]:
+        """The window of cell (i, j) as (top, left, bottom, right) pixel rows and columns,
+        bottom/right exclusive. (A *box* in densemap is a detection's (x0, y0, x1, y1).)"""
         top = self.origin[0] + i * self.stride[0]
         left = self.origin[1] + j * self.stride[1]
         return (top, left, top + self.window[0], left + self.window[1])
+
+    def box(self, i: int, j: int) -> tuple[int, int, int, int]:
+        """Deprecated name of :meth:`window_at` (same (top, left, bottom, right) order)."""
+        warn_renamed("Geometry.box", "Geometry.window_at")
+        return self.window_at(i, j)
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ def test_cells_and_boxes_follow_the_formula():
     # n = (W - R) // S + 1 per axis; trailing pixels are covered by no window.
     assert geo.cells(20 + 3 * 4 + 3, 28 + 5 * 8 + 7) == (4, 6)
     assert geo.cells(19, 28) == (0, 1)
-    assert geo.box(2, 3) == (8, 24, 28, 52)
+    assert geo.window_at(2, 3) == (8, 24, 28, 52)
 
 
 def test_square_ints_become_pairs():

@@ -83,7 +83,7 @@ def test_map_equals_crops_per_axis(engine, image, output_stride, cell_stride):
     # fp32 dense pass vs fp64 crops of an unpadded net: only rounding differs (|logit| ~ 1).
     np.testing.assert_allclose(scale_map.scores, expected, atol=1e-5, rtol=0)
     top, left = cell_stride
-    assert scale_map.geometry.box(1, 1) == (top, left, top + WINDOW[0], left + WINDOW[1])
+    assert scale_map.geometry.window_at(1, 1) == (top, left, top + WINDOW[0], left + WINDOW[1])
 
 
 def test_only_common_divisors_are_strides(engine, image):

@@ -185,7 +185,7 @@ def test_multiscale_boxes_map_back_to_original_pixels(engine, model_path, image)
         n = ((size[0] - 12) // 4 + 1, (size[1] - 16) // 4 + 1)
         assert m.shape == n
         for i, j in [(0, 0), (n[0] - 1, n[1] - 1), (n[0] // 2, 1)]:
-            top, left, bottom, right = m.geometry.box(i, j)
+            top, left, bottom, right = m.geometry.window_at(i, j)
             # the box, mapped back into the resized image, is the window the cell scored
             r_top, r_left = round(top * size[0] / 45), round(left * size[1] / 57)
             assert (r_top, r_left) == (i * 4, j * 4)

@@ -37,7 +37,7 @@ def plain_detections(result, *, classes, threshold, iou, limit, offsets=(0, 0, 0
         g = scale_map.geometry
         for c in classes:
             for i, j in zip(*np.nonzero(scale_map.scores[c] >= threshold), strict=True):
-                top, left, bottom, right = g.box(int(i), int(j))
+                top, left, bottom, right = g.window_at(int(i), int(j))
                 w, h = right - left, bottom - top
                 box = (
                     left + offsets[0] * w,
@@ -148,21 +148,23 @@ def test_model_default_offsets_come_from_the_engine_config(tmp_path):
 @pytest.mark.parametrize(
     "options, words",
     [
-        (DetectionOptions(threshold=1.5), "threshold must be in [0, 1]"),
-        (DetectionOptions(threshold="high"), "threshold must be a number"),
-        (DetectionOptions(iou=-0.1), "iou must be in [0, 1]"),
-        (DetectionOptions(classes=(3,)), "distinct class indices of this model (0..2)"),
-        (DetectionOptions(classes=(1, 1)), "distinct class indices"),
-        (DetectionOptions(max_count=0), "max_count must be in 1..10000"),
-        (DetectionOptions(max_count=2.5), "max_count must be an int"),
-        (DetectionOptions(box_offsets=(0, 0, -1, 0)), "box of positive size"),
-        (DetectionOptions(box_offsets=(0, 0)), "must be 4 numbers"),
+        (dict(threshold=1.5), "threshold must be in [0, 1]"),
+        (dict(threshold="high"), "threshold must be a number"),
+        (dict(iou=-0.1), "iou must be in [0, 1]"),
+        (dict(classes=(3,)), "distinct class indices of this model (0..2)"),
+        (dict(classes=(1, 1)), "detections.classes holds duplicates"),
+        (dict(max_count=0), "max_count must be in 1..10000"),
+        (dict(max_count=2.5), "max_count must be an int"),
+        (dict(box_offsets=(0, 0, -1, 0)), "box of positive size"),
+        (dict(box_offsets=(0, 0)), "must be 4 numbers"),
         ("yes", "detections must be a DetectionOptions"),
     ],
 )
 def test_bad_detection_options_are_named(engine, image, options, words):
+    """Refused by DetectionOptions when built, or by the engine (classes of this model)."""
     with pytest.raises(InvalidOption, match=None) as caught:
-        engine.score(image, ScoreOptions(detections=options))
+        found = DetectionOptions(**options) if isinstance(options, dict) else options
+        engine.score(image, ScoreOptions(detections=found))
     assert words in str(caught.value)
 
 

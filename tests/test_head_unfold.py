@@ -147,10 +147,10 @@ def test_engine_with_unfolded_head_gives_the_same_maps(vgg_model, monkeypatch):
     assert len(regions) > 1  # really tiled
 
 
-def test_bad_head_unfold_setting_is_a_clear_load_error(vgg_model):
-    from service.errors import ModelLoadError
+def test_bad_head_unfold_setting_is_a_clear_error(vgg_model):
+    from service.errors import InvalidOption
 
-    with pytest.raises(ModelLoadError, match="head_unfold must be one of"):
+    with pytest.raises(InvalidOption, match="EngineConfig.head_unfold must be one of"):
         Engine(vgg_model, config=EngineConfig(warmup=False, head_unfold="gpu"))
 
 

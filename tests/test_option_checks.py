@@ -41,7 +41,7 @@ from service.server.kserve_proto import InferParameter
         ({"probabilities": 1}, "probabilities must be True or False"),
         ({"precision": "bf16"}, "no bfloat16 convolution kernel"),
         ({"precision": "fp64"}, "precision must be one of"),
-        ({"heads": "boxes"}, "heads must be a sequence of names"),
+        ({"heads": "boxes"}, "heads must be a sequence of head names"),
         ({"heads": ("boxes", "boxes")}, "heads holds duplicates"),
         ({"detections": True}, "detections must be a DetectionOptions"),
     ],

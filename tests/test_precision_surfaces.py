@@ -22,11 +22,14 @@ from server_harness import (  # noqa: F401  (fixtures)
 )
 from tritonclient.utils import InferenceServerException
 
+from service._proto.densemap.v1 import densemap_pb2 as pb
 from service.batch.outputs import load_result
 from service.cli import main
-from service.client import DensemapClient, RemoteError
+from service.client import DensemapClient
 from service.engine import Engine, EngineConfig, ModelRepository, ScoreOptions, device_memory
 from service.engine.options import DEFAULT_MEMORY_BUDGET
+from service.errors import InvalidOption
+from service.server.codec import image_to_proto
 
 FP16 = ScoreOptions(precision="fp16")
 
@@ -62,10 +65,15 @@ def test_densemap_v1_precision_option_and_model_report(client, engines, repo):  
 
 def test_densemap_v1_refuses_unknown_and_unavailable_precisions(client):
     for precision, words in (("bf16", "bfloat16 convolution"), ("fp8", "must be one of")):
-        with pytest.raises(RemoteError) as caught:
+        with pytest.raises(InvalidOption, match=words):  # the client's ScoreOptions
             client.score(rgb_image(), model=TINY, precision=precision)
-        assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
-        assert words in str(caught.value)
+        request = pb.ScoreRequest(model=TINY)  # a client that sends it anyway
+        image_to_proto(rgb_image(), request.image)
+        request.options.precision = precision
+        with pytest.raises(grpc.RpcError) as caught:
+            client._stub.Score(request, timeout=30)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert words in caught.value.details()
 
 
 def test_kserve_precision_parameter(server, engines):  # noqa: F811
@@ -116,7 +124,7 @@ def test_model_settings_file_sets_precision_and_warmup(repo, tmp_path):  # noqa:
         engine.score(image).maps[0].scores, engine.score(image, FP16).maps[0].scores
     )
     assert "unknown key(s) ['precison']" in repository.errors["typo"]
-    assert "[height, width]" in repository.errors["badshape"]
+    assert "EngineConfig.warmup_shapes must be >= 1" in repository.errors["badshape"]
 
 
 def test_memory_budget_follows_the_device(monkeypatch):

@@ -26,7 +26,7 @@ import convert
 from convert.torch_runtime.session import TORCH_CPU, open_torch_net
 from service.engine import Engine, EngineConfig, ScoreOptions
 from service.engine.dense import DenseNet
-from service.errors import ModelLoadError
+from service.errors import InvalidOption, ModelLoadError
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "models" / "digits" / "model.onnx"
@@ -241,7 +241,7 @@ def test_unsupported_op_is_refused_by_name(tmp_path):
     onnx.save(model, str(path))
     with pytest.raises(ModelLoadError, match="no Hardmax.*--runtime ort"):
         Engine(path, config=EngineConfig(warmup=False, runtime="torch"))
-    with pytest.raises(ModelLoadError, match="runtime must be one of"):
+    with pytest.raises(InvalidOption, match="EngineConfig.runtime must be one of"):
         Engine(path, config=EngineConfig(warmup=False, runtime="tensorflow"))
 
 

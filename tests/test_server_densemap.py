@@ -17,7 +17,7 @@ from server_harness import (  # noqa: F401  (fixtures)
 from service.client import DensemapClient
 from service.contract import CONTRACT_VERSION
 from service.engine import HeadInfo, ScoreOptions, preprocess
-from service.engine.result import ScoreMap
+from service.engine.result import ScoreResult
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def client(server):  # noqa: F811
         yield densemap_client
 
 
-def assert_same_result(got: ScoreMap, expected: ScoreMap) -> None:
+def assert_same_result(got: ScoreResult, expected: ScoreResult) -> None:
     assert len(got.maps) == len(expected.maps)
     for remote, local in zip(got.maps, expected.maps, strict=True):
         assert remote.geometry == local.geometry

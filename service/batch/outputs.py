@@ -44,7 +44,7 @@ import numpy as np
 from service.batch.storage import LEGACY, Storage, head_arrays, map_arrays
 from service.engine.heads import HeadInfo
 from service.engine.options import ScoreOptions
-from service.engine.result import MapGeometry, ScaleMap, ScoreMap
+from service.engine.result import MapGeometry, ScaleMap, ScoreResult
 from service.errors import DensemapError
 
 NPZ_SUFFIX = ".npz"
@@ -167,7 +167,7 @@ def options_to_json(options: ScoreOptions) -> dict:
 
 
 def encode_result(
-    result: ScoreMap,
+    result: ScoreResult,
     *,
     relpath: str,
     model_name: str,
@@ -231,8 +231,8 @@ def _geometry(doc: dict) -> MapGeometry:
     return MapGeometry(**{k: tuple(v) if isinstance(v, list) else v for k, v in doc.items()})
 
 
-def load_result(path: Path | str) -> tuple[ScoreMap, dict]:
-    """Read an output ``.npz`` back into a :class:`ScoreMap` plus its ``meta`` document."""
+def load_result(path: Path | str) -> tuple[ScoreResult, dict]:
+    """Read an output ``.npz`` back into a :class:`ScoreResult` plus its ``meta`` document."""
     with np.load(path, allow_pickle=False) as npz:
         meta = json.loads(str(npz["meta"]))
         heads = tuple(
@@ -251,7 +251,7 @@ def load_result(path: Path | str) -> tuple[ScoreMap, dict]:
                     **fields,
                 )
             )
-        result = ScoreMap(
+        result = ScoreResult(
             maps=maps,
             image_scores=npz["image_scores"],
             image_top_k=[(int(i), float(s)) for i, s in meta["image_top_k"]],

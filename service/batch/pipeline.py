@@ -33,7 +33,7 @@ from service.batch.summary import failed_row
 from service.batch.walk import ImageJob
 from service.batch.writer import ResultWriter
 from service.engine.options import ScoreOptions
-from service.engine.result import ScoreMap
+from service.engine.result import ScoreResult
 from service.errors import DensemapError
 
 logger = logging.getLogger("densemap.score")
@@ -55,7 +55,7 @@ class Scorer(Protocol):
 
     def score(
         self, image, options: ScoreOptions, *, cancel: Callable[[], bool] | None = None
-    ) -> ScoreMap: ...
+    ) -> ScoreResult: ...
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,7 @@ def run_pipeline(
                 return
             pending.append((job, decode_pool.submit(load_image, job, scorer)))
 
-    def write(job: ImageJob, image, result: ScoreMap, seconds: float) -> None:
+    def write(job: ImageJob, image, result: ScoreResult, seconds: float) -> None:
         try:
             report(writer.write(job, image, result, seconds=seconds))
         except Exception as exc:

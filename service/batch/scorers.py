@@ -3,7 +3,7 @@
 The engine scorer decodes in the pipeline's decode threads (the engine's own decoder);
 the remote scorer sends the encoded bytes as they are (smaller than pixels) and the server
 decodes them with the same decoder; heat-maps then decode locally. Both return a
-:class:`~service.engine.result.ScoreMap`.
+:class:`~service.engine.result.ScoreResult`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from service.engine.detections import detection_classes
 from service.engine.options import EngineConfig, ScoreOptions
 from service.engine.postprocess import plan_outputs
 from service.engine.request_checks import check_stride
-from service.engine.result import ScoreMap
+from service.engine.result import ScoreResult
 from service.errors import InvalidOption
 
 REMOTE_CONCURRENCY = 4  # score calls in flight to a server (its queue absorbs them)
@@ -56,7 +56,7 @@ class EngineScorer:
     def decode(self, data: bytes) -> np.ndarray:
         return self.engine.decode(data)
 
-    def score(self, image: np.ndarray, options: ScoreOptions, *, cancel=None) -> ScoreMap:
+    def score(self, image: np.ndarray, options: ScoreOptions, *, cancel=None) -> ScoreResult:
         return self.engine.score(image, options, cancel=cancel)
 
     def close(self) -> None:
@@ -101,7 +101,7 @@ class RemoteScorer:
     def decode(self, data: bytes) -> bytes:
         return data  # the server decodes; RemoteError(INVALID_ARGUMENT) names the problem
 
-    def score(self, image, options: ScoreOptions, *, cancel=None) -> ScoreMap:
+    def score(self, image, options: ScoreOptions, *, cancel=None) -> ScoreResult:
         shallow = {f.name: getattr(options, f.name) for f in fields(options)}  # typed values
         return self.client.score(image, model=self.model_name, **shallow)
 

@@ -24,11 +24,16 @@ import numpy as np
 from service.batch.heatmap import probabilities_of
 from service.batch.outputs import Halt, LineFile, read_meta
 from service.batch.walk import ImageJob
-from service.engine.result import ScoreMap
+from service.engine.result import ScoreResult
 
 
 def ok_row(
-    job: ImageJob, result: ScoreMap, *, seconds: float, outputs: list[str], labels: tuple[str, ...]
+    job: ImageJob,
+    result: ScoreResult,
+    *,
+    seconds: float,
+    outputs: list[str],
+    labels: tuple[str, ...],
 ) -> dict:
     row = {
         "path": job.source,
@@ -47,7 +52,7 @@ def ok_row(
     return row
 
 
-def cells_above(result: ScoreMap, threshold: float, *, probabilities: bool) -> list[list[dict]]:
+def cells_above(result: ScoreResult, threshold: float, *, probabilities: bool) -> list[list[dict]]:
     """Per scale: ``{"index", "label", "cells"}`` of each class with cells >= ``threshold``
     (probabilities; logit maps through a softmax), in class order."""
     per_scale = []

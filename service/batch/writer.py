@@ -21,7 +21,7 @@ from service.batch.summary import cells_above, ok_row
 from service.batch.walk import ImageJob
 from service.engine.image_input import decode
 from service.engine.options import DEFAULT_DETECTION_THRESHOLD, DEFAULT_MAX_PIXELS, ScoreOptions
-from service.engine.result import ScoreMap
+from service.engine.result import ScoreResult
 
 PNG_COMPRESS_LEVEL = 3  # zlib level: level 6 (Pillow's default) is ~2x slower, ~5% smaller
 
@@ -57,7 +57,7 @@ class ResultWriter:
         self.partial_dir = Path(config.partial_dir)
 
     def write(
-        self, job: ImageJob, image: np.ndarray | bytes, result: ScoreMap, *, seconds: float
+        self, job: ImageJob, image: np.ndarray | bytes, result: ScoreResult, *, seconds: float
     ) -> dict:
         cfg = self.config
         outputs = []

@@ -1,6 +1,6 @@
 """The dense scoring engine (no gRPC, no torch): see docs/engine.md.
 
-``Engine(model_path).score(image, ScoreOptions(...)) -> ScoreMap`` is the entry point;
+``Engine(model_path).score(image, ScoreOptions(...)) -> ScoreResult`` is the entry point;
 ``ModelRepository(root)`` serves a folder of models by name.
 """
 
@@ -9,7 +9,7 @@ from service.engine.heads import HeadInfo
 from service.engine.image_input import preprocess
 from service.engine.options import EngineConfig, ScoreOptions
 from service.engine.repository import ModelRepository, ReloadReport, default_models_dir
-from service.engine.result import MapGeometry, ScaleMap, ScoreMap
+from service.engine.result import MapGeometry, ScaleMap, ScoreMap, ScoreResult
 
 __all__ = [
     "Engine",
@@ -19,7 +19,8 @@ __all__ = [
     "ModelRepository",
     "ReloadReport",
     "ScaleMap",
-    "ScoreMap",
+    "ScoreMap",  # deprecated alias of ScoreResult
+    "ScoreResult",
     "ScoreOptions",
     "default_models_dir",
     "preprocess",

@@ -46,7 +46,7 @@ from service.engine.request_checks import (
     plan_stride,
     read_image,
 )
-from service.engine.result import PrecisionReport, ScoreMap
+from service.engine.result import PrecisionReport, ScoreResult
 from service.engine.runtime import Runtime
 from service.engine.scale_pass import ScalePlan, score_scale
 from service.errors import (
@@ -269,7 +269,7 @@ class Engine:
         options: ScoreOptions = ScoreOptions(),
         *,
         cancel: Callable[[], bool] | None = None,
-    ) -> ScoreMap:
+    ) -> ScoreResult:
         """Score one image: one :class:`ScaleMap` per scale, plus image-level scores."""
         started = time.perf_counter()
         timings = dict.fromkeys(("decode", "preprocess", "infer", "postprocess"), 0.0)
@@ -328,7 +328,7 @@ class Engine:
         detections = None if detect is None else select(found, detect, self._labels)
         timings["postprocess"] += time.perf_counter() - tic
         timings["total"] = time.perf_counter() - started
-        return ScoreMap(
+        return ScoreResult(
             maps=maps,
             image_scores=mean_scores.astype(np.float32),
             image_top_k=rank_image_scores(mean_scores, plan),

@@ -97,11 +97,11 @@ def check_indices(name: str, value) -> tuple[int, ...]:
     return indices
 
 
-def check_names(name: str, value) -> tuple[str, ...]:
+def check_names(name: str, value, what: str = "names") -> tuple[str, ...]:
     """A sequence of distinct non-empty names (``()`` allowed)."""
-    items = _items(name, value, "names")
+    items = _items(name, value, what)
     if not all(isinstance(item, str) and item for item in items):
-        raise InvalidOption(f"{name} must be a sequence of non-empty names, got {value!r}")
+        raise InvalidOption(f"{name} must be a sequence of non-empty {what}, got {value!r}")
     if len(set(items)) != len(items):
         raise InvalidOption(f"{name} holds duplicates: {list(items)}")
     return items

@@ -57,7 +57,8 @@ def read_proto(path: Path) -> onnx.ModelProto:
         raise ModelLoadError(f"{path} is not a readable ONNX model: {exc}") from None
 
 
-def read_metadata(proto: onnx.ModelProto) -> ModelMetadata:
+def parse_metadata(proto: onnx.ModelProto) -> ModelMetadata:
+    """The contract of a loaded ONNX model (convert.pipeline.read_metadata reads a file's)."""
     return ModelMetadata.from_props({p.key: p.value for p in proto.metadata_props})
 
 
@@ -146,7 +147,7 @@ def load_nets(
     """Open a converted model and its variants; raise ModelLoadError saying what is wrong."""
     started = time.perf_counter()
     proto = read_proto(path)
-    metadata = read_metadata(proto)
+    metadata = parse_metadata(proto)
     geometry = metadata.geometry
     grid = Grid(
         geometry.stride, geometry.window, geometry.receptive_field, geometry.receptive_field_offset

@@ -246,4 +246,4 @@ class ScoreOptions:
                 f"detections must be a DetectionOptions or None, got {self.detections!r}"
             )
         if self.heads is not None:
-            _set(self, "heads", check_names("heads", self.heads))
+            _set(self, "heads", check_names("heads", self.heads, "head names"))

@@ -61,8 +61,9 @@ def default_models_dir() -> Path:
     return Path(env) if env else bundled_models_dir()
 
 
-def read_labels(path: Path) -> tuple[str, ...] | None:
-    """Labels of ``labels.txt`` (one per line, trailing blank lines ignored), or None."""
+def read_model_labels(path: Path) -> tuple[str, ...] | None:
+    """Labels of a model folder's ``labels.txt`` (one per line, trailing blank lines
+    ignored), or None without one (convert's ``--labels`` file: convert.cli.read_labels)."""
     if not path.is_file():
         return None
     try:
@@ -109,7 +110,10 @@ def load_model(root: str | Path, name: str, *, config: EngineConfig = EngineConf
     folder = folders[name]
     config = apply_model_settings(folder, config)  # densemap.json, as the server reads it
     return Engine(
-        folder / MODEL_FILE, config=config, name=name, labels=read_labels(folder / LABELS_FILE)
+        folder / MODEL_FILE,
+        config=config,
+        name=name,
+        labels=read_model_labels(folder / LABELS_FILE),
     )
 
 
@@ -160,7 +164,7 @@ class ModelRepository:
         raise _not_found(name, self.root, available)
 
     def _load(self, name: str, folder: Path) -> Engine:
-        labels = read_labels(folder / LABELS_FILE)
+        labels = read_model_labels(folder / LABELS_FILE)
         config = apply_model_settings(folder, self.config)
         return Engine(folder / MODEL_FILE, config=config, name=name, labels=labels)
 

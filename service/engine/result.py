@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from service.contract import warn_renamed
 from service.engine.heads import HeadInfo
 
 
@@ -26,7 +27,13 @@ class MapGeometry:
     resize: tuple[float, float] = (1.0, 1.0)
 
     def box(self, i: int, j: int) -> tuple[float, float, float, float]:
-        """(top, left, bottom, right) of cell (i, j) in original-image pixels."""
+        """Deprecated name of :meth:`window_at` (same (top, left, bottom, right) order)."""
+        warn_renamed("MapGeometry.box", "MapGeometry.window_at")
+        return self.window_at(i, j)
+
+    def window_at(self, i: int, j: int) -> tuple[float, float, float, float]:
+        """The window of cell (i, j) as (top, left, bottom, right) in original-image pixels
+        (rows, then columns). A *box* in densemap is a detection's (x0, y0, x1, y1)."""
         top = (self.origin[0] + i * self.stride[0]) / self.resize[0]
         left = (self.origin[1] + j * self.stride[1]) / self.resize[1]
         return (
@@ -81,8 +88,9 @@ class Detection:
 
 
 @dataclass
-class ScoreMap:
-    """The result of :meth:`Engine.score`: one :class:`ScaleMap` per requested scale."""
+class ScoreResult:
+    """The whole result of :meth:`Engine.score` (and of the client's ``score``): one
+    :class:`ScaleMap` per requested scale, image-level scores, detections."""
 
     maps: list[ScaleMap]
     image_scores: np.ndarray  # [num_classes] mean cell probability, averaged over scales
@@ -92,6 +100,9 @@ class ScoreMap:
     timings: dict[str, float] = field(default_factory=dict)  # seconds: decode, infer, ...
     detections: list[Detection] | None = None  # best first; None unless asked for
     heads: tuple[HeadInfo, ...] = ()  # the extra heads of every ScaleMap.head_maps
+
+
+ScoreMap = ScoreResult  # deprecated: the name before 0.x (it held several maps); public API
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import numpy as np
 
 from service._proto.densemap.v1 import densemap_pb2 as pb
 from service.engine.options import DEFAULT_IMAGE_TOP_K, ScoreOptions
-from service.engine.result import MapGeometry, PrecisionReport, ScaleMap, ScoreMap
+from service.engine.result import MapGeometry, PrecisionReport, ScaleMap, ScoreResult
 from service.errors import InvalidImage, InvalidOption
 from service.server.detection_codec import (
     detection_options_from_proto,
@@ -217,7 +217,7 @@ def _read_geometry(geometry: pb.MapGeometry) -> MapGeometry:
     )
 
 
-def fill_response(out: pb.ScoreResponse, result: ScoreMap) -> None:
+def fill_response(out: pb.ScoreResponse, result: ScoreResult) -> None:
     """Server side: the maps, image-level scores and image size of ``result``."""
     for scale_map in result.maps:
         map_pb = out.maps.add()
@@ -240,8 +240,8 @@ def fill_response(out: pb.ScoreResponse, result: ScoreMap) -> None:
 
 def result_from_response(
     response: pb.ScoreResponse, *, labels: tuple[str, ...] = (), detections: bool = False
-) -> ScoreMap:
-    """Client side: a :class:`ScoreMap` with numpy arrays, timings in seconds; its
+) -> ScoreResult:
+    """Client side: a :class:`ScoreResult` with numpy arrays, timings in seconds; its
     ``detections`` is a list when ``detections`` (the request asked for them), else None."""
     maps, heads = [], ()
     for map_pb in response.maps:
@@ -257,7 +257,7 @@ def result_from_response(
             ScaleMap(geometry=geometry, classes=classes, cells=cells, head_maps=head_maps, **arrays)
         )
     timing = response.timing
-    return ScoreMap(
+    return ScoreResult(
         maps=maps,
         image_scores=np.asarray(response.image_scores, dtype=np.float32),
         image_top_k=[(c.index, c.score) for c in response.image_top_k],

@@ -27,7 +27,7 @@ import grpc
 
 from service.engine.cost import RequestCost, describe
 from service.engine.options import ScoreOptions
-from service.engine.result import ScoreMap
+from service.engine.result import ScoreResult
 from service.errors import ImageTooLarge, ModelNotFound
 from service.server.client_paths import client_text
 from service.server.compute_limit import ComputeLimit
@@ -115,7 +115,7 @@ class Call:
         options: ScoreOptions,
         *,
         response_bytes: Callable[[RequestCost], int] | None = None,
-    ) -> ScoreMap:
+    ) -> ScoreResult:
         """Engine.score behind the model's queue, with the call's cancel hook.
 
         The request's cost is checked first, in milliseconds and before it queues
