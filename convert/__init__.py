@@ -134,7 +134,7 @@ def convert_onnx(
     (``"imagenet"``, ``"caffe"``, ``"unit"``, ``"none"``: :mod:`convert.preprocessing`) or
     a JSON file's path. ``int8_calibration``: a folder of images; also write int8 copies
     (:mod:`convert.int8`)."""
-    from convert.from_onnx.head import classifier_window, rewrite_head
+    from convert.from_onnx.fc_head import classifier_window, rewrite_fc_head
     from convert.pipeline import finish_dense
     from convert.preprocessing import MISSING
     from service.errors import ConversionError
@@ -143,7 +143,7 @@ def convert_onnx(
         raise ConversionError(MISSING.replace("--preprocessing ", "preprocessing="))
     model = load_onnx_classifier(path)
     window = classifier_window(model)
-    dense = rewrite_head(model, flatten_order=flatten_order)
+    dense = rewrite_fc_head(model, flatten_order=flatten_order)
     return finish_dense(
         dense,
         output,

@@ -221,10 +221,10 @@ def split(model: onnx.ModelProto, cut: Cut) -> tuple[onnx.ModelProto, onnx.Model
     nodes = topological_nodes(model.graph)
     trunk_nodes, trunk_reads = _needed(nodes, [feature], stop=set())
     outputs = [value.name for value in model.graph.output]
-    head_nodes, head_reads = _needed(nodes, outputs, {feature})
-    head_nodes = [_copy(node) for node in head_nodes]  # the graph's own are deleted below
+    fc_head_nodes, fc_head_reads = _needed(nodes, outputs, {feature})
+    fc_head_nodes = [_copy(node) for node in fc_head_nodes]  # the graph's own are deleted below
     constants = {init.name for init in model.graph.initializer}
-    for name in sorted(head_reads - constants):
+    for name in sorted(fc_head_reads - constants):
         raise ConversionError(
             f"the classifier's head reads {name!r} besides the feature map {feature!r} it "
             "starts from: verify cannot cut this classifier into one trunk and a head"
@@ -244,10 +244,10 @@ def split(model: onnx.ModelProto, cut: Cut) -> tuple[onnx.ModelProto, onnx.Model
             for a, d in enumerate(dims)]  # fmt: skip
     trunk.graph.output.append(helper.make_tensor_value_info(feature, elem_type, full))
     trunk.graph.initializer.extend(t for t in model.graph.initializer if t.name in trunk_reads)
-    kept = [t for t in model.graph.initializer if t.name in head_reads]  # same messages
+    kept = [t for t in model.graph.initializer if t.name in fc_head_reads]  # same messages
     graph = model.graph
     del graph.node[:], graph.input[:], graph.value_info[:]
-    graph.node.extend(head_nodes)
+    graph.node.extend(fc_head_nodes)
     graph.input.append(helper.make_tensor_value_info(feature, elem_type, dims))
     names = {t.name for t in kept}
     for index in reversed(range(len(graph.initializer))):

@@ -20,10 +20,10 @@ from pathlib import Path
 
 from service.engine.options import (
     AVAILABLE_PRECISIONS,
-    DEFAULT_HEAD_UNFOLD,
+    DEFAULT_FC_HEAD_UNFOLD,
     DEFAULT_MEMORY_BUDGET,
     DEFAULT_RUNTIME,
-    HEAD_UNFOLD_MODES,
+    FC_HEAD_UNFOLD_MODES,
     RUNTIMES,
     EngineConfig,
 )
@@ -321,12 +321,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     _add(
         parser,
-        "--head-unfold",
-        default=DEFAULT_HEAD_UNFOLD,
-        choices=HEAD_UNFOLD_MODES,
-        help="run huge-kernel head convs (FC6 as a 7x7 conv) as unfold + MatMul, which needs "
-        "no cuDNN workspace (71 GB for VGG-16 at 2048²): on cuda sessions, always or never",
+        "--fc-head-unfold",
+        default=DEFAULT_FC_HEAD_UNFOLD,
+        choices=FC_HEAD_UNFOLD_MODES,
+        env_alias={"old": "DENSEMAP_HEAD_UNFOLD"},
+        help="run the huge-kernel convs of a classifier's rewritten FC head (FC6 as a 7x7 "
+        "conv) as unfold + MatMul, which needs no cuDNN workspace (71 GB for VGG-16 at "
+        "2048²): on cuda sessions, always or never",
     )
+    parser.add_argument(  # "head" alone names a model's outputs (--heads of score)
+        "--head-unfold", dest="fc_head_unfold", choices=FC_HEAD_UNFOLD_MODES,
+        action=DeprecatedFlag, instead="--fc-head-unfold",
+    )  # fmt: skip
     parser.add_argument(
         "--no-tiling",
         action="store_true",
@@ -429,7 +435,7 @@ def build_config(args: argparse.Namespace):
             precision=args.precision,
             cuda_conv_search=args.cuda_conv_search,
             runtime=args.runtime,
-            head_unfold=args.head_unfold,
+            fc_head_unfold=args.fc_head_unfold,
         ),
     )
 

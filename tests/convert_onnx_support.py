@@ -102,10 +102,10 @@ def assert_onnx_dense_equals_crops(
 ) -> np.ndarray:
     """Rewrite ``classifier``'s head and check its fp64 map against fp64 crop-by-crop
     evaluation of the classifier on a random image; returns the dense graph."""
-    from convert.from_onnx.head import rewrite_head
+    from convert.from_onnx.fc_head import rewrite_fc_head
     from convert.geometry import compute_geometry
 
-    dense = rewrite_head(classifier)
+    dense = rewrite_fc_head(classifier)
     stride = compute_geometry(dense, window=window).stride
     image = np.random.default_rng(0).standard_normal((1, 3, *image_size))
     n = cells(image_size, window, stride)

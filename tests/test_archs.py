@@ -166,7 +166,7 @@ def test_resnet18_converts_at_224_with_a_sliding_average_pool():
     torch.manual_seed(0)
     model = archs.build("resnet18", num_classes=10)
     result = convert_classifier(model, input_size=224)
-    assert result.trunk_output == (512, 7, 7) and result.head_pool == "avg"
+    assert result.trunk_output == (512, 7, 7) and result.fc_head_pool == "avg"
     assert result.module.avgpool.kernel_size == (7, 7) and result.module.avgpool.stride == 1
     assert result.module.fc.weight.shape == (10, 512, 1, 1)
     small = convert_classifier(model, input_size=64).module  # trunk 2x2 at 64: pool 2x2
@@ -178,5 +178,5 @@ def test_resnet18_converts_at_224_with_a_sliding_average_pool():
 def test_alexnet_converts_at_224():
     torch.manual_seed(0)
     result = convert_classifier(archs.build("alexnet", num_classes=10), input_size=224)
-    assert result.head_pool == "identity" and result.trunk_output == (256, 6, 6)
+    assert result.fc_head_pool == "identity" and result.trunk_output == (256, 6, 6)
     assert result.module.get_submodule("classifier.1").weight.shape == (4096, 256, 6, 6)

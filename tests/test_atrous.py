@@ -27,8 +27,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from convert.atrous import make_atrous, supported_strides
+from convert.from_onnx.fc_head import rewrite_fc_head
 from convert.from_onnx.graph import opset_version
-from convert.from_onnx.head import rewrite_head
 from convert.geometry import compute_geometry
 from service.errors import ConversionError
 
@@ -75,7 +75,9 @@ class ResidualGapNet(nn.Module):
 def _dense(cls, *, dynamo=False, opset=None):
     torch.manual_seed(0)
     model = cls().eval()
-    return model, rewrite_head(export_classifier(model, model.window, dynamo=dynamo, opset=opset))
+    return model, rewrite_fc_head(
+        export_classifier(model, model.window, dynamo=dynamo, opset=opset)
+    )
 
 
 ROUNDING = {"tap_evaluate": 0.0, "dense64": 1e-12, "ort32": 1e-5}

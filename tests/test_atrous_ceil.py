@@ -15,7 +15,7 @@ from torch import nn
 
 import convert
 from convert.atrous import make_atrous
-from convert.from_onnx.head import rewrite_head
+from convert.from_onnx.fc_head import rewrite_fc_head
 from convert.geometry import compute_geometry
 
 WINDOW = (16, 15)  # W: 15 -> conv 13 -> ceil pool 7 (last window overhangs) -> ...
@@ -48,7 +48,7 @@ def dense(request):
     classifier = export_classifier(
         CeilOverhang(POOLS[request.param]()).eval(), WINDOW, dynamo=False
     )
-    return rewrite_head(classifier)
+    return rewrite_fc_head(classifier)
 
 
 def test_overhang_counts_as_padding_not_as_a_too_small_window(dense):

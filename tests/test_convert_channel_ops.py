@@ -131,9 +131,9 @@ def test_onnx_path_equals_crops(name, dynamo):
 
 
 def test_the_shuffle_becomes_a_channel_gather():
-    from convert.from_onnx.head import rewrite_head
+    from convert.from_onnx.fc_head import rewrite_fc_head
 
-    dense = rewrite_head(export_classifier(_net("shufflenet"), (12, 12), dynamo=True))
+    dense = rewrite_fc_head(export_classifier(_net("shufflenet"), (12, 12), dynamo=True))
     ops = [node.op_type for node in dense.graph.node]
     gathers = [node for node in dense.graph.node if node.op_type == "Gather"]
     assert "Reshape" not in ops and "Transpose" not in ops
@@ -150,7 +150,7 @@ def test_a_view_that_swaps_h_and_w_stays_refused():
 
 
 def test_a_layer_norm_over_space_is_refused_on_the_onnx_path():
-    from convert.from_onnx.head import rewrite_head
+    from convert.from_onnx.fc_head import rewrite_fc_head
 
     g = GraphBuilder(3)
     g.conv(4, 3)
@@ -160,7 +160,7 @@ def test_a_layer_norm_over_space_is_refused_on_the_onnx_path():
     g.node("Flatten")
     g.node("Gemm", [g.current, g.const(np.ones((2, 4), dtype=np.float32))], transB=1)
     with pytest.raises(ConversionError) as error:
-        rewrite_head(g.model((6, 6), output_dims=[1, 2]))
+        rewrite_fc_head(g.model((6, 6), output_dims=[1, 2]))
     assert "LayerNormalization node" in str(error.value)
     assert "normalizes over a spatial axis (axis=2 of a tensor whose H, W are at axes [2, 3])" in (
         str(error.value)

@@ -16,7 +16,7 @@ from convert_onnx_support import assert_onnx_dense_equals_crops, export_classifi
 from convert_torch_crops import assert_dense_equals_crops
 from torch import nn
 
-from convert.from_onnx.head import rewrite_head
+from convert.from_onnx.fc_head import rewrite_fc_head
 from convert.from_torch.fc import fully_convolutional
 from service.errors import ConversionError
 
@@ -72,7 +72,7 @@ def test_torch_path_refuses_a_trunk_transpose_that_swaps_h_and_w():
 def test_onnx_path_refuses_a_trunk_transpose_that_swaps_h_and_w():
     classifier = export_classifier(SwapInTrunk("chw"), (10, 13), dynamo=False)
     with pytest.raises(ConversionError, match=r"MaxPool.*not NCHW"):
-        rewrite_head(classifier)
+        rewrite_fc_head(classifier)
 
 
 class ChannelsLastBlock(nn.Module):

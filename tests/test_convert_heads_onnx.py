@@ -21,7 +21,7 @@ from onnx import helper
 
 import convert
 from convert.export import export_classifier_onnx
-from convert.from_onnx.head import rewrite_head
+from convert.from_onnx.fc_head import rewrite_fc_head
 from convert.heads import HeadOptions
 from convert.runtime import Float64Runner
 from service.errors import ConversionError
@@ -62,7 +62,7 @@ def _assert_dense_equals(dense, expected: dict):
 def test_every_output_equals_crops_in_fp64(model, names, folds_batchnorm, dynamo):
     model = model()
     classifier = _classifier(model, names, dynamo=dynamo)
-    dense = rewrite_head(classifier)
+    dense = rewrite_fc_head(classifier)
     onnx.checker.check_model(dense, full_check=True)
     assert [o.name for o in dense.graph.output] == list(names)
     image = np.random.default_rng(0).standard_normal(IMAGE)
@@ -158,12 +158,12 @@ def _two_reads(*, second_from_earlier=False, output_map=False, mix=False, reduce
 )
 def test_outputs_with_no_exact_dense_form_are_refused_by_name(kwargs, message):
     with pytest.raises(ConversionError, match=message):
-        rewrite_head(_two_reads(**kwargs))
+        rewrite_fc_head(_two_reads(**kwargs))
 
 
 def test_two_hand_built_heads_on_one_flatten_equal_crops():
     classifier = _two_reads()
-    dense = rewrite_head(classifier)
+    dense = rewrite_fc_head(classifier)
     image = np.random.default_rng(1).standard_normal((1, 1, 13, 11))
     expected = onnx_crop_outputs64(classifier, image, window=(8, 8), stride=(1, 1))
     maps = Float64Runner(dense).outputs(image)
@@ -179,4 +179,4 @@ def test_an_output_that_is_the_flattened_map_is_refused():
         helper.make_tensor_value_info(flat.output[0], onnx.TensorProto.FLOAT, None)
     )
     with pytest.raises(ConversionError, match=r"the output 'flatten\d+' is the feature map"):
-        rewrite_head(classifier)
+        rewrite_fc_head(classifier)

@@ -25,7 +25,7 @@ from convert_onnx_support import (
 from torch import nn
 from torch.nn import functional as F
 
-from convert.from_onnx.head import rewrite_head
+from convert.from_onnx.fc_head import rewrite_fc_head
 from convert.geometry import compute_geometry
 
 EXACT = 1e-9  # fp64: the dense pass sums the same products in another order
@@ -140,7 +140,7 @@ def _assert_dense_equals_crops(model, dense, sizes, classifier=None):
 def test_dense_equals_crops_fp64(cls, dynamo):
     model = _seeded(cls)
     classifier = export_classifier(model, model.window, dynamo=dynamo)
-    dense = rewrite_head(classifier)
+    dense = rewrite_fc_head(classifier)
     onnx.checker.check_model(dense, full_check=True)
     ops = [node.op_type for node in dense.graph.node]
     assert not {"Gemm", "MatMul", "Flatten", "Reshape", "GlobalAveragePool"} & set(ops)
@@ -164,7 +164,7 @@ def test_dense_equals_crops_fp64(cls, dynamo):
 
 def test_strided_trunk_returns_extra_cells_that_the_crop_rule_drops():
     model = _seeded(StridedOverlap)
-    dense = rewrite_head(export_classifier(model, model.window, dynamo=False))
+    dense = rewrite_fc_head(export_classifier(model, model.window, dynamo=False))
     geometry = compute_geometry(dense, window=model.window)
     assert geometry.effective_window == (33, 33)  # 5, +2*2 = 9, +2*4 = 17, +2*4 = 25, +8 = 33
     size = (39 + 8 * 2 + 6, 39 + 6)
@@ -175,7 +175,7 @@ def test_strided_trunk_returns_extra_cells_that_the_crop_rule_drops():
 
 def test_softmax_head_runs_over_classes():
     model = _seeded(MeanSoftmaxHead)
-    dense = rewrite_head(export_classifier(model, model.window, dynamo=True))
+    dense = rewrite_fc_head(export_classifier(model, model.window, dynamo=True))
     score_map = ort32(dense, np.random.default_rng(0).standard_normal((1, 3, 30, 31)))
     np.testing.assert_allclose(score_map.sum(axis=1), 1.0, atol=1e-5)
     softmax = [n for n in dense.graph.node if n.op_type == "Softmax"]
@@ -185,7 +185,7 @@ def test_softmax_head_runs_over_classes():
 def test_softmax_before_opset_13_is_wrapped_in_transposes():
     model = _seeded(MeanSoftmaxHead)
     classifier = export_classifier(model, model.window, dynamo=False, opset=11)
-    dense = rewrite_head(classifier)
+    dense = rewrite_fc_head(classifier)
     _assert_dense_equals_crops(model, dense, [(20, 25)], classifier)
 
 
@@ -203,7 +203,7 @@ def _assert_nhwc_dense_equals_classifier(classifier, dense):
 
 def test_keras_style_nhwc_graph_with_hwc_flatten():
     classifier = keras_style_classifier()
-    dense = rewrite_head(classifier)
+    dense = rewrite_fc_head(classifier)
     dims = [d.dim_param or d.dim_value for d in dense.graph.input[0].type.tensor_type.shape.dim]
     assert dims == ["N", "H", "W", 3]  # the input keeps its NHWC layout
     _assert_nhwc_dense_equals_classifier(classifier, dense)
@@ -212,10 +212,10 @@ def test_keras_style_nhwc_graph_with_hwc_flatten():
 def test_undetectable_flatten_order_asks_for_the_flag_and_obeys_it():
     classifier = keras_style_classifier(flatten_shape_known=False)
     with pytest.raises(Exception, match="--flatten-order chw\\|hwc"):
-        rewrite_head(classifier)
-    dense = rewrite_head(classifier, flatten_order="hwc")
+        rewrite_fc_head(classifier)
+    dense = rewrite_fc_head(classifier, flatten_order="hwc")
     _assert_nhwc_dense_equals_classifier(classifier, dense)
-    wrong = rewrite_head(classifier, flatten_order="chw")  # the pitfall: silently wrong
+    wrong = rewrite_fc_head(classifier, flatten_order="chw")  # the pitfall: silently wrong
     with pytest.raises(AssertionError):
         _assert_nhwc_dense_equals_classifier(classifier, wrong)
 
@@ -224,8 +224,8 @@ def test_flatten_order_contradicting_the_graph_is_refused():
     model = _seeded(HwcFlatten)
     classifier = export_classifier(model, model.window, dynamo=False)
     with pytest.raises(Exception, match="another order"):
-        rewrite_head(classifier, flatten_order="chw")
-    rewrite_head(classifier, flatten_order="hwc")  # agrees with the graph
+        rewrite_fc_head(classifier, flatten_order="chw")
+    rewrite_fc_head(classifier, flatten_order="hwc")  # agrees with the graph
 
 
 def test_resnet18_onnx_path_matches_the_converted_torch_module():
@@ -241,7 +241,7 @@ def test_resnet18_onnx_path_matches_the_converted_torch_module():
         if isinstance(module, nn.BatchNorm2d):
             module.running_mean.uniform_(-0.2, 0.2)
             module.running_var.uniform_(0.5, 2)
-    dense = rewrite_head(export_classifier(model, 64, dynamo=False))
+    dense = rewrite_fc_head(export_classifier(model, 64, dynamo=False))
     geometry = compute_geometry(dense, window=(64, 64))
     assert geometry.stride == (32, 32) and geometry.padded
     image = np.random.default_rng(0).standard_normal((1, 3, 64 + 32 + 5, 64 + 64 + 3))
@@ -278,7 +278,7 @@ def test_gemm_without_transpose_alpha_beta_and_constant_nodes():
     second = g.rng.standard_normal((3, 4)).astype(np.float32)
     g.node("Gemm", [g.current, g.const(second), g.const(np.float32([0.1, 0.2, 0.3]), "b")], transB=1)  # fmt: skip
     classifier = g.model(6, output_dims=[1, 3])
-    dense = rewrite_head(classifier)
+    dense = rewrite_fc_head(classifier)
     image = np.random.default_rng(1).standard_normal((1, 2, 13, 10))
     score_map = dense64(dense, image)
     expected = onnx_crops64(classifier, image, window=(6, 6), stride=(2, 2), cells=(4, 3))
@@ -291,7 +291,7 @@ def test_same_auto_pad_with_stride_is_frozen_at_the_window_size():
     flat = g.node("Flatten")
     g.node("Gemm", [flat, g.const(g.rng.standard_normal((3, 32)).astype(np.float32))], transB=1)
     classifier = g.model(8, output_dims=[1, 3])
-    dense = rewrite_head(classifier)
+    dense = rewrite_fc_head(classifier)
     conv = dense.graph.node[0]
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in conv.attribute}
     assert attrs["pads"] == [0, 0, 1, 1] and attrs["auto_pad"] == b"NOTSET"

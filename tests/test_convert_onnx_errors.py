@@ -11,7 +11,7 @@ from convert_onnx_support import GraphBuilder, export_classifier
 from torch import nn
 from torch.nn import functional as F
 
-from convert.from_onnx.head import rewrite_head
+from convert.from_onnx.fc_head import rewrite_fc_head
 from service.errors import ConversionError
 
 
@@ -69,19 +69,19 @@ class GapNet(nn.Module):
 def test_squeeze_excitation_in_the_trunk_names_the_global_node(dynamo):
     classifier = export_classifier(SqueezeExcite(), 8, dynamo=dynamo)
     with pytest.raises(ConversionError, match="ReduceMean node .*squeeze-and-excitation"):
-        rewrite_head(classifier)
+        rewrite_fc_head(classifier)
 
 
 def test_attention_over_positions_is_refused():
     classifier = export_classifier(SpatialAttention(), 8, dynamo=False)
     with pytest.raises(ConversionError, match="attention"):
-        rewrite_head(classifier)
+        rewrite_fc_head(classifier)
 
 
 def test_unsupported_trunk_op_is_named():
     classifier = export_classifier(Upsampling(), 8, dynamo=False)
     with pytest.raises(ConversionError, match="Resize node"):
-        rewrite_head(classifier)
+        rewrite_fc_head(classifier)
 
 
 def test_model_whose_output_is_a_map_at_the_window_is_refused():
@@ -89,7 +89,7 @@ def test_model_whose_output_is_a_map_at_the_window_is_refused():
     g.conv(4, 3)
     g.conv(2, 4)  # 8 -> 6 -> 3: three cells per axis at R, a segmentation-like output
     with pytest.raises(ConversionError, match="already a feature map of 3x3 cells"):
-        rewrite_head(g.model(8))
+        rewrite_fc_head(g.model(8))
 
 
 def test_dynamic_height_and_width_are_refused():
@@ -103,12 +103,12 @@ def test_dynamic_height_and_width_are_refused():
         dynamic_axes={"input": {0: "n", 2: "h", 3: "w"}},
     )
     with pytest.raises(ConversionError, match="no fixed height and width"):
-        rewrite_head(onnx.load_from_string(buffer.getvalue()))
+        rewrite_fc_head(onnx.load_from_string(buffer.getvalue()))
 
 
 def test_bad_flatten_order_value():
     with pytest.raises(ConversionError, match="flatten_order"):
-        rewrite_head(export_classifier(GapNet(), 8, dynamo=False), flatten_order="whc")
+        rewrite_fc_head(export_classifier(GapNet(), 8, dynamo=False), flatten_order="whc")
 
 
 def test_head_with_a_non_constant_weight_is_refused():
@@ -117,7 +117,7 @@ def test_head_with_a_non_constant_weight_is_refused():
     flat = g.node("Flatten")
     g.node("MatMul", [flat, flat])
     with pytest.raises(ConversionError):
-        rewrite_head(g.model(4, output_dims=[1, 1]))
+        rewrite_fc_head(g.model(4, output_dims=[1, 1]))
 
 
 class ViewBySize(nn.Module):
@@ -134,5 +134,5 @@ class ViewBySize(nn.Module):
 
 
 def test_flatten_through_a_shape_computation_converts():
-    dense = rewrite_head(export_classifier(ViewBySize(), 8, dynamo=False))
+    dense = rewrite_fc_head(export_classifier(ViewBySize(), 8, dynamo=False))
     assert [n.op_type for n in dense.graph.node] == ["Conv", "Conv"]

@@ -17,7 +17,7 @@ from convert_onnx_support import GraphBuilder, cells, dense64, onnx_crops64, ort
 from torch import nn
 
 import convert
-from convert.from_onnx.head import rewrite_head
+from convert.from_onnx.fc_head import rewrite_fc_head
 from convert.geometry import compute_geometry
 from convert.runtime import Float64Runner
 
@@ -25,7 +25,7 @@ EXACT = 1e-9  # fp64: the dense pass sums the same products in another order
 
 
 def _assert_dense_equals_crops(classifier: onnx.ModelProto, window, channels: int = 3):
-    dense = rewrite_head(classifier)
+    dense = rewrite_fc_head(classifier)
     onnx.checker.check_model(dense, full_check=True)
     geometry = compute_geometry(dense, window=window)
     size = (window[0] + 3 * geometry.stride[0] + 1, window[1] + 2 * geometry.stride[1] + 3)

@@ -15,7 +15,7 @@ from torch import nn
 
 import convert
 from convert import pipeline
-from convert.from_onnx.head import rewrite_head
+from convert.from_onnx.fc_head import rewrite_fc_head
 from service.contract import ModelMetadata, Preprocessing
 from service.errors import ConversionError
 
@@ -119,7 +119,7 @@ def test_padded_ceil_mode_net_matches_the_converted_torch_module(tmp_path):
     assert against["head on trunk windows"].max_diff <= against["head on trunk windows"].limit
 
     # ONNX path, fp64: the dense ONNX equals the converted torch module, map for map
-    dense = rewrite_head(export_classifier(model, 19, dynamo=True))
+    dense = rewrite_fc_head(export_classifier(model, 19, dynamo=True))
     module = convert.fully_convolutional(model, input_size=19).double()
     size = (19 + 4 * 2 + 2, 19 + 4 * 3 + 2)  # W mod 4 != 0: ceil_mode adds a partial cell
     image = np.random.default_rng(3).standard_normal((1, 3, *size))

@@ -48,13 +48,13 @@ class SqueezeNetHead(nn.Module):
 
 def test_inception_head_order_converts_with_a_sliding_pool():
     result = convert_classifier(InceptionHead(), input_size=WINDOW)
-    assert result.head_pool == "avg" and result.trunk_output == (4, 4, 5)
+    assert result.fc_head_pool == "avg" and result.trunk_output == (4, 4, 5)
     assert_dense_equals_crops(InceptionHead(), window=WINDOW, stride=(2, 2), image_size=IMAGE)
 
 
 def test_squeezenet_conv_head_with_global_pool_converts():
     result = convert_classifier(SqueezeNetHead(), input_size=WINDOW)
-    assert result.head_pool == "avg" and result.num_classes == 3
+    assert result.fc_head_pool == "avg" and result.num_classes == 3
     assert_dense_equals_crops(SqueezeNetHead(), window=WINDOW, stride=(2, 2), image_size=IMAGE)
 
 

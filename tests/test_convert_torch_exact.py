@@ -68,7 +68,7 @@ class FeaturesAvgpoolClassifier(nn.Module):
 def test_features_avgpool_classifier_with_identity_adaptive_pool():
     model = FeaturesAvgpoolClassifier()
     result = convert_classifier(model.double(), input_size=(20, 28))
-    assert result.head_pool == "identity" and "avgpool" in result.removed
+    assert result.fc_head_pool == "identity" and "avgpool" in result.removed
     assert result.trunk_output == (5, 3, 5)
     assert not any(isinstance(m, nn.AdaptiveAvgPool2d) for m in result.module.modules())
     assert_dense_equals_crops(model, window=(20, 28), stride=(4, 4), image_size=(41, 39))
@@ -147,7 +147,7 @@ def test_global_pool_head_becomes_sliding_pool(pool, kind):
     # 19x23 -> 17x21 -> conv 3/2: 8x10 -> conv 3: 6x8; S = 2.
     model = GapNet(pool).double()
     result = convert_classifier(model, input_size=(19, 23))
-    assert result.head_pool == kind and result.trunk_output == (6, 6, 8)
+    assert result.fc_head_pool == kind and result.trunk_output == (6, 6, 8)
     pool_type = nn.AvgPool2d if kind == "avg" else nn.MaxPool2d
     pools = [m for m in result.module.modules() if isinstance(m, pool_type)]
     assert len(pools) == 1 and pools[0].kernel_size == (6, 8) and pools[0].stride == 1

@@ -1,4 +1,4 @@
-"""Huge-kernel convs as unfold + MatMul (service/engine/head_unfold.py): the same maps.
+"""Huge-kernel convs as unfold + MatMul (service/engine/fc_head_unfold.py): the same maps.
 
 float64 (convert.runtime.Float64Runner): the rewritten graph equals the conv to 1e-12 of
 its range (the same products, summed in another order). float32 (onnxruntime CPU): within
@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from convert.runtime import Float64Runner, OrtRunner
 from service.engine import Engine, EngineConfig, ScoreOptions
 from service.engine.dense import DenseNet
-from service.engine.head_unfold import model_source, unfold_huge_convs
+from service.engine.fc_head_unfold import model_source, unfold_huge_convs
 
 CONV_CASES = {
     "plain": dict(kernel=(7, 7)),
@@ -117,13 +117,15 @@ def test_engine_with_unfolded_head_gives_the_same_maps(vgg_model, monkeypatch):
     plain = Engine(vgg_model, config=EngineConfig(warmup=False))
     unfolded = Engine(
         vgg_model,
-        config=EngineConfig(warmup=False, head_unfold="always", head_unfold_min_weights=20_000),
+        config=EngineConfig(
+            warmup=False, fc_head_unfold="always", fc_head_unfold_min_weights=20_000
+        ),
     )
     image = np.random.default_rng(2).integers(0, 256, (150, 170, 3), dtype=np.uint8)
     tiled = Engine(
         vgg_model,
         config=EngineConfig(
-            warmup=False, head_unfold="always", head_unfold_min_weights=20_000,
+            warmup=False, fc_head_unfold="always", fc_head_unfold_min_weights=20_000,
             memory_budget=3_000_000,
         ),
     )  # fmt: skip
@@ -150,8 +152,8 @@ def test_engine_with_unfolded_head_gives_the_same_maps(vgg_model, monkeypatch):
 def test_bad_head_unfold_setting_is_a_clear_error(vgg_model):
     from service.errors import InvalidOption
 
-    with pytest.raises(InvalidOption, match="EngineConfig.head_unfold must be one of"):
-        Engine(vgg_model, config=EngineConfig(warmup=False, head_unfold="gpu"))
+    with pytest.raises(InvalidOption, match="EngineConfig.fc_head_unfold must be one of"):
+        Engine(vgg_model, config=EngineConfig(warmup=False, fc_head_unfold="gpu"))
 
 
 def test_float16_copy_is_unfolded_too(vgg_model):

@@ -99,7 +99,7 @@ def test_detection_options_refuse_bad_values_when_built(fields, words):
         ({"warmup_shapes": ((8, 8),) * 17}, "at most 16"),
         ({"cuda_conv_search": "FAST"}, "EngineConfig.cuda_conv_search must be one of"),
         ({"box_offsets": (0, 0, -2, 0)}, "box of positive size"),
-        ({"head_unfold": "gpu"}, "EngineConfig.head_unfold must be one of"),
+        ({"fc_head_unfold": "gpu"}, "EngineConfig.fc_head_unfold must be one of"),
         ({"runtime": "tvm"}, "EngineConfig.runtime must be one of"),
         ({"tiling": "no"}, "EngineConfig.tiling must be True or False"),
     ],
@@ -166,24 +166,38 @@ def test_score_cli_passes_values_through_for_the_options_to_check(tmp_path):
 
 
 def test_serve_takes_the_old_spellings_with_a_note(monkeypatch, capsys):
-    for name in ("DENSEMAP_WORKERS", "DENSEMAP_SCORING_THREADS", "DENSEMAP_TF32"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.delenv("DENSEMAP_PRECISION", raising=False)
-    args = build_parser().parse_args(["serve", "--workers", "9", "--tf32"])
+    for name in (
+        "WORKERS",
+        "SCORING_THREADS",
+        "TF32",
+        "PRECISION",
+        "HEAD_UNFOLD",
+        "FC_HEAD_UNFOLD",
+    ):
+        monkeypatch.delenv(f"DENSEMAP_{name}", raising=False)
+    args = build_parser().parse_args(
+        ["serve", "--workers", "9", "--tf32", "--head-unfold", "never"]
+    )
     config = build_config(args)
     assert config.scoring_threads == 9 and config.engine.precision == "tf32"
+    assert config.engine.fc_head_unfold == "never"
     notes = capsys.readouterr().err
     assert "--workers is deprecated: use --scoring-threads" in notes
     assert "--tf32 is deprecated: use --precision tf32" in notes
+    assert "--head-unfold is deprecated: use --fc-head-unfold" in notes
     monkeypatch.setenv("DENSEMAP_WORKERS", "7")
     monkeypatch.setenv("DENSEMAP_TF32", "1")
+    monkeypatch.setenv("DENSEMAP_HEAD_UNFOLD", "always")
     config = build_config(build_parser().parse_args(["serve"]))
     assert config.scoring_threads == 7 and config.engine.precision == "tf32"
+    assert config.engine.fc_head_unfold == "always"
     notes = capsys.readouterr().err
     assert "DENSEMAP_WORKERS is deprecated: use DENSEMAP_SCORING_THREADS" in notes
+    assert "DENSEMAP_HEAD_UNFOLD is deprecated: use DENSEMAP_FC_HEAD_UNFOLD" in notes
     monkeypatch.setenv("DENSEMAP_TF32", "0")  # off: the default precision stands
     assert build_config(build_parser().parse_args(["serve"])).engine.precision == "fp32"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--help"])
     usage = capsys.readouterr().out  # the old spellings work but are not advertised
-    assert "--scoring-threads" in usage and "--workers" not in usage and "--tf32" not in usage
+    assert "--scoring-threads" in usage and "--fc-head-unfold" in usage
+    assert not any(old in usage for old in ("--workers", "--tf32", "--head-unfold"))

@@ -122,7 +122,10 @@ def test_dense_test_model_with_atrous_variants_and_unfolded_head(tmp_path):
     unfolded = Engine(
         path,
         config=EngineConfig(
-            warmup=False, runtime="torch", head_unfold="always", head_unfold_min_weights=20_000
+            warmup=False,
+            runtime="torch",
+            fc_head_unfold="always",
+            fc_head_unfold_min_weights=20_000,
         ),
     )
     assert_same_scores(ort_engine, unfolded, image, (None, 4, 2, 1))

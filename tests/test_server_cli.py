@@ -209,7 +209,7 @@ def test_every_flag_has_an_env_twin(monkeypatch, tmp_path):
         "DENSEMAP_PRECISION": "tf32",
         "DENSEMAP_CUDA_CONV_SEARCH": "EXHAUSTIVE",
         "DENSEMAP_RUNTIME": "torch",
-        "DENSEMAP_HEAD_UNFOLD": "never",
+        "DENSEMAP_FC_HEAD_UNFOLD": "never",
         "DENSEMAP_LOG_JSON": "true",
         "DENSEMAP_LOG_LEVEL": "debug",
         "DENSEMAP_TLS_CERT": str(tmp_path / "c.pem"),
@@ -237,7 +237,7 @@ def test_every_flag_has_an_env_twin(monkeypatch, tmp_path):
     assert engine.memory_budget == 32 << 20 and engine.tiling is False
     assert engine.precision == "tf32"
     assert engine.cuda_conv_search == "EXHAUSTIVE"
-    assert (engine.runtime, engine.head_unfold) == ("torch", "never")
+    assert (engine.runtime, engine.fc_head_unfold) == ("torch", "never")
     assert args.log_json is True and args.log_level == "debug"
     monkeypatch.delenv("DENSEMAP_MAX_PIXELS")  # without it, the limit follows the budget
     assert build_config(build_parser().parse_args(["serve"])).engine.max_pixels == 2 << 20

@@ -29,7 +29,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from convert.from_torch import head as torch_head
+from convert.from_torch import head as torch_fc_head
 from convert.from_torch import rewrite as torch_rewrite
 from convert.from_torch.outputs import (
     ForwardOutputs,
@@ -38,7 +38,7 @@ from convert.from_torch.outputs import (
     head_names,
     output_values,
 )
-from convert.from_torch.pooled_head import slide_inner_pool
+from convert.from_torch.pooled_fc_head import slide_inner_pool
 from convert.from_torch.shuffle import fold_channel_shuffles
 from convert.from_torch.trace import (
     dummy_input,
@@ -63,7 +63,7 @@ class TorchConversion:
     input_size: tuple[int, int]
     in_channels: int
     trunk_output: tuple[int, int, int]  # C, h, w of the trunk at input_size
-    head_pool: str  # "none", "identity", "avg" or "max" (of the first output's head)
+    fc_head_pool: str  # "none", "identity", "avg" or "max" (of the first output's head)
     num_classes: int  # channels of the first output
     final_activation: str | None  # of the first output: "softmax", "log_softmax", "sigmoid"
     removed: tuple[str, ...]  # module paths / node names taken out of the graph
@@ -109,8 +109,8 @@ def convert_classifier(
     slide_inner_pool(gm)  # ConvNeXt: global pool -> LayerNorm over C -> flatten
     outputs = forward_outputs(gm)
 
-    head = torch_head.find_head(gm, size=size, outputs=outputs)
-    torch_head.check_trunk(gm, head)
+    head = torch_fc_head.find_fc_head(gm, size=size, outputs=outputs)
+    torch_fc_head.check_trunk(gm, head)
     removed = torch_rewrite.rewrite(gm, head)
     gm.graph.lint()
     gm.recompile()
@@ -124,7 +124,7 @@ def convert_classifier(
         input_size=size,
         in_channels=channels,
         trunk_output=head.trunk_output,
-        head_pool=head.pool_kind,
+        fc_head_pool=head.pool_kind,
         num_classes=int(references[0].shape[1]),
         final_activation=head.final_activations[0],
         removed=tuple(removed),
@@ -143,7 +143,7 @@ def ends_in_softmax(model: nn.Module) -> bool:
 def final_activation(model: nn.Module) -> str | None:
     """'softmax', 'log_softmax', 'sigmoid' or None: the last non-trivial op of the forward."""
     gm = model if isinstance(model, fx.GraphModule) else trace(model)  # tracing runs nothing
-    return torch_head.final_activation(gm)
+    return torch_fc_head.final_activation(gm)
 
 
 def _check_against_original(

@@ -113,7 +113,7 @@ def reduced_dims(node: fx.Node) -> tuple[int, ...] | None:
     return tuple(sorted(d % len(shape) for d in dims))
 
 
-def head_pool_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
+def fc_head_pool_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
     """'avg' / 'max' for a global pool of an NCHW tensor over H and W, 'adaptive_avg' /
     'adaptive_max' for an adaptive pool whose output is not 1x1, None otherwise."""
     module = module_of(gm, node)

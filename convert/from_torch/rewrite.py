@@ -1,6 +1,6 @@
 """Rewrite a traced classifier's head into convolutions (the graph surgery half).
 
-:func:`rewrite` takes the :class:`~convert.from_torch.head.Head` that ``find_head`` and
+:func:`rewrite` takes the :class:`~convert.from_torch.fc_head.FcHead` that ``find_fc_head`` and
 ``check_trunk`` validated and, in place on the ``GraphModule``:
 
 - removes identity adaptive pools and the flatten/view/reshape/permute nodes before the head
@@ -18,13 +18,13 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from convert.from_torch.head import Feed, Head
+from convert.from_torch.fc_head import FcHead, Feed
 from convert.from_torch.ops import module_of, op_name, single_input, softmax_kind
 from convert.from_torch.trace import shape_of
 from service.errors import ConversionError
 
 
-def rewrite(gm: fx.GraphModule, head: Head) -> list[str]:
+def rewrite(gm: fx.GraphModule, head: FcHead) -> list[str]:
     """Rewrite ``gm``'s graph in place into the fully-convolutional form; returns the names
     of the layers taken out."""
     graph = gm.graph
@@ -71,7 +71,7 @@ def _slide_pool(gm: fx.GraphModule, head: Feed) -> None:
     if node.op == "call_module":
         _set_submodule(gm, str(node.target), sliding)
         return
-    name = "head_pool"
+    name = "fc_head_pool"
     while hasattr(gm, name):
         name += "_"
     gm.add_submodule(name, sliding)

@@ -30,7 +30,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from convert.torch_runtime import ops
-from service.engine.head_unfold import applies, unfold_huge_convs
+from service.engine.fc_head_unfold import applies, unfold_huge_convs
 from service.engine.options import EngineConfig
 from service.errors import InvalidOption, ModelLoadError
 
@@ -264,8 +264,8 @@ def open_torch_net(path: Path, config: EngineConfig, *, channels_last: bool | No
         raise ModelLoadError(f"{path} is not a readable ONNX model: {exc}") from None
     device = _device(config)
     cuda = device.type == "cuda"
-    if applies(config.head_unfold, cuda=cuda):
-        unfold_huge_convs(model, min_weights=config.head_unfold_min_weights)
+    if applies(config.fc_head_unfold, cuda=cuda):
+        unfold_huge_convs(model, min_weights=config.fc_head_unfold_min_weights)
     nhwc = cuda if channels_last is None else channels_last
     graph = TorchGraph(model, device=device, float_dtype=ops.torch.float32, channels_last=nhwc)
     session = TorchSession(graph, model, device=device, dtype="float32")

@@ -41,9 +41,9 @@ MAP_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16"}  # the server's and C
 # classifier comes near it (VGG's widest 3x3x512x512 is 2.4 M; AlexNet's 11x11 first conv
 # 35 k, which must stay a conv: unfolding a full-resolution image 121-fold would cost far
 # more memory than any workspace). 1x1 convs are GEMMs already.
-DEFAULT_HEAD_UNFOLD_MIN_WEIGHTS = 1 << 24
-HEAD_UNFOLD_MODES = ("cuda", "always", "never")  # see service/engine/head_unfold.py
-DEFAULT_HEAD_UNFOLD = "cuda"
+DEFAULT_FC_HEAD_UNFOLD_MIN_WEIGHTS = 1 << 24
+FC_HEAD_UNFOLD_MODES = ("cuda", "always", "never")  # see service/engine/fc_head_unfold.py
+DEFAULT_FC_HEAD_UNFOLD = "cuda"
 # Which runtime runs a model's dense net (docs/engine.md "Runtimes"): onnxruntime, or torch
 # (cuDNN with per-shape algorithm search, channels-last fp16; needs torch installed)
 RUNTIMES = ("ort", "torch")
@@ -104,9 +104,9 @@ class EngineConfig:
     # (a model's densemap.json "box_offsets"); see DetectionOptions.box_offsets
     box_offsets: tuple[float, float, float, float] = DEFAULT_BOX_OFFSETS
     # huge-kernel convs (a classifier's FC6 as a 7x7 conv) as unfold + MatMul: "cuda"
-    # (CUDA sessions: no cuDNN workspace), "always" or "never" (service/engine/head_unfold.py)
-    head_unfold: str = DEFAULT_HEAD_UNFOLD
-    head_unfold_min_weights: int = DEFAULT_HEAD_UNFOLD_MIN_WEIGHTS
+    # (CUDA sessions: no cuDNN workspace), "always" or "never" (service/engine/fc_head_unfold.py)
+    fc_head_unfold: str = DEFAULT_FC_HEAD_UNFOLD
+    fc_head_unfold_min_weights: int = DEFAULT_FC_HEAD_UNFOLD_MIN_WEIGHTS
     runtime: str = DEFAULT_RUNTIME  # "ort" (onnxruntime) or "torch" (convert/torch_runtime/)
 
     def __post_init__(self) -> None:
@@ -114,7 +114,7 @@ class EngineConfig:
         is checked when an engine loads it."""
         check_choice("EngineConfig.device", self.device, DEVICES)
         check_int("EngineConfig.intra_op_threads", self.intra_op_threads, minimum=0)
-        for name in ("max_pixels", "head_unfold_min_weights"):
+        for name in ("max_pixels", "fc_head_unfold_min_weights"):
             _set(self, name, check_int(f"EngineConfig.{name}", getattr(self, name), minimum=1))
         if self.memory_budget is not None:  # None: chosen for the device (device_memory.py)
             check_int("EngineConfig.memory_budget", self.memory_budget, minimum=1)
@@ -132,7 +132,7 @@ class EngineConfig:
         _set(self, "warmup_shapes", shapes)
         check_choice("EngineConfig.cuda_conv_search", self.cuda_conv_search, CONV_SEARCHES)
         _set(self, "box_offsets", check_box_offsets("EngineConfig.box_offsets", self.box_offsets))
-        check_choice("EngineConfig.head_unfold", self.head_unfold, HEAD_UNFOLD_MODES)
+        check_choice("EngineConfig.fc_head_unfold", self.fc_head_unfold, FC_HEAD_UNFOLD_MODES)
         check_choice("EngineConfig.runtime", self.runtime, RUNTIMES)
 
 

@@ -36,8 +36,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from service.engine.fc_head_unfold import applies, unfold_huge_convs
 from service.engine.field_checks import check_precision
-from service.engine.head_unfold import applies, unfold_huge_convs
 from service.engine.options import AVAILABLE_PRECISIONS, EngineConfig
 from service.engine.result import PrecisionReport
 from service.engine.session import create_session, open_model_bytes
@@ -58,7 +58,7 @@ FP16_CUDA_SETTINGS = ((True, None), (True, "EXHAUSTIVE"), (False, "EXHAUSTIVE"))
 
 def to_float16(path: Path, *, unfold_min_weights: int | None = None) -> bytes:
     """The model at ``path`` with float16 weights, input and output, serialised; with
-    ``unfold_min_weights``, its huge-kernel convs unfolded first (head_unfold.py)."""
+    ``unfold_min_weights``, its huge-kernel convs unfolded first (fc_head_unfold.py)."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     model = onnx.load(str(path))  # with external weights, if any
@@ -113,8 +113,8 @@ class PrecisionSessions:
 
     def _float16_model(self) -> bytes:
         try:
-            unfold = applies(self._config.head_unfold, cuda=self._on_cuda)
-            minimum = self._config.head_unfold_min_weights if unfold else None
+            unfold = applies(self._config.fc_head_unfold, cuda=self._on_cuda)
+            minimum = self._config.fc_head_unfold_min_weights if unfold else None
             return to_float16(self._path, unfold_min_weights=minimum)
         except ModelLoadError:
             raise

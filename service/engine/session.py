@@ -19,7 +19,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from service.engine.cuda_driver import describe_driver
-from service.engine.head_unfold import model_source
+from service.engine.fc_head_unfold import model_source
 from service.engine.options import EngineConfig
 from service.errors import ModelLoadError
 
@@ -165,9 +165,9 @@ def _open(source: str | bytes, config: EngineConfig, providers: list) -> ort.Inf
 
 
 def _source(path: Path, config: EngineConfig, *, cuda: bool) -> str | bytes:
-    """The file, or its bytes with huge-kernel convs unfolded (head_unfold.py)."""
+    """The file, or its bytes with huge-kernel convs unfolded (fc_head_unfold.py)."""
     return model_source(
-        path, mode=config.head_unfold, min_weights=config.head_unfold_min_weights, cuda=cuda
+        path, mode=config.fc_head_unfold, min_weights=config.fc_head_unfold_min_weights, cuda=cuda
     )
 
 

@@ -13,7 +13,7 @@ Rows, each with its target, in one run (ratios against the torch peer of the sam
 6. ``densemap serve`` (in-process gRPC, localhost) vs ``Engine.score``, 2048² uint8 -> top-5.
 Then decision data: EXHAUSTIVE search in the engine, and the bare fp32 pass per search/layout.
 Issue 20's rows (the head rewrite is the CUDA default, so rows 1-6 run it; "u" and "t" rows):
-1u/2u. The head conv kept a conv (``head_unfold="never"``) vs unfolded, fp32 and fp16.
+1u/2u. The head conv kept a conv (``fc_head_unfold="never"``) vs unfolded, fp32 and fp16.
 1t/2t. The torch runtime (``runtime="torch"``): fp32 vs torch fp32, fp16 vs torch fp16
    channels_last; 3t. its fp32 map vs the onnxruntime engine's, its fp16 agreement;
    5t. its first request of a new shape vs steady; 6t. ``densemap serve --runtime torch``
@@ -235,14 +235,14 @@ def unfold_rows() -> None:
             release()
             free_before = free_gib()
             try:
-                subject = engine(path, head_unfold=mode, report_precisions=())
+                subject = engine(path, fc_head_unfold=mode, report_precisions=())
                 options = ScoreOptions(**{**TOP5.__dict__, "precision": precision})
                 steady = best(lambda s=subject, o=options: s.score(image, o), 3)
-                row(f"1u/2u. VGG-16 {BIG}² {precision}, head_unfold={mode}",
+                row(f"1u/2u. VGG-16 {BIG}² {precision}, fc_head_unfold={mode}",
                     steady_ms=steady * 1e3, free_gib_before=free_before,
                     free_gib_after=free_gib())  # fmt: skip
             except Exception as exc:  # noqa: BLE001 - an out-of-memory is the data here
-                row(f"1u/2u. VGG-16 {BIG}² {precision}, head_unfold={mode} failed",
+                row(f"1u/2u. VGG-16 {BIG}² {precision}, fc_head_unfold={mode} failed",
                     error=f"{type(exc).__name__}: {str(exc)[:300]}")  # fmt: skip
             subject = None
 

@@ -12,7 +12,7 @@ Two classifier heads pool the trunk globally and then do more than flatten:
 or ``ReduceMean``/``ReduceMax`` over H and W with ``keepdims``) into an ``AveragePool``/
 ``MaxPool`` whose kernel is the trunk's output size at R, stride 1: the average over the
 whole window becomes an average over an h x w window of the map, and the trunk now goes on
-through the per-position ops. :func:`flatten_only_head` then rewrites a head that is only
+through the per-position ops. :func:`flatten_only_fc_head` then rewrites a head that is only
 a flatten of a 1x1 map at R (no FC after it) by dropping the flatten: the map is the output.
 """
 
@@ -23,8 +23,8 @@ import onnx
 from onnx import helper
 
 from convert.flatten_order import MOVEMENT_OPS, PASS_OPS, UnknownOrder, detect_feature_order
+from convert.from_onnx.fc_head_build import make_dynamic
 from convert.from_onnx.graph import GraphIndex, attributes, node_label, remove_dead_nodes
-from convert.from_onnx.head_build import make_dynamic
 from convert.geometry import Trace
 from service.errors import ConversionError
 
@@ -38,7 +38,7 @@ POOLS = {
 
 def _reads_straight_into_fc(name: str, index: GraphIndex) -> bool:
     """Whether only movement ops lie between ``name`` and a Gemm/MatMul (the usual global
-    pool head, which ``rewrite_head`` handles as it is)."""
+    pool head, which ``rewrite_fc_head`` handles as it is)."""
     node = index.sole_consumer(name)
     while node is not None and node.op_type in MOVEMENT_OPS | PASS_OPS:
         node = index.sole_consumer(node.output[0])
@@ -88,7 +88,7 @@ def slide_global_pool(graph: onnx.GraphProto, index: GraphIndex, trace: Trace) -
     return True
 
 
-def flatten_only_head(model: onnx.ModelProto, *, index: GraphIndex, trace: Trace):
+def flatten_only_fc_head(model: onnx.ModelProto, *, index: GraphIndex, trace: Trace):
     """The dense model of a classifier whose head only flattens a 1x1 map at R (after
     :func:`slide_global_pool`: SqueezeNet), or ``None`` when the head has more."""
     node, source = trace.collapses[0]
@@ -133,7 +133,7 @@ def _copy(node: onnx.NodeProto) -> onnx.NodeProto:
     return copy
 
 
-def convolutional_head(model: onnx.ModelProto, *, index: GraphIndex, trace: Trace):
+def convolutional_fc_head(model: onnx.ModelProto, *, index: GraphIndex, trace: Trace):
     """The dense model of a classifier whose every output is already an NCHW map of one
     cell at R (after :func:`slide_global_pool`: GAP -> 1x1 Conv, DenseNet as Caffe2 wrote
     it; conv head -> GAP -> Softmax, SqueezeNet's; a net of convolutions only), or

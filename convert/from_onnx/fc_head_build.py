@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from convert.from_onnx.fc_head_read import FirstLayer, Linear
 from convert.from_onnx.graph import (
     WINDOW_OPS,
     GraphIndex,
@@ -23,14 +24,13 @@ from convert.from_onnx.graph import (
     remove_dead_nodes,
     set_attribute,
 )
-from convert.from_onnx.head_read import FirstLayer, Linear
 from convert.geometry import Field, Trace
 from service.errors import ConversionError
 
 
 @dataclass
-class HeadPlan:
-    """Everything :func:`assemble` needs, found by ``from_onnx.head.rewrite_head``. A model
+class FcHeadPlan:
+    """Everything :func:`assemble` needs, found by ``from_onnx.fc_head.rewrite_fc_head``. A model
     with several heads has one first layer per head (or one shared) over the same map."""
 
     source: str  # the trunk's last feature map
@@ -84,7 +84,7 @@ class _Names:
         return name
 
 
-def _canonical(plan: HeadPlan, trace: Trace, index: GraphIndex, names: _Names):
+def _canonical(plan: FcHeadPlan, trace: Trace, index: GraphIndex, names: _Names):
     """An NCHW name for the feature map, plus any Transpose node needed to get it."""
     axes = plan.field.axes
     if axes == (2, 3):
@@ -121,7 +121,7 @@ def _conv(linear, weight, names, source, kernel) -> tuple[onnx.NodeProto, list]:
     return node, inits
 
 
-def _first_layer(plan: HeadPlan, first: FirstLayer, source: str, names, pooled: dict):
+def _first_layer(plan: FcHeadPlan, first: FirstLayer, source: str, names, pooled: dict):
     """The Conv (after a sliding pool, shared between heads) replacing one first FC."""
     nodes = []
     if first.pool is not None and first.pool[1] != (1, 1):
@@ -192,7 +192,7 @@ def make_dynamic(model: onnx.ModelProto, *, layout: str, outputs: dict[str, int]
         pass
 
 
-def assemble(model: onnx.ModelProto, *, index: GraphIndex, trace: Trace, plan: HeadPlan):
+def assemble(model: onnx.ModelProto, *, index: GraphIndex, trace: Trace, plan: FcHeadPlan):
     """Rewrite ``model`` (a working copy) according to ``plan``; returns it."""
     graph = model.graph
     names = _Names(graph)

@@ -17,7 +17,7 @@ kh*kw times the conv's input in memory: the head conv reads the trunk's output a
 net's full stride (VGG-16 at 2048²: 64x64x512, 337 MB unfolded), not an image-sized map.
 
 :func:`model_source` applies it when a session is created: on CUDA sessions by default
-(``EngineConfig.head_unfold = "cuda"``), so that models converted before it benefit, never
+(``EngineConfig.fc_head_unfold = "cuda"``), so that models converted before it benefit, never
 on CPU unless asked (``"always"``, which the tests use): CPU behaviour stays as it was.
 """
 
@@ -152,7 +152,7 @@ def unfold_huge_convs(model: onnx.ModelProto, *, min_weights: int) -> int:
 
 
 def applies(mode: str, *, cuda: bool) -> bool:
-    """Whether ``EngineConfig.head_unfold`` = ``mode`` rewrites a session on this device."""
+    """Whether ``EngineConfig.fc_head_unfold`` = ``mode`` rewrites a session on this device."""
     return mode == "always" or (mode == "cuda" and cuda)
 
 

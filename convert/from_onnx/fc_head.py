@@ -29,6 +29,14 @@ import onnx
 from convert.flatten_order import PASS_OPS
 from convert.from_onnx.canonical import canonical_classifier, fold_constant_subgraphs
 from convert.from_onnx.channel_moves import fold_channel_moves
+from convert.from_onnx.fc_head_build import FcHeadPlan, assemble, freeze_auto_pad
+from convert.from_onnx.fc_head_read import (
+    FirstLayer,
+    Linear,
+    first_layers,
+    read_linear,
+    trunk_source,
+)
 from convert.from_onnx.graph import (
     BINARY_OPS,
     CHANNEL_AXIS_OPS,
@@ -43,17 +51,9 @@ from convert.from_onnx.graph import (
     static_dims,
     topological_nodes,
 )
-from convert.from_onnx.head_build import HeadPlan, assemble, freeze_auto_pad
-from convert.from_onnx.head_read import (
-    FirstLayer,
-    Linear,
-    first_layers,
-    read_linear,
-    trunk_source,
-)
-from convert.from_onnx.pooled_head import (
-    convolutional_head,
-    flatten_only_head,
+from convert.from_onnx.pooled_fc_head import (
+    convolutional_fc_head,
+    flatten_only_fc_head,
     slide_global_pool,
 )
 from convert.geometry import detect_layout, trace_graph
@@ -91,20 +91,20 @@ def _read_tail(firsts: list[FirstLayer], index, model) -> tuple[list[Linear], li
     absorbed = {id(node) for linear in linears for node in linear.nodes}
     opset = opset_version(model)
     for node in topological_nodes(model.graph):
-        head_inputs = [name for name in node.input if name in features]
-        if id(node) in absorbed or not head_inputs or node.op_type in META_OPS:
+        fc_head_inputs = [name for name in node.input if name in features]
+        if id(node) in absorbed or not fc_head_inputs or node.op_type in META_OPS:
             continue
         if node.op_type in ("Gemm", "MatMul"):
-            if node.input[0] not in features or len(head_inputs) != 1:
+            if node.input[0] not in features or len(fc_head_inputs) != 1:
                 raise ConversionError(f"{node_label(node)} in the head has non-constant weights")
             linear = read_linear(node, index)
             linears.append(linear)
             absorbed.update(id(n) for n in linear.nodes)
             features[linear.output] = linear.weight.shape[0]
             continue
-        width = features[head_inputs[0]]
+        width = features[fc_head_inputs[0]]
         outside = [n for n in node.input if n and n not in features and index.constant(n) is None]
-        if outside or {features[n] for n in head_inputs} != {width}:
+        if outside or {features[n] for n in fc_head_inputs} != {width}:
             raise ConversionError(
                 f"{node_label(node)} combines the head's features with {outside or 'features of another width'}: "
                 "only per-feature constants and scalars have a per-channel form"
@@ -129,7 +129,7 @@ def _read_tail(firsts: list[FirstLayer], index, model) -> tuple[list[Linear], li
     return linears, edits, widths
 
 
-def rewrite_head(model: onnx.ModelProto, *, flatten_order: str = "auto") -> onnx.ModelProto:
+def rewrite_fc_head(model: onnx.ModelProto, *, flatten_order: str = "auto") -> onnx.ModelProto:
     """Turn a fixed-size ONNX classifier into a dense model (see module docstring)."""
     if flatten_order not in FLATTEN_ORDERS:
         raise ConversionError(
@@ -148,18 +148,18 @@ def rewrite_head(model: onnx.ModelProto, *, flatten_order: str = "auto") -> onnx
         index = GraphIndex.build(work.graph)
         trace = trace_graph(work, index=index, allow_collapse=True)
     _window(image_input(model.graph), (2, 3) if trace.layout == "NCHW" else (1, 2))
-    conv_head = convolutional_head(work, index=index, trace=trace)
-    if conv_head is not None:  # every output is already one cell at R
-        return conv_head
+    conv_fc_head = convolutional_fc_head(work, index=index, trace=trace)
+    if conv_fc_head is not None:  # every output is already one cell at R
+        return conv_fc_head
     source, collapses = trunk_source(trace, work)
     if len(work.graph.output) == 1 and len(trace.collapses) == 1:
-        flat_head = flatten_only_head(work, index=index, trace=trace)
-        if flat_head is not None:  # SqueezeNet: the pooled map is the output
-            return flat_head
+        flat_fc_head = flatten_only_fc_head(work, index=index, trace=trace)
+        if flat_fc_head is not None:  # SqueezeNet: the pooled map is the output
+            return flat_fc_head
     field, source_shape = trace.fields[source], index.shape(source)
     firsts = first_layers(collapses, index, source=source, field=field, flatten_order=flatten_order)
     linears, edits, widths = _read_tail(firsts, index, work)
-    plan = HeadPlan(
+    plan = FcHeadPlan(
         source=source,
         field=field,
         linears=linears,

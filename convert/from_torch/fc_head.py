@@ -17,13 +17,13 @@ import numpy as np
 import torch.fx as fx
 from torch import nn
 
+from convert.from_torch.fc_head_region import classify_fc_head_ops, fc_head_region, input_dependent
 from convert.from_torch.flatten import feature_order, walk_moves
-from convert.from_torch.head_region import classify_head_ops, head_region, input_dependent
 from convert.from_torch.layout import check_layouts, restore_nchw
 from convert.from_torch.ops import (
     adaptive_pool_change,
+    fc_head_pool_kind,
     global_problem,
-    head_pool_kind,
     module_of,
     op_name,
     single_input,
@@ -54,7 +54,7 @@ class Feed:
 
 
 @dataclass
-class Head:
+class FcHead:
     """Every head of the classifier: the per-feature ops of all outputs (shared ones once)."""
 
     chain: list[fx.Node]  # per-feature (N, F) head ops in graph order (a DAG: x * sigmoid(x))
@@ -77,7 +77,7 @@ class Head:
         return self.feeds[0].pool_kind
 
 
-def find_head(gm: fx.GraphModule, *, size: tuple[int, int], outputs: ForwardOutputs) -> Head:
+def find_fc_head(gm: fx.GraphModule, *, size: tuple[int, int], outputs: ForwardOutputs) -> FcHead:
     """The heads computing every output of ``gm`` from one trunk output."""
     size_text = f"{size[0]}x{size[1]}"
     dependent = input_dependent(gm)
@@ -99,7 +99,7 @@ def find_head(gm: fx.GraphModule, *, size: tuple[int, int], outputs: ForwardOutp
                 "already outputs a score map is fully convolutional as it is)."
             )
         what = f"the head of {where}" if where else "the classifier head"
-        chain, source = head_region(gm, node, dependent, what=what)
+        chain, source = fc_head_region(gm, node, dependent, what=what)
         if source not in feeds:
             feeds[source] = _feed(gm, source, size_text)
         feed = feeds[source]
@@ -119,18 +119,18 @@ def find_head(gm: fx.GraphModule, *, size: tuple[int, int], outputs: ForwardOutp
     linears = [n for n in chain if isinstance(module_of(gm, n), nn.Linear)]
     if len({n.target for n in linears}) != len(linears):
         raise ConversionError("a Linear layer is used twice in the head: not supported.")
-    head = Head(
+    head = FcHead(
         chain=chain,
         feeds=list(feeds.values()),
         final_activations=tuple(final_activation(gm, node) for node in outputs.nodes),
     )
-    head.first_linears, head.constants = classify_head_ops(gm, chain, feeds, dependent)
+    head.first_linears, head.constants = classify_fc_head_ops(gm, chain, feeds, dependent)
     return head
 
 
 def _feed(gm: fx.GraphModule, source: fx.Node, size_text: str) -> Feed:
     """How the head reads the trunk at ``source``: moves, pool, volume and flatten order."""
-    if head_pool_kind(gm, source) in ("avg", "max") and len(shape_of(source)) == 2:
+    if fc_head_pool_kind(gm, source) in ("avg", "max") and len(shape_of(source)) == 2:
         moves, pool = [], source  # x.mean((2, 3)) straight into the head
     else:
         moves, before = restore_nchw(gm, *walk_moves(gm, source))
@@ -141,7 +141,7 @@ def _feed(gm: fx.GraphModule, source: fx.Node, size_text: str) -> Feed:
                 "C x h x w output, or a global average/max pool over H and W. Attention "
                 "heads, class tokens and other global ops have no exact dense form."
             )
-        pool = before if head_pool_kind(gm, before) is not None else None
+        pool = before if fc_head_pool_kind(gm, before) is not None else None
     trunk_end = single_input(pool) if pool is not None else before
     trunk_shape = shape_of(trunk_end) or ()
     problem = global_problem(gm, trunk_end) if len(trunk_shape) != 4 else None
@@ -183,7 +183,7 @@ def _same_trunk(gm: fx.GraphModule, outputs: ForwardOutputs, feeds: list[Feed]) 
         )
 
 
-def check_trunk(gm: fx.GraphModule, head: Head) -> None:
+def check_trunk(gm: fx.GraphModule, head: FcHead) -> None:
     """Raise on any op upstream of the head with no exact dense form; collect identity
     adaptive pools into ``head.identity_pools`` (``rewrite`` removes them)."""
     trunk = _ancestors(head.trunk_end)
@@ -240,7 +240,7 @@ def _pool_kind(gm: fx.GraphModule, pool: fx.Node | None, size_text: str) -> str:
     change = adaptive_pool_change(gm, pool)
     if change is not None and change[0] == change[1]:
         return "identity"
-    kind = head_pool_kind(gm, pool)
+    kind = fc_head_pool_kind(gm, pool)
     if kind in ("avg", "max"):
         return kind
     raise _adaptive_pool_error(gm, pool, change, in_trunk=False, size_text=size_text)

@@ -1,10 +1,10 @@
 """Torch path: the per-feature part of a classifier head, between the flattened trunk output
 and the scores.
 
-:func:`head_region` collects, from the output backwards, every op on ``(N, F)`` tensors that
+:func:`fc_head_region` collects, from the output backwards, every op on ``(N, F)`` tensors that
 acts per feature (Linear, BatchNorm1d, activations, dropout, softmax, elementwise ops with
 weights or constants); the head may branch and join (``x * torch.sigmoid(x)``). It must
-read one tensor: the flatten or global pool of the trunk. :func:`classify_head_ops` tells
+read one tensor: the flatten or global pool of the trunk. :func:`classify_fc_head_ops` tells
 which Linears read the flattened volume (they become ``(h, w)`` convs, later ones 1x1) and
 which per-feature vectors (``x * scale + bias``, scale of shape ``(F,)``) must be laid out as
 ``(1, F, 1, 1)``: on the map the features are channels, and an ``(F,)`` vector would
@@ -42,7 +42,7 @@ def input_dependent(gm: fx.GraphModule) -> set[fx.Node]:
     return dependent
 
 
-def _is_head_op(gm: fx.GraphModule, node: fx.Node) -> bool:
+def _is_fc_head_op(gm: fx.GraphModule, node: fx.Node) -> bool:
     if len(shape_of(node) or ()) != 2:
         return False
     module = module_of(gm, node)
@@ -53,7 +53,7 @@ def _is_head_op(gm: fx.GraphModule, node: fx.Node) -> bool:
     return op_name(node) in PER_CHANNEL_FUNCTIONS
 
 
-def head_region(
+def fc_head_region(
     gm, output: fx.Node, dependent, *, what: str = "the classifier head"
 ) -> tuple[list[fx.Node], fx.Node]:
     """The per-feature ops that compute the output from one (N, F) source, and that source.
@@ -65,7 +65,7 @@ def head_region(
         node = stack.pop()
         if node in region or node in frontier:
             continue
-        if node.op != "placeholder" and _is_head_op(gm, node):
+        if node.op != "placeholder" and _is_fc_head_op(gm, node):
             region.add(node)
             stack.extend(a for a in tensor_inputs(node) if a in dependent)
         else:
@@ -80,9 +80,9 @@ def head_region(
     return [n for n in gm.graph.nodes if n in region], frontier.pop()
 
 
-def classify_head_ops(gm, chain, feeds: dict, dependent):
+def classify_fc_head_ops(gm, chain, feeds: dict, dependent):
     """Mark the Linears that read a feed (the flattened or pooled volume: ``feeds`` maps
-    each source node to its :class:`~convert.from_torch.head.Feed`), and collect the
+    each source node to its :class:`~convert.from_torch.fc_head.Feed`), and collect the
     per-feature vectors (``x * scale + bias``) that must be laid out along the channels."""
     first_linears: dict[fx.Node, object] = {}
     constants: list[tuple[fx.Node, fx.Node]] = []

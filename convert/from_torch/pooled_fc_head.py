@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch.fx as fx
 from torch import nn
 
+from convert.from_torch.fc_head_region import input_dependent
 from convert.from_torch.flatten import is_movement, is_volume_noop
-from convert.from_torch.head_region import input_dependent
-from convert.from_torch.ops import head_pool_kind, single_input
+from convert.from_torch.ops import fc_head_pool_kind, single_input
 from convert.from_torch.trace import SHAPE_KEY, shape_of
 
 
@@ -50,7 +50,7 @@ def slide_inner_pool(gm: fx.GraphModule) -> bool:
     Shapes must have been traced (``propagate_shapes``)."""
     dependent = input_dependent(gm)
     for node in gm.graph.nodes:
-        kind = head_pool_kind(gm, node)
+        kind = fc_head_pool_kind(gm, node)
         source = single_input(node)
         if kind not in ("avg", "max") or source is None or len(shape_of(node) or ()) != 4:
             continue
@@ -64,7 +64,7 @@ def slide_inner_pool(gm: fx.GraphModule) -> bool:
             continue
         height, width = shape_of(source)[2:]
         pool_type = nn.AvgPool2d if kind == "avg" else nn.MaxPool2d
-        name = "head_pool_sliding"
+        name = "fc_head_pool_sliding"
         while hasattr(gm, name):
             name += "_"
         gm.add_submodule(name, pool_type((height, width), stride=1, padding=0))
