@@ -246,10 +246,10 @@ def test_unknown_model_is_a_clear_error(capsys, repo, tmp_path):
     [
         (
             ("--output-stride", "3"),
-            "--output-stride 3 is not offered by model 'tiny': use one of 4, 2, 1",
+            "output_stride 3 is not supported by model 'tiny': use one of 4, 2, 1",
         ),
-        (("--output-stride", "0"), "--output-stride 0 is not offered"),
-        (("--top-k", "20"), "--top-k 20 is more than the 5 classes of model 'tiny': use at most 5"),
+        (("--output-stride", "0"), "output_stride must be >= 1, got 0"),
+        (("--top-k", "20"), "top_k=20 but only 5 classes can be ranked: ask for at most 5"),
     ],
 )
 def test_an_option_wrong_for_every_image_is_one_usage_error(
@@ -261,7 +261,7 @@ def test_an_option_wrong_for_every_image_is_one_usage_error(
                                  "--model", MODEL, *flags)  # fmt: skip
     assert code == 2
     lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("densemap score: error: --")
+    assert len(lines) == 1 and lines[0].startswith("densemap score: error: ")
     assert message in stderr and "None" not in stderr and "Traceback" not in stderr
     assert stdout == "" and not out.exists()  # refused before any image or output
 
@@ -326,6 +326,9 @@ def test_max_pixels_limits_in_process_scoring_and_names_the_flag(capsys, repo, t
     assert main(["score", str(folder), "--out", str(tmp_path / "ok"), "--models", str(repo),
                  "--model", MODEL, "--max-pixels", "2080"]) == 0  # fmt: skip
     capsys.readouterr()
-    for bad in (["--max-pixels", "0"], ["--max-pixels", "9", "--server", "127.0.0.1:1"]):
+    for bad, words in (
+        (["--max-pixels", "0"], "EngineConfig.max_pixels must be >= 1, got 0"),
+        (["--max-pixels", "9", "--server", "127.0.0.1:1"], "--max-pixels"),
+    ):
         assert main(["score", str(folder), "--out", str(tmp_path / "x"), *bad]) == 2
-        assert "--max-pixels" in capsys.readouterr().err
+        assert words in capsys.readouterr().err

@@ -109,7 +109,7 @@ def test_detections_through_a_server_equal_in_process(capsys, repo, folder, tmp_
     "flags, message",
     [
         (["--threshold", "0.3"], "--threshold apply to --detections: add --detections"),
-        (["--detections", "--nms-iou", "1.5"], "--nms-iou must be in [0, 1], got 1.5"),
+        (["--detections", "--nms-iou", "1.5"], "detections.iou must be in [0, 1], got 1.5"),
         (["--detections", "--detection-classes", "1,x"], "must be class indices"),
         (["--detections", "--detection-classes", "7"], "distinct class indices of this model"),
         (["--detections", "--max-detections", "0"], "max_count must be in 1..10000"),

@@ -131,7 +131,7 @@ def test_heads_flag_picks_heads(capsys, repo, images, tmp_path):
                          "--models", str(repo), "--model", MODEL, "--heads", "landmarks")  # fmt: skip
     assert code == 2
     assert (
-        "--heads: the model has no head(s) ['landmarks']: its heads are ['scores', 'boxes']" in err
+        "error: the model has no head(s) ['landmarks']: its heads are ['scores', 'boxes']" in err
     )
     assert "Traceback" not in err
 

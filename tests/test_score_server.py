@@ -87,7 +87,7 @@ def test_an_option_wrong_for_the_served_model_is_one_usage_error(capsys, target,
     captured = capsys.readouterr()
     assert code == 2 and captured.out == "" and not (tmp_path / "o").exists()
     assert captured.err.strip().splitlines() == [
-        "densemap score: error: --output-stride 3 is not offered by model 'tiny': use one of "
-        "4, 2, 1 (its stride 4x4 divided by a whole number), or leave --output-stride out for "
-        "the native stride"
+        "densemap score: error: output_stride 3 is not supported by model 'tiny': use one of "
+        "4, 2, 1 (its stride divided by a whole number), or leave it unset for the native "
+        "stride"
     ]

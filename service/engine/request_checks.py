@@ -29,11 +29,13 @@ def check_stride(output_stride, supported: tuple[int, ...], *, name: str, atrous
     """``output_stride`` (None: native) is one of the model's ``supported`` strides;
     ``atrous``: those an à-trous variant serves in one pass (None: not known here)."""
     if output_stride is not None and output_stride not in supported:
-        one_pass = "" if atrous is None else f"; à-trous in one pass: {atrous or 'none'}"
+        one_pass = (
+            "" if atrous is None else f"; in one pass: {', '.join(map(str, atrous)) or 'none'}"
+        )
         raise InvalidOption(
-            f"output_stride {output_stride!r} is not supported by model {name!r}: "
-            f"use one of {supported} (S/k with an integer step{one_pass}), or None for the "
-            "native stride"
+            f"output_stride {output_stride!r} is not supported by model {name!r}: use one of "
+            f"{', '.join(map(str, supported))} (its stride divided by a whole number"
+            f"{one_pass}), or leave it unset for the native stride"
         )
 
 
