@@ -10,9 +10,12 @@ import tritonclient.grpc as triton
 from server_harness import HOST, start_server
 from tritonclient.utils import InferenceServerException
 
-from service.client import DensemapClient, RemoteError
+from service._proto.densemap.v1 import densemap_pb2 as pb
+from service.client import DensemapClient
 from service.engine import Engine, EngineConfig, ScoreOptions
 from service.engine.options import DetectionOptions
+from service.errors import InvalidOption
+from service.server.codec import image_to_proto
 from tests.square_model import square_model, squares_image
 
 MODEL = "squares"
@@ -54,11 +57,16 @@ def test_densemap_v1_client_returns_the_engine_detections(served):
 
 def test_bad_detection_options_are_invalid_argument(served):
     target, _ = served
+    with pytest.raises(InvalidOption, match=r"detections.threshold must be in \[0, 1\]"):
+        DetectionOptions(threshold=2.0)  # a Python client is refused before it sends
+    request = pb.ScoreRequest(model=MODEL)  # a client that sends it anyway
+    image_to_proto(IMAGE, request.image)
+    request.options.detections.threshold = 2.0
     with DensemapClient(target, timeout=30) as client:
-        with pytest.raises(RemoteError) as caught:
-            client.score(IMAGE, model=MODEL, detections=DetectionOptions(threshold=2.0))
-    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
-    assert "detections.threshold must be in [0, 1]" in caught.value.details
+        with pytest.raises(grpc.RpcError) as caught:
+            client._stub.Score(request, timeout=30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "detections.threshold must be in [0, 1]" in caught.value.details()
 
 
 def kserve_request(image, **parameters):

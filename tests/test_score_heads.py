@@ -130,9 +130,7 @@ def test_heads_flag_picks_heads(capsys, repo, images, tmp_path):
     code, _, err = score(capsys, str(images / "a.png"), "--out", str(tmp_path / "bad"),
                          "--models", str(repo), "--model", MODEL, "--heads", "landmarks")  # fmt: skip
     assert code == 2
-    assert (
-        "error: the model has no head(s) ['landmarks']: its heads are ['scores', 'boxes']" in err
-    )
+    assert "error: the model has no head(s) ['landmarks']: its heads are ['scores', 'boxes']" in err
     assert "Traceback" not in err
 
 
