@@ -29,7 +29,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from convert.from_torch import head as torch_fc_head
+from convert.from_torch import fc_head as torch_fc_head
 from convert.from_torch import rewrite as torch_rewrite
 from convert.from_torch.outputs import (
     ForwardOutputs,
