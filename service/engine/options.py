@@ -113,14 +113,20 @@ class EngineConfig:
         """Check every field (InvalidOption naming it); what needs the model (int8 copies)
         is checked when an engine loads it."""
         check_choice("EngineConfig.device", self.device, DEVICES)
-        check_int("EngineConfig.intra_op_threads", self.intra_op_threads, minimum=0)
-        for name in ("max_pixels", "fc_head_unfold_min_weights"):
-            _set(self, name, check_int(f"EngineConfig.{name}", getattr(self, name), minimum=1))
+        counts = {  # field: its minimum
+            "intra_op_threads": 0,  # 0: onnxruntime chooses
+            "max_pixels": 1,
+            "arena_keep_bytes": 0,
+            "fc_head_unfold_min_weights": 1,
+        }
         if self.memory_budget is not None:  # None: chosen for the device (device_memory.py)
-            check_int("EngineConfig.memory_budget", self.memory_budget, minimum=1)
-        check_int("EngineConfig.arena_keep_bytes", self.arena_keep_bytes, minimum=0)
+            counts["memory_budget"] = 1
+        for name, minimum in counts.items():
+            _set(
+                self, name, check_int(f"EngineConfig.{name}", getattr(self, name), minimum=minimum)
+            )
         for name in ("tiling", "warmup", "spin_wait"):
-            check_flag(f"EngineConfig.{name}", getattr(self, name))
+            _set(self, name, check_flag(f"EngineConfig.{name}", getattr(self, name)))
         _set(self, "precision", check_precision(self.precision, "EngineConfig.precision"))
         if self.report_precisions is not None:
             chosen = _sequence("EngineConfig.report_precisions", self.report_precisions)
