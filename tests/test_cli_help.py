@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 from pathlib import Path
 
@@ -48,6 +49,8 @@ def test_every_option_with_a_default_shows_it(command):
     for action in parser._actions:
         flag = action.option_strings[-1] if action.option_strings else None
         if flag in (None, "--help", "--debug") or action.nargs == 0:  # positionals, switches
+            continue
+        if action.help == argparse.SUPPRESS:  # deprecated spellings, not in --help
             continue
         if flag not in NO_DEFAULT[command] and "default" not in formatter._expand_help(action):
             missing.append(flag)
