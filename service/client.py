@@ -110,18 +110,12 @@ def _model_from_proto(info: pb.ModelInfo) -> RemoteModel:
 
 
 def _score_options(options: dict) -> ScoreOptions:
+    """The keyword options of ``score`` as ScoreOptions, which checks their values."""
     unknown = sorted(set(options) - set(_OPTION_NAMES))
     if unknown:
         raise InvalidOption(
             f"unknown scoring option(s) {unknown}; known: {', '.join(_OPTION_NAMES)}"
         )
-    if "scales" in options:
-        options = {**options, "scales": tuple(options["scales"])}
-    if options.get("classes") is not None:
-        options = {**options, "classes": tuple(options["classes"])}
-    heads = options.get("heads")
-    if heads is not None and not isinstance(heads, str):
-        options = {**options, "heads": tuple(heads)}
     if options.get("detections") is True:  # shorthand for the default DetectionOptions()
         options = {**options, "detections": DetectionOptions()}
     elif options.get("detections") is False:

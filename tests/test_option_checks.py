@@ -201,3 +201,15 @@ def test_serve_takes_the_old_spellings_with_a_note(monkeypatch, capsys):
     usage = capsys.readouterr().out  # the old spellings work but are not advertised
     assert "--scoring-threads" in usage and "--fc-head-unfold" in usage
     assert not any(old in usage for old in ("--workers", "--tf32", "--head-unfold"))
+
+
+def test_the_client_refuses_bad_options_before_sending():
+    from service.client import DensemapClient, _score_options
+
+    parsed = _score_options({"scales": [1, 1.5], "classes": [0, 2], "heads": ["boxes"]})
+    assert (parsed.scales, parsed.classes, parsed.heads) == ((1.0, 1.5), (0, 2), ("boxes",))
+    assert _score_options({"detections": True}).detections == DetectionOptions()
+    image = np.zeros((8, 8, 3), np.uint8)
+    with DensemapClient("127.0.0.1:1", timeout=5) as client:  # nothing listens there
+        with pytest.raises(InvalidOption, match="give between 1 and 16 scales"):
+            client.score(image, model="any", scales=[])
