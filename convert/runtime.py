@@ -28,7 +28,7 @@ def cpu_session(model: str | bytes, *, low_memory: bool = False) -> ort.Inferenc
     model's size: basic graph optimizations only (the extended ones make transformed copies
     of every conv weight: a VGG's 531 MB file peaked at 2.2 GB) and no pre-packed copies of
     the weights."""
-    import onnxruntime as ort
+    from service.engine.onnxruntime_package import ort  # checks the install first
 
     options = ort.SessionOptions()
     options.log_severity_level = 3  # no per-session warnings about missing CUDA

@@ -27,7 +27,6 @@ from dataclasses import replace
 from pathlib import Path
 
 from service.engine.options import RUNTIMES, EngineConfig
-from service.engine.precision import check_precision
 from service.errors import InvalidOption, ModelLoadError
 
 SETTINGS_FILE = "densemap.json"
@@ -86,6 +85,8 @@ def apply_model_settings(folder: Path, config: EngineConfig) -> EngineConfig:
     unknown = sorted(set(settings) - set(KEYS))
     if unknown:
         raise ModelLoadError(f"{path}: unknown key(s) {unknown}; known keys: {KEYS}")
+    from service.engine.precision import check_precision  # imports onnxruntime: only here
+
     changes: dict = {}
     try:
         if "precision" in settings:

@@ -34,9 +34,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from service.engine.head_unfold import applies, unfold_huge_convs
+from service.engine.onnxruntime_package import ort
 from service.engine.options import AVAILABLE_PRECISIONS, PRECISIONS, EngineConfig
 from service.engine.result import PrecisionReport
 from service.engine.session import create_session, open_model_bytes

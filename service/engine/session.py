@@ -16,10 +16,9 @@ import threading
 from dataclasses import replace
 from pathlib import Path
 
-import onnxruntime as ort
-
 from service.engine.cuda_driver import describe_driver
 from service.engine.head_unfold import model_source
+from service.engine.onnxruntime_package import ort
 from service.engine.options import EngineConfig
 from service.errors import ModelLoadError
 
