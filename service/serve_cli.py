@@ -379,7 +379,10 @@ def build_config(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     _configure_logging(args)
     from service.engine import host_memory
+    from service.engine.onnxruntime_package import import_onnxruntime
     from service.server.app import create_server
+
+    import_onnxruntime()  # none installed, or two: exit 2 with the fix, before serving
 
     host_memory.limit_arenas()  # before any server thread allocates: bounded idle memory
 

@@ -158,3 +158,23 @@ def test_the_engine_package_exports_every_name_it_lists():
     assert sorted(service.engine.__all__) == sorted(service.engine._EXPORTS)
     with pytest.raises(AttributeError, match="no attribute 'Engin'"):
         service.engine.Engin  # noqa: B018
+
+
+def test_densemap_serve_with_two_runtimes_exits_before_serving():
+    """A second package of the module beside this environment's (simulated): the server does
+    not start and report every model broken; it exits 2 with the uninstall command."""
+    done = run_without_onnxruntime(
+        "import importlib.metadata as m\n"
+        "class Cpu:\n"
+        "    metadata, files = {'Name': 'ort-nightly'}, []\n"
+        "    def read_text(self, name): return 'onnxruntime\\n'\n"
+        "every = m.distributions\n"
+        "m.distributions = lambda: [*every(), Cpu()]\n"
+        "from service.cli import main\n"
+        "sys.exit(main(['serve', '--port', '0', '--metrics-port', '0']))\n"
+    )
+    assert done.returncode == 2, done.stderr
+    assert "densemap serve: error: onnxruntime" in done.stderr
+    assert "and ort-nightly are both installed" in done.stderr
+    assert "pip uninstall -y onnxruntime" in done.stderr
+    assert "serving on" not in done.stderr + done.stdout
