@@ -249,3 +249,22 @@ def test_preprocessing_file_goes_into_the_contract(onnx_classifier, tmp_path, ca
     assert code == 0, captured.err
     meta = _metadata(tmp_path / "d.onnx")
     assert meta.preprocessing.color == "BGR" and meta.preprocessing.mean == (1.0, 2.0, 3.0)
+
+
+def test_the_convert_flags_live_in_one_module_that_imports_no_command():
+    """convert.flags owns every flag (heads too) and needs nothing of convert.cli: no cycle."""
+    code = (
+        "import argparse, sys, convert.flags as f; p = argparse.ArgumentParser(); "
+        "f.add_arguments(p); print('convert.cli' in sys.modules); "
+        "print(sorted(a.dest for a in p._actions if a.dest in ('head_kinds', 'head_labels', "
+        "'primary_head', 'strides')))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "False",
+        "['head_kinds', 'head_labels', 'primary_head', 'strides']",
+    ]
