@@ -46,11 +46,11 @@ demo: $(CORE_STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m pytest -q tests/bench -s -o python_files='bench_*.py'
 
-# A bounded soak (issue 11): DENSEMAP_SOAK_CLIENTS clients for DENSEMAP_SOAK_SECONDS per setting.
+# A bounded soak: DENSEMAP_SOAK_CLIENTS clients for DENSEMAP_SOAK_SECONDS per setting.
 soak: $(STAMP)
 	$(BIN)/python -m pytest -q tests/bench/bench_soak.py tests/bench/bench_hostile.py -s -o python_files='bench_*.py'
 
-# The architecture sweep (issue 14): torchvision classifiers converted on both paths and
+# The architecture sweep: torchvision classifiers converted on both paths and
 # checked cell by cell. Not part of `make test` (torchvision is no dependency; files are
 # named sweep_*.py). torchvision's model code is pure Python: --no-deps keeps torch as is.
 sweep: $(STAMP)

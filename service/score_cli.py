@@ -89,7 +89,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opts.add_argument(
         "--memory-budget",
         metavar="SIZE",
-        help="activation memory per pass before the engine tiles: bytes, or 512M, 2G (default: 1G)",
+        help="memory one request may use (its maps and copies, plus one pass's activations, "
+        "which are tiled to fit): bytes, or 512M, 2G (default: 1G)",
     )
     found = parser.add_argument_group("detections (docs/score.md)")
     found.add_argument(
@@ -295,8 +296,8 @@ def build_request(args: argparse.Namespace):
         raise InvalidOption("--top-k must be >= 0")
     if args.workers is not None and args.workers < 1:
         raise InvalidOption("--workers must be >= 1")
-    # Idle onnxruntime threads yield their cores to the decode/write threads (measured:
-    # spinning ones burnt ~40% more CPU per image than the bare engine; docs/score.md).
+    # Idle onnxruntime threads yield their cores to the decode/write threads (spinning ones
+    # burnt more CPU per image than the bare engine: docs/score.md).
     engine = EngineConfig(
         spin_wait=False,
         memory_budget=parse_bytes(args.memory_budget) if args.memory_budget else None,

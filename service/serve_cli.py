@@ -228,7 +228,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="SIZE",
         shown=f"{DEFAULT_MEMORY_BUDGET >> 30}G on CPU, half the free GPU memory on CUDA",
-        help="activation memory per pass before the engine tiles: bytes, or 512M, 2G",
+        help="memory one request may use (its maps and copies, plus one pass's activations, which are tiled to fit): bytes, or 512M, 2G",
     )
     _add(
         parser,
@@ -264,7 +264,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_HEAD_UNFOLD,
         choices=HEAD_UNFOLD_MODES,
         help="run huge-kernel head convs (FC6 as a 7x7 conv) as unfold + MatMul, which needs "
-        "no cuDNN workspace (71 GB for VGG-16 at 2048²): on cuda sessions, always or never",
+        "no cuDNN workspace (tens of GB for VGG-16 at 2048²): on cuda sessions, always or never",
     )
     parser.add_argument(
         "--no-tiling",

@@ -1,4 +1,4 @@
-"""The image's install step, as deploy/Dockerfile writes it, in a fresh venv (issue 21).
+"""The image's install step, as deploy/Dockerfile writes it, in a fresh venv.
 
 CI has no container engine, so the Dockerfile's own lines are read here: the sources its
 COPY steps put in /src are copied to a folder, and its ``pip install`` command (with the

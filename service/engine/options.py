@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DEFAULT_MAX_PIXELS = 256 * 1024 * 1024  # 16384 x 16384: refuse bigger images before decoding
-DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of activations per pass before the engine tiles
+DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes one request may use on CPU: maps, copies and a pass
 DEFAULT_INTRA_OP_THREADS = 0  # 0 lets onnxruntime choose (one per physical core)
 DEFAULT_IMAGE_TOP_K = 5
 # A request whose largest pass, or whose whole cost (maps, copies and a pass), needed more
@@ -61,14 +61,15 @@ class EngineConfig:
     device: str = "auto"  # "auto" (CUDA when it really loads, else CPU), "cpu" or "cuda"
     intra_op_threads: int = DEFAULT_INTRA_OP_THREADS
     max_pixels: int = DEFAULT_MAX_PIXELS
-    # activation bytes per pass before tiling; None: 1 GiB on CPU, half the free GPU memory
-    # on CUDA (service/engine/device_memory.py)
+    # bytes one request may use: its maps and copies plus one pass's activations, tiled to
+    # fit (service/engine/pass_budget.py); None: 1 GiB on CPU, half the free GPU memory on
+    # CUDA (service/engine/device_memory.py)
     memory_budget: int | None = None
     tiling: bool = True  # False: an image over the budget is refused (ImageTooLarge)
     warmup: bool = True
     spin_wait: bool = True  # False: idle onnxruntime threads yield their core (batch decoding)
-    # TF32 convolutions on Ampere+ GPUs: faster, but maps then differ from the CPU's by about
-    # 3e-4 of the logit range (measured on an H200, README "GPU"), so exactness wins by default.
+    # TF32 convolutions on Ampere+ GPUs: faster, but maps then differ from the CPU's
+    # (docs/engine.md "GPU check"), so exactness wins by default.
     tf32: bool = False
     precision: str = DEFAULT_PRECISION  # for requests that do not choose one
     # measured against fp32 at load (with warm-up), reported by GetModel; None: fp16 on
@@ -77,10 +78,10 @@ class EngineConfig:
     # image shapes (height, width) scored once at load, so their first request is not slow
     warmup_shapes: tuple[tuple[int, int], ...] = ()
     arena_keep_bytes: int = DEFAULT_ARENA_KEEP_BYTES
-    # cuDNN convolution algorithm search. Measured on an H200, VGG-16 (docs/engine.md, "GPU
-    # check"): HEURISTIC, the default, 134 ms at 2048², first request of a new shape 1.1-1.9x
-    # its steady time; EXHAUSTIVE 118 ms steady but 3.2-8.7x on new shapes (list warm-up
-    # shapes in densemap.json if you choose it); "DEFAULT": one fixed algorithm, no search.
+    # cuDNN convolution algorithm search: HEURISTIC, the default, is cheap on a new shape;
+    # EXHAUSTIVE is faster once a shape has been seen but slow on its first request (list
+    # warm-up shapes in densemap.json if you choose it; docs/engine.md "Per-shape stalls"
+    # has the figures); "DEFAULT": one fixed algorithm, no search.
     cuda_conv_search: str = "HEURISTIC"
     # the object box of a cell relative to its window, for detections that do not set one
     # (a model's densemap.json "box_offsets"); see DetectionOptions.box_offsets

@@ -7,9 +7,8 @@
   ``float16`` converter (fp16 input and output: no casts at the edges; the preprocess graph
   casts the normalised image, the postprocess graph computes softmax and top-k in fp32),
   run with ``prefer_nhwc`` on CUDA (tensor cores). cuDNN may find no fp16 algorithm for
-  some kernels under HEURISTIC search (seen on an H200, cuDNN 9.19: HEURISTIC_QUERY_FAILED
-  and "no execution plans support the graph" on VGG-16's 7x7 head conv, in NHWC and NCHW
-  alike): a failed pass is retried with EXHAUSTIVE search, then in NCHW
+  some kernels under HEURISTIC search (docs/engine.md "Precision": VGG-16's 7x7 head conv,
+  in NHWC and NCHW alike): a failed pass is retried with EXHAUSTIVE search, then in NCHW
   (:data:`FP16_CUDA_SETTINGS`), never on the CPU.
 - ``int8``: the model's int8 copy (``NAME.int8.onnx``, one per à-trous variant), written by
   ``densemap convert --int8-calibration IMAGES_DIR`` with onnxruntime's static QDQ
