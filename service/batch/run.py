@@ -135,11 +135,12 @@ def check_options(options: ScoreOptions, scorer) -> None:
             raise InvalidOption(f"--detections: {exc}") from None
 
 
-def _cell_threshold(options: ScoreOptions) -> float:
-    from service.engine.options import DEFAULT_DETECTION_THRESHOLD
-
+def _cell_threshold(options: ScoreOptions, scorer) -> float:
+    """The summary's cells_above threshold: the detections' (the model's when unset)."""
     found = options.detections
-    return DEFAULT_DETECTION_THRESHOLD if found is None else float(found.threshold)
+    if found is not None and found.threshold is not None:
+        return float(found.threshold)
+    return scorer.detection_threshold
 
 
 def _class_name(index: int, labels: tuple[str, ...]) -> str:
@@ -287,7 +288,7 @@ def run_batch(request: BatchRequest, *, tty: bool | None = None) -> BatchOutcome
             heatmap_class=class_index,
             color=getattr(scorer, "color", "RGB"),
             storage=request.storage,
-            cell_threshold=_cell_threshold(request.options),
+            cell_threshold=_cell_threshold(request.options, scorer),
         )
         try:
             if request.ray is not None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from service.batch.server_target import ServerTarget, explain_unreachable
-from service.engine.options import EngineConfig, ScoreOptions
+from service.engine.options import DEFAULT_DETECTION_THRESHOLD, EngineConfig, ScoreOptions
 from service.engine.result import ScoreMap
 from service.errors import InvalidOption
 
@@ -46,6 +46,8 @@ class EngineScorer:
         self.heads = tuple(engine.heads)  # every head, primary first
         self.native_stride: tuple[int, int] = tuple(engine.metadata.geometry.stride)
         self.supported_strides: tuple[int, ...] = tuple(engine.supported_strides)
+        # the model's detection threshold (densemap.json), for the summary's cells_above
+        self.detection_threshold: float = engine.config.detections.threshold
 
     def decode(self, data: bytes) -> np.ndarray:
         return self.engine.decode(data)
@@ -81,6 +83,8 @@ class RemoteScorer:
         self.heads = tuple(info.heads)  # every head, primary first
         self.native_stride: tuple[int, int] = tuple(info.geometry.stride)
         self.supported_strides: tuple[int, ...] = tuple(info.supported_strides)
+        # the server applies the model's detection settings; GetModel does not report them
+        self.detection_threshold: float = DEFAULT_DETECTION_THRESHOLD
 
     def decode(self, data: bytes) -> bytes:
         return data  # the server decodes; RemoteError(INVALID_ARGUMENT) names the problem

@@ -17,7 +17,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.engine.nms import nms_per_class
-from service.engine.options import BACKGROUND_LABEL, MAX_DETECTIONS, DetectionOptions
+from service.engine.options import (
+    BACKGROUND_LABEL,
+    MAX_DETECTIONS,
+    DetectionDefaults,
+    DetectionOptions,
+)
 from service.engine.result import Detection, MapGeometry
 from service.errors import InvalidOption
 
@@ -54,14 +59,20 @@ def default_classes(labels: tuple[str, ...], num_classes: int) -> tuple[int, ...
     return tuple(c for c in range(num_classes) if c >= len(labels) or labels[c] != BACKGROUND_LABEL)
 
 
+def _given(value, default):
+    return default if value is None else value
+
+
 def plan_detections(
     options: DetectionOptions,
     *,
     labels: tuple[str, ...],
     num_classes: int,
     box_offsets: tuple[float, float, float, float],
+    defaults: DetectionDefaults = DetectionDefaults(),
 ) -> DetectionPlan:
-    """Check ``options`` against the model; raise InvalidOption naming the fix."""
+    """Check ``options`` against the model, its fields left None taken from the model's
+    ``defaults`` (and ``box_offsets``); raise InvalidOption naming the fix."""
     if not isinstance(options, DetectionOptions):
         raise InvalidOption(
             f"detections must be a DetectionOptions or None, got {type(options).__name__}"
@@ -83,7 +94,7 @@ def plan_detections(
             "detections.classes is empty (the model's only class is background): give the "
             "class indices to report"
         )
-    count = options.max_count
+    count = defaults.max_count if options.max_count is None else options.max_count
     if isinstance(count, bool) or not isinstance(count, (int, np.integer)):
         raise InvalidOption(f"detections.max_count must be an int, got {count!r}")
     if not 1 <= count <= MAX_DETECTIONS:
@@ -101,11 +112,13 @@ def plan_detections(
         )
     return DetectionPlan(
         classes=classes,
-        threshold=_number("threshold", options.threshold, 0.0, 1.0),
-        iou=_number("iou", options.iou, 0.0, 1.0),
+        threshold=_number("threshold", _given(options.threshold, defaults.threshold), 0.0, 1.0),
+        iou=_number("iou", _given(options.iou, defaults.iou), 0.0, 1.0),
         max_count=int(count),
         box_offsets=offsets,
-        across_classes=_flag("across_classes", options.across_classes),
+        across_classes=_flag(
+            "across_classes", _given(options.across_classes, defaults.across_classes)
+        ),
     )
 
 

@@ -286,6 +286,7 @@ class Engine:
                 labels=self._labels,
                 num_classes=self._num_classes,
                 box_offsets=self._config.box_offsets,
+                defaults=self._config.detections,
             )
         net, factor = self._plan_stride(options.output_stride)
         check_cancel(cancel, "before decoding")

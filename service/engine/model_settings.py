@@ -2,7 +2,8 @@
 
 ```json
 {"precision": "fp16", "warmup_shapes": [[1000, 1032], [2048, 2048]],
- "report_precisions": ["fp16", "tf32"], "runtime": "torch"}
+ "report_precisions": ["fp16", "tf32"], "runtime": "torch",
+ "box_offsets": [0.1, 0.1, -0.1, -0.1], "detections": {"iou": 0.3, "across_classes": true}}
 ```
 
 - ``precision``: the default precision of this model's requests ("fp32", "tf32", "fp16",
@@ -15,6 +16,10 @@
   "Runtimes"); the server's ``--runtime`` otherwise.
 - ``box_offsets``: [dx1, dy1, dx2, dy2], the object box of a cell relative to its window,
   in window sizes, for detections that do not set their own (docs/engine.md "Detections").
+- ``detections``: the model's detection settings, for requests (``densemap score
+  --detections``, the servers' detection options) that do not set their own: any of
+  ``threshold`` (0..1), ``iou`` (0..1), ``max_count`` (1..10000) and ``across_classes``
+  (true/false); :class:`~service.engine.options.DetectionDefaults`.
 
 Unknown keys and wrong types are load errors naming the key: a typo must not silently fall
 back to the defaults.
@@ -23,14 +28,14 @@ back to the defaults.
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
-from service.engine.options import RUNTIMES, EngineConfig
+from service.engine.options import MAX_DETECTIONS, RUNTIMES, DetectionDefaults, EngineConfig
 from service.errors import InvalidOption, ModelLoadError
 
 SETTINGS_FILE = "densemap.json"
-KEYS = ("precision", "warmup_shapes", "report_precisions", "box_offsets", "runtime")
+KEYS = ("precision", "warmup_shapes", "report_precisions", "box_offsets", "runtime", "detections")
 MAX_WARMUP_SHAPES = 16
 
 
@@ -71,6 +76,38 @@ def _offsets(value, path: Path) -> tuple[float, float, float, float]:
     return tuple(float(v) for v in value)
 
 
+def _detections(value, path: Path) -> DetectionDefaults:
+    """The ``"detections"`` object: each key checked, named when wrong."""
+    known = tuple(f.name for f in fields(DetectionDefaults))
+    if not isinstance(value, dict) or not set(value) <= set(known):
+        raise ModelLoadError(
+            f"{path}: detections must be an object with any of the keys {known}, got {value!r}"
+        )
+    for name in ("threshold", "iou"):
+        number = value.get(name, 0.5)
+        if (
+            isinstance(number, bool)
+            or not isinstance(number, (int, float))
+            or not (0.0 <= number <= 1.0)
+        ):
+            raise ModelLoadError(
+                f"{path}: detections.{name} must be a number in [0, 1], got {number!r}"
+            )
+    count = value.get("max_count", 1)
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_DETECTIONS:
+        raise ModelLoadError(
+            f"{path}: detections.max_count must be an int in 1..{MAX_DETECTIONS}, got {count!r}"
+        )
+    if not isinstance(value.get("across_classes", False), bool):
+        raise ModelLoadError(
+            f"{path}: detections.across_classes must be true or false, "
+            f"got {value['across_classes']!r}"
+        )
+    return DetectionDefaults(
+        **{k: float(v) if k in ("threshold", "iou") else v for k, v in value.items()}
+    )
+
+
 def apply_model_settings(folder: Path, config: EngineConfig) -> EngineConfig:
     """``config`` with the settings of ``folder/densemap.json`` (unchanged without one)."""
     path = folder / SETTINGS_FILE
@@ -108,4 +145,6 @@ def apply_model_settings(folder: Path, config: EngineConfig) -> EngineConfig:
         changes["runtime"] = settings["runtime"]
     if "box_offsets" in settings:
         changes["box_offsets"] = _offsets(settings["box_offsets"], path)
+    if "detections" in settings:
+        changes["detections"] = _detections(settings["detections"], path)
     return replace(config, **changes)

@@ -55,6 +55,18 @@ TILING_SETTING = "turn tiling on (drop densemap serve --no-tiling; EngineConfig.
 
 
 @dataclass(frozen=True)
+class DetectionDefaults:
+    """A model's detection settings, for the fields a request's :class:`DetectionOptions`
+    leaves unset (None): its ``densemap.json`` ``"detections"`` (model_settings.py), else
+    these defaults. The digits model's, for example, suppress across classes at IoU 0.3."""
+
+    threshold: float = DEFAULT_DETECTION_THRESHOLD
+    iou: float = DEFAULT_NMS_IOU
+    max_count: int = DEFAULT_MAX_DETECTIONS
+    across_classes: bool = False
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """How an :class:`~service.engine.Engine` loads and runs its model."""
 
@@ -86,6 +98,8 @@ class EngineConfig:
     # the object box of a cell relative to its window, for detections that do not set one
     # (a model's densemap.json "box_offsets"); see DetectionOptions.box_offsets
     box_offsets: tuple[float, float, float, float] = DEFAULT_BOX_OFFSETS
+    # the detection settings of requests that do not set their own (densemap.json "detections")
+    detections: DetectionDefaults = DetectionDefaults()
     # huge-kernel convs (a classifier's FC6 as a 7x7 conv) as unfold + MatMul: "cuda"
     # (CUDA sessions: no cuDNN workspace), "always" or "never" (service/engine/head_unfold.py)
     head_unfold: str = DEFAULT_HEAD_UNFOLD
@@ -105,16 +119,20 @@ class DetectionOptions:
     - ``max_count``: at most this many detections per image, best first.
     - ``across_classes``: NMS over all classes at once (a box then also suppresses
       overlapping boxes of other classes, e.g. a look-alike class at an object's fringe).
+
+    ``threshold``, ``iou``, ``max_count`` and ``across_classes`` left None take the model's
+    settings (:class:`DetectionDefaults`, ``EngineConfig.detections``: its densemap.json),
+    else 0.5, 0.5, 100 and False; a value given here always wins.
     - ``box_offsets``: (dx1, dy1, dx2, dy2): the box of cell (i, j) is its window
       (x0, y0, x1, y1) in original-image pixels plus (dx1 * w, dy1 * h, dx2 * w, dy2 * h),
       w and h being the window's size there; None uses the model's (EngineConfig).
     """
 
     classes: tuple[int, ...] | None = None
-    threshold: float = DEFAULT_DETECTION_THRESHOLD
-    iou: float = DEFAULT_NMS_IOU
-    max_count: int = DEFAULT_MAX_DETECTIONS
-    across_classes: bool = False
+    threshold: float | None = None
+    iou: float | None = None
+    max_count: int | None = None
+    across_classes: bool | None = None
     box_offsets: tuple[float, float, float, float] | None = None
 
 
