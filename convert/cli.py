@@ -23,6 +23,7 @@ from convert.flags import (
     check_arguments,
     parse_size,
     parse_strides,
+    read_detection_settings,
     read_head_options,
     read_labels,
     read_preprocessing,
@@ -146,6 +147,7 @@ def _run(args: argparse.Namespace) -> int:
             logging.getLogger(name).setLevel(logging.WARNING)
 
     check_arguments(args)
+    detection_settings = read_detection_settings(args)
     labels = read_labels(args.labels)
     preprocessing = read_preprocessing(args.preprocessing)
     strides = parse_strides(args.strides)
@@ -174,17 +176,21 @@ def _run(args: argparse.Namespace) -> int:
             "(--random-weights): its scores mean nothing; its metadata says random_weights",
             file=sys.stderr,
         )
-    if not args.verify:
-        return 0
-    try:
-        report = verify(classifier, result.path)
-    except BaseException:
-        _remove_outputs(result)
-        raise
-    print(report.table())
-    if not report.passed:
-        _remove_outputs(result)
-        print(f"densemap convert: verification failed, removed {result.path}")
-        return 1
-    print(precision_table(result.path))
+    if args.verify:
+        try:
+            report = verify(classifier, result.path)
+        except BaseException:
+            _remove_outputs(result)
+            raise
+        print(report.table())
+        if not report.passed:
+            _remove_outputs(result)
+            print(f"densemap convert: verification failed, removed {result.path}")
+            return 1
+        print(precision_table(result.path))
+    if detection_settings:
+        from service.engine.model_settings import write_detection_settings
+
+        written = write_detection_settings(result.path.parent, detection_settings)
+        print(f"wrote {written}: detections {detection_settings}")
     return 0

@@ -54,6 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="flatten order of an ONNX classifier when the graph does not tell",
     )
     _add_head_arguments(parser)
+    _add_detection_arguments(parser)
     parser.add_argument(
         "--int8-calibration",
         type=Path,
@@ -73,6 +74,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="allow --weights to be a pickled module (runs code from the file)",
     )
+
+
+def _add_detection_arguments(parser: argparse.ArgumentParser) -> None:
+    found = parser.add_argument_group(
+        "detection settings of the model, written to densemap.json beside -o (densemap score "
+        'and serve use them for requests that set none; docs/engine.md "Detections")'
+    )
+    found.add_argument(
+        "--threshold", type=float, metavar="P", help="minimum class probability of a box"
+    )
+    found.add_argument(
+        "--nms-iou",
+        type=float,
+        metavar="IOU",
+        help="drop a box whose IoU with a better one of its class is above this",
+    )
+    found.add_argument("--max-detections", type=int, metavar="N", help="at most N boxes per image")
+    found.add_argument(
+        "--across-classes",
+        action=argparse.BooleanOptionalAction,
+        help="NMS over all classes at once, or per class (--no-across-classes)",
+    )
+
+
+def read_detection_settings(args) -> dict:
+    """The detection settings given (DetectionDefaults keys); ConversionError naming a flag
+    out of range, before anything is converted."""
+    settings: dict = {}
+    for flag, key in (("threshold", "threshold"), ("nms_iou", "iou")):
+        value = getattr(args, flag)
+        if value is not None:
+            if not 0.0 <= value <= 1.0:
+                name = flag.replace("_", "-")
+                raise ConversionError(f"--{name} must be in [0, 1], got {value}")
+            settings[key] = value
+    if args.max_detections is not None:
+        if not 1 <= args.max_detections <= 10_000:
+            raise ConversionError(
+                f"--max-detections must be in 1..10000, got {args.max_detections}"
+            )
+        settings["max_count"] = args.max_detections
+    if args.across_classes is not None:
+        settings["across_classes"] = args.across_classes
+    return settings
 
 
 def _add_head_arguments(parser: argparse.ArgumentParser) -> None:

@@ -22,12 +22,14 @@
   (true/false); :class:`~service.engine.options.DetectionDefaults`.
 
 Unknown keys and wrong types are load errors naming the key: a typo must not silently fall
-back to the defaults.
+back to the defaults. ``densemap convert --nms-iou ... --across-classes`` writes the
+``detections`` key (:func:`write_detection_settings`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -148,3 +150,29 @@ def apply_model_settings(folder: Path, config: EngineConfig) -> EngineConfig:
     if "detections" in settings:
         changes["detections"] = _detections(settings["detections"], path)
     return replace(config, **changes)
+
+
+def write_detection_settings(folder: Path, detections: dict) -> Path:
+    """Merge ``detections`` (keys of :class:`DetectionDefaults`) into the ``detections`` of
+    ``folder/densemap.json``, keeping every other setting; checked as a load checks it, then
+    written whole (temp file + rename). Returns the file's path."""
+    path = folder / SETTINGS_FILE
+    settings: dict = {}
+    if path.is_file():
+        try:
+            settings = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelLoadError(f"{path} is not readable JSON: {exc}; fix or remove it") from None
+        if not isinstance(settings, dict):
+            raise ModelLoadError(f"{path} must hold a JSON object with keys {KEYS}")
+    current = settings.get("detections", {})
+    merged = {**current, **detections} if isinstance(current, dict) else current
+    _detections(merged, path)
+    settings["detections"] = merged
+    partial = path.with_name(f".{SETTINGS_FILE}.{os.getpid()}.partial")
+    try:
+        partial.write_text(json.dumps(settings) + "\n", encoding="utf-8")
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
