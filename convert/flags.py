@@ -14,6 +14,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from service.engine.options import (
+    DEFAULT_DETECTION_THRESHOLD,
+    DEFAULT_MAX_DETECTIONS,
+    DEFAULT_NMS_IOU,
+    MAX_DETECTIONS,
+)
 from service.errors import ConversionError
 
 
@@ -81,20 +87,31 @@ def _add_detection_arguments(parser: argparse.ArgumentParser) -> None:
         "detection settings of the model, written to densemap.json beside -o (densemap score "
         'and serve use them for requests that set none; docs/engine.md "Detections")'
     )
+    unset = "(default: not written; densemap score then uses {})"
     found.add_argument(
-        "--threshold", type=float, metavar="P", help="minimum class probability of a box"
+        "--threshold",
+        type=float,
+        metavar="P",
+        help="minimum class probability of a box " + unset.format(DEFAULT_DETECTION_THRESHOLD),
     )
     found.add_argument(
         "--nms-iou",
         type=float,
         metavar="IOU",
-        help="drop a box whose IoU with a better one of its class is above this",
+        help="drop a box whose IoU with a better one of its class is above this "
+        + unset.format(DEFAULT_NMS_IOU),
     )
-    found.add_argument("--max-detections", type=int, metavar="N", help="at most N boxes per image")
+    found.add_argument(
+        "--max-detections",
+        type=int,
+        metavar="N",
+        help="at most N boxes per image " + unset.format(DEFAULT_MAX_DETECTIONS),
+    )
     found.add_argument(
         "--across-classes",
         action=argparse.BooleanOptionalAction,
-        help="NMS over all classes at once, or per class (--no-across-classes)",
+        help="NMS over all classes at once, or per class (--no-across-classes) "
+        + unset.format("per class"),
     )
 
 
@@ -110,9 +127,9 @@ def read_detection_settings(args) -> dict:
                 raise ConversionError(f"--{name} must be in [0, 1], got {value}")
             settings[key] = value
     if args.max_detections is not None:
-        if not 1 <= args.max_detections <= 10_000:
+        if not 1 <= args.max_detections <= MAX_DETECTIONS:
             raise ConversionError(
-                f"--max-detections must be in 1..10000, got {args.max_detections}"
+                f"--max-detections must be in 1..{MAX_DETECTIONS}, got {args.max_detections}"
             )
         settings["max_count"] = args.max_detections
     if args.across_classes is not None:
