@@ -61,9 +61,9 @@ def limit_arenas(count: int = DEFAULT_SERVER_ARENAS) -> bool:
     as ``MALLOC_ARENA_MAX`` would, unless that variable is set (the operator's choice wins).
 
     Called by ``densemap serve`` before its threads start: with one arena per thread (glibc's
-    default, up to 8 per core) a server's idle memory after a soak stayed at ~3x its memory
-    after the first request; two shared arenas kept it at ~0.9x (README benchmarks, `make
-    soak`). True when the cap was set here.
+    default, up to 8 per core) a server's idle memory after a soak stayed at several times
+    its memory after the first request; two shared arenas keep it near that (README
+    benchmarks, `make soak`). True when the cap was set here.
     """
     import os
 

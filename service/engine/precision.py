@@ -13,7 +13,7 @@
 - ``int8``: the model's int8 copy (``NAME.int8.onnx``, one per à-trous variant), written by
   ``densemap convert --int8-calibration IMAGES_DIR`` with onnxruntime's static QDQ
   quantization (int8 weights per channel, int8 activations, float32 input and output:
-  fed like the fp32 net). For CPUs: 2-3x fp32's speed where the CPU has int8 dot products
+  fed like the fp32 net). For CPUs: faster than fp32 where the CPU has int8 dot products
   (VNNI; README benchmarks). Its deviation from fp32, measured on the calibration images
   at conversion (metadata), leads the engine's precision report; a model without copies
   refuses it, saying how to make them.
