@@ -2,7 +2,8 @@
 
 The fresh venv gets the wheel (``--no-deps``, no index) and links to this environment's
 installed copies of exactly the distributions the wheel's metadata requires with the
-runtime extra ``gpu`` (transitively, other extras left out): no download, and torch, ray and
+runtime extra of the onnxruntime installed here (``gpu`` on Linux x86_64; transitively,
+other extras left out): no download, and torch, ray and
 the dev tools stay out. ``densemap score`` and ``densemap serve`` then run from an empty
 folder with no ``DENSEMAP_MODELS``, so they can only find the ``digits`` model inside the
 wheel. A second venv gets the core dependencies only (a client app's install): the client
@@ -28,6 +29,7 @@ from install_support import link_distributions, required_distributions
 from service import __version__
 from service.batch.outputs import load_result
 from service.client import DensemapClient
+from service.engine.onnxruntime_package import check_installed
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "models" / "digits" / "pages" / "page_1.png"
@@ -93,8 +95,10 @@ def make_venv(wheel: Path, names: set[str], tmp: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def venv(wheel, tmp_path_factory) -> Path:
-    names = required_by(wheel, ("gpu",))
-    assert "onnxruntime-gpu" in names and "onnxruntime" not in names
+    """With the runtime extra of the onnxruntime installed here (gpu on Linux x86_64)."""
+    runtime = check_installed()  # the distribution this environment links to
+    names = required_by(wheel, ("gpu" if runtime == "onnxruntime-gpu" else "cpu",))
+    assert runtime in names and not {"onnxruntime", "onnxruntime-gpu"} - {runtime} & names
     assert not {"torch", "ray", "pytest"} & names
     return make_venv(wheel, names, tmp_path_factory.mktemp("runtime"))
 
