@@ -5,16 +5,20 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CORE_STAMP := $(VENV)/.densemap-core
 STAMP := $(VENV)/.densemap-installed
-EXTRAS ?= convert,train,distributed,dev
+# The runtime extra (pyproject.toml): onnxruntime-gpu on Linux x86_64 (it runs on the CPU
+# too, with identical maps), onnxruntime elsewhere. RUNTIME=cpu chooses the CPU package.
+RUNTIME ?= $(if $(filter Linux-x86_64,$(shell uname -s)-$(shell uname -m)),gpu,cpu)
+EXTRAS ?= $(RUNTIME),convert,train,distributed,dev
 
 .PHONY: setup test lint protos demo bench soak sweep image clean
 
-# The core install (engine, server, CLI: no torch, no Ray): what `make demo` needs.
+# The core install and its runtime (engine, server, CLI: no torch, no Ray): what `make demo`
+# needs.
 $(CORE_STAMP): pyproject.toml setup.py constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	@echo "installing densemap's core into $(VENV) (about 0.5 GB, a minute or two)..."
-	$(BIN)/python -m pip install --progress-bar on -c constraints.txt -e .
+	$(BIN)/python -m pip install --progress-bar on -c constraints.txt -e '.[$(RUNTIME)]'
 	touch $(CORE_STAMP)
 
 # Everything the tests use: the converter (torch), training, Ray Data, dev tools.
@@ -42,11 +46,11 @@ demo: $(CORE_STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m pytest -q tests/bench -s -o python_files='bench_*.py'
 
-# A bounded soak (issue 11): DENSEMAP_SOAK_CLIENTS clients for DENSEMAP_SOAK_SECONDS per setting.
+# A bounded soak: DENSEMAP_SOAK_CLIENTS clients for DENSEMAP_SOAK_SECONDS per setting.
 soak: $(STAMP)
 	$(BIN)/python -m pytest -q tests/bench/bench_soak.py tests/bench/bench_hostile.py -s -o python_files='bench_*.py'
 
-# The architecture sweep (issue 14): torchvision classifiers converted on both paths and
+# The architecture sweep: torchvision classifiers converted on both paths and
 # checked cell by cell. Not part of `make test` (torchvision is no dependency; files are
 # named sweep_*.py). torchvision's model code is pure Python: --no-deps keeps torch as is.
 sweep: $(STAMP)

@@ -152,6 +152,9 @@ def _quiet_quantizer():
 
 def quantize_net(fp32: Path, int8: Path, inputs: CalibrationImages, input_name: str) -> None:
     """Write the static QDQ int8 copy of ``fp32`` at ``int8``, calibrated on ``inputs``."""
+    from service.engine.onnxruntime_package import import_onnxruntime
+
+    import_onnxruntime()  # the install checked before onnxruntime.quantization is imported
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,

@@ -26,9 +26,9 @@ def cpu_session(model: str | bytes, *, low_memory: bool = False) -> ort.Inferenc
 
     ``low_memory`` (verify: one big net after another) keeps onnxruntime's load near the
     model's size: basic graph optimizations only (the extended ones make transformed copies
-    of every conv weight: a VGG's 531 MB file peaked at 2.2 GB) and no pre-packed copies of
-    the weights."""
-    import onnxruntime as ort
+    of every conv weight: several times the file's size; docs/convert.md "--verify") and no
+    pre-packed copies of the weights."""
+    from service.engine.onnxruntime_package import ort  # checks the install first
 
     options = ort.SessionOptions()
     options.log_severity_level = 3  # no per-session warnings about missing CUDA

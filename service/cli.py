@@ -55,20 +55,29 @@ class HelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: {default})"
 
 
+class SubcommandParser(argparse.ArgumentParser):
+    """A subcommand's parser reports arguments it does not know itself, with its own usage
+    (``densemap score: error: unrecognized arguments: --top-kk``), instead of leaving them
+    to the top-level parser, whose usage lists only the subcommands."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="densemap", description=DESCRIPTION, epilog=EPILOG, formatter_class=HelpFormatter
     )
     parser.add_argument("--version", action="version", version=f"densemap {__version__}")
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(
+        dest="command", metavar="COMMAND", required=True, parser_class=SubcommandParser
+    )
     for name, (module_name, help_text) in SUBCOMMANDS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:  # a subcommand not built yet, or an extra missing
-            if not exc.name or not module_name.startswith(exc.name):
-                raise
-            continue
+        module = importlib.import_module(module_name)  # light: extras load in run()
         sp = sub.add_parser(
             name, help=help_text, description=help_text, formatter_class=HelpFormatter
         )

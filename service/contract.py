@@ -42,7 +42,7 @@ benchmarks): its scores mean nothing. The key is optional and additive, so the c
 stays version 2: a file without it (older converters) reads as false, and older readers
 ignore it.
 
-``int8`` (issue 22): int8 copies of the model and of each à-trous variant, written by
+``int8``: int8 copies of the model and of each à-trous variant, written by
 ``densemap convert --int8-calibration IMAGES_DIR`` with onnxruntime's static QDQ
 quantization, and how far the main net's int8 map was from fp32 on the calibration images
 (:class:`Int8Copies`). The key is optional and additive like ``random_weights``: a file

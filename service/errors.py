@@ -10,7 +10,8 @@ The exception tree, drawn once::
     ├── ModelNotFound             a model name that is not in the repository index
     ├── ModelLoadError            a model file that is missing, corrupt or breaks the contract
     ├── ConversionError           the converter cannot make an exact dense model (names the layer)
-    └── Cancelled                 the caller went away or its deadline passed
+    ├── Cancelled                 the caller went away or its deadline passed
+    └── RuntimeNotInstalled       no onnxruntime package installed, or two (also an ImportError)
 
 Every message says what was wrong and what to do. The server maps these classes to
 gRPC status codes in one table (``service.server.status``); nothing else decides codes.
@@ -55,3 +56,8 @@ class ConversionError(DensemapError):
 
 class Cancelled(DensemapError):
     """The work was stopped because the caller cancelled or its deadline passed."""
+
+
+class RuntimeNotInstalled(DensemapError, ImportError):
+    """No onnxruntime package is installed, or more than one (they break each other), or an
+    incomplete one: the engine cannot run. The message names the pip command that fixes it."""

@@ -89,7 +89,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opts.add_argument(
         "--memory-budget",
         metavar="SIZE",
-        help="activation memory per pass before the engine tiles: bytes, or 512M, 2G (default: 1G)",
+        help="memory one request may use (its maps and copies, plus one pass's activations, "
+        "which are tiled to fit): bytes, or 512M, 2G (default: 1G)",
     )
     found = parser.add_argument_group("detections (docs/score.md)")
     found.add_argument(
@@ -101,27 +102,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--threshold",
         type=float,
         metavar="P",
-        help=f"minimum class probability of a box (default {DEFAULT_DETECTION_THRESHOLD})",
+        help="minimum class probability of a box (default: the model's densemap.json, else "
+        f"{DEFAULT_DETECTION_THRESHOLD})",
     )
     found.add_argument(
         "--nms-iou",
         type=float,
         metavar="IOU",
-        help=f"drop a box whose IoU with a better one of its class is above this "
-        f"(default {DEFAULT_NMS_IOU})",
+        help="drop a box whose IoU with a better one of its class is above this (default: "
+        f"the model's densemap.json, else {DEFAULT_NMS_IOU})",
     )
     found.add_argument(
         "--max-detections",
         type=int,
         metavar="N",
-        help=f"at most N boxes per image (default {DEFAULT_MAX_DETECTIONS})",
+        help="at most N boxes per image (default: the model's densemap.json, else "
+        f"{DEFAULT_MAX_DETECTIONS})",
     )
     found.add_argument(
         "--detection-classes",
         metavar="LIST",
         help="class indices to detect, e.g. 1,3 (default: all but 'background')",
     )
-    found.add_argument("--across-classes", action="store_true", help="NMS over all classes at once")
+    found.add_argument(
+        "--across-classes",
+        action=argparse.BooleanOptionalAction,
+        help="NMS over all classes at once, or per class (--no-across-classes) (default: the "
+        "model's densemap.json, else per class)",
+    )
     out = parser.add_argument_group("outputs (docs/score.md)")
     out.add_argument(
         "--save",
@@ -214,9 +222,7 @@ def detection_options(args: argparse.Namespace):
     from service.engine.options import DetectionOptions
 
     names = ("threshold", "nms_iou", "max_detections", "detection_classes", "across_classes")
-    given = [
-        f"--{n.replace('_', '-')}" for n in names if getattr(args, n, None) not in (None, False)
-    ]
+    given = [f"--{n.replace('_', '-')}" for n in names if getattr(args, n, None) is not None]
     if not getattr(args, "detections", False):
         if given:
             raise InvalidOption(f"{', '.join(given)} apply to --detections: add --detections")
@@ -237,7 +243,9 @@ def detection_options(args: argparse.Namespace):
                 f"--detection-classes {args.detection_classes!r} must be class indices "
                 "separated by commas, e.g. 1,3"
             ) from None
-    return DetectionOptions(across_classes=bool(args.across_classes), **values)
+    if args.across_classes is not None:  # unset: the model's own setting
+        values["across_classes"] = args.across_classes
+    return DetectionOptions(**values)
 
 
 RAY_CLIENT_REFUSED = (
@@ -284,8 +292,8 @@ def build_request(args: argparse.Namespace):
         refuse_ray_client(ray_address)
     if args.gpus and args.ray is None:
         raise InvalidOption("--gpus applies to --ray; in-process scoring uses CUDA when present")
-    # Idle onnxruntime threads yield their cores to the decode/write threads (measured:
-    # spinning ones burnt ~40% more CPU per image than the bare engine; docs/score.md).
+    # Idle onnxruntime threads yield their cores to the decode/write threads (spinning ones
+    # burnt more CPU per image than the bare engine: docs/score.md).
     engine = EngineConfig(
         spin_wait=False,
         memory_budget=parse_bytes(args.memory_budget) if args.memory_budget else None,

@@ -288,7 +288,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="SIZE",
         shown=f"{DEFAULT_MEMORY_BUDGET >> 30}G on CPU, half the free GPU memory on CUDA",
-        help="activation memory per pass before the engine tiles: bytes, or 512M, 2G",
+        help="memory one request may use (its maps and copies, plus one pass's activations, which are tiled to fit): bytes, or 512M, 2G",
     )
     _add(
         parser,
@@ -326,8 +326,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=FC_HEAD_UNFOLD_MODES,
         env_alias={"old": "DENSEMAP_HEAD_UNFOLD"},
         help="run the huge-kernel convs of a classifier's rewritten FC head (FC6 as a 7x7 "
-        "conv) as unfold + MatMul, which needs no cuDNN workspace (71 GB for VGG-16 at "
-        "2048²): on cuda sessions, always or never",
+        "conv) as unfold + MatMul, which needs no cuDNN workspace (tens of GB for VGG-16 "
+        "at 2048²): on cuda sessions, always or never",
     )
     parser.add_argument(  # "head" alone names a model's outputs (--heads of score)
         "--head-unfold", dest="fc_head_unfold", choices=FC_HEAD_UNFOLD_MODES,
@@ -443,7 +443,10 @@ def build_config(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     _configure_logging(args)
     from service.engine import host_memory
+    from service.engine.onnxruntime_package import import_onnxruntime
     from service.server.app import create_server
+
+    import_onnxruntime()  # none installed, or two: exit 2 with the fix, before serving
 
     host_memory.limit_arenas()  # before any server thread allocates: bounded idle memory
 

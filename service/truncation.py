@@ -2,7 +2,8 @@
 
 Pillow refuses most short files itself ("image file is truncated"), but not all, and not
 always before the work: libjpeg fills every block after a premature end of the scan with
-grey, so a 380-byte JPEG whose header says 16384x16384 used to decode for 20 s into 2 GB.
+grey, so a few hundred bytes of JPEG whose header says 16384x16384 used to decode for
+seconds into gigabytes (docs/engine.md "Measurements behind the code").
 :func:`check_encoded` reads only headers and marker segments, in milliseconds, and raises
 :class:`InvalidImage` with :data:`TRUNCATED` for:
 

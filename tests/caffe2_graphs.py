@@ -1,5 +1,5 @@
 """Caffe2-style ONNX classifiers (IR 3, opset 9, weights listed as graph inputs), built by
-hand in the shapes the classic ONNX model zoo files have (issue 18): weights computed by
+hand in the shapes the classic ONNX model zoo files have: weights computed by
 constant subgraphs, an old Softmax over C x 1 x 1, heads with no FC layer after a global
 pool, a padded pool that is global at R, a channel split by Slice.
 

@@ -1,5 +1,5 @@
 """Raw HTTP/2 gRPC clients that a stock stub cannot be: they open calls and never finish
-them (issue 19). Built on the ``h2`` package; used by tests and ``bench_soak``.
+them. Built on the ``h2`` package; used by tests and ``bench_soak``.
 
 - :class:`StalledCalls`: one connection whose calls send HEADERS and no DATA (``drip``
   None), or a message prefix and then one byte per ``drip`` seconds, forever.

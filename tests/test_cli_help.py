@@ -83,3 +83,28 @@ def test_the_memory_budget_has_one_spelling_and_unit(capsys, monkeypatch):
         assert "memory-budget-mb" not in text
     args = build_parser().parse_args(["serve", "--memory-budget", "512M"])
     assert build_config(args).engine.memory_budget == 512 << 20
+    # one description of what the budget covers, the engine's (pass_budget.py)
+    covers = "memory one request may use (its maps and copies, plus one pass's activations"
+    assert covers in score and covers in serve
+    assert "activation memory per pass" not in score + serve
+
+
+@pytest.mark.parametrize(
+    "argv, typo",
+    [
+        (["score", "page.png", "--out", "maps", "--top-kk", "3"], "--top-kk 3"),
+        (["serve", "--prot", "1"], "--prot 1"),
+        (["render", "out", "--heatmap-colour", "7"], "--heatmap-colour 7"),
+        (["health", "--bogus"], "--bogus"),
+        (["convert", "m.onnx", "-o", "d.onnx", "--strides=8", "--verfy"], "--verfy"),
+    ],
+)
+def test_a_mistyped_flag_shows_its_subcommands_usage(capsys, argv, typo):
+    """The error comes from the subcommand's parser: its usage, not the list of commands."""
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    command = argv[0]
+    assert err.startswith(f"usage: densemap {command} "), err
+    assert err.rstrip().endswith(f"densemap {command}: error: unrecognized arguments: {typo}")

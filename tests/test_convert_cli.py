@@ -249,3 +249,50 @@ def test_preprocessing_file_goes_into_the_contract(onnx_classifier, tmp_path, ca
     assert code == 0, captured.err
     meta = _metadata(tmp_path / "d.onnx")
     assert meta.preprocessing.color == "BGR" and meta.preprocessing.mean == (1.0, 2.0, 3.0)
+
+
+def test_the_convert_flags_live_in_one_module_that_imports_no_command():
+    """convert.flags owns every flag (heads too) and needs nothing of convert.cli: no cycle."""
+    code = (
+        "import argparse, sys, convert.flags as f; p = argparse.ArgumentParser(); "
+        "f.add_arguments(p); print('convert.cli' in sys.modules); "
+        "print(sorted(a.dest for a in p._actions if a.dest in ('head_kinds', 'head_labels', "
+        "'primary_head', 'strides')))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "False",
+        "['head_kinds', 'head_labels', 'primary_head', 'strides']",
+    ]
+
+
+def test_detection_settings_go_into_the_model_folders_densemap_json(
+    onnx_classifier, tmp_path, capsys
+):
+    """--nms-iou/--across-classes/... merge into densemap.json beside -o (other settings
+    kept); the repository then loads them; a bad value converts nothing."""
+    from service.engine.repository import load_model
+
+    folder = tmp_path / "repo" / "cls"
+    folder.mkdir(parents=True)
+    (folder / "densemap.json").write_text(json.dumps({"box_offsets": [0.1, 0.1, -0.1, -0.1]}))
+    base = ["convert", str(onnx_classifier), "-o", str(folder / "model.onnx"), "--preprocessing", "unit"]  # fmt: skip
+    assert main([*base, "--nms-iou", "0.3", "--across-classes"]) == 0
+    assert f"wrote {folder / 'densemap.json'}" in capsys.readouterr().out
+    settings = json.loads((folder / "densemap.json").read_text())
+    assert settings == {
+        "box_offsets": [0.1, 0.1, -0.1, -0.1],
+        "detections": {"iou": 0.3, "across_classes": True},
+    }
+    assert main([*base, "--threshold", "0.6", "--no-across-classes"]) == 0
+    config = load_model(tmp_path / "repo", "cls").config
+    assert (config.detections.iou, config.detections.threshold) == (0.3, 0.6)
+    assert config.detections.across_classes is False and config.box_offsets[0] == 0.1
+    (folder / "model.onnx").unlink()
+    assert main([*base, "--nms-iou", "1.5"]) == 2
+    assert "--nms-iou: detections.iou must be in [0, 1], got 1.5" in capsys.readouterr().err
+    assert not (folder / "model.onnx").exists()

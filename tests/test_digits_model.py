@@ -20,7 +20,7 @@ from service.engine import Engine, ScoreOptions  # noqa: E402
 
 FOLDER = Path(__file__).resolve().parent.parent / "models" / "digits"
 MODEL = FOLDER / "model.onnx"
-SIZE_LIMIT = 2 * 1024 * 1024  # bytes: model and variants together (issue 6)
+SIZE_LIMIT = 2 * 1024 * 1024  # bytes: model and variants together
 # fp32 tolerance for the engine's map against the classifier on crops: both sum the same
 # ~400 products per unit in different orders (rounding ~1e-6 relative); 1e-4 x max(1, |s|)
 # as in convert.verify.
@@ -132,7 +132,7 @@ def test_model_card_states_the_recomputed_numbers(report):
 
 def test_boxes_at_stride_2_meet_the_precision_and_recall_targets(report):
     """Engine detections (window boxes moved by densemap.json's offsets, NMS) against the
-    generator's digit boxes at IoU >= 0.5 with the right label (issue 10)."""
+    generator's digit boxes at IoU >= 0.5 with the right label."""
     (boxes,) = [b for b in report.boxes if b.stride == 2]
     assert boxes.digits >= 500
     assert boxes.precision >= digits_eval.BOX_THRESHOLDS["precision"]

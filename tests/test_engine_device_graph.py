@@ -164,7 +164,7 @@ def test_arena_is_released_after_big_requests_only(rgb_model, monkeypatch):
     assert released == [] and trimmed == []
     engine.score(big)
     assert released == [1] and trimmed == [1]  # the arena, then glibc's free heap pages
-    engine.score(big)  # a stream of big requests of one size keeps its buffers (issue 22)
+    engine.score(big)  # a stream of big requests of one size keeps its buffers
     engine.score(big)
     assert released == [1] and trimmed == [1]
     # a request whose maps (not its passes) are big gives its memory back too

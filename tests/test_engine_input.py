@@ -178,6 +178,32 @@ def test_bad_arrays(engine):
     np.testing.assert_array_equal(grey, rgb)
 
 
+@pytest.mark.parametrize(
+    "shape, dtype, message",
+    [
+        # a (64, 64, 1) float array was once "64x1 pixels, smaller than the window"
+        ((64, 64, 1), np.float32, r"CxHxW \(channels first\) with C=3, got shape \(64, 64, 1\), "
+         r"which looks channels last \(HxWxC with C=1\): transpose it"),
+        ((64, 64, 3), np.float64, r"looks channels last \(HxWxC with C=3\): transpose it "
+         r"\(image.transpose\(2, 0, 1\)\)"),
+        ((1, 64, 64), np.float32, r"the model wants 3 channels, got 1 \(an array of shape"),
+        ((3, 64, 64), np.uint8, r"HxW or HxWxC \(channels last\) with C=3, got shape \(3, 64, 64\), "
+         r"which looks channels first \(CxHxW with C=3\): transpose it \(image.transpose\(1, 2, 0\)\)"),
+        ((64, 64, 4), np.uint8, r"the model wants 3 channels per pixel in its color order, got 4"),
+        ((2, 64, 64, 3), np.uint8, r"got an array of 4 dimensions, shape \(2, 64, 64, 3\)"),
+        ((64, 64), np.float32, r"got an array of 2 dimensions, shape \(64, 64\)"),
+    ],
+)  # fmt: skip
+def test_shape_errors_name_the_layout_or_the_channels(engine, shape, dtype, message):
+    """What is wrong (channels first or last, the channel count, the rank), before any size
+    is read from the wrong axes; the same from estimate_image (the server's admission) and score."""
+    array = np.zeros(shape, dtype)
+    for call in (engine.score, engine.estimate_image):
+        with pytest.raises(InvalidImage, match=message) as caught:
+            call(array)
+        assert "pixels" not in str(caught.value).replace("uint8 HxWxC pixels", "")
+
+
 def test_cancel_between_passes(engine, image):
     calls = []
 

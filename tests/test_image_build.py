@@ -1,4 +1,4 @@
-"""``make image`` builds the server image where a container engine exists (issue 21).
+"""``make image`` builds the server image where a container engine exists.
 
 CI has none (docker without a daemon, no podman or buildah): then this test is skipped and
 says so; tests/test_image_install.py checks the image's install step in a fresh venv

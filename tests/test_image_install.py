@@ -1,17 +1,19 @@
-"""The image's install step, as deploy/Dockerfile writes it, in a fresh venv (issue 21).
+"""The image's install step, as deploy/Dockerfile writes it, in a fresh venv.
 
 CI has no container engine, so the Dockerfile's own lines are read here: the sources its
 COPY steps put in /src are copied to a folder, and its ``pip install`` command (with the
-default ``EXTRAS``) runs there in a fresh venv, offline: ``--no-index`` and
+default ``RUNTIME`` and ``EXTRAS``) runs there in a fresh venv, offline: ``--no-index`` and
 ``--no-build-isolation`` are added, and the venv sees this environment's installed copies of
-the distributions the project needs (and setuptools, its build backend), nothing else. The
-installed ``densemap`` then answers ``--version`` and lists its subcommands. The Ray image's
-extra must name ray[default] (downloading Ray is no CI step).
+the distributions the project and its runtime extra need (and setuptools, its build
+backend), nothing else. The installed ``densemap`` then answers ``--version``, lists its
+subcommands and loads its engine (the runtime extra came with it). The Ray image's extra
+must name ray[default] (downloading Ray is no CI step).
 """
 
 from __future__ import annotations
 
 import os
+import platform
 import re
 import shlex
 import shutil
@@ -32,6 +34,8 @@ from service import __version__
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+# the image's default runtime, onnxruntime-gpu, exists for Linux x86_64 (the image's platform)
+GPU_RUNTIME_HERE = (platform.system(), platform.machine()) == ("Linux", "x86_64")
 
 
 def dockerfile_lines() -> list[str]:
@@ -77,9 +81,13 @@ def test_the_dockerfile_install_step_works_in_a_fresh_venv(tmp_path):
         [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
         capture_output=True, text=True, check=True,
     ).stdout.strip()  # fmt: skip
+    assert args["RUNTIME"] == "gpu" and "${RUNTIME}" in command  # the GPU image by default
     needed = required_distributions(PYPROJECT["project"]["dependencies"])
+    needed |= required_distributions(PYPROJECT["project"]["optional-dependencies"]["gpu"])
     needed |= required_distributions(PYPROJECT["build-system"]["requires"])
     assert "setuptools" in needed and not {"torch", "ray", "pytest"} & needed
+    if GPU_RUNTIME_HERE:
+        assert "onnxruntime-gpu" in needed and "onnxruntime" not in needed
     link_distributions(needed, tmp_path / "deps")
     (Path(site) / "densemap_test_deps.pth").write_text(f"{tmp_path / 'deps'}\n")
 
@@ -102,6 +110,14 @@ def test_the_dockerfile_install_step_works_in_a_fresh_venv(tmp_path):
         capture_output=True, text=True, timeout=60,
     ).stdout  # fmt: skip
     assert all(word in usage for word in ("serve", "score", "health")), usage
+    if not GPU_RUNTIME_HERE:
+        return
+    engine = subprocess.run(
+        [str(python), "-c", "from service.engine.onnxruntime_package import check_installed; "
+         "import service.engine.engine; print(check_installed())"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert engine.stdout == "onnxruntime-gpu\n", engine.stderr
 
 
 def test_the_ray_image_extra_brings_job_submission():

@@ -1,4 +1,4 @@
-"""int8 precision end to end on CPU (issue 22): ``densemap convert --int8-calibration`` ->
+"""int8 precision end to end on CPU: ``densemap convert --int8-calibration`` ->
 metadata -> engine ``precision="int8"`` -> densemap.v1, KServe, the score CLI, densemap.json.
 
 Tolerance of int8 against fp32 (held-out image of the calibration images' kind): argmax

@@ -28,7 +28,7 @@ pytest.importorskip("ray", reason="needs the 'distributed' extra (ray[data])")
 ROOT = Path(__file__).resolve().parents[1]
 RAY = Path(sys.executable).with_name("ray")
 # Lines Ray printed on every --ray run before densemap passed max_restarts=0 and kept
-# Ray's token-auth default without its warning (issue 12, point 9).
+# Ray's token-auth default without its warning.
 NOISE = (
     "max_restarts > 0",
     "Token authentication",

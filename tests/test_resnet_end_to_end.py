@@ -100,7 +100,7 @@ def test_resnet_serves_through_both_grpc_apis(resnet):
 def test_the_same_weights_through_onnx_and_preprocessing_imagenet_serve_the_same_maps(
     resnet, tmp_path, capsys
 ):
-    # issue 18: an ONNX export of these weights converted with a guessed x/255 served maps
+    # an ONNX export of these weights converted with a guessed x/255 served maps
     # 4.3 logits away from --arch resnet18's; now the preprocessing is said, not guessed
     from convert.export import export_classifier_onnx
 

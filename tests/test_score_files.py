@@ -1,5 +1,5 @@
 """The files of ``densemap score`` when the disk is full or ``--out`` is read-only, and the
-modes it creates them with (issue 19, point 9)."""
+modes it creates them with."""
 
 from __future__ import annotations
 

@@ -203,3 +203,34 @@ def test_render_redraws_the_heatmaps_without_scoring(capsys, repo, folder, tmp_p
     assert main(["render", str(tmp_path / "in")]) == 2
     assert "not a 'densemap score' output folder" in capsys.readouterr().err
     assert LABELS[2] == "fox"
+
+
+def test_render_redraws_an_argmax_run_as_the_run_drew_it(capsys, repo, folder, tmp_path):
+    """--save argmax keeps each cell's best class and its score: enough for the top-class
+    picture, equal to the one drawn from the full map at scoring time (fp32 scores)."""
+    out = tmp_path / "o"
+    argv = [str(folder), "--out", str(out), "--models", str(repo), "--model", MODEL,
+            "--heatmap", "--save", "argmax", "--map-dtype", "fp32"]  # fmt: skip
+    assert score(capsys, *argv)[0] == 0
+    drawn = {p.name: p.read_bytes() for p in out.glob("*.heatmap.png")}
+    assert len(drawn) == 2
+    for p in out.glob("*.heatmap.png"):
+        p.unlink()
+    assert main(["render", str(out)]) == 0
+    assert "drew 2, failed 0" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in out.glob("*.heatmap.png")} == drawn
+    assert main(["render", str(out), "--heatmap-class", "fox"]) == 2
+    err = capsys.readouterr().err
+    assert "argmax only (--save argmax), which draws the top class" in err
+    assert "--save maps" in err
+
+
+def test_render_of_a_top_k_run_says_which_save_modes_draw(capsys, repo, folder, tmp_path):
+    out = tmp_path / "o"
+    argv = [str(folder), "--out", str(out), "--models", str(repo), "--model", MODEL,
+            "--save", "top-k", "--top-k", "2"]  # fmt: skip
+    assert score(capsys, *argv)[0] == 0
+    assert main(["render", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert "drew 0, failed 2" in captured.out
+    assert "rerun 'densemap score' with --save maps or --save argmax" in captured.err

@@ -1,4 +1,4 @@
-"""``densemap score --server`` against servers with a bearer token and TLS (issue 21).
+"""``densemap score --server`` against servers with a bearer token and TLS.
 
 The maps written through a secured server are the in-process maps byte for byte; each way of
 getting the connection wrong (no token, wrong token, plaintext to TLS, TLS to plaintext, an

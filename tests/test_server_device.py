@@ -1,4 +1,4 @@
-"""A server told ``--device cuda`` that cannot use CUDA never becomes ready (issue 21); its
+"""A server told ``--device cuda`` that cannot use CUDA never becomes ready; its
 start-up log says whether TLS and auth are on; ``--port 0`` picks a free metrics port."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What a client sees (issue 19, point 10): no absolute server path in any status message or
+"""What a client sees: no absolute server path in any status message or
 in ``ListModels.failures``; the bearer scheme is case-insensitive (RFC 6750), the token is
 not; ``/metrics`` (plain HTTP, no token) listens on 127.0.0.1 unless ``--metrics-host`` says
 otherwise."""

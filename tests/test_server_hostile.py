@@ -1,4 +1,4 @@
-"""Hostile requests (issue 19): whatever a client sends, it gets a clear status at once.
+"""Hostile requests: whatever a client sends, it gets a clear status at once.
 
 - Malformed shapes are INVALID_ARGUMENT before any array is made (a 65-dimension shape used
   to reach numpy's reshape and come back INTERNAL).

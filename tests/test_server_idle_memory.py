@@ -1,4 +1,4 @@
-"""Memory goes back when the server goes idle (issue 11 point 6), not only after big requests."""
+"""Memory goes back when the server goes idle, not only after big requests."""
 
 from __future__ import annotations
 

@@ -182,7 +182,7 @@ def test_metrics_endpoint_reports_requests_stages_and_models(repo):  # noqa: F81
     assert 'densemap_input_pixels_count{model="tiny"} 1.0' in text
     assert 'densemap_in_flight_requests{model="tiny"} 0.0' in text
     assert 'densemap_model_loaded{model="tiny"} 1.0' in text
-    # the process's RSS and CPU time (issue 11, point 6)
+    # the process's RSS and CPU time
     values = {
         line.split()[0]: float(line.split()[1])
         for line in text.splitlines()

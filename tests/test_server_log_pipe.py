@@ -1,4 +1,4 @@
-"""A log reader that goes away or stalls never blocks the server (issue 19, point 8).
+"""A log reader that goes away or stalls never blocks the server.
 
 Before: with stdout/stderr into a closed pipe, ``densemap serve --log-json`` ignored two
 SIGTERMs. ``logging.StreamHandler`` printed each failed write (EPIPE) to ``sys.stderr``,

@@ -1,4 +1,4 @@
-"""One memory budget for the whole server (issue 19, points 2 and 3).
+"""One memory budget for the whole server.
 
 Each scoring call reserves its request, maps and response in the server's budget
 (``--memory-limit``) before it queues, and holds them until its response has been read:

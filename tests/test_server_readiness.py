@@ -1,4 +1,4 @@
-"""Readiness is a promise (issue 19, point 7): a server is ready only while it serves at least
+"""Readiness is a promise: a server is ready only while it serves at least
 one model, and every model of --require-models; liveness stays SERVING meanwhile, and every
 reload (SIGHUP, --poll-seconds) evaluates readiness again."""
 

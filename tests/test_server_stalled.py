@@ -1,4 +1,4 @@
-"""Calls that never finish their request hold no thread (issue 19, point 1).
+"""Calls that never finish their request hold no thread.
 
 A raw HTTP/2 client (``hostile_clients``) opens calls whose HEADERS arrive and whose body
 never does, or drips in a byte at a time. On the old thread-per-call server, 4 such health

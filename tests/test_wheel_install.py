@@ -1,10 +1,13 @@
 """A new user's install: build the wheel, install it into a fresh venv without torch, run it.
 
-The fresh venv gets the wheel (``--no-deps``, no index) and, for its core dependencies, links
-to this environment's installed copies of exactly the distributions the wheel's metadata
-requires (transitively, extras left out): no download, and torch, ray and the dev tools stay
-out. ``densemap score`` and ``densemap serve`` then run from an empty folder with no
-``DENSEMAP_MODELS``, so they can only find the ``digits`` model inside the wheel.
+The fresh venv gets the wheel (``--no-deps``, no index) and links to this environment's
+installed copies of exactly the distributions the wheel's metadata requires with the
+runtime extra of the onnxruntime installed here (``gpu`` on Linux x86_64; transitively,
+other extras left out): no download, and torch, ray and
+the dev tools stay out. ``densemap score`` and ``densemap serve`` then run from an empty
+folder with no ``DENSEMAP_MODELS``, so they can only find the ``digits`` model inside the
+wheel. A second venv gets the core dependencies only (a client app's install): the client
+imports and ``densemap score`` says which extra brings the runtime.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from install_support import link_distributions, required_distributions
 from service import __version__
 from service.batch.outputs import load_result
 from service.client import DensemapClient
+from service.engine.onnxruntime_package import check_installed
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "models" / "digits" / "pages" / "page_1.png"
@@ -60,23 +64,24 @@ def build_wheel(tmp: Path) -> Path:
     return wheel
 
 
-def core_distributions(wheel: Path) -> set[str]:
-    """Names of the distributions the wheel needs without extras, transitively."""
+def required_by(wheel: Path, extras: tuple[str, ...] = ()) -> set[str]:
+    """Names of the distributions the wheel needs with ``extras``, transitively."""
     with zipfile.ZipFile(wheel) as archive:
         (metadata,) = [n for n in archive.namelist() if n.endswith(".dist-info/METADATA")]
         lines = archive.read(metadata).decode().splitlines()
     return required_distributions(
-        line.split(":", 1)[1].strip() for line in lines if line.startswith("Requires-Dist:")
+        (line.split(":", 1)[1].strip() for line in lines if line.startswith("Requires-Dist:")),
+        extras,
     )
 
 
 @pytest.fixture(scope="module")
-def venv(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("wheel")
-    wheel = build_wheel(tmp)
-    names = core_distributions(wheel)
-    assert "onnxruntime-gpu" in names or "onnxruntime" in names
-    assert not {"torch", "ray", "pytest"} & names
+def wheel(tmp_path_factory) -> Path:
+    return build_wheel(tmp_path_factory.mktemp("wheel"))
+
+
+def make_venv(wheel: Path, names: set[str], tmp: Path) -> Path:
+    """A fresh venv with the wheel and links to the installed copies of ``names``."""
     venv = tmp / "venv"
     run(sys.executable, "-m", "venv", "--without-pip", str(venv))
     python = venv / "bin" / "python"
@@ -86,6 +91,23 @@ def venv(tmp_path_factory) -> Path:
     link_distributions(names, tmp / "deps")
     (Path(site.stdout.strip()) / "densemap_test_deps.pth").write_text(f"{tmp / 'deps'}\n")
     return venv
+
+
+@pytest.fixture(scope="module")
+def venv(wheel, tmp_path_factory) -> Path:
+    """With the runtime extra of the onnxruntime installed here (gpu on Linux x86_64)."""
+    runtime = check_installed()  # the distribution this environment links to
+    names = required_by(wheel, ("gpu" if runtime == "onnxruntime-gpu" else "cpu",))
+    assert runtime in names and not {"onnxruntime", "onnxruntime-gpu"} - {runtime} & names
+    assert not {"torch", "ray", "pytest"} & names
+    return make_venv(wheel, names, tmp_path_factory.mktemp("runtime"))
+
+
+@pytest.fixture(scope="module")
+def client_venv(wheel, tmp_path_factory) -> Path:
+    names = required_by(wheel)
+    assert not {"onnxruntime", "onnxruntime-gpu", "torch", "ray"} & names
+    return make_venv(wheel, names, tmp_path_factory.mktemp("client"))
 
 
 def fresh_env() -> dict[str, str]:
@@ -140,3 +162,20 @@ def test_serve_from_an_empty_folder_serves_the_bundled_model(venv, tmp_path):
         if serve.poll() is None:
             serve.kill()
             serve.wait(10)
+
+
+def test_the_core_install_has_a_client_and_names_the_runtime_extra(client_venv, tmp_path):
+    """Without a runtime extra: the client and the CLI's help work; scoring names the fix."""
+    python = str(client_venv / "bin" / "python")
+    probe = run(python, "-c", "import importlib.util as u, service.client, service.batch.outputs; "
+                "print(u.find_spec('onnxruntime'))", cwd=tmp_path, env=fresh_env())  # fmt: skip
+    assert probe.stdout == "None\n"
+    run(str(client_venv / "bin" / "densemap"), "score", "--help", cwd=tmp_path, env=fresh_env())
+    shutil.copy2(PAGE, tmp_path / "page.png")
+    done = subprocess.run(
+        [str(client_venv / "bin" / "densemap"), "score", "page.png", "--out", "m"],
+        cwd=tmp_path, env=fresh_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "densemap score: error:" in done.stderr and "densemap[cpu]" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "m").exists()

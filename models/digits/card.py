@@ -46,8 +46,8 @@ def reading_rows(report: Report) -> list[str]:
 
 BOX_SECTION = [
     "### Boxes (the engine's detections)",
-    "`densemap score --detections --nms-iou 0.3 --across-classes` (the demo's flags; "
-    "threshold 0.5): each cell naming a digit with probability >= 0.5 is a box, the central "
+    "`densemap score --detections` (the model's `densemap.json` `detections`: threshold "
+    "0.5, NMS IoU 0.3 across classes): each cell naming a digit with probability >= 0.5 is a box, the central "
     "20x20 px of its window (`densemap.json`: `box_offsets` 1/7 of the window on each side); "
     "greedy NMS at IoU 0.3 over all classes keeps the best. A box is right when its label is "
     "the digit's and its IoU with the digit's box (side and place from the page generator) "

@@ -31,8 +31,9 @@ ROOT = Path(__file__).resolve().parents[2]
 MODELS = ROOT / "models"
 PAGES = MODELS / "digits" / "pages"
 MIN_IOU = 0.5  # a box names a drawn digit when their IoU is at least this
-# the digits' detection settings (models/digits/evaluate.py DETECTIONS, the model card)
-DETECTION_FLAGS = ("--detections", "--threshold", "0.5", "--nms-iou", "0.3", "--across-classes")
+# the digits' detection settings (threshold 0.5, NMS IoU 0.3 across classes) are the model's
+# own, in models/digits/densemap.json: densemap score and the server apply them
+DETECTION_FLAGS = ("--detections",)
 STRIDES = (4, 2)
 READY_TIMEOUT_S = 120.0
 

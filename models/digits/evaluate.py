@@ -17,7 +17,7 @@ on data built from the held-out split with fixed seeds:
   a stride (4 px) or more from every digit centre, and that name a digit. Detections
   (:func:`models.digits.reading.find_digits`) are matched to digits of the same class
   within 6 px (precision, recall).
-- boxes, through the engine's detections (:data:`DETECTIONS`, box offsets from the model's
+- boxes, through the engine's detections (:data:`DETECTIONS`: box offsets and NMS from the model's
   ``densemap.json``): a box matches a drawn digit of the same label with IoU >= 0.5 with
   the digit's box (its side and place from the page generator); precision and recall.
 
@@ -62,9 +62,10 @@ MATCH_RADIUS = 6.0  # px between a detection's cell centre and the digit centre 
 CPU = EngineConfig(device="cpu", intra_op_threads=1, warmup=False)
 BOX_STRIDES = (4, 2)
 BOX_MIN_IOU = 0.5
-# the digits' detection settings (the demo passes the same flags to densemap score): NMS
-# across classes drops a look-alike class named by the fringe cells of a digit
-DETECTIONS = DetectionOptions(threshold=0.5, iou=0.3, across_classes=True)
+# the digits' detection settings are the model's own (densemap.json "detections": threshold
+# 0.5, NMS IoU 0.3 across classes, which drops a look-alike class named by the fringe cells
+# of a digit); evaluate() loads them with the model, as densemap score and serve do
+DETECTIONS = DetectionOptions()
 BOX_THRESHOLDS = {"precision": 0.97, "recall": 0.97}  # at stride 2
 THRESHOLDS = {
     "heldout_accuracy": 0.97,

@@ -10,12 +10,14 @@ nearest window centre is that cell's and within half a stride of it. Pixels fart
 (the border band between the edge windows' centres and the image's edges, and the last
 ``(W - R) mod S``) stay unpainted: edge cells are never stretched out to the border. Modes:
 
-- top class: the colour of the cell's best class (a fixed 20-colour palette), opacity
+- top class: the colour of the cell's best class (a fixed 20-colour palette, by class index
+  as the detection boxes are), opacity
   from 0.25 (the map's least confident painted cell) to 0.65 (its most confident), so a
   map whose best probabilities are all low (many classes, random weights) still shows; a
   legend lists the classes shown (the 20 with most cells, in class order) and the
   confidence range; cells whose best class is labelled ``background`` (or
-  ``__background__``, ``bg``) stay unpainted;
+  ``__background__``, ``bg``) stay unpainted. A map saved with ``--save argmax`` draws
+  this way too, its best score giving the opacity;
 - one class: that class's probability through a perceptual colour ramp (dark blue ->
   green -> yellow) stretched over the map's own range [min, max] (over [0, 1] when the map
   is flat or ``normalise=False``), with the probabilities at 0, 1/4, ... of the ramp in the
@@ -152,15 +154,37 @@ def render_heatmap(
     probabilities: bool = True,
     detections=None,
     normalise: bool = True,
+    argmax_scores: np.ndarray | None = None,
 ) -> Image.Image:
-    """The image (H x W, grey or RGB) with the map (and boxes) drawn over it, as RGB."""
-    if scale_map.scores is None:
-        raise ValueError("the heat-map needs the score map itself")
+    """The image (H x W, grey or RGB) with the map (and boxes) drawn over it, as RGB.
+
+    The top-class picture also draws from a map saved with ``--save argmax``: its
+    ``argmax`` (class per cell) and ``argmax_scores`` (that class's score: the opacity;
+    without them every painted cell is equally opaque). One class needs the score map."""
     base = _as_rgb(image)
     geo = scale_map.geometry
-    probs = probabilities_of(scale_map.scores, probabilities=probabilities)
-    channel_classes = scale_map.classes or tuple(range(probs.shape[0]))
-    n_h, n_w = probs.shape[1:]
+    score_name = "P"  # what the opacity legend's range is of
+    if scale_map.scores is not None:
+        probs = probabilities_of(scale_map.scores, probabilities=probabilities)
+        channel_classes = scale_map.classes or tuple(range(probs.shape[0]))
+        top = probs.argmax(axis=0) if class_index is None else None
+        top_class = None if top is None else np.asarray(channel_classes)[top]
+        confidence = None if top is None else probs.max(axis=0)
+    elif scale_map.argmax is not None and class_index is None:
+        top_class = np.asarray(scale_map.argmax)
+        confidence = None if argmax_scores is None else np.asarray(argmax_scores, np.float32)
+        if confidence is not None and not probabilities:  # logits: opacity over their range
+            normalise, score_name = True, "logit"
+    else:
+        raise ValueError(
+            "the heat-map needs the score map itself"
+            + (
+                ""
+                if scale_map.argmax is None
+                else " to draw one class (argmax draws the top class)"
+            )
+        )
+    n_h, n_w = scale_map.shape
     rows = pixel_cells(
         base.height, cells=n_h, stride=geo.stride[0], window=geo.window[0],
         origin=geo.origin[0], resize=geo.resize[0],
@@ -175,27 +199,28 @@ def render_heatmap(
         return labels[i] if i < len(labels) else str(i)
 
     if class_index is None:
-        top = probs.argmax(axis=0)
-        confidence = probs.max(axis=0)
-        cell_rgba[:n_h, :n_w, :3] = CLASS_PALETTE[top % len(CLASS_PALETTE)]
+        cell_rgba[:n_h, :n_w, :3] = CLASS_PALETTE[top_class % len(CLASS_PALETTE)]
         shown_cells = np.ones((n_h, n_w), dtype=bool)
-        for c, class_index in enumerate(channel_classes):
-            if name(class_index).strip().lower() in BACKGROUND_LABELS:
-                shown_cells[top == c] = False  # the image shows through
-        level, lo, hi = _stretch(confidence[shown_cells], normalise=normalise)
+        for c in np.unique(top_class):
+            if name(int(c)).strip().lower() in BACKGROUND_LABELS:
+                shown_cells[top_class == c] = False  # the image shows through
+        if confidence is None:
+            level, lo, hi = np.ones(int(shown_cells.sum())), 0.0, 1.0
+        else:
+            level, lo, hi = _stretch(confidence[shown_cells], normalise=normalise)
         alpha = TOP_CLASS_MIN_ALPHA + (TOP_CLASS_MAX_ALPHA - TOP_CLASS_MIN_ALPHA) * level
         cell_rgba[:n_h, :n_w, 3][shown_cells] = np.round(alpha * 255)
-        shown, counts = np.unique(top, return_counts=True)
+        shown, counts = np.unique(top_class, return_counts=True)
         order = [
-            c
+            int(c)
             for c in shown[np.argsort(-counts, kind="stable")]
-            if name(channel_classes[c]).strip().lower() not in BACKGROUND_LABELS
+            if name(int(c)).strip().lower() not in BACKGROUND_LABELS
         ][: len(CLASS_PALETTE)]
-        order = sorted(order, key=lambda c: channel_classes[c])  # legend in class order
+        order.sort()  # legend in class order
         legend = [(None, "top class:")] if order else []
-        legend += [(CLASS_PALETTE[c % len(CLASS_PALETTE)], name(channel_classes[c])) for c in order]
+        legend += [(CLASS_PALETTE[c % len(CLASS_PALETTE)], name(c)) for c in order]
         if order and (lo, hi) != (0.0, 1.0):  # opacity stretched over the map's own range
-            legend.append((None, f"opacity: P {lo:.3g}..{hi:.3g}"))
+            legend.append((None, f"opacity: {score_name} {lo:.3g}..{hi:.3g}"))
     else:
         channel = channel_classes.index(class_index)
         level, lo, hi = _stretch(probs[channel], normalise=normalise)

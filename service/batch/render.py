@@ -1,7 +1,8 @@
 """``densemap render OUT_DIR``: redraw the heat-maps of a score run from its saved ``.npz``.
 
-No model and no scoring: each ``<rel>.npz`` with a score map (``--save maps``) is drawn over
-its original image (the path in ``summary.jsonl``), with the run's detections from
+No model and no scoring: each ``<rel>.npz`` with a score map (``--save maps``) or an argmax
+map (``--save argmax``: the top class only, its score as the opacity) is drawn over its
+original image (the path in ``summary.jsonl``), with the run's detections from
 ``detections.jsonl`` when it has them, into ``<rel>.heatmap.png`` (temp file + rename).
 """
 
@@ -11,6 +12,8 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from service.batch.detections_out import JSONL_FILE, read_lines
 from service.batch.heatmap import render_heatmap
@@ -43,6 +46,12 @@ def _class_index(name: str | None, labels: tuple[str, ...], num_classes: int) ->
     return resolve_class(name, labels, num_classes)
 
 
+def _argmax_scores(npz: Path) -> np.ndarray | None:
+    """The best class's score per cell of the first map of a ``--save argmax`` file."""
+    with np.load(npz, allow_pickle=False) as arrays:
+        return arrays["argmax_scores_0"] if "argmax_scores_0" in arrays else None
+
+
 def render_run(out_dir: str, *, heatmap_class: str | None = None) -> RenderOutcome:
     """Redraw every heat-map of ``out_dir``; per-image failures are printed and counted."""
     root = Path(out_dir)
@@ -68,19 +77,30 @@ def render_run(out_dir: str, *, heatmap_class: str | None = None) -> RenderOutco
             relpath = npz.relative_to(out.root).as_posix()[: -len(NPZ_SUFFIX)]
             try:
                 result, meta = load_result(npz)
-                if result.maps[0].scores is None:
-                    raise InvalidOption("it holds no score map (saved with --save top-k/argmax)")
+                first = result.maps[0]
+                if first.scores is None and first.argmax is None:
+                    raise InvalidOption(
+                        "it holds no score map or argmax (saved with --save top-k): rerun "
+                        "'densemap score' with --save maps or --save argmax"
+                    )
                 row = rows.get(relpath)
                 if row is None:
                     raise InvalidOption(f"summary.jsonl has no row for {relpath}")
-                num_classes = result.maps[0].scores.shape[0]
+                num_classes = len(result.image_scores)
+                class_index = _class_index(heatmap_class, result.labels, num_classes)
+                if first.scores is None and class_index is not None:
+                    raise InvalidOption(
+                        "it holds the argmax only (--save argmax), which draws the top class: "
+                        "leave out --heatmap-class, or rerun 'densemap score' with --save maps"
+                    )
                 picture = render_heatmap(
                     colour_image(row["path"]),
-                    result.maps[0],
+                    first,
                     labels=result.labels,
-                    class_index=_class_index(heatmap_class, result.labels, num_classes),
+                    class_index=class_index,
                     probabilities=meta["options"].get("probabilities", True),
                     detections=_detections(boxes.get(relpath)),
+                    argmax_scores=_argmax_scores(npz) if first.scores is None else None,
                 )
                 write_atomic(
                     out.root / (relpath + ".heatmap.png"),

@@ -103,11 +103,12 @@ def resolve_class(
     raise InvalidOption(f"--heatmap-class {name!r} is not a class of this model; {shown}")
 
 
-def _cell_threshold(options: ScoreOptions) -> float:
-    from service.engine.options import DEFAULT_DETECTION_THRESHOLD
-
+def _cell_threshold(options: ScoreOptions, scorer) -> float:
+    """The summary's cells_above threshold: the detections' (the model's when unset)."""
     found = options.detections
-    return DEFAULT_DETECTION_THRESHOLD if found is None else float(found.threshold)
+    if found is not None and found.threshold is not None:
+        return float(found.threshold)
+    return scorer.detection_threshold
 
 
 def _class_name(index: int, labels: tuple[str, ...]) -> str:
@@ -250,7 +251,7 @@ def run_batch(request: BatchRequest, *, tty: bool | None = None) -> BatchOutcome
             heatmap_class=class_index,
             color=getattr(scorer, "color", "RGB"),
             storage=request.storage,
-            cell_threshold=_cell_threshold(request.options),
+            cell_threshold=_cell_threshold(request.options, scorer),
         )
         try:
             if request.ray is not None:

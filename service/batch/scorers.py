@@ -16,7 +16,7 @@ import numpy as np
 
 from service.batch.server_target import ServerTarget, explain_unreachable
 from service.engine.detections import detection_classes
-from service.engine.options import EngineConfig, ScoreOptions
+from service.engine.options import DEFAULT_DETECTION_THRESHOLD, EngineConfig, ScoreOptions
 from service.engine.postprocess import plan_outputs
 from service.engine.request_checks import check_stride
 from service.engine.result import ScoreResult
@@ -48,6 +48,8 @@ class EngineScorer:
         self.output_kind: str = engine.metadata.output_kind
         self.heads = tuple(engine.heads)  # every head, primary first
         self.supported_strides: tuple[int, ...] = tuple(engine.supported_strides)
+        # the model's detection threshold (densemap.json), for the summary's cells_above
+        self.detection_threshold: float = engine.config.detections.threshold
 
     def check_options(self, options: ScoreOptions) -> None:
         """InvalidOption when the model cannot take ``options`` (the engine's own check)."""
@@ -86,6 +88,8 @@ class RemoteScorer:
         self.output_kind: str = info.output_kind
         self.heads = tuple(info.heads)  # every head, primary first
         self.supported_strides: tuple[int, ...] = tuple(info.supported_strides)
+        # the server applies the model's detection settings; GetModel does not report them
+        self.detection_threshold: float = DEFAULT_DETECTION_THRESHOLD
 
     def check_options(self, options: ScoreOptions) -> None:
         """InvalidOption when the served model cannot take ``options``, from what GetModel

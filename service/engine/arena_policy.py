@@ -1,9 +1,10 @@
-"""When a request gives the CPU arena's and glibc's free memory back (issue 22, part 2).
+"""When a request gives the CPU arena's and glibc's free memory back.
 
 Shrinking the arena after a request frees every buffer its passes used; the next request
-page-faults them afresh. On a mini-VGG converted by ``densemap convert`` at 1024², a stream
-of requests whose cost crossed ``EngineConfig.arena_keep_bytes`` ran at 0.56x a bare
-onnxruntime session's speed because of it (and 0.92-0.96x when kept; README benchmarks).
+page-faults them afresh, so a stream of requests whose cost crossed
+``EngineConfig.arena_keep_bytes`` ran well below a bare onnxruntime session's speed when the
+arena was shrunk after each (README benchmarks, docs/engine.md "Measurements behind the
+code").
 
 So memory goes back after a request that needed more than ``arena_keep_bytes`` (its peak,
 ``RequestCost.peak_bytes``) only when the next request is unlikely to need the same again:

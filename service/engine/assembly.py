@@ -13,11 +13,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-import onnxruntime as ort
 
 from service.contract import Pair
 from service.engine import graphs
 from service.engine.heads import head_key
+from service.engine.onnxruntime_package import ort
 from service.engine.postprocess import OutputPlan
 from service.engine.result import MapGeometry, ScaleMap
 from service.engine.runtime import Runtime

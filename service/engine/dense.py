@@ -13,12 +13,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import onnxruntime as ort
 
 from service.contract import Pair, Preprocessing
 from service.engine import graphs
 from service.engine.assembly import Placement, PostprocessCall
 from service.engine.memory import ActivationEstimator
+from service.engine.onnxruntime_package import ort
 from service.engine.options import MEMORY_BUDGET_SETTING
 from service.engine.precision import PrecisionSessions
 from service.engine.runtime import Runtime

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.engine.nms import nms_per_class
-from service.engine.options import BACKGROUND_LABEL, DetectionOptions
+from service.engine.options import BACKGROUND_LABEL, DetectionDefaults, DetectionOptions
 from service.engine.result import Detection, MapGeometry
 from service.errors import InvalidOption
 
@@ -59,22 +59,30 @@ def detection_classes(
     return options.classes
 
 
+def _given(value, default):
+    """A request's value, or the model's where it left the field None."""
+    return default if value is None else value
+
+
 def plan_detections(
     options: DetectionOptions,
     *,
     labels: tuple[str, ...],
     num_classes: int,
     box_offsets: tuple[float, float, float, float],
+    defaults: DetectionDefaults = DetectionDefaults(),
 ) -> DetectionPlan:
-    """The detection plan for this model; ``box_offsets``: the model's own, for options
-    that set none (EngineConfig.box_offsets)."""
+    """The detection plan for this model; the fields ``options`` leaves None are the
+    model's ``defaults`` (EngineConfig.detections) and ``box_offsets``
+    (EngineConfig.box_offsets). DetectionOptions and DetectionDefaults checked their own
+    values; this checks only the classes, which depend on the model."""
     return DetectionPlan(
         classes=detection_classes(options, labels=labels, num_classes=num_classes),
-        threshold=options.threshold,
-        iou=options.iou,
-        max_count=options.max_count,
-        box_offsets=box_offsets if options.box_offsets is None else options.box_offsets,
-        across_classes=options.across_classes,
+        threshold=_given(options.threshold, defaults.threshold),
+        iou=_given(options.iou, defaults.iou),
+        max_count=_given(options.max_count, defaults.max_count),
+        box_offsets=_given(options.box_offsets, box_offsets),
+        across_classes=_given(options.across_classes, defaults.across_classes),
     )
 
 

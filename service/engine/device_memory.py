@@ -1,9 +1,13 @@
-"""The memory budget of a pass: a fixed figure on CPU, a share of the free GPU memory on CUDA.
+"""The memory budget of a request: a fixed figure on CPU, a share of the free GPU memory on CUDA.
+
+The budget covers a request's maps and working copies plus one pass's activations, which
+are tiled to fit (:mod:`service.engine.pass_budget`); on CUDA the activations live on the
+device and get the whole budget there.
 
 ``EngineConfig.memory_budget = None`` (the default) means "choose for the device":
 
-- CPU: :data:`~service.engine.options.DEFAULT_MEMORY_BUDGET` (1 GiB of activations per
-  pass), which keeps a server's resident memory predictable.
+- CPU: :data:`~service.engine.options.DEFAULT_MEMORY_BUDGET` (1 GiB per request: maps,
+  copies and a pass's activations), which keeps a server's resident memory predictable.
 - CUDA: :data:`CUDA_BUDGET_FRACTION` of the device memory free when the model loads (CUDA
   runtime ``cudaMemGetInfo``), so that e.g. VGG-16 at 2048² (about 2.3 GiB of activations
   estimated) runs as one pass on an 80 GB card. Half, not all: the estimate counts
@@ -44,7 +48,7 @@ def cuda_free_bytes(device_id: int = 0) -> int | None:
 
 
 def resolve_memory_budget(config: EngineConfig, *, on_cuda: bool) -> int:
-    """The activation bytes one pass may use before the engine tiles."""
+    """The bytes one request may use: its maps and copies plus one pass's activations."""
     if config.memory_budget is not None:
         return int(config.memory_budget)
     if not on_cuda:

@@ -4,7 +4,8 @@
 Ray workers call. Per requested scale it resizes the image (Pillow bilinear), picks the
 net for the output stride (an à-trous variant in one pass, else shift-and-stitch over the
 coarsest net whose stride the requested one divides), runs each pass in one go or in exact
-tiles when the activation estimate exceeds the memory budget, and turns the raw maps into
+tiles when its activations do not fit in what the memory budget leaves beside the request's
+maps and copies (on CUDA: the whole budget, on the device), and turns the raw maps into
 the requested outputs. Errors are those of :mod:`service.errors`.
 """
 
@@ -380,6 +381,7 @@ class Engine:
                 labels=self._labels,
                 num_classes=self._num_classes,
                 box_offsets=self._config.box_offsets,
+                defaults=self._config.detections,
             )
         net, factor = self._plan_stride(options.output_stride)
         precision = options.precision or self._default_precision

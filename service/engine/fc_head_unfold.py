@@ -1,8 +1,8 @@
 """Huge-kernel convolutions (a classifier's first FC layer as a conv) as unfold + MatMul.
 
 At 2048² VGG-16's first head conv (7x7 over 512 channels -> 4096: FC6 as a conv, 103 M
-weights) made onnxruntime's CUDA execution provider take a 71 GB cuDNN workspace, which
-its arena keeps: a second session in the process (the fp16 copy, a second model) then ran
+weights) made onnxruntime's CUDA execution provider take a cuDNN workspace of tens of GB,
+which its arena keeps: a second session in the process (the fp16 copy, a second model) then ran
 out of memory (docs/engine.md, "GPU check"). The same convolution written as
 
     Pad -> kh*kw strided Slices -> Concat (im2col: [N, kh*kw*C, oh, ow])

@@ -11,7 +11,7 @@
 - :func:`head_graph`: an extra head's raw output [1, C, h, w] and the same cells -> its map
   in the requested dtype and its count of non-finite values (never softmaxed).
 
-Both are plain ONNX (opset 17), so the CPU and CUDA execution providers run the same graphs;
+All three are plain ONNX (opset 17), so the CPU and CUDA execution providers run the same graphs;
 only the requested outputs are built (onnxruntime runs every node of a graph) and copied back
 to the host. Rules for ties: top-k and argmax rank equal values by class index, lowest first
 (ONNX TopK / ArgMax semantics).
@@ -81,8 +81,9 @@ def preprocess_graph(
     """
     nodes, consts = [], [_const("axes_batch", [0], np.int64)]
     if source == "uint8":
-        # Lay out the uint8 pixels first (a quarter of float32's bytes to move: 4x faster on
-        # CPU, measured), then normalise per channel; elementwise, so bit-identical.
+        # Lay out the uint8 pixels first (a quarter of float32's bytes to move: faster,
+        # docs/engine.md "Measurements behind the code"), then normalise per channel;
+        # elementwise, so bit-identical.
         channels_first = layout == "NCHW"
         shape = (-1, 1, 1) if channels_first else (-1,)
         pixel_type, spatial = UINT8, ["H", "W", preprocessing.channels]

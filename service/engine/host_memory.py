@@ -3,7 +3,7 @@
 Maps, decoded images and response copies are numpy and Python buffers from ``malloc``.
 glibc keeps what a request freed in its arenas (one per thread that allocated, up to 8 per
 core), so a server's resident memory after a burst of big requests stays near its peak
-although almost nothing is in use (issue 11: 1.4-2.6 GB idle after a soak, 100 MB fresh).
+although almost nothing is in use (docs/engine.md "Measurements behind the code").
 :func:`trim` returns the free pages of every arena to the system; the engine calls it,
 after shrinking onnxruntime's CPU arena, when a request's peak exceeded
 ``EngineConfig.arena_keep_bytes``. It costs about a millisecond per arena on an idle heap.
@@ -61,9 +61,9 @@ def limit_arenas(count: int = DEFAULT_SERVER_ARENAS) -> bool:
     as ``MALLOC_ARENA_MAX`` would, unless that variable is set (the operator's choice wins).
 
     Called by ``densemap serve`` before its threads start: with one arena per thread (glibc's
-    default, up to 8 per core) a server's idle memory after a soak stayed at ~3x its memory
-    after the first request; two shared arenas kept it at ~0.9x (README benchmarks, `make
-    soak`). True when the cap was set here.
+    default, up to 8 per core) a server's idle memory after a soak stayed at several times
+    its memory after the first request; two shared arenas keep it near that (README
+    benchmarks, `make soak`). True when the cap was set here.
     """
     import os
 

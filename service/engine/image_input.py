@@ -170,29 +170,66 @@ def _decode_error(exc: Exception, data: bytes, max_pixels: int) -> Exception:
     )
 
 
+def _channels_text(channels: int) -> str:
+    return f"{channels} channel{'s' if channels != 1 else ''}"
+
+
+def check_uint8_shape(shape: tuple[int, ...], channels: int) -> None:
+    """InvalidImage naming the layout or the channel count when ``shape`` is not a uint8
+    HxW or HxWxC image with ``channels`` channels (1 channel may stand for 3: grey)."""
+    wants = f"a uint8 image must be HxW or HxWxC (channels last) with C={channels}"
+    if len(shape) == 2:
+        return
+    if len(shape) != 3:
+        raise InvalidImage(f"{wants}, got an array of {len(shape)} dimensions, shape {shape}")
+    if shape[2] == channels or (shape[2] == 1 and channels == 3):
+        return
+    if shape[0] <= 4 < shape[2]:
+        raise InvalidImage(
+            f"{wants}, got shape {shape}, which looks channels first (CxHxW with C="
+            f"{shape[0]}): transpose it (image.transpose(1, 2, 0)), or send the encoded "
+            "image bytes"
+        )
+    raise InvalidImage(
+        f"the model wants {_channels_text(channels)} per pixel in its color order, got "
+        f"{shape[2]} (an array of shape {shape}): convert it, or send the encoded image bytes"
+    )
+
+
+def check_float_shape(shape: tuple[int, ...], channels: int) -> None:
+    """InvalidImage naming the layout or the channel count when ``shape`` is not a
+    preprocessed float CxHxW image with ``channels`` channels."""
+    wants = f"a float image must be preprocessed CxHxW (channels first) with C={channels}"
+    if len(shape) != 3:
+        raise InvalidImage(f"{wants}, got an array of {len(shape)} dimensions, shape {shape}")
+    if shape[0] == channels:
+        return
+    if shape[2] <= 4 < shape[0]:
+        raise InvalidImage(
+            f"{wants}, got shape {shape}, which looks channels last (HxWxC with C="
+            f"{shape[2]}): transpose it (image.transpose(2, 0, 1)), or send uint8 HxWxC "
+            "pixels for the engine to preprocess"
+        )
+    raise InvalidImage(
+        f"{wants}: the model wants {_channels_text(channels)}, got {shape[0]} "
+        f"(an array of shape {shape})"
+    )
+
+
 def check_uint8(image: np.ndarray, *, channels: int, max_pixels: int) -> np.ndarray:
     """A uint8 HxW or HxWxC array -> HxWxC with the model's channel count."""
+    check_uint8_shape(image.shape, channels)
     if image.ndim == 2:
         image = image[:, :, None]
-    if image.ndim != 3:
-        raise InvalidImage(f"a uint8 image must be HxW or HxWxC, got shape {image.shape}")
     check_pixel_limit(image.shape[0], image.shape[1], max_pixels)
     if image.shape[2] == 1 and channels == 3:
         image = np.repeat(image, 3, axis=2)
-    if image.shape[2] != channels:
-        raise InvalidImage(
-            f"the model wants {channels} channel(s) per pixel in its color order, got an "
-            f"array of shape {image.shape}: convert it, or send the encoded image bytes"
-        )
     return np.ascontiguousarray(image)
 
 
 def check_float(image: np.ndarray, *, channels: int, max_pixels: int) -> np.ndarray:
     """A preprocessed float CxHxW array -> float32, rejecting NaN/Inf and wrong shapes."""
-    if image.ndim != 3 or image.shape[0] != channels:
-        raise InvalidImage(
-            f"a float image must be preprocessed CxHxW with C={channels}, got shape {image.shape}"
-        )
+    check_float_shape(image.shape, channels)
     check_pixel_limit(image.shape[1], image.shape[2], max_pixels)
     with np.errstate(over="ignore", invalid="ignore"):
         image_chw = np.ascontiguousarray(image, dtype=np.float32)

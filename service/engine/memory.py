@@ -9,7 +9,7 @@ The same number decides whether a request is tiled and whether it is refused.
 On CPU, onnxruntime's full graph optimization runs convolutions in the blocked NCHWc
 layout: every 4-D activation's channels are padded to a multiple of the block (8 with
 AVX2, 16 with AVX-512), so a net of few channels holds up to that many times its NCHW
-bytes (measured: 2.4x the NCHW estimate on a 3-5 channel net). ``channel_block`` rounds
+bytes (docs/engine.md "Measurements behind the code"). ``channel_block`` rounds
 the channels of the 4-D activations that follow a Conv up the same way
 (:func:`nchwc_block` on CPU, 1 on CUDA).
 """

@@ -19,7 +19,7 @@ from service.engine.field_checks import (
 from service.errors import InvalidOption
 
 DEFAULT_MAX_PIXELS = 256 * 1024 * 1024  # 16384 x 16384: refuse bigger images before decoding
-DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of activations per pass before the engine tiles
+DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes one request may use on CPU: maps, copies and a pass
 DEFAULT_INTRA_OP_THREADS = 0  # 0 lets onnxruntime choose (one per physical core)
 DEFAULT_IMAGE_TOP_K = 5
 # A request whose largest pass, or whose whole cost (maps, copies and a pass), needed more
@@ -72,6 +72,55 @@ MEMORY_BUDGET_SETTING = (
 TILING_SETTING = "turn tiling on (drop densemap serve --no-tiling; EngineConfig.tiling)"
 
 
+def _set(instance, name: str, value) -> None:
+    """Store the canonical form of a checked field of a frozen dataclass."""
+    object.__setattr__(instance, name, value)
+
+
+def _sequence(name: str, value) -> tuple:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise InvalidOption(f"{name} must be a sequence, got {value!r}")
+    return tuple(value)
+
+
+def _check_detection_settings(instance, *, unset_allowed: bool) -> None:
+    """Check and store the canonical ``threshold``, ``iou``, ``max_count`` and
+    ``across_classes`` of DetectionDefaults or DetectionOptions; None (a request's "the
+    model's") is left as it is where ``unset_allowed``."""
+    if not unset_allowed:
+        for name in ("threshold", "iou", "max_count", "across_classes"):
+            if getattr(instance, name) is None:
+                raise InvalidOption(f"detections.{name} must be given, got None")
+    for name in ("threshold", "iou"):
+        if getattr(instance, name) is not None:
+            value = check_number(f"detections.{name}", getattr(instance, name), 0.0, 1.0)
+            _set(instance, name, value)
+    if instance.max_count is not None:
+        count = check_int(
+            "detections.max_count", instance.max_count, minimum=1, maximum=MAX_DETECTIONS
+        )
+        _set(instance, "max_count", count)
+    if instance.across_classes is not None:
+        flag = check_flag("detections.across_classes", instance.across_classes)
+        _set(instance, "across_classes", flag)
+
+
+@dataclass(frozen=True)
+class DetectionDefaults:
+    """A model's detection settings, for the fields a request's :class:`DetectionOptions`
+    leaves unset (None): its ``densemap.json`` ``"detections"`` (model_settings.py), else
+    these defaults. The digits model's, for example, suppress across classes at IoU 0.3."""
+
+    threshold: float = DEFAULT_DETECTION_THRESHOLD
+    iou: float = DEFAULT_NMS_IOU
+    max_count: int = DEFAULT_MAX_DETECTIONS
+    across_classes: bool = False
+
+    def __post_init__(self) -> None:
+        """Check every field (InvalidOption naming it, as densemap.json spells it)."""
+        _check_detection_settings(self, unset_allowed=False)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """How an :class:`~service.engine.Engine` loads and runs its model."""
@@ -79,8 +128,9 @@ class EngineConfig:
     device: str = "auto"  # "auto" (CUDA when it really loads, else CPU), "cpu" or "cuda"
     intra_op_threads: int = DEFAULT_INTRA_OP_THREADS
     max_pixels: int = DEFAULT_MAX_PIXELS
-    # activation bytes per pass before tiling; None: 1 GiB on CPU, half the free GPU memory
-    # on CUDA (service/engine/device_memory.py)
+    # bytes one request may use: its maps and copies plus one pass's activations, tiled to
+    # fit (service/engine/pass_budget.py); None: 1 GiB on CPU, half the free GPU memory on
+    # CUDA (service/engine/device_memory.py)
     memory_budget: int | None = None
     tiling: bool = True  # False: an image over the budget is refused (ImageTooLarge)
     warmup: bool = True
@@ -95,14 +145,16 @@ class EngineConfig:
     # image shapes (height, width) scored once at load, so their first request is not slow
     warmup_shapes: tuple[tuple[int, int], ...] = ()
     arena_keep_bytes: int = DEFAULT_ARENA_KEEP_BYTES
-    # cuDNN convolution algorithm search. Measured on an H200, VGG-16 (docs/engine.md, "GPU
-    # check"): HEURISTIC, the default, 134 ms at 2048², first request of a new shape 1.1-1.9x
-    # its steady time; EXHAUSTIVE 118 ms steady but 3.2-8.7x on new shapes (list warm-up
-    # shapes in densemap.json if you choose it); "DEFAULT": one fixed algorithm, no search.
+    # cuDNN convolution algorithm search: HEURISTIC, the default, is cheap on a new shape;
+    # EXHAUSTIVE is faster once a shape has been seen but slow on its first request (list
+    # warm-up shapes in densemap.json if you choose it; docs/engine.md "Per-shape stalls"
+    # has the figures); "DEFAULT": one fixed algorithm, no search.
     cuda_conv_search: str = "HEURISTIC"
     # the object box of a cell relative to its window, for detections that do not set one
     # (a model's densemap.json "box_offsets"); see DetectionOptions.box_offsets
     box_offsets: tuple[float, float, float, float] = DEFAULT_BOX_OFFSETS
+    # the detection settings of requests that do not set their own (densemap.json "detections")
+    detections: DetectionDefaults = DetectionDefaults()
     # huge-kernel convs (a classifier's FC6 as a 7x7 conv) as unfold + MatMul: "cuda"
     # (CUDA sessions: no cuDNN workspace), "always" or "never" (service/engine/fc_head_unfold.py)
     fc_head_unfold: str = DEFAULT_FC_HEAD_UNFOLD
@@ -138,19 +190,12 @@ class EngineConfig:
         _set(self, "warmup_shapes", shapes)
         check_choice("EngineConfig.cuda_conv_search", self.cuda_conv_search, CONV_SEARCHES)
         _set(self, "box_offsets", check_box_offsets("EngineConfig.box_offsets", self.box_offsets))
+        if not isinstance(self.detections, DetectionDefaults):  # checked when it was built
+            raise InvalidOption(
+                f"EngineConfig.detections must be a DetectionDefaults, got {self.detections!r}"
+            )
         check_choice("EngineConfig.fc_head_unfold", self.fc_head_unfold, FC_HEAD_UNFOLD_MODES)
         check_choice("EngineConfig.runtime", self.runtime, RUNTIMES)
-
-
-def _set(instance, name: str, value) -> None:
-    """Store the canonical form of a checked field of a frozen dataclass."""
-    object.__setattr__(instance, name, value)
-
-
-def _sequence(name: str, value) -> tuple:
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-        raise InvalidOption(f"{name} must be a sequence, got {value!r}")
-    return tuple(value)
 
 
 @dataclass(frozen=True)
@@ -168,13 +213,17 @@ class DetectionOptions:
     - ``box_offsets``: (dx1, dy1, dx2, dy2): the box of cell (i, j) is its window
       (x0, y0, x1, y1) in original-image pixels plus (dx1 * w, dy1 * h, dx2 * w, dy2 * h),
       w and h being the window's size there; None uses the model's (EngineConfig).
+
+    ``threshold``, ``iou``, ``max_count`` and ``across_classes`` left None take the model's
+    settings (:class:`DetectionDefaults`, ``EngineConfig.detections``: its densemap.json),
+    else 0.5, 0.5, 100 and False; a value given here always wins.
     """
 
     classes: tuple[int, ...] | None = None
-    threshold: float = DEFAULT_DETECTION_THRESHOLD
-    iou: float = DEFAULT_NMS_IOU
-    max_count: int = DEFAULT_MAX_DETECTIONS
-    across_classes: bool = False
+    threshold: float | None = None
+    iou: float | None = None
+    max_count: int | None = None
+    across_classes: bool | None = None
     box_offsets: tuple[float, float, float, float] | None = None
 
     def __post_init__(self) -> None:
@@ -182,11 +231,7 @@ class DetectionOptions:
         model's class count when a request reaches it."""
         if self.classes is not None:
             _set(self, "classes", check_indices("detections.classes", self.classes))
-        for name in ("threshold", "iou"):
-            _set(self, name, check_number(f"detections.{name}", getattr(self, name), 0.0, 1.0))
-        count = check_int("detections.max_count", self.max_count, minimum=1, maximum=MAX_DETECTIONS)
-        _set(self, "max_count", count)
-        _set(self, "across_classes", check_flag("detections.across_classes", self.across_classes))
+        _check_detection_settings(self, unset_allowed=True)  # None: the model's
         if self.box_offsets is not None:
             _set(self, "box_offsets", check_box_offsets("detections.box_offsets", self.box_offsets))
 

@@ -7,14 +7,13 @@
   ``float16`` converter (fp16 input and output: no casts at the edges; the preprocess graph
   casts the normalised image, the postprocess graph computes softmax and top-k in fp32),
   run with ``prefer_nhwc`` on CUDA (tensor cores). cuDNN may find no fp16 algorithm for
-  some kernels under HEURISTIC search (seen on an H200, cuDNN 9.19: HEURISTIC_QUERY_FAILED
-  and "no execution plans support the graph" on VGG-16's 7x7 head conv, in NHWC and NCHW
-  alike): a failed pass is retried with EXHAUSTIVE search, then in NCHW
+  some kernels under HEURISTIC search (docs/engine.md "Precision": VGG-16's 7x7 head conv,
+  in NHWC and NCHW alike): a failed pass is retried with EXHAUSTIVE search, then in NCHW
   (:data:`FP16_CUDA_SETTINGS`), never on the CPU.
 - ``int8``: the model's int8 copy (``NAME.int8.onnx``, one per à-trous variant), written by
   ``densemap convert --int8-calibration IMAGES_DIR`` with onnxruntime's static QDQ
   quantization (int8 weights per channel, int8 activations, float32 input and output:
-  fed like the fp32 net). For CPUs: 2-3x fp32's speed where the CPU has int8 dot products
+  fed like the fp32 net). For CPUs: faster than fp32 where the CPU has int8 dot products
   (VNNI; README benchmarks). Its deviation from fp32, measured on the calibration images
   at conversion (metadata), leads the engine's precision report; a model without copies
   refuses it, saying how to make them.
@@ -34,10 +33,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from service.engine.fc_head_unfold import applies, unfold_huge_convs
 from service.engine.field_checks import check_precision
+from service.engine.onnxruntime_package import ort
 from service.engine.options import AVAILABLE_PRECISIONS, EngineConfig
 from service.engine.result import PrecisionReport
 from service.engine.session import create_session, open_model_bytes

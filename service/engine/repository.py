@@ -16,13 +16,16 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import service
 from service.contract import parse_labels
-from service.engine.engine import Engine
 from service.engine.model_settings import apply_model_settings
 from service.engine.options import EngineConfig
 from service.errors import DensemapError, ModelLoadError, ModelNotFound
+
+if TYPE_CHECKING:  # imported when a model loads: MODELS_HELP and the paths need no runtime
+    from service.engine.engine import Engine
 
 log = logging.getLogger("densemap.engine")
 
@@ -63,7 +66,7 @@ def default_models_dir() -> Path:
 
 def read_model_labels(path: Path) -> tuple[str, ...] | None:
     """Labels of a model folder's ``labels.txt`` (one per line, trailing blank lines
-    ignored), or None without one (convert's ``--labels`` file: convert.cli.read_labels)."""
+    ignored), or None without one (convert's ``--labels`` file: convert.flags.read_labels)."""
     if not path.is_file():
         return None
     try:
@@ -109,6 +112,8 @@ def load_model(root: str | Path, name: str, *, config: EngineConfig = EngineConf
         raise _not_found(name, root, folders)
     folder = folders[name]
     config = apply_model_settings(folder, config)  # densemap.json, as the server reads it
+    from service.engine.engine import Engine
+
     return Engine(
         folder / MODEL_FILE,
         config=config,
@@ -164,6 +169,8 @@ class ModelRepository:
         raise _not_found(name, self.root, available)
 
     def _load(self, name: str, folder: Path) -> Engine:
+        from service.engine.engine import Engine
+
         labels = read_model_labels(folder / LABELS_FILE)
         config = apply_model_settings(folder, self.config)
         return Engine(folder / MODEL_FILE, config=config, name=name, labels=labels)

@@ -106,14 +106,15 @@ def image_size(image, *, preprocessing: Preprocessing, max_pixels: int) -> tuple
     """(height, width, is float) of an image as ``score`` takes it; bytes: the header."""
     if isinstance(image, (bytes, bytearray, memoryview)):
         return (*image_input.read_size(image, max_pixels=max_pixels), False)
+    channels = preprocessing.channels
     if isinstance(image, np.ndarray) and np.issubdtype(image.dtype, np.floating):
-        if image.ndim == 3:
-            image_input.check_pixel_limit(*image.shape[1:], max_pixels)
-            return int(image.shape[1]), int(image.shape[2]), True
-    elif isinstance(image, np.ndarray) and image.ndim in (2, 3):
+        image_input.check_float_shape(image.shape, channels)  # layout before size
+        image_input.check_pixel_limit(*image.shape[1:], max_pixels)
+        return int(image.shape[1]), int(image.shape[2]), True
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8:
+        image_input.check_uint8_shape(image.shape, channels)
         image_input.check_pixel_limit(*image.shape[:2], max_pixels)
         return int(image.shape[0]), int(image.shape[1]), False
     # raises the error that names what is wrong
     read_image(image, preprocessing=preprocessing, max_pixels=max_pixels, timings={})
-    channels = preprocessing.channels
     raise InvalidImage(f"the image must be HxWx{channels} uint8 or CxHxW float")

@@ -18,10 +18,10 @@ import threading
 from collections.abc import Sequence
 
 import numpy as np
-import onnxruntime as ort
 
 from service.contract import Preprocessing
 from service.engine import graphs
+from service.engine.onnxruntime_package import ort
 from service.engine.options import EngineConfig
 from service.engine.session import CUDA, open_aux_session, release_arena_options
 

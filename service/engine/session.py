@@ -16,10 +16,9 @@ import threading
 from dataclasses import replace
 from pathlib import Path
 
-import onnxruntime as ort
-
 from service.engine.cuda_driver import describe_driver
 from service.engine.fc_head_unfold import model_source
+from service.engine.onnxruntime_package import ort
 from service.engine.options import EngineConfig
 from service.errors import ModelLoadError
 
@@ -36,13 +35,13 @@ _cuda_lock = threading.Lock()
 
 def cuda_provider_options(*, tf32: bool = False, search: str = "HEURISTIC") -> dict[str, str]:
     """CUDA EP settings: cuDNN conv algorithm ``search`` (HEURISTIC by default: EXHAUSTIVE
-    times every algorithm for each new input shape, hundreds of ms a shape), an arena that
-    grows only as requested, and no TF32 unless asked (onnxruntime enables it by default; it
-    rounds conv inputs to 10-bit mantissas, so GPU maps would differ from CPU maps by ~3e-4
-    of the logit range). The workspace an EXHAUSTIVE search may try is capped (no speed
-    difference measured on VGG-16 at 2048², H200: 113.1 ms either way). The cap does NOT stop VGG-16's 7x7 head conv from taking 71 GB at 2048² in
-    the session's arena, under every search setting measured; a second session in the same
-    process then runs out of memory there (docs/engine.md, "GPU check": open problem)."""
+    times every algorithm for each new input shape), an arena that grows only as requested,
+    and no TF32 unless asked (onnxruntime enables it by default; it rounds conv inputs to
+    10-bit mantissas, so GPU maps would differ from CPU maps). The workspace an EXHAUSTIVE
+    search may try is capped (no speed difference measured). The cap does NOT stop a huge
+    FC-head conv (VGG-16's 7x7 at 2048²) from taking tens of GB in the session's arena, under
+    every search setting; a second session in the same process then runs out of memory
+    there (docs/engine.md "GPU check" has the figures; fc_head_unfold.py avoids the workspace)."""
     return {
         "device_id": "0",
         "cudnn_conv_algo_search": search,
@@ -71,8 +70,8 @@ def session_options(config: EngineConfig) -> ort.SessionOptions:
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # One CPU arena for every session of the process: passes reuse its buffers (plain
-    # malloc/free of big buffers page-faults them afresh: 1.5-2x slower passes, measured,
-    # docs/engine.md), and Runtime.release_memory shrinks it after big requests, so the
+    # malloc/free of big buffers page-faults them afresh: slower passes, docs/engine.md
+    # "Measurements behind the code"), and Runtime.release_memory shrinks it after big requests, so the
     # resident memory returns to its size before. Memory patterns are planned per input
     # shape and every request has its own shape: off.
     _register_cpu_arena()
@@ -111,12 +110,11 @@ def release_arena_options() -> ort.RunOptions:
 def open_aux_session(model: bytes, config: EngineConfig, *, cuda: bool) -> ort.InferenceSession:
     """A session for one of the engine's own small graphs, on the model's device.
 
-    Its threads never spin (issue 22): every session has its own intra-op pool, whose idle
-    threads spin-wait for more work after a run. After the preprocess graph's few
-    milliseconds its threads went on spinning while the net ran, taking cores from the
-    net's own threads: on 2 cores an int8 mini-VGG pass ran at 0.58-0.72x a bare session's
-    speed through the engine, 0.94-0.98x with these threads asleep (fp32: 0.90-1.00x,
-    0.96-0.99x; README benchmarks). The net's session spins as ``config.spin_wait`` says."""
+    Its threads never spin: every session has its own intra-op pool, whose idle threads
+    spin-wait for more work after a run. After the preprocess graph's few milliseconds its
+    threads went on spinning while the net ran, taking cores from the net's own threads
+    (docs/engine.md "Measurements behind the code"). The net's session spins as
+    ``config.spin_wait`` says."""
     config = replace(config, spin_wait=False)
     if cuda:
         cuda_options = (CUDA, cuda_provider_options(tf32=False))

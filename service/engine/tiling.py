@@ -1,4 +1,4 @@
-"""Exact tiling of images whose activations exceed the memory budget.
+"""Exact tiling of passes whose activations do not fit in what the memory budget leaves.
 
 Per axis, cells are split into consecutive runs of c cells. The tile for cells [j0, j1)
 starts on the net's stride grid, at or before the first cell's window and true receptive

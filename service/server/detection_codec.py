@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 from service._proto.densemap.v1 import densemap_pb2 as pb
-from service.engine.options import (
-    DEFAULT_DETECTION_THRESHOLD,
-    DEFAULT_MAX_DETECTIONS,
-    DEFAULT_NMS_IOU,
-    DetectionOptions,
-)
+from service.engine.options import DetectionOptions
 from service.engine.result import Detection
 
 
@@ -18,25 +13,26 @@ def detection_options_to_proto(options: DetectionOptions, out: pb.DetectionOptio
     out.SetInParent()
     if options.classes is not None:
         out.classes[:] = options.classes
-    out.threshold = options.threshold
-    out.iou = options.iou
-    out.max_count = options.max_count
-    out.across_classes = options.across_classes
+    for name in ("threshold", "iou", "max_count", "across_classes"):
+        value = getattr(options, name)
+        if value is not None:  # unset: the model's own setting, chosen by the server
+            setattr(out, name, value)
     if options.box_offsets is not None:
         out.box_offsets[:] = options.box_offsets
 
 
 def detection_options_from_proto(options: pb.DetectionOptions) -> DetectionOptions:
-    """Server side: unset fields take the defaults; DetectionOptions checks the values."""
+    """Server side: unset fields stay None (the model's settings); DetectionOptions checks
+    the values given."""
+    given = {
+        name: getattr(options, name)
+        for name in ("threshold", "iou", "max_count", "across_classes")
+        if options.HasField(name)
+    }
     return DetectionOptions(
         classes=tuple(options.classes) or None,
-        threshold=(
-            options.threshold if options.HasField("threshold") else DEFAULT_DETECTION_THRESHOLD
-        ),
-        iou=options.iou if options.HasField("iou") else DEFAULT_NMS_IOU,
-        max_count=options.max_count if options.HasField("max_count") else DEFAULT_MAX_DETECTIONS,
-        across_classes=options.across_classes,
         box_offsets=tuple(options.box_offsets) or None,
+        **given,
     )
 
 

@@ -2,8 +2,8 @@
 
 Big requests shrink the engine's CPU arena and trim glibc's heap as they end
 (``EngineConfig.arena_keep_bytes``). A burst of medium requests never crosses that line yet
-leaves their buffers resident (issue 11: idle RSS 2-4x the RSS after the first request in
-the soak). :class:`IdleRelease` runs ``release()`` on a thread of its own once no scoring
+leaves their buffers resident (several times the RSS after the first request: docs/engine.md
+"Measurements behind the code"). :class:`IdleRelease` runs ``release()`` on a thread of its own once no scoring
 call has been admitted for ``delay`` seconds after the last one ended: it costs the next
 request nothing, and an idle server's RSS returns near its size after warm-up.
 """

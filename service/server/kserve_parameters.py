@@ -31,13 +31,15 @@ PARAMETERS = {
     "detections": "bool: also return boxes (outputs detections, detection_labels, "
     "detection_cells; default false)",
     "detection_threshold": f"double: minimum class probability of a box "
-    f"(default {DEFAULT_DETECTION_THRESHOLD})",
+    f"(default: the model's, else {DEFAULT_DETECTION_THRESHOLD})",
     "detection_iou": f"double: NMS IoU above which a worse box of its class is dropped "
-    f"(default {DEFAULT_NMS_IOU})",
-    "detection_max_count": f"int: at most this many boxes (default {DEFAULT_MAX_DETECTIONS})",
+    f"(default: the model's, else {DEFAULT_NMS_IOU})",
+    "detection_max_count": f"int: at most this many boxes (default: the model's, else "
+    f"{DEFAULT_MAX_DETECTIONS})",
     "detection_classes": "string: comma-separated class indices to detect (default: all but "
     '"background")',
-    "detection_across_classes": "bool: NMS over all classes at once (default false)",
+    "detection_across_classes": "bool: NMS over all classes at once (default: the model's, "
+    "else false)",
     "box_offsets": 'string: "dx1,dy1,dx2,dy2" added to the window box, in window sizes '
     "(default: the model's)",
 }

@@ -1,8 +1,8 @@
 """One memory budget for the whole server: what every scoring call holds, counted together.
 
 The engine's memory budget bounds ONE request; eight of them at once, or six responses
-their clients never read, add up past the pod's limit (issue 19: 6.35 GB for eight raw
-8000² calls under an 8 Gi limit; 509 MiB pinned per unread 250 MiB response).
+their clients never read, add up past the pod's limit (docs/engine.md "Measurements behind
+the code").
 :class:`MemoryBudget` is the server-wide bound, ``--memory-limit`` (default: the cgroup
 limit when there is one, else the machine's memory), and each scoring call reserves
 (:meth:`reserve`):

@@ -1,4 +1,4 @@
-"""Benchmark: the cost of detections on top of the map (issue 10), digits model at 2048².
+"""Benchmark: the cost of detections on top of the map, digits model at 2048².
 
 Run: ``.venv/bin/python tests/bench/bench_detections.py`` (or ``make bench``).
 A 2048² page is tiled from the bundled digits pages (real digits, real background), scored

@@ -1,4 +1,4 @@
-"""Benchmark (issues: GPU serving CPU rows; 22): the engine's pass vs a bare onnxruntime session.
+"""Benchmark: the engine's pass vs a bare onnxruntime session.
 
 Run: ``.venv/bin/python tests/bench/bench_engine_cpu_path.py`` (or ``make bench``).
 
@@ -8,8 +8,8 @@ cell crop, default settings), as users get it.
 1. 1024², uint8 image in, top-5 out: ``Engine.score`` vs the bare session (onnxruntime
    defaults: CPU arena on) on the already-normalised float32 batch, interleaved runs,
    fastest of each. Target: engine >= 0.9x the bare session's speed. For the record, in
-   the same run: the engine giving its memory back after every request (what it did, before
-   issue 22, for every request whose peak crossed ``arena_keep_bytes``: 0.56-0.62x), and the
+   the same run: the engine giving its memory back after every request (what it once did for
+   every request whose peak crossed ``arena_keep_bytes``), and the
    bare session with the arena off.
 2. The same at 1448² (twice the pixels), where every request's peak is over
    ``arena_keep_bytes``: a stream of them keeps the arena after the first.
@@ -46,7 +46,7 @@ def bare_session(path, *, arena: bool) -> ort.InferenceSession:
 
 
 def releasing(engine, image):
-    """A request as the engine ran it before issue 22 when its peak crossed the line: on an
+    """A request as the engine once ran it when its peak crossed the line: on an
     arena the previous request shrank (shrinking first, so that the arena is grown again
     for whatever runs next in the interleaved turns)."""
     engine.release_memory()

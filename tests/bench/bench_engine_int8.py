@@ -1,4 +1,4 @@
-"""Benchmark (issue 22): int8 vs fp32 through ``Engine.score`` on CPU, interleaved in one run.
+"""Benchmark: int8 vs fp32 through ``Engine.score`` on CPU, interleaved in one run.
 
 Run: ``.venv/bin/python tests/bench/bench_engine_int8.py`` (or with pytest
 ``-o python_files='bench_*.py'``). Target: int8 >= 2x fp32's speed with >= 99% argmax

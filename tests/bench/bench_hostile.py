@@ -1,4 +1,4 @@
-"""Benchmark: the hostile mix of issue 19, against a ``densemap serve`` process.
+"""Benchmark: a hostile mix of clients, against a ``densemap serve`` process.
 
 Run: ``make soak`` (after the soak) or ``.venv/bin/python tests/bench/bench_hostile.py``.
 The server serves the tests' TINY model (cheap passes: the figures measure the server, not
@@ -223,7 +223,7 @@ def test_hostile_mix():
         process.terminate()
         process.wait(60)
     print(f"\nmachine: {machine()}; load average {os.getloadavg()[0]:.1f}")
-    print_table("hostile mix (issue 19)", ["what", "held", "figures"], rows)
+    print_table("hostile mix", ["what", "held", "figures"], rows)
 
 
 if __name__ == "__main__":

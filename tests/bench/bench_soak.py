@@ -1,4 +1,4 @@
-"""Benchmark: a bounded soak, and the resident memory a server keeps after it (issue 11).
+"""Benchmark: a bounded soak, and the resident memory a server keeps after it.
 
 Run: ``make soak`` or ``.venv/bin/python tests/bench/bench_soak.py`` (or ``pytest <file> -s``).
 ``DENSEMAP_SOAK_CLIENTS`` clients (default 8) send mixed requests for ``DENSEMAP_SOAK_SECONDS``

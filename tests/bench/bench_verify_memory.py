@@ -1,4 +1,4 @@
-"""Peak memory and bytes written by ``--verify`` on a VGG-11-sized ONNX classifier (issue 18).
+"""Peak memory and bytes written by ``--verify`` on a VGG-11-sized ONNX classifier.
 
 VGG-11 (torchvision's layout, written out in plain torch.nn: no torchvision needed), random
 weights, 1000 classes, R = 224, exported with the legacy exporter (~507 MB of float32

@@ -1,4 +1,4 @@
-"""The architecture sweep (issue 14): torchvision classifiers converted on both paths.
+"""The architecture sweep: torchvision classifiers converted on both paths.
 
 Run with ``make sweep`` (it installs torchvision 0.28.0 with ``--no-deps`` when missing);
 the default ``make test`` does not collect this folder (files are named ``sweep_*.py``).
