@@ -13,7 +13,7 @@ from service.batch.run import BatchRequest, RayConfig
 from service.batch.storage import Storage
 from service.cli import build_parser
 from service.engine.field_checks import MAX_SCALES
-from service.engine.options import DetectionOptions, EngineConfig, ScoreOptions
+from service.engine.options import DetectionDefaults, DetectionOptions, EngineConfig, ScoreOptions
 from service.errors import InvalidOption
 from service.serve_cli import build_config
 from service.server.codec import options_from_proto
@@ -102,11 +102,28 @@ def test_detection_options_refuse_bad_values_when_built(fields, words):
         ({"fc_head_unfold": "gpu"}, "EngineConfig.fc_head_unfold must be one of"),
         ({"runtime": "tvm"}, "EngineConfig.runtime must be one of"),
         ({"tiling": "no"}, "EngineConfig.tiling must be True or False"),
+        ({"detections": {"iou": 0.3}}, "EngineConfig.detections must be a DetectionDefaults"),
     ],
 )
 def test_engine_config_refuses_bad_values_when_built(fields, words):
     with pytest.raises(InvalidOption, match=words):
         EngineConfig(**fields)
+
+
+def test_detection_options_leave_unset_fields_to_the_model_and_check_given_ones():
+    """None (the default) means the model's setting (DetectionDefaults); a given value is
+    checked and stored canonically, as the model's own settings are."""
+    unset = DetectionOptions()
+    assert (unset.threshold, unset.iou, unset.max_count, unset.across_classes) == (None,) * 4
+    given = DetectionOptions(iou=np.float32(0.25), max_count=np.int64(7), across_classes=False)
+    assert (given.iou, given.max_count, given.across_classes) == (0.25, 7, False)
+    assert type(given.max_count) is int and type(given.iou) is float and given.threshold is None
+    model = DetectionDefaults(threshold=1, max_count=np.int32(3))
+    assert (model.threshold, model.max_count) == (1.0, 3) and type(model.max_count) is int
+    with pytest.raises(InvalidOption, match=r"detections.iou must be in \[0, 1\], got 1.5"):
+        DetectionDefaults(iou=1.5)
+    with pytest.raises(InvalidOption, match="detections.across_classes must be given, got None"):
+        DetectionDefaults(across_classes=None)
 
 
 def test_engine_config_has_no_tf32_switch_besides_its_precision():
