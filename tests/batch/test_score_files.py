@@ -46,8 +46,11 @@ def resumes_to_the_end(capsys, folder: Path, out: Path, repo: Path, *flags: str)
     assert all(r["status"] in ("ok", "skipped") for r in rows(out))
     if "--detections" in flags:
         coco = json.loads((out / "detections.coco.json").read_text())
-        assert isinstance(coco, list)
-        assert len((out / "detections.jsonl").read_text().splitlines()) == IMAGES
+        lines = [json.loads(line) for line in (out / "detections.jsonl").read_text().splitlines()]
+        assert len(lines) == IMAGES
+        # the COCO list holds the same boxes as the lines, after the resume too
+        boxes = [(line["relpath"], d["score"]) for line in lines for d in line["detections"]]
+        assert [(c["file_name"], c["score"]) for c in coco] == boxes
 
 
 def test_a_full_disk_while_appending_the_summary_stops_the_run_in_one_message(

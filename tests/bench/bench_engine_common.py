@@ -3,7 +3,7 @@
 Models are built once into $DENSEMAP_BENCH_DIR (default /tmp/densemap-bench) with random
 weights: a mini-VGG (64x64 window, stride 8, unpadded) and VGG-16 (224 window, stride 32,
 same-padded, 4096-4096-1000 head, ~553 MB of weights). :func:`dense_model` builds them
-dense in torch (tests/dense_models.py); :func:`converted_model` writes the classifier with
+dense in torch (tests/support/dense_models.py); :func:`converted_model` writes the classifier with
 ``densemap convert`` (in-graph cell crop, optional int8 copies), as users get them.
 """
 

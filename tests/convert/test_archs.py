@@ -15,7 +15,7 @@ from torch import nn
 from convert import archs
 from convert.from_torch.fc import convert_classifier
 from service.errors import ConversionError
-from tests.support.convert_torch_crops import assert_dense_equals_crops
+from tests.support.exactness import assert_dense_equals_crops
 
 BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 

@@ -1,7 +1,7 @@
 """À-trous variants == k x k shift-and-stitch of the dense model, bit for bit (unpadded).
 
 Bit for bit means: every output reads exactly the pixels and weights the strided net read.
-``tap_evaluate`` (tests/convert_onnx_support.py) sums every window's taps in one fixed
+``tap_evaluate`` (tests/support/convert_onnx_support.py) sums every window's taps in one fixed
 order, so it checks exactly that with ``array_equal``. onnxruntime and onnx.reference may
 pick another conv algorithm for a dilated conv (another summation order: 1-ulp
 differences were measured with onnx.reference), so they are held to rounding tolerances:

@@ -16,13 +16,8 @@ import convert
 from convert.atrous import make_atrous
 from convert.from_onnx.head import rewrite_head
 from convert.geometry import compute_geometry
-from tests.support.convert_onnx_support import (
-    cells,
-    dense64,
-    export_classifier,
-    ort32,
-    shift_and_stitch,
-)
+from tests.support.convert_onnx_support import dense64, export_classifier, ort32, shift_and_stitch
+from tests.support.oracle import cell_counts
 
 WINDOW = (16, 15)  # W: 15 -> conv 13 -> ceil pool 7 (last window overhangs) -> ...
 
@@ -72,7 +67,7 @@ def test_atrous_keeps_the_overhang_cells(dense, k):
     )  # needs the overhang cells of the dense model: they exist on shifted crops too
     n = expected.shape[2:]
     stride = tuple(4 // f for f in k)
-    assert n == cells(image.shape[2:], WINDOW, stride)
+    assert n == cell_counts(image.shape[2:], WINDOW, stride)
     got64 = dense64(variant, image)
     assert got64.shape[2] >= n[0] and got64.shape[3] >= n[1]
     np.testing.assert_allclose(got64[:, :, : n[0], : n[1]], expected, rtol=0, atol=1e-12)

@@ -19,7 +19,8 @@ import convert
 from convert.cell_crop import crop_to_cells
 from tests.convert.test_atrous_ceil import POOLS, CeilOverhang
 from tests.convert.test_atrous_ceil import WINDOW as OVERHANG_WINDOW
-from tests.support.convert_onnx_support import cells, export_classifier, torch_crops64
+from tests.support.convert_onnx_support import export_classifier
+from tests.support.oracle import cell_counts, crop_by_crop, torch_classifier
 
 WINDOW = (14, 18)  # 14 -> conv 12 -> pool 6 -> conv 4 -> pool 2: no overhang at R (unpadded)
 STRIDE = (4, 4)
@@ -80,10 +81,12 @@ def test_plain_onnxruntime_gives_exactly_n_cells_equal_to_crops(path_kind, tmp_p
         assert [d for d in session.get_outputs()[0].shape[2:]] == ["cells_h", "cells_w"]
         for size in SIZES:
             image = rng.standard_normal((1, 3, *size))
-            n = cells(size, WINDOW, stride)
+            n = cell_counts(size, WINDOW, stride)
             scores = _run(session, image)
             assert scores.shape == (1, 3, *n), (path.name, size)
-            expected = torch_crops64(model, image, window=WINDOW, stride=stride, cells=n)
+            expected = crop_by_crop(
+                torch_classifier(model), image, window=WINDOW, stride=stride, cells=n
+            )[0]
             np.testing.assert_allclose(scores[0], expected, rtol=0, atol=1e-5)
             if stride == STRIDE:
                 with torch.no_grad():
@@ -114,7 +117,7 @@ def test_overhanging_ceil_pool_is_cropped_on_every_file(path_kind, tmp_path):
         session = _session(path)
         for size in [(16, 15), (19, 22), (27, 18), (33, 31)]:
             image = rng.standard_normal((1, 3, *size))
-            n = cells(size, OVERHANG_WINDOW, stride)
+            n = cell_counts(size, OVERHANG_WINDOW, stride)
             scores = _run(session, image)
             assert scores.shape == (1, 3, *n), (path.name, size)
             if stride == result.metadata.geometry.stride:

@@ -31,7 +31,8 @@ from tests.support.caffe2_graphs import (
     squeezenet_style_classifier,
     strided_global_pool_classifier,
 )
-from tests.support.convert_onnx_support import cells, dense64, onnx_crops64
+from tests.support.convert_onnx_support import dense64
+from tests.support.oracle import cell_counts, crop_by_crop, onnx_classifier
 
 UNIT = Preprocessing(scale=1 / 255)
 CASES = {
@@ -74,10 +75,14 @@ def test_caffe2_style_classifier_equals_crops_cell_by_cell(case, tmp_path):
     assert not result.metadata.geometry.padded  # no padding reaches a cell at R
     size = (window[0] + 2 * result.metadata.geometry.stride[0] + 3, window[1] + 11)
     image = np.random.default_rng(5).standard_normal((1, 3, *size))
-    n = cells(size, window, result.metadata.geometry.stride)
-    expected = onnx_crops64(
-        classifier, image, window=window, stride=result.metadata.geometry.stride, cells=n
-    )
+    n = cell_counts(size, window, result.metadata.geometry.stride)
+    expected = crop_by_crop(
+        onnx_classifier(classifier),
+        image,
+        window=window,
+        stride=result.metadata.geometry.stride,
+        cells=n,
+    )[0]
     score_map = dense64(written, image)[0]
     assert score_map.shape == expected.shape
     np.testing.assert_allclose(score_map, expected, rtol=0, atol=1e-9)
@@ -133,7 +138,7 @@ def test_padded_trunk_equals_its_head_on_trunk_windows(tmp_path):
     size = (window[0] + 13, window[1] + 7)
     image = np.random.default_rng(7).standard_normal((1, 3, *size))
     features = Float64Runner(trunk)(image)
-    n = cells(size, window, result.metadata.geometry.stride)
+    n = cell_counts(size, window, result.metadata.geometry.stride)
     run_head = Float64Runner(head)
     expected = np.zeros((5, *n))
     for i in range(n[0]):  # the trunk's stride is 2 and the map's 2: one feature per cell
@@ -172,8 +177,10 @@ def test_strided_global_pool_keeps_its_stride_and_a_trous_refines_it(tmp_path):
     assert result.metadata.geometry.stride == (8, 8)
     size = (window[0] + 13, window[1] + 9)
     image = np.random.default_rng(8).standard_normal((1, 3, *size))
-    n = cells(size, window, (2, 2))
-    expected = onnx_crops64(classifier, image, window=window, stride=(2, 2), cells=n)
+    n = cell_counts(size, window, (2, 2))
+    expected = crop_by_crop(
+        onnx_classifier(classifier), image, window=window, stride=(2, 2), cells=n
+    )[0]
     fine = dense64(onnx.load(str(result.variant_paths[0])), image)[0]
     np.testing.assert_allclose(fine, expected, rtol=0, atol=1e-9)
 

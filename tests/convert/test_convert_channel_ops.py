@@ -15,12 +15,8 @@ import torch
 from torch import nn
 
 from service.errors import ConversionError
-from tests.support.convert_onnx_support import (
-    GraphBuilder,
-    assert_onnx_dense_equals_crops,
-    export_classifier,
-)
-from tests.support.convert_torch_crops import assert_dense_equals_crops
+from tests.support.convert_onnx_support import GraphBuilder, export_classifier
+from tests.support.exactness import assert_dense_equals_crops, assert_onnx_dense_equals_crops
 
 
 def channel_shuffle(x, groups: int):  # torchvision's, verbatim

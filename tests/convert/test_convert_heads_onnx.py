@@ -17,7 +17,6 @@ from convert.heads import HeadOptions
 from convert.runtime import Float64Runner
 from service.errors import ConversionError
 from tests.support.convert_heads_support import (
-    FP64_TOLERANCE,
     WINDOW,
     PooledAndFlat,
     TwoHeads,
@@ -25,6 +24,7 @@ from tests.support.convert_heads_support import (
     onnx_crop_outputs64,
 )
 from tests.support.convert_onnx_support import GraphBuilder
+from tests.support.oracle import FP64_TOLERANCE
 
 EXPORTERS = pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
 IMAGE = (1, 3, 19, 17)

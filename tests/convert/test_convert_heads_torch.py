@@ -17,7 +17,6 @@ from convert.runtime import Float64Runner
 from service.contract import Head, ModelMetadata
 from service.errors import ConversionError
 from tests.support.convert_heads_support import (
-    FP64_TOLERANCE,
     STRIDE,
     WINDOW,
     PooledAndFlat,
@@ -25,6 +24,7 @@ from tests.support.convert_heads_support import (
     crop_outputs64,
     output_arrays,
 )
+from tests.support.oracle import FP64_TOLERANCE
 
 IMAGE = (1, 3, 19, 17)  # 4 x 3 cells at stride 2
 

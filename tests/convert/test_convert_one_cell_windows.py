@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 import convert
-from tests.support.convert_onnx_support import cells, dense64, export_classifier, torch_crops64
+from tests.support.convert_onnx_support import dense64, export_classifier
+from tests.support.oracle import cell_counts, crop_by_crop, torch_classifier
 
 WINDOW = 10  # 10 -> 8 -> 4 -> (2x2, stride 2) 2 -> (3x3, stride 2, pad 1) 1
 
@@ -61,8 +62,10 @@ def test_one_cell_windows_make_the_map_equal_crops(model, path, tmp_path):
     size = (WINDOW + 3 * 8 + 5, WINDOW + 2 * 8 + 3)
     image = np.random.default_rng(4).standard_normal((1, 3, *size))
     for path_, stride in ((result.path, (8, 8)), (result.variant_paths[0], (4, 4))):
-        n = cells(size, (WINDOW, WINDOW), stride)
-        expected = torch_crops64(model, image, window=(WINDOW, WINDOW), stride=stride, cells=n)
+        n = cell_counts(size, (WINDOW, WINDOW), stride)
+        expected = crop_by_crop(
+            torch_classifier(model), image, window=(WINDOW, WINDOW), stride=stride, cells=n
+        )[0]
         score_map = dense64(onnx.load(str(path_)), image)[0]
         assert score_map.shape == expected.shape
         np.testing.assert_allclose(score_map, expected, rtol=0, atol=1e-9)

@@ -19,14 +19,12 @@ from convert.from_onnx.head import rewrite_head
 from convert.geometry import compute_geometry
 from tests.support.convert_onnx_support import (
     GraphBuilder,
-    cells,
     dense64,
     export_classifier,
     keras_style_classifier,
-    onnx_crops64,
     ort32,
-    torch_crops64,
 )
+from tests.support.oracle import cell_counts, crop_by_crop, onnx_classifier, torch_classifier
 
 EXACT = 1e-9  # fp64: the dense pass sums the same products in another order
 
@@ -118,17 +116,21 @@ def _assert_dense_equals_crops(model, dense, sizes, classifier=None):
     rng = np.random.default_rng(1)
     for size in sizes:
         image = rng.standard_normal((1, 3, *size))
-        n = cells(size, model.window, geometry.stride)
+        n = cell_counts(size, model.window, geometry.stride)
         score_map = dense64(dense, image)
         assert score_map.shape[2] >= n[0] and score_map.shape[3] >= n[1]
         if classifier is None:
-            expected = torch_crops64(
-                model, image, window=model.window, stride=geometry.stride, cells=n
-            )
+            expected = crop_by_crop(
+                torch_classifier(model), image, window=model.window, stride=geometry.stride, cells=n
+            )[0]
         else:
-            expected = onnx_crops64(
-                classifier, image, window=model.window, stride=geometry.stride, cells=n
-            )
+            expected = crop_by_crop(
+                onnx_classifier(classifier),
+                image,
+                window=model.window,
+                stride=geometry.stride,
+                cells=n,
+            )[0]
         np.testing.assert_allclose(score_map[0, :, : n[0], : n[1]], expected, rtol=0, atol=EXACT)
     return geometry
 
@@ -150,10 +152,14 @@ def test_dense_equals_crops_fp64(cls, dynamo):
     geometry = _assert_dense_equals_crops(model, dense, sizes, classifier)
     # the torch model itself, in fp32 through onnxruntime: same scores up to fp32 rounding
     image = np.random.default_rng(4).standard_normal((1, 3, *sizes[0])).astype(np.float32)
-    n = cells(sizes[0], model.window, geometry.stride)
-    expected = torch_crops64(
-        model, image.astype(np.float64), window=model.window, stride=geometry.stride, cells=n
-    )
+    n = cell_counts(sizes[0], model.window, geometry.stride)
+    expected = crop_by_crop(
+        torch_classifier(model),
+        image.astype(np.float64),
+        window=model.window,
+        stride=geometry.stride,
+        cells=n,
+    )[0]
     np.testing.assert_allclose(ort32(dense, image)[0, :, : n[0], : n[1]], expected, atol=1e-5)
     assert not geometry.padded
     image = dense.graph.input[0]
@@ -168,7 +174,7 @@ def test_strided_trunk_returns_extra_cells_that_the_crop_rule_drops():
     geometry = compute_geometry(dense, window=model.window)
     assert geometry.effective_window == (33, 33)  # 5, +2*2 = 9, +2*4 = 17, +2*4 = 25, +8 = 33
     size = (39 + 8 * 2 + 6, 39 + 6)
-    n = cells(size, model.window, geometry.stride)
+    n = cell_counts(size, model.window, geometry.stride)
     raw = ort32(dense, np.zeros((1, 3, *size), np.float32))
     assert raw.shape[2:] == (n[0] + 1, n[1] + 1)
 
@@ -191,13 +197,12 @@ def test_softmax_before_opset_13_is_wrapped_in_transposes():
 
 def _assert_nhwc_dense_equals_classifier(classifier, dense):
     window, image = (9, 13), np.random.default_rng(2).standard_normal((1, 23, 20, 3))
-    n = cells(image.shape[1:3], window, (2, 2))
+    n = cell_counts(image.shape[1:3], window, (2, 2))
     score_map = dense64(dense, image)
-    for i in range(n[0]):
-        for j in range(n[1]):
-            crop = image[:, 2 * i : 2 * i + window[0], 2 * j : 2 * j + window[1], :]
-            expected = dense64(classifier, np.ascontiguousarray(crop))[0]
-            np.testing.assert_allclose(score_map[0, :, i, j], expected, rtol=0, atol=EXACT)
+    expected = crop_by_crop(
+        onnx_classifier(classifier), image, window=window, stride=(2, 2), channels_last=True
+    )
+    np.testing.assert_allclose(score_map[:, :, : n[0], : n[1]], expected, rtol=0, atol=EXACT)
     return score_map
 
 
@@ -250,7 +255,7 @@ def test_resnet18_onnx_path_matches_the_converted_torch_module():
     score_map = ort32(dense, image)
     # fp32: BatchNorm folded into conv weights in float32 and another conv algorithm
     np.testing.assert_allclose(score_map, expected.numpy(), rtol=0, atol=2e-4)
-    n = cells(image.shape[2:], (64, 64), (32, 32))
+    n = cell_counts(image.shape[2:], (64, 64), (32, 32))
     fine = ort32(make_atrous(dense, factor=2), image)[:, :, ::2, ::2]
     np.testing.assert_allclose(
         fine[:, :, : n[0], : n[1]], score_map[:, :, : n[0], : n[1]], rtol=0, atol=2e-4
@@ -281,7 +286,9 @@ def test_gemm_without_transpose_alpha_beta_and_constant_nodes():
     dense = rewrite_head(classifier)
     image = np.random.default_rng(1).standard_normal((1, 2, 13, 10))
     score_map = dense64(dense, image)
-    expected = onnx_crops64(classifier, image, window=(6, 6), stride=(2, 2), cells=(4, 3))
+    expected = crop_by_crop(
+        onnx_classifier(classifier), image, window=(6, 6), stride=(2, 2), cells=(4, 3)
+    )[0]
     np.testing.assert_allclose(score_map[0, :, :4, :3], expected, rtol=0, atol=EXACT)
 
 

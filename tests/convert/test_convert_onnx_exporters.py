@@ -19,7 +19,8 @@ import convert
 from convert.from_onnx.head import rewrite_head
 from convert.geometry import compute_geometry
 from convert.runtime import Float64Runner
-from tests.support.convert_onnx_support import GraphBuilder, cells, dense64, onnx_crops64, ort32
+from tests.support.convert_onnx_support import GraphBuilder, dense64, ort32
+from tests.support.oracle import cell_counts, crop_by_crop, onnx_classifier
 
 EXACT = 1e-9  # fp64: the dense pass sums the same products in another order
 
@@ -30,8 +31,10 @@ def _assert_dense_equals_crops(classifier: onnx.ModelProto, window, channels: in
     geometry = compute_geometry(dense, window=window)
     size = (window[0] + 3 * geometry.stride[0] + 1, window[1] + 2 * geometry.stride[1] + 3)
     image = np.random.default_rng(7).standard_normal((1, channels, *size))
-    n = cells(size, window, geometry.stride)
-    expected = onnx_crops64(classifier, image, window=window, stride=geometry.stride, cells=n)
+    n = cell_counts(size, window, geometry.stride)
+    expected = crop_by_crop(
+        onnx_classifier(classifier), image, window=window, stride=geometry.stride, cells=n
+    )[0]
     score_map = dense64(dense, image)
     np.testing.assert_allclose(score_map[0, :, : n[0], : n[1]], expected, rtol=0, atol=EXACT)
     return dense

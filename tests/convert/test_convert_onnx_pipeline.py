@@ -18,12 +18,12 @@ from convert.from_onnx.head import rewrite_head
 from service.contract import ModelMetadata, Preprocessing
 from service.errors import ConversionError
 from tests.support.convert_onnx_support import (
-    cells,
     dense64,
     export_classifier,
     keras_style_classifier,
     ort32,
 )
+from tests.support.oracle import cell_counts
 
 
 def _unpadded() -> nn.Module:
@@ -83,7 +83,7 @@ def test_convert_onnx_writes_model_variants_and_contract(classifier_file, tmp_pa
     image = np.random.default_rng(0).standard_normal((2, 3, 30, 27)).astype(np.float32)
     score_map = ort32(onnx.load(str(tmp_path / "d.s2.onnx")), image)
     assert score_map.shape[0] == 2 and score_map.shape[1] == 3
-    assert score_map.shape[2:] >= cells((30, 27), (19, 19), (2, 2))
+    assert score_map.shape[2:] >= cell_counts((30, 27), (19, 19), (2, 2))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -134,7 +134,7 @@ def test_padded_ceil_mode_net_matches_the_converted_torch_module(tmp_path):
     score_map = dense64(dense, image)
     assert score_map.shape == expected.shape
     np.testing.assert_allclose(score_map, expected, rtol=0, atol=1e-9)
-    n = cells(size, (19, 19), (4, 4))
+    n = cell_counts(size, (19, 19), (4, 4))
     assert score_map.shape[2:] == (n[0] + 1, n[1] + 1)
     assert score_map[0, :, : n[0], : n[1]].shape[1:] == n  # the crop rule keeps n
 

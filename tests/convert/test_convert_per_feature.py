@@ -14,14 +14,9 @@ import convert
 from convert.from_torch.fc import convert_classifier
 from convert.geometry import compute_geometry
 from service.errors import ConversionError
-from tests.support.convert_onnx_support import (
-    assert_onnx_dense_equals_crops,
-    cells,
-    export_classifier,
-    onnx_crops64,
-    ort32,
-)
-from tests.support.convert_torch_crops import assert_dense_equals_crops
+from tests.support.convert_onnx_support import export_classifier, ort32
+from tests.support.exactness import assert_dense_equals_crops, assert_onnx_dense_equals_crops
+from tests.support.oracle import cell_counts, crop_by_crop, onnx_classifier
 
 EXACT = 1e-9
 WINDOW, IMAGE = (10, 12), (17, 20)  # trunk: conv 3 + pool 2 -> 4 x 4 x 5, stride 2
@@ -88,8 +83,10 @@ def test_onnx_path_per_feature_layers_equal_crops(final, dynamo):
     dense = assert_onnx_dense_equals_crops(classifier, window=WINDOW, image_size=IMAGE, atol=EXACT)
     stride = compute_geometry(dense, window=WINDOW).stride
     image = np.random.default_rng(0).standard_normal((1, 3, *IMAGE))
-    n = cells(IMAGE, WINDOW, stride)
-    expected = onnx_crops64(classifier, image, window=WINDOW, stride=stride, cells=n)
+    n = cell_counts(IMAGE, WINDOW, stride)
+    expected = crop_by_crop(
+        onnx_classifier(classifier), image, window=WINDOW, stride=stride, cells=n
+    )[0]
     # onnxruntime broadcasts a PRelu slope of shape (F,) over the width, as the spec says
     fp32 = ort32(dense, image)[0, :, : n[0], : n[1]]
     np.testing.assert_allclose(fp32, expected, rtol=0, atol=1e-4)

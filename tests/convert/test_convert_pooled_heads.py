@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from convert.from_torch.fc import convert_classifier
-from tests.support.convert_onnx_support import assert_onnx_dense_equals_crops, export_classifier
-from tests.support.convert_torch_crops import assert_dense_equals_crops
+from tests.support.convert_onnx_support import export_classifier
+from tests.support.exactness import assert_dense_equals_crops, assert_onnx_dense_equals_crops
 
 WINDOW, IMAGE = (10, 12), (17, 21)  # trunk output 4 x 4 x 5 at the window, stride 2
 

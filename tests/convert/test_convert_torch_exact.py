@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from convert.from_torch.fc import convert_classifier, ends_in_softmax, fully_convolutional
-from tests.support.convert_torch_crops import FP64_TOLERANCE, assert_dense_equals_crops
+from tests.support.exactness import assert_dense_equals_crops
+from tests.support.oracle import FP64_TOLERANCE
 
 
 def lenet_like_sequential(window_volume=(6, 3, 5)) -> nn.Sequential:

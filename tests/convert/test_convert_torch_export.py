@@ -16,7 +16,7 @@ from convert import export
 from convert.export import export_classifier_onnx, export_onnx, needs_external_data
 from convert.from_torch.fc import fully_convolutional
 from service.errors import ConversionError
-from tests.support.convert_torch_crops import crop_scores
+from tests.support.oracle import crop_by_crop, torch_classifier
 
 FP32_TOLERANCE = 1e-5
 
@@ -64,7 +64,8 @@ def test_dense_onnx_equals_torch_module_and_crops(dense_export, height, width):
         expected = dense(image_nchw).numpy()
     assert score_map.shape == expected.shape
     assert np.abs(score_map - expected).max() <= FP32_TOLERANCE
-    crops = crop_scores(model, image_nchw, (18, 22), (4, 4)).numpy()
+    fp32 = torch_classifier(model, dtype="float32")
+    crops = crop_by_crop(fp32, image_nchw.numpy(), window=(18, 22), stride=(4, 4), batched=True)
     n_h, n_w = crops.shape[2:]
     assert np.abs(score_map[:, :, :n_h, :n_w] - crops).max() <= FP32_TOLERANCE
     assert np.allclose(score_map.sum(axis=1), 1.0, atol=1e-5)  # softmax over classes
@@ -83,7 +84,8 @@ def test_global_pool_head_exports_as_average_pool():
     assert list(next(a for a in pools[0].attribute if a.name == "kernel_shape").ints) == [6, 8]
     image_nchw = torch.rand(1, 3, 27, 30)
     (score_map,) = session(proto).run(None, {"input": image_nchw.numpy()})
-    crops = crop_scores(model, image_nchw, (15, 19), (2, 2)).numpy()
+    fp32 = torch_classifier(model, dtype="float32")
+    crops = crop_by_crop(fp32, image_nchw.numpy(), window=(15, 19), stride=(2, 2), batched=True)
     assert score_map.shape[2:] >= crops.shape[2:]
     assert np.abs(score_map[:, :, : crops.shape[2], : crops.shape[3]] - crops).max() <= FP32_TOLERANCE  # fmt: skip
 

@@ -22,7 +22,8 @@ from convert.trunk_windows import TrunkNotDense, find_cut
 from convert.verify_reference import Reference
 from service.cli import main
 from service.errors import ConversionError
-from tests.support.convert_onnx_support import GraphBuilder, keras_style_classifier, onnx_crops64
+from tests.support.convert_onnx_support import GraphBuilder, keras_style_classifier
+from tests.support.oracle import crop_by_crop, onnx_classifier
 
 R = 14  # GoogLeNet-like: 14 -> conv(pad 1) 14 -> maxpool 7 -> conv 2x2 -> 6x6 trunk output
 TRUNK = "relu9"  # the trunk's output tensor in googlenet_like()
@@ -196,7 +197,9 @@ def test_on_an_unpadded_net_the_reference_equals_crops_exactly(tmp_path, size):
     onnx.save_model(classifier, str(tmp_path / "c.onnx"))
     image = np.random.default_rng(1).standard_normal((1, 3, *size))
     cells = tuple((n - 16) // 4 + 1 for n in size)
-    crops = onnx_crops64(classifier, image, window=(16, 16), stride=(4, 4), cells=cells)
+    crops = crop_by_crop(
+        onnx_classifier(classifier), image, window=(16, 16), stride=(4, 4), cells=cells
+    )[0]
     reference = Reference(tmp_path / "c.onnx", np.float64, ["y"], window=(16, 16), channels=3)
     assert reference.cut.jump == (4, 4) and reference.cut.size == (2, 2)
     got = reference.trunk_windows(image, stride=(4, 4), cells=cells)["y"]

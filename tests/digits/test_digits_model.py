@@ -17,6 +17,7 @@ from models.digits.data import LABELS, STRIDE, WINDOW, load_split  # noqa: E402
 from models.digits.pages import sample_pages  # noqa: E402
 from service.contract import ModelMetadata  # noqa: E402
 from service.engine import Engine, ScoreOptions  # noqa: E402
+from tests.support.oracle import crop_by_crop, torch_classifier  # noqa: E402
 
 FOLDER = REPO_ROOT / "models" / "digits"
 MODEL = FOLDER / "model.onnx"
@@ -72,9 +73,7 @@ def test_shipped_onnx_passes_verify_against_the_trained_classifier(classifier):
 @pytest.mark.parametrize("stride", [4, 2, 1])
 def test_engine_maps_equal_the_classifier_on_every_crop(classifier, stride):
     """The served map (à-trous variants included) is the classifier on each window crop,
-    with the engine's preprocessing, on a real sample page."""
-    import torch
-
+    with the engine's preprocessing, on a real sample page (the crop-by-crop oracle)."""
     prep = _metadata().preprocessing
     page = sample_pages(*_held_out())[0].image[:60, :84]  # a corner with digits
     engine = Engine(MODEL, config=digits_eval.CPU)
@@ -83,16 +82,10 @@ def test_engine_maps_equal_the_classifier_on_every_crop(classifier, stride):
     n_h, n_w = (60 - WINDOW) // stride + 1, (84 - WINDOW) // stride + 1
     assert score_map.shape == (len(LABELS), n_h, n_w)
     pixels = (page.astype(np.float32) * np.float32(prep.scale) - prep.mean[0]) / prep.std[0]
-    crops = np.stack(
-        [
-            pixels[i * stride : i * stride + WINDOW, j * stride : j * stride + WINDOW]
-            for i in range(n_h)
-            for j in range(n_w)
-        ]
-    )[:, None]
-    with torch.no_grad():
-        expected = classifier(torch.from_numpy(crops)).numpy()
-    expected = expected.reshape(n_h, n_w, -1).transpose(2, 0, 1)
+    classify = torch_classifier(classifier, dtype="float32")
+    expected = crop_by_crop(
+        classify, pixels[None, None], window=(WINDOW,) * 2, stride=(stride,) * 2, batched=True
+    )[0]
     limit = FP32_TOLERANCE * max(1.0, float(np.abs(expected).max()))
     assert np.abs(score_map - expected).max() <= limit
 

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import torch
 import tritonclient.grpc as triton
 
 from convert.export import export_classifier_onnx
@@ -23,6 +22,7 @@ from service.cli import main
 from service.client import DensemapClient
 from service.engine import preprocess
 from tests.support.convert_heads_support import STRIDE, WINDOW, TwoHeads
+from tests.support.oracle import crop_by_crop, torch_classifier
 from tests.support.score_fixtures import encode
 from tests.support.server_harness import HOST, rgb_image, start_server
 
@@ -54,27 +54,15 @@ def repo(tmp_path_factory, classifier) -> Path:
 
 
 def reference(classifier: TwoHeads, image: np.ndarray, repo: Path) -> dict[str, np.ndarray]:
-    """Each head of the classifier on every window at the native stride, in float64."""
+    """Each head of the classifier on every window at the native stride, in float64: the
+    crop-by-crop oracle (the preprocessing is per pixel, so it commutes with cropping)."""
     from service.engine import Engine
 
     metadata = Engine(repo / MODEL / "model.onnx").metadata
-    image_chw = preprocess(image, metadata.preprocessing).astype(np.float64)
-    n_h = (image.shape[0] - WINDOW[0]) // STRIDE[0] + 1
-    n_w = (image.shape[1] - WINDOW[1]) // STRIDE[1] + 1
-    crops = [
-        image_chw[
-            :, i * STRIDE[0] : i * STRIDE[0] + WINDOW[0], j * STRIDE[1] : j * STRIDE[1] + WINDOW[1]
-        ]
-        for i in range(n_h)
-        for j in range(n_w)
-    ]
-    with torch.no_grad():
-        scores, boxes = classifier.double()(torch.from_numpy(np.stack(crops)))
-    classifier.float()
-    return {
-        "scores": scores.numpy().T.reshape(-1, n_h, n_w),
-        "boxes": boxes.numpy().T.reshape(-1, n_h, n_w),
-    }
+    image_nchw = preprocess(image, metadata.preprocessing)[None]
+    classify = torch_classifier(classifier)  # a float64 copy
+    scores, boxes = crop_by_crop(classify, image_nchw, window=WINDOW, stride=STRIDE, batched=True)
+    return {"scores": scores[0], "boxes": boxes[0]}
 
 
 @pytest.fixture(scope="module")

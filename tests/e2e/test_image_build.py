@@ -1,7 +1,7 @@
 """``make image`` builds the server image where a container engine exists (issue 21).
 
 CI has none (docker without a daemon, no podman or buildah): then this test is skipped and
-says so; tests/test_image_install.py checks the image's install step in a fresh venv
+says so; tests/e2e/test_image_install.py checks the image's install step in a fresh venv
 instead. Where an engine runs, the build pulls the CUDA base image (several GB): slow.
 """
 

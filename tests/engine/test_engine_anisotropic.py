@@ -11,6 +11,7 @@ from service.contract import Geometry, ModelMetadata, Preprocessing
 from service.engine import Engine, EngineConfig, ScoreOptions, preprocess
 from service.errors import InvalidOption
 from tests.support.dense_models import export_dense_net
+from tests.support.oracle import crop_by_crop, torch_classifier
 
 WINDOW = (12, 16)
 STRIDE = (4, 2)
@@ -57,18 +58,11 @@ def image():
 
 
 def crop_logits(image, stride, preprocessing) -> np.ndarray:
-    """fp64 torch logits of every window at ``stride`` (the reference the map must match)."""
-    net = make_net().double()
-    n_h = (image.shape[0] - WINDOW[0]) // stride[0] + 1
-    n_w = (image.shape[1] - WINDOW[1]) // stride[1] + 1
-    crops = [
-        preprocess(image[i * stride[0] :, j * stride[1] :][: WINDOW[0], : WINDOW[1]], preprocessing)
-        for i in range(n_h)
-        for j in range(n_w)
-    ]
-    with torch.no_grad():
-        logits = net(torch.from_numpy(np.stack(crops)).double())[:, :, 0, 0].numpy()
-    return logits.T.reshape(-1, n_h, n_w)
+    """fp64 torch logits of every window at ``stride``: the crop-by-crop oracle (the
+    preprocessing is per pixel, so preprocessing the image, then cropping, is exact)."""
+    image_nchw = preprocess(image, preprocessing)[None]
+    classify = torch_classifier(make_net())
+    return crop_by_crop(classify, image_nchw, window=WINDOW, stride=stride, batched=True)[0]
 
 
 @pytest.mark.parametrize(

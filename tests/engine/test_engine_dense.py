@@ -14,6 +14,7 @@ from service.engine import Engine, EngineConfig, ScoreOptions, preprocess
 from service.engine.memory import nchwc_block
 from service.engine.postprocess import softmax
 from tests.support.dense_models import Conv, Pool, build_dense_model, make_dense_net, small_layers
+from tests.support.oracle import crop_by_crop, session_classifier
 
 WINDOW, STRIDE, CLASSES = (12, 16), 4, 5
 # fp32 tolerance against the float64 torch reference: logits are sums of a few hundred
@@ -37,17 +38,9 @@ def image():
 
 
 def crop_reference(session, image_chw, n, stride):
-    """Run the same ONNX model on every window-size crop (each gives exactly one cell)."""
-    out = np.empty((CLASSES, *n), dtype=np.float32)
-    for i in range(n[0]):
-        for j in range(n[1]):
-            crop = image_chw[
-                :, i * stride : i * stride + WINDOW[0], j * stride : j * stride + WINDOW[1]
-            ]
-            (scores,) = session.run(None, {"input": np.ascontiguousarray(crop)[None]})
-            assert scores.shape[2:] == (1, 1)
-            out[:, i, j] = scores[0, :, 0, 0]
-    return out
+    """The crop-by-crop oracle with the same ONNX model (each crop gives exactly one cell)."""
+    classify = session_classifier(session)
+    return crop_by_crop(classify, image_chw[None], window=WINDOW, stride=(stride,) * 2, cells=n)[0]
 
 
 def test_dense_equals_crops_unpadded(engine, model_path, image):

@@ -1,4 +1,4 @@
-"""Engine detections on a model whose right boxes are known (tests/square_model.py)."""
+"""Engine detections on a model whose right boxes are known (tests/support/square_model.py)."""
 
 from __future__ import annotations
 

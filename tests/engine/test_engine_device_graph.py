@@ -8,6 +8,8 @@ float32 ulps (onnxruntime's Exp and its summation order are not numpy's).
 
 from __future__ import annotations
 
+import ctypes
+import platform
 from dataclasses import replace
 
 import numpy as np
@@ -189,9 +191,25 @@ def test_release_policy_keeps_a_stream_and_releases_outliers():
     assert decisions == [False, False, True, False, False, True, True, False, True, False]
 
 
-def test_host_memory_trim_runs_on_this_c_library():
-    assert isinstance(host_memory.trim(), bool)  # glibc here: malloc_trim(0) is called
-    assert host_memory._function() is not None
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
+def test_host_memory_trim_finds_malloc_trim_in_glibc():
+    function = host_memory._function()
+    assert function.__name__ == "malloc_trim" and function.restype is ctypes.c_int
+
+
+@pytest.mark.parametrize(("released", "expected"), [(1, True), (0, False)])
+def test_host_memory_trim_calls_malloc_trim_0_and_says_if_it_released(
+    monkeypatch, released, expected
+):
+    calls = []
+    monkeypatch.setattr(host_memory, "_function", lambda: lambda pad: calls.append(pad) or released)
+    assert host_memory.trim() is expected
+    assert calls == [0]  # pad 0: give back every free page, keep no slack
+
+
+def test_host_memory_trim_is_false_where_the_c_library_has_none(monkeypatch):
+    monkeypatch.setattr(host_memory, "_function", lambda: None)
+    assert host_memory.trim() is False
 
 
 def test_release_memory_runs_on_the_cpu_arena(rgb_model):

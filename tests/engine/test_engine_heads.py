@@ -18,6 +18,7 @@ from service.engine import Engine, EngineConfig, ScoreOptions, preprocess
 from service.engine.image_input import resize_uint8
 from service.errors import InvalidOption, ModelLoadError
 from tests.support.dense_models import build_two_head_model, make_two_head_net, small_layers
+from tests.support.oracle import crop_by_crop, session_classifier
 
 WINDOW, STRIDE, CLASSES, BOXES = (12, 16), 4, 5, 4
 FP32_ATOL = 2e-5  # float32 against the float64 torch net (see test_engine_dense.py)
@@ -46,17 +47,11 @@ def whole_pass(model_path, image_chw, cells):
 
 
 def crop_pass(model_path, image_chw, cells, stride):
-    """Both heads on every window crop at ``stride`` (one cell each)."""
+    """Both heads of the crop-by-crop oracle at ``stride`` (one onnxruntime pass per crop)."""
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-    scores = np.empty((CLASSES, *cells), np.float32)
-    boxes = np.empty((BOXES, *cells), np.float32)
-    for i in range(cells[0]):
-        for j in range(cells[1]):
-            top, left = i * stride, j * stride
-            crop = image_chw[:, top : top + WINDOW[0], left : left + WINDOW[1]]
-            s, b = session.run(["scores", "boxes"], {"input": np.ascontiguousarray(crop)[None]})
-            scores[:, i, j], boxes[:, i, j] = s[0, :, 0, 0], b[0, :, 0, 0]
-    return scores, boxes
+    classify = session_classifier(session, ["scores", "boxes"])
+    maps = crop_by_crop(classify, image_chw[None], window=WINDOW, stride=(stride,) * 2, cells=cells)
+    return maps["scores"][0], maps["boxes"][0]
 
 
 def cells_of(height, width, stride):

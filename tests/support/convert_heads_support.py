@@ -1,4 +1,4 @@
-"""Multi-head classifiers for the converter tests (tests/test_convert_heads*.py).
+"""Multi-head classifiers for the converter tests (tests/convert/test_convert_heads*.py).
 
 A shared unpadded conv trunk (window 12, stride 2, trunk output 5 x 4 x 4) with class
 logits and 4 box values, in the forms users write: a dict or a tuple forward, heads that
@@ -13,9 +13,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from tests.support.oracle import crop_by_crop, onnx_classifier, torch_classifier
+
 WINDOW = (12, 12)
 STRIDE = (2, 2)
-FP64_TOLERANCE = 1e-9
 
 
 def _trunk() -> nn.Sequential:
@@ -90,35 +91,23 @@ def output_arrays(value, names) -> dict[str, np.ndarray]:
 
 
 def crop_outputs64(model: nn.Module, image64: np.ndarray, names, *, window=WINDOW, stride=STRIDE):
-    """{head: [F, n_h, n_w]}: the classifier (float64) on every window crop of image64."""
-    module = model.double().eval()
-    (height, width), (r_h, r_w), (s_h, s_w) = image64.shape[2:], window, stride
-    n_h, n_w = (height - r_h) // s_h + 1, (width - r_w) // s_w + 1
-    crops = [
-        image64[:, :, i * s_h : i * s_h + r_h, j * s_w : j * s_w + r_w]
-        for i in range(n_h)
-        for j in range(n_w)
-    ]
-    with torch.no_grad():
-        result = module(torch.from_numpy(np.ascontiguousarray(np.concatenate(crops))))
-    model.float()
-    return {
-        name: array.reshape(n_h, n_w, -1).transpose(2, 0, 1)
-        for name, array in output_arrays(result, names).items()
-    }
+    """{head: [F, n_h, n_w]}: the crop-by-crop oracle on a float64 copy of the classifier,
+    its outputs (tensor, tuple or dict) named by ``names``."""
+    classify = torch_classifier(model)
+
+    def named(crops: np.ndarray) -> dict[str, np.ndarray]:
+        value = classify(crops)
+        if isinstance(value, dict):
+            return {name: value[name] for name in names}
+        value = value if isinstance(value, tuple) else (value,)
+        return dict(zip(names, value, strict=True))
+
+    maps = crop_by_crop(named, image64, window=window, stride=stride, batched=True)
+    return {name: score_map[0] for name, score_map in maps.items()}
 
 
 def onnx_crop_outputs64(classifier, image64, *, window=WINDOW, stride=STRIDE):
-    """{output name: [F, n_h, n_w]}: an ONNX classifier (float64) on every window crop."""
-    from convert.runtime import Float64Runner
-
-    run = Float64Runner(classifier)
-    (height, width), (r_h, r_w), (s_h, s_w) = image64.shape[2:], window, stride
-    n_h, n_w = (height - r_h) // s_h + 1, (width - r_w) // s_w + 1
-    rows = {}
-    for i in range(n_h):
-        for j in range(n_w):
-            crop = image64[:, :, i * s_h : i * s_h + r_h, j * s_w : j * s_w + r_w]
-            for name, value in run.outputs(np.ascontiguousarray(crop)).items():
-                rows.setdefault(name, np.zeros((value.shape[1], n_h, n_w)))[:, i, j] = value[0]
-    return rows
+    """{output name: [F, n_h, n_w]}: the crop-by-crop oracle on an ONNX classifier (float64)."""
+    classify = onnx_classifier(classifier, every_output=True)
+    maps = crop_by_crop(classify, image64, window=window, stride=stride)
+    return {name: score_map[0] for name, score_map in maps.items()}

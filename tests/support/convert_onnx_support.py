@@ -1,8 +1,8 @@
-"""Shared helpers for the ONNX-path converter tests (tests/test_convert_onnx*.py, ...).
+"""Shared helpers for the ONNX-path converter tests (tests/convert/test_convert_onnx*.py, ...).
 
-References here are independent of the code under test: crops are cut and run in torch
-(float64), the dense ONNX graph is evaluated with onnx's reference evaluator on a float64
-copy (onnxruntime has no double Conv), and shift-and-stitch is written out in full.
+References here are independent of the code under test: the dense ONNX graph is evaluated
+with onnx's reference evaluator on a float64 copy (onnxruntime has no double Conv), and
+shift-and-stitch is written out in full. Crops are cut by tests/support/oracle.py.
 """
 
 from __future__ import annotations
@@ -52,37 +52,6 @@ def export_classifier(model: nn.Module, size, *, dynamo: bool, channels: int = 3
             logging.disable(logging.NOTSET)
 
 
-def torch_crops64(model: nn.Module, image64: np.ndarray, *, window, stride, cells):
-    """[classes, n_h, n_w]: the classifier on every window crop, in float64 torch."""
-    module = model.double().eval()
-    rows = []
-    with torch.no_grad():
-        for i in range(cells[0]):
-            row = []
-            for j in range(cells[1]):
-                top, left = i * stride[0], j * stride[1]
-                crop = image64[:, :, top : top + window[0], left : left + window[1]]
-                row.append(module(torch.from_numpy(np.ascontiguousarray(crop)))[0].numpy())
-            rows.append(np.stack(row, axis=-1))
-    model.float()
-    return np.stack(rows, axis=-2)
-
-
-def onnx_crops64(classifier: onnx.ModelProto, image64, *, window, stride, cells):
-    """[classes, n_h, n_w]: an NCHW ONNX classifier on every window crop, in float64."""
-    run = Float64Runner(classifier)
-    scores = np.zeros((0,))
-    for i in range(cells[0]):
-        for j in range(cells[1]):
-            top, left = i * stride[0], j * stride[1]
-            crop = image64[:, :, top : top + window[0], left : left + window[1]]
-            row = run(np.ascontiguousarray(crop))[0].reshape(-1)  # [C] or [C, 1, 1]
-            if scores.size == 0:
-                scores = np.zeros((row.shape[0], *cells))
-            scores[:, i, j] = row
-    return scores
-
-
 def dense64(model: onnx.ModelProto, image: np.ndarray) -> np.ndarray:
     """Run an ONNX model in float64 with onnx.reference."""
     return Float64Runner(model)(image)
@@ -95,28 +64,6 @@ def ort32(model: onnx.ModelProto, image: np.ndarray) -> np.ndarray:
         model.SerializeToString(), options, providers=["CPUExecutionProvider"]
     )
     return session.run(None, {session.get_inputs()[0].name: image.astype(np.float32)})[0]
-
-
-def assert_onnx_dense_equals_crops(
-    classifier: onnx.ModelProto, *, window, image_size, atol: float = 1e-9
-) -> np.ndarray:
-    """Rewrite ``classifier``'s head and check its fp64 map against fp64 crop-by-crop
-    evaluation of the classifier on a random image; returns the dense graph."""
-    from convert.from_onnx.head import rewrite_head
-    from convert.geometry import compute_geometry
-
-    dense = rewrite_head(classifier)
-    stride = compute_geometry(dense, window=window).stride
-    image = np.random.default_rng(0).standard_normal((1, 3, *image_size))
-    n = cells(image_size, window, stride)
-    expected = onnx_crops64(classifier, image, window=window, stride=stride, cells=n)
-    score_map = dense64(dense, image)[0, :, : n[0], : n[1]]
-    np.testing.assert_allclose(score_map, expected, rtol=0, atol=atol)
-    return dense
-
-
-def cells(size, window, stride):
-    return tuple((n - r) // s + 1 for n, r, s in zip(size, window, stride, strict=True))
 
 
 def shift_and_stitch(run, image: np.ndarray, *, window, stride, k) -> np.ndarray:

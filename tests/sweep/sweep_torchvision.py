@@ -39,7 +39,7 @@ from convert.from_torch.fc import convert_classifier  # noqa: E402
 from convert.heads import HeadOptions  # noqa: E402
 from convert.pipeline import finish_dense  # noqa: E402
 from service.errors import ConversionError  # noqa: E402
-from tests.support.convert_onnx_support import export_classifier, ort32  # noqa: E402
+from tests.support.convert_onnx_support import export_classifier, ort32
 
 FP64_TOLERANCE = 1e-9
 FP32_TOLERANCE = 1e-4
