@@ -24,6 +24,8 @@ from tests.batch.test_ray_score import _files, _rows
 from tests.support.paths import REPO_ROOT
 from tests.support.score_fixtures import MODEL, build_mixed_folder, build_repository
 
+pytestmark = pytest.mark.slow  # starts a Ray head
+
 pytest.importorskip("ray", reason="needs the 'distributed' extra (ray[data])")
 
 RAY = Path(sys.executable).with_name("ray")
@@ -121,7 +123,6 @@ def scored_locally(tmp_path, capsys):
     return model, expected
 
 
-@pytest.mark.slow
 def test_gcs_address_of_a_real_head_equals_local_mode(ray_head, scored_locally, tmp_path):
     model, expected = scored_locally
     done = _score(
@@ -142,7 +143,6 @@ def test_gcs_address_of_a_real_head_equals_local_mode(ray_head, scored_locally, 
     assert {r["relpath"]: r["status"] for r in _rows(tmp_path / "ray")} == expected
 
 
-@pytest.mark.slow
 def test_local_ray_run_is_quiet(scored_locally, tmp_path):
     """``--ray`` with no address starts a local cluster: Ray's default token auth, no noise."""
     model, _ = scored_locally

@@ -10,6 +10,8 @@ import pytest
 from service.cli import main
 from tests.support.score_fixtures import MODEL, build_mixed_folder, build_repository
 
+pytestmark = pytest.mark.slow  # starts Ray
+
 ray = pytest.importorskip("ray", reason="needs the 'distributed' extra (ray[data])")
 
 
@@ -28,7 +30,6 @@ def _rows(root: Path) -> list[dict]:
     return rows
 
 
-@pytest.mark.slow
 def test_ray_local_mode_equals_local_mode(tmp_path, monkeypatch, capsys):
     repo = build_repository(tmp_path / "repo")
     folder = tmp_path / "in"

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from service.batch.heatmap import LEGEND_LINE
@@ -34,6 +35,7 @@ def _complete_pairs(out: Path) -> dict[Path, tuple[int, bytes]]:
     return files
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_leaves_no_partial_file(tmp_path, capsys):
     repo = build_repository(tmp_path / "repo", slow=True)
     folder = tmp_path / "in"
@@ -97,6 +99,7 @@ def test_resume_after_sigkill_leaves_no_partial_file(tmp_path, capsys):
     assert os.path.exists(out / "densemap-run.json")
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_stops_without_blaming_images(tmp_path):
     repo = build_repository(tmp_path / "repo", slow=True)
     folder = tmp_path / "in"

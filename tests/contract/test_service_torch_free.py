@@ -4,6 +4,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from tests.support.paths import REPO_ROOT
 
 BLOCK = """
@@ -23,6 +25,7 @@ def run_blocked(body: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_every_service_module_imports_without_torch():
     done = run_blocked(
         """

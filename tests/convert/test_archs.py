@@ -162,6 +162,7 @@ def test_lenet5_dense_equals_crops_fp64():
     assert_dense_equals_crops(model, window=(32, 32), stride=(4, 4), image_size=(45, 43), in_channels=1)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_resnet18_converts_at_224_with_a_sliding_average_pool():
     torch.manual_seed(0)
     model = archs.build("resnet18", num_classes=10)
@@ -175,6 +176,7 @@ def test_resnet18_converts_at_224_with_a_sliding_average_pool():
     assert score_map.shape == (1, 10, 3, 2)  # n = (W - R) // S + 1 with S = 32
 
 
+@pytest.mark.slow
 def test_alexnet_converts_at_224():
     torch.manual_seed(0)
     result = convert_classifier(archs.build("alexnet", num_classes=10), input_size=224)

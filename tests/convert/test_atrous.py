@@ -108,6 +108,7 @@ def test_fc_net_atrous_equals_shift_and_stitch(k):
     _assert_atrous_equals_stitch(dense, model.window, (k, k), (40, 37))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k", [2, 4])
 def test_residual_gap_net_atrous_equals_shift_and_stitch(k):
     model, dense = _dense(ResidualGapNet, dynamo=True)

@@ -75,6 +75,7 @@ def test_atrous_keeps_the_overhang_cells(dense, k):
     np.testing.assert_allclose(got32[:, :, : n[0], : n[1]], expected, rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_convert_torch_writes_variants_of_an_overhanging_net(tmp_path):
     model = CeilOverhang(POOLS["max"]())
     result = convert.convert_torch(

@@ -62,6 +62,7 @@ def _convert(path_kind: str, model: nn.Module, window, out) -> convert.Conversio
     return convert.convert_onnx(classifier, out, strides=[2, 1], preprocessing="unit")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path_kind", ["torch", "onnx", "onnx-opset9"])
 def test_plain_onnxruntime_gives_exactly_n_cells_equal_to_crops(path_kind, tmp_path):
     model = ceil_net()
@@ -95,6 +96,7 @@ def test_plain_onnxruntime_gives_exactly_n_cells_equal_to_crops(path_kind, tmp_p
     assert extra_seen  # without the crop, the trunk returns partial cells on these sizes
 
 
+@pytest.mark.slow
 def test_an_image_between_r_minus_s_and_r_has_no_cell(tmp_path):
     result = convert.convert_torch(
         ceil_net(), tmp_path / "d.onnx", input_size=WINDOW, preprocessing="unit"
@@ -103,6 +105,7 @@ def test_an_image_between_r_minus_s_and_r_has_no_cell(tmp_path):
     assert _run(_session(result.path), image).shape == (1, 3, 0, 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path_kind", ["torch", "onnx"])
 def test_overhanging_ceil_pool_is_cropped_on_every_file(path_kind, tmp_path):
     """Caffe-style: the last pooling window of R overhangs (a padded net); every file,

@@ -116,7 +116,10 @@ def test_torch_path_equals_crops(name):
 
 # The legacy exporter writes x.chunk(2, dim=1) as Slices whose bounds are computed from
 # Shape: not followed yet (README, "Which architectures convert"), so ShuffleNet is dynamo's.
-ONNX_CASES = [(name, True) for name in sorted(NETS)] + [("convnext", False), ("squeezenet", False)]
+ONNX_CASES = [pytest.param(name, True, marks=pytest.mark.slow) for name in sorted(NETS)] + [
+    ("convnext", False),
+    ("squeezenet", False),
+]  # dynamo exports are slow: see BOTH_EXPORTERS
 
 
 @pytest.mark.parametrize(("name", "dynamo"), ONNX_CASES)
@@ -126,6 +129,7 @@ def test_onnx_path_equals_crops(name, dynamo):
     assert_onnx_dense_equals_crops(classifier, window=window, image_size=(19, 23))
 
 
+@pytest.mark.slow
 def test_the_shuffle_becomes_a_channel_gather():
     from convert.from_onnx.head import rewrite_head
 

@@ -59,6 +59,7 @@ def onnx_classifier(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_arch_with_weights_and_verify(lenet_weights, tmp_path):
     labels = tmp_path / "labels.txt"
     labels.write_text("\n".join(f"digit {i}" for i in range(10)) + "\n")
@@ -84,6 +85,7 @@ def test_arch_with_weights_and_verify(lenet_weights, tmp_path):
     assert "the classifier's own float32 rounding" in " ".join(done.stdout.split())
 
 
+@pytest.mark.slow
 def test_arch_without_weights_needs_random_weights_and_the_metadata_records_it(
     tmp_path, capsys, caplog
 ):
@@ -109,6 +111,7 @@ def test_arch_without_weights_needs_random_weights_and_the_metadata_records_it(
     assert "model 'x' was converted with random, untrained weights" in caplog.text
 
 
+@pytest.mark.slow
 def test_onnx_classifier(onnx_classifier, tmp_path):
     done = _densemap(
         onnx_classifier, "-o", "dense.onnx", "--preprocessing", "unit", "--verify", cwd=tmp_path
@@ -130,6 +133,7 @@ def test_truncated_onnx_file(onnx_classifier, tmp_path):
     assert not (tmp_path / "dense.onnx").exists()
 
 
+@pytest.mark.slow
 def test_pth_with_wrong_keys(lenet_weights, tmp_path):
     state = torch.load(lenet_weights)
     state["extra.weight"] = state.pop(next(iter(state)))

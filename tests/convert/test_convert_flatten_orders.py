@@ -17,7 +17,7 @@ from torch import nn
 from convert.from_onnx.head import rewrite_head
 from convert.from_torch.fc import fully_convolutional
 from service.errors import ConversionError
-from tests.support.convert_onnx_support import export_classifier
+from tests.support.convert_onnx_support import BOTH_EXPORTERS, export_classifier
 from tests.support.exactness import assert_dense_equals_crops, assert_onnx_dense_equals_crops
 
 EXACT = 1e-9
@@ -52,7 +52,7 @@ def _assert_onnx_dense_equals_crops(classifier):
     assert_onnx_dense_equals_crops(classifier, window=WINDOW, image_size=IMAGE, atol=EXACT)
 
 
-@pytest.mark.parametrize("dynamo", [False, True])
+@pytest.mark.parametrize("dynamo", BOTH_EXPORTERS)
 @pytest.mark.parametrize("order", sorted(ORDERS))
 def test_onnx_path_any_flatten_order_equals_crops(order, dynamo):
     _assert_onnx_dense_equals_crops(export_classifier(Flattened(order), WINDOW, dynamo=dynamo))

@@ -33,6 +33,7 @@ def _metadata(path) -> ModelMetadata:
     return ModelMetadata.from_props({p.key: p.value for p in model.metadata_props})
 
 
+@pytest.mark.slow
 def test_head_flags_end_to_end_with_verify(detector, tmp_path):
     (tmp_path / "boxes.txt").write_text("dy\ndx\ndh\ndw\n")
     (tmp_path / "classes.txt").write_text("face\nhand\nnone\n")

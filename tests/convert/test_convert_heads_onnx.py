@@ -23,10 +23,10 @@ from tests.support.convert_heads_support import (
     crop_outputs64,
     onnx_crop_outputs64,
 )
-from tests.support.convert_onnx_support import GraphBuilder
+from tests.support.convert_onnx_support import BOTH_EXPORTERS, GraphBuilder
 from tests.support.oracle import FP64_TOLERANCE
 
-EXPORTERS = pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
+EXPORTERS = pytest.mark.parametrize("dynamo", BOTH_EXPORTERS)
 IMAGE = (1, 3, 19, 17)
 
 

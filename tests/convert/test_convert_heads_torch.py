@@ -80,6 +80,7 @@ def test_conversion_reports_each_output():
     assert tuple_result.head_names(("cls", "box")) == ("cls", "box")
 
 
+@pytest.mark.slow
 def test_written_model_names_every_head_and_its_variant_is_exact(tmp_path):
     # no BatchNorm here: the dynamo exporter folds it into the weights in float32
     model = TwoHeads(form="tuple")
@@ -110,6 +111,7 @@ def test_written_model_names_every_head_and_its_variant_is_exact(tmp_path):
     _assert_maps_equal_crops(Float64Runner(variant).outputs(image), fine)
 
 
+@pytest.mark.slow
 def test_kinds_are_inferred_and_the_first_classifying_head_is_primary(tmp_path):
     model = TwoHeads(sigmoid=True, softmax=True)
     options = HeadOptions(kinds={"boxes": "regression"})
@@ -134,6 +136,7 @@ def test_kinds_are_inferred_and_the_first_classifying_head_is_primary(tmp_path):
     assert result.metadata.output_kind == "sigmoid"
 
 
+@pytest.mark.slow
 def test_verify_compares_each_head_with_its_own_output(tmp_path):
     model = TwoHeads(form="dict", shared=True)
     options = HeadOptions(kinds={"boxes": "regression"})
@@ -208,6 +211,7 @@ def test_what_has_no_dense_form_is_refused_by_name(model, message):
         fully_convolutional(model(), input_size=WINDOW)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("options", "message"),
     [
@@ -278,6 +282,7 @@ class PaddedTwoHeads(TwoHeads):
         self.boxes = nn.Linear(5 * 5 * 5, 4)
 
 
+@pytest.mark.slow
 def test_verify_checks_each_head_of_a_padded_net_on_its_trunk_windows(tmp_path):
     model = PaddedTwoHeads()
     options = HeadOptions(names=("scores", "boxes"), kinds={"boxes": "regression"})

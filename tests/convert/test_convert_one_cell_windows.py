@@ -46,6 +46,7 @@ def model():
     return OneCellBlock().eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", ["torch", "onnx"])
 def test_one_cell_windows_make_the_map_equal_crops(model, path, tmp_path):
     if path == "torch":

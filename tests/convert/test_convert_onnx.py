@@ -18,6 +18,7 @@ from torch.nn import functional as F
 from convert.from_onnx.head import rewrite_head
 from convert.geometry import compute_geometry
 from tests.support.convert_onnx_support import (
+    BOTH_EXPORTERS,
     GraphBuilder,
     dense64,
     export_classifier,
@@ -135,7 +136,7 @@ def _assert_dense_equals_crops(model, dense, sizes, classifier=None):
     return geometry
 
 
-@pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
+@pytest.mark.parametrize("dynamo", BOTH_EXPORTERS)
 @pytest.mark.parametrize(
     "cls", [Plain, StridedOverlap, HwcFlatten, GapHead, MeanSoftmaxHead, MaxHead]
 )
@@ -179,6 +180,7 @@ def test_strided_trunk_returns_extra_cells_that_the_crop_rule_drops():
     assert raw.shape[2:] == (n[0] + 1, n[1] + 1)
 
 
+@pytest.mark.slow
 def test_softmax_head_runs_over_classes():
     model = _seeded(MeanSoftmaxHead)
     dense = rewrite_head(export_classifier(model, model.window, dynamo=True))
@@ -233,6 +235,7 @@ def test_flatten_order_contradicting_the_graph_is_refused():
     rewrite_head(classifier, flatten_order="hwc")  # agrees with the graph
 
 
+@pytest.mark.slow
 def test_resnet18_onnx_path_matches_the_converted_torch_module():
     """Issue 7: a torchvision-layout ResNet-18 (padded, BatchNorm folded by the legacy
     exporter, GAP head) through the ONNX path equals the converted torch module in fp32;

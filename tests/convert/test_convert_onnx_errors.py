@@ -12,7 +12,7 @@ from torch.nn import functional as F
 
 from convert.from_onnx.head import rewrite_head
 from service.errors import ConversionError
-from tests.support.convert_onnx_support import GraphBuilder, export_classifier
+from tests.support.convert_onnx_support import BOTH_EXPORTERS, GraphBuilder, export_classifier
 
 
 class SqueezeExcite(nn.Module):
@@ -65,7 +65,7 @@ class GapNet(nn.Module):
         return self.fc(self.conv(x).mean(dim=(2, 3)))
 
 
-@pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
+@pytest.mark.parametrize("dynamo", BOTH_EXPORTERS)
 def test_squeeze_excitation_in_the_trunk_names_the_global_node(dynamo):
     classifier = export_classifier(SqueezeExcite(), 8, dynamo=dynamo)
     with pytest.raises(ConversionError, match="ReduceMean node .*squeeze-and-excitation"):

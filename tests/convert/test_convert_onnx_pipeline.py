@@ -111,6 +111,7 @@ def test_verify_fails_on_a_wrong_dense_model(classifier_file, tmp_path):
     assert "FAIL" in report.table()
 
 
+@pytest.mark.slow
 def test_padded_ceil_mode_net_matches_the_converted_torch_module(tmp_path):
     model = _padded_ceil()
     result = convert.convert_torch(

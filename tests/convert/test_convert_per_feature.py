@@ -14,7 +14,7 @@ import convert
 from convert.from_torch.fc import convert_classifier
 from convert.geometry import compute_geometry
 from service.errors import ConversionError
-from tests.support.convert_onnx_support import export_classifier, ort32
+from tests.support.convert_onnx_support import BOTH_EXPORTERS, export_classifier, ort32
 from tests.support.exactness import assert_dense_equals_crops, assert_onnx_dense_equals_crops
 from tests.support.oracle import cell_counts, crop_by_crop, onnx_classifier
 
@@ -75,7 +75,7 @@ def test_torch_path_per_feature_layers_equal_crops(final):
     assert convert_classifier(model, input_size=WINDOW).final_activation == final
 
 
-@pytest.mark.parametrize("dynamo", [False, True])
+@pytest.mark.parametrize("dynamo", BOTH_EXPORTERS)
 @pytest.mark.parametrize("final", [None, "sigmoid", "log_softmax"])
 def test_onnx_path_per_feature_layers_equal_crops(final, dynamo):
     classifier = export_classifier(PerFeatureHead(final), WINDOW, dynamo=dynamo)
@@ -92,6 +92,7 @@ def test_onnx_path_per_feature_layers_equal_crops(final, dynamo):
     np.testing.assert_allclose(fp32, expected, rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("final,kind", [(None, "logits"), ("sigmoid", "sigmoid"), ("log_softmax", "logits")])  # fmt: skip
 def test_final_activation_is_recorded_as_the_contract_kind(final, kind, tmp_path):
     result = convert.convert_torch(
@@ -100,6 +101,7 @@ def test_final_activation_is_recorded_as_the_contract_kind(final, kind, tmp_path
     assert result.metadata.output_kind == kind and result.final_activation == final
 
 
+@pytest.mark.slow
 def test_sigmoid_model_scores_are_served_as_they_are(tmp_path):
     """Per-class sigmoids are probabilities already: no softmax over them, no logits."""
     from service.engine import Engine, EngineConfig, ScoreOptions, preprocess

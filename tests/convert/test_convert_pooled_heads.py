@@ -5,6 +5,7 @@ dense == crop-by-crop classifier in float64 (1e-9)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -58,6 +59,7 @@ def test_squeezenet_conv_head_with_global_pool_converts():
     assert_dense_equals_crops(SqueezeNetHead(), window=WINDOW, stride=(2, 2), image_size=IMAGE)
 
 
+@pytest.mark.slow
 def test_onnx_path_inception_head_order_equals_crops():
     for dynamo in (False, True):
         classifier = export_classifier(InceptionHead(), WINDOW, dynamo=dynamo)

@@ -44,6 +44,7 @@ def dense_export():
     return model, dense, export_onnx(dense, input_size=(18, 22), in_channels=3)
 
 
+@pytest.mark.slow
 def test_dense_export_has_named_dynamic_axes(dense_export):
     _, _, proto = dense_export
     (graph_input,), (graph_output,) = proto.graph.input, proto.graph.output
@@ -55,6 +56,7 @@ def test_dense_export_has_named_dynamic_axes(dense_export):
     assert not needs_external_data(proto)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("height,width", [(18, 22), (31, 40), (45, 27)])
 def test_dense_onnx_equals_torch_module_and_crops(dense_export, height, width):
     model, dense, proto = dense_export
@@ -71,6 +73,7 @@ def test_dense_onnx_equals_torch_module_and_crops(dense_export, height, width):
     assert np.allclose(score_map.sum(axis=1), 1.0, atol=1e-5)  # softmax over classes
 
 
+@pytest.mark.slow
 def test_global_pool_head_exports_as_average_pool():
     torch.manual_seed(0)
     model = nn.Sequential(
@@ -90,7 +93,9 @@ def test_global_pool_head_exports_as_average_pool():
     assert np.abs(score_map[:, :, : crops.shape[2], : crops.shape[3]] - crops).max() <= FP32_TOLERANCE  # fmt: skip
 
 
-@pytest.mark.parametrize("dynamo,flatten_op", [(False, "Flatten"), (True, "Reshape")])
+@pytest.mark.parametrize(
+    "dynamo,flatten_op", [(False, "Flatten"), pytest.param(True, "Reshape", marks=pytest.mark.slow)]
+)
 def test_classifier_export_with_both_exporters(dynamo, flatten_op):
     model = classifier().train()  # export must not depend on, or change, the caller's mode
     proto = export_classifier_onnx(model, input_size=(18, 22), in_channels=3, dynamo=dynamo)
@@ -116,6 +121,7 @@ def test_failed_export_is_a_conversion_error():
         export_classifier_onnx(classifier(), input_size=4, in_channels=3, dynamo=False)
 
 
+@pytest.mark.slow
 def test_needs_external_data_counts_weight_bytes(dense_export, monkeypatch):
     _, _, proto = dense_export
     weight_bytes = sum(len(t.raw_data) for t in proto.graph.initializer)

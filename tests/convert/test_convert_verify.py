@@ -56,6 +56,7 @@ def _perturb(path, out, name: str, relative: float = 1e-3):
     raise AssertionError(f"no initializer {name!r} in {path}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scale", [1.0, 1e-9])
 def test_one_weight_off_by_a_relative_1e3_fails_at_any_logit_scale(scale, tmp_path):
     model = _lenet(scale)
@@ -119,6 +120,7 @@ def convmixer():
     return convmixer_like()
 
 
+@pytest.mark.slow
 def test_a_correct_convmixer_like_conversion_passes_on_both_paths(convmixer, tmp_path):
     old_limit = _old_limit(convmixer, 3, (32, 32))
     result = convert.convert_torch(
@@ -142,6 +144,7 @@ def test_a_correct_convmixer_like_conversion_passes_on_both_paths(convmixer, tmp
     assert report.passed, report.table()
 
 
+@pytest.mark.slow
 def test_a_wrong_convmixer_like_conversion_fails(convmixer, tmp_path):
     """The limit is loose where the classifier itself rounds a lot, not blind: the head's
     largest weight off by 5% fails."""
@@ -154,6 +157,7 @@ def test_a_wrong_convmixer_like_conversion_fails(convmixer, tmp_path):
     assert not report.passed, report.table()
 
 
+@pytest.mark.slow
 def test_variants_are_verified_at_their_own_stride(tmp_path):
     model = _lenet()
     result = convert.convert_torch(
@@ -177,6 +181,7 @@ def test_variants_are_verified_at_their_own_stride(tmp_path):
     assert "  d.s2.onnx (a-trous variant):" in report.table().splitlines()
 
 
+@pytest.mark.slow
 def test_a_padded_variant_is_checked_against_the_native_map(tmp_path):
     model = CeilOverhang(POOLS["max"]()).eval()
     result = convert.convert_torch(
@@ -202,6 +207,7 @@ HEAD_NOTE = (
 )
 
 
+@pytest.mark.slow
 def test_the_footnote_names_only_the_checks_that_ran(tmp_path):
     model = CeilOverhang(POOLS["max"]()).eval()
     classifier = tmp_path / "classifier.onnx"
@@ -226,6 +232,7 @@ def test_the_footnote_names_only_the_checks_that_ran(tmp_path):
     ), table
 
 
+@pytest.mark.slow
 def test_the_limit_line_says_where_the_numbers_come_from(tmp_path, monkeypatch):
     model = _lenet()
     result = convert.convert_torch(model, tmp_path / "d.onnx", input_size=32, preprocessing="unit")
@@ -251,6 +258,7 @@ def test_the_limit_line_says_where_the_numbers_come_from(tmp_path, monkeypatch):
     ) in " ".join(report.table().split())
 
 
+@pytest.mark.slow
 def test_progress_goes_to_stderr_only_when_asked_or_on_a_terminal(tmp_path, capsys, monkeypatch):
     model = _lenet()
     result = convert.convert_torch(

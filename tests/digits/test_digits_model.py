@@ -61,6 +61,7 @@ def test_shipped_files_are_small_and_labelled():
     assert 0.5 < prep.mean[0] < 1.0 and 0.05 < prep.std[0] < 0.5  # light paper, dark ink
 
 
+@pytest.mark.slow
 def test_shipped_onnx_passes_verify_against_the_trained_classifier(classifier):
     from convert import verify
 
@@ -95,12 +96,14 @@ def _held_out():
     return split.test_glyphs, split.test_labels
 
 
+@pytest.mark.slow
 def test_held_out_accuracy_meets_target(report):
     assert report.heldout == 450
     assert report.heldout_accuracy >= digits_eval.THRESHOLDS["heldout_accuracy"]
     assert report.background_correct / report.background_windows >= 0.95
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("index", [0, 1, 2], ids=["stride4", "stride2", "stride1"])
 def test_page_reading_meets_targets(report, index):
     reading = report.readings[index]
@@ -116,6 +119,7 @@ def test_page_reading_meets_targets(report, index):
     assert not digits_eval.failures(report)
 
 
+@pytest.mark.slow
 def test_model_card_states_the_recomputed_numbers(report):
     card = (FOLDER / CARD_FILE).read_text(encoding="utf-8")
     assert heldout_line(report) in card
@@ -123,6 +127,7 @@ def test_model_card_states_the_recomputed_numbers(report):
         assert row in card
 
 
+@pytest.mark.slow
 def test_boxes_at_stride_2_meet_the_precision_and_recall_targets(report):
     """Engine detections (window boxes moved by densemap.json's offsets, NMS) against the
     generator's digit boxes at IoU >= 0.5 with the right label (issue 10)."""

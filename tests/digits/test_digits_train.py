@@ -13,6 +13,7 @@ from models.digits.data import LABELS, STRIDE, WINDOW  # noqa: E402
 from service.engine import Engine, EngineConfig, ScoreOptions  # noqa: E402
 
 
+@pytest.mark.slow
 def test_train_cli_writes_a_servable_exact_model(tmp_path, capsys):
     from convert import verify
 
@@ -48,6 +49,7 @@ def test_preprocessing_matches_the_engine():
         assert np.array_equal(ours[k], preprocess(images[k][:, :, None], prep))
 
 
+@pytest.mark.slow
 def test_training_is_seeded():
     from models.digits.data import load_split
 

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from tests.support.paths import REPO_ROOT
@@ -12,6 +13,7 @@ from tests.support.paths import REPO_ROOT
 PAGES = sorted((REPO_ROOT / "models" / "digits" / "pages").glob("*.png"))
 
 
+@pytest.mark.slow
 def test_demo_serves_scores_and_draws_every_page(tmp_path):
     stale = tmp_path / "stride4" / f"{PAGES[0].name}.heatmap.png"  # from an older run
     stale.parent.mkdir()

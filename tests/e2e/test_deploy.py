@@ -111,6 +111,7 @@ def test_every_kustomization_renders_and_validates(overlay, tmp_path):
         assert "DENSEMAP_AUTH_TOKEN" not in env
 
 
+@pytest.mark.slow
 def test_overlays_do_what_they_say():
     tls = deployment_of(render(K8S / "overlays" / "tls"))
     (container,) = tls["spec"]["template"]["spec"]["containers"]
@@ -223,6 +224,7 @@ def test_probes_use_the_health_services_the_server_registers():
     assert "nvidia.com/gpu: 1" in text.split("limits:")[1]
 
 
+@pytest.mark.slow
 def test_every_densemap_variable_in_deploy_files_is_a_serve_setting():
     import re
 

@@ -30,6 +30,8 @@ except ModuleNotFoundError:  # Python 3.10
 from service import __version__
 from tests.support.install_support import link_distributions, required_distributions
 
+pytestmark = pytest.mark.slow  # installs into a fresh venv
+
 DOCKERFILE = REPO_ROOT / "deploy" / "Dockerfile"
 PYPROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
 

@@ -18,6 +18,8 @@ from service.engine.image_input import preprocess
 from service.server.app import create_server
 from service.server.config import ServerConfig
 
+pytestmark = pytest.mark.slow  # a ResNet converted through the CLI, then served
+
 WINDOW = 64  # a small training size keeps the test fast; the geometry is the same as at 224
 # fp32 onnxruntime vs fp32 torch through ~20 convs with BatchNorm folded by the exporter:
 # differences are rounding only, relative to the size of the logits.

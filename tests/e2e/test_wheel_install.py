@@ -31,9 +31,13 @@ from tests.support.paths import REPO_ROOT
 PAGE = REPO_ROOT / "models" / "digits" / "pages" / "page_1.png"
 SOURCES = ("pyproject.toml", "setup.py", "README.md", "service", "convert", "models")
 
-pytestmark = pytest.mark.skipif(
-    not (REPO_ROOT / "models" / "digits" / "model.onnx").is_file(), reason="digits model not built"
-)
+pytestmark = [
+    pytest.mark.slow,  # builds a wheel and a fresh venv
+    pytest.mark.skipif(
+        not (REPO_ROOT / "models" / "digits" / "model.onnx").is_file(),
+        reason="digits model not built",
+    ),
+]
 
 
 def run(*argv, **kwargs) -> subprocess.CompletedProcess:

@@ -113,6 +113,7 @@ def test_session_source_unfolds_only_when_asked(vgg_model):
         assert ops.count("Conv") == 5 and "MatMul" in ops  # the trunk's convs stay
 
 
+@pytest.mark.slow
 def test_engine_with_unfolded_head_gives_the_same_maps(vgg_model, monkeypatch):
     plain = Engine(vgg_model, config=EngineConfig(warmup=False))
     unfolded = Engine(

@@ -59,12 +59,14 @@ def assert_same_scores(ort_engine, torch_engine, image, strides):
         assert np.allclose(want.image_scores, got.image_scores, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_digits_model_native_atrous_and_stitched():
     ort_engine, torch_engine = engines(DIGITS)
     image = np.random.default_rng(0).integers(0, 256, (120, 150), dtype=np.uint8)
     assert_same_scores(ort_engine, torch_engine, image, (None, 2, 1))
 
 
+@pytest.mark.slow
 def test_digits_model_tiled():
     ort_engine, torch_engine = engines(DIGITS, memory_budget=2_000_000)
     image = np.random.default_rng(1).integers(0, 256, (300, 260), dtype=np.uint8)
@@ -91,6 +93,7 @@ def converted_vgg(tmp_path_factory):
     ).path
 
 
+@pytest.mark.slow
 def test_converted_mini_vgg_every_stride_and_tiles(converted_vgg):
     image = np.random.default_rng(2).integers(0, 256, (97, 130, 3), dtype=np.uint8)
     ort_engine, torch_engine = engines(converted_vgg)
@@ -111,6 +114,7 @@ def test_converted_mini_vgg_every_stride_and_tiles(converted_vgg):
     assert_same_maps(whole, tiled)
 
 
+@pytest.mark.slow
 def test_dense_test_model_with_atrous_variants_and_unfolded_head(tmp_path):
     path = build_dense_model(
         tmp_path, layers=mini_vgg_layers(padded=True), window=(64, 64), channels=3,
@@ -127,6 +131,7 @@ def test_dense_test_model_with_atrous_variants_and_unfolded_head(tmp_path):
     assert_same_scores(ort_engine, unfolded, image, (None, 4, 2, 1))
 
 
+@pytest.mark.slow
 def test_channels_last_and_fp16(converted_vgg):
     config = EngineConfig(warmup=False, runtime="torch")
     plain, precisions = open_torch_net(converted_vgg, config)

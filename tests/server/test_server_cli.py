@@ -97,6 +97,7 @@ def in_flight(metrics_port: int) -> float:
     return 0.0
 
 
+@pytest.mark.slow
 def test_sighup_reloads_and_sigterm_drains_an_in_flight_request(repo, tmp_path):
     root = copy_repository(repo, tmp_path / "models", names=(TINY,))
     metrics_port = free_port()
@@ -135,6 +136,7 @@ def test_sighup_reloads_and_sigterm_drains_an_in_flight_request(repo, tmp_path):
         serve.stop()
 
 
+@pytest.mark.slow
 def test_a_broken_model_folder_is_logged_once(repo, tmp_path):
     root = copy_repository(repo, tmp_path / "models", names=(TINY,))
     (root / "broken").mkdir()
@@ -153,6 +155,7 @@ def test_a_broken_model_folder_is_logged_once(repo, tmp_path):
         serve.stop()
 
 
+@pytest.mark.slow
 def test_sigint_with_no_traffic_exits_zero_quickly(repo):
     serve = ServeProcess(
         "--models", str(repo), "--host", HOST, "--port", "0", "--metrics-port", "0"
@@ -167,6 +170,7 @@ def test_sigint_with_no_traffic_exits_zero_quickly(repo):
         serve.stop()
 
 
+@pytest.mark.slow
 def test_missing_models_dir_fails_with_a_clear_message(tmp_path):
     serve = subprocess.run(
         [sys.executable, "-m", "service.cli", "serve", "--models", str(tmp_path / "none")]
@@ -314,6 +318,7 @@ def tiff_with_broken_tables() -> bytes:
     return bytes(data)
 
 
+@pytest.mark.slow
 def test_log_json_writes_only_json_lines_with_warnings_rate_limited(repo):
     serve = ServeProcess("--models", str(repo), "--host", HOST, "--port", "0",
                          "--metrics-port", "0", "--grace-seconds", "1")  # fmt: skip

@@ -40,6 +40,7 @@ def _health(target: str, service: str) -> int:
         return health_pb2_grpc.HealthStub(chan).Check(request, timeout=10).status
 
 
+@pytest.mark.slow
 def test_cuda_that_does_not_load_keeps_the_server_not_ready(repo, monkeypatch, caplog):
     # the process-wide outcome of the CUDA attempt, as a node with an old driver leaves it
     monkeypatch.setattr(session, "_cuda_state", {"usable": False, "reason": "driver too old"})
@@ -66,6 +67,7 @@ def test_cuda_that_does_not_load_keeps_the_server_not_ready(repo, monkeypatch, c
     assert any("needed: " in m and "cuDNN 9" in m for m in errors), errors
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CUDA_WORKS, reason="CUDA works on this machine: nothing to refuse")
 def test_densemap_serve_device_cuda_without_cuda_logs_why_and_is_not_ready(repo):
     env = {k: v for k, v in os.environ.items() if not k.startswith("DENSEMAP_")}

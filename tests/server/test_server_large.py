@@ -23,6 +23,7 @@ def client(server):
         yield densemap_client
 
 
+@pytest.mark.slow
 def test_12_mb_uint8_image_over_both_apis(server, client, engines):
     image = rgb_image(2000, 2000, seed=41)
     assert image.nbytes == 12_000_000
@@ -36,6 +37,7 @@ def test_12_mb_uint8_image_over_both_apis(server, client, engines):
     np.testing.assert_array_equal(result.as_numpy("scores"), expected.maps[0].scores)
 
 
+@pytest.mark.slow
 def test_100_mb_float_image(client, engines):
     rng = np.random.default_rng(42)
     image_chw = rng.standard_normal((3, 2900, 2900), dtype=np.float32)

@@ -81,6 +81,7 @@ def stop_within(process: subprocess.Popen, seconds: float) -> float:
     return time.monotonic() - start
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("log_json", [True, False], ids=["log-json", "plain"])
 def test_sigterm_stops_the_server_when_its_log_reader_is_gone(repo, log_json):
     port, metrics = free_port(), free_port()
@@ -103,6 +104,7 @@ def test_sigterm_stops_the_server_when_its_log_reader_is_gone(repo, log_json):
             process.wait(10)
 
 
+@pytest.mark.slow
 def test_a_stalled_log_reader_never_blocks_scoring_or_sigterm(repo):
     port = free_port()
     read_fd, write_fd = os.pipe()

@@ -69,6 +69,7 @@ def test_reservations_add_up_and_refusals_say_why():
     assert budget.reserved == 0
 
 
+@pytest.mark.slow
 def test_unread_responses_stay_counted_and_refuse_further_calls_until_closed(repo):
     srv, port = start_server(repo, memory_limit=(memory_budget.resident_bytes() + (1 << 30)))
     unread: list[UnreadCall] = []
@@ -101,6 +102,7 @@ def test_unread_responses_stay_counted_and_refuse_further_calls_until_closed(rep
         srv.stop()
 
 
+@pytest.mark.slow
 def test_a_client_that_reads_nothing_is_dropped_after_the_write_timeout(repo):
     srv, port = start_server(repo, write_timeout_seconds=1.0)
     frozen = None

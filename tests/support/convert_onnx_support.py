@@ -14,6 +14,7 @@ import warnings
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
@@ -22,6 +23,14 @@ from convert.export import export_classifier_onnx
 from convert.runtime import Float64Runner
 
 ORT_IR_VERSION = 10  # onnxruntime 1.31 reads IR <= 10
+
+# ``dynamo`` values for tests that run both torch exporters. The dynamo exporter takes 1-3 s
+# per tiny classifier (the legacy one about 0.1 s): its cases are marked slow, so
+# `make test-fast` checks legacy exports and `make test` (CI) both.
+BOTH_EXPORTERS = [
+    pytest.param(False, id="legacy"),
+    pytest.param(True, id="dynamo", marks=pytest.mark.slow),
+]
 
 
 def export_classifier(model: nn.Module, size, *, dynamo: bool, channels: int = 3, opset=None):
