@@ -10,7 +10,7 @@ STAMP := $(VENV)/.densemap-installed
 RUNTIME ?= $(if $(filter Linux-x86_64,$(shell uname -s)-$(shell uname -m)),gpu,cpu)
 EXTRAS ?= $(RUNTIME),convert,train,distributed,dev
 
-.PHONY: setup test lint protos demo bench soak sweep image clean
+.PHONY: setup test test-fast lint protos demo bench soak sweep image clean
 
 # The core install and its runtime (engine, server, CLI: no torch, no Ray): what `make demo`
 # needs.
@@ -40,6 +40,11 @@ test: $(STAMP) lint
 	$(BIN)/python -m service.protogen --check
 	$(BIN)/python -m pytest -q
 
+# The edit-run loop: every test not marked slow (slow: over ~3 s on 2 cores), under a minute.
+# tests/conftest.py says which folder holds what; `make test` still runs everything.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
 demo: $(CORE_STAMP)
 	$(BIN)/python -m models.digits.demo
 
@@ -59,7 +64,7 @@ sweep: $(STAMP)
 	$(BIN)/python -m pytest -q tests/sweep -o python_files='sweep_*.py'
 
 # The server image and the Ray image of deploy/ (needs docker, podman or buildah; CI has
-# none: tests/test_image_build.py runs this where one exists). Push them where your
+# none: tests/e2e/test_image_build.py runs this where one exists). Push them where your
 # cluster pulls from, and name that registry in deploy/k8s/base/kustomization.yaml.
 IMAGE ?= densemap:0.1.0
 RAY_IMAGE ?= densemap-ray:0.1.0

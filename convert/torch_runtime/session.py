@@ -12,7 +12,7 @@ The graph is evaluated op by op (:mod:`convert.torch_runtime.ops`, onnxruntime's
 semantics; onnx2torch, the converter library, pulls torchvision, whose builds must match
 torch's exactly). A model with an op outside that set is refused at load, naming the op.
 fp32 is exact as onnxruntime's CPU fp32 is (maps equal to float32 rounding,
-tests/test_runtime_torch.py); TF32 stays off unless a request asks for ``tf32``.
+tests/engine/test_runtime_torch.py); TF32 stays off unless a request asks for ``tf32``.
 
 torch is imported by :func:`open_torch_net`, on demand (:func:`convert.torch_runtime.ops.load`).
 """

@@ -158,7 +158,7 @@ def render(
         "```",
         "python -m models.digits.train      # retrain, convert, pages, evaluate, this card",
         "python -m models.digits.evaluate   # recompute the numbers above from the ONNX",
-        "pytest tests/test_digits*.py       # the same numbers against the targets",
+        "pytest tests/digits/               # the same numbers against the targets",
         "```",
         "Retraining needs the `train` extra (torch, scikit-learn); serving needs neither.",
         "",

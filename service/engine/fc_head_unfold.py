@@ -11,7 +11,7 @@ out of memory (docs/engine.md, "GPU check"). The same convolution written as
 
 is a plain GEMM (cuBLAS, no cuDNN workspace). It computes the same sums over the same
 products; only the order of the float32 additions differs (as between two cuDNN
-algorithms), so maps agree with the conv's to float32 rounding (tests/test_head_unfold.py:
+algorithms), so maps agree with the conv's to float32 rounding (tests/engine/test_head_unfold.py:
 identical in float64, within 1e-5 of the logit range in float32). The unfolded input costs
 kh*kw times the conv's input in memory: the head conv reads the trunk's output at the
 net's full stride (VGG-16 at 2048²: 64x64x512, 337 MB unfolded), not an image-sized map.

@@ -3,7 +3,7 @@
 Models are built once into $DENSEMAP_BENCH_DIR (default /tmp/densemap-bench) with random
 weights: a mini-VGG (64x64 window, stride 8, unpadded) and VGG-16 (224 window, stride 32,
 same-padded, 4096-4096-1000 head, ~553 MB of weights). :func:`dense_model` builds them
-dense in torch (tests/dense_models.py); :func:`converted_model` writes the classifier with
+dense in torch (tests/support/dense_models.py); :func:`converted_model` writes the classifier with
 ``densemap convert`` (in-graph cell crop, optional int8 copies), as users get them.
 """
 
@@ -15,23 +15,23 @@ import time
 import warnings
 from pathlib import Path
 
-TESTS = Path(__file__).resolve().parent.parent
-if str(TESTS) not in sys.path:
-    sys.path.insert(0, str(TESTS))
+ROOT = Path(__file__).resolve().parents[2]  # the repository: helpers import as tests.support.*
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 import torch  # noqa: E402
-from dense_models import (  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch import nn  # noqa: E402
+
+from service.engine.memory import conv_macs  # noqa: E402
+from tests.support.dense_models import (  # noqa: E402
     build_dense_model,
     make_dense_net,
     mini_vgg_layers,
     vgg16_layers,
 )
-from PIL import Image  # noqa: E402
-from torch import nn  # noqa: E402
-
-from service.engine.memory import conv_macs  # noqa: E402
 
 BENCH_DIR = Path(os.environ.get("DENSEMAP_BENCH_DIR", "/tmp/densemap-bench"))
 THREADS = int(os.environ.get("DENSEMAP_BENCH_THREADS", "2"))

@@ -35,13 +35,12 @@ from bench_engine_common import BENCH_DIR, machine, print_table
 from bench_soak import log, peak_rss, start
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from hostile_clients import StalledCalls, UnreadCall  # noqa: E402
-from server_harness import TINY, build_repository  # noqa: E402
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests.support.*
 from service._proto.densemap.v1 import densemap_pb2 as pb  # noqa: E402
 from service._proto.densemap.v1 import densemap_pb2_grpc as pb_grpc  # noqa: E402
 from service.score_cli import parse_bytes  # noqa: E402
+from tests.support.hostile_clients import StalledCalls, UnreadCall  # noqa: E402
+from tests.support.server_harness import TINY, build_repository  # noqa: E402
 
 HOST = "127.0.0.1"
 LIMIT = os.environ.get("DENSEMAP_HOSTILE_MEMORY_LIMIT", "4G")

@@ -37,16 +37,16 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tests" / "bench")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "bench")]
 os.environ.setdefault("DENSEMAP_BENCH_DIR", str(Path(tempfile.gettempdir()) / "densemap-bench"))
 
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 from bench_engine_common import VGG16, dense_model  # noqa: E402
-from dense_models import make_dense_net  # noqa: E402
 
 from service.engine import Engine, EngineConfig, ScoreOptions  # noqa: E402
+from tests.support.dense_models import make_dense_net  # noqa: E402
 
 CPU = os.environ.get("GPU_CHECK_CPU") == "1"
 CHILD = "--step" in sys.argv

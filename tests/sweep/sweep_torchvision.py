@@ -28,9 +28,8 @@ import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: shared helpers
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: tests.support.*
 
-from convert_onnx_support import export_classifier, ort32  # noqa: E402
 from head_variants import HEAD_VARIANTS, MULTI_HEAD  # noqa: E402
 from torchvision_zoo import CONVERTED, REFUSAL_WORDS, REFUSED  # noqa: E402
 
@@ -40,6 +39,7 @@ from convert.from_torch.fc import convert_classifier  # noqa: E402
 from convert.heads import HeadOptions  # noqa: E402
 from convert.pipeline import finish_dense  # noqa: E402
 from service.errors import ConversionError  # noqa: E402
+from tests.support.convert_onnx_support import export_classifier, ort32
 
 FP64_TOLERANCE = 1e-9
 FP32_TOLERANCE = 1e-4

@@ -1,0 +1,1 @@
+"""Helpers the tests import (``from tests.support.<module> import ...``); no tests here."""
