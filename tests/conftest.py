@@ -3,7 +3,8 @@
 The suite is one folder per layer, each with a conftest.py for the fixtures its own files
 share (a fixture lives in the conftest of the lowest folder all its users sit in):
 
-- contract/  the metadata contract, option text, the torch-free service, docs and --help
+- contract/  the metadata contract, option text and checks, public names, the torch-free
+             service and its runtime extra, docs and --help
 - convert/   classifier -> dense ONNX: exactness on both paths, refusals, verify, the CLI
 - engine/    the engine: maps, strides, tiles, heads, inputs, precisions, memory
 - server/    ``densemap serve``: densemap.v1 and KServe, errors, hostile clients, lifecycle

@@ -16,6 +16,7 @@ from service.batch.outputs import load_result
 from service.cli import main
 from service.engine import Engine, ScoreOptions
 from tests.support.dense_models import make_dense_net, small_layers
+from tests.support.oracle import crop_by_crop, torch_classifier
 from tests.support.score_fixtures import (
     LABELS,
     MODEL,
@@ -97,14 +98,10 @@ def test_saved_map_equals_crop_reference_in_float64(capsys, repo, mixed, tmp_pat
     net = make_dense_net(layers=small_layers(padded=False), window=WINDOW, channels=3,
                          classes=len(LABELS), seed=1).double()  # fmt: skip
     pixels = np.asarray(Image.open(folder / "a.png").convert("RGB"), dtype=np.float64)
-    image_chw = torch.from_numpy(((pixels / 255 - 0.5) / 0.25).transpose(2, 0, 1).copy())
-    (n_h, n_w) = result.maps[0].shape
-    expected = np.empty((len(LABELS), n_h, n_w))
-    with torch.no_grad():
-        for i in range(n_h):
-            for j in range(n_w):
-                crop = image_chw[:, 4 * i : 4 * i + WINDOW[0], 4 * j : 4 * j + WINDOW[1]]
-                expected[:, i, j] = torch.softmax(net(crop[None])[0, :, 0, 0], 0).numpy()
+    image_nchw = ((pixels / 255 - 0.5) / 0.25).transpose(2, 0, 1)[None]
+    logits = crop_by_crop(torch_classifier(net), image_nchw, window=WINDOW, stride=(4, 4),
+                          cells=result.maps[0].shape, batched=True)[0]  # fmt: skip
+    expected = torch.softmax(torch.from_numpy(logits), dim=0).numpy()
     # fp32 inference vs fp64 reference on a 5-class softmax: errors stay near 1e-7.
     np.testing.assert_allclose(result.maps[0].scores, expected, atol=2e-6, rtol=0)
 

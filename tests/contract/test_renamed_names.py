@@ -5,7 +5,6 @@ before any image (Engine.check_options)."""
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import pytest
 
@@ -14,8 +13,9 @@ from service.engine import Engine, EngineConfig, ScoreMap, ScoreOptions, ScoreRe
 from service.engine.options import DetectionOptions
 from service.engine.result import MapGeometry
 from service.errors import InvalidOption
+from tests.support.paths import REPO_ROOT
 
-DIGITS = Path(__file__).resolve().parents[1] / "models" / "digits" / "model.onnx"
+DIGITS = REPO_ROOT / "models" / "digits" / "model.onnx"
 
 
 def test_score_result_is_the_result_and_score_map_its_deprecated_alias():

@@ -22,9 +22,9 @@ from service.engine.model_settings import apply_model_settings
 from service.engine.options import DetectionDefaults, DetectionOptions
 from service.errors import ModelLoadError
 from service.server.detection_codec import detection_options_from_proto, detection_options_to_proto
+from tests.support.paths import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
-DIGITS = ROOT / "models" / "digits"
+DIGITS = REPO_ROOT / "models" / "digits"
 PAGES = sorted((DIGITS / "pages").glob("page_*.png"))
 DIGITS_SETTINGS = DetectionDefaults(threshold=0.5, iou=0.3, across_classes=True)
 CPU = EngineConfig(device="cpu", warmup=False)

@@ -15,8 +15,7 @@ import pytest
 
 from service.engine import onnxruntime_package
 from service.errors import DensemapError, RuntimeNotInstalled
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support.paths import REPO_ROOT
 
 
 class FakeDistribution:
@@ -111,7 +110,7 @@ sys.meta_path.insert(0, Refuse())
 def run_without_onnxruntime(code: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", BLOCK_ONNXRUNTIME + code],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
 
 
@@ -135,7 +134,7 @@ def test_the_client_imports_without_onnxruntime():
 def test_densemap_score_without_a_runtime_says_what_to_install(tmp_path):
     """A core-only install, simulated: no onnxruntime distribution and no module. The CLI's
     help works; scoring exits 2 with the fix, no traceback, no output folder."""
-    page = ROOT / "models" / "digits" / "pages" / "page_1.png"
+    page = REPO_ROOT / "models" / "digits" / "pages" / "page_1.png"
     out = tmp_path / "maps"
     done = run_without_onnxruntime(
         "import importlib.metadata as m\n"
