@@ -55,8 +55,10 @@ def assert_everything_answers(chan, srv) -> None:
 
 
 def test_64_headers_only_and_40_dripping_calls_leave_probes_and_scoring_served(repo):  # noqa: F811
-    # 6 workers: the thread-per-call server had 6 threads for all of this
-    srv, port = start_server(repo, workers=6)
+    # 6 workers: the thread-per-call server had 6 threads for all of this. Each held Score
+    # or ModelInfer call holds room for the largest request (uploads.py): a budget with
+    # room for all 88 (512 MiB each; tests/test_server_uploads.py: one without)
+    srv, port = start_server(repo, workers=6, memory_limit=64 << 30)
     stalled: list[StalledCalls] = []
     try:
         for path in (CHECK, SCORE, INFER, SCORE):

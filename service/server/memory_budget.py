@@ -85,6 +85,20 @@ class Reservation:
             self._released = True
             self._budget._give_back(self.nbytes)
 
+    def resize(self, nbytes: int) -> None:
+        """Hold ``nbytes`` instead: a reservation made for the most a call could need,
+        trued up once its size is known. Growing refuses, as :meth:`MemoryBudget.reserve`
+        does, when the difference does not fit."""
+        if self._released:
+            return
+        if nbytes > self._budget.for_requests:
+            self._budget.reserve(nbytes)  # raises: more than the server has for requests
+        if nbytes > self.nbytes:
+            self._budget.reserve(nbytes - self.nbytes)  # raises when the rest is held
+        else:
+            self._budget._give_back(self.nbytes - nbytes)
+        self.nbytes = nbytes
+
 
 class MemoryBudget:
     """The server-wide memory limit, and the bytes scoring calls hold within it."""

@@ -1,0 +1,144 @@
+"""Request bodies: room in the server's memory budget is reserved BEFORE gRPC reads one.
+
+gRPC receives a whole request message before a handler sees it. So the bytes of uploads
+that were then refused or queued were held outside the budget: 8 concurrent raw 8000²
+Score calls (192 MB each) peaked at 1.13-1.14x a 4 GiB ``--memory-limit`` (issue 19,
+point 3). Now, for Score and ModelInfer (the calls whose requests may be large):
+
+- they are registered request-streaming (``malformed.py``; a unary request is a stream of
+  one message on the wire, so stock clients, tritonclient included, see no difference),
+  and nothing asks gRPC for the message until :meth:`Uploads.receive` has reserved
+  :meth:`Uploads.upload_bytes`: REQUEST_COPIES times ``--max-message-mb``, what the
+  largest message costs while it is received and parsed (capped at all the budget has
+  for requests: then one upload at a time);
+- until then gRPC takes at most the stream's HTTP/2 flow-control window of the body
+  (64 KiB: the server turns grpc's BDP probing off, which would otherwise grow every
+  stream's window to megabytes, about 8 MiB each on loopback), however large the message;
+- a call that finds no room is refused with RESOURCE_EXHAUSTED at once, its body unread;
+- once the message is in, the reservation shrinks to REQUEST_COPIES times its size, and
+  the call goes on (its maps and response are reserved once their size is known);
+- a body still arriving :data:`DEFAULT_GRACE_SECONDS` (``--upload-grace-seconds``) after
+  its room was reserved may be ended: when a call finds no room, the oldest such upload
+  is ended with RESOURCE_EXHAUSTED saying why, and its room goes to the newcomer. So
+  calls that send headers and never a body, or drip it, hold the room for uploads at most
+  that long while other calls want it; an upload that nobody waits for is never cut.
+
+Everything here runs on the server's event loop; reservations themselves are thread-safe
+(:mod:`service.server.memory_budget`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from service.engine.cost import describe
+from service.server.memory_budget import REQUEST_COPIES, MemoryBudget, Reservation
+from service.server.status import MalformedRequest, ServerBusy
+
+DEFAULT_GRACE_SECONDS = 5.0  # an upload older than this may be ended for a waiting call
+EVICT_WAIT_SECONDS = 2.0  # how long a newcomer waits for an ended upload's room
+POLL_SECONDS = 0.01
+
+
+@dataclass
+class _Upload:
+    """One body being received: since when, and the event that ends it."""
+
+    started: float
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Uploads:
+    """The request bodies being received, each within a reservation of the budget."""
+
+    def __init__(
+        self,
+        memory: MemoryBudget,
+        *,
+        max_message_bytes: int,
+        grace_seconds: float = DEFAULT_GRACE_SECONDS,
+    ) -> None:
+        self.memory = memory
+        self.max_message_bytes = max_message_bytes
+        self.grace_seconds = grace_seconds
+        self._pending: list[_Upload] = []  # oldest first
+
+    @property
+    def pending(self) -> int:
+        """Bodies being received now."""
+        return len(self._pending)
+
+    def upload_bytes(self) -> int:
+        """What one upload reserves before its message is read."""
+        return max(min(REQUEST_COPIES * self.max_message_bytes, self.memory.for_requests), 1)
+
+    async def receive(self, context) -> tuple[bytes, Reservation]:
+        """The call's one request message, read only once its room is reserved; and that
+        reservation, trued up to the message's size and released when the call is done."""
+        reservation = await self._admit()
+        context.add_done_callback(lambda _context: reservation.release())
+        upload = _Upload(time.monotonic())
+        self._pending.append(upload)
+        read = asyncio.ensure_future(context.read())
+        ended = asyncio.ensure_future(upload.ended.wait())
+        try:
+            await asyncio.wait({read, ended}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._pending.remove(upload)
+            ended.cancel()
+            cut = not read.done()
+            if cut:  # ended, or this call was cancelled: gRPC ends the read with the call
+                read.cancel()
+        if cut:
+            raise ServerBusy(
+                f"the request had not arrived {time.monotonic() - upload.started:.1f} s after "
+                "the server reserved memory for it, and another call needed that memory "
+                f"(--upload-grace-seconds {self.grace_seconds:g}): send the request at once "
+                "and faster, or retry when the server is less busy"
+            )
+        raw = read.result()
+        if raw is grpc.aio.EOF:
+            raise MalformedRequest("the call ended before its request was sent")
+        reservation.resize(REQUEST_COPIES * len(raw))
+        return raw, reservation
+
+    async def _admit(self) -> Reservation:
+        """Reserve one upload's room; when there is none, end the oldest upload past its
+        grace and take its room, else refuse at once."""
+        nbytes = self.upload_bytes()
+        give_up = time.monotonic() + EVICT_WAIT_SECONDS
+        ending: _Upload | None = None
+        while True:
+            try:
+                return self.memory.reserve(nbytes)
+            except ServerBusy:
+                if ending is None:
+                    ending = self._stale()
+                if ending is None or time.monotonic() > give_up:
+                    raise self._busy(nbytes) from None
+                ending.ended.set()  # once: then wait until its call ends and frees its room
+                await asyncio.sleep(POLL_SECONDS)
+
+    def _stale(self) -> _Upload | None:
+        """The oldest upload past its grace that is not already being ended."""
+        cutoff = time.monotonic() - self.grace_seconds
+        for upload in self._pending:
+            if upload.started > cutoff:
+                return None
+            if not upload.ended.is_set():
+                return upload
+        return None
+
+    def _busy(self, nbytes: int) -> ServerBusy:
+        memory = self.memory
+        return ServerBusy(
+            f"the server's memory for requests is in use ({describe(memory.reserved)} of "
+            f"{describe(memory.for_requests)}, --memory-limit; {self.pending} request(s) "
+            "being received, responses not yet read by their clients count too): a request "
+            f"is received only once {describe(nbytes)} is free for it (twice --max-message-mb,"
+            " the largest request): retry later with backoff, or on another replica"
+        )
