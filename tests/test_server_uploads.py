@@ -8,10 +8,15 @@ new call is refused RESOURCE_EXHAUSTED having sent no more than the stream's ini
 flow-control window of its body (the server never asked for the rest); with room, the
 same call's whole body is let in. A body still arriving after ``--upload-grace-seconds``
 gives its room to a call that needs it; one that is never sent ends INVALID_ARGUMENT.
+And a refused request is freed when its call ends: it was kept alive by reference cycles
+(tracebacks, futures, gRPC's abort error) that only Python's cyclic garbage collector
+frees, which big buffers do not make run (8 concurrent 8000² calls: 916 MiB of refused
+requests stayed resident).
 """
 
 from __future__ import annotations
 
+import gc
 import time
 
 import grpc
@@ -31,6 +36,7 @@ from server_harness import (  # noqa: F401  (fixtures)
     start_server,
 )
 
+from service._proto.densemap.v1 import densemap_pb2 as pb
 from service._proto.densemap.v1 import densemap_pb2_grpc as pb_grpc
 from service.errors import ImageTooLarge
 from service.server import memory_budget
@@ -129,6 +135,35 @@ def test_a_call_that_ends_without_its_request_is_invalid_argument(repo):  # noqa
         wait_until(lambda: srv.memory.reserved == 0, what="its room to come back")
     finally:
         connection.close()
+        srv.stop()
+
+
+@pytest.mark.parametrize("refusal", ["compute", "invalid"])
+def test_a_refused_request_is_freed_when_its_call_ends(repo, refusal):  # noqa: F811
+    srv, port, _fits = tight_server(repo, max_request_gmacs=1.0)
+    request = array_request(rgb_image(700, 700))
+    request.request_id = f"refused-{refusal}"
+    if refusal == "compute":  # RESOURCE_EXHAUSTED by its MACs, on the scoring thread
+        request.options.scales[:] = [8.0]
+    else:  # INVALID_ARGUMENT from the engine, on the scoring thread
+        request.options.output_stride = 3
+    gc.collect()
+    gc.disable()  # what is freed must be freed by reference counts, as in the server
+    try:
+        with channel(f"{HOST}:{port}") as chan:
+            with pytest.raises(grpc.RpcError) as caught:
+                pb_grpc.DensemapStub(chan).Score(request, timeout=60)
+        expected = {"compute": "RESOURCE_EXHAUSTED", "invalid": "INVALID_ARGUMENT"}[refusal]
+        assert caught.value.code().name == expected, caught.value.details()
+        wait_until(lambda: srv.memory.reserved == 0, what="the call to end")
+        alive = [
+            o
+            for o in gc.get_objects()
+            if type(o) is pb.ScoreRequest and o.request_id == request.request_id
+        ]
+        assert [o for o in alive if o is not request] == []  # the server's copy is gone
+    finally:
+        gc.enable()
         srv.stop()
 
 

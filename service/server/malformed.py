@@ -31,7 +31,7 @@ import grpc
 
 from service.errors import DensemapError
 from service.server.memory_budget import REQUEST_COPIES, MemoryBudget, Reservation
-from service.server.status import MalformedRequest, abort
+from service.server.status import MalformedRequest, abort, drop_frames
 from service.server.uploads import Uploads
 
 CONTROL_MESSAGE_BYTES = 64 * 1024  # largest request of a control call
@@ -160,7 +160,13 @@ def _read_in_handler(behavior, parse, uploads: Uploads | None):
         del raw
         if reservation is not None:
             context.add_done_callback(lambda _context: reservation.release())
-        return await behavior(request, context)
+        handled = behavior(request, context)
+        del request  # held by the handler's frames only, which an error clears
+        try:
+            return await handled
+        except BaseException as exc:  # AbortError included: gRPC keeps it past the call
+            drop_frames(exc)
+            raise
 
     return run
 
