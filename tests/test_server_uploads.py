@@ -45,7 +45,7 @@ from service.server.status import ServerBusy
 
 SCORE = "/densemap.v1.Densemap/Score"
 MESSAGE_BYTES = 64 << 20  # --max-message-mb 64: each upload reserves 128 MiB
-INITIAL_WINDOW = 65535  # HTTP/2's initial stream window, which the server keeps (no BDP)
+INITIAL_WINDOW = 65535  # HTTP/2's initial stream window (a new connection: BDP has not grown it)
 RESOURCE_EXHAUSTED = str(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
 INVALID_ARGUMENT = str(grpc.StatusCode.INVALID_ARGUMENT.value[0])
 
@@ -185,3 +185,12 @@ def test_a_reservation_is_trued_up_to_the_size_it_turns_out_to_need():
     upload.resize(5)  # released: nothing to resize
     assert budget.reserved == 0
     assert np.isclose(room, 800 << 20, rtol=0.01)
+
+
+def test_the_grace_must_be_a_positive_number_of_seconds(tmp_path):
+    from service.errors import InvalidOption
+    from service.server.config import ServerConfig
+
+    for grace in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(InvalidOption, match="upload_grace_seconds must be finite and > 0"):
+            ServerConfig(models_dir=tmp_path, upload_grace_seconds=grace)

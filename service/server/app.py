@@ -156,10 +156,6 @@ class DensemapServer:
             ("grpc.keepalive_time_ms", int(1000 * config.write_timeout_seconds)),
             ("grpc.keepalive_timeout_ms", int(1000 * config.write_timeout_seconds)),
             ("grpc.http2.max_pings_without_data", 0),
-            # a stream whose message is not asked for yet (its upload not admitted: uploads.py)
-            # gets its initial flow-control window of 64 KiB and no more; BDP probing would
-            # grow that window on every stream, to megabytes each on a fast link
-            ("grpc.http2.bdp_probe", 0),
         ]
         if config.max_connection_age_seconds > 0:
             options.append(

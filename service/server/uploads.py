@@ -12,9 +12,10 @@ point 3). Now, for Score and ModelInfer (the calls whose requests may be large):
   largest message costs while it is received and parsed (capped at all the budget has
   for requests: then one upload at a time);
 - until then gRPC takes at most the stream's HTTP/2 flow-control window of the body
-  (64 KiB: the server turns grpc's BDP probing off, which would otherwise grow every
-  stream's window to megabytes, about 8 MiB each on loopback), however large the message;
-- a call that finds no room is refused with RESOURCE_EXHAUSTED at once, its body unread;
+  (64 KiB on a new connection; grpc's BDP probing grows it on a busy one, about 8 MiB a
+  stream on loopback), however large the message;
+- a call that finds no room is refused with RESOURCE_EXHAUSTED at once, its body unread
+  past that window (so nothing waits for room holding more than the window: no queue);
 - once the message is in, the reservation shrinks to REQUEST_COPIES times its size, and
   the call goes on (its maps and response are reserved once their size is known);
 - a body still arriving :data:`DEFAULT_GRACE_SECONDS` (``--upload-grace-seconds``) after
