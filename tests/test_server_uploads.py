@@ -45,7 +45,7 @@ from service.server.status import ServerBusy
 
 SCORE = "/densemap.v1.Densemap/Score"
 MESSAGE_BYTES = 64 << 20  # --max-message-mb 64: each upload reserves 128 MiB
-INITIAL_WINDOW = 65535  # HTTP/2's initial stream window (a new connection: BDP has not grown it)
+INITIAL_WINDOW = 65535  # HTTP/2's initial stream window, which the server keeps (no BDP)
 RESOURCE_EXHAUSTED = str(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
 INVALID_ARGUMENT = str(grpc.StatusCode.INVALID_ARGUMENT.value[0])
 

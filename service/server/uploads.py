@@ -12,10 +12,11 @@ point 3). Now, for Score and ModelInfer (the calls whose requests may be large):
   largest message costs while it is received and parsed (capped at all the budget has
   for requests: then one upload at a time);
 - until then gRPC takes at most the stream's HTTP/2 flow-control window of the body
-  (64 KiB on a new connection; grpc's BDP probing grows it on a busy one, about 8 MiB a
-  stream on loopback), however large the message;
+  (64 KiB: the server turns grpc's BDP probing off, with which the window of new streams
+  grew to 4 MiB, measured), however large the message. Once the message is asked for,
+  grpc opens the window 1 MiB at a time ahead of what arrived;
 - a call that finds no room is refused with RESOURCE_EXHAUSTED at once, its body unread
-  past that window (so nothing waits for room holding more than the window: no queue);
+  past that window (nothing waits for room holding a body: there is no queue);
 - once the message is in, the reservation shrinks to REQUEST_COPIES times its size, and
   the call goes on (its maps and response are reserved once their size is known);
 - a body still arriving :data:`DEFAULT_GRACE_SECONDS` (``--upload-grace-seconds``) after
