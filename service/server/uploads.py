@@ -1,9 +1,11 @@
 """Request bodies: room in the server's memory budget is reserved BEFORE gRPC reads one.
 
-gRPC receives a whole request message before a handler sees it. So the bytes of uploads
-that were then refused or queued were held outside the budget: 8 concurrent raw 8000²
-Score calls (192 MB each) peaked at 1.13-1.14x a 4 GiB ``--memory-limit`` (issue 19,
-point 3). Now, for Score and ModelInfer (the calls whose requests may be large):
+gRPC receives a whole request message before a handler sees it, so every upload being
+received held up to twice its size outside the budget until its handler could reserve
+or refuse it: however many clients uploaded at once (issue 19, point 3; 8 concurrent raw
+8000² Score calls of 192 MB peaked at 1.13-1.14x a 4 GiB ``--memory-limit``, together
+with the refused requests that stayed resident: ``status.drop_frames``). Now, for Score
+and ModelInfer (the calls whose requests may be large):
 
 - they are registered request-streaming (``malformed.py``; a unary request is a stream of
   one message on the wire, so stock clients, tritonclient included, see no difference),
@@ -19,8 +21,8 @@ point 3). Now, for Score and ModelInfer (the calls whose requests may be large):
   past that window (nothing waits for room holding a body: there is no queue);
 - once the message is in, the reservation shrinks to REQUEST_COPIES times its size, and
   the call goes on (its maps and response are reserved once their size is known);
-- a body still arriving :data:`DEFAULT_GRACE_SECONDS` (``--upload-grace-seconds``) after
-  its room was reserved may be ended: when a call finds no room, the oldest such upload
+- a body still arriving ``--upload-grace-seconds`` (DEFAULT_UPLOAD_GRACE_SECONDS) after its
+  room was reserved may be ended: when a call finds no room, the oldest such upload
   is ended with RESOURCE_EXHAUSTED saying why, and its room goes to the newcomer. So
   calls that send headers and never a body, or drip it, hold the room for uploads at most
   that long while other calls want it; an upload that nobody waits for is never cut.
@@ -38,10 +40,10 @@ from dataclasses import dataclass, field
 import grpc
 
 from service.engine.cost import describe
+from service.server.config import DEFAULT_UPLOAD_GRACE_SECONDS
 from service.server.memory_budget import REQUEST_COPIES, MemoryBudget, Reservation
 from service.server.status import MalformedRequest, ServerBusy
 
-DEFAULT_GRACE_SECONDS = 5.0  # an upload older than this may be ended for a waiting call
 EVICT_WAIT_SECONDS = 2.0  # how long a newcomer waits for an ended upload's room
 POLL_SECONDS = 0.01
 
@@ -62,7 +64,7 @@ class Uploads:
         memory: MemoryBudget,
         *,
         max_message_bytes: int,
-        grace_seconds: float = DEFAULT_GRACE_SECONDS,
+        grace_seconds: float = DEFAULT_UPLOAD_GRACE_SECONDS,
     ) -> None:
         self.memory = memory
         self.max_message_bytes = max_message_bytes
