@@ -7,9 +7,12 @@ their clients never read, add up past the pod's limit (issue 19: 6.35 GB for eig
 limit when there is one, else the machine's memory), and each scoring call reserves
 (:meth:`reserve`):
 
-- its request, :data:`REQUEST_COPIES` times (the parsed message and one field read; the
-  received bytes are dropped once parsed), before it is parsed (``malformed.py``), held
-  as long as the call lives;
+- its request: a Score or ModelInfer call reserves room for the largest request before
+  gRPC reads its body (``uploads.py``), :meth:`Reservation.resize`-d to
+  :data:`REQUEST_COPIES` times the message once it is in (the parsed message and one
+  field read; the received bytes are dropped once parsed); other calls reserve that once
+  their message has arrived, before it is parsed (``malformed.py``); held as long as the
+  call lives;
 - once its cost is known and before it queues, the larger of the engine's peak (image, maps, one pass) and what sending holds (image,
   maps, the response message and its serialized bytes), ``RequestCost``.
 
