@@ -16,6 +16,7 @@ requests stayed resident).
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import time
 
@@ -42,6 +43,7 @@ from service.errors import ImageTooLarge
 from service.server import memory_budget
 from service.server.memory_budget import MemoryBudget
 from service.server.status import ServerBusy
+from service.server.uploads import Uploads
 
 SCORE = "/densemap.v1.Densemap/Score"
 MESSAGE_BYTES = 64 << 20  # --max-message-mb 64: each upload reserves 128 MiB
@@ -194,3 +196,53 @@ def test_the_grace_must_be_a_positive_number_of_seconds(tmp_path):
     for grace in (0.0, -1.0, float("inf"), float("nan")):
         with pytest.raises(InvalidOption, match="upload_grace_seconds must be finite and > 0"):
             ServerConfig(models_dir=tmp_path, upload_grace_seconds=grace)
+
+
+class FakeContext:
+    """The two things Uploads uses of a gRPC call: read() and done callbacks."""
+
+    def __init__(self) -> None:
+        self.message = asyncio.get_running_loop().create_future()
+        self._callbacks = []
+
+    async def read(self):
+        return await self.message
+
+    def add_done_callback(self, callback) -> None:
+        self._callbacks.append(callback)
+
+    def end(self) -> None:
+        for callback in self._callbacks:
+            callback(self)
+
+
+def test_a_refusal_for_maps_ends_the_oldest_upload_past_its_grace():
+    async def scenario():
+        budget = MemoryBudget(1000 << 20)  # 800 MiB for requests
+        uploads = Uploads(budget, max_message_bytes=100 << 20, grace_seconds=0.2)
+        held = FakeContext()  # its body never comes
+        receiving = asyncio.ensure_future(uploads.receive(held))
+        await asyncio.sleep(0.02)
+        assert uploads.pending == 1 and budget.reserved == 200 << 20
+        with pytest.raises(ServerBusy):  # a call's maps, from a scoring thread
+            await asyncio.to_thread(budget.reserve, 700 << 20)
+        await asyncio.sleep(0.02)
+        assert not receiving.done()  # within its grace: kept
+        await asyncio.sleep(0.2)
+        with pytest.raises(ServerBusy):
+            await asyncio.to_thread(budget.reserve, 700 << 20)
+        with pytest.raises(ServerBusy, match="--upload-grace-seconds"):
+            await asyncio.wait_for(receiving, 5)  # ended, so that a retry finds room
+        held.end()  # gRPC ends the call: its room comes back
+        assert budget.reserved == 0 and uploads.pending == 0
+        budget.reserve(700 << 20).release()
+        arrives = FakeContext()  # an upload that arrives is trued up to 2x its size
+        task = asyncio.ensure_future(uploads.receive(arrives))
+        await asyncio.sleep(0.02)
+        arrives.message.set_result(bytes(1000))
+        raw, _reservation = await task
+        assert len(raw) == 1000 and budget.reserved == 2000
+        arrives.end()
+        assert budget.reserved == 0
+
+    asyncio.run(scenario())

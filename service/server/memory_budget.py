@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from service.engine.cost import describe
@@ -111,6 +112,9 @@ class MemoryBudget:
         self._lock = threading.Lock()
         self._reserved = 0
         self._baseline = 0  # resident bytes with the models loaded, no call running
+        # told (from any thread) when a call was refused for room that others hold: it may
+        # free some for the next one (uploads.py ends the oldest body past its grace)
+        self.on_shortage: Callable[[], None] | None = None
 
     @property
     def reserved(self) -> int:
@@ -128,8 +132,10 @@ class MemoryBudget:
         with self._lock:
             self._baseline = max(resident_bytes() - self._reserved, 0)
 
-    def reserve(self, nbytes: int) -> Reservation:
-        """Hold ``nbytes`` for a call, or refuse it (RESOURCE_EXHAUSTED) with what to do."""
+    def reserve(self, nbytes: int, *, tell_shortage: bool = True) -> Reservation:
+        """Hold ``nbytes`` for a call, or refuse it (RESOURCE_EXHAUSTED) with what to do;
+        a refusal for room that others hold calls :attr:`on_shortage` (unless
+        ``tell_shortage`` is False)."""
         room = self.for_requests
         if nbytes > room:
             raise ImageTooLarge(
@@ -140,16 +146,18 @@ class MemoryBudget:
                 "scales or classes, dtype float16, only argmax or top-k outputs)"
             )
         with self._lock:
-            if self._reserved + nbytes > room:
-                raise ServerBusy(
-                    f"the server's memory for requests is in use: this request needs about "
-                    f"{describe(nbytes)}, and other calls hold {describe(self._reserved)} of "
-                    f"{describe(room)} (--memory-limit; responses not yet read by their "
-                    "clients count until they are): retry later with backoff, or on another "
-                    "replica"
-                )
-            self._reserved += nbytes
-        return Reservation(self, nbytes)
+            held = self._reserved
+            if held + nbytes <= room:
+                self._reserved += nbytes
+                return Reservation(self, nbytes)
+        if tell_shortage and self.on_shortage is not None:
+            self.on_shortage()
+        raise ServerBusy(
+            f"the server's memory for requests is in use: this request needs about "
+            f"{describe(nbytes)}, and other calls hold {describe(held)} of {describe(room)} "
+            "(--memory-limit; responses not yet read by their clients count until they "
+            "are): retry later with backoff, or on another replica"
+        )
 
     def _give_back(self, nbytes: int) -> None:
         with self._lock:

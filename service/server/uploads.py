@@ -22,8 +22,10 @@ and ModelInfer (the calls whose requests may be large):
 - once the message is in, the reservation shrinks to REQUEST_COPIES times its size, and
   the call goes on (its maps and response are reserved once their size is known);
 - a body still arriving ``--upload-grace-seconds`` (DEFAULT_UPLOAD_GRACE_SECONDS) after its
-  room was reserved may be ended: when a call finds no room, the oldest such upload
-  is ended with RESOURCE_EXHAUSTED saying why, and its room goes to the newcomer. So
+  room was reserved may be ended: when a call finds no room for its upload, the oldest
+  such upload is ended with RESOURCE_EXHAUSTED saying why, and its room goes to the
+  newcomer; when a call is refused later, for its maps' room, the oldest is ended too,
+  so that a retry finds room. So
   calls that send headers and never a body, or drip it, hold the room for uploads at most
   that long while other calls want it; an upload that nobody waits for is never cut.
 
@@ -70,6 +72,8 @@ class Uploads:
         self.max_message_bytes = max_message_bytes
         self.grace_seconds = grace_seconds
         self._pending: list[_Upload] = []  # oldest first
+        self._loop: asyncio.AbstractEventLoop | None = None  # the server's, once a call came
+        memory.on_shortage = self._on_shortage
 
     @property
     def pending(self) -> int:
@@ -83,6 +87,7 @@ class Uploads:
     async def receive(self, context) -> tuple[bytes, Reservation]:
         """The call's one request message, read only once its room is reserved; and that
         reservation, trued up to the message's size and released when the call is done."""
+        self._loop = asyncio.get_running_loop()
         reservation = await self._admit()
         context.add_done_callback(lambda _context: reservation.release())
         upload = _Upload(time.monotonic())
@@ -118,7 +123,7 @@ class Uploads:
         ending: _Upload | None = None
         while True:
             try:
-                return self.memory.reserve(nbytes)
+                return self.memory.reserve(nbytes, tell_shortage=False)
             except ServerBusy:
                 if ending is None:
                     ending = self._stale()
@@ -126,6 +131,18 @@ class Uploads:
                     raise self._busy(nbytes) from None
                 ending.ended.set()  # once: then wait until its call ends and frees its room
                 await asyncio.sleep(POLL_SECONDS)
+
+    def _on_shortage(self) -> None:
+        """A call (on any thread) was refused for room that others hold, e.g. for its maps
+        after its upload: end the oldest upload past its grace, so a retry finds room."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._end_oldest_stale)
+
+    def _end_oldest_stale(self) -> None:
+        stale = self._stale()
+        if stale is not None:
+            stale.ended.set()
 
     def _stale(self) -> _Upload | None:
         """The oldest upload past its grace that is not already being ended."""
