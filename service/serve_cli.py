@@ -193,6 +193,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     _add(
         parser,
+        "--upload-grace-seconds",
+        default=defaults.DEFAULT_UPLOAD_GRACE_SECONDS,
+        type=float,
+        help="a request is received only once memory for the largest request is reserved; "
+        "one still arriving N seconds later is ended (RESOURCE_EXHAUSTED) when another call "
+        "needs that memory",
+    )
+    _add(
+        parser,
         "--write-timeout-seconds",
         default=defaults.DEFAULT_WRITE_TIMEOUT_SECONDS,
         type=float,
@@ -414,6 +423,7 @@ def build_config(args: argparse.Namespace):
         memory_limit=None
         if args.memory_limit is None
         else parse_bytes(args.memory_limit, "--memory-limit"),
+        upload_grace_seconds=args.upload_grace_seconds,
         write_timeout_seconds=args.write_timeout_seconds,
         max_streams=args.max_streams,
         max_streams_per_peer=args.max_streams_per_peer,

@@ -52,6 +52,7 @@ from service.server.metrics import ServerMetrics
 from service.server.scoring import Models, ScoringCore
 from service.server.status import NotServing
 from service.server.streams import StreamInterceptor, StreamLimits
+from service.server.uploads import Uploads
 
 log = logging.getLogger("densemap.server")
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -108,6 +109,11 @@ class DensemapServer:
             max_workers=config.scoring_threads, thread_name_prefix="densemap-score"
         )
         self.memory = MemoryBudget(config.memory_limit or default_memory_limit())
+        self.uploads = Uploads(
+            self.memory,
+            max_message_bytes=config.max_message_bytes,
+            grace_seconds=config.upload_grace_seconds,
+        )
         self.idle_release = IdleRelease(self._release_memory)
         self.admission = Admission(
             max_in_flight=config.max_in_flight,
@@ -150,6 +156,10 @@ class DensemapServer:
             ("grpc.keepalive_time_ms", int(1000 * config.write_timeout_seconds)),
             ("grpc.keepalive_timeout_ms", int(1000 * config.write_timeout_seconds)),
             ("grpc.http2.max_pings_without_data", 0),
+            # a stream whose message is not asked for (its upload has no room yet: uploads.py)
+            # may fill its initial flow-control window and no more: 64 KiB with BDP probing
+            # off; with it on, grpc raised the window of new streams to 4 MiB (measured)
+            ("grpc.http2.bdp_probe", 0),
         ]
         if config.max_connection_age_seconds > 0:
             options.append(
@@ -167,7 +177,7 @@ class DensemapServer:
             stopping=self._stopping_error,
         )
         interceptors.append(self._streams)
-        interceptors.append(MalformedRequestInterceptor(self.memory))
+        interceptors.append(MalformedRequestInterceptor(self.memory, self.uploads))
         server = grpc.aio.server(interceptors=interceptors, options=options)
         densemap_pb2_grpc.add_DensemapServicer_to_server(DensemapServicer(core), server)
         kserve_proto.add_servicer_to_server(KServeServicer(core), server)

@@ -30,6 +30,7 @@ DEFAULT_MAX_STREAMS = 16  # open streams (ScoreStream, health Watch, reflection)
 DEFAULT_MAX_STREAMS_PER_PEER = 4  # open streams from one client address
 DEFAULT_MAX_REQUEST_GMACS = 0.0  # 0: per model, from the pixel limit (compute_limit.py)
 DEFAULT_STREAM_IDLE_SECONDS = 60.0
+DEFAULT_UPLOAD_GRACE_SECONDS = 5.0  # a request still arriving this long may be ended for another
 DEFAULT_WRITE_TIMEOUT_SECONDS = 30.0  # a connection that reads nothing this long is dropped  # a stream that sends nothing this long is closed
 SERVER_BYTES_PER_PIXEL = 16  # decoded RGB uint8 (3) + its float32 copy (12), rounded up
 RESERVED_SCORING_THREADS = 4  # scoring threads beyond the admitted calls: refusals answer at once
@@ -70,6 +71,9 @@ class ServerConfig:
     - ``memory_limit``: bytes the whole server may use (RSS); scoring calls reserve their
       request, maps and response within it (:mod:`service.server.memory_budget`). None:
       the cgroup limit when there is one, else the machine's memory.
+    - ``upload_grace_seconds``: a request body still arriving this long after its room in
+      the budget was reserved is ended (RESOURCE_EXHAUSTED) when another call needs that
+      room (:mod:`service.server.uploads`).
     - ``write_timeout_seconds``: a client connection that reads nothing (not even the
       server's keepalive pings) for this long is closed, with the responses it pinned.
     - ``grace_seconds``: how long a drain lets in-flight calls finish.
@@ -95,6 +99,7 @@ class ServerConfig:
     max_queue: int = DEFAULT_MAX_QUEUE
     max_request_gmacs: float = DEFAULT_MAX_REQUEST_GMACS
     memory_limit: int | None = None
+    upload_grace_seconds: float = DEFAULT_UPLOAD_GRACE_SECONDS
     write_timeout_seconds: float = DEFAULT_WRITE_TIMEOUT_SECONDS
     max_streams: int = DEFAULT_MAX_STREAMS
     max_streams_per_peer: int = DEFAULT_MAX_STREAMS_PER_PEER
@@ -142,6 +147,10 @@ class ServerConfig:
         if not (math.isfinite(self.write_timeout_seconds) and self.write_timeout_seconds >= 1):
             problems.append(
                 f"write_timeout_seconds must be finite and >= 1 (got {self.write_timeout_seconds})"
+            )
+        if not (math.isfinite(self.upload_grace_seconds) and self.upload_grace_seconds > 0):
+            problems.append(
+                f"upload_grace_seconds must be finite and > 0 (got {self.upload_grace_seconds})"
             )
         if self.max_streams < 1 or self.max_streams_per_peer < 1:
             problems.append("max_streams and max_streams_per_peer must be >= 1")

@@ -81,9 +81,12 @@ class DensemapServicer(pb_grpc.DensemapServicer):
         return response
 
     async def Score(self, request, context):
-        return await self._core.unary(
-            context, "densemap.Score", lambda call: self._score(call, request), scoring=True
-        )
+        try:
+            return await self._core.unary(
+                context, "densemap.Score", lambda call: self._score(call, request), scoring=True
+            )
+        finally:  # the lambda can outlive the call in a cycle (status.drop_frames): not so
+            request = None  # the request, which its closure shares with this frame
 
     async def ScoreStream(self, request_iterator, context):
         """Open streams are limited and time out in ``streams``; an image being scored holds
@@ -98,7 +101,8 @@ class DensemapServicer(pb_grpc.DensemapServicer):
         async for request in request_iterator:
             call = Call(core, guard, "densemap.ScoreStream")
             response, code, message = await core.stream_item(
-                call, lambda c, r=request: self._score(c, r)
+                call,
+                lambda c: self._score(c, request),  # noqa: B023 - run before the loop goes on
             )
             if code in _FATAL:
                 await context.abort(code, message)
@@ -110,6 +114,7 @@ class DensemapServicer(pb_grpc.DensemapServicer):
                 response = error
             yield response
             call.release_memory()  # the response was written
+            request = None  # its closure may outlive the item (see Score): not the request
             if core.state.draining:
                 await abort(
                     context,

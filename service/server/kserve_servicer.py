@@ -186,9 +186,12 @@ class KServeServicer:
         return await self._core.unary(context, "kserve.ModelMetadata", metadata)
 
     async def ModelInfer(self, request, context):
-        return await self._core.unary(
-            context, "kserve.ModelInfer", lambda call: self._infer(call, request), scoring=True
-        )
+        try:
+            return await self._core.unary(
+                context, "kserve.ModelInfer", lambda call: self._infer(call, request), scoring=True
+            )
+        finally:  # the lambda can outlive the call in a cycle (status.drop_frames): not so
+            request = None  # the request, which its closure shares with this frame
 
     def _infer(self, call: Call, request):
         request_counts.check_infer_request(request)

@@ -9,7 +9,9 @@ every method with raw bytes in and out, and its wrapper:
   :data:`CONTROL_MESSAGE_BYTES` before parsing it: those requests are a few bytes, and a
   huge one must not hold the event loop that answers probes;
 - reads a scoring call's request itself (the call is registered request-streaming, which
-  the wire does not show), so that the received bytes are dropped once parsed;
+  the wire does not show), only once the room for it is reserved (:mod:`service.server.
+  uploads`: a call that finds none is refused before its body is read), and drops the
+  received bytes once parsed;
 - reserves, for any other call, :data:`REQUEST_COPIES` times its request's size in the
   server's memory budget (:mod:`service.server.memory_budget`) before parsing it, held
   until the call is done (a stream's message: until the next one is read): a request that
@@ -29,7 +31,8 @@ import grpc
 
 from service.errors import DensemapError
 from service.server.memory_budget import REQUEST_COPIES, MemoryBudget, Reservation
-from service.server.status import MalformedRequest, abort
+from service.server.status import MalformedRequest, abort, drop_frames
+from service.server.uploads import Uploads
 
 CONTROL_MESSAGE_BYTES = 64 * 1024  # largest request of a control call
 CONTROL_METHODS = frozenset(
@@ -51,8 +54,11 @@ def _parser(method: str, deserialize: Callable[[bytes], object], memory: MemoryB
     control = method in CONTROL_METHODS
     limit = CONTROL_MESSAGE_BYTES if control else None
 
-    async def parse(raw: bytes, context) -> tuple[object, Reservation | None]:
-        """(the request, its bytes' reservation in the memory budget or None)."""
+    async def parse(
+        raw: bytes, context, *, reserve: bool = True
+    ) -> tuple[object, Reservation | None]:
+        """(the request, its bytes' reservation in the memory budget or None; ``reserve``
+        False: the caller holds one already)."""
         if limit is not None and len(raw) > limit:
             await abort(
                 context,
@@ -62,7 +68,7 @@ def _parser(method: str, deserialize: Callable[[bytes], object], memory: MemoryB
                 ),
             )
         reservation = None
-        if memory is not None and not control:
+        if memory is not None and reserve and not control:
             try:
                 reservation = memory.reserve(REQUEST_COPIES * len(raw))
             except DensemapError as exc:
@@ -134,31 +140,47 @@ def _wrap(behavior, parse, *, streaming_in: bool):
     return run
 
 
-def _read_in_handler(behavior, parse):
+def _read_in_handler(behavior, parse, uploads: Uploads | None):
     """A unary call's behavior registered as request-streaming: it reads its one message
-    itself (``context.read``), so no gRPC frame keeps the request's bytes alive once they
-    are parsed (a unary handler's caller holds them for the whole call)."""
+    itself (``context.read``), once ``uploads`` has reserved room for it, so no gRPC frame
+    keeps the request's bytes alive once they are parsed (a unary handler's caller holds
+    them for the whole call), and no body is received before its room is."""
 
     async def run(_requests, context):
-        raw = await context.read()
-        if raw is grpc.aio.EOF:
-            await abort(context, MalformedRequest("the call ended before its request was sent"))
-        request, reservation = await parse(raw, context)
+        if uploads is None:
+            raw = await context.read()
+            if raw is grpc.aio.EOF:
+                await abort(context, MalformedRequest("the call ended before its request was sent"))
+        else:
+            try:
+                raw, _reservation = await uploads.receive(context)  # released when done
+            except DensemapError as exc:
+                await abort(context, exc)
+        request, reservation = await parse(raw, context, reserve=uploads is None)
         del raw
         if reservation is not None:
             context.add_done_callback(lambda _context: reservation.release())
-        return await behavior(request, context)
+        handled = behavior(request, context)
+        del request  # held by the handler's frames only, which an error clears
+        try:
+            return await handled
+        except BaseException as exc:  # AbortError included: gRPC keeps it past the call
+            drop_frames(exc)
+            raise
 
     return run
 
 
 def parsing_handler(
-    handler: grpc.RpcMethodHandler, method: str, memory: MemoryBudget | None = None
+    handler: grpc.RpcMethodHandler,
+    method: str,
+    memory: MemoryBudget | None = None,
+    uploads: Uploads | None = None,
 ) -> grpc.RpcMethodHandler:
     parse = _parser(method, handler.request_deserializer, memory)
     serializer = _serializer(handler.response_serializer)
     if not (handler.request_streaming or handler.response_streaming or method in CONTROL_METHODS):
-        behavior = _read_in_handler(handler.unary_unary, parse)
+        behavior = _read_in_handler(handler.unary_unary, parse, uploads)
         return grpc.stream_unary_rpc_method_handler(behavior, response_serializer=serializer)
     kind = (
         ("stream" if handler.request_streaming else "unary")
@@ -172,13 +194,15 @@ def parsing_handler(
 
 class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
     """Parse requests inside the handler, so undecodable bytes get INVALID_ARGUMENT, after
-    reserving their bytes in ``memory`` (None: no budget)."""
+    reserving their bytes in ``memory`` (None: no budget); a unary scoring call's body is
+    read only once ``uploads`` (None: no gate) has reserved room for it."""
 
-    def __init__(self, memory: MemoryBudget | None = None) -> None:
+    def __init__(self, memory: MemoryBudget | None = None, uploads: Uploads | None = None) -> None:
         self._memory = memory
+        self._uploads = uploads
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None or handler.request_deserializer is None:
             return handler
-        return parsing_handler(handler, handler_call_details.method, self._memory)
+        return parsing_handler(handler, handler_call_details.method, self._memory, self._uploads)

@@ -7,9 +7,12 @@ the code").
 limit when there is one, else the machine's memory), and each scoring call reserves
 (:meth:`reserve`):
 
-- its request, :data:`REQUEST_COPIES` times (the parsed message and one field read; the
-  received bytes are dropped once parsed), before it is parsed (``malformed.py``), held
-  as long as the call lives;
+- its request: a Score or ModelInfer call reserves room for the largest request before
+  gRPC reads its body (``uploads.py``), :meth:`Reservation.resize`-d to
+  :data:`REQUEST_COPIES` times the message once it is in (the parsed message and one
+  field read; the received bytes are dropped once parsed); other calls reserve that once
+  their message has arrived, before it is parsed (``malformed.py``); held as long as the
+  call lives;
 - once its cost is known and before it queues, the larger of the engine's peak (image, maps, one pass) and what sending holds (image,
   maps, the response message and its serialized bytes), ``RequestCost``.
 
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from service.engine.cost import describe
@@ -85,6 +89,20 @@ class Reservation:
             self._released = True
             self._budget._give_back(self.nbytes)
 
+    def resize(self, nbytes: int) -> None:
+        """Hold ``nbytes`` instead: a reservation made for the most a call could need,
+        trued up once its size is known. Growing refuses, as :meth:`MemoryBudget.reserve`
+        does, when the difference does not fit."""
+        if self._released:
+            return
+        if nbytes > self._budget.for_requests:
+            self._budget.reserve(nbytes)  # raises: more than the server has for requests
+        if nbytes > self.nbytes:
+            self._budget.reserve(nbytes - self.nbytes)  # raises when the rest is held
+        else:
+            self._budget._give_back(self.nbytes - nbytes)
+        self.nbytes = nbytes
+
 
 class MemoryBudget:
     """The server-wide memory limit, and the bytes scoring calls hold within it."""
@@ -94,6 +112,9 @@ class MemoryBudget:
         self._lock = threading.Lock()
         self._reserved = 0
         self._baseline = 0  # resident bytes with the models loaded, no call running
+        # told (from any thread) when a call was refused for room that others hold: it may
+        # free some for the next one (uploads.py ends the oldest body past its grace)
+        self.on_shortage: Callable[[], None] | None = None
 
     @property
     def reserved(self) -> int:
@@ -111,8 +132,10 @@ class MemoryBudget:
         with self._lock:
             self._baseline = max(resident_bytes() - self._reserved, 0)
 
-    def reserve(self, nbytes: int) -> Reservation:
-        """Hold ``nbytes`` for a call, or refuse it (RESOURCE_EXHAUSTED) with what to do."""
+    def reserve(self, nbytes: int, *, tell_shortage: bool = True) -> Reservation:
+        """Hold ``nbytes`` for a call, or refuse it (RESOURCE_EXHAUSTED) with what to do;
+        a refusal for room that others hold calls :attr:`on_shortage` (unless
+        ``tell_shortage`` is False)."""
         room = self.for_requests
         if nbytes > room:
             raise ImageTooLarge(
@@ -123,16 +146,18 @@ class MemoryBudget:
                 "scales or classes, dtype float16, only argmax or top-k outputs)"
             )
         with self._lock:
-            if self._reserved + nbytes > room:
-                raise ServerBusy(
-                    f"the server's memory for requests is in use: this request needs about "
-                    f"{describe(nbytes)}, and other calls hold {describe(self._reserved)} of "
-                    f"{describe(room)} (--memory-limit; responses not yet read by their "
-                    "clients count until they are): retry later with backoff, or on another "
-                    "replica"
-                )
-            self._reserved += nbytes
-        return Reservation(self, nbytes)
+            held = self._reserved
+            if held + nbytes <= room:
+                self._reserved += nbytes
+                return Reservation(self, nbytes)
+        if tell_shortage and self.on_shortage is not None:
+            self.on_shortage()
+        raise ServerBusy(
+            f"the server's memory for requests is in use: this request needs about "
+            f"{describe(nbytes)}, and other calls hold {describe(held)} of {describe(room)} "
+            "(--memory-limit; responses not yet read by their clients count until they "
+            "are): retry later with backoff, or on another replica"
+        )
 
     def _give_back(self, nbytes: int) -> None:
         with self._lock:

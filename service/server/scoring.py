@@ -34,7 +34,13 @@ from service.server.compute_limit import ComputeLimit
 from service.server.limits import Admission, CallGuard, ServingState
 from service.server.memory_budget import MemoryBudget, Reservation, default_memory_limit
 from service.server.metrics import UNKNOWN_MODEL, ServerMetrics
-from service.server.status import NotServing, ResponseTooLarge, quote_name, status_for
+from service.server.status import (
+    NotServing,
+    ResponseTooLarge,
+    drop_frames,
+    quote_name,
+    status_for,
+)
 
 log = logging.getLogger("densemap.server")
 T = TypeVar("T")
@@ -264,6 +270,7 @@ class ScoringCore:
             raise
         except Exception as exc:
             code, message = status_for(exc)
+            drop_frames(exc)
             message = self.models.client_text(message)
             self.finish(call, code)  # counted before the client can see the status
             await context.abort(code, message)
@@ -286,6 +293,7 @@ class ScoringCore:
         except Exception as exc:
             result = None
             code, message = status_for(exc)
+            drop_frames(exc)
             message = self.models.client_text(message)
             call.release_memory()
         self.finish(call, code)

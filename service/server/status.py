@@ -8,6 +8,7 @@ with an incident id; the traceback goes to the server log, never to the client.
 from __future__ import annotations
 
 import logging
+import traceback
 import uuid
 
 import grpc
@@ -84,6 +85,20 @@ _MEMORY_MESSAGE = (
     "the server ran out of memory for this request: send a smaller image, fewer scales or "
     "a coarser output stride"
 )
+
+
+def drop_frames(exc: BaseException) -> None:
+    """Free what the finished frames of ``exc``'s traceback (and its causes') hold: a
+    failed call's request, image, maps. A failed call's frames stay referenced from
+    cycles (the traceback and the scoring thread's future; gRPC's abort error and the
+    call's state) that only Python's cyclic garbage collector frees, and big buffers do
+    not make it run: refused 192 MB requests stayed resident after their calls ended
+    (issue 19: 5 of them, 916 MiB, after 8 concurrent 8000² calls)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)
+        exc = exc.__cause__ or exc.__context__
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:

@@ -197,6 +197,7 @@ def test_every_flag_has_an_env_twin(monkeypatch, tmp_path):
         "DENSEMAP_MAX_REQUEST_GMACS": "12.5",
         "DENSEMAP_MEMORY_LIMIT": "6G",
         "DENSEMAP_WRITE_TIMEOUT_SECONDS": "20",
+        "DENSEMAP_UPLOAD_GRACE_SECONDS": "2.5",
         "DENSEMAP_MAX_STREAMS": "7",
         "DENSEMAP_MAX_STREAMS_PER_PEER": "2",
         "DENSEMAP_STREAM_IDLE_SECONDS": "30",

@@ -54,8 +54,10 @@ def assert_everything_answers(chan, srv) -> None:
 
 
 def test_64_headers_only_and_40_dripping_calls_leave_probes_and_scoring_served(repo):
-    # 6 scoring threads: the thread-per-call server had 6 threads for all of this
-    srv, port = start_server(repo, scoring_threads=6)
+    # 6 scoring threads: the thread-per-call server had 6 threads for all of this. Each held Score
+    # or ModelInfer call holds room for the largest request (uploads.py): a budget with
+    # room for all 88 (512 MiB each; tests/server/test_server_uploads.py: one without)
+    srv, port = start_server(repo, scoring_threads=6, memory_limit=64 << 30)
     stalled: list[StalledCalls] = []
     try:
         for path in (CHECK, SCORE, INFER, SCORE):

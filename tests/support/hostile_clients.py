@@ -6,6 +6,8 @@ them. Built on the ``h2`` package; used by tests and ``bench_soak``.
 - :class:`UnreadCall`: one call whose request is sent whole, but whose response is never
   read past the flow-control window (the client grants no more); with ``reads=False`` the
   client reads nothing at all from its socket (a frozen client).
+- :class:`UploadCall`: one call that sends its request only as far as the server's
+  flow-control window lets it, and counts the bytes the server let in.
 
 A reader thread per connection (unless ``reads=False``) answers the server's SETTINGS and
 PINGs (an honest peer in every way but the one under test) until :meth:`close`.
@@ -110,6 +112,15 @@ class _Connection:
         finally:
             self.closed.set()
 
+    def status(self, stream_id: int) -> tuple[str | None, str | None]:
+        """(grpc-status, grpc-message) the server sent for ``stream_id``, or Nones."""
+        with self.lock:
+            for event in self.events:
+                headers = dict(getattr(event, "headers", None) or ())
+                if getattr(event, "stream_id", None) == stream_id and "grpc-status" in headers:
+                    return headers["grpc-status"], headers.get("grpc-message")
+        return None, None
+
     def ended_streams(self) -> set[int]:
         with self.lock:
             return {e.stream_id for e in self.events if isinstance(e, h2.events.StreamEnded)}
@@ -181,6 +192,50 @@ class UnreadCall:
 
     def ended(self) -> bool:
         return self.stream in self.connection.ended_streams()
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+class UploadCall:
+    """One call whose ``request`` is sent as far as the server's flow-control window lets
+    it, never waiting for more: :attr:`sent` is how many bytes the server let in."""
+
+    def __init__(self, host: str, port: int, path: str, request: bytes) -> None:
+        self.connection = _Connection(host, port)
+        self.stream = self.connection.open_call(path)
+        self._data = struct.pack(">BI", 0, len(request)) + request
+        self.sent = 0
+        self.send_window()
+
+    def send_window(self) -> int:
+        """Send what the window allows now; the bytes sent so far."""
+        connection = self.connection
+        with connection.lock:
+            while self.sent < len(self._data) and self.stream not in self._ended():
+                room = min(
+                    connection.h2.local_flow_control_window(self.stream),
+                    connection.h2.max_outbound_frame_size,
+                    len(self._data) - self.sent,
+                )
+                if room <= 0:
+                    break
+                end = self.sent + room == len(self._data)
+                try:
+                    connection.h2.send_data(
+                        self.stream, self._data[self.sent : self.sent + room], end_stream=end
+                    )
+                except h2.exceptions.ProtocolError:  # the server closed the stream
+                    break
+                self.sent += room
+        connection.flush()
+        return self.sent
+
+    def _ended(self) -> set[int]:
+        return {e.stream_id for e in self.connection.events if isinstance(e, h2.events.StreamEnded)}
+
+    def status(self) -> tuple[str | None, str | None]:
+        return self.connection.status(self.stream)
 
     def close(self) -> None:
         self.connection.close()
