@@ -34,10 +34,10 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 protos: $(STAMP)
-	$(BIN)/python -m service.protogen
+	$(BIN)/python -m densemap.service.protogen
 
 test: $(STAMP) lint
-	$(BIN)/python -m service.protogen --check
+	$(BIN)/python -m densemap.service.protogen --check
 	$(BIN)/python -m pytest -q
 
 # The edit-run loop: every test not marked slow (slow: over ~3 s on 2 cores), under a minute.

@@ -1,6 +1,6 @@
 """densemap's converter: window classifier -> exact fully-convolutional ONNX model.
 
-Public API (``import convert`` never imports torch; the torch entry points do, lazily):
+Public API (``import densemap.convert as convert`` never imports torch; the torch entry points do, lazily):
 
 - :func:`convert_torch` — a torch ``nn.Module`` classifier to a dense ONNX file;
 - :func:`convert_onnx` — a fixed-size ONNX classifier (any framework) to a dense ONNX file;
@@ -9,10 +9,10 @@ Public API (``import convert`` never imports torch; the torch entry points do, l
 - :func:`fully_convolutional` — the torch-side rewrite alone (returns an ``nn.Module``);
 - :class:`HeadOptions` — kinds, labels, primary head and names of a classifier's heads
   (a torch forward returning a tuple or dict, an ONNX graph with several outputs: one
-  dense map per output, see :mod:`convert.heads`).
+  dense map per output, see :mod:`densemap.convert.heads`).
 
-Both converters end in :func:`convert.pipeline.finish_dense`: geometry from the graph,
-à-trous variants, the metadata contract of :mod:`service.contract`, onnx.checker, one
+Both converters end in :func:`densemap.convert.pipeline.finish_dense`: geometry from the graph,
+à-trous variants, the metadata contract of :mod:`densemap.service.contract`, onnx.checker, one
 onnxruntime run, then an atomic write (nothing is left at the output path on failure).
 """
 
@@ -21,9 +21,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# Imported eagerly: a lazy ``from convert.verify import ...`` would rebind ``convert.verify``
+# Imported eagerly: a lazy ``from densemap.convert.verify import ...`` would rebind ``densemap.convert.verify``
 # to the submodule and shadow this function. verify.py imports no torch at module level.
-from convert.verify import VerifyReport, verify
+from densemap.convert.verify import VerifyReport, verify
 
 __all__ = [
     "VerifyReport",
@@ -52,22 +52,22 @@ def convert_torch(
     int8_calibration: str | os.PathLike | None = None,
 ):
     """Convert a torch classifier trained on ``input_size`` windows; returns a
-    :class:`~convert.pipeline.ConversionResult`. Needs ``pip install 'densemap[convert]'``.
+    :class:`~densemap.convert.pipeline.ConversionResult`. Needs ``pip install 'densemap[convert]'``.
 
     A forward returning a tuple or dict of tensors gives one dense head per output;
-    ``heads`` (a :class:`convert.heads.HeadOptions`) names their kinds, labels, the primary
+    ``heads`` (a :class:`densemap.convert.heads.HeadOptions`) names their kinds, labels, the primary
     head and, for a tuple, the heads' names. ``labels`` are the primary head's.
     ``random_weights=True`` records in the metadata that ``model`` was never trained.
-    ``int8_calibration``: a folder of images; also write int8 copies (:mod:`convert.int8`).
+    ``int8_calibration``: a folder of images; also write int8 copies (:mod:`densemap.convert.int8`).
     ``preprocessing`` is required, as for :func:`convert_onnx` (a module carries no
     normalisation either): a ``Preprocessing``, a preset or a JSON file's path."""
-    from convert.export import export_onnx
-    from convert.from_onnx.global_windows import globalize_at_window
-    from convert.from_torch.fc import convert_classifier
-    from convert.heads import HeadOptions
-    from convert.pipeline import finish_dense
-    from convert.preprocessing import MISSING
-    from service.errors import ConversionError
+    from densemap.convert.export import export_onnx
+    from densemap.convert.from_onnx.global_windows import globalize_at_window
+    from densemap.convert.from_torch.fc import convert_classifier
+    from densemap.convert.heads import HeadOptions
+    from densemap.convert.pipeline import finish_dense
+    from densemap.convert.preprocessing import MISSING
+    from densemap.service.errors import ConversionError
 
     if preprocessing is None:  # never guessed: say how pixels become the model's input
         raise ConversionError(MISSING.replace("--preprocessing ", "preprocessing="))
@@ -100,7 +100,7 @@ def load_onnx_classifier(path: str | os.PathLike):
     """Read an ONNX file, turning every read failure into a clear ConversionError."""
     import onnx
 
-    from service.errors import ConversionError
+    from densemap.service.errors import ConversionError
 
     path = Path(path)
     if not path.is_file():
@@ -129,15 +129,15 @@ def convert_onnx(
 ):
     """Convert a fixed-size ONNX classifier; the window R is its input size. Every graph
     output is a head, named as in the graph; ``heads`` (a
-    :class:`convert.heads.HeadOptions`) names kinds, labels and the primary head.
-    ``preprocessing`` is required: a :class:`~service.contract.Preprocessing`, a preset
-    (``"imagenet"``, ``"caffe"``, ``"unit"``, ``"none"``: :mod:`convert.preprocessing`) or
+    :class:`densemap.convert.heads.HeadOptions`) names kinds, labels and the primary head.
+    ``preprocessing`` is required: a :class:`~densemap.service.contract.Preprocessing`, a preset
+    (``"imagenet"``, ``"caffe"``, ``"unit"``, ``"none"``: :mod:`densemap.convert.preprocessing`) or
     a JSON file's path. ``int8_calibration``: a folder of images; also write int8 copies
-    (:mod:`convert.int8`)."""
-    from convert.from_onnx.fc_head import classifier_window, rewrite_fc_head
-    from convert.pipeline import finish_dense
-    from convert.preprocessing import MISSING
-    from service.errors import ConversionError
+    (:mod:`densemap.convert.int8`)."""
+    from densemap.convert.from_onnx.fc_head import classifier_window, rewrite_fc_head
+    from densemap.convert.pipeline import finish_dense
+    from densemap.convert.preprocessing import MISSING
+    from densemap.service.errors import ConversionError
 
     if preprocessing is None:  # an ONNX graph carries no normalisation: never guess it
         raise ConversionError(MISSING.replace("--preprocessing ", "preprocessing="))
@@ -159,7 +159,7 @@ def convert_onnx(
 
 def _onnx_heads(heads):
     """An ONNX classifier's outputs are named in its graph: names cannot be given."""
-    from service.errors import ConversionError
+    from densemap.service.errors import ConversionError
 
     if heads is not None and heads.names:
         raise ConversionError(
@@ -171,15 +171,15 @@ def _onnx_heads(heads):
 
 def __getattr__(name: str):
     if name == "fully_convolutional":
-        from convert.from_torch.fc import fully_convolutional
+        from densemap.convert.from_torch.fc import fully_convolutional
 
         return fully_convolutional
     if name == "HeadOptions":
-        from convert.heads import HeadOptions
+        from densemap.convert.heads import HeadOptions
 
         return HeadOptions
     if name == "ConversionResult":
-        from convert.pipeline import ConversionResult
+        from densemap.convert.pipeline import ConversionResult
 
         return ConversionResult
     raise AttributeError(f"module 'convert' has no attribute {name!r}")

@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from convert.from_onnx.graph import (
+from densemap.convert.from_onnx.graph import (
     WINDOW_OPS,
     GraphIndex,
     attributes,
@@ -35,8 +35,8 @@ from convert.from_onnx.graph import (
     set_attribute,
     window_params,
 )
-from convert.geometry import trace_graph
-from service.errors import ConversionError
+from densemap.convert.geometry import trace_graph
+from densemap.service.errors import ConversionError
 
 Pair = tuple[int, int]
 AVERAGE_POOL_DILATION_OPSET = 19

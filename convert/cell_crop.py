@@ -23,8 +23,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from convert.from_onnx.graph import image_input, opset_version
-from service.errors import ConversionError
+from densemap.convert.from_onnx.graph import image_input, opset_version
+from densemap.service.errors import ConversionError
 
 Pair = tuple[int, int]
 SLICE_INPUTS_OPSET = 10  # Slice reads starts/ends from tensors from opset 10 on

@@ -1,6 +1,6 @@
 """The original classifier, run on window crops for ``--verify``: a torch module or an ONNX
 file, in float32 or float64 (onnxruntime has no double Conv: float64 ONNX runs go through
-onnx's reference evaluator, :class:`convert.runtime.Float64Runner`).
+onnx's reference evaluator, :class:`densemap.convert.runtime.Float64Runner`).
 
 Its outputs come back by head name (:func:`by_head`): one tensor, a tuple or ONNX outputs
 (in the dense graph's output order, which is the forward's), or a dict (by key)."""
@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from convert.from_onnx.canonical import runnable_classifier
-from convert.from_onnx.graph import image_input
-from convert.runtime import Float64Runner, OrtRunner
-from service.contract import Geometry
-from service.errors import ConversionError
+from densemap.convert.from_onnx.canonical import runnable_classifier
+from densemap.convert.from_onnx.graph import image_input
+from densemap.convert.runtime import Float64Runner, OrtRunner
+from densemap.service.contract import Geometry
+from densemap.service.errors import ConversionError
 
 Pair = tuple[int, int]
 Run = Callable[[np.ndarray], dict[str, np.ndarray]]

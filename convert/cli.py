@@ -6,7 +6,7 @@
     densemap convert DETECTOR.onnx -o DENSE.onnx --head boxes=regression [--primary-head scores]
     densemap convert CLASSIFIER.onnx -o DIR/model.onnx --int8-calibration IMAGES_DIR  # + int8
 
-The flags and how they are read live in :mod:`convert.flags`; this module runs the command.
+The flags and how they are read live in :mod:`densemap.convert.flags`; this module runs the command.
 Light to import: torch is imported inside :func:`run`, and only for ``--arch``.
 Every bad input ends in one line on stderr and a non-zero exit; nothing is left at the
 output path (``--debug`` shows the traceback).
@@ -18,7 +18,7 @@ import argparse
 import logging
 import sys
 
-from convert.flags import (
+from densemap.convert.flags import (
     add_arguments,
     check_arguments,
     parse_size,
@@ -28,7 +28,7 @@ from convert.flags import (
     read_labels,
     read_preprocessing,
 )
-from service.errors import ConversionError, DensemapError
+from densemap.service.errors import ConversionError, DensemapError
 
 __all__ = ["add_arguments", "run"]  # the subcommand's interface (service/cli.py)
 
@@ -44,8 +44,8 @@ def _convert_arch(args, labels, preprocessing, strides, heads):
         import torch  # noqa: F401
     except ImportError:
         raise ConversionError(TORCH_MISSING) from None
-    from convert import archs, convert_torch
-    from convert.from_torch.weights import load_weights
+    from densemap.convert import archs, convert_torch
+    from densemap.convert.from_torch.weights import load_weights
 
     spec = archs.get_spec(args.arch)
     size = parse_size(args.input_size, "--input-size") if args.input_size else spec.input_size
@@ -138,9 +138,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from convert import convert_onnx, verify
-    from convert.int8 import agreement_warning
-    from convert.verify import precision_table
+    from densemap.convert import convert_onnx, verify
+    from densemap.convert.int8 import agreement_warning
+    from densemap.convert.verify import precision_table
 
     if not getattr(args, "debug", False):  # the exporters' optimiser logs every pass at INFO
         for name in QUIET_LOGGERS:
@@ -189,7 +189,7 @@ def _run(args: argparse.Namespace) -> int:
             return 1
         print(precision_table(result.path))
     if detection_settings:
-        from service.engine.model_settings import write_detection_settings
+        from densemap.service.engine.model_settings import write_detection_settings
 
         written = write_detection_settings(result.path.parent, detection_settings)
         print(f"wrote {written}: detections {detection_settings}")

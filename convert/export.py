@@ -1,7 +1,7 @@
 """Export torch modules to ONNX, in memory and quietly.
 
 - :func:`export_onnx` exports a fully-convolutional module (from
-  :func:`convert.from_torch.fc.fully_convolutional`) with the torch.export-based exporter
+  :func:`densemap.convert.from_torch.fc.fully_convolutional`) with the torch.export-based exporter
   (``dynamo=True``) and dynamic batch, height and width.
 - :func:`export_classifier_onnx` exports an original fixed-size classifier with either
   exporter, as users do before ``densemap convert MODEL.onnx``: the legacy TorchScript
@@ -30,8 +30,8 @@ import onnx
 import torch
 from torch import nn
 
-from convert.from_torch.trace import normalize_size
-from service.errors import ConversionError
+from densemap.convert.from_torch.trace import normalize_size
+from densemap.service.errors import ConversionError
 
 PROTOBUF_LIMIT = 2**31 - 1
 # Headroom for the graph itself when deciding whether weights fit inline.

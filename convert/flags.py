@@ -5,7 +5,7 @@
 their values into what the converter takes, and :func:`check_arguments` refuses
 combinations that cannot work. A malformed head flag or an unknown kind is an argparse
 usage error (exit 2); a head name the model does not have is refused once the model is read,
-naming the heads it has (exit 2, see :func:`convert.heads.resolve_heads`). :mod:`convert.cli`
+naming the heads it has (exit 2, see :func:`densemap.convert.heads.resolve_heads`). :mod:`densemap.convert.cli`
 runs the command.
 """
 
@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from service.engine.options import (
+from densemap.service.engine.options import (
     DEFAULT_DETECTION_THRESHOLD,
     DEFAULT_MAX_DETECTIONS,
     DEFAULT_NMS_IOU,
     DetectionDefaults,
 )
-from service.errors import ConversionError, InvalidOption
+from densemap.service.errors import ConversionError, InvalidOption
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -176,7 +176,7 @@ def _name_value(text: str, value: str) -> tuple[str, str]:
 
 def _head_kind(text: str) -> tuple[str, str]:
     """``--head NAME=KIND``: argparse reports a bad one as a usage error (exit 2)."""
-    from service.contract import HEAD_KINDS
+    from densemap.service.contract import HEAD_KINDS
 
     name, kind = _name_value(text, "KIND")
     if kind not in HEAD_KINDS:
@@ -213,7 +213,7 @@ def parse_strides(text: str | None) -> list[tuple[int, int]]:
 def read_labels(path: Path | None, flag: str = "--labels ") -> tuple[str, ...]:
     if path is None:
         return ()
-    from service.contract import parse_labels
+    from densemap.service.contract import parse_labels
 
     try:
         labels = parse_labels(path.read_text(encoding="utf-8"))
@@ -226,7 +226,7 @@ def read_labels(path: Path | None, flag: str = "--labels ") -> tuple[str, ...]:
 
 def read_preprocessing(value: str | None):
     """A preset name as it is (the model's layout adapts it), a JSON file read now."""
-    from convert.preprocessing import PRESETS, read_file
+    from densemap.convert.preprocessing import PRESETS, read_file
 
     if value is None or value in PRESETS:
         return value
@@ -268,7 +268,7 @@ def check_arguments(args) -> None:
     elif args.weights is not None and args.random_weights:
         raise ConversionError("give --weights or --random-weights, not both")
     if args.classifier is not None and args.preprocessing is None:
-        from convert.preprocessing import MISSING
+        from densemap.convert.preprocessing import MISSING
 
         raise ConversionError(MISSING)
     if args.classifier is not None and args.classifier.resolve() == args.output.resolve():
@@ -277,7 +277,7 @@ def check_arguments(args) -> None:
 
 def read_head_options(args):
     """The --head, --head-labels and --primary-head flags as HeadOptions."""
-    from convert.heads import HeadOptions
+    from densemap.convert.heads import HeadOptions
 
     labels = [
         (name, read_labels(path, f"--head-labels {name}=")) for name, path in args.head_labels

@@ -14,8 +14,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from convert.from_onnx.graph import GraphIndex, attributes, node_label
-from service.errors import ConversionError
+from densemap.convert.from_onnx.graph import GraphIndex, attributes, node_label
+from densemap.service.errors import ConversionError
 
 MOVEMENT_OPS = frozenset({"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
 PASS_OPS = frozenset({"Identity", "Dropout"})

@@ -5,7 +5,7 @@ Large float32 weights read only as a Conv kernel or a Gemm/MatMul operand stay f
 are fed as inputs: the convolution promotes them to float64 exactly, and Gemm/MatMul here
 cast them in blocks of columns, so a VGG's 500 MB of weights are held once, never as a
 float64 copy (1 GB) beside the proto they came from. :func:`detach_weights` splits a model
-into such weights and a light graph, shared with onnxruntime (:func:`convert.runtime.cpu_session`).
+into such weights and a light graph, shared with onnxruntime (:func:`densemap.convert.runtime.cpu_session`).
 """
 
 from __future__ import annotations

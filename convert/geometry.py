@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 
 import onnx
 
-from convert.from_onnx.graph import (
+from densemap.convert.from_onnx.graph import (
     BINARY_OPS,
     CHANNEL_AXIS_OPS,
     COLLAPSE_OPS,
@@ -37,9 +37,9 @@ from convert.from_onnx.graph import (
     topological_nodes,
     window_params,
 )
-from convert.from_onnx.local_ops import local_field
-from service.contract import Geometry
-from service.errors import ConversionError
+from densemap.convert.from_onnx.local_ops import local_field
+from densemap.service.contract import Geometry
+from densemap.service.errors import ConversionError
 
 Pair = tuple[int, int]
 
@@ -295,7 +295,7 @@ def trace_graph(
 def compute_geometry(
     model: onnx.ModelProto, *, window: Pair, output: str | None = None
 ) -> Geometry:
-    """The :class:`~service.contract.Geometry` of a dense model for training window R, at
+    """The :class:`~densemap.service.contract.Geometry` of a dense model for training window R, at
     its output named ``output`` (default: the first)."""
     window = (window, window) if isinstance(window, int) else tuple(window)
     trace = trace_graph(model)

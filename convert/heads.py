@@ -3,7 +3,7 @@
 A classifier may compute several outputs from one trunk: class scores plus box regression
 (and landmarks), as OverFeat's localisation or the cascade face detectors do. Every output
 becomes a dense map with the model's geometry and is described in the metadata as a
-:class:`service.contract.Head`. This module turns what the converter read from the dense
+:class:`densemap.service.contract.Head`. This module turns what the converter read from the dense
 graph (each output's name and final op) and what the user asked for (:class:`HeadOptions`)
 into the contract's heads, primary first:
 
@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from convert.geometry import compute_geometry
-from service.contract import HEAD_KINDS, OUTPUT_KINDS, Geometry, Head
-from service.errors import ConversionError, ModelLoadError
+from densemap.convert.geometry import compute_geometry
+from densemap.service.contract import HEAD_KINDS, OUTPUT_KINDS, Geometry, Head
+from densemap.service.errors import ConversionError, ModelLoadError
 
 FINAL_OPS = {"Softmax": "softmax", "LogSoftmax": "log_softmax", "Sigmoid": "sigmoid"}
 # Final ops the converter recognises -> the contract's kind. Log-probabilities are logits

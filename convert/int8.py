@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from service.contract import Int8Copies, Pair, Preprocessing, Variant
-from service.errors import ConversionError, DensemapError
+from densemap.service.contract import Int8Copies, Pair, Preprocessing, Variant
+from densemap.service.errors import ConversionError, DensemapError
 
 DEFAULT_AGREEMENT_FLOOR = 0.99  # argmax agreement with fp32 on the calibration images
 DEFAULT_MAX_CALIBRATION_IMAGES = 64
@@ -92,7 +92,7 @@ class CalibrationImages:
         return len(self._pixels)
 
     def __iter__(self):
-        from service.engine.image_input import preprocess
+        from densemap.service.engine.image_input import preprocess
 
         for pixels in self._pixels:
             image_chw = preprocess(pixels, self._preprocessing)
@@ -113,7 +113,7 @@ def read_calibration_images(
     ``max_side``; ConversionError, naming the folder or the file and what to do, for a
     missing folder, a folder without images, an unreadable image or one smaller than the
     window."""
-    from service.engine.image_input import decode
+    from densemap.service.engine.image_input import decode
 
     files = check_calibration_folder(Path(folder))
     crops = []
@@ -152,7 +152,7 @@ def _quiet_quantizer():
 
 def quantize_net(fp32: Path, int8: Path, inputs: CalibrationImages, input_name: str) -> None:
     """Write the static QDQ int8 copy of ``fp32`` at ``int8``, calibrated on ``inputs``."""
-    from service.engine.onnxruntime_package import import_onnxruntime
+    from densemap.service.engine.onnxruntime_package import import_onnxruntime
 
     import_onnxruntime()  # the install checked before onnxruntime.quantization is imported
     from onnxruntime.quantization import (
@@ -189,7 +189,7 @@ def quantize_net(fp32: Path, int8: Path, inputs: CalibrationImages, input_name: 
 
 
 def _session(path: Path):
-    from convert.runtime import cpu_session
+    from densemap.convert.runtime import cpu_session
 
     session = cpu_session(os.fspath(path))
     return session, session.get_inputs()[0].name
@@ -198,7 +198,7 @@ def _session(path: Path):
 def measure(nets: Sequence[NetPaths], inputs, *, output_name: str, probabilities: bool):
     """(cells, max probability deviation, max logit deviation, worst argmax agreement) of
     the int8 copies against their fp32 nets on ``inputs`` (one image's maps at a time)."""
-    from service.engine.precision import compare_maps
+    from densemap.service.engine.precision import compare_maps
 
     cells, prob, logit, agreement = 0, 0.0, 0.0, 1.0
     for net in nets:

@@ -7,14 +7,14 @@ R + 2S, and only then moves the files into place. Nothing is left at the output 
 when any step fails: the files are written into a temporary folder beside the output and
 renamed with ``os.replace``.
 
-Every output of the dense model is a head (:mod:`convert.heads`): one geometry for all,
+Every output of the dense model is a head (:mod:`densemap.convert.heads`): one geometry for all,
 each named, typed and labelled in the metadata (contract version 2), the primary first.
 
 Cell cropping rule: a dense trunk may return more cells than n = (W - R) // S + 1 per axis
 (ceil_mode pooling, or a trunk that ignores trailing pixels of R). Every written model,
-variants included, crops its outputs to exactly n in the graph (:mod:`convert.cell_crop`,
+variants included, crops its outputs to exactly n in the graph (:mod:`densemap.convert.cell_crop`,
 from the input's dynamic shape), so it stands alone in any runtime; the engine and
-:mod:`convert.verify` still keep the first n of older models that return more.
+:mod:`densemap.convert.verify` still keep the first n of older models that return more.
 """
 
 from __future__ import annotations
@@ -30,23 +30,29 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from convert.atrous import make_atrous, supported_strides
-from convert.cell_crop import crop_to_cells
-from convert.from_onnx.graph import image_input, static_dims
-from convert.geometry import compute_geometry, trace_graph
-from convert.heads import (
+from densemap.convert.atrous import make_atrous, supported_strides
+from densemap.convert.cell_crop import crop_to_cells
+from densemap.convert.from_onnx.graph import image_input, static_dims
+from densemap.convert.geometry import compute_geometry, trace_graph
+from densemap.convert.heads import (
     HeadOptions,
     check_channels,
     dense_outputs,
     heads_geometry,
     resolve_heads,
 )
-from convert.int8 import NetPaths, check_calibration_folder, int8_file, int8_files, make_int8_copies
-from convert.preprocessing import preset as preprocessing_preset
-from convert.preprocessing import resolve as resolve_preprocessing
-from convert.runtime import cpu_session, image_shape, numpy_dtype, run_outputs
-from service.contract import METADATA_KEY, Geometry, ModelMetadata, Preprocessing, Variant
-from service.errors import ConversionError, ModelLoadError
+from densemap.convert.int8 import (
+    NetPaths,
+    check_calibration_folder,
+    int8_file,
+    int8_files,
+    make_int8_copies,
+)
+from densemap.convert.preprocessing import preset as preprocessing_preset
+from densemap.convert.preprocessing import resolve as resolve_preprocessing
+from densemap.convert.runtime import cpu_session, image_shape, numpy_dtype, run_outputs
+from densemap.service.contract import METADATA_KEY, Geometry, ModelMetadata, Preprocessing, Variant
+from densemap.service.errors import ConversionError, ModelLoadError
 
 Pair = tuple[int, int]
 EXTERNAL_DATA_THRESHOLD = 2_000_000_000  # bytes of weights; protobuf's hard limit is 2 GiB
@@ -174,10 +180,10 @@ def finish_dense(
 ) -> ConversionResult:
     """Check ``dense``, add its metadata and variants, and write them atomically.
 
-    Every output of ``dense`` is a head (:mod:`convert.heads`); ``labels`` are the primary
+    Every output of ``dense`` is a head (:mod:`densemap.convert.heads`); ``labels`` are the primary
     head's, ``heads`` names kinds, labels and the primary head. ``random_weights`` records
     in the metadata that the weights were never trained. ``int8_calibration``: a folder of
-    images; every net also gets an int8 copy calibrated on them (:mod:`convert.int8`),
+    images; every net also gets an int8 copy calibrated on them (:mod:`densemap.convert.int8`),
     recorded in the metadata with its measured deviation from fp32."""
     output = Path(output)
     if output.is_dir():
@@ -287,7 +293,7 @@ def _stage(staging: Path, output: Path, dense, metadata, variants, int8_calibrat
 
 def _stage_int8(staging: Path, output: Path, metadata, calibration: Path) -> ModelMetadata:
     """Write the int8 copy of every staged net (main first) and return the metadata that
-    records them (:mod:`convert.int8`)."""
+    records them (:mod:`densemap.convert.int8`)."""
     nets = [
         NetPaths(staging / output.name, staging / int8_file(output.name), metadata.geometry.stride)
     ]

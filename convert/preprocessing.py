@@ -1,7 +1,7 @@
 """The preprocessing a converted model records: given by the user, never guessed.
 
 A dense model's metadata says how raw pixels become its input, ``(pixel * scale - mean) /
-std`` in a colour order (:class:`service.contract.Preprocessing`), and every map the
+std`` in a colour order (:class:`densemap.service.contract.Preprocessing`), and every map the
 service computes depends on it. An ONNX classifier or a torch module carries no normalisation, so
 converting one without it is refused (``--preprocessing`` on the command line, the
 ``preprocessing`` argument in Python); the built-in ``--arch`` networks bring torchvision's. It is given as a JSON file or as one of
@@ -20,8 +20,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from service.contract import Preprocessing
-from service.errors import ConversionError, ModelLoadError
+from densemap.service.contract import Preprocessing
+from densemap.service.errors import ConversionError, ModelLoadError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -6,12 +6,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from convert.float64 import Float64Runner, to_float64
-from service.errors import ConversionError
+from densemap.convert.float64 import Float64Runner, to_float64
+from densemap.service.errors import ConversionError
 
 __all__ = ["Float64Runner", "OrtRunner", "cpu_session", "to_float64"]
 
-if TYPE_CHECKING:  # onnxruntime is imported when a session is made: `import convert` stays light
+if TYPE_CHECKING:  # onnxruntime is imported when a session is made: `import densemap.convert as convert` stays light
     import onnxruntime as ort
 
 ORT_DTYPES = {
@@ -28,7 +28,7 @@ def cpu_session(model: str | bytes, *, low_memory: bool = False) -> ort.Inferenc
     model's size: basic graph optimizations only (the extended ones make transformed copies
     of every conv weight: several times the file's size; docs/convert.md "--verify") and no
     pre-packed copies of the weights."""
-    from service.engine.onnxruntime_package import ort  # checks the install first
+    from densemap.service.engine.onnxruntime_package import ort  # checks the install first
 
     options = ort.SessionOptions()
     options.log_severity_level = 3  # no per-session warnings about missing CUDA
@@ -64,7 +64,7 @@ def run_outputs(
     session: ort.InferenceSession, image: np.ndarray, weights=None
 ) -> dict[str, np.ndarray]:
     """Every output of one run, by name, in the graph's order; ``weights`` are fed to the
-    inputs after the image (:func:`convert.float64.detach_weights`)."""
+    inputs after the image (:func:`densemap.convert.float64.detach_weights`)."""
     names = [output.name for output in session.get_outputs()]
     try:
         values = session.run(names, {session.get_inputs()[0].name: image, **(weights or {})})

@@ -27,15 +27,15 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from convert.from_onnx.graph import (
+from densemap.convert.from_onnx.graph import (
     META_OPS,
     GraphIndex,
     attributes,
     image_input,
     topological_nodes,
 )
-from convert.geometry import detect_layout, trace_graph
-from service.errors import ConversionError
+from densemap.convert.geometry import detect_layout, trace_graph
+from densemap.service.errors import ConversionError
 
 Pair = tuple[int, int]
 MIN_IR_VERSION = 4  # initializers need not be graph inputs: the parts list none as inputs

@@ -2,11 +2,11 @@
 
 For each image size (R + 3S plus a remainder, non-square by default) the reference is the
 classifier's **own head on every window of its own trunk's output** over the whole image
-(:mod:`convert.trunk_windows`: the classifier is cut where its head starts at R): exact for
+(:mod:`densemap.convert.trunk_windows`: the classifier is cut where its head starts at R): exact for
 every net, zero padding included, so a wrong rewrite fails whatever the net. Each net (the
 main model, then every variant at its finer stride T) runs once, and its map is cropped to
 n = (W - R) // T + 1 cells per axis (written models already return exactly n). Each row's
-max |difference| is held to the limit of :mod:`convert.verify_limits`: a multiple of the
+max |difference| is held to the limit of :mod:`densemap.convert.verify_limits`: a multiple of the
 classifier's own float32 rounding, measured against float64 on windows of size R, with a
 floor relative to the scores. A model with several heads is compared head by head.
 
@@ -39,19 +39,19 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from convert import verify_limits
-from convert.classifier_runner import crop_batches
-from convert.pipeline import read_metadata
-from convert.runtime import Float64Runner, OrtRunner
-from convert.verify_limits import Tolerance
-from convert.verify_reference import Reference
-from convert.verify_report import (
+from densemap.convert import verify_limits
+from densemap.convert.classifier_runner import crop_batches
+from densemap.convert.pipeline import read_metadata
+from densemap.convert.runtime import Float64Runner, OrtRunner
+from densemap.convert.verify_limits import Tolerance
+from densemap.convert.verify_reference import Reference
+from densemap.convert.verify_report import (
     VerifyReport,
     VerifyRow,
 )
-from convert.verify_rows import Check, Expected, add_module_maps, on_trunk_grid
-from service.contract import Geometry, ModelMetadata
-from service.errors import ConversionError
+from densemap.convert.verify_rows import Check, Expected, add_module_maps, on_trunk_grid
+from densemap.service.contract import Geometry, ModelMetadata
+from densemap.service.errors import ConversionError
 
 __all__ = ["VerifyReport", "VerifyRow", "default_sizes", "precision_table", "verify"]
 
@@ -249,7 +249,7 @@ def precision_table(dense_path: str | os.PathLike, *, seed: int = 0) -> str:
     int8 copies (``--int8-calibration``): as measured on the calibration images when they
     were made (random noise is not what int8 was calibrated on).
     """
-    from service.engine import Engine, EngineConfig
+    from densemap.service.engine import Engine, EngineConfig
 
     engine = Engine(dense_path, config=EngineConfig(warmup=False))
     geometry = engine.metadata.geometry

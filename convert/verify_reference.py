@@ -1,6 +1,6 @@
 """What ``--verify`` compares a dense model with: the classifier on windows of R and crops,
 and the exact reference, its own head on every window of its own trunk's output
-(:mod:`convert.trunk_windows`).
+(:mod:`densemap.convert.trunk_windows`).
 
 An ONNX classifier is split once into trunk and head; the classifier on a window is then
 head(trunk(window)), the same ops, so the whole classifier is never held beside its two
@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from convert.classifier_runner import CROP_BATCH, Classifier, by_head, run_in_batches
-from convert.float64 import Float64Runner, detach_weights
-from convert.runtime import OrtRunner
-from convert.trunk_windows import Cut, TrunkNotDense, find_cut, split
-from service.errors import ConversionError
+from densemap.convert.classifier_runner import CROP_BATCH, Classifier, by_head, run_in_batches
+from densemap.convert.float64 import Float64Runner, detach_weights
+from densemap.convert.runtime import OrtRunner
+from densemap.convert.trunk_windows import Cut, TrunkNotDense, find_cut, split
+from densemap.service.errors import ConversionError
 
 Pair = tuple[int, int]
 
@@ -32,7 +32,7 @@ class _Parts:
 
     def __init__(self, detached, cut: Cut, dtype) -> None:
         """``detached``: [(light trunk, its weights), (light head, its weights)], the weights
-        shared by every runner made from them (:func:`convert.float64.detach_weights`)."""
+        shared by every runner made from them (:func:`densemap.convert.float64.detach_weights`)."""
         batch = detached[0][0].graph.input[0].type.tensor_type.shape.dim[0]
         self.fixed_batch = batch.dim_value if batch.HasField("dim_value") else None
         self.cut = cut
@@ -100,7 +100,7 @@ class _Parts:
 
 class Reference:
     """The classifier for one verification: ``classify`` (windows, crops; a
-    :class:`~convert.classifier_runner.Classifier`-like object) and
+    :class:`~densemap.convert.classifier_runner.Classifier`-like object) and
     :meth:`trunk_windows`, the exact reference, unless ``exact_unavailable`` says why not."""
 
     def __init__(self, classifier, dtype, names: list[str], *, window: Pair, channels: int):
@@ -165,7 +165,7 @@ class Reference:
 
 class _PartsClassifier:
     """An ONNX classifier run as head(trunk(window)): the interface of
-    :class:`~convert.classifier_runner.Classifier`."""
+    :class:`~densemap.convert.classifier_runner.Classifier`."""
 
     torch_module = None
 
@@ -201,7 +201,7 @@ def _export(module, window: Pair, channels: int, dtype: np.dtype, names) -> onnx
     """The torch classifier as an ONNX file at R (in memory), for cutting."""
     import torch
 
-    from convert.export import export_classifier_onnx
+    from densemap.convert.export import export_classifier_onnx
 
     wanted = torch.float64 if dtype == np.float64 else torch.float32
     errors = []

@@ -13,7 +13,7 @@ from __future__ import annotations
 import textwrap
 from dataclasses import dataclass
 
-from convert.verify_limits import Tolerance
+from densemap.convert.verify_limits import Tolerance
 
 Pair = tuple[int, int]
 WHOLE_WINDOW = "classifier, whole window"

@@ -1,4 +1,4 @@
-"""The rows of ``--verify`` (:mod:`convert.verify`): the references of every image, computed
+"""The rows of ``--verify`` (:mod:`densemap.convert.verify`): the references of every image, computed
 before any dense net runs (:class:`Expected`), then each net against them (:class:`Check`).
 """
 
@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from convert.classifier_runner import crop_scores
-from convert.trunk_windows import TrunkNotDense
-from convert.verify_reference import Reference
-from convert.verify_report import (
+from densemap.convert.classifier_runner import crop_scores
+from densemap.convert.trunk_windows import TrunkNotDense
+from densemap.convert.verify_reference import Reference
+from densemap.convert.verify_report import (
     CROPS,
     HEAD_ON_TRUNK,
     NATIVE_MAP,
@@ -17,7 +17,7 @@ from convert.verify_report import (
     WHOLE_WINDOW,
     VerifyRow,
 )
-from service.contract import Geometry, ModelMetadata
+from densemap.service.contract import Geometry, ModelMetadata
 
 Pair = tuple[int, int]
 
@@ -79,7 +79,7 @@ class Expected:
 
 def add_module_maps(classify, geometry: Geometry, images, references, bar) -> None:
     """The converted torch module's maps (padded torch path: an extra row)."""
-    from convert.from_torch.fc import fully_convolutional
+    from densemap.convert.from_torch.fc import fully_convolutional
 
     module = fully_convolutional(classify.torch_module, input_size=geometry.window)
     for image, found in zip(images, references, strict=True):

@@ -13,8 +13,8 @@ import logging
 import os
 import sys
 
-from service import __version__
-from service.errors import DensemapError
+from densemap.service import __version__
+from densemap.service.errors import DensemapError
 
 DESCRIPTION = (
     "Dense CNN scoring: convert a window classifier into a fully-convolutional ONNX model, "
@@ -27,13 +27,16 @@ DEBUG_HELP = "show tracebacks and debug logs (before or after the command)"
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "convert": (
-        "convert.cli",
+        "densemap.convert.cli",
         "convert a classifier into a dense (fully-convolutional) ONNX model",
     ),
-    "serve": ("service.serve_cli", "serve a model repository over gRPC"),
-    "score": ("service.score_cli", "score image files and folders into maps and heat-maps"),
-    "render": ("service.render_cli", "redraw heat-maps from a score run's saved maps"),
-    "health": ("service.health_cli", "ask a server's health service (exec probes, TLS)"),
+    "serve": ("densemap.service.serve_cli", "serve a model repository over gRPC"),
+    "score": (
+        "densemap.service.score_cli",
+        "score image files and folders into maps and heat-maps",
+    ),
+    "render": ("densemap.service.render_cli", "redraw heat-maps from a score run's saved maps"),
+    "health": ("densemap.service.health_cli", "ask a server's health service (exec probes, TLS)"),
 }
 
 

@@ -1,6 +1,6 @@
 """Python client of ``densemap serve`` (densemap.v1): numpy in, numpy out, no protobuf.
 
-    from service.client import DensemapClient
+    from densemap.service.client import DensemapClient
 
     with DensemapClient("localhost:50051") as client:
         print([m.name for m in client.list_models()])
@@ -11,7 +11,7 @@
         found = client.score("page.png", model="digits", detections=True).detections
         x0, y0, x1, y1 = found[0].box                  # original-image pixels
 
-``score`` returns the engine's own :class:`~service.engine.result.ScoreResult` type, so code
+``score`` returns the engine's own :class:`~densemap.service.engine.result.ScoreResult` type, so code
 works the same with a local ``Engine`` and a remote server. Failures raise
 :class:`RemoteError` (a ``DensemapError``) carrying the gRPC status code.
 """
@@ -26,21 +26,21 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service._proto.densemap.v1 import densemap_pb2 as pb
-from service._proto.densemap.v1 import densemap_pb2_grpc as pb_grpc
-from service.contract import Geometry, Preprocessing
-from service.engine.heads import HeadInfo
-from service.engine.options import DetectionOptions, ScoreOptions
-from service.engine.result import PrecisionReport, ScoreResult
-from service.errors import DensemapError, InvalidOption
-from service.server.codec import (
+from densemap.service._proto.densemap.v1 import densemap_pb2 as pb
+from densemap.service._proto.densemap.v1 import densemap_pb2_grpc as pb_grpc
+from densemap.service.contract import Geometry, Preprocessing
+from densemap.service.engine.heads import HeadInfo
+from densemap.service.engine.options import DetectionOptions, ScoreOptions
+from densemap.service.engine.result import PrecisionReport, ScoreResult
+from densemap.service.errors import DensemapError, InvalidOption
+from densemap.service.server.codec import (
     image_to_proto,
     options_to_proto,
     precision_report_from_proto,
     result_from_response,
 )
-from service.server.config import DEFAULT_MAX_MESSAGE_BYTES
-from service.server.head_codec import model_heads_from_proto
+from densemap.service.server.config import DEFAULT_MAX_MESSAGE_BYTES
+from densemap.service.server.head_codec import model_heads_from_proto
 
 DEFAULT_TARGET = "localhost:50051"
 _OPTION_NAMES = tuple(f.name for f in fields(ScoreOptions))
@@ -220,7 +220,7 @@ class DensemapClient:
     ) -> ScoreResult:
         """Score one image: encoded bytes, a file path, uint8 HxW(xC) or float32 CxHxW.
 
-        ``options`` are :class:`~service.engine.options.ScoreOptions` fields
+        ``options`` are :class:`~densemap.service.engine.options.ScoreOptions` fields
         (output_stride, scales, probabilities, dtype, top_k, classes, argmax,
         include_map, image_top_k, precision, detections: a ``DetectionOptions`` or True for
         the defaults, heads: the extra heads to return, None = all, () = none). Each

@@ -63,7 +63,7 @@ import math
 import warnings
 from dataclasses import asdict, dataclass, field
 
-from service.errors import ModelLoadError
+from densemap.service.errors import ModelLoadError
 
 CONTRACT_VERSION = 2
 METADATA_KEY = "densemap"

@@ -14,7 +14,7 @@ The exception tree, drawn once::
     └── RuntimeNotInstalled       no onnxruntime package installed, or two (also an ImportError)
 
 Every message says what was wrong and what to do. The server maps these classes to
-gRPC status codes in one table (``service.server.status``); nothing else decides codes.
+gRPC status codes in one table (``densemap.service.server.status``); nothing else decides codes.
 """
 
 from __future__ import annotations

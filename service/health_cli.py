@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from service.errors import InvalidOption
+from densemap.service.errors import InvalidOption
 
 DEFAULT_SERVER = "localhost:50051"
 NOT_SERVING_EXIT = 1

@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from service.batch.render import render_run
+    from densemap.service.batch.render import render_run
 
     outcome = render_run(args.out_dir, heatmap_class=args.heatmap_class)
     print(f"densemap render: drew {outcome.drawn}, failed {outcome.failed} heat-map(s)")

@@ -10,17 +10,17 @@ import os
 import re
 import sys
 
-from service.batch.storage import MAP_DTYPES, SAVE_MODES
-from service.engine.options import (
+from densemap.service.batch.storage import MAP_DTYPES, SAVE_MODES
+from densemap.service.engine.options import (
     AVAILABLE_PRECISIONS,
     DEFAULT_DETECTION_THRESHOLD,
     DEFAULT_MAX_DETECTIONS,
     DEFAULT_MAX_PIXELS,
     DEFAULT_NMS_IOU,
 )
-from service.engine.repository import MODELS_HELP
-from service.errors import InvalidOption
-from service.plain_numbers import parse_decimal, parse_integer
+from densemap.service.engine.repository import MODELS_HELP
+from densemap.service.errors import InvalidOption
+from densemap.service.plain_numbers import parse_decimal, parse_integer
 
 _SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _RAY_ADDRESS = re.compile(r"auto|local|[a-z][a-z0-9+]*://\S+|[\w.\-]+:\d+")
@@ -219,7 +219,7 @@ def split_ray_address(ray: str | None, paths: list[str]) -> tuple[str | None, li
 
 def detection_options(args: argparse.Namespace):
     """DetectionOptions of ``--detections`` (None without it); its settings need it."""
-    from service.engine.options import DetectionOptions
+    from densemap.service.engine.options import DetectionOptions
 
     names = ("threshold", "nms_iou", "max_detections", "detection_classes", "across_classes")
     given = [f"--{n.replace('_', '-')}" for n in names if getattr(args, n, None) is not None]
@@ -264,11 +264,11 @@ def refuse_ray_client(address: str | None) -> None:
 
 
 def build_request(args: argparse.Namespace):
-    from service.batch.run import BatchRequest, RayConfig
-    from service.batch.scorers import DEFAULT_MODEL, ModelChoice
-    from service.batch.server_target import server_target
-    from service.batch.storage import Storage
-    from service.engine.options import EngineConfig, ScoreOptions
+    from densemap.service.batch.run import BatchRequest, RayConfig
+    from densemap.service.batch.scorers import DEFAULT_MODEL, ModelChoice
+    from densemap.service.batch.server_target import server_target
+    from densemap.service.batch.storage import Storage
+    from densemap.service.engine.options import EngineConfig, ScoreOptions
 
     ray_address, paths = split_ray_address(args.ray, list(args.paths))
     if not paths:
@@ -332,8 +332,8 @@ def build_request(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from service.batch.progress import printable
-    from service.batch.run import run_batch
+    from densemap.service.batch.progress import printable
+    from densemap.service.batch.run import run_batch
 
     request = build_request(args)
     outcome = run_batch(request)

@@ -18,7 +18,7 @@ import sys
 import threading
 from pathlib import Path
 
-from service.engine.options import (
+from densemap.service.engine.options import (
     AVAILABLE_PRECISIONS,
     DEFAULT_FC_HEAD_UNFOLD,
     DEFAULT_MEMORY_BUDGET,
@@ -27,9 +27,9 @@ from service.engine.options import (
     RUNTIMES,
     EngineConfig,
 )
-from service.engine.repository import MODELS_HELP
-from service.errors import InvalidOption
-from service.server import config as defaults
+from densemap.service.engine.repository import MODELS_HELP
+from densemap.service.errors import InvalidOption
+from densemap.service.server import config as defaults
 
 log = logging.getLogger("densemap.server")
 ENV_PREFIX = "DENSEMAP_"
@@ -365,7 +365,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _configure_logging(args: argparse.Namespace) -> None:
-    from service.server import log_stream
+    from densemap.service.server import log_stream
 
     level = (
         logging.DEBUG if getattr(args, "debug", False) else getattr(logging, args.log_level.upper())
@@ -404,8 +404,8 @@ def _auth_token(given: str | None) -> str | None:
 
 
 def build_config(args: argparse.Namespace):
-    from service.score_cli import parse_bytes
-    from service.server.config import ServerConfig
+    from densemap.service.score_cli import parse_bytes
+    from densemap.service.server.config import ServerConfig
 
     budget = None if args.memory_budget is None else parse_bytes(args.memory_budget)
     return ServerConfig(
@@ -452,9 +452,9 @@ def build_config(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     _configure_logging(args)
-    from service.engine import host_memory
-    from service.engine.onnxruntime_package import import_onnxruntime
-    from service.server.app import create_server
+    from densemap.service.engine import host_memory
+    from densemap.service.engine.onnxruntime_package import import_onnxruntime
+    from densemap.service.server.app import create_server
 
     import_onnxruntime()  # none installed, or two: exit 2 with the fix, before serving
 

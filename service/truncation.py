@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import struct
 
-from service.errors import InvalidImage
+from densemap.service.errors import InvalidImage
 
 TRUNCATED = "the image data ends before its declared size"
 _SOF_HUFFMAN = frozenset((0xC0, 0xC1, 0xC2))  # baseline, extended, progressive

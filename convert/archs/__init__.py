@@ -2,14 +2,14 @@
 
 A small registry in the style of torchvision's ``models/_api.py``::
 
-    from convert import archs
+    from densemap.convert import archs
     archs.list_archs()                       # ['alexnet', 'lenet5', 'resnet18', ...]
     model = archs.build("vgg16", num_classes=1000)
     spec = archs.get_spec("vgg16")           # spec.input_size, spec.preprocessing
 
 The modules have torchvision's attribute names and shapes (``features.N.*``,
 ``classifier.N.*``, ``conv1``, ``layer1.0.bn1``, ``fc``), so torchvision's published ``.pth``
-files load into them without torchvision (see :func:`convert.from_torch.weights.load_weights`).
+files load into them without torchvision (see :func:`densemap.convert.from_torch.weights.load_weights`).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from service.contract import Preprocessing
-from service.errors import ConversionError
+from densemap.service.contract import Preprocessing
+from densemap.service.errors import ConversionError
 
 IMAGENET = Preprocessing(
     layout="NCHW",
@@ -105,7 +105,7 @@ def build(
 
 
 def _register_all() -> None:
-    from convert.archs import alexnet_vgg, lenet, resnet
+    from densemap.convert.archs import alexnet_vgg, lenet, resnet
 
     register(
         ArchSpec(

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from service.errors import ConversionError
+from densemap.service.errors import ConversionError
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
 POOLS = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d}

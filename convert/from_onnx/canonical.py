@@ -15,19 +15,19 @@ and is decided from what an op does there, never from how an exporter happened t
   (shape arithmetic may: the channel count is static), and the image's batch, height and
   width are symbolic meanwhile, so nothing is fixed to R.
 - **Windows that are global at R** (GoogLeNet's padded 7x7 average on a 6x6 map) become
-  windows of their input's size: :mod:`convert.from_onnx.global_windows`.
+  windows of their input's size: :mod:`densemap.convert.from_onnx.global_windows`.
 - **Ops over the class axis of a one-position map** (Softmax before opset 13 over C x 1 x 1,
   activations and softmaxes after a flatten of one position) are written so that they stay
-  over the classes on the map: :mod:`convert.from_onnx.class_axis`.
+  over the classes on the map: :mod:`densemap.convert.from_onnx.class_axis`.
 """
 
 from __future__ import annotations
 
 import onnx
 
-from convert.from_onnx.class_axis import channel_softmaxes, sink_flatten
-from convert.from_onnx.global_windows import globalize_windows
-from convert.from_onnx.graph import (
+from densemap.convert.from_onnx.class_axis import channel_softmaxes, sink_flatten
+from densemap.convert.from_onnx.global_windows import globalize_windows
+from densemap.convert.from_onnx.graph import (
     META_OPS,
     GraphIndex,
     image_input,
@@ -36,8 +36,8 @@ from convert.from_onnx.graph import (
     remove_dead_nodes,
     topological_nodes,
 )
-from convert.geometry import detect_layout
-from service.errors import ConversionError
+from densemap.convert.geometry import detect_layout
+from densemap.service.errors import ConversionError
 
 MIN_RUNTIME_OPSET = 7  # onnxruntime's oldest supported default-domain opset
 UPGRADE_OPSET = 9  # what older files are converted to (Caffe2's zoo files use 9)

@@ -25,9 +25,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from convert.flatten_order import UnknownOrder, fold_shape_tensor, move_indices
-from convert.from_onnx.graph import GraphIndex, attributes, remove_dead_nodes
-from service.errors import ConversionError
+from densemap.convert.flatten_order import UnknownOrder, fold_shape_tensor, move_indices
+from densemap.convert.from_onnx.graph import GraphIndex, attributes, remove_dead_nodes
+from densemap.service.errors import ConversionError
 
 MOVE_OPS = frozenset({"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Gather"})
 MAX_CHAIN = 6

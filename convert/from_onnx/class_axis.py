@@ -17,8 +17,8 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-from convert.from_onnx.global_windows import replace_node
-from convert.from_onnx.graph import (
+from densemap.convert.from_onnx.global_windows import replace_node
+from densemap.convert.from_onnx.graph import (
     CHANNEL_AXIS_OPS,
     GraphIndex,
     attributes,

@@ -26,18 +26,18 @@ from __future__ import annotations
 
 import onnx
 
-from convert.flatten_order import PASS_OPS
-from convert.from_onnx.canonical import canonical_classifier, fold_constant_subgraphs
-from convert.from_onnx.channel_moves import fold_channel_moves
-from convert.from_onnx.fc_head_build import FcHeadPlan, assemble, freeze_auto_pad
-from convert.from_onnx.fc_head_read import (
+from densemap.convert.flatten_order import PASS_OPS
+from densemap.convert.from_onnx.canonical import canonical_classifier, fold_constant_subgraphs
+from densemap.convert.from_onnx.channel_moves import fold_channel_moves
+from densemap.convert.from_onnx.fc_head_build import FcHeadPlan, assemble, freeze_auto_pad
+from densemap.convert.from_onnx.fc_head_read import (
     FirstLayer,
     Linear,
     first_layers,
     read_linear,
     trunk_source,
 )
-from convert.from_onnx.graph import (
+from densemap.convert.from_onnx.graph import (
     BINARY_OPS,
     CHANNEL_AXIS_OPS,
     META_OPS,
@@ -51,13 +51,13 @@ from convert.from_onnx.graph import (
     static_dims,
     topological_nodes,
 )
-from convert.from_onnx.pooled_fc_head import (
+from densemap.convert.from_onnx.pooled_fc_head import (
     convolutional_fc_head,
     flatten_only_fc_head,
     slide_global_pool,
 )
-from convert.geometry import detect_layout, trace_graph
-from service.errors import ConversionError
+from densemap.convert.geometry import detect_layout, trace_graph
+from densemap.service.errors import ConversionError
 
 FLATTEN_ORDERS = ("auto", "chw", "hwc")
 

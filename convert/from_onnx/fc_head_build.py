@@ -13,8 +13,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from convert.from_onnx.fc_head_read import FirstLayer, Linear
-from convert.from_onnx.graph import (
+from densemap.convert.from_onnx.fc_head_read import FirstLayer, Linear
+from densemap.convert.from_onnx.graph import (
     WINDOW_OPS,
     GraphIndex,
     attributes,
@@ -24,8 +24,8 @@ from convert.from_onnx.graph import (
     remove_dead_nodes,
     set_attribute,
 )
-from convert.geometry import Field, Trace
-from service.errors import ConversionError
+from densemap.convert.geometry import Field, Trace
+from densemap.service.errors import ConversionError
 
 
 @dataclass

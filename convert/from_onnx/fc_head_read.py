@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from convert.flatten_order import (
+from densemap.convert.flatten_order import (
     MOVEMENT_OPS,
     PASS_OPS,
     UnknownOrder,
@@ -23,9 +23,9 @@ from convert.flatten_order import (
     feature_coordinates,
     named_order,
 )
-from convert.from_onnx.graph import GraphIndex, attributes, node_label
-from convert.geometry import Field
-from service.errors import ConversionError
+from densemap.convert.from_onnx.graph import GraphIndex, attributes, node_label
+from densemap.convert.geometry import Field
+from densemap.service.errors import ConversionError
 
 AVERAGE_OPS = {"GlobalAveragePool": "AveragePool", "ReduceMean": "AveragePool"}
 MAX_OPS = {"GlobalMaxPool": "MaxPool", "ReduceMax": "MaxPool"}

@@ -19,8 +19,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from convert.from_onnx.graph import GraphIndex, attributes, node_label, window_params
-from service.errors import ConversionError
+from densemap.convert.from_onnx.graph import GraphIndex, attributes, node_label, window_params
+from densemap.service.errors import ConversionError
 
 GLOBAL_AT_R_OPS = frozenset({"Conv", "MaxPool", "AveragePool", "LpPool"})
 PROBE_RTOL = 1e-5  # float32 onnxruntime runs of the same sums in another order
@@ -133,7 +133,7 @@ def _elem_type(index: GraphIndex, name: str) -> int:
 def _check_same_at_window(node, replacement, inits, index: GraphIndex) -> None:
     """Run ``node`` and its replacement on random values of its input's shape at R (one
     image, float32, onnxruntime): they must agree, or the rewrite is not exact."""
-    from convert.runtime import cpu_session
+    from densemap.convert.runtime import cpu_session
 
     shape = [1, *index.shape(node.input[0])[1:]]
     feeds = {node.input[0]: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
@@ -174,9 +174,9 @@ def globalize_at_window(model: onnx.ModelProto, *, window: tuple[int, int]) -> b
     read at the window size R; in place, returns whether it changed. The torch path's
     dense nets need it (ResNet at R = 32: layer4's 3x3 convs see a 1x1 map at R and use
     their centre tap alone, as the classifier does); the ONNX path rewrites the classifier
-    itself (:mod:`convert.from_onnx.canonical`)."""
-    from convert.from_onnx.graph import image_input, index_at_window, remove_dead_nodes
-    from convert.geometry import detect_layout
+    itself (:mod:`densemap.convert.from_onnx.canonical`)."""
+    from densemap.convert.from_onnx.graph import image_input, index_at_window, remove_dead_nodes
+    from densemap.convert.geometry import detect_layout
 
     image = image_input(model.graph).name
     axes = (2, 3) if detect_layout(GraphIndex.build(model.graph), image) == "NCHW" else (1, 2)

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from service.errors import ConversionError
+from densemap.service.errors import ConversionError
 
 # Op vocabulary of the geometry tracer and the head rewriter.
 WINDOW_OPS = frozenset({"Conv", "MaxPool", "AveragePool", "LpPool"})

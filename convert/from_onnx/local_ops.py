@@ -9,7 +9,7 @@ they are:
 - ``MatMul`` of a spatial tensor whose last axis is not spatial by a constant matrix: a
   ``Linear`` on a channels-last tensor (ConvNeXt's blocks), a 1x1 convolution in effect;
 - ``Gather`` with constant indices on the channel axis: a channel permutation or selection,
-  what :mod:`convert.from_onnx.channel_moves` turns ShuffleNet's shuffle into;
+  what :mod:`densemap.convert.from_onnx.channel_moves` turns ShuffleNet's shuffle into;
 - ``Slice`` with constant bounds on the channel axis (``x.chunk(2, dim=1)``).
 
 :func:`local_field` returns the field of such a node's output (the same as its input's:
@@ -22,8 +22,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from convert.from_onnx.graph import GraphIndex, attributes, node_label
-from service.errors import ConversionError
+from densemap.convert.from_onnx.graph import GraphIndex, attributes, node_label
+from densemap.service.errors import ConversionError
 
 
 def local_field(node: onnx.NodeProto, source, index: GraphIndex):

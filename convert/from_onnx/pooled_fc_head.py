@@ -22,11 +22,16 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from convert.flatten_order import MOVEMENT_OPS, PASS_OPS, UnknownOrder, detect_feature_order
-from convert.from_onnx.fc_head_build import make_dynamic
-from convert.from_onnx.graph import GraphIndex, attributes, node_label, remove_dead_nodes
-from convert.geometry import Trace
-from service.errors import ConversionError
+from densemap.convert.flatten_order import (
+    MOVEMENT_OPS,
+    PASS_OPS,
+    UnknownOrder,
+    detect_feature_order,
+)
+from densemap.convert.from_onnx.fc_head_build import make_dynamic
+from densemap.convert.from_onnx.graph import GraphIndex, attributes, node_label, remove_dead_nodes
+from densemap.convert.geometry import Trace
+from densemap.service.errors import ConversionError
 
 POOLS = {
     "GlobalAveragePool": "AveragePool",

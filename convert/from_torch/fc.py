@@ -15,7 +15,7 @@ dummy batch at ``input_size`` to learn every tensor's shape, then rewrites the h
   module returning the same structure of maps, one per head.
 
 Anything with no exact dense form (a global op inside the trunk, an attention head, a
-non-identity adaptive pool) raises :class:`~service.errors.ConversionError` naming the layer.
+non-identity adaptive pool) raises :class:`~densemap.service.errors.ConversionError` naming the layer.
 The result is checked against the original at ``input_size`` before it is returned.
 """
 
@@ -29,25 +29,25 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from convert.from_torch import fc_head as torch_fc_head
-from convert.from_torch import rewrite as torch_rewrite
-from convert.from_torch.outputs import (
+from densemap.convert.from_torch import fc_head as torch_fc_head
+from densemap.convert.from_torch import rewrite as torch_rewrite
+from densemap.convert.from_torch.outputs import (
     ForwardOutputs,
     OrderedOutputs,
     forward_outputs,
     head_names,
     output_values,
 )
-from convert.from_torch.pooled_fc_head import slide_inner_pool
-from convert.from_torch.shuffle import fold_channel_shuffles
-from convert.from_torch.trace import (
+from densemap.convert.from_torch.pooled_fc_head import slide_inner_pool
+from densemap.convert.from_torch.shuffle import fold_channel_shuffles
+from densemap.convert.from_torch.trace import (
     dummy_input,
     infer_in_channels,
     normalize_size,
     propagate_shapes,
     trace,
 )
-from service.errors import ConversionError
+from densemap.service.errors import ConversionError
 
 # Max |dense - original| at input_size, relative to 1 + max|original|. fp64 must agree to
 # rounding; fp32 conv and matmul sum in different orders (error ~ sqrt(C*h*w) * 6e-8).

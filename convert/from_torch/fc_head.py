@@ -3,7 +3,7 @@
 The head is found from the output backwards: a chain of per-feature ops on ``(N, F)``
 tensors (Linear, activations, dropout, BatchNorm1d, softmax), fed by a flatten of the trunk's
 ``C x h x w`` output, optionally through a global pool over H, W. Everything upstream of
-that is the trunk, which must be local everywhere (see :mod:`convert.from_torch.ops`).
+that is the trunk, which must be local everywhere (see :mod:`densemap.convert.from_torch.ops`).
 A forward with several outputs (a tuple or dict) has one such chain per output; they may
 share ops (a shared Linear, then one per head) and must all read the same trunk output.
 """
@@ -17,10 +17,14 @@ import numpy as np
 import torch.fx as fx
 from torch import nn
 
-from convert.from_torch.fc_head_region import classify_fc_head_ops, fc_head_region, input_dependent
-from convert.from_torch.flatten import feature_order, walk_moves
-from convert.from_torch.layout import check_layouts, restore_nchw
-from convert.from_torch.ops import (
+from densemap.convert.from_torch.fc_head_region import (
+    classify_fc_head_ops,
+    fc_head_region,
+    input_dependent,
+)
+from densemap.convert.from_torch.flatten import feature_order, walk_moves
+from densemap.convert.from_torch.layout import check_layouts, restore_nchw
+from densemap.convert.from_torch.ops import (
     adaptive_pool_change,
     fc_head_pool_kind,
     global_problem,
@@ -31,9 +35,9 @@ from convert.from_torch.ops import (
     spatial_size_source,
     tensor_inputs,
 )
-from convert.from_torch.outputs import ForwardOutputs, forward_outputs
-from convert.from_torch.trace import describe, shape_of
-from service.errors import ConversionError
+from densemap.convert.from_torch.outputs import ForwardOutputs, forward_outputs
+from densemap.convert.from_torch.trace import describe, shape_of
+from densemap.service.errors import ConversionError
 
 PASSTHROUGH_OPS = frozenset({"dropout", "contiguous", "clone"})
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch.fx as fx
 from torch import nn
 
-from convert.from_torch.ops import (
+from densemap.convert.from_torch.ops import (
     is_elementwise,
     module_of,
     op_name,
@@ -27,8 +27,8 @@ from convert.from_torch.ops import (
     spatial_size_source,
     tensor_inputs,
 )
-from convert.from_torch.trace import describe, shape_of
-from service.errors import ConversionError
+from densemap.convert.from_torch.trace import describe, shape_of
+from densemap.service.errors import ConversionError
 
 PER_CHANNEL_FUNCTIONS = frozenset({"prelu", "batch_norm"})  # weights act on dim 1 as they are
 
@@ -82,7 +82,7 @@ def fc_head_region(
 
 def classify_fc_head_ops(gm, chain, feeds: dict, dependent):
     """Mark the Linears that read a feed (the flattened or pooled volume: ``feeds`` maps
-    each source node to its :class:`~convert.from_torch.fc_head.Feed`), and collect the
+    each source node to its :class:`~densemap.convert.from_torch.fc_head.Feed`), and collect the
     per-feature vectors (``x * scale + bias``) that must be laid out along the channels."""
     first_linears: dict[fx.Node, object] = {}
     constants: list[tuple[fx.Node, fx.Node]] = []

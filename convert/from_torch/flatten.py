@@ -19,9 +19,9 @@ import numpy as np
 import torch.fx as fx
 from torch import nn
 
-from convert.from_torch.ops import module_of, op_name, single_input
-from convert.from_torch.trace import describe, shape_of
-from service.errors import ConversionError
+from densemap.convert.from_torch.ops import module_of, op_name, single_input
+from densemap.convert.from_torch.trace import describe, shape_of
+from densemap.service.errors import ConversionError
 
 RESHAPE_OPS = frozenset({"flatten", "view", "reshape", "squeeze"})
 PERMUTE_OPS = frozenset({"permute", "transpose"})

@@ -16,10 +16,10 @@ from __future__ import annotations
 import torch.fx as fx
 from torch import nn
 
-from convert.from_torch.flatten import PERMUTE_OPS, permutation
-from convert.from_torch.ops import module_of, op_name, tensor_inputs
-from convert.from_torch.trace import describe, shape_of
-from service.errors import ConversionError
+from densemap.convert.from_torch.flatten import PERMUTE_OPS, permutation
+from densemap.convert.from_torch.ops import module_of, op_name, tensor_inputs
+from densemap.convert.from_torch.trace import describe, shape_of
+from densemap.service.errors import ConversionError
 
 NCHW = ("N", "C", "H", "W")
 # Ops that read channels at axis 1 and H, W at axes 2, 3.

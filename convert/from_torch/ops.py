@@ -3,7 +3,7 @@
 A window classifier becomes an exact dense net only if every op of its trunk is local (its
 output at a position depends on a bounded neighbourhood) and the head is a chain of
 per-feature ops. These predicates look at one ``torch.fx`` node and its traced shapes
-(:func:`convert.from_torch.trace.shape_of`); :mod:`convert.from_torch.fc` decides what to do.
+(:func:`densemap.convert.from_torch.trace.shape_of`); :mod:`densemap.convert.from_torch.fc` decides what to do.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import operator
 import torch.fx as fx
 from torch import nn
 
-from convert.from_torch.trace import shape_of
+from densemap.convert.from_torch.trace import shape_of
 
 # Per-element (or per-channel) modules: they commute with the FC -> conv rewrite.
 ELEMENTWISE_MODULES = (

@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from service.errors import ConversionError
+from densemap.service.errors import ConversionError
 
 SINGLE_NAME = "scores"
 

@@ -16,10 +16,10 @@ from __future__ import annotations
 import torch.fx as fx
 from torch import nn
 
-from convert.from_torch.fc_head_region import input_dependent
-from convert.from_torch.flatten import is_movement, is_volume_noop
-from convert.from_torch.ops import fc_head_pool_kind, single_input
-from convert.from_torch.trace import SHAPE_KEY, shape_of
+from densemap.convert.from_torch.fc_head_region import input_dependent
+from densemap.convert.from_torch.flatten import is_movement, is_volume_noop
+from densemap.convert.from_torch.ops import fc_head_pool_kind, single_input
+from densemap.convert.from_torch.trace import SHAPE_KEY, shape_of
 
 
 def _descendants(node: fx.Node) -> set[fx.Node]:

@@ -1,6 +1,6 @@
 """Rewrite a traced classifier's head into convolutions (the graph surgery half).
 
-:func:`rewrite` takes the :class:`~convert.from_torch.fc_head.FcHead` that ``find_fc_head`` and
+:func:`rewrite` takes the :class:`~densemap.convert.from_torch.fc_head.FcHead` that ``find_fc_head`` and
 ``check_trunk`` validated and, in place on the ``GraphModule``:
 
 - removes identity adaptive pools and the flatten/view/reshape/permute nodes before the head
@@ -18,10 +18,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from convert.from_torch.fc_head import FcHead, Feed
-from convert.from_torch.ops import module_of, op_name, single_input, softmax_kind
-from convert.from_torch.trace import shape_of
-from service.errors import ConversionError
+from densemap.convert.from_torch.fc_head import FcHead, Feed
+from densemap.convert.from_torch.ops import module_of, op_name, single_input, softmax_kind
+from densemap.convert.from_torch.trace import shape_of
+from densemap.service.errors import ConversionError
 
 
 def rewrite(gm: fx.GraphModule, head: FcHead) -> list[str]:

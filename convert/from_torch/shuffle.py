@@ -21,9 +21,9 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from convert.from_torch.flatten import permutation
-from convert.from_torch.ops import op_name
-from convert.from_torch.trace import SHAPE_KEY, shape_of
+from densemap.convert.from_torch.flatten import permutation
+from densemap.convert.from_torch.ops import op_name
+from densemap.convert.from_torch.trace import SHAPE_KEY, shape_of
 
 VIEW_OPS = frozenset({"view", "reshape"})
 MOVE_OPS = VIEW_OPS | {"transpose", "permute", "contiguous"}

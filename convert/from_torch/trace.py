@@ -1,12 +1,12 @@
 """Trace a torch classifier with torch.fx and record the shape of every node at one input size.
 
-This is the analysis half of the torch converter (:mod:`convert.from_torch.fc` does the rewrite):
+This is the analysis half of the torch converter (:mod:`densemap.convert.from_torch.fc` does the rewrite):
 
 - :func:`trace` turns a module into a ``GraphModule`` whose ``call_module`` targets are the
   original module paths (``features.0``, ``layer1.0.conv1``), so errors can name layers.
 - :func:`propagate_shapes` runs one dummy batch through it and stores each tensor node's
   shape in ``node.meta["densemap_shape"]``; a forward that fails (input too small, wrong
-  channel count) becomes a :class:`~service.errors.ConversionError` naming the layer and size.
+  channel count) becomes a :class:`~densemap.service.errors.ConversionError` naming the layer and size.
 - :func:`describe` gives a human name for a node (module path and type, or the op and the
   module it sits in).
 """
@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from service.errors import ConversionError
+from densemap.service.errors import ConversionError
 
 SHAPE_KEY = "densemap_shape"
 # Batch of two, not one: a batch of one hides squeeze() calls that drop the batch axis.

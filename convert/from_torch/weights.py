@@ -11,7 +11,7 @@ cannot run code. It accepts:
 A file holding a pickled ``nn.Module`` needs full unpickling, which can run arbitrary code:
 it is loaded only with ``trust_pickle=True`` (``--trust-pickle``). Anything else that goes
 wrong (missing, unreadable or truncated file, keys or shapes that do not match the
-architecture) raises :class:`~service.errors.ConversionError` naming the file.
+architecture) raises :class:`~densemap.service.errors.ConversionError` naming the file.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from service.errors import ConversionError
+from densemap.service.errors import ConversionError
 
 CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model")
 PREFIXES = ("module.", "_orig_mod.")

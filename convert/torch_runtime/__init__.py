@@ -2,11 +2,11 @@
 
 It lives beside the converter, the half of densemap that depends on torch: service/ never
 imports torch. The engine loads this package by name, and only for
-``EngineConfig(runtime="torch")`` (:data:`service.engine.options.RUNTIME_MODULES`);
+``EngineConfig(runtime="torch")`` (:data:`densemap.service.engine.options.RUNTIME_MODULES`);
 without torch installed that load fails with the install hint.
 """
 
-from convert.torch_runtime.session import TORCH_MISSING, open_torch_net
+from densemap.convert.torch_runtime.session import TORCH_MISSING, open_torch_net
 
 open_net = open_torch_net  # the entry point every runtime module names alike
 

@@ -1,7 +1,7 @@
 """ONNX operators in torch, with onnxruntime's semantics, for the torch runtime.
 
 The op set of densemap's dense models: convolutions, pools and normalisations
-(:mod:`convert.torch_runtime.windows`), activations, elementwise arithmetic, and
+(:mod:`densemap.convert.torch_runtime.windows`), activations, elementwise arithmetic, and
 the shape arithmetic of crop subgraphs (Shape, Gather, Slice, Concat, Reshape...).
 Each op is ``op(node, *inputs) -> tensor or tuple``; ``node`` gives its attributes, the
 model's opset and the float element type the graph runs in (``.half()`` copies compute in
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 
-from convert.torch_runtime import windows
+from densemap.convert.torch_runtime import windows
 
 torch = None  # set by load()
 F = None

@@ -5,16 +5,16 @@
 cuDNN convolutions with torch's per-shape algorithm search (``cudnn.benchmark``, bounded by
 ``cudnn.benchmark_limit``), channels-last tensors on CUDA, and for fp16 a ``.half()`` copy
 of the weights (tensor cores). The preprocess and postprocess graphs stay onnxruntime's
-(:mod:`service.engine.graphs`): tensors cross between the two through DLPack, without a
+(:mod:`densemap.service.engine.graphs`): tensors cross between the two through DLPack, without a
 copy, on the device (:meth:`TorchSession.run_ortvalues`).
 
-The graph is evaluated op by op (:mod:`convert.torch_runtime.ops`, onnxruntime's
+The graph is evaluated op by op (:mod:`densemap.convert.torch_runtime.ops`, onnxruntime's
 semantics; onnx2torch, the converter library, pulls torchvision, whose builds must match
 torch's exactly). A model with an op outside that set is refused at load, naming the op.
 fp32 is exact as onnxruntime's CPU fp32 is (maps equal to float32 rounding,
 tests/engine/test_runtime_torch.py); TF32 stays off unless a request asks for ``tf32``.
 
-torch is imported by :func:`open_torch_net`, on demand (:func:`convert.torch_runtime.ops.load`).
+torch is imported by :func:`open_torch_net`, on demand (:func:`densemap.convert.torch_runtime.ops.load`).
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from convert.torch_runtime import ops
-from service.engine.fc_head_unfold import applies, unfold_huge_convs
-from service.engine.options import EngineConfig
-from service.errors import InvalidOption, ModelLoadError
+from densemap.convert.torch_runtime import ops
+from densemap.service.engine.fc_head_unfold import applies, unfold_huge_convs
+from densemap.service.engine.options import EngineConfig
+from densemap.service.errors import InvalidOption, ModelLoadError
 
 log = logging.getLogger("densemap.engine")
 

@@ -1,7 +1,7 @@
 """Window ops of the torch runtime, with onnxruntime's semantics: Conv, MaxPool,
 AveragePool (ONNX pads, auto_pad, ceil mode, dilations of à-trous variants), LRN and
 LayerNormalization. torch and torch.nn.functional are set by
-:func:`convert.torch_runtime.ops.load` (torch is imported only on demand).
+:func:`densemap.convert.torch_runtime.ops.load` (torch is imported only on demand).
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from densemap.service.contract import Preprocessing
 from models.digits.data import DIGIT_SIZES, MIN_SPACING, STRIDE, TEST_FRACTION, WINDOW
 from models.digits.evaluate import (
     EVAL_PAGE_DIGITS,
@@ -15,7 +16,6 @@ from models.digits.evaluate import (
     THRESHOLDS,
     Report,
 )
-from service.contract import Preprocessing
 
 CARD_FILE = "MODEL_CARD.md"
 
@@ -105,7 +105,7 @@ def render(
         f"{MIN_SPACING} px apart) may show at the border of both kinds. 35% background.",
         "",
         "## Architecture and geometry",
-        "- densemap `lenet5` (`convert.archs`): conv 6@5x5, ReLU, max-pool 2, conv 16@5x5, "
+        "- densemap `lenet5` (`densemap.convert.archs`): conv 6@5x5, ReLU, max-pool 2, conv 16@5x5, "
         "ReLU, max-pool 2, FC 256-120-84-11 (ReLU). No padding anywhere, so the dense map "
         "equals crop-by-crop evaluation exactly. The converter turns the FC head into a "
         "4x4 conv and two 1x1 convs; 44,511 parameters.",
@@ -126,10 +126,10 @@ def render(
         f"{config.weight_decay}, batch {config.batch_size}, {config.epochs} epochs of "
         f"{config.windows_per_epoch:,} freshly synthesised windows, seed {config.seed}, "
         f"{config.threads} CPU thread(s): {minutes:.1f} min on this machine.",
-        "- Weights: `classifier.pt` (state_dict of `convert.archs.build('lenet5', "
+        "- Weights: `classifier.pt` (state_dict of `densemap.convert.archs.build('lenet5', "
         f"num_classes=11, input_size={WINDOW})`).",
         "",
-        "## Measured quality (shipped ONNX, through `service.engine`, fixed seeds)",
+        "## Measured quality (shipped ONNX, through `densemap.service.engine`, fixed seeds)",
         f"- {heldout_line(report)}: each held-out digit once, centred within half a "
         "stride, random size, paper, contrast, noise and neighbours. Target >= "
         f"{THRESHOLDS['heldout_accuracy']:.0%}.",

@@ -40,7 +40,7 @@ READY_TIMEOUT_S = 120.0
 
 def start_server(log_path: Path) -> tuple[subprocess.Popen, int]:
     """Start ``densemap serve`` on a free port; return the process and its port."""
-    cmd = [sys.executable, "-m", "service.cli", "serve", "--models", str(MODELS)]
+    cmd = [sys.executable, "-m", "densemap.service.cli", "serve", "--models", str(MODELS)]
     cmd += ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     port_box: list[int] = []
@@ -65,7 +65,7 @@ def start_server(log_path: Path) -> tuple[subprocess.Popen, int]:
 
 
 def wait_ready(target: str) -> None:
-    from service.client import DensemapClient
+    from densemap.service.client import DensemapClient
 
     deadline = time.monotonic() + READY_TIMEOUT_S
     with DensemapClient(target) as client:
@@ -77,7 +77,7 @@ def wait_ready(target: str) -> None:
 
 
 def score_pages(target: str, out: Path, stride: int) -> None:
-    cmd = [sys.executable, "-m", "service.cli", "score", "--server", target, str(PAGES)]
+    cmd = [sys.executable, "-m", "densemap.service.cli", "score", "--server", target, str(PAGES)]
     cmd += ["--glob", "*.png", "--out", str(out), "--output-stride", str(stride), "--heatmap"]
     cmd += ["--overwrite", *DETECTION_FLAGS]  # always fresh outputs, even after an update
     result = subprocess.run(cmd, cwd=ROOT)

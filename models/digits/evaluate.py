@@ -2,7 +2,7 @@
 
     python -m models.digits.evaluate [--model models/digits/model.onnx]
 
-Everything is recomputed from the ONNX files with :class:`service.engine.Engine` (no torch)
+Everything is recomputed from the ONNX files with :class:`densemap.service.engine.Engine` (no torch)
 on data built from the held-out split with fixed seeds:
 
 - held-out accuracy: each of the 450 held-out digits once, in a 28x28 window, centred
@@ -33,6 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
+from densemap.service.engine import Engine, EngineConfig, ScoreOptions
+from densemap.service.engine.model_settings import apply_model_settings
+from densemap.service.engine.options import DetectionOptions
 from models.digits.data import BACKGROUND, load_split
 from models.digits.pages import make_pages
 from models.digits.reading import (
@@ -45,9 +48,6 @@ from models.digits.reading import (
     score_page,
 )
 from models.digits.windows import centred_windows, sample_windows
-from service.engine import Engine, EngineConfig, ScoreOptions
-from service.engine.model_settings import apply_model_settings
-from service.engine.options import DetectionOptions
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "model.onnx"
 HELDOUT_SEED = 1234

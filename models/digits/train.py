@@ -7,7 +7,7 @@ Steps: split ``load_digits`` (fixed seed, before augmentation); train densemap's
 ``lenet5`` architecture (unpadded, window 28x28, stride 4, 11 classes) on freshly
 synthesised windows every epoch; save the weights (``classifier.pt``); convert with
 densemap's converter to ``model.onnx`` plus à-trous variants at strides 2 and 1 and
-check it with ``convert.verify`` against the trained classifier (crop by crop); write
+check it with ``densemap.convert.verify`` against the trained classifier (crop by crop); write
 ``labels.txt`` and the sample pages; measure the shipped ONNX through the engine
 (:mod:`models.digits.evaluate`) and write ``MODEL_CARD.md`` from those numbers.
 
@@ -27,10 +27,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from convert import archs, convert_torch, verify
+from densemap.convert import archs, convert_torch, verify
+from densemap.service.contract import Preprocessing
 from models.digits.data import LABELS, NUM_CLASSES, STRIDE, WINDOW, Split, load_split
 from models.digits.windows import sample_windows
-from service.contract import Preprocessing
 
 HERE = Path(__file__).resolve().parent
 WEIGHTS_FILE = "classifier.pt"

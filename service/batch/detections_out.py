@@ -21,8 +21,8 @@ import threading
 from dataclasses import asdict
 from pathlib import Path
 
-from service.batch.outputs import Halt, LineFile, OutputNotWritten, write_text
-from service.engine.result import Detection
+from densemap.service.batch.outputs import Halt, LineFile, OutputNotWritten, write_text
+from densemap.service.engine.result import Detection
 
 JSONL_FILE = "detections.jsonl"
 COCO_FILE = "detections.coco.json"
@@ -74,7 +74,7 @@ def coco_results(lines: list[dict]) -> list[dict]:
 class DetectionsWriter:
     """Collects each image's detections from any thread; :meth:`finish` writes both files.
 
-    As :class:`service.batch.summary.SummaryWriter`: a line that cannot be appended sets
+    As :class:`densemap.service.batch.summary.SummaryWriter`: a line that cannot be appended sets
     ``halt``; :meth:`finish` tries both files and raises :class:`OutputNotWritten` for the
     first that cannot be written.
     """

@@ -33,7 +33,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
-from service.engine.result import ScaleMap
+from densemap.service.engine.result import ScaleMap
 
 # 20 distinct colours (RGB), cycled for class indices >= 20.
 CLASS_PALETTE = np.array(

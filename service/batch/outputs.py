@@ -41,11 +41,11 @@ from typing import BinaryIO
 
 import numpy as np
 
-from service.batch.storage import LEGACY, Storage, head_arrays, map_arrays
-from service.engine.heads import HeadInfo
-from service.engine.options import ScoreOptions
-from service.engine.result import MapGeometry, ScaleMap, ScoreResult
-from service.errors import DensemapError
+from densemap.service.batch.storage import LEGACY, Storage, head_arrays, map_arrays
+from densemap.service.engine.heads import HeadInfo
+from densemap.service.engine.options import ScoreOptions
+from densemap.service.engine.result import MapGeometry, ScaleMap, ScoreResult
+from densemap.service.errors import DensemapError
 
 NPZ_SUFFIX = ".npz"
 HEATMAP_SUFFIX = ".heatmap.png"

@@ -28,13 +28,13 @@ from typing import Protocol
 
 import numpy as np
 
-from service.batch.outputs import DISK_FULL, Halt, not_written
-from service.batch.summary import failed_row
-from service.batch.walk import ImageJob
-from service.batch.writer import ResultWriter
-from service.engine.options import ScoreOptions
-from service.engine.result import ScoreResult
-from service.errors import DensemapError
+from densemap.service.batch.outputs import DISK_FULL, Halt, not_written
+from densemap.service.batch.summary import failed_row
+from densemap.service.batch.walk import ImageJob
+from densemap.service.batch.writer import ResultWriter
+from densemap.service.engine.options import ScoreOptions
+from densemap.service.engine.result import ScoreResult
+from densemap.service.errors import DensemapError
 
 logger = logging.getLogger("densemap.score")
 HELPER_NICENESS = 10  # decode and write threads yield to inference (Linux per-thread nice)

@@ -8,7 +8,7 @@ Pipeline::
       .iter_batches()                                # summary rows stream back here
 
 Each actor holds one engine (one onnxruntime session) and runs the local
-:func:`~service.batch.pipeline.run_pipeline` on its batch, so it reads, decodes and writes
+:func:`~densemap.service.batch.pipeline.run_pipeline` on its batch, so it reads, decodes and writes
 in threads around inference and writes exactly the files local mode writes. Inputs, the
 output folder and ``--models`` must be paths every node can see (a shared file system);
 the driver only receives the small summary rows.
@@ -27,12 +27,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.batch.pipeline import PipelineConfig, run_pipeline
-from service.batch.scorers import ModelChoice, open_engine_scorer
-from service.batch.walk import ImageJob
-from service.batch.writer import OutputConfig, ResultWriter
-from service.engine.options import ScoreOptions
-from service.errors import DensemapError, InvalidOption
+from densemap.service.batch.pipeline import PipelineConfig, run_pipeline
+from densemap.service.batch.scorers import ModelChoice, open_engine_scorer
+from densemap.service.batch.walk import ImageJob
+from densemap.service.batch.writer import OutputConfig, ResultWriter
+from densemap.service.engine.options import ScoreOptions
+from densemap.service.errors import DensemapError, InvalidOption
 
 logger = logging.getLogger("densemap.score")
 ACTOR_THREADS = 2  # decode/write threads inside each actor

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from service.batch.detections_out import JSONL_FILE, read_lines
-from service.batch.heatmap import render_heatmap
-from service.batch.outputs import NPZ_SUFFIX, load_result, write_atomic
-from service.batch.rundir import RUN_FILE, OutputDir
-from service.batch.summary import read_rows
-from service.batch.writer import PNG_COMPRESS_LEVEL, colour_image
-from service.engine.result import Detection
-from service.errors import InvalidOption
+from densemap.service.batch.detections_out import JSONL_FILE, read_lines
+from densemap.service.batch.heatmap import render_heatmap
+from densemap.service.batch.outputs import NPZ_SUFFIX, load_result, write_atomic
+from densemap.service.batch.rundir import RUN_FILE, OutputDir
+from densemap.service.batch.summary import read_rows
+from densemap.service.batch.writer import PNG_COMPRESS_LEVEL, colour_image
+from densemap.service.engine.result import Detection
+from densemap.service.errors import InvalidOption
 
 
 @dataclass
@@ -41,7 +41,7 @@ def _detections(line: dict | None) -> list[Detection] | None:
 
 
 def _class_index(name: str | None, labels: tuple[str, ...], num_classes: int) -> int | None:
-    from service.batch.run import resolve_class
+    from densemap.service.batch.run import resolve_class
 
     return resolve_class(name, labels, num_classes)
 

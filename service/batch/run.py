@@ -12,19 +12,19 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.batch.detections_out import JSONL_FILE, DetectionsWriter, read_lines
-from service.batch.outputs import Halt, OutputNotWritten
-from service.batch.pipeline import PipelineConfig, run_pipeline
-from service.batch.progress import Progress
-from service.batch.rundir import OutputDir, RunSettings, heatmap_path, npz_path
-from service.batch.scorers import REMOTE_CONCURRENCY, ModelChoice, open_engine_scorer
-from service.batch.server_target import ServerTarget
-from service.batch.storage import Storage, check_storage
-from service.batch.summary import SummaryWriter, read_rows, skipped_row
-from service.batch.walk import ImageJob, find_images
-from service.batch.writer import OutputConfig, ResultWriter
-from service.engine.options import ScoreOptions
-from service.errors import InvalidOption
+from densemap.service.batch.detections_out import JSONL_FILE, DetectionsWriter, read_lines
+from densemap.service.batch.outputs import Halt, OutputNotWritten
+from densemap.service.batch.pipeline import PipelineConfig, run_pipeline
+from densemap.service.batch.progress import Progress
+from densemap.service.batch.rundir import OutputDir, RunSettings, heatmap_path, npz_path
+from densemap.service.batch.scorers import REMOTE_CONCURRENCY, ModelChoice, open_engine_scorer
+from densemap.service.batch.server_target import ServerTarget
+from densemap.service.batch.storage import Storage, check_storage
+from densemap.service.batch.summary import SummaryWriter, read_rows, skipped_row
+from densemap.service.batch.walk import ImageJob, find_images
+from densemap.service.batch.writer import OutputConfig, ResultWriter
+from densemap.service.engine.options import ScoreOptions
+from densemap.service.errors import InvalidOption
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ def _class_name(index: int, labels: tuple[str, ...]) -> str:
 
 def _open_scorer(request: BatchRequest, stack: contextlib.ExitStack):
     if request.server:
-        from service.batch.scorers import open_remote_scorer
+        from densemap.service.batch.scorers import open_remote_scorer
 
         return stack.enter_context(open_remote_scorer(request.server, request.model.model))
     scorer = open_engine_scorer(request.model)
@@ -255,7 +255,7 @@ def run_batch(request: BatchRequest, *, tty: bool | None = None) -> BatchOutcome
         )
         try:
             if request.ray is not None:
-                from service.batch.ray_pipeline import run_ray
+                from densemap.service.batch.ray_pipeline import run_ray
 
                 run_ray(todo, request=request, output=output, report=report, halt=halt)
             else:

@@ -7,7 +7,7 @@ next run deletes them) and ``.lock`` (one run at a time per folder).
 
 An output folder that cannot be written (read-only folder or file system) is refused up
 front, in one message; a disk full on the run's files stops the run with
-:class:`service.batch.outputs.OutputNotWritten`.
+:class:`densemap.service.batch.outputs.OutputNotWritten`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.batch.outputs import (
+from densemap.service.batch.outputs import (
     DISK_FULL,
     FILE_MODE,
     HEATMAP_SUFFIX,
@@ -27,10 +27,10 @@ from service.batch.outputs import (
     options_to_json,
     write_text,
 )
-from service.batch.storage import LEGACY, Storage
-from service.batch.walk import OUTPUT_MARKER, ImageJob
-from service.engine.options import ScoreOptions
-from service.errors import InvalidOption
+from densemap.service.batch.storage import LEGACY, Storage
+from densemap.service.batch.walk import OUTPUT_MARKER, ImageJob
+from densemap.service.engine.options import ScoreOptions
+from densemap.service.errors import InvalidOption
 
 RUN_FILE = OUTPUT_MARKER  # "densemap-run.json": the walk never enters such a folder
 SUMMARY_FILE = "summary.jsonl"

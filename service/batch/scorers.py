@@ -3,7 +3,7 @@
 The engine scorer decodes in the pipeline's decode threads (the engine's own decoder);
 the remote scorer sends the encoded bytes as they are (smaller than pixels) and the server
 decodes them with the same decoder; heat-maps then decode locally. Both return a
-:class:`~service.engine.result.ScoreResult`.
+:class:`~densemap.service.engine.result.ScoreResult`.
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from service.batch.server_target import ServerTarget, explain_unreachable
-from service.engine.detections import detection_classes
-from service.engine.options import DEFAULT_DETECTION_THRESHOLD, EngineConfig, ScoreOptions
-from service.engine.postprocess import plan_outputs
-from service.engine.request_checks import check_stride
-from service.engine.result import ScoreResult
-from service.errors import InvalidOption
+from densemap.service.batch.server_target import ServerTarget, explain_unreachable
+from densemap.service.engine.detections import detection_classes
+from densemap.service.engine.options import DEFAULT_DETECTION_THRESHOLD, EngineConfig, ScoreOptions
+from densemap.service.engine.postprocess import plan_outputs
+from densemap.service.engine.request_checks import check_stride
+from densemap.service.engine.result import ScoreResult
+from densemap.service.errors import InvalidOption
 
 REMOTE_CONCURRENCY = 4  # score calls in flight to a server (its queue absorbs them)
 
@@ -37,7 +37,7 @@ class ModelChoice:
 
 
 class EngineScorer:
-    """Scores in this process with one :class:`~service.engine.Engine`."""
+    """Scores in this process with one :class:`~densemap.service.engine.Engine`."""
 
     def __init__(self, engine) -> None:
         self.engine = engine
@@ -69,14 +69,14 @@ class EngineScorer:
 
 def open_engine_scorer(choice: ModelChoice) -> EngineScorer:
     """Load ``choice.model``, and only it, from its repository (ModelNotFound, ModelLoadError)."""
-    from service.engine.repository import default_models_dir, load_model
+    from densemap.service.engine.repository import default_models_dir, load_model
 
     root = choice.models_dir or default_models_dir()
     return EngineScorer(load_model(root, choice.model, config=choice.engine))
 
 
 class RemoteScorer:
-    """Scores through a running ``densemap serve`` with :class:`service.client.DensemapClient`."""
+    """Scores through a running ``densemap serve`` with :class:`densemap.service.client.DensemapClient`."""
 
     def __init__(self, client, model: str) -> None:
         info = client.get_model(model)  # fails early (RemoteError) when unreachable/unknown
@@ -114,7 +114,7 @@ class RemoteScorer:
 def open_remote_scorer(target: ServerTarget, model: str) -> Iterator[RemoteScorer]:
     """A scorer through ``target``; a server that cannot be reached, refuses the token or
     fails the TLS handshake is one InvalidOption naming the flag to change."""
-    from service.client import RemoteError
+    from densemap.service.client import RemoteError
 
     with target.open_client() as client:
         try:

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.errors import InvalidOption
+from densemap.service.errors import InvalidOption
 
 TOKEN_ENV = "DENSEMAP_AUTH_TOKEN"  # the server's own variable: one Secret serves both sides
 TOKEN_CHARACTERS = re.compile(r"[\x21-\x7e]+")  # visible ASCII: what a header value carries
@@ -31,8 +31,8 @@ class ServerTarget:
     ca_cert: Path | None = None
 
     def open_client(self):
-        """A :class:`~service.client.DensemapClient` for this server."""
-        from service.client import DensemapClient
+        """A :class:`~densemap.service.client.DensemapClient` for this server."""
+        from densemap.service.client import DensemapClient
 
         roots = None
         if self.ca_cert is not None:

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.engine.result import ScaleMap
-from service.errors import InvalidOption
+from densemap.service.engine.result import ScaleMap
+from densemap.service.errors import InvalidOption
 
 SAVE_MODES = ("maps", "top-k", "argmax", "detections", "none")
 MAP_DTYPES = {"fp16": np.float16, "fp32": np.float32}

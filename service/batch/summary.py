@@ -10,7 +10,7 @@ heads: name, kind and channels of each extra head returned), ``detection_count``
 
 Rows are appended while the run goes (one ``write`` call per row, so a killed run leaves
 whole lines), then the file is rewritten sorted by ``relpath`` through a temp file
-(:class:`service.batch.outputs.LineFile`; mode 0o644 less the umask).
+(:class:`densemap.service.batch.outputs.LineFile`; mode 0o644 less the umask).
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from service.batch.heatmap import probabilities_of
-from service.batch.outputs import Halt, LineFile, read_meta
-from service.batch.walk import ImageJob
-from service.engine.result import ScoreResult
+from densemap.service.batch.heatmap import probabilities_of
+from densemap.service.batch.outputs import Halt, LineFile, read_meta
+from densemap.service.batch.walk import ImageJob
+from densemap.service.engine.result import ScoreResult
 
 
 def ok_row(

@@ -27,7 +27,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from service.errors import InvalidOption
+from densemap.service.errors import InvalidOption
 
 # One per format the engine decodes (image_input.FORMATS); a test keeps them in step.
 IMAGE_EXTENSIONS = frozenset(

@@ -12,16 +12,20 @@ from pathlib import Path
 
 import numpy as np
 
-from service.batch.detections_out import detections_to_json
-from service.batch.heatmap import render_heatmap
-from service.batch.outputs import encode_result, write_atomic, write_npz
-from service.batch.rundir import heatmap_path, npz_path
-from service.batch.storage import Storage
-from service.batch.summary import cells_above, ok_row
-from service.batch.walk import ImageJob
-from service.engine.image_input import decode
-from service.engine.options import DEFAULT_DETECTION_THRESHOLD, DEFAULT_MAX_PIXELS, ScoreOptions
-from service.engine.result import ScoreResult
+from densemap.service.batch.detections_out import detections_to_json
+from densemap.service.batch.heatmap import render_heatmap
+from densemap.service.batch.outputs import encode_result, write_atomic, write_npz
+from densemap.service.batch.rundir import heatmap_path, npz_path
+from densemap.service.batch.storage import Storage
+from densemap.service.batch.summary import cells_above, ok_row
+from densemap.service.batch.walk import ImageJob
+from densemap.service.engine.image_input import decode
+from densemap.service.engine.options import (
+    DEFAULT_DETECTION_THRESHOLD,
+    DEFAULT_MAX_PIXELS,
+    ScoreOptions,
+)
+from densemap.service.engine.result import ScoreResult
 
 PNG_COMPRESS_LEVEL = 3  # zlib level: level 6 (Pillow's default) is ~2x slower, ~5% smaller
 

@@ -3,9 +3,9 @@
 Each pass (or tile) returns, for the cells it keeps, only what the caller asked for: map
 values, per-cell top-k and argmax, plus the per-class sum of cell probabilities and a count
 of non-finite raw values, and the map of each extra head asked for (cropped to the same
-cells, :mod:`service.engine.heads`). :class:`MapAssembly` writes them where the cells belong in the
+cells, :mod:`densemap.service.engine.heads`). :class:`MapAssembly` writes them where the cells belong in the
 final map (``Placement``: rows and columns as ranges, stepped for shift-and-stitch) and
-turns the whole into a :class:`~service.engine.result.ScaleMap`.
+turns the whole into a :class:`~densemap.service.engine.result.ScaleMap`.
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ from collections.abc import Callable
 
 import numpy as np
 
-from service.contract import Pair
-from service.engine import graphs
-from service.engine.heads import head_key
-from service.engine.onnxruntime_package import ort
-from service.engine.postprocess import OutputPlan
-from service.engine.result import MapGeometry, ScaleMap
-from service.engine.runtime import Runtime
-from service.errors import ModelLoadError
+from densemap.service.contract import Pair
+from densemap.service.engine import graphs
+from densemap.service.engine.heads import head_key
+from densemap.service.engine.onnxruntime_package import ort
+from densemap.service.engine.postprocess import OutputPlan
+from densemap.service.engine.result import MapGeometry, ScaleMap
+from densemap.service.engine.runtime import Runtime
+from densemap.service.errors import ModelLoadError
 
 Placement = Callable[[dict[str, np.ndarray], range, range], None]
 
@@ -31,7 +31,7 @@ class PostprocessCall:
 
     def __init__(self, plan: OutputPlan, *, detect=None) -> None:
         """``detect``: a DetectionPlan (classes, threshold) whose cells above the threshold
-        come back too, sparse (service.engine.detections)."""
+        come back too, sparse (densemap.service.engine.detections)."""
         self.plan = plan
         self.detect = detect
         outputs = [graphs.PROB_SUM, graphs.NONFINITE]

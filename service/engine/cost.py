@@ -33,9 +33,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from service.contract import Pair
-from service.engine.heads import head_key
-from service.engine.postprocess import OutputPlan
+from densemap.service.contract import Pair
+from densemap.service.engine.heads import head_key
+from densemap.service.engine.postprocess import OutputPlan
 
 RAW_COPIES = 2  # postprocess temporaries of a pass's raw map (exp, then the probabilities)
 OUTPUT_COPIES = 2  # a pass's outputs: onnxruntime's output buffer, then the host copy

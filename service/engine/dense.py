@@ -14,15 +14,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.contract import Pair, Preprocessing
-from service.engine import graphs
-from service.engine.assembly import Placement, PostprocessCall
-from service.engine.memory import ActivationEstimator
-from service.engine.onnxruntime_package import ort
-from service.engine.options import MEMORY_BUDGET_SETTING
-from service.engine.precision import PrecisionSessions
-from service.engine.runtime import Runtime
-from service.errors import Cancelled, ImageTooLarge, ModelLoadError
+from densemap.service.contract import Pair, Preprocessing
+from densemap.service.engine import graphs
+from densemap.service.engine.assembly import Placement, PostprocessCall
+from densemap.service.engine.memory import ActivationEstimator
+from densemap.service.engine.onnxruntime_package import ort
+from densemap.service.engine.options import MEMORY_BUDGET_SETTING
+from densemap.service.engine.precision import PrecisionSessions
+from densemap.service.engine.runtime import Runtime
+from densemap.service.errors import Cancelled, ImageTooLarge, ModelLoadError
 
 
 @dataclass(frozen=True)

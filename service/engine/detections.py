@@ -5,7 +5,7 @@ For each requested scale the engine fetches the probability map of the detection
 second postprocess output of the same passes). Every cell (i, j) whose probability of a
 class is >= the threshold is a candidate of that class; its box is the cell's window in
 original-image pixels, moved by the box offsets (:class:`DetectionOptions`). Greedy NMS
-(:mod:`service.engine.nms`) then runs per class over the candidates of all scales together,
+(:mod:`densemap.service.engine.nms`) then runs per class over the candidates of all scales together,
 and the best ``max_count`` survivors are returned. Rules: docs/engine.md "Detections".
 """
 
@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.engine.nms import nms_per_class
-from service.engine.options import BACKGROUND_LABEL, DetectionDefaults, DetectionOptions
-from service.engine.result import Detection, MapGeometry
-from service.errors import InvalidOption
+from densemap.service.engine.nms import nms_per_class
+from densemap.service.engine.options import BACKGROUND_LABEL, DetectionDefaults, DetectionOptions
+from densemap.service.engine.result import Detection, MapGeometry
+from densemap.service.errors import InvalidOption
 
 
 @dataclass(frozen=True)

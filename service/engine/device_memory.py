@@ -1,12 +1,12 @@
 """The memory budget of a request: a fixed figure on CPU, a share of the free GPU memory on CUDA.
 
 The budget covers a request's maps and working copies plus one pass's activations, which
-are tiled to fit (:mod:`service.engine.pass_budget`); on CUDA the activations live on the
+are tiled to fit (:mod:`densemap.service.engine.pass_budget`); on CUDA the activations live on the
 device and get the whole budget there.
 
 ``EngineConfig.memory_budget = None`` (the default) means "choose for the device":
 
-- CPU: :data:`~service.engine.options.DEFAULT_MEMORY_BUDGET` (1 GiB per request: maps,
+- CPU: :data:`~densemap.service.engine.options.DEFAULT_MEMORY_BUDGET` (1 GiB per request: maps,
   copies and a pass's activations), which keeps a server's resident memory predictable.
 - CUDA: :data:`CUDA_BUDGET_FRACTION` of the device memory free when the model loads (CUDA
   runtime ``cudaMemGetInfo``), so that e.g. VGG-16 at 2048² (about 2.3 GiB of activations
@@ -23,7 +23,7 @@ from __future__ import annotations
 import ctypes
 import logging
 
-from service.engine.options import DEFAULT_MEMORY_BUDGET, EngineConfig
+from densemap.service.engine.options import DEFAULT_MEMORY_BUDGET, EngineConfig
 
 log = logging.getLogger("densemap.engine")
 

@@ -6,7 +6,7 @@ net for the output stride (an à-trous variant in one pass, else shift-and-stitc
 coarsest net whose stride the requested one divides), runs each pass in one go or in exact
 tiles when its activations do not fit in what the memory budget leaves beside the request's
 maps and copies (on CUDA: the whole budget, on the device), and turns the raw maps into
-the requested outputs. Errors are those of :mod:`service.errors`.
+the requested outputs. Errors are those of :mod:`densemap.service.errors`.
 """
 
 from __future__ import annotations
@@ -19,38 +19,42 @@ from typing import NamedTuple
 
 import numpy as np
 
-from service.contract import ModelMetadata
-from service.engine import host_memory, image_input
-from service.engine.arena_policy import PROCESS_POLICY
-from service.engine.assembly import PostprocessCall
-from service.engine.cost import (
+from densemap.service.contract import ModelMetadata
+from densemap.service.engine import host_memory, image_input
+from densemap.service.engine.arena_policy import PROCESS_POLICY
+from densemap.service.engine.assembly import PostprocessCall
+from densemap.service.engine.cost import (
     RequestCost,
 )
-from service.engine.dense import check_cancel
-from service.engine.detections import DetectionPlan, candidates, plan_detections, select
-from service.engine.device_memory import resolve_memory_budget
-from service.engine.heads import HeadInfo
-from service.engine.loading import load_nets
-from service.engine.options import DEFAULT_CUDA_REPORT_PRECISIONS, EngineConfig, ScoreOptions
-from service.engine.pass_budget import estimate_passes, pass_bytes_of
-from service.engine.postprocess import OutputPlan, plan_outputs, rank_image_scores
-from service.engine.precision import (
+from densemap.service.engine.dense import check_cancel
+from densemap.service.engine.detections import DetectionPlan, candidates, plan_detections, select
+from densemap.service.engine.device_memory import resolve_memory_budget
+from densemap.service.engine.heads import HeadInfo
+from densemap.service.engine.loading import load_nets
+from densemap.service.engine.options import (
+    DEFAULT_CUDA_REPORT_PRECISIONS,
+    EngineConfig,
+    ScoreOptions,
+)
+from densemap.service.engine.pass_budget import estimate_passes, pass_bytes_of
+from densemap.service.engine.postprocess import OutputPlan, plan_outputs, rank_image_scores
+from densemap.service.engine.precision import (
     AVAILABLE,
     NO_INT8,
     calibration_report,
     compare_precision,
     measure_precisions,
 )
-from service.engine.request_checks import (
+from densemap.service.engine.request_checks import (
     common_divisors,
     image_size,
     plan_stride,
     read_image,
 )
-from service.engine.result import PrecisionReport, ScoreResult
-from service.engine.runtime import Runtime
-from service.engine.scale_pass import ScalePlan, score_scale
-from service.errors import (
+from densemap.service.engine.result import PrecisionReport, ScoreResult
+from densemap.service.engine.runtime import Runtime
+from densemap.service.engine.scale_pass import ScalePlan, score_scale
+from densemap.service.errors import (
     ImageTooSmall,
     InvalidOption,
     ModelLoadError,

@@ -1,8 +1,8 @@
 """Checks of single option values, shared by the option and config dataclasses.
 
-:class:`~service.engine.options.ScoreOptions`, :class:`~service.engine.options.DetectionOptions`,
-:class:`~service.engine.options.DetectionDefaults` (a model's detection settings) and
-:class:`~service.engine.options.EngineConfig` check themselves when they are built
+:class:`~densemap.service.engine.options.ScoreOptions`, :class:`~densemap.service.engine.options.DetectionOptions`,
+:class:`~densemap.service.engine.options.DetectionDefaults` (a model's detection settings) and
+:class:`~densemap.service.engine.options.EngineConfig` check themselves when they are built
 (``__post_init__``) with these functions, so a bad value is refused once, in the same words,
 whether it came from Python, the CLI, densemap.v1 or KServe; front ends only parse. Each
 returns the value in its canonical type (numpy ints become ints, lists tuples) or raises
@@ -17,7 +17,7 @@ import numbers
 
 import numpy as np
 
-from service.errors import InvalidOption
+from densemap.service.errors import InvalidOption
 
 MAX_SCALES = 16  # image scales of one request
 MAX_BOX_OFFSET = 10.0  # |dx1|, |dy1|, |dx2|, |dy2| in window sizes

@@ -2,7 +2,7 @@
 
 - :func:`preprocess_graph`: pixels (uint8 HxWxC, or preprocessed float32 CxHxW) and a region
   -> the net's input batch. uint8 ``(pixel*scale - mean)/std`` is computed in float32 with
-  the same operations in the same order as :func:`service.engine.image_input.preprocess`,
+  the same operations in the same order as :func:`densemap.service.engine.image_input.preprocess`,
   so the dense pass sees bit-identical inputs on every device.
 - :func:`postprocess_graph`: the net's raw output [1, C, h, w] and the cells to keep ->
   what the caller asked for: the map (softmax over the class axis, class subset, float16),
@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from service.contract import Preprocessing
+from densemap.service.contract import Preprocessing
 
 OPSET = 17
 IR_VERSION = 8

@@ -1,8 +1,8 @@
 """A model's heads: which ONNX outputs are maps, how many channels each has, which come back.
 
 A dense model may have several outputs over one trunk (contract version 2,
-:class:`service.contract.Head`): the *primary* head (a classifier) goes through the
-postprocess of :mod:`service.engine.postprocess` (softmax, top-k, argmax, detections...);
+:class:`densemap.service.contract.Head`): the *primary* head (a classifier) goes through the
+postprocess of :mod:`densemap.service.engine.postprocess` (softmax, top-k, argmax, detections...);
 every *extra* head (box regression, landmarks, a second classifier) comes back as its own
 map ``[channels, n_h, n_w]`` of the model's own values, cropped to the same cells as the
 primary map and never softmaxed. Rules (docs/engine.md "Several heads"):
@@ -21,8 +21,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from service.contract import ModelMetadata
-from service.errors import InvalidOption, ModelLoadError
+from densemap.service.contract import ModelMetadata
+from densemap.service.errors import InvalidOption, ModelLoadError
 
 
 @dataclass(frozen=True)

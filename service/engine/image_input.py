@@ -13,10 +13,10 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from service.contract import Preprocessing
-from service.engine.options import PIXEL_LIMIT_SETTING
-from service.errors import DensemapError, ImageTooLarge, InvalidImage
-from service.truncation import check_encoded, check_tiff_strips, truncated
+from densemap.service.contract import Preprocessing
+from densemap.service.engine.options import PIXEL_LIMIT_SETTING
+from densemap.service.errors import DensemapError, ImageTooLarge, InvalidImage
+from densemap.service.truncation import check_encoded, check_tiff_strips, truncated
 
 # JPEG includes multi-picture (MPO) files; PPM reads .pbm/.pgm/.ppm. The file walker's
 # extensions (service/batch/walk.py) list only these formats.
@@ -87,7 +87,7 @@ def decode(data: bytes, *, color: str, max_pixels: int) -> np.ndarray:
     """Encoded bytes -> uint8 HxWxC (HxWx1 for ``L``) in ``color`` order, EXIF orientation applied.
 
     The pixel count is checked from the header before any pixel is decoded, and so is data
-    that ends before the size its header declares (``service.truncation``; Pillow's
+    that ends before the size its header declares (``densemap.service.truncation``; Pillow's
     ``LOAD_TRUNCATED_IMAGES`` is never set, so short data is refused, never padded).
     Multi-frame files (TIFF pages, animated WebP and GIF) give their first frame; alpha is dropped.
     """

@@ -1,9 +1,9 @@
-"""Loading a model folder's ONNX files into :class:`~service.engine.dense.DenseNet` objects.
+"""Loading a model folder's ONNX files into :class:`~densemap.service.engine.dense.DenseNet` objects.
 
 Reads the metadata contract (``onnx.load(..., load_external_data=False)``), opens the main
 model and every à-trous variant named in the metadata (same folder), checks the input name
 and that the outputs are the metadata's heads, each a map with the model's geometry
-(:mod:`service.engine.heads`), the class and channel counts, and warms every session up
+(:mod:`densemap.service.engine.heads`), the class and channel counts, and warms every session up
 once on a window-size input.
 """
 
@@ -19,20 +19,20 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from service.contract import ModelMetadata
-from service.engine.cuda_driver import driver_cuda_version
-from service.engine.dense import DenseNet, Grid
-from service.engine.heads import HeadInfo, check_head_maps, check_outputs, describe_heads
-from service.engine.memory import ActivationEstimator, nchwc_block
-from service.engine.options import RUNTIME_MODULES, EngineConfig
-from service.engine.precision import PrecisionSessions
-from service.engine.session import (
+from densemap.service.contract import ModelMetadata
+from densemap.service.engine.cuda_driver import driver_cuda_version
+from densemap.service.engine.dense import DenseNet, Grid
+from densemap.service.engine.heads import HeadInfo, check_head_maps, check_outputs, describe_heads
+from densemap.service.engine.memory import ActivationEstimator, nchwc_block
+from densemap.service.engine.options import RUNTIME_MODULES, EngineConfig
+from densemap.service.engine.precision import PrecisionSessions
+from densemap.service.engine.session import (
     CPU,
     CUDA,
     create_session,
     cuda_fallback_reason,
 )
-from service.errors import ModelLoadError
+from densemap.service.errors import ModelLoadError
 
 log = logging.getLogger("densemap.engine")
 
@@ -58,7 +58,7 @@ def read_proto(path: Path) -> onnx.ModelProto:
 
 
 def parse_metadata(proto: onnx.ModelProto) -> ModelMetadata:
-    """The contract of a loaded ONNX model (convert.pipeline.read_metadata reads a file's)."""
+    """The contract of a loaded ONNX model (densemap.convert.pipeline.read_metadata reads a file's)."""
     return ModelMetadata.from_props({p.key: p.value for p in proto.metadata_props})
 
 

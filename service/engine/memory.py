@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import helper, shape_inference
 
-from service.errors import ModelLoadError
+from densemap.service.errors import ModelLoadError
 
 _KEEP_INITIALIZER_ELEMENTS = 64  # small constants (shapes, axes) stay: inference may read them
 

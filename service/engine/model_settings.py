@@ -19,7 +19,7 @@
 - ``detections``: the model's detection settings, for requests (``densemap score
   --detections``, the servers' detection options) that do not set their own: any of
   ``threshold`` (0..1), ``iou`` (0..1), ``max_count`` (1..10000) and ``across_classes``
-  (true/false); :class:`~service.engine.options.DetectionDefaults`.
+  (true/false); :class:`~densemap.service.engine.options.DetectionDefaults`.
 
 Unknown keys and wrong types are load errors naming the key: a typo must not silently fall
 back to the defaults. ``densemap convert --nms-iou ... --across-classes`` writes the
@@ -33,8 +33,8 @@ import os
 from dataclasses import fields, replace
 from pathlib import Path
 
-from service.engine.options import DetectionDefaults, EngineConfig
-from service.errors import InvalidOption, ModelLoadError
+from densemap.service.engine.options import DetectionDefaults, EngineConfig
+from densemap.service.errors import InvalidOption, ModelLoadError
 
 SETTINGS_FILE = "densemap.json"
 KEYS = ("precision", "warmup_shapes", "report_precisions", "box_offsets", "runtime", "detections")

@@ -10,7 +10,7 @@ files they share) ``import onnxruntime`` gives a broken module that fails far fr
 Every engine module reaches onnxruntime through :data:`ort` here (and the converter through
 :func:`import_onnxruntime`), so the installed distributions are read first
 (``importlib.metadata``; no import) and a wrong install fails with the command that fixes it.
-The client (:mod:`service.client`) never imports this module: it needs no runtime.
+The client (:mod:`densemap.service.client`) never imports this module: it needs no runtime.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import importlib
 from importlib import metadata
 from types import ModuleType
 
-from service.errors import RuntimeNotInstalled
+from densemap.service.errors import RuntimeNotInstalled
 
 MODULE = "onnxruntime"
 # What a densemap install should hold: exactly one of these (any other distribution that

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from service.engine.field_checks import (
+from densemap.service.engine.field_checks import (
     check_box_offsets,
     check_choice,
     check_flag,
@@ -16,7 +16,7 @@ from service.engine.field_checks import (
     check_precision,
     check_scales,
 )
-from service.errors import InvalidOption
+from densemap.service.errors import InvalidOption
 
 DEFAULT_MAX_PIXELS = 256 * 1024 * 1024  # 16384 x 16384: refuse bigger images before decoding
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes one request may use on CPU: maps, copies and a pass
@@ -50,7 +50,7 @@ RUNTIMES = ("ort", "torch")
 DEFAULT_RUNTIME = "ort"
 # runtimes other than onnxruntime live outside service/ (which never imports torch) and are
 # imported by name, only when a model asks for them; each has open_net(path, config)
-RUNTIME_MODULES = {"torch": "convert.torch_runtime"}
+RUNTIME_MODULES = {"torch": "densemap.convert.torch_runtime"}
 # Detections (service/engine/detections.py, docs/engine.md "Detections")
 DEFAULT_DETECTION_THRESHOLD = 0.5  # a cell whose class probability is >= this is a candidate
 DEFAULT_NMS_IOU = 0.5  # suppress a box whose IoU with a better box of its class is > this
@@ -123,7 +123,7 @@ class DetectionDefaults:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """How an :class:`~service.engine.Engine` loads and runs its model."""
+    """How an :class:`~densemap.service.engine.Engine` loads and runs its model."""
 
     device: str = "auto"  # "auto" (CUDA when it really loads, else CPU), "cpu" or "cuda"
     intra_op_threads: int = DEFAULT_INTRA_OP_THREADS
@@ -273,7 +273,7 @@ class ScoreOptions:
     def __post_init__(self) -> None:
         """Check every field (InvalidOption naming it). What depends on the model (a stride
         it supports, class indices below its class count, its heads, int8 copies) is
-        checked by :meth:`Engine.check_options <service.engine.Engine.check_options>`."""
+        checked by :meth:`Engine.check_options <densemap.service.engine.Engine.check_options>`."""
         if self.output_stride is not None:
             _set(self, "output_stride", check_int("output_stride", self.output_stride, minimum=1))
         _set(self, "scales", check_scales(self.scales))

@@ -1,10 +1,10 @@
 """How much memory one pass may use, what it needs, and the refusals that follow.
 
 The memory budget (``Engine.memory_budget``) covers a request's maps and working copies
-(``held`` bytes, :mod:`service.engine.cost`) and one pass's activations and copies. On CPU
+(``held`` bytes, :mod:`densemap.service.engine.cost`) and one pass's activations and copies. On CPU
 both share the host memory, so a pass gets what the held bytes leave; on CUDA activations
 live in device memory and a pass gets the whole budget. A pass over its room is tiled
-(:mod:`service.engine.tiling`), or refused when tiling is off or one cell does not fit.
+(:mod:`densemap.service.engine.tiling`), or refused when tiling is off or one cell does not fit.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from service.engine import image_input
-from service.engine.cost import (
+from densemap.service.engine import image_input
+from densemap.service.engine.cost import (
     RequestCost,
     describe,
     held_bytes,
@@ -21,10 +21,10 @@ from service.engine.cost import (
     response_bytes,
     scale_cost,
 )
-from service.engine.options import MEMORY_BUDGET_SETTING, TILING_SETTING
-from service.engine.request_checks import cells_at, check_scaled_size
-from service.engine.tiling import plan_tiles
-from service.errors import ImageTooLarge
+from densemap.service.engine.options import MEMORY_BUDGET_SETTING, TILING_SETTING
+from densemap.service.engine.request_checks import cells_at, check_scaled_size
+from densemap.service.engine.tiling import plan_tiles
+from densemap.service.errors import ImageTooLarge
 
 
 def activation_room(held: int, *, budget: int, on_cuda: bool) -> int:

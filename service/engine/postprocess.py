@@ -9,7 +9,7 @@ Rules (documented in docs/engine.md):
 - image scores: the mean over cells of the class probabilities (softmax even when logits
   are returned), computed in float64 and averaged over scales; image top-k ranks the
   selected classes, clipped to their number.
-- ``heads``: the extra heads returned (:mod:`service.engine.heads`), each its own map of
+- ``heads``: the extra heads returned (:mod:`densemap.service.engine.heads`), each its own map of
   the model's values in the map dtype.
 """
 
@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.engine.heads import HeadInfo, select_heads
-from service.engine.options import ScoreOptions
-from service.errors import InvalidImage, InvalidOption, ModelLoadError
+from densemap.service.engine.heads import HeadInfo, select_heads
+from densemap.service.engine.options import ScoreOptions
+from densemap.service.errors import InvalidImage, InvalidOption, ModelLoadError
 
 DTYPES = {"float32": np.float32, "float16": np.float16}  # ScoreOptions.dtype -> numpy
 

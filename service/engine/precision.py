@@ -34,13 +34,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from service.engine.fc_head_unfold import applies, unfold_huge_convs
-from service.engine.field_checks import check_precision
-from service.engine.onnxruntime_package import ort
-from service.engine.options import AVAILABLE_PRECISIONS, EngineConfig
-from service.engine.result import PrecisionReport
-from service.engine.session import create_session, open_model_bytes
-from service.errors import InvalidOption, ModelLoadError
+from densemap.service.engine.fc_head_unfold import applies, unfold_huge_convs
+from densemap.service.engine.field_checks import check_precision
+from densemap.service.engine.onnxruntime_package import ort
+from densemap.service.engine.options import AVAILABLE_PRECISIONS, EngineConfig
+from densemap.service.engine.result import PrecisionReport
+from densemap.service.engine.session import create_session, open_model_bytes
+from densemap.service.errors import InvalidOption, ModelLoadError
 
 log = logging.getLogger("densemap.engine")
 AVAILABLE = AVAILABLE_PRECISIONS  # bf16: see field_checks.check_precision
@@ -151,7 +151,7 @@ def compare_maps(
 ) -> PrecisionReport:
     """The report for the map ``other`` against ``exact`` (both [C, n_h, n_w]): logits, or
     the model's own probabilities when ``probabilities`` (softmax or sigmoid outputs)."""
-    from service.engine.postprocess import softmax  # the engine's numpy softmax
+    from densemap.service.engine.postprocess import softmax  # the engine's numpy softmax
 
     exact = exact.astype(np.float32)
     other = other.astype(np.float32)
@@ -172,7 +172,7 @@ def compare_maps(
 
 def compare_precision(engine, image, precision: str, *, output_stride=None) -> PrecisionReport:
     """Score ``image`` with ``engine`` in fp32 and in ``precision``: how far apart they are."""
-    from service.engine.options import ScoreOptions
+    from densemap.service.engine.options import ScoreOptions
 
     # logits where the model gives them; a softmax or sigmoid model's own scores otherwise
     own_probabilities = engine.metadata.output_kind != "logits"

@@ -2,7 +2,7 @@
 
 A folder may also hold the à-trous variant files its metadata names, ``labels.txt``
 (one label per line; it overrides the metadata labels) and ``densemap.json`` (per-model
-settings: default precision, warm-up shapes; see :mod:`service.engine.model_settings`). Names are looked up in the
+settings: default precision, warm-up shapes; see :mod:`densemap.service.engine.model_settings`). Names are looked up in the
 scanned index only, never joined into paths. :meth:`ModelRepository.reload` rescans: new
 or changed folders (any file's size or mtime) are loaded, removed ones dropped, and a model
 that fails to load is logged and recorded in :attr:`ModelRepository.errors`; it NEVER
@@ -18,14 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import service
-from service.contract import parse_labels
-from service.engine.model_settings import apply_model_settings
-from service.engine.options import EngineConfig
-from service.errors import DensemapError, ModelLoadError, ModelNotFound
+import densemap.service as service
+from densemap.service.contract import parse_labels
+from densemap.service.engine.model_settings import apply_model_settings
+from densemap.service.engine.options import EngineConfig
+from densemap.service.errors import DensemapError, ModelLoadError, ModelNotFound
 
 if TYPE_CHECKING:  # imported when a model loads: MODELS_HELP and the paths need no runtime
-    from service.engine.engine import Engine
+    from densemap.service.engine.engine import Engine
 
 log = logging.getLogger("densemap.engine")
 
@@ -66,7 +66,7 @@ def default_models_dir() -> Path:
 
 def read_model_labels(path: Path) -> tuple[str, ...] | None:
     """Labels of a model folder's ``labels.txt`` (one per line, trailing blank lines
-    ignored), or None without one (convert's ``--labels`` file: convert.flags.read_labels)."""
+    ignored), or None without one (convert's ``--labels`` file: densemap.convert.flags.read_labels)."""
     if not path.is_file():
         return None
     try:
@@ -112,7 +112,7 @@ def load_model(root: str | Path, name: str, *, config: EngineConfig = EngineConf
         raise _not_found(name, root, folders)
     folder = folders[name]
     config = apply_model_settings(folder, config)  # densemap.json, as the server reads it
-    from service.engine.engine import Engine
+    from densemap.service.engine.engine import Engine
 
     return Engine(
         folder / MODEL_FILE,
@@ -169,7 +169,7 @@ class ModelRepository:
         raise _not_found(name, self.root, available)
 
     def _load(self, name: str, folder: Path) -> Engine:
-        from service.engine.engine import Engine
+        from densemap.service.engine.engine import Engine
 
         labels = read_model_labels(folder / LABELS_FILE)
         config = apply_model_settings(folder, self.config)

@@ -3,7 +3,7 @@ pixel limits.
 
 Pure functions of the request and the model's nets and metadata; :class:`Engine` calls them
 from ``check_options``, ``estimate_request`` and ``score``. The options checked their own
-values when they were built (:mod:`service.engine.field_checks`); these check them against
+values when they were built (:mod:`densemap.service.engine.field_checks`); these check them against
 the model. Each failure is the densemap error that names the fix (InvalidOption,
 InvalidImage, ImageTooSmall, ImageTooLarge).
 """
@@ -14,9 +14,9 @@ import time
 
 import numpy as np
 
-from service.contract import Pair, Preprocessing
-from service.engine import image_input
-from service.errors import ImageTooLarge, ImageTooSmall, InvalidImage, InvalidOption
+from densemap.service.contract import Pair, Preprocessing
+from densemap.service.engine import image_input
+from densemap.service.errors import ImageTooLarge, ImageTooSmall, InvalidImage, InvalidOption
 
 
 def common_divisors(stride: Pair) -> tuple[int, ...]:

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.contract import warn_renamed
-from service.engine.heads import HeadInfo
+from densemap.service.contract import warn_renamed
+from densemap.service.engine.heads import HeadInfo
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ A :class:`Runtime` belongs to one engine. It uploads each (resized) image once, 
 smallest form (uint8 HxWxC: a quarter of float32's bytes), then for every pass or tile runs
 three graphs back to back on the device: the preprocess graph cuts and normalises the
 region, the net computes the raw map, the postprocess graph computes what the caller asked
-for. Only those outputs come back to the host (see :mod:`service.engine.graphs`).
+for. Only those outputs come back to the host (see :mod:`densemap.service.engine.graphs`).
 
 On CPU the same graphs run on the CPU execution provider, with one shared arena allocator
 (fast reuse of activation buffers between passes); :meth:`Runtime.release_memory` gives the
@@ -19,11 +19,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from service.contract import Preprocessing
-from service.engine import graphs
-from service.engine.onnxruntime_package import ort
-from service.engine.options import EngineConfig
-from service.engine.session import CUDA, open_aux_session, release_arena_options
+from densemap.service.contract import Preprocessing
+from densemap.service.engine import graphs
+from densemap.service.engine.onnxruntime_package import ort
+from densemap.service.engine.options import EngineConfig
+from densemap.service.engine.session import CUDA, open_aux_session, release_arena_options
 
 # The small graphs depend only on their spec and the device: one session per process, shared
 # by every engine (a repository of many models, reloads) instead of one per engine.

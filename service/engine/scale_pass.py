@@ -1,7 +1,7 @@
 """One scale of a request: resize the pixels, run the dense passes (tiles within the
 memory budget, k x k shifts for a finer stride), and assemble the scale's map.
 
-:class:`Engine.score <service.engine.engine.Engine>` plans a request once (outputs,
+:class:`Engine.score <densemap.service.engine.engine.Engine>` plans a request once (outputs,
 stride, precision, budget: a :class:`ScalePlan`) and calls :func:`score_scale` per scale.
 """
 
@@ -13,15 +13,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.contract import ModelMetadata, Pair
-from service.engine import image_input
-from service.engine.assembly import MapAssembly, Placement, PostprocessCall
-from service.engine.dense import PixelSource, shift_and_stitch
-from service.engine.postprocess import check_finite
-from service.engine.request_checks import cells_at
-from service.engine.result import MapGeometry, ScaleMap
-from service.engine.runtime import Runtime
-from service.engine.tiling import run_region
+from densemap.service.contract import ModelMetadata, Pair
+from densemap.service.engine import image_input
+from densemap.service.engine.assembly import MapAssembly, Placement, PostprocessCall
+from densemap.service.engine.dense import PixelSource, shift_and_stitch
+from densemap.service.engine.postprocess import check_finite
+from densemap.service.engine.request_checks import cells_at
+from densemap.service.engine.result import MapGeometry, ScaleMap
+from densemap.service.engine.runtime import Runtime
+from densemap.service.engine.tiling import run_region
 
 
 @dataclass(frozen=True)

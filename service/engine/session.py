@@ -16,11 +16,11 @@ import threading
 from dataclasses import replace
 from pathlib import Path
 
-from service.engine.cuda_driver import describe_driver
-from service.engine.fc_head_unfold import model_source
-from service.engine.onnxruntime_package import ort
-from service.engine.options import EngineConfig
-from service.errors import ModelLoadError
+from densemap.service.engine.cuda_driver import describe_driver
+from densemap.service.engine.fc_head_unfold import model_source
+from densemap.service.engine.onnxruntime_package import ort
+from densemap.service.engine.options import EngineConfig
+from densemap.service.errors import ModelLoadError
 
 log = logging.getLogger("densemap.engine")
 

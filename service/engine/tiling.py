@@ -14,10 +14,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from service.engine.assembly import Placement, PostprocessCall
-from service.engine.dense import DenseNet, Grid, PixelSource, check_cancel
-from service.engine.options import MEMORY_BUDGET_SETTING, TILING_SETTING
-from service.errors import ImageTooLarge
+from densemap.service.engine.assembly import Placement, PostprocessCall
+from densemap.service.engine.dense import DenseNet, Grid, PixelSource, check_cancel
+from densemap.service.engine.options import MEMORY_BUDGET_SETTING, TILING_SETTING
+from densemap.service.errors import ImageTooLarge
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ Life cycle (:class:`DensemapServer`):
    and "" are NOT_SERVING, scoring calls get UNAVAILABLE while models load in a thread.
 2. Once the repository is loaded: one health name per model SERVING, and readiness and
    "" SERVING only when at least one model is served, and every ``--require-models`` one
-   (:mod:`service.server.readiness`; else NOT_SERVING and one log line says why).
+   (:mod:`densemap.service.server.readiness`; else NOT_SERVING and one log line says why).
 3. ``reload()`` (SIGHUP, ``poll_seconds``) re-reads the repository and re-evaluates
    readiness; a broken new model is logged and never replaces a working one.
 4. ``drain()`` (SIGTERM/SIGINT): readiness NOT_SERVING, new calls UNAVAILABLE, idle
@@ -34,25 +34,25 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from service._proto.densemap.v1 import densemap_pb2, densemap_pb2_grpc
-from service.engine import host_memory
-from service.errors import InvalidOption, ModelLoadError
-from service.server import kserve_proto, readiness
-from service.server.auth import BearerTokenInterceptor
-from service.server.compute_limit import ComputeLimit
-from service.server.config import ServerConfig
-from service.server.densemap_servicer import SERVICE_NAME, DensemapServicer, load_failures
-from service.server.device_check import device_problem
-from service.server.idle_memory import IdleRelease
-from service.server.kserve_servicer import KServeServicer
-from service.server.limits import Admission, ServingState
-from service.server.malformed import MalformedRequestInterceptor
-from service.server.memory_budget import MemoryBudget, default_memory_limit
-from service.server.metrics import ServerMetrics
-from service.server.scoring import Models, ScoringCore
-from service.server.status import NotServing
-from service.server.streams import StreamInterceptor, StreamLimits
-from service.server.uploads import Uploads
+from densemap.service._proto.densemap.v1 import densemap_pb2, densemap_pb2_grpc
+from densemap.service.engine import host_memory
+from densemap.service.errors import InvalidOption, ModelLoadError
+from densemap.service.server import kserve_proto, readiness
+from densemap.service.server.auth import BearerTokenInterceptor
+from densemap.service.server.compute_limit import ComputeLimit
+from densemap.service.server.config import ServerConfig
+from densemap.service.server.densemap_servicer import SERVICE_NAME, DensemapServicer, load_failures
+from densemap.service.server.device_check import device_problem
+from densemap.service.server.idle_memory import IdleRelease
+from densemap.service.server.kserve_servicer import KServeServicer
+from densemap.service.server.limits import Admission, ServingState
+from densemap.service.server.malformed import MalformedRequestInterceptor
+from densemap.service.server.memory_budget import MemoryBudget, default_memory_limit
+from densemap.service.server.metrics import ServerMetrics
+from densemap.service.server.scoring import Models, ScoringCore
+from densemap.service.server.status import NotServing
+from densemap.service.server.streams import StreamInterceptor, StreamLimits
+from densemap.service.server.uploads import Uploads
 
 log = logging.getLogger("densemap.server")
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -70,7 +70,7 @@ SERVICE_NAMES = (
 
 def open_model_repository(config: ServerConfig):
     """The default repository: ``config.models_dir`` with ``config.engine``."""
-    from service.engine import ModelRepository
+    from densemap.service.engine import ModelRepository
 
     return ModelRepository(config.models_dir, config=config.engine)
 

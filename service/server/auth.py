@@ -12,7 +12,7 @@ import hmac
 
 import grpc
 
-from service.server.status import Unauthenticated, status_for
+from densemap.service.server.status import Unauthenticated, status_for
 
 OPEN_SERVICES = (
     "/grpc.health.v1.Health/",

@@ -1,6 +1,6 @@
 """densemap.v1 messages <-> numpy arrays and engine types, in both directions.
 
-The server decodes requests and encodes responses; :mod:`service.client` does the
+The server decodes requests and encodes responses; :mod:`densemap.service.client` does the
 opposite with the same functions, so both sides agree on one wire format: raw
 little-endian row-major bytes with shape and dtype (:class:`Tensor`).
 """
@@ -13,23 +13,23 @@ from pathlib import Path
 
 import numpy as np
 
-from service._proto.densemap.v1 import densemap_pb2 as pb
-from service.engine.options import DEFAULT_IMAGE_TOP_K, ScoreOptions
-from service.engine.result import MapGeometry, PrecisionReport, ScaleMap, ScoreResult
-from service.errors import InvalidImage, InvalidOption
-from service.server.detection_codec import (
+from densemap.service._proto.densemap.v1 import densemap_pb2 as pb
+from densemap.service.engine.options import DEFAULT_IMAGE_TOP_K, ScoreOptions
+from densemap.service.engine.result import MapGeometry, PrecisionReport, ScaleMap, ScoreResult
+from densemap.service.errors import InvalidImage, InvalidOption
+from densemap.service.server.detection_codec import (
     detection_options_from_proto,
     detection_options_to_proto,
     detections_from_response,
     fill_detections,
 )
-from service.server.head_codec import (
+from densemap.service.server.head_codec import (
     fill_head_maps,
     heads_from_proto,
     heads_to_proto,
     read_head_maps,
 )
-from service.server.request_counts import check_rank
+from densemap.service.server.request_counts import check_rank
 
 WIRE_DTYPES: dict[int, np.dtype] = {
     pb.UINT8: np.dtype("<u1"),

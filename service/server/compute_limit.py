@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import math
 
-from service.errors import ImageTooLarge
-from service.server.status import quote_name
+from densemap.service.errors import ImageTooLarge
+from densemap.service.server.status import quote_name
 
 DEFAULT_COMPUTE_IMAGES = 2  # default limit: this many full-size images at native stride
 GIGA = 1e9

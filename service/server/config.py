@@ -11,9 +11,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.engine.options import DEFAULT_MEMORY_BUDGET, EngineConfig
-from service.engine.repository import default_models_dir
-from service.errors import InvalidOption
+from densemap.service.engine.options import DEFAULT_MEMORY_BUDGET, EngineConfig
+from densemap.service.engine.repository import default_models_dir
+from densemap.service.errors import InvalidOption
 
 DEFAULT_HOST = "0.0.0.0"
 DEFAULT_PORT = 50051
@@ -49,10 +49,10 @@ def server_engine_config() -> EngineConfig:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """How :func:`service.server.app.create_server` binds, limits and loads.
+    """How :func:`densemap.service.server.app.create_server` binds, limits and loads.
 
     - ``models_dir``: repository root, one folder per model; None: ``$DENSEMAP_MODELS``,
-      else the bundled repository (:func:`service.engine.repository.default_models_dir`).
+      else the bundled repository (:func:`densemap.service.engine.repository.default_models_dir`).
     - ``host``/``port``: where gRPC listens; port 0 picks a free port.
     - ``metrics_host``/``metrics_port``: where the Prometheus endpoint (plain HTTP, no
       token) listens; 127.0.0.1 by default, so only this host reads it (a pod scraped by
@@ -67,13 +67,13 @@ class ServerConfig:
     - ``max_in_flight``/``max_queue``: per model, engine calls running / waiting.
     - ``max_request_gmacs``: the compute one request may ask for, in GMAC (multiply-
       accumulates of every pass, counted before it runs); 0: per model, twice one image at
-      the pixel limit at native stride (:mod:`service.server.compute_limit`).
+      the pixel limit at native stride (:mod:`densemap.service.server.compute_limit`).
     - ``memory_limit``: bytes the whole server may use (RSS); scoring calls reserve their
-      request, maps and response within it (:mod:`service.server.memory_budget`). None:
+      request, maps and response within it (:mod:`densemap.service.server.memory_budget`). None:
       the cgroup limit when there is one, else the machine's memory.
     - ``upload_grace_seconds``: a request body still arriving this long after its room in
       the budget was reserved is ended (RESOURCE_EXHAUSTED) when another call needs that
-      room (:mod:`service.server.uploads`).
+      room (:mod:`densemap.service.server.uploads`).
     - ``write_timeout_seconds``: a client connection that reads nothing (not even the
       server's keepalive pings) for this long is closed, with the responses it pinned.
     - ``grace_seconds``: how long a drain lets in-flight calls finish.

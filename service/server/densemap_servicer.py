@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import grpc
 
-from service._proto.densemap.v1 import densemap_pb2 as pb
-from service._proto.densemap.v1 import densemap_pb2_grpc as pb_grpc
-from service.server import codec, request_counts
-from service.server.head_codec import fill_model_heads
-from service.server.limits import CallGuard
-from service.server.scoring import Call, ScoringCore
-from service.server.status import NotServing, abort
+from densemap.service._proto.densemap.v1 import densemap_pb2 as pb
+from densemap.service._proto.densemap.v1 import densemap_pb2_grpc as pb_grpc
+from densemap.service.server import codec, request_counts
+from densemap.service.server.head_codec import fill_model_heads
+from densemap.service.server.limits import CallGuard
+from densemap.service.server.scoring import Call, ScoringCore
+from densemap.service.server.status import NotServing, abort
 
 SERVICE_NAME = "densemap.v1.Densemap"
 _FATAL = (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from service._proto.densemap.v1 import densemap_pb2 as pb
-from service.engine.options import DetectionOptions
-from service.engine.result import Detection
+from densemap.service._proto.densemap.v1 import densemap_pb2 as pb
+from densemap.service.engine.options import DetectionOptions
+from densemap.service.engine.result import Detection
 
 
 def detection_options_to_proto(options: DetectionOptions, out: pb.DetectionOptions) -> None:

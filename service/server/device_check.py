@@ -9,14 +9,14 @@ does not work, logging why and which driver is needed.
 
 from __future__ import annotations
 
-from service.engine.options import EngineConfig
+from densemap.service.engine.options import EngineConfig
 
 
 def device_problem(engine: EngineConfig) -> str | None:
     """None when ``engine.device`` can be used (always for cpu and auto), else why not."""
     if engine.device != "cuda":
         return None
-    from service.engine.session import cuda_problem
+    from densemap.service.engine.session import cuda_problem
 
     problem = cuda_problem(engine)
     if problem is None:

@@ -2,7 +2,7 @@
 
 The request's ``heads``/``omit_heads`` <-> ``ScoreOptions.heads``; each ScaleMap's extra
 head maps <-> ``HeadMap`` messages (name, kind, labels, values); the model's heads <->
-``ModelInfo.heads``. Arrays travel as every other map does (:mod:`service.server.codec`).
+``ModelInfo.heads``. Arrays travel as every other map does (:mod:`densemap.service.server.codec`).
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from collections.abc import Callable
 
 import numpy as np
 
-from service._proto.densemap.v1 import densemap_pb2 as pb
-from service.engine.heads import HeadInfo
-from service.engine.result import ScaleMap
-from service.errors import InvalidOption
+from densemap.service._proto.densemap.v1 import densemap_pb2 as pb
+from densemap.service.engine.heads import HeadInfo
+from densemap.service.engine.result import ScaleMap
+from densemap.service.errors import InvalidOption
 
 
 def heads_to_proto(heads: tuple[str, ...] | None, out: pb.ScoreOptions) -> None:

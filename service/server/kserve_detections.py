@@ -18,7 +18,7 @@ import struct
 
 import numpy as np
 
-from service.engine.result import Detection
+from densemap.service.engine.result import Detection
 
 OUTPUTS = ("detections", "detection_labels", "detection_cells")
 

@@ -3,7 +3,7 @@
 Per scale i (suffix "" for the first scale, "_<i>" for the others): ``scores`` (the primary
 head's map), ``top_k_indices``, ``top_k_scores``, ``argmax`` and one output per extra head,
 named by the head (``head_<name>`` when the name is one of the built-in outputs'); plus
-``image_scores`` and the detection outputs (:mod:`service.server.kserve_detections`).
+``image_scores`` and the detection outputs (:mod:`densemap.service.server.kserve_detections`).
 Requested names narrow the options to what they need; an unknown name is
 INVALID_ARGUMENT listing the names there are.
 """
@@ -13,11 +13,11 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from service.engine.cost import RequestCost, response_bytes
-from service.engine.heads import HeadInfo, head_key
-from service.engine.options import DetectionOptions, ScoreOptions
-from service.errors import InvalidOption
-from service.server import kserve_detections
+from densemap.service.engine.cost import RequestCost, response_bytes
+from densemap.service.engine.heads import HeadInfo, head_key
+from densemap.service.engine.options import DetectionOptions, ScoreOptions
+from densemap.service.errors import InvalidOption
+from densemap.service.server import kserve_detections
 
 MAP_OUTPUTS = ("scores", "top_k_indices", "top_k_scores", "argmax")
 IMAGE_SCORES = "image_scores"

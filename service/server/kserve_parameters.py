@@ -7,7 +7,7 @@ known ones; tritonclient's reserved names (sequence_id, priority, ...) are ignor
 
 from __future__ import annotations
 
-from service.engine.options import (
+from densemap.service.engine.options import (
     DEFAULT_DETECTION_THRESHOLD,
     DEFAULT_IMAGE_TOP_K,
     DEFAULT_MAX_DETECTIONS,
@@ -15,8 +15,8 @@ from service.engine.options import (
     DetectionOptions,
     ScoreOptions,
 )
-from service.errors import InvalidOption
-from service.plain_numbers import parse_decimal, parse_integer
+from densemap.service.errors import InvalidOption
+from densemap.service.plain_numbers import parse_decimal, parse_integer
 
 PARAMETERS = {
     "output_stride": "int: output stride in pixels (default: the model's native stride)",

@@ -15,8 +15,8 @@ from __future__ import annotations
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
-from service._proto.inference.grpc_service_descriptor import FILE_DESCRIPTOR_SET
-from service.server.status import Unsupported, status_for
+from densemap.service._proto.inference.grpc_service_descriptor import FILE_DESCRIPTOR_SET
+from densemap.service.server.status import Unsupported, status_for
 
 SERVICE_NAME = "inference.GRPCInferenceService"
 RPCS = (  # (method, request message, response message): all unary

@@ -7,7 +7,7 @@ order) or ``image_bytes`` (BYTES [1], an encoded image). Outputs, always sent in
 primary head), ``top_k_indices``/``top_k_scores`` [k, n_h, n_w], ``argmax`` [n_h, n_w],
 and one output per extra head, named by the head, [channels, n_h, n_w]; plus
 ``image_scores`` [num_classes]; with ``detections=true``, the detection outputs of
-:mod:`service.server.kserve_detections`. Names: :mod:`service.server.kserve_outputs`.
+:mod:`densemap.service.server.kserve_detections`. Names: :mod:`densemap.service.server.kserve_outputs`.
 Options are request parameters (see PARAMETERS).
 """
 
@@ -19,9 +19,9 @@ import struct
 
 import numpy as np
 
-from service.errors import InvalidImage, ModelNotFound
-from service.server import kserve_detections, request_counts
-from service.server.kserve_outputs import (
+from densemap.service.errors import InvalidImage, ModelNotFound
+from densemap.service.server import kserve_detections, request_counts
+from densemap.service.server.kserve_outputs import (
     MAP_OUTPUTS,
     estimated_bytes,
     head_output,
@@ -29,10 +29,14 @@ from service.server.kserve_outputs import (
     requested_options,
     set_geometry,
 )
-from service.server.kserve_parameters import options_from_parameters
-from service.server.kserve_proto import ModelInferResponse, ModelMetadataResponse, message_class
-from service.server.scoring import Call, ScoringCore
-from service.server.status import quote_name
+from densemap.service.server.kserve_parameters import options_from_parameters
+from densemap.service.server.kserve_proto import (
+    ModelInferResponse,
+    ModelMetadataResponse,
+    message_class,
+)
+from densemap.service.server.scoring import Call, ScoringCore
+from densemap.service.server.status import quote_name
 
 PLATFORM = "onnxruntime_onnx"
 INPUTS = {"image": "UINT8", "image_bytes": "BYTES"}

@@ -20,8 +20,8 @@ from contextlib import contextmanager
 
 import grpc
 
-from service.errors import Cancelled
-from service.server.status import (
+from densemap.service.errors import Cancelled
+from densemap.service.server.status import (
     DeadlineExceeded,
     NotServing,
     ServerBusy,

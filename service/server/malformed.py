@@ -9,11 +9,11 @@ every method with raw bytes in and out, and its wrapper:
   :data:`CONTROL_MESSAGE_BYTES` before parsing it: those requests are a few bytes, and a
   huge one must not hold the event loop that answers probes;
 - reads a scoring call's request itself (the call is registered request-streaming, which
-  the wire does not show), only once the room for it is reserved (:mod:`service.server.
+  the wire does not show), only once the room for it is reserved (:mod:`densemap.service.server.
   uploads`: a call that finds none is refused before its body is read), and drops the
   received bytes once parsed;
 - reserves, for any other call, :data:`REQUEST_COPIES` times its request's size in the
-  server's memory budget (:mod:`service.server.memory_budget`) before parsing it, held
+  server's memory budget (:mod:`densemap.service.server.memory_budget`) before parsing it, held
   until the call is done (a stream's message: until the next one is read): a request that
   does not fit is RESOURCE_EXHAUSTED before it is copied any further;
 - parses the request, and ends an unparsable one with INVALID_ARGUMENT through the status
@@ -29,10 +29,10 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
-from service.errors import DensemapError
-from service.server.memory_budget import REQUEST_COPIES, MemoryBudget, Reservation
-from service.server.status import MalformedRequest, abort, drop_frames
-from service.server.uploads import Uploads
+from densemap.service.errors import DensemapError
+from densemap.service.server.memory_budget import REQUEST_COPIES, MemoryBudget, Reservation
+from densemap.service.server.status import MalformedRequest, abort, drop_frames
+from densemap.service.server.uploads import Uploads
 
 CONTROL_MESSAGE_BYTES = 64 * 1024  # largest request of a control call
 CONTROL_METHODS = frozenset(

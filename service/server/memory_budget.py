@@ -33,9 +33,9 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from service.engine.cost import describe
-from service.errors import ImageTooLarge
-from service.server.status import ServerBusy
+from densemap.service.engine.cost import describe
+from densemap.service.errors import ImageTooLarge
+from densemap.service.server.status import ServerBusy
 
 CGROUP_LIMIT_FILES = (
     Path("/sys/fs/cgroup/memory.max"),  # cgroup v2

@@ -9,7 +9,7 @@ Each server owns its registry, so several servers (tests) never collide.
 - ``densemap_input_pixels{model}``: pixels per scored image.
 - ``densemap_model_loaded{model}``: 1 while the model is served, 0 after it was removed.
 - ``densemap_log_records_dropped_total``: log records lost to a log reader that went away
-  or fell behind (``service.server.log_stream.DroppingHandler``; the log never blocks).
+  or fell behind (``densemap.service.server.log_stream.DroppingHandler``; the log never blocks).
 - ``process_resident_memory_bytes``, ``process_cpu_seconds_total`` (and the other
   ``process_*`` series of prometheus-client's ``ProcessCollector``, read from /proc on
   Linux): the server process's RSS and CPU time. The collector registers only on
@@ -29,7 +29,7 @@ from prometheus_client import (
     start_http_server,
 )
 
-from service.server.log_stream import dropped_records
+from densemap.service.server.log_stream import dropped_records
 
 log = logging.getLogger("densemap.server")
 

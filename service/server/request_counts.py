@@ -9,8 +9,8 @@ over a limit is INVALID_ARGUMENT saying which field, how many, and the limit.
 
 from __future__ import annotations
 
-from service.engine.field_checks import MAX_SCALES
-from service.errors import InvalidOption
+from densemap.service.engine.field_checks import MAX_SCALES
+from densemap.service.errors import InvalidOption
 
 MAX_TENSOR_RANK = 8  # dimensions of any tensor a request sends (images have 2 or 3)
 MAX_CLASS_INDICES = 65536  # class indices a request may list (classes, detection classes)

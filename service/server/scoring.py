@@ -3,7 +3,7 @@
 A servicer method (a coroutine on the server's event loop) hands a function of
 :class:`Call` to :meth:`ScoringCore.unary` (or :meth:`ScoringCore.stream_item` per
 ScoreStream item). The core checks that the server serves, counts the call in flight, maps
-any exception to its status through the one table (``service.server.status``), records
+any exception to its status through the one table (``densemap.service.server.status``), records
 metrics and writes one debug log line per request.
 
 A scoring call holds a thread only once its request message is complete and admitted: the
@@ -25,16 +25,16 @@ from typing import TypeVar
 
 import grpc
 
-from service.engine.cost import RequestCost, describe
-from service.engine.options import ScoreOptions
-from service.engine.result import ScoreResult
-from service.errors import ImageTooLarge, ModelNotFound
-from service.server.client_paths import client_text
-from service.server.compute_limit import ComputeLimit
-from service.server.limits import Admission, CallGuard, ServingState
-from service.server.memory_budget import MemoryBudget, Reservation, default_memory_limit
-from service.server.metrics import UNKNOWN_MODEL, ServerMetrics
-from service.server.status import (
+from densemap.service.engine.cost import RequestCost, describe
+from densemap.service.engine.options import ScoreOptions
+from densemap.service.engine.result import ScoreResult
+from densemap.service.errors import ImageTooLarge, ModelNotFound
+from densemap.service.server.client_paths import client_text
+from densemap.service.server.compute_limit import ComputeLimit
+from densemap.service.server.limits import Admission, CallGuard, ServingState
+from densemap.service.server.memory_budget import MemoryBudget, Reservation, default_memory_limit
+from densemap.service.server.metrics import UNKNOWN_MODEL, ServerMetrics
+from densemap.service.server.status import (
     NotServing,
     ResponseTooLarge,
     drop_frames,

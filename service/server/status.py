@@ -13,7 +13,7 @@ import uuid
 
 import grpc
 
-from service.errors import (
+from densemap.service.errors import (
     Cancelled,
     ConversionError,
     DensemapError,

@@ -25,8 +25,8 @@ from contextlib import asynccontextmanager, contextmanager
 
 import grpc
 
-from service.errors import DensemapError
-from service.server.status import ServerBusy, StreamIdle, abort
+from densemap.service.errors import DensemapError
+from densemap.service.server.status import ServerBusy, StreamIdle, abort
 
 SCORE_STREAM = "/densemap.v1.Densemap/ScoreStream"
 STREAMS = frozenset(

@@ -30,7 +30,7 @@ and ModelInfer (the calls whose requests may be large):
   that long while other calls want it; an upload that nobody waits for is never cut.
 
 Everything here runs on the server's event loop; reservations themselves are thread-safe
-(:mod:`service.server.memory_budget`).
+(:mod:`densemap.service.server.memory_budget`).
 """
 
 from __future__ import annotations
@@ -41,10 +41,10 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from service.engine.cost import describe
-from service.server.config import DEFAULT_UPLOAD_GRACE_SECONDS
-from service.server.memory_budget import REQUEST_COPIES, MemoryBudget, Reservation
-from service.server.status import MalformedRequest, ServerBusy
+from densemap.service.engine.cost import describe
+from densemap.service.server.config import DEFAULT_UPLOAD_GRACE_SECONDS
+from densemap.service.server.memory_budget import REQUEST_COPIES, MemoryBudget, Reservation
+from densemap.service.server.status import MalformedRequest, ServerBusy
 
 EVICT_WAIT_SECONDS = 2.0  # how long a newcomer waits for an ended upload's room
 POLL_SECONDS = 0.01

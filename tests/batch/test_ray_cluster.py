@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from service.cli import main
-from service.score_cli import RAY_CLIENT_REFUSED
+from densemap.service.cli import main
+from densemap.service.score_cli import RAY_CLIENT_REFUSED
 from tests.batch.test_ray_score import _files, _rows
 from tests.support.paths import REPO_ROOT
 from tests.support.score_fixtures import MODEL, build_mixed_folder, build_repository
@@ -108,7 +108,7 @@ def ray_head():
 
 def _score(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "service.cli", "score", *args],
+        [sys.executable, "-m", "densemap.service.cli", "score", *args],
         env=env, cwd=cwd, capture_output=True, text=True, timeout=240,
     )  # fmt: skip
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from service.cli import main
+from densemap.service.cli import main
 from tests.support.score_fixtures import MODEL, build_mixed_folder, build_repository
 
 pytestmark = pytest.mark.slow  # starts Ray

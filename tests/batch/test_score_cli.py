@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from service.batch.outputs import load_result
-from service.cli import main
-from service.engine import Engine, ScoreOptions
+from densemap.service.batch.outputs import load_result
+from densemap.service.cli import main
+from densemap.service.engine import Engine, ScoreOptions
 from tests.support.dense_models import make_dense_net, small_layers
 from tests.support.oracle import crop_by_crop, torch_classifier
 from tests.support.score_fixtures import (
@@ -285,7 +285,7 @@ def test_only_the_model_asked_for_is_loaded(capsys, caplog, repo, tmp_path):
 
 
 def test_default_model_is_the_bundled_digits(capsys, tmp_path):
-    from service.engine.repository import MODEL_FILE, ModelRepository, default_models_dir
+    from densemap.service.engine.repository import MODEL_FILE, ModelRepository, default_models_dir
 
     model_file = default_models_dir() / "digits" / MODEL_FILE
     if not model_file.is_file():

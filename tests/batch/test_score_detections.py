@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from service.cli import main
+from densemap.service.cli import main
 from tests.support.paths import REPO_ROOT
 from tests.support.score_fixtures import encode
 from tests.support.server_harness import HOST, start_server
@@ -142,8 +142,8 @@ def test_the_model_folders_box_offsets_apply_in_process(capsys, folder, tmp_path
 # into place and before its detections.jsonl line is written: the window resume must cover.
 KILLED_BEFORE_ITS_LINE = """
 import os, signal, sys
-from service.batch import detections_out
-from service.cli import main
+from densemap.service.batch import detections_out
+from densemap.service.cli import main
 
 add = detections_out.DetectionsWriter.add
 

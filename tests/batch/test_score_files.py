@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from service.batch import outputs, writer
-from service.batch.summary import SummaryWriter
-from service.cli import main
+from densemap.service.batch import outputs, writer
+from densemap.service.batch.summary import SummaryWriter
+from densemap.service.cli import main
 from tests.support.score_fixtures import MODEL, build_plain_folder
 
 IMAGES = 12

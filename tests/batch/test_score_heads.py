@@ -11,9 +11,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from service.batch.outputs import load_result
-from service.cli import main
-from service.engine import Engine, HeadInfo, ScoreOptions, preprocess
+from densemap.service.batch.outputs import load_result
+from densemap.service.cli import main
+from densemap.service.engine import Engine, HeadInfo, ScoreOptions, preprocess
 from tests.support.dense_models import BOX_LABELS, build_dense_model, build_two_head_model
 from tests.support.score_fixtures import encode, random_image
 from tests.support.server_harness import HOST, start_server

@@ -7,7 +7,7 @@ import os
 import struct
 import zlib
 
-from service.cli import main
+from densemap.service.cli import main
 from tests.support.score_fixtures import MODEL, encode, random_image
 
 

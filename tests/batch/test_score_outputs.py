@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.batch.heatmap import CLASS_PALETTE, probabilities_of
-from service.batch.outputs import load_result
-from service.cli import main
-from service.engine import Engine, ScoreOptions
+from densemap.service.batch.heatmap import CLASS_PALETTE, probabilities_of
+from densemap.service.batch.outputs import load_result
+from densemap.service.cli import main
+from densemap.service.engine import Engine, ScoreOptions
 from tests.support.dense_models import build_dense_model
 from tests.support.score_fixtures import LABELS, MODEL, build_repository, encode, random_image
 from tests.support.square_model import square_model, squares_image

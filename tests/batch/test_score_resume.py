@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.batch.heatmap import LEGEND_LINE
-from service.batch.outputs import load_result
-from service.cli import main
-from service.engine import Engine, ScoreOptions
+from densemap.service.batch.heatmap import LEGEND_LINE
+from densemap.service.batch.outputs import load_result
+from densemap.service.cli import main
+from densemap.service.engine import Engine, ScoreOptions
 from tests.support.paths import REPO_ROOT
 from tests.support.score_fixtures import MODEL, build_plain_folder, build_repository
 
@@ -43,7 +43,7 @@ def test_resume_after_sigkill_leaves_no_partial_file(tmp_path, capsys):
     out = tmp_path / "out"
     argv = [str(folder), "--out", str(out), "--models", str(repo), "--model", MODEL, "--heatmap"]
     process = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "score", *argv, "--workers", "1"],
+        [sys.executable, "-m", "densemap.service.cli", "score", *argv, "--workers", "1"],
         cwd=REPO_ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -106,7 +106,7 @@ def test_a_second_ctrl_c_stops_without_blaming_images(tmp_path):
     build_plain_folder(folder, 8, size=(768, 768))  # heat-map writes take a while
     out = tmp_path / "out"
     process = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "score", str(folder), "--out", str(out),
+        [sys.executable, "-m", "densemap.service.cli", "score", str(folder), "--out", str(out),
          "--models", str(repo), "--model", MODEL, "--heatmap", "--workers", "2"],
         cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip

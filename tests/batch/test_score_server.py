@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from service.cli import main
-from service.server.app import create_server
-from service.server.config import ServerConfig
+from densemap.service.cli import main
+from densemap.service.server.app import create_server
+from densemap.service.server.config import ServerConfig
 from tests.support.score_fixtures import MODEL, build_mixed_folder
 
 

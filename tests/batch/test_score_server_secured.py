@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from service.cli import main
-from service.server.app import create_server
-from service.server.config import ServerConfig
+from densemap.service.cli import main
+from densemap.service.server.app import create_server
+from densemap.service.server.config import ServerConfig
 from tests.support.score_fixtures import MODEL, build_plain_folder
 
 HOST = "127.0.0.1"

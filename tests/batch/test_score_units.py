@@ -7,13 +7,19 @@ import io
 import numpy as np
 import pytest
 
-from service.batch.heatmap import CLASS_PALETTE, LEGEND_LINE, RAMP, pixel_cells, render_heatmap
-from service.batch.outputs import write_npz
-from service.batch.progress import Progress
-from service.batch.walk import find_images, has_image_signature
-from service.engine.options import ScoreOptions
-from service.errors import InvalidOption
-from service.score_cli import parse_bytes, parse_scales, split_ray_address
+from densemap.service.batch.heatmap import (
+    CLASS_PALETTE,
+    LEGEND_LINE,
+    RAMP,
+    pixel_cells,
+    render_heatmap,
+)
+from densemap.service.batch.outputs import write_npz
+from densemap.service.batch.progress import Progress
+from densemap.service.batch.walk import find_images, has_image_signature
+from densemap.service.engine.options import ScoreOptions
+from densemap.service.errors import InvalidOption
+from densemap.service.score_cli import parse_bytes, parse_scales, split_ray_address
 
 
 def test_ray_address_or_path_after_ray(tmp_path):
@@ -100,7 +106,7 @@ def test_plain_progress_lines_name_failures():
 
 
 def test_background_cells_stay_unpainted_in_top_class_mode():
-    from service.engine.result import MapGeometry, ScaleMap
+    from densemap.service.engine.result import MapGeometry, ScaleMap
 
     geometry = MapGeometry(stride=(4, 4), window=(8, 8), origin=(0, 0),
                            receptive_field=(8, 8), receptive_field_offset=(0, 0))  # fmt: skip
@@ -122,7 +128,7 @@ def test_background_cells_stay_unpainted_in_top_class_mode():
 
 
 def test_legend_goes_below_the_image_and_hides_nothing():
-    from service.engine.result import MapGeometry, ScaleMap
+    from densemap.service.engine.result import MapGeometry, ScaleMap
 
     geometry = MapGeometry(stride=(4, 4), window=(8, 8), origin=(0, 0),
                            receptive_field=(8, 8), receptive_field_offset=(0, 0))  # fmt: skip

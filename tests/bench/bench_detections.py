@@ -14,8 +14,8 @@ import numpy as np
 from bench_engine_common import THREADS, interleaved_times, machine, print_table
 from PIL import Image
 
-from service.engine import Engine, EngineConfig, ScoreOptions
-from service.engine.options import DetectionOptions
+from densemap.service.engine import Engine, EngineConfig, ScoreOptions
+from densemap.service.engine.options import DetectionOptions
 
 DIGITS = Path(__file__).resolve().parents[2] / "models" / "digits"
 SIZE = 2048

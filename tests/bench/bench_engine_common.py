@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
 
-from service.engine.memory import conv_macs  # noqa: E402
+from densemap.service.engine.memory import conv_macs  # noqa: E402
 from tests.support.dense_models import (  # noqa: E402
     build_dense_model,
     make_dense_net,
@@ -85,7 +85,7 @@ def calibration_folder(kind: str, size=(256, 256), count: int = 4) -> Path:
 def converted_model(kind: str, *, int8: bool = False) -> Path:
     """``densemap convert``'s model of the classifier ``kind`` ("mini_vgg": ONNX path;
     "vgg16": torch path, --random-weights), with int8 copies when ``int8``."""
-    from convert import archs, convert_onnx, convert_torch
+    from densemap.convert import archs, convert_onnx, convert_torch
 
     folder = BENCH_DIR / f"{kind}_converted{'_int8' if int8 else ''}"
     path = folder / "model.onnx"

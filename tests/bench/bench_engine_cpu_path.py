@@ -32,7 +32,7 @@ from bench_engine_common import (
     print_table,
 )
 
-from service.engine import Engine, EngineConfig, ScoreOptions, preprocess
+from densemap.service.engine import Engine, EngineConfig, ScoreOptions, preprocess
 
 SIZE, STREAM, BIG = 1024, 1448, 4096
 OPTIONS = ScoreOptions(top_k=5, include_map=False)

@@ -21,8 +21,8 @@ from bench_engine_common import (
     print_table,
 )
 
-from service.engine import Engine, EngineConfig, ScoreOptions
-from service.engine.session import CPU, session_options
+from densemap.service.engine import Engine, EngineConfig, ScoreOptions
+from densemap.service.engine.session import CPU, session_options
 
 
 def crop_batches(image_chw, window, stride, batch):

@@ -38,7 +38,7 @@ from bench_engine_common import (
 )
 from PIL import Image
 
-from service.engine import Engine, EngineConfig, ScoreOptions
+from densemap.service.engine import Engine, EngineConfig, ScoreOptions
 
 ROOT = Path(__file__).resolve().parents[2]
 REPEAT = int(os.environ.get("DENSEMAP_BENCH_REPEAT", "3"))
@@ -50,8 +50,8 @@ TIMED = ScoreOptions(top_k=5, include_map=False)
 def digits_model() -> Path:
     """The bundled digits classifier, converted with int8 copies calibrated on 4 synthetic
     pages (seed 7: not the bundled pages, whose seed is 2024)."""
-    from convert import convert_torch
-    from convert.pipeline import read_metadata
+    from densemap.convert import convert_torch
+    from densemap.convert.pipeline import read_metadata
     from models.digits.data import load_split
     from models.digits.pages import SAMPLE_PAGE_SHAPES, make_pages
     from models.digits.train import load_classifier

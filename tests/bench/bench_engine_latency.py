@@ -13,7 +13,7 @@ import time
 import numpy as np
 from bench_engine_common import THREADS, dense_model, machine, print_table
 
-from service.engine import Engine, EngineConfig, ScoreOptions
+from densemap.service.engine import Engine, EngineConfig, ScoreOptions
 
 SHAPES = [(480, 640), (512, 512), (600, 800), (768, 1024), (1000, 700)]
 

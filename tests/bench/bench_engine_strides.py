@@ -11,7 +11,7 @@ import os
 import numpy as np
 from bench_engine_common import THREADS, dense_model, interleaved_times, machine, macs, print_table
 
-from service.engine import Engine, EngineConfig, ScoreOptions
+from densemap.service.engine import Engine, EngineConfig, ScoreOptions
 
 
 def stitch_macs(path, size, stride, output_stride, window):

@@ -16,15 +16,15 @@ import textwrap
 import numpy as np
 from bench_engine_common import THREADS, dense_model, interleaved_times, machine, print_table
 
-from service.engine import Engine, EngineConfig, ScoreOptions
-from service.engine.dense import DenseNet
+from densemap.service.engine import Engine, EngineConfig, ScoreOptions
+from densemap.service.engine.dense import DenseNet
 
 GIB = 1 << 30
 BIG_IMAGE_SCRIPT = textwrap.dedent(
     """
     import json, sys, time
     import numpy as np, psutil
-    from service.engine import Engine, EngineConfig, ScoreOptions
+    from densemap.service.engine import Engine, EngineConfig, ScoreOptions
     path, size, threads, budget = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     engine = Engine(path, config=EngineConfig(intra_op_threads=threads, memory_budget=budget))
     image = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)

@@ -25,7 +25,7 @@ import tritonclient.utils as triton_utils
 from bench_engine_common import dense_model, machine, print_table
 from bench_server import start_server
 
-from service.client import DensemapClient, RemoteError
+from densemap.service.client import DensemapClient, RemoteError
 
 CLIENTS = int(os.environ.get("DENSEMAP_BENCH_CLIENTS", "32"))
 SECONDS = float(os.environ.get("DENSEMAP_BENCH_SECONDS", "20"))

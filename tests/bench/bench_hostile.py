@@ -36,9 +36,9 @@ from bench_soak import log, peak_rss, start
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests.support.*
-from service._proto.densemap.v1 import densemap_pb2 as pb  # noqa: E402
-from service._proto.densemap.v1 import densemap_pb2_grpc as pb_grpc  # noqa: E402
-from service.score_cli import parse_bytes  # noqa: E402
+from densemap.service._proto.densemap.v1 import densemap_pb2 as pb  # noqa: E402
+from densemap.service._proto.densemap.v1 import densemap_pb2_grpc as pb_grpc  # noqa: E402
+from densemap.service.score_cli import parse_bytes  # noqa: E402
 from tests.support.hostile_clients import StalledCalls, UnreadCall  # noqa: E402
 from tests.support.server_harness import TINY, build_repository  # noqa: E402
 
@@ -172,7 +172,7 @@ def memory(target: str, port: int, pid: int) -> list[list]:
 
 
 def costly(target: str) -> list:
-    from service.server.kserve_proto import ModelInferRequest
+    from densemap.service.server.kserve_proto import ModelInferRequest
 
     flat = png(np.zeros((64, 64, 3), np.uint8))
     compute = pb.ScoreRequest(model=TINY, image={"encoded": flat})

@@ -31,9 +31,9 @@ import numpy as np
 from bench_engine_common import BENCH_DIR, THREADS, dense_model, machine, print_table
 from PIL import Image
 
-from service.batch.run import BatchRequest, run_batch
-from service.batch.scorers import ModelChoice
-from service.engine import Engine, EngineConfig, ScoreOptions
+from densemap.service.batch.run import BatchRequest, run_batch
+from densemap.service.batch.scorers import ModelChoice
+from densemap.service.engine import Engine, EngineConfig, ScoreOptions
 
 IMAGES = int(os.environ.get("DENSEMAP_BENCH_IMAGES", "48"))
 SIZE = int(os.environ.get("DENSEMAP_BENCH_SIZE", "512"))

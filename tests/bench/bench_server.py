@@ -21,8 +21,8 @@ import tritonclient.grpc as triton
 from bench_engine_common import THREADS, dense_model, machine, print_table
 from PIL import Image
 
-from service.client import DensemapClient
-from service.engine import Engine, EngineConfig
+from densemap.service.client import DensemapClient
+from densemap.service.engine import Engine, EngineConfig
 
 SIZES = (512, 2048)
 REPEAT = {512: 15, 2048: 4}
@@ -31,7 +31,15 @@ CONCURRENT_CALLS = 64  # requests per concurrency level
 
 
 def start_server(models_dir) -> tuple[subprocess.Popen, int]:
-    command = [sys.executable, "-m", "service.cli", "serve", "--log-json", "--host", "127.0.0.1"]
+    command = [
+        sys.executable,
+        "-m",
+        "densemap.service.cli",
+        "serve",
+        "--log-json",
+        "--host",
+        "127.0.0.1",
+    ]
     command += ["--port", "0", "--metrics-port", "0", "--models", str(models_dir)]
     command += ["--threads", str(THREADS), "--max-in-flight", "2"]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)

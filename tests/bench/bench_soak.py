@@ -36,17 +36,19 @@ import tritonclient.utils as triton_utils
 from bench_engine_common import THREADS, dense_model, machine, print_table
 from PIL import Image
 
-from service.client import DensemapClient, RemoteError
+from densemap.service.client import DensemapClient, RemoteError
 
 CLIENTS = int(os.environ.get("DENSEMAP_SOAK_CLIENTS", "8"))
 SECONDS = float(os.environ.get("DENSEMAP_SOAK_SECONDS", "45"))
 IDLE_SECONDS = 10.0
 SIDES = (256, 512, 1024, 2048)
 NO_TRIM = (
-    "import service.engine.host_memory as m; m.trim = lambda: False; "
+    "import densemap.service.engine.host_memory as m; m.trim = lambda: False; "
     "m.limit_arenas = lambda *a: False; "
 )
-GLIBC_ARENAS = "import service.engine.host_memory as m; m.limit_arenas = lambda *a: False; "
+GLIBC_ARENAS = (
+    "import densemap.service.engine.host_memory as m; m.limit_arenas = lambda *a: False; "
+)
 SETTINGS = {  # name: (python -c prefix, extra environment)
     "no trim (glibc arenas)": (NO_TRIM, {}),
     "trim (glibc arenas)": (GLIBC_ARENAS, {}),
@@ -59,7 +61,7 @@ def start(
     models_dir, prefix: str, env: dict, extra: tuple[str, ...] = ()
 ) -> tuple[subprocess.Popen, int, int]:
     """(process, gRPC port, metrics port) of a ready ``densemap serve`` (``extra`` flags)."""
-    code = prefix + "from service.cli import main; sys.exit(main())"
+    code = prefix + "from densemap.service.cli import main; sys.exit(main())"
     command = [sys.executable, "-c", "import sys; " + code, "serve", "--log-json"]
     with socket.socket() as sock:  # --metrics-port 0 turns metrics off: pick a free port
         sock.bind(("127.0.0.1", 0))

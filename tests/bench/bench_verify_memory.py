@@ -3,7 +3,7 @@
 VGG-11 (torchvision's layout, written out in plain torch.nn: no torchvision needed), random
 weights, 1000 classes, R = 224, exported with the legacy exporter (~507 MB of float32
 weights) and converted once into $DENSEMAP_BENCH_DIR (default /tmp/densemap-bench). Then
-``convert.verify(classifier, dense)`` runs in a fresh process, which reports its peak RSS
+``densemap.convert.verify(classifier, dense)`` runs in a fresh process, which reports its peak RSS
 (``ru_maxrss``) and the bytes it wrote (``/proc/self/io``: ``wchar``). The table row goes
 to README's benchmark table; the target is a peak under 2x the classifier's file size
 beyond the interpreter and its libraries (measured as the RSS before ``verify``).
@@ -34,7 +34,7 @@ CHILD = """
 import json, resource, sys, time
 import numpy as np
 import psutil
-from convert import verify
+from densemap.convert import verify
 before = psutil.Process().memory_info().rss
 start = time.perf_counter()
 report = verify(sys.argv[1], sys.argv[2], progress=False)
@@ -70,8 +70,8 @@ def vgg11() -> nn.Module:
 
 def vgg11_files() -> tuple[Path, Path]:
     """(classifier.onnx, dense.onnx), built once."""
-    from convert import convert_onnx
-    from convert.export import export_classifier_onnx
+    from densemap.convert import convert_onnx
+    from densemap.convert.export import export_classifier_onnx
 
     folder = BENCH_DIR / "vgg11_verify"
     classifier, dense = folder / "classifier.onnx", folder / "dense.onnx"
@@ -85,7 +85,7 @@ def vgg11_files() -> tuple[Path, Path]:
 
 
 def _preprocessing():
-    from service.contract import Preprocessing
+    from densemap.service.contract import Preprocessing
 
     return Preprocessing(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 

@@ -45,7 +45,7 @@ import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 from bench_engine_common import VGG16, dense_model  # noqa: E402
 
-from service.engine import Engine, EngineConfig, ScoreOptions  # noqa: E402
+from densemap.service.engine import Engine, EngineConfig, ScoreOptions  # noqa: E402
 from tests.support.dense_models import make_dense_net  # noqa: E402
 
 CPU = os.environ.get("GPU_CHECK_CPU") == "1"
@@ -250,7 +250,7 @@ def unfold_rows() -> None:
 def torch_runtime_rows() -> None:
     """Rows 1t, 2t, 3t, 5t: the torch runtime against the torch peer, the onnxruntime
     engine, and its own steady time."""
-    from service.engine.precision import compare_maps
+    from densemap.service.engine.precision import compare_maps
 
     path = dense_model("vgg16")
     image = big_image()
@@ -354,9 +354,9 @@ def torch_serve_row() -> None:
 
 def serve_time(path: Path, image: np.ndarray, *, runtime: str = "ort") -> float:
     """Best time of a densemap.v1 top-5 request through an in-process server on localhost."""
-    from service.client import DensemapClient
-    from service.server.app import create_server
-    from service.server.config import ServerConfig
+    from densemap.service.client import DensemapClient
+    from densemap.service.server.app import create_server
+    from densemap.service.server.config import ServerConfig
 
     with tempfile.TemporaryDirectory() as root:
         folder = Path(root) / "vgg16"

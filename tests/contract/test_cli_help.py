@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from service.cli import main
+from densemap.service.cli import main
 from tests.support.paths import REPO_ROOT
 
 README = (REPO_ROOT / "README.md").read_text()
@@ -41,7 +41,7 @@ NO_DEFAULT = {
 
 @pytest.mark.parametrize("command", sorted(NO_DEFAULT))
 def test_every_option_with_a_default_shows_it(command):
-    from service.cli import build_parser
+    from densemap.service.cli import build_parser
 
     parser = build_parser()._subparsers._group_actions[0].choices[command]
     formatter = parser._get_formatter()
@@ -58,8 +58,8 @@ def test_every_option_with_a_default_shows_it(command):
 
 
 def test_version_top_level_help_and_debug_on_either_side(capsys):
-    from service import __version__
-    from service.cli import DESCRIPTION, build_parser
+    from densemap.service import __version__
+    from densemap.service.cli import DESCRIPTION, build_parser
 
     with pytest.raises(SystemExit) as exited:
         main(["--version"])
@@ -74,8 +74,8 @@ def test_version_top_level_help_and_debug_on_either_side(capsys):
 
 
 def test_the_memory_budget_has_one_spelling_and_unit(capsys, monkeypatch):
-    from service.cli import build_parser
-    from service.serve_cli import build_config
+    from densemap.service.cli import build_parser
+    from densemap.service.serve_cli import build_config
 
     score, serve = help_text(capsys, "score"), help_text(capsys, "serve")
     for text in (score, serve):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from service.contract import (
+from densemap.service.contract import (
     CONTRACT_VERSION,
     METADATA_KEY,
     Geometry,
@@ -13,7 +13,7 @@ from service.contract import (
     Preprocessing,
     Variant,
 )
-from service.errors import ModelLoadError
+from densemap.service.errors import ModelLoadError
 
 
 def make_metadata() -> ModelMetadata:

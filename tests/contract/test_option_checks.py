@@ -8,17 +8,22 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service._proto.densemap.v1 import densemap_pb2 as pb
-from service.batch.run import BatchRequest, RayConfig
-from service.batch.storage import Storage
-from service.cli import build_parser
-from service.engine.field_checks import MAX_SCALES
-from service.engine.options import DetectionDefaults, DetectionOptions, EngineConfig, ScoreOptions
-from service.errors import InvalidOption
-from service.serve_cli import build_config
-from service.server.codec import options_from_proto
-from service.server.kserve_parameters import options_from_parameters
-from service.server.kserve_proto import InferParameter
+from densemap.service._proto.densemap.v1 import densemap_pb2 as pb
+from densemap.service.batch.run import BatchRequest, RayConfig
+from densemap.service.batch.storage import Storage
+from densemap.service.cli import build_parser
+from densemap.service.engine.field_checks import MAX_SCALES
+from densemap.service.engine.options import (
+    DetectionDefaults,
+    DetectionOptions,
+    EngineConfig,
+    ScoreOptions,
+)
+from densemap.service.errors import InvalidOption
+from densemap.service.serve_cli import build_config
+from densemap.service.server.codec import options_from_proto
+from densemap.service.server.kserve_parameters import options_from_parameters
+from densemap.service.server.kserve_proto import InferParameter
 
 
 @pytest.mark.parametrize(
@@ -166,7 +171,7 @@ def test_the_batch_request_refuses_contradictions_before_loading_a_model():
 
 
 def test_score_cli_passes_values_through_for_the_options_to_check(tmp_path):
-    from service.score_cli import build_request
+    from densemap.service.score_cli import build_request
 
     def request(*flags):
         args = build_parser().parse_args(["score", str(tmp_path), "--out", "o", *flags])
@@ -221,7 +226,7 @@ def test_serve_takes_the_old_spellings_with_a_note(monkeypatch, capsys):
 
 
 def test_the_client_refuses_bad_options_before_sending():
-    from service.client import DensemapClient, _score_options
+    from densemap.service.client import DensemapClient, _score_options
 
     parsed = _score_options({"scales": [1, 1.5], "classes": [0, 2], "heads": ["boxes"]})
     assert (parsed.scales, parsed.classes, parsed.heads) == ((1.0, 1.5), (0, 2), ("boxes",))

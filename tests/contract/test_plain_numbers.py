@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import tritonclient.grpc.service_pb2 as kserve_pb
 
-from service.errors import InvalidOption
-from service.plain_numbers import parse_decimal, parse_integer
-from service.score_cli import parse_scales
-from service.server.kserve_parameters import options_from_parameters
+from densemap.service.errors import InvalidOption
+from densemap.service.plain_numbers import parse_decimal, parse_integer
+from densemap.service.score_cli import parse_scales
+from densemap.service.server.kserve_parameters import options_from_parameters
 
 
 @pytest.mark.parametrize("text,value", [("1", 1.0), (" 1.5", 1.5), ("-.5", -0.5), ("2e-1", 0.2)])

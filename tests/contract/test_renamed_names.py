@@ -8,11 +8,11 @@ import warnings
 
 import pytest
 
-from service.contract import Geometry
-from service.engine import Engine, EngineConfig, ScoreMap, ScoreOptions, ScoreResult
-from service.engine.options import DetectionOptions
-from service.engine.result import MapGeometry
-from service.errors import InvalidOption
+from densemap.service.contract import Geometry
+from densemap.service.engine import Engine, EngineConfig, ScoreMap, ScoreOptions, ScoreResult
+from densemap.service.engine.options import DetectionOptions
+from densemap.service.engine.result import MapGeometry
+from densemap.service.errors import InvalidOption
 from tests.support.paths import REPO_ROOT
 
 DIGITS = REPO_ROOT / "models" / "digits" / "model.onnx"

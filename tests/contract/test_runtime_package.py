@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from service.engine import onnxruntime_package
-from service.errors import DensemapError, RuntimeNotInstalled
+from densemap.service.engine import onnxruntime_package
+from densemap.service.errors import DensemapError, RuntimeNotInstalled
 from tests.support.paths import REPO_ROOT
 
 
@@ -116,19 +116,19 @@ def run_without_onnxruntime(code: str) -> subprocess.CompletedProcess:
 
 def test_the_client_imports_without_onnxruntime():
     done = run_without_onnxruntime(
-        "from service.client import DensemapClient, RemoteError\n"
-        "from service.engine import ScoreOptions, ScoreResult, ScoreMap, EngineConfig, HeadInfo\n"
-        "from service.engine.options import DetectionOptions\n"
-        "from service.batch.outputs import load_result\n"
-        "import service.cli; service.cli.build_parser()\n"
-        "loaded = sorted(m for m in sys.modules if m.startswith(('onnxruntime', 'service.engine')))\n"
+        "from densemap.service.client import DensemapClient, RemoteError\n"
+        "from densemap.service.engine import ScoreOptions, ScoreResult, ScoreMap, EngineConfig, HeadInfo\n"
+        "from densemap.service.engine.options import DetectionOptions\n"
+        "from densemap.service.batch.outputs import load_result\n"
+        "import densemap.service.cli; densemap.service.cli.build_parser()\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith(('onnxruntime', 'densemap.service.engine')))\n"
         "print(loaded)\n"
     )
     assert done.returncode == 0, done.stderr
     loaded = done.stdout
-    assert "onnxruntime" not in loaded.replace("service.engine.onnxruntime_package", "")
-    assert "service.engine.onnxruntime_package" not in loaded
-    assert "service.engine.engine" not in loaded
+    assert "onnxruntime" not in loaded.replace("densemap.service.engine.onnxruntime_package", "")
+    assert "densemap.service.engine.onnxruntime_package" not in loaded
+    assert "densemap.service.engine.engine" not in loaded
 
 
 def test_densemap_score_without_a_runtime_says_what_to_install(tmp_path):
@@ -140,7 +140,7 @@ def test_densemap_score_without_a_runtime_says_what_to_install(tmp_path):
         "import importlib.metadata as m\n"
         "every = m.distributions\n"
         "m.distributions = lambda: [d for d in every() if 'onnxruntime' not in d.metadata['Name']]\n"
-        "from service.cli import main\n"
+        "from densemap.service.cli import main\n"
         f"sys.exit(main(['score', {str(page)!r}, '--out', {str(out)!r}]))\n"
     )
     assert done.returncode == 2, done.stderr
@@ -150,15 +150,15 @@ def test_densemap_score_without_a_runtime_says_what_to_install(tmp_path):
 
 
 def test_the_engine_package_exports_every_name_it_lists():
-    import service.engine
+    import densemap.service.engine as engine
 
     aliases = {"ScoreMap": "ScoreResult"}  # deprecated names of the same object
-    for name in service.engine.__all__:
-        assert getattr(service.engine, name).__name__ == aliases.get(name, name)
-    assert service.engine.ScoreMap is service.engine.ScoreResult
-    assert sorted(service.engine.__all__) == sorted(service.engine._EXPORTS)
+    for name in engine.__all__:
+        assert getattr(engine, name).__name__ == aliases.get(name, name)
+    assert engine.ScoreMap is engine.ScoreResult
+    assert sorted(engine.__all__) == sorted(engine._EXPORTS)
     with pytest.raises(AttributeError, match="no attribute 'Engin'"):
-        service.engine.Engin  # noqa: B018
+        engine.Engin  # noqa: B018
 
 
 def test_densemap_serve_with_two_runtimes_exits_before_serving():
@@ -171,7 +171,7 @@ def test_densemap_serve_with_two_runtimes_exits_before_serving():
         "    def read_text(self, name): return 'onnxruntime\\n'\n"
         "every = m.distributions\n"
         "m.distributions = lambda: [*every(), Cpu()]\n"
-        "from service.cli import main\n"
+        "from densemap.service.cli import main\n"
         "sys.exit(main(['serve', '--port', '0', '--metrics-port', '0']))\n"
     )
     assert done.returncode == 2, done.stderr

@@ -30,7 +30,7 @@ def test_every_service_module_imports_without_torch():
     done = run_blocked(
         """
         import importlib, pkgutil
-        import service
+        import densemap.service as service
         names = [m.name for m in pkgutil.walk_packages(service.__path__, "service.")]
         for name in names:
             importlib.import_module(name)
@@ -45,7 +45,7 @@ def test_every_service_module_imports_without_torch():
 def test_cli_help_and_serve_help_run_without_torch():
     done = run_blocked(
         """
-        from service.cli import main
+        from densemap.service.cli import main
         for command in (["serve", "--help"], ["score", "--help"]):
             try:
                 main(command)

@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from convert import archs
-from convert.from_torch.fc import convert_classifier
-from service.errors import ConversionError
+from densemap.convert import archs
+from densemap.convert.from_torch.fc import convert_classifier
+from densemap.service.errors import ConversionError
 from tests.support.exactness import assert_dense_equals_crops
 
 BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")

@@ -18,11 +18,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from convert.atrous import make_atrous, supported_strides
-from convert.from_onnx.fc_head import rewrite_fc_head
-from convert.from_onnx.graph import opset_version
-from convert.geometry import compute_geometry
-from service.errors import ConversionError
+from densemap.convert.atrous import make_atrous, supported_strides
+from densemap.convert.from_onnx.fc_head import rewrite_fc_head
+from densemap.convert.from_onnx.graph import opset_version
+from densemap.convert.geometry import compute_geometry
+from densemap.service.errors import ConversionError
 from tests.support.convert_onnx_support import (
     GraphBuilder,
     dense64,

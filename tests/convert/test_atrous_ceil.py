@@ -12,10 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-import convert
-from convert.atrous import make_atrous
-from convert.from_onnx.fc_head import rewrite_fc_head
-from convert.geometry import compute_geometry
+import densemap.convert as convert
+from densemap.convert.atrous import make_atrous
+from densemap.convert.from_onnx.fc_head import rewrite_fc_head
+from densemap.convert.geometry import compute_geometry
 from tests.support.convert_onnx_support import dense64, export_classifier, ort32, shift_and_stitch
 from tests.support.oracle import cell_counts
 

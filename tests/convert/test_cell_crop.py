@@ -15,8 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-import convert
-from convert.cell_crop import crop_to_cells
+import densemap.convert as convert
+from densemap.convert.cell_crop import crop_to_cells
 from tests.convert.test_atrous_ceil import POOLS, CeilOverhang
 from tests.convert.test_atrous_ceil import WINDOW as OVERHANG_WINDOW
 from tests.support.convert_onnx_support import export_classifier

@@ -13,10 +13,10 @@ import numpy as np
 import onnx
 import pytest
 
-import convert
-from convert.runtime import Float64Runner
-from service.contract import Preprocessing
-from service.errors import ConversionError
+import densemap.convert as convert
+from densemap.convert.runtime import Float64Runner
+from densemap.service.contract import Preprocessing
+from densemap.service.errors import ConversionError
 from tests.support.caffe2_graphs import (
     GOOGLENET_FEATURES,
     channel_split_classifier,

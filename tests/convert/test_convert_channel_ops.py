@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from service.errors import ConversionError
+from densemap.service.errors import ConversionError
 from tests.support.convert_onnx_support import GraphBuilder, export_classifier
 from tests.support.exactness import assert_dense_equals_crops, assert_onnx_dense_equals_crops
 
@@ -131,7 +131,7 @@ def test_onnx_path_equals_crops(name, dynamo):
 
 @pytest.mark.slow
 def test_the_shuffle_becomes_a_channel_gather():
-    from convert.from_onnx.fc_head import rewrite_fc_head
+    from densemap.convert.from_onnx.fc_head import rewrite_fc_head
 
     dense = rewrite_fc_head(export_classifier(_net("shufflenet"), (12, 12), dynamo=True))
     ops = [node.op_type for node in dense.graph.node]
@@ -150,7 +150,7 @@ def test_a_view_that_swaps_h_and_w_stays_refused():
 
 
 def test_a_layer_norm_over_space_is_refused_on_the_onnx_path():
-    from convert.from_onnx.fc_head import rewrite_fc_head
+    from densemap.convert.from_onnx.fc_head import rewrite_fc_head
 
     g = GraphBuilder(3)
     g.conv(4, 3)

@@ -15,18 +15,18 @@ import pytest
 import torch
 from torch import nn
 
-from convert import archs
-from service.cli import main
-from service.contract import ModelMetadata
-from service.engine import Engine, EngineConfig
+from densemap.convert import archs
+from densemap.service.cli import main
+from densemap.service.contract import ModelMetadata
+from densemap.service.engine import Engine, EngineConfig
 from tests.support.convert_onnx_support import export_classifier
 
-verify_limits = importlib.import_module("convert.verify_limits")
+verify_limits = importlib.import_module("densemap.convert.verify_limits")
 
 
 def _densemap(*args, cwd):
     return subprocess.run(
-        [sys.executable, "-m", "service.cli", "convert", *map(str, args)],
+        [sys.executable, "-m", "densemap.service.cli", "convert", *map(str, args)],
         cwd=cwd,
         capture_output=True,
         text=True,
@@ -256,10 +256,10 @@ def test_preprocessing_file_goes_into_the_contract(onnx_classifier, tmp_path, ca
 
 
 def test_the_convert_flags_live_in_one_module_that_imports_no_command():
-    """convert.flags owns every flag (heads too) and needs nothing of convert.cli: no cycle."""
+    """densemap.convert.flags owns every flag (heads too) and needs nothing of densemap.convert.cli: no cycle."""
     code = (
-        "import argparse, sys, convert.flags as f; p = argparse.ArgumentParser(); "
-        "f.add_arguments(p); print('convert.cli' in sys.modules); "
+        "import argparse, sys, densemap.convert.flags as f; p = argparse.ArgumentParser(); "
+        "f.add_arguments(p); print('densemap.convert.cli' in sys.modules); "
         "print(sorted(a.dest for a in p._actions if a.dest in ('head_kinds', 'head_labels', "
         "'primary_head', 'strides')))"
     )
@@ -279,7 +279,7 @@ def test_detection_settings_go_into_the_model_folders_densemap_json(
 ):
     """--nms-iou/--across-classes/... merge into densemap.json beside -o (other settings
     kept); the repository then loads them; a bad value converts nothing."""
-    from service.engine.repository import load_model
+    from densemap.service.engine.repository import load_model
 
     folder = tmp_path / "repo" / "cls"
     folder.mkdir(parents=True)

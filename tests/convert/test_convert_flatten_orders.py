@@ -14,9 +14,9 @@ import pytest
 import torch
 from torch import nn
 
-from convert.from_onnx.fc_head import rewrite_fc_head
-from convert.from_torch.fc import fully_convolutional
-from service.errors import ConversionError
+from densemap.convert.from_onnx.fc_head import rewrite_fc_head
+from densemap.convert.from_torch.fc import fully_convolutional
+from densemap.service.errors import ConversionError
 from tests.support.convert_onnx_support import BOTH_EXPORTERS, export_classifier
 from tests.support.exactness import assert_dense_equals_crops, assert_onnx_dense_equals_crops
 

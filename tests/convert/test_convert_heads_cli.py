@@ -10,9 +10,9 @@ import sys
 import onnx
 import pytest
 
-from convert.export import export_classifier_onnx
-from service.cli import main
-from service.contract import Head, ModelMetadata
+from densemap.convert.export import export_classifier_onnx
+from densemap.service.cli import main
+from densemap.service.contract import Head, ModelMetadata
 from tests.support.convert_heads_support import WINDOW, TwoHeads
 
 
@@ -39,7 +39,7 @@ def test_head_flags_end_to_end_with_verify(detector, tmp_path):
     (tmp_path / "classes.txt").write_text("face\nhand\nnone\n")
     out = tmp_path / "models" / "detector" / "model.onnx"
     done = subprocess.run(
-        [sys.executable, "-m", "service.cli", "convert", str(detector), "-o", str(out), "--preprocessing", "unit",
+        [sys.executable, "-m", "densemap.service.cli", "convert", str(detector), "-o", str(out), "--preprocessing", "unit",
          "--head", "boxes=regression", "--head-labels", f"boxes={tmp_path / 'boxes.txt'}",
          "--labels", str(tmp_path / "classes.txt"), "--strides", "2,1", "--verify"],
         capture_output=True, text=True, timeout=300,

@@ -10,12 +10,12 @@ import onnx
 import pytest
 from onnx import helper
 
-import convert
-from convert.export import export_classifier_onnx
-from convert.from_onnx.fc_head import rewrite_fc_head
-from convert.heads import HeadOptions
-from convert.runtime import Float64Runner
-from service.errors import ConversionError
+import densemap.convert as convert
+from densemap.convert.export import export_classifier_onnx
+from densemap.convert.from_onnx.fc_head import rewrite_fc_head
+from densemap.convert.heads import HeadOptions
+from densemap.convert.runtime import Float64Runner
+from densemap.service.errors import ConversionError
 from tests.support.convert_heads_support import (
     WINDOW,
     PooledAndFlat,

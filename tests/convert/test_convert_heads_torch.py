@@ -10,12 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-import convert
-from convert.from_torch.fc import convert_classifier, fully_convolutional
-from convert.heads import HeadOptions
-from convert.runtime import Float64Runner
-from service.contract import Head, ModelMetadata
-from service.errors import ConversionError
+import densemap.convert as convert
+from densemap.convert.from_torch.fc import convert_classifier, fully_convolutional
+from densemap.convert.heads import HeadOptions
+from densemap.convert.runtime import Float64Runner
+from densemap.service.contract import Head, ModelMetadata
+from densemap.service.errors import ConversionError
 from tests.support.convert_heads_support import (
     STRIDE,
     WINDOW,

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-import convert
+import densemap.convert as convert
 from tests.support.convert_onnx_support import dense64, export_classifier
 from tests.support.oracle import cell_counts, crop_by_crop, torch_classifier
 

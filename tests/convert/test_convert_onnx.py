@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from convert.from_onnx.fc_head import rewrite_fc_head
-from convert.geometry import compute_geometry
+from densemap.convert.from_onnx.fc_head import rewrite_fc_head
+from densemap.convert.geometry import compute_geometry
 from tests.support.convert_onnx_support import (
     BOTH_EXPORTERS,
     GraphBuilder,
@@ -240,8 +240,8 @@ def test_resnet18_onnx_path_matches_the_converted_torch_module():
     """Issue 7: a torchvision-layout ResNet-18 (padded, BatchNorm folded by the legacy
     exporter, GAP head) through the ONNX path equals the converted torch module in fp32;
     its à-trous variant equals the dense map on its even cells (README, Exactness: padded nets)."""
-    from convert import archs, fully_convolutional
-    from convert.atrous import make_atrous
+    from densemap.convert import archs, fully_convolutional
+    from densemap.convert.atrous import make_atrous
 
     torch.manual_seed(0)
     model = archs.build("resnet18", num_classes=5).eval()

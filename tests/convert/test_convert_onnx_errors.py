@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from convert.from_onnx.fc_head import rewrite_fc_head
-from service.errors import ConversionError
+from densemap.convert.from_onnx.fc_head import rewrite_fc_head
+from densemap.service.errors import ConversionError
 from tests.support.convert_onnx_support import BOTH_EXPORTERS, GraphBuilder, export_classifier
 
 

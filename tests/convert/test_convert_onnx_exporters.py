@@ -15,10 +15,10 @@ import pytest
 import torch
 from torch import nn
 
-import convert
-from convert.from_onnx.fc_head import rewrite_fc_head
-from convert.geometry import compute_geometry
-from convert.runtime import Float64Runner
+import densemap.convert as convert
+from densemap.convert.from_onnx.fc_head import rewrite_fc_head
+from densemap.convert.geometry import compute_geometry
+from densemap.convert.runtime import Float64Runner
 from tests.support.convert_onnx_support import GraphBuilder, dense64, ort32
 from tests.support.oracle import cell_counts, crop_by_crop, onnx_classifier
 

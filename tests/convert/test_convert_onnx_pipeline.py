@@ -12,11 +12,11 @@ import pytest
 import torch
 from torch import nn
 
-import convert
-from convert import pipeline
-from convert.from_onnx.fc_head import rewrite_fc_head
-from service.contract import ModelMetadata, Preprocessing
-from service.errors import ConversionError
+import densemap.convert as convert
+from densemap.convert import pipeline
+from densemap.convert.from_onnx.fc_head import rewrite_fc_head
+from densemap.service.contract import ModelMetadata, Preprocessing
+from densemap.service.errors import ConversionError
 from tests.support.convert_onnx_support import (
     dense64,
     export_classifier,
@@ -219,7 +219,7 @@ def test_import_convert_does_not_import_torch():
     import subprocess
     import sys
 
-    code = "import sys, convert, convert.cli; assert 'torch' not in sys.modules, 'torch'"
+    code = "import sys, convert, densemap.convert.cli; assert 'torch' not in sys.modules, 'torch'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-import convert
-from convert.from_torch.fc import convert_classifier
-from convert.geometry import compute_geometry
-from service.errors import ConversionError
+import densemap.convert as convert
+from densemap.convert.from_torch.fc import convert_classifier
+from densemap.convert.geometry import compute_geometry
+from densemap.service.errors import ConversionError
 from tests.support.convert_onnx_support import BOTH_EXPORTERS, export_classifier, ort32
 from tests.support.exactness import assert_dense_equals_crops, assert_onnx_dense_equals_crops
 from tests.support.oracle import cell_counts, crop_by_crop, onnx_classifier
@@ -104,8 +104,8 @@ def test_final_activation_is_recorded_as_the_contract_kind(final, kind, tmp_path
 @pytest.mark.slow
 def test_sigmoid_model_scores_are_served_as_they_are(tmp_path):
     """Per-class sigmoids are probabilities already: no softmax over them, no logits."""
-    from service.engine import Engine, EngineConfig, ScoreOptions, preprocess
-    from service.errors import InvalidOption
+    from densemap.service.engine import Engine, EngineConfig, ScoreOptions, preprocess
+    from densemap.service.errors import InvalidOption
 
     model = PerFeatureHead("sigmoid").eval()
     convert.convert_torch(model, tmp_path / "d.onnx", input_size=WINDOW, preprocessing="unit")

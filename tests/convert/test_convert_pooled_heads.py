@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from convert.from_torch.fc import convert_classifier
+from densemap.convert.from_torch.fc import convert_classifier
 from tests.support.convert_onnx_support import export_classifier
 from tests.support.exactness import assert_dense_equals_crops, assert_onnx_dense_equals_crops
 

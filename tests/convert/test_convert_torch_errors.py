@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from convert.from_torch.fc import fully_convolutional
-from service.errors import ConversionError
+from densemap.convert.from_torch.fc import fully_convolutional
+from densemap.service.errors import ConversionError
 
 
 class SqueezeExcite(nn.Module):

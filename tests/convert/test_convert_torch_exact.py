@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from convert.from_torch.fc import convert_classifier, ends_in_softmax, fully_convolutional
+from densemap.convert.from_torch.fc import convert_classifier, ends_in_softmax, fully_convolutional
 from tests.support.exactness import assert_dense_equals_crops
 from tests.support.oracle import FP64_TOLERANCE
 

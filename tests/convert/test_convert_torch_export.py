@@ -12,10 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from convert import export
-from convert.export import export_classifier_onnx, export_onnx, needs_external_data
-from convert.from_torch.fc import fully_convolutional
-from service.errors import ConversionError
+from densemap.convert import export
+from densemap.convert.export import export_classifier_onnx, export_onnx, needs_external_data
+from densemap.convert.from_torch.fc import fully_convolutional
+from densemap.service.errors import ConversionError
 from tests.support.oracle import crop_by_crop, torch_classifier
 
 FP32_TOLERANCE = 1e-5

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from convert import archs
-from convert.from_torch.weights import load_weights
-from service.errors import ConversionError
+from densemap.convert import archs
+from densemap.convert.from_torch.weights import load_weights
+from densemap.service.errors import ConversionError
 
 
 def trained_lenet(num_classes=10) -> nn.Module:

@@ -16,13 +16,15 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-import convert
-from convert import archs
+import densemap.convert as convert
+from densemap.convert import archs
 from tests.convert.test_atrous_ceil import POOLS, WINDOW, CeilOverhang
 from tests.support.convert_onnx_support import export_classifier
 
-verify_module = importlib.import_module("convert.verify")  # `convert.verify` is the function
-classifier_runner = importlib.import_module("convert.classifier_runner")
+verify_module = importlib.import_module(
+    "densemap.convert.verify"
+)  # `densemap.convert.verify` is the function
+classifier_runner = importlib.import_module("densemap.convert.classifier_runner")
 OLD_RELATIVE = 1e-4  # the fixed rule before: 1e-4 x max(1, max|score|)
 
 

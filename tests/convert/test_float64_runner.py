@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from convert.runtime import Float64Runner
+from densemap.convert.runtime import Float64Runner
 
 CASES = [  # kernel, stride, pads (top, left, bottom, right), input size, ceil_mode, dilation
     (3, 2, [0, 0, 1, 1], (14, 14), 0, 1),

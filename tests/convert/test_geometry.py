@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from convert.geometry import compute_geometry
-from service.errors import ConversionError
+from densemap.convert.geometry import compute_geometry
+from densemap.service.errors import ConversionError
 from tests.support.convert_onnx_support import GraphBuilder
 
 

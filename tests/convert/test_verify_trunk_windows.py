@@ -15,13 +15,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import convert
-from convert.pipeline import finish_dense
-from convert.runtime import Float64Runner
-from convert.trunk_windows import TrunkNotDense, find_cut
-from convert.verify_reference import Reference
-from service.cli import main
-from service.errors import ConversionError
+import densemap.convert as convert
+from densemap.convert.pipeline import finish_dense
+from densemap.convert.runtime import Float64Runner
+from densemap.convert.trunk_windows import TrunkNotDense, find_cut
+from densemap.convert.verify_reference import Reference
+from densemap.service.cli import main
+from densemap.service.errors import ConversionError
 from tests.support.convert_onnx_support import GraphBuilder, keras_style_classifier
 from tests.support.oracle import crop_by_crop, onnx_classifier
 

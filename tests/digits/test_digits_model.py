@@ -11,12 +11,12 @@ from tests.support.paths import REPO_ROOT
 
 pytest.importorskip("sklearn")
 
+from densemap.service.contract import ModelMetadata  # noqa: E402
+from densemap.service.engine import Engine, ScoreOptions  # noqa: E402
 from models.digits import evaluate as digits_eval  # noqa: E402
 from models.digits.card import CARD_FILE, box_rows, heldout_line, reading_rows  # noqa: E402
 from models.digits.data import LABELS, STRIDE, WINDOW, load_split  # noqa: E402
 from models.digits.pages import sample_pages  # noqa: E402
-from service.contract import ModelMetadata  # noqa: E402
-from service.engine import Engine, ScoreOptions  # noqa: E402
 from tests.support.oracle import crop_by_crop, torch_classifier  # noqa: E402
 
 FOLDER = REPO_ROOT / "models" / "digits"
@@ -24,7 +24,7 @@ MODEL = FOLDER / "model.onnx"
 SIZE_LIMIT = 2 * 1024 * 1024  # bytes: model and variants together
 # fp32 tolerance for the engine's map against the classifier on crops: both sum the same
 # ~400 products per unit in different orders (rounding ~1e-6 relative); 1e-4 x max(1, |s|)
-# as in convert.verify.
+# as in densemap.convert.verify.
 FP32_TOLERANCE = 1e-4
 
 
@@ -63,7 +63,7 @@ def test_shipped_files_are_small_and_labelled():
 
 @pytest.mark.slow
 def test_shipped_onnx_passes_verify_against_the_trained_classifier(classifier):
-    from convert import verify
+    from densemap.convert import verify
 
     for dtype in (np.float32, np.float64):
         result = verify(classifier, MODEL, dtype=dtype)

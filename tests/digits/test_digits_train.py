@@ -8,21 +8,21 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 
+from densemap.service.engine import Engine, EngineConfig, ScoreOptions  # noqa: E402
 from models.digits import train  # noqa: E402
 from models.digits.data import LABELS, STRIDE, WINDOW  # noqa: E402
-from service.engine import Engine, EngineConfig, ScoreOptions  # noqa: E402
 
 
 @pytest.mark.slow
 def test_train_cli_writes_a_servable_exact_model(tmp_path, capsys):
-    from convert import verify
+    from densemap.convert import verify
 
     code = train.main(
         ["--out", str(tmp_path), "--epochs", "1", "--windows", "256", "--skip-evaluation"]
     )
     assert code == 0
     out = capsys.readouterr().out
-    assert "epoch 1/1" in out and "PASSED" in out  # the recipe runs convert.verify
+    assert "epoch 1/1" in out and "PASSED" in out  # the recipe runs densemap.convert.verify
     for name in ("model.onnx", "model.s2.onnx", "model.s1.onnx", "classifier.pt"):
         assert (tmp_path / name).is_file(), name
     assert (tmp_path / "labels.txt").read_text().splitlines() == list(LABELS)
@@ -39,8 +39,8 @@ def test_train_cli_writes_a_servable_exact_model(tmp_path, capsys):
 
 def test_preprocessing_matches_the_engine():
     """Training feeds the net exactly what the engine feeds the ONNX model."""
-    from service.contract import Preprocessing
-    from service.engine import preprocess
+    from densemap.service.contract import Preprocessing
+    from densemap.service.engine import preprocess
 
     prep = Preprocessing(color="L", scale=1 / 255, mean=(0.8,), std=(0.2,))
     images = np.random.default_rng(0).integers(0, 256, size=(3, 28, 28), dtype=np.uint8)

@@ -137,7 +137,7 @@ def test_overlays_do_what_they_say():
 
 
 def test_probe_commands_are_densemap_health_invocations():
-    from service.cli import build_parser
+    from densemap.service.cli import build_parser
 
     patch = yaml.safe_load((K8S / "overlays" / "tls" / "tls.yaml").read_text())
     (container,) = patch["spec"]["template"]["spec"]["containers"]
@@ -202,7 +202,7 @@ def test_rayjob_pod_templates_validate_strictly_and_mount_the_data(tmp_path):
 
 
 def test_rayjob_image_and_entrypoint_match_the_readme_and_the_cli():
-    from service.cli import build_parser
+    from densemap.service.cli import build_parser
 
     readme = (REPO_ROOT / "README.md").read_text()
     built = re.findall(r"--build-arg EXTRAS=cluster -t (\S+) \.", readme)
@@ -229,7 +229,7 @@ def test_every_densemap_variable_in_deploy_files_is_a_serve_setting():
     import re
 
     help_text = subprocess.run(
-        [sys.executable, "-m", "service.cli", "serve", "--help"],
+        [sys.executable, "-m", "densemap.service.cli", "serve", "--help"],
         capture_output=True,
         text=True,
         cwd=REPO_ROOT,

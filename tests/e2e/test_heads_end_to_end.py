@@ -16,11 +16,11 @@ import onnx
 import pytest
 import tritonclient.grpc as triton
 
-from convert.export import export_classifier_onnx
-from service.batch.outputs import load_result
-from service.cli import main
-from service.client import DensemapClient
-from service.engine import preprocess
+from densemap.convert.export import export_classifier_onnx
+from densemap.service.batch.outputs import load_result
+from densemap.service.cli import main
+from densemap.service.client import DensemapClient
+from densemap.service.engine import preprocess
 from tests.support.convert_heads_support import STRIDE, WINDOW, TwoHeads
 from tests.support.oracle import crop_by_crop, torch_classifier
 from tests.support.score_fixtures import encode
@@ -56,7 +56,7 @@ def repo(tmp_path_factory, classifier) -> Path:
 def reference(classifier: TwoHeads, image: np.ndarray, repo: Path) -> dict[str, np.ndarray]:
     """Each head of the classifier on every window at the native stride, in float64: the
     crop-by-crop oracle (the preprocessing is per pixel, so it commutes with cropping)."""
-    from service.engine import Engine
+    from densemap.service.engine import Engine
 
     metadata = Engine(repo / MODEL / "model.onnx").metadata
     image_nchw = preprocess(image, metadata.preprocessing)[None]
@@ -73,7 +73,7 @@ def target(repo):
 
 
 def test_converted_metadata_names_both_heads(repo):
-    from service.engine import Engine
+    from densemap.service.engine import Engine
 
     heads = Engine(repo / MODEL / "model.onnx").metadata.heads
     assert [(h.name, h.kind) for h in heads] == [("scores", "logits"), ("boxes", "regression")]

@@ -29,7 +29,7 @@ try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     tomllib = pytest.importorskip("tomli")
-from service import __version__
+from densemap.service import __version__
 from tests.support.install_support import link_distributions, required_distributions
 
 pytestmark = pytest.mark.slow  # installs into a fresh venv
@@ -67,7 +67,7 @@ def install_step() -> tuple[list[str], str, dict[str, str]]:
 
 def test_the_dockerfile_install_step_works_in_a_fresh_venv(tmp_path):
     sources, command, args = install_step()
-    assert {"pyproject.toml", "setup.py", "constraints.txt", "service"} <= set(sources)
+    assert {"pyproject.toml", "setup.py", "constraints.txt", "densemap", "service"} <= set(sources)
     source = tmp_path / "src"
     source.mkdir()
     for name in sources:  # what the COPY steps bring, as they bring it
@@ -115,8 +115,8 @@ def test_the_dockerfile_install_step_works_in_a_fresh_venv(tmp_path):
     if not GPU_RUNTIME_HERE:
         return
     engine = subprocess.run(
-        [str(python), "-c", "from service.engine.onnxruntime_package import check_installed; "
-         "import service.engine.engine; print(check_installed())"],
+        [str(python), "-c", "from densemap.service.engine.onnxruntime_package import check_installed; "
+         "import densemap.service.engine.engine; print(check_installed())"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert engine.stdout == "onnxruntime-gpu\n", engine.stderr

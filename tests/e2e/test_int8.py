@@ -28,15 +28,15 @@ from PIL import Image
 from torch import nn
 from tritonclient.utils import InferenceServerException
 
-import convert.int8 as int8_module
-from convert.int8 import DEFAULT_AGREEMENT_FLOOR, agreement_warning
-from convert.pipeline import read_metadata
-from service.batch.outputs import load_result
-from service.cli import main
-from service.client import DensemapClient, RemoteError
-from service.contract import Geometry, Int8Copies, ModelMetadata
-from service.engine import Engine, EngineConfig, ModelRepository, ScoreOptions, preprocess
-from service.errors import InvalidOption, ModelLoadError
+import densemap.convert.int8 as int8_module
+from densemap.convert.int8 import DEFAULT_AGREEMENT_FLOOR, agreement_warning
+from densemap.convert.pipeline import read_metadata
+from densemap.service.batch.outputs import load_result
+from densemap.service.cli import main
+from densemap.service.client import DensemapClient, RemoteError
+from densemap.service.contract import Geometry, Int8Copies, ModelMetadata
+from densemap.service.engine import Engine, EngineConfig, ModelRepository, ScoreOptions, preprocess
+from densemap.service.errors import InvalidOption, ModelLoadError
 from tests.support.convert_onnx_support import export_classifier
 from tests.support.server_harness import HOST, TINY, start_server
 
@@ -274,8 +274,8 @@ def test_score_cli_and_model_settings_choose_int8(converted, engine, repo, tmp_p
 
 
 def test_serve_precision_int8_is_the_servers_default(converted, repo):
-    from service.cli import build_parser
-    from service.serve_cli import build_config
+    from densemap.service.cli import build_parser
+    from densemap.service.serve_cli import build_config
 
     model, _ = converted
     args = build_parser().parse_args(["serve", "--models", str(model.parents[1])])

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from convert import archs
-from convert.from_torch.fc import fully_convolutional
-from service.cli import main as densemap
-from service.client import DensemapClient
-from service.engine import Engine, ScoreOptions
-from service.engine.image_input import preprocess
-from service.server.app import create_server
-from service.server.config import ServerConfig
+from densemap.convert import archs
+from densemap.convert.from_torch.fc import fully_convolutional
+from densemap.service.cli import main as densemap
+from densemap.service.client import DensemapClient
+from densemap.service.engine import Engine, ScoreOptions
+from densemap.service.engine.image_input import preprocess
+from densemap.service.server.app import create_server
+from densemap.service.server.config import ServerConfig
 
 pytestmark = pytest.mark.slow  # a ResNet converted through the CLI, then served
 
@@ -104,7 +104,7 @@ def test_the_same_weights_through_onnx_and_preprocessing_imagenet_serve_the_same
 ):
     # an ONNX export of these weights converted with a guessed x/255 served maps
     # 4.3 logits away from --arch resnet18's; now the preprocessing is said, not guessed
-    from convert.export import export_classifier_onnx
+    from densemap.convert.export import export_classifier_onnx
 
     model, arch_path = resnet
     exported = tmp_path / "resnet18.onnx"

@@ -25,15 +25,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service import __version__
-from service.batch.outputs import load_result
-from service.client import DensemapClient
-from service.engine.onnxruntime_package import check_installed
+from densemap.service import __version__
+from densemap.service.batch.outputs import load_result
+from densemap.service.client import DensemapClient
+from densemap.service.engine.onnxruntime_package import check_installed
 from tests.support.install_support import link_distributions, required_distributions
 from tests.support.paths import REPO_ROOT
 
 PAGE = REPO_ROOT / "models" / "digits" / "pages" / "page_1.png"
-SOURCES = ("pyproject.toml", "setup.py", "README.md", "service", "convert", "models")
+SOURCES = ("pyproject.toml", "setup.py", "README.md", "densemap", "service", "convert", "models")
 
 pytestmark = [
     pytest.mark.slow,  # builds a wheel and a fresh venv
@@ -119,14 +119,35 @@ def fresh_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in drop}
 
 
+def test_the_wheel_installs_one_import_name(wheel):
+    with zipfile.ZipFile(wheel) as archive:
+        files = set(archive.namelist())
+    names = {name.split("/", 1)[0] for name in files}
+    (dist_info,) = [n for n in names if n.endswith(".dist-info")]
+    assert names - {dist_info} == {"densemap"}, names
+    assert {"densemap/__init__.py", "densemap/__main__.py", "densemap/service/cli.py",
+            "densemap/convert/__init__.py",
+            "densemap/service/bundled_models/digits/model.onnx"} <= files  # fmt: skip
+    assert not any(f.startswith("densemap/service/bundled_models/digits/") and f.endswith(".py")
+                   for f in files), "the digits recipes stay out of the wheel"  # fmt: skip
+
+
 def test_the_wheel_holds_the_model_and_runs_without_torch(venv, tmp_path):
     python = str(venv / "bin" / "python")
-    probe = run(python, "-c", "import service, importlib.util as u; print(service.__file__); "
-                "print(u.find_spec('torch'), u.find_spec('ray'))", cwd=tmp_path)  # fmt: skip
+    probe = run(python, "-c", "import densemap, importlib.util as u; print(densemap.__file__); "
+                "print(u.find_spec('torch'), u.find_spec('ray'), u.find_spec('service'))",
+                cwd=tmp_path)  # fmt: skip
     where, missing = probe.stdout.splitlines()
-    assert where.startswith(str(venv)) and missing == "None None"
+    assert where.startswith(str(venv)) and missing == "None None None"
     version = run(str(venv / "bin" / "densemap"), "--version", cwd=tmp_path, env=fresh_env())
     assert version.stdout == f"densemap {__version__}\n"
+    module = run(python, "-m", "densemap", "--version", cwd=tmp_path, env=fresh_env())
+    assert module.stdout == version.stdout
+    api = run(python, "-c", "from densemap import Engine, EngineConfig, ScoreOptions, "
+              "DensemapClient, convert; print(Engine.__module__, DensemapClient.__module__, "
+              "convert.__name__)", cwd=tmp_path, env=fresh_env())  # fmt: skip
+    assert api.stdout.split() == [
+        "densemap.service.engine.engine", "densemap.service.client", "densemap.convert"]  # fmt: skip
 
 
 def test_score_from_an_empty_folder_uses_the_bundled_model(venv, tmp_path):
@@ -171,7 +192,8 @@ def test_serve_from_an_empty_folder_serves_the_bundled_model(venv, tmp_path):
 def test_the_core_install_has_a_client_and_names_the_runtime_extra(client_venv, tmp_path):
     """Without a runtime extra: the client and the CLI's help work; scoring names the fix."""
     python = str(client_venv / "bin" / "python")
-    probe = run(python, "-c", "import importlib.util as u, service.client, service.batch.outputs; "
+    probe = run(python, "-c", "import importlib.util as u, densemap.service.batch.outputs; "
+                "from densemap import DensemapClient, ScoreOptions; "
                 "print(u.find_spec('onnxruntime'))", cwd=tmp_path, env=fresh_env())  # fmt: skip
     assert probe.stdout == "None\n"
     run(str(client_venv / "bin" / "densemap"), "score", "--help", cwd=tmp_path, env=fresh_env())

@@ -13,15 +13,18 @@ from pathlib import Path
 
 import pytest
 
+from densemap.service._proto.densemap.v1 import densemap_pb2 as pb
+from densemap.service.cli import main
+from densemap.service.engine import Engine, EngineConfig, ScoreOptions
+from densemap.service.engine.model_settings import apply_model_settings
+from densemap.service.engine.options import DetectionDefaults, DetectionOptions
+from densemap.service.errors import ModelLoadError
+from densemap.service.server.detection_codec import (
+    detection_options_from_proto,
+    detection_options_to_proto,
+)
 from models.digits.demo import read_truth
 from models.digits.reading import match_boxes
-from service._proto.densemap.v1 import densemap_pb2 as pb
-from service.cli import main
-from service.engine import Engine, EngineConfig, ScoreOptions
-from service.engine.model_settings import apply_model_settings
-from service.engine.options import DetectionDefaults, DetectionOptions
-from service.errors import ModelLoadError
-from service.server.detection_codec import detection_options_from_proto, detection_options_to_proto
 from tests.support.paths import REPO_ROOT
 
 DIGITS = REPO_ROOT / "models" / "digits"

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from service.contract import Geometry, ModelMetadata, Preprocessing
-from service.engine import Engine, EngineConfig, ScoreOptions, preprocess
-from service.errors import InvalidOption
+from densemap.service.contract import Geometry, ModelMetadata, Preprocessing
+from densemap.service.engine import Engine, EngineConfig, ScoreOptions, preprocess
+from densemap.service.errors import InvalidOption
 from tests.support.dense_models import export_dense_net
 from tests.support.oracle import crop_by_crop, torch_classifier
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.engine import Engine, EngineConfig, ScoreOptions, image_input
-from service.engine.cost import RequestCost
-from service.errors import ImageTooLarge, ImageTooSmall, InvalidImage, InvalidOption
+from densemap.service.engine import Engine, EngineConfig, ScoreOptions, image_input
+from densemap.service.engine.cost import RequestCost
+from densemap.service.errors import ImageTooLarge, ImageTooSmall, InvalidImage, InvalidOption
 from tests.support.dense_models import build_dense_model
 
 CLASSES = 5
@@ -149,7 +149,7 @@ def test_estimates_refuse_what_score_refuses(engine):
 def test_graph_macs_count_conv_grouped_conv_and_gemm():
     from onnx import TensorProto, helper, shape_inference
 
-    from service.engine.memory import graph_macs
+    from densemap.service.engine.memory import graph_macs
 
     nodes = [
         helper.make_node("Conv", ["x", "w1"], ["a"]),  # 3 -> 8, 3x3: 8 x 8 x 10 out

@@ -10,9 +10,9 @@ import torch
 from onnx import TensorProto, helper
 from PIL import Image
 
-from service.engine import Engine, EngineConfig, ScoreOptions, preprocess
-from service.engine.memory import nchwc_block
-from service.engine.postprocess import softmax
+from densemap.service.engine import Engine, EngineConfig, ScoreOptions, preprocess
+from densemap.service.engine.memory import nchwc_block
+from densemap.service.engine.postprocess import softmax
 from tests.support.dense_models import Conv, Pool, build_dense_model, make_dense_net, small_layers
 from tests.support.oracle import crop_by_crop, session_classifier
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.engine import Engine, EngineConfig, ScoreOptions
-from service.engine.image_input import resize_uint8, resized_size
-from service.engine.options import DetectionOptions
-from service.errors import InvalidOption
+from densemap.service.engine import Engine, EngineConfig, ScoreOptions
+from densemap.service.engine.image_input import resize_uint8, resized_size
+from densemap.service.engine.options import DetectionOptions
+from densemap.service.errors import InvalidOption
 from tests.engine.test_nms import plain_iou
 from tests.support.paths import REPO_ROOT
 from tests.support.square_model import GAIN, LEVEL, reference_map, square_model, squares_image
@@ -180,7 +180,7 @@ def test_detections_from_tiles_equal_the_single_pass(monkeypatch):
     tiled_engine = Engine(
         digits / "model.onnx", config=EngineConfig(warmup=False, memory_budget=4 << 20)
     )
-    from service.engine.dense import DenseNet
+    from densemap.service.engine.dense import DenseNet
 
     passes = []
     run_pass = DenseNet.run_pass

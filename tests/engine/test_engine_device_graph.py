@@ -16,12 +16,19 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from service.contract import Preprocessing
-from service.engine import Engine, EngineConfig, ScoreOptions, graphs, host_memory, preprocess
-from service.engine import engine as engine_module
-from service.engine.arena_policy import ReleasePolicy
-from service.engine.postprocess import softmax
-from service.errors import InvalidOption, ModelLoadError
+from densemap.service.contract import Preprocessing
+from densemap.service.engine import (
+    Engine,
+    EngineConfig,
+    ScoreOptions,
+    graphs,
+    host_memory,
+    preprocess,
+)
+from densemap.service.engine import engine as engine_module
+from densemap.service.engine.arena_policy import ReleasePolicy
+from densemap.service.engine.postprocess import softmax
+from densemap.service.errors import InvalidOption, ModelLoadError
 from tests.support.dense_models import build_dense_model
 from tests.support.paths import REPO_ROOT
 
@@ -239,7 +246,7 @@ def test_fp16_cudnn_refusals_fall_back_to_safer_settings(rgb_model, monkeypatch,
     """cuDNN may find no algorithm for a kernel at the first pass (HEURISTIC_QUERY_FAILED on
     VGG-16's 7x7 head): the pass is retried with EXHAUSTIVE search, then in NCHW, never an
     error while a setting works. Emulated on CPU: the refused sessions fail every run."""
-    from service.engine import precision as precision_module
+    from densemap.service.engine import precision as precision_module
 
     class FailingSession(ort.InferenceSession):
         def run_with_iobinding(self, *args, **kwargs):
@@ -268,7 +275,7 @@ def test_fp16_cudnn_refusals_fall_back_to_safer_settings(rgb_model, monkeypatch,
 
 
 def test_fp16_refused_in_every_setting_is_a_clear_error(rgb_model, monkeypatch):
-    from service.engine import precision as precision_module
+    from densemap.service.engine import precision as precision_module
 
     class FailingSession(ort.InferenceSession):
         def run_with_iobinding(self, *args, **kwargs):

@@ -13,10 +13,10 @@ import onnx.numpy_helper
 import pytest
 from PIL import Image, ImageOps
 
-from service.contract import ModelMetadata
-from service.engine import Engine, EngineConfig, ModelRepository, ScoreOptions
-from service.engine.image_input import decode
-from service.errors import (
+from densemap.service.contract import ModelMetadata
+from densemap.service.engine import Engine, EngineConfig, ModelRepository, ScoreOptions
+from densemap.service.engine.image_input import decode
+from densemap.service.errors import (
     Cancelled,
     ImageTooLarge,
     ImageTooSmall,
@@ -93,8 +93,8 @@ def test_gif_and_pgm_decode_to_their_pixels(engine, image):
 
 
 def test_every_listed_extension_is_a_format_the_engine_decodes():
-    from service.batch.walk import IMAGE_EXTENSIONS
-    from service.engine.image_input import FORMATS
+    from densemap.service.batch.walk import IMAGE_EXTENSIONS
+    from densemap.service.engine.image_input import FORMATS
 
     Image.init()
     listed = {Image.EXTENSION[ext] for ext in IMAGE_EXTENSIONS}

@@ -13,10 +13,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from service.contract import Head
-from service.engine import Engine, EngineConfig, ScoreOptions, preprocess
-from service.engine.image_input import resize_uint8
-from service.errors import InvalidOption, ModelLoadError
+from densemap.service.contract import Head
+from densemap.service.engine import Engine, EngineConfig, ScoreOptions, preprocess
+from densemap.service.engine.image_input import resize_uint8
+from densemap.service.errors import InvalidOption, ModelLoadError
 from tests.support.dense_models import build_two_head_model, make_two_head_net, small_layers
 from tests.support.oracle import crop_by_crop, session_classifier
 

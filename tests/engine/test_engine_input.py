@@ -12,10 +12,10 @@ import onnx
 import pytest
 from PIL import Image, features
 
-from service.contract import METADATA_KEY
-from service.engine import Engine, EngineConfig, ScoreOptions
-from service.engine.image_input import decode
-from service.errors import (
+from densemap.service.contract import METADATA_KEY
+from densemap.service.engine import Engine, EngineConfig, ScoreOptions
+from densemap.service.engine.image_input import decode
+from densemap.service.errors import (
     Cancelled,
     ImageTooLarge,
     ImageTooSmall,

@@ -14,10 +14,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from service.engine import EngineConfig, ModelRepository, default_models_dir
-from service.engine.memory import ActivationEstimator, nchwc_block
-from service.engine.repository import bundled_models_dir, load_model
-from service.errors import ModelLoadError, ModelNotFound
+from densemap.service.engine import EngineConfig, ModelRepository, default_models_dir
+from densemap.service.engine.memory import ActivationEstimator, nchwc_block
+from densemap.service.engine.repository import bundled_models_dir, load_model
+from densemap.service.errors import ModelLoadError, ModelNotFound
 from tests.support.dense_models import build_dense_model
 from tests.support.paths import REPO_ROOT
 
@@ -175,7 +175,7 @@ def test_engine_runs_with_torch_blocked(tmp_path, built):
                     raise ImportError("torch is blocked in this test")
         sys.meta_path.insert(0, BlockTorch())
         import numpy as np
-        from service.engine import Engine, ModelRepository, ScoreOptions
+        from densemap.service.engine import Engine, ModelRepository, ScoreOptions
         engine = Engine({str(built[0])!r})
         image = (np.arange(40 * 50) % 251).astype(np.uint8).reshape(40, 50)
         result = engine.score(image, ScoreOptions(output_stride=2, scales=(1.0, 1.5)))
@@ -192,7 +192,7 @@ def test_engine_runs_with_torch_blocked(tmp_path, built):
 
 
 def test_engine_estimate_scales_with_pixels(built):
-    from service.engine import Engine
+    from densemap.service.engine import Engine
 
     engine = Engine(built[0], config=CONFIG)
     small, big = engine.estimate_bytes(40, 40), engine.estimate_bytes(400, 400)

@@ -1,7 +1,7 @@
 """onnxruntime session settings that exactness and many-shape serving depend on."""
 
-from service.engine.options import EngineConfig
-from service.engine.session import cuda_provider_options, session_options
+from densemap.service.engine.options import EngineConfig
+from densemap.service.engine.session import cuda_provider_options, session_options
 
 
 def test_cuda_defaults_are_exact_and_shape_friendly():

@@ -7,10 +7,10 @@ import itertools
 import numpy as np
 import pytest
 
-from service.engine import Engine, EngineConfig, ScoreOptions
-from service.engine.dense import DenseNet, Grid
-from service.engine.tiling import plan_axis
-from service.errors import ImageTooLarge
+from densemap.service.engine import Engine, EngineConfig, ScoreOptions
+from densemap.service.engine.dense import DenseNet, Grid
+from densemap.service.engine.tiling import plan_axis
+from densemap.service.errors import ImageTooLarge
 from tests.support.dense_models import build_dense_model
 
 LOGITS = ScoreOptions(probabilities=False)

@@ -1,6 +1,6 @@
 """Huge-kernel convs as unfold + MatMul (service/engine/fc_head_unfold.py): the same maps.
 
-float64 (convert.runtime.Float64Runner): the rewritten graph equals the conv to 1e-12 of
+float64 (densemap.convert.runtime.Float64Runner): the rewritten graph equals the conv to 1e-12 of
 its range (the same products, summed in another order). float32 (onnxruntime CPU): within
 1e-5 of the range, the size of the conv's own float32 rounding (both are compared with the
 float64 truth, and the rewrite may not be more than 2x further from it than the conv).
@@ -13,10 +13,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from convert.runtime import Float64Runner, OrtRunner
-from service.engine import Engine, EngineConfig, ScoreOptions
-from service.engine.dense import DenseNet
-from service.engine.fc_head_unfold import model_source, unfold_huge_convs
+from densemap.convert.runtime import Float64Runner, OrtRunner
+from densemap.service.engine import Engine, EngineConfig, ScoreOptions
+from densemap.service.engine.dense import DenseNet
+from densemap.service.engine.fc_head_unfold import model_source, unfold_huge_convs
 from tests.support.dense_models import build_dense_model, mini_vgg_layers
 
 CONV_CASES = {
@@ -151,7 +151,7 @@ def test_engine_with_unfolded_head_gives_the_same_maps(vgg_model, monkeypatch):
 
 
 def test_bad_head_unfold_setting_is_a_clear_error(vgg_model):
-    from service.errors import InvalidOption
+    from densemap.service.errors import InvalidOption
 
     with pytest.raises(InvalidOption, match="EngineConfig.fc_head_unfold must be one of"):
         Engine(vgg_model, config=EngineConfig(warmup=False, fc_head_unfold="gpu"))
@@ -159,7 +159,7 @@ def test_bad_head_unfold_setting_is_a_clear_error(vgg_model):
 
 def test_float16_copy_is_unfolded_too(vgg_model):
     """The fp16 copy of a CUDA session is made from the unfolded graph (precision.py)."""
-    from service.engine.precision import to_float16
+    from densemap.service.engine.precision import to_float16
 
     half = onnx.load_from_string(to_float16(vgg_model, unfold_min_weights=20_000))
     ops = [n.op_type for n in half.graph.node]

@@ -1,11 +1,11 @@
-"""service.engine.nms against a plain-Python greedy NMS and hand-computed IoUs."""
+"""densemap.service.engine.nms against a plain-Python greedy NMS and hand-computed IoUs."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from service.engine.nms import greedy_nms, iou_one_to_many, nms_per_class, order_best_first
+from densemap.service.engine.nms import greedy_nms, iou_one_to_many, nms_per_class, order_best_first
 
 
 def plain_iou(a, b) -> float:

@@ -20,11 +20,11 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-import convert
-from convert.torch_runtime.session import TORCH_CPU, open_torch_net
-from service.engine import Engine, EngineConfig, ScoreOptions
-from service.engine.dense import DenseNet
-from service.errors import InvalidOption, ModelLoadError
+import densemap.convert as convert
+from densemap.convert.torch_runtime.session import TORCH_CPU, open_torch_net
+from densemap.service.engine import Engine, EngineConfig, ScoreOptions
+from densemap.service.engine.dense import DenseNet
+from densemap.service.errors import InvalidOption, ModelLoadError
 from tests.support.dense_models import build_dense_model, mini_vgg_layers
 from tests.support.paths import REPO_ROOT
 
@@ -186,7 +186,7 @@ def run_both(nodes, inits=(), output_type=TensorProto.FLOAT):
     x = np.random.default_rng(6).standard_normal((1, 6, 17, 23)).astype(np.float32)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     (want,) = session.run(["y"], {"x": x})
-    from convert.torch_runtime.session import TorchGraph, TorchSession
+    from densemap.convert.torch_runtime.session import TorchGraph, TorchSession
 
     graph = TorchGraph(model, device=torch.device("cpu"), float_dtype=torch.float32,
                        channels_last=False)  # fmt: skip
@@ -260,8 +260,8 @@ class BlockTorch:
         if name == "torch" or name.startswith("torch."):
             raise ImportError("torch is blocked in this test")
 sys.meta_path.insert(0, BlockTorch())
-from service.engine import Engine, EngineConfig
-from service.errors import ModelLoadError
+from densemap.service.engine import Engine, EngineConfig
+from densemap.service.errors import ModelLoadError
 try:
     Engine({str(DIGITS)!r}, config=EngineConfig(warmup=False, runtime="torch"))
 except ModelLoadError as exc:
@@ -278,7 +278,7 @@ def test_densemap_json_chooses_the_runtime_per_model(tmp_path):
     import json
     import shutil
 
-    from service.engine.repository import ModelRepository
+    from densemap.service.engine.repository import ModelRepository
 
     for name, runtime in (("digits_torch", "torch"), ("digits_ort", None), ("bad", "tvm")):
         folder = tmp_path / name
@@ -294,8 +294,8 @@ def test_densemap_json_chooses_the_runtime_per_model(tmp_path):
 
 
 def test_int8_is_refused_on_the_torch_runtime_not_run_as_fp32():
-    from convert.torch_runtime.session import TorchPrecisions
-    from service.errors import InvalidOption
+    from densemap.convert.torch_runtime.session import TorchPrecisions
+    from densemap.service.errors import InvalidOption
 
     precisions = TorchPrecisions(None, torch.device("cpu"), False)
     with pytest.raises(InvalidOption, match="not available with --runtime torch"):

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from service.client import DensemapClient
-from service.engine import Engine
+from densemap.service.client import DensemapClient
+from densemap.service.engine import Engine
 from tests.support.server_harness import GREY, HOST, TINY, start_server
 
 

@@ -6,8 +6,8 @@ import grpc
 import numpy as np
 import pytest
 
-from service.client import DensemapClient, RemoteError
-from service.errors import DensemapError, InvalidImage, InvalidOption
+from densemap.service.client import DensemapClient, RemoteError
+from densemap.service.errors import DensemapError, InvalidImage, InvalidOption
 from tests.support.server_harness import TINY, free_port, rgb_image
 
 

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from service._proto.densemap.v1 import densemap_pb2 as pb
-from service._proto.densemap.v1 import densemap_pb2_grpc as pb_grpc
-from service.engine.image_input import decode
-from service.errors import InvalidImage
-from service.truncation import TRUNCATED
+from densemap.service._proto.densemap.v1 import densemap_pb2 as pb
+from densemap.service._proto.densemap.v1 import densemap_pb2_grpc as pb_grpc
+from densemap.service.engine.image_input import decode
+from densemap.service.errors import InvalidImage
+from densemap.service.truncation import TRUNCATED
 from tests.support.server_harness import GREY, channel
 
 BIG = 2**28  # a pixel limit that lets every header below through
@@ -72,7 +72,12 @@ def test_flat_images_compress_within_the_jpeg_bound():
 
 
 def test_nothing_enables_pillow_truncated_loading():
-    for module in ("service.server.app", "service.batch.run", "service.score_cli", "service.cli"):
+    for module in (
+        "densemap.service.server.app",
+        "densemap.service.batch.run",
+        "densemap.service.score_cli",
+        "densemap.service.cli",
+    ):
         importlib.import_module(module)
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
 

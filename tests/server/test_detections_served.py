@@ -9,12 +9,12 @@ import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
-from service._proto.densemap.v1 import densemap_pb2 as pb
-from service.client import DensemapClient
-from service.engine import Engine, EngineConfig, ScoreOptions
-from service.engine.options import DetectionOptions
-from service.errors import InvalidOption
-from service.server.codec import image_to_proto
+from densemap.service._proto.densemap.v1 import densemap_pb2 as pb
+from densemap.service.client import DensemapClient
+from densemap.service.engine import Engine, EngineConfig, ScoreOptions
+from densemap.service.engine.options import DetectionOptions
+from densemap.service.errors import InvalidOption
+from densemap.service.server.codec import image_to_proto
 from tests.support.server_harness import HOST, start_server
 from tests.support.square_model import square_model, squares_image
 

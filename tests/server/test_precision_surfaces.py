@@ -13,14 +13,20 @@ import tritonclient.grpc as triton
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from service._proto.densemap.v1 import densemap_pb2 as pb
-from service.batch.outputs import load_result
-from service.cli import main
-from service.client import DensemapClient
-from service.engine import Engine, EngineConfig, ModelRepository, ScoreOptions, device_memory
-from service.engine.options import DEFAULT_MEMORY_BUDGET
-from service.errors import InvalidOption
-from service.server.codec import image_to_proto
+from densemap.service._proto.densemap.v1 import densemap_pb2 as pb
+from densemap.service.batch.outputs import load_result
+from densemap.service.cli import main
+from densemap.service.client import DensemapClient
+from densemap.service.engine import (
+    Engine,
+    EngineConfig,
+    ModelRepository,
+    ScoreOptions,
+    device_memory,
+)
+from densemap.service.engine.options import DEFAULT_MEMORY_BUDGET
+from densemap.service.errors import InvalidOption
+from densemap.service.server.codec import image_to_proto
 from tests.support.server_harness import HOST, TINY, rgb_image, start_server
 
 FP16 = ScoreOptions(precision="fp16")

@@ -21,11 +21,11 @@ import grpc
 import pytest
 from PIL import Image
 
-from service.cli import build_parser
-from service.client import DensemapClient, RemoteError
-from service.serve_cli import build_config
-from service.server.config import ServerConfig
-from service.server.log_stream import RateLimit
+from densemap.service.cli import build_parser
+from densemap.service.client import DensemapClient, RemoteError
+from densemap.service.serve_cli import build_config
+from densemap.service.server.config import ServerConfig
+from densemap.service.server.log_stream import RateLimit
 from tests.support.paths import REPO_ROOT
 from tests.support.server_fakes import wait_until
 from tests.support.server_harness import (
@@ -42,11 +42,11 @@ STARTUP_SECONDS = 60.0
 
 
 class ServeProcess:
-    """``python -m service.cli serve ...`` with its JSON log lines collected by a thread."""
+    """``python -m densemap.service.cli serve ...`` with its JSON log lines collected by a thread."""
 
     def __init__(self, *args: str, env: dict | None = None) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--log-json", *args],
+            [sys.executable, "-m", "densemap.service.cli", "serve", "--log-json", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -174,7 +174,7 @@ def test_sigint_with_no_traffic_exits_zero_quickly(repo):
 @pytest.mark.slow
 def test_missing_models_dir_fails_with_a_clear_message(tmp_path):
     serve = subprocess.run(
-        [sys.executable, "-m", "service.cli", "serve", "--models", str(tmp_path / "none")]
+        [sys.executable, "-m", "densemap.service.cli", "serve", "--models", str(tmp_path / "none")]
         + ["--host", HOST, "--port", "0", "--metrics-port", "0"],
         capture_output=True,
         text=True,

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 
-from service._proto.densemap.v1 import densemap_pb2 as pb
-from service._proto.densemap.v1 import densemap_pb2_grpc as pb_grpc
-from service.engine import ModelRepository
-from service.server.app import create_server
-from service.server.config import server_engine_config
+from densemap.service._proto.densemap.v1 import densemap_pb2 as pb
+from densemap.service._proto.densemap.v1 import densemap_pb2_grpc as pb_grpc
+from densemap.service.engine import ModelRepository
+from densemap.service.server.app import create_server
+from densemap.service.server.config import server_engine_config
 from tests.support.server_harness import HOST, TINY, channel, png_bytes, rgb_image, test_config
 
 Code = grpc.StatusCode

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.contract import CONTRACT_VERSION
-from service.engine import HeadInfo, ScoreOptions, preprocess
-from service.engine.result import ScoreResult
+from densemap.service.contract import CONTRACT_VERSION
+from densemap.service.engine import HeadInfo, ScoreOptions, preprocess
+from densemap.service.engine.result import ScoreResult
 from tests.support.server_harness import GREY, TINY, png_bytes, rgb_image
 
 

@@ -15,13 +15,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.cli import build_parser
-from service.client import DensemapClient, RemoteError
-from service.engine import session
-from service.engine.options import EngineConfig
-from service.serve_cli import build_config
-from service.server.app import create_server
-from service.server.config import ServerConfig
+from densemap.service.cli import build_parser
+from densemap.service.client import DensemapClient, RemoteError
+from densemap.service.engine import session
+from densemap.service.engine.options import EngineConfig
+from densemap.service.serve_cli import build_config
+from densemap.service.server.app import create_server
+from densemap.service.server.config import ServerConfig
 from tests.support.score_fixtures import build_repository
 
 HOST = "127.0.0.1"
@@ -73,7 +73,7 @@ def test_densemap_serve_device_cuda_without_cuda_logs_why_and_is_not_ready(repo)
     env = {k: v for k, v in os.environ.items() if not k.startswith("DENSEMAP_")}
     env.update(DENSEMAP_AUTH_TOKEN="t0ken", PYTHONPATH=os.getcwd())
     serve = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--models", str(repo), "--host", HOST,
+        [sys.executable, "-m", "densemap.service.cli", "serve", "--models", str(repo), "--host", HOST,
          "--port", "0", "--device", "cuda", "--log-json"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
@@ -127,7 +127,7 @@ def test_port_zero_picks_a_free_metrics_port_unless_one_is_given(monkeypatch):
 
 
 def test_a_token_from_a_file_secret_loses_its_newline_and_blank_is_refused(monkeypatch):
-    from service.errors import InvalidOption
+    from densemap.service.errors import InvalidOption
 
     monkeypatch.setenv("DENSEMAP_AUTH_TOKEN", "s3cret\n")  # kubectl create secret --from-file
     assert build_config(build_parser().parse_args(["serve"])).auth_token == "s3cret"

@@ -11,9 +11,9 @@ import tritonclient.grpc.service_pb2_grpc as kserve_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from service._proto.densemap.v1 import densemap_pb2 as pb
-from service._proto.densemap.v1 import densemap_pb2_grpc as pb_grpc
-from service.engine import EngineConfig
+from densemap.service._proto.densemap.v1 import densemap_pb2 as pb
+from densemap.service._proto.densemap.v1 import densemap_pb2_grpc as pb_grpc
+from densemap.service.engine import EngineConfig
 from tests.support.server_harness import (
     GREY,
     TINY,

@@ -15,13 +15,13 @@ import pytest
 import tritonclient.grpc.service_pb2 as kserve_pb
 import tritonclient.grpc.service_pb2_grpc as kserve_grpc
 
-from service._proto.densemap.v1 import densemap_pb2 as pb
-from service._proto.densemap.v1 import densemap_pb2_grpc as pb_grpc
-from service.client import DensemapClient, RemoteError
-from service.errors import InvalidOption
-from service.server.app import create_server
-from service.server.auth import bearer_token
-from service.server.client_paths import client_text
+from densemap.service._proto.densemap.v1 import densemap_pb2 as pb
+from densemap.service._proto.densemap.v1 import densemap_pb2_grpc as pb_grpc
+from densemap.service.client import DensemapClient, RemoteError
+from densemap.service.errors import InvalidOption
+from densemap.service.server.app import create_server
+from densemap.service.server.auth import bearer_token
+from densemap.service.server.client_paths import client_text
 from tests.support.server_harness import (
     HOST,
     TINY,

@@ -11,11 +11,11 @@ import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
-from service._proto.densemap.v1 import densemap_pb2 as pb
-from service._proto.densemap.v1 import densemap_pb2_grpc as pb_grpc
-from service.client import DensemapClient, RemoteError
-from service.contract import Head
-from service.engine import Engine, HeadInfo, ScoreOptions, preprocess
+from densemap.service._proto.densemap.v1 import densemap_pb2 as pb
+from densemap.service._proto.densemap.v1 import densemap_pb2_grpc as pb_grpc
+from densemap.service.client import DensemapClient, RemoteError
+from densemap.service.contract import Head
+from densemap.service.engine import Engine, HeadInfo, ScoreOptions, preprocess
 from tests.support.dense_models import BOX_LABELS, build_two_head_model
 from tests.support.server_harness import HOST, array_request, channel, rgb_image, start_server
 

@@ -17,9 +17,9 @@ import pytest
 import tritonclient.grpc.service_pb2 as kserve_pb
 import tritonclient.grpc.service_pb2_grpc as kserve_grpc
 
-from service._proto.densemap.v1 import densemap_pb2 as pb
-from service._proto.densemap.v1 import densemap_pb2_grpc as pb_grpc
-from service.server import request_counts
+from densemap.service._proto.densemap.v1 import densemap_pb2 as pb
+from densemap.service._proto.densemap.v1 import densemap_pb2_grpc as pb_grpc
+from densemap.service.server import request_counts
 from tests.support.server_harness import (
     TINY,
     array_request,
@@ -172,7 +172,7 @@ def test_the_compute_limit_is_a_flag_and_admits_what_is_under_it(repo):
 def test_control_calls_refuse_big_requests_before_parsing(server):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from service.server.malformed import CONTROL_MESSAGE_BYTES
+    from densemap.service.server.malformed import CONTROL_MESSAGE_BYTES
 
     _, target = server
     with channel(target) as chan:

@@ -7,9 +7,9 @@ import time
 
 import numpy as np
 
-from service._proto.densemap.v1 import densemap_pb2_grpc as pb_grpc
-from service.engine.engine import Engine
-from service.server.idle_memory import IdleRelease
+from densemap.service._proto.densemap.v1 import densemap_pb2_grpc as pb_grpc
+from densemap.service.engine.engine import Engine
+from densemap.service.server.idle_memory import IdleRelease
 from tests.support.server_harness import array_request, channel, rgb_image, start_server
 
 

@@ -7,7 +7,7 @@ import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
-from service.engine import ScoreOptions
+from densemap.service.engine import ScoreOptions
 from tests.support.server_harness import GREY, TINY, png_bytes, rgb_image
 
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 
-from service.client import DensemapClient
-from service.engine import ScoreOptions
-from service.server.config import DEFAULT_MAX_MESSAGE_BYTES, ServerConfig
+from densemap.service.client import DensemapClient
+from densemap.service.engine import ScoreOptions
+from densemap.service.server.config import DEFAULT_MAX_MESSAGE_BYTES, ServerConfig
 from tests.support.server_harness import TINY, rgb_image
 
 

@@ -16,9 +16,9 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-from service._proto.densemap.v1 import densemap_pb2_grpc as pb_grpc
-from service.engine import ModelRepository
-from service.server.app import create_server
+from densemap.service._proto.densemap.v1 import densemap_pb2_grpc as pb_grpc
+from densemap.service.engine import ModelRepository
+from densemap.service.server.app import create_server
 from tests.support.server_fakes import BlockingRepository, wait_until
 from tests.support.server_harness import (
     HOST,

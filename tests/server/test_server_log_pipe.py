@@ -23,8 +23,8 @@ import urllib.request
 
 import pytest
 
-from service.client import DensemapClient
-from service.server.log_stream import DroppingHandler, JsonFormatter
+from densemap.service.client import DensemapClient
+from densemap.service.server.log_stream import DroppingHandler, JsonFormatter
 from tests.support.server_harness import HOST, TINY, free_port, rgb_image
 
 EXIT_SECONDS = 5.0  # SIGTERM with nothing in flight: the flush waits at most 2 s of it
@@ -33,7 +33,7 @@ SMALL_PIPE = 4096  # F_SETPIPE_SZ: a stalled reader's pipe fills after a dozen d
 
 def serve(repo, port: int, write_fd: int, *flags: str, metrics: int = 0) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", *flags, "--models", str(repo),
+        [sys.executable, "-m", "densemap.service.cli", "serve", *flags, "--models", str(repo),
          "--host", HOST, "--port", str(port), "--metrics-port", str(metrics),
          "--log-level", "debug"],
         stdout=write_fd, stderr=write_fd, stdin=subprocess.DEVNULL,

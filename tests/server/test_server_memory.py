@@ -13,12 +13,12 @@ import grpc
 import numpy as np
 import pytest
 
-from service._proto.densemap.v1 import densemap_pb2 as pb
-from service._proto.densemap.v1 import densemap_pb2_grpc as pb_grpc
-from service.errors import ImageTooLarge
-from service.server import memory_budget
-from service.server.memory_budget import MemoryBudget, cgroup_memory_limit
-from service.server.status import ServerBusy
+from densemap.service._proto.densemap.v1 import densemap_pb2 as pb
+from densemap.service._proto.densemap.v1 import densemap_pb2_grpc as pb_grpc
+from densemap.service.errors import ImageTooLarge
+from densemap.service.server import memory_budget
+from densemap.service.server.memory_budget import MemoryBudget, cgroup_memory_limit
+from densemap.service.server.status import ServerBusy
 from tests.support.hostile_clients import UnreadCall
 from tests.support.server_fakes import wait_until
 from tests.support.server_harness import (

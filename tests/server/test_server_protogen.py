@@ -7,8 +7,8 @@ import shutil
 import tritonclient.grpc.service_pb2 as triton_pb
 from google.protobuf import descriptor_pb2
 
-from service import protogen
-from service.server import kserve_proto
+from densemap.service import protogen
+from densemap.service.server import kserve_proto
 
 
 def test_committed_stubs_are_up_to_date():
@@ -24,7 +24,7 @@ def test_check_fails_with_a_clear_message_when_a_proto_changed(tmp_path, capsys)
     assert "densemap/v1/densemap_pb2.py (differs)" in stale
     assert protogen.main(["--check", "--protos", str(protos)]) == 1
     message = capsys.readouterr().err
-    assert "stale" in message and "python -m service.protogen" in message
+    assert "stale" in message and "python -m densemap.service.protogen" in message
 
 
 def _fields(message: descriptor_pb2.DescriptorProto, prefix: str) -> dict:

@@ -12,10 +12,10 @@ import pytest
 import tritonclient.grpc.service_pb2 as kserve_pb
 import tritonclient.grpc.service_pb2_grpc as kserve_grpc
 
-from service._proto.densemap.v1 import densemap_pb2 as pb
-from service._proto.densemap.v1 import densemap_pb2_grpc as pb_grpc
-from service.server.app import create_server
-from service.server.readiness import evaluate
+from densemap.service._proto.densemap.v1 import densemap_pb2 as pb
+from densemap.service._proto.densemap.v1 import densemap_pb2_grpc as pb_grpc
+from densemap.service.server.app import create_server
+from densemap.service.server.readiness import evaluate
 from tests.support.server_fakes import wait_until
 from tests.support.server_harness import (
     GREY,

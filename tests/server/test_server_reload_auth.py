@@ -12,10 +12,10 @@ import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
-from service.client import DensemapClient, RemoteError
-from service.engine import Engine
-from service.errors import InvalidOption
-from service.server.app import create_server
+from densemap.service.client import DensemapClient, RemoteError
+from densemap.service.engine import Engine
+from densemap.service.errors import InvalidOption
+from densemap.service.server.app import create_server
 from tests.support.dense_models import build_dense_model
 from tests.support.server_fakes import wait_until
 from tests.support.server_harness import (

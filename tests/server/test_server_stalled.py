@@ -13,8 +13,8 @@ import grpc
 import tritonclient.grpc.service_pb2 as kserve_pb
 import tritonclient.grpc.service_pb2_grpc as kserve_grpc
 
-from service._proto.densemap.v1 import densemap_pb2 as pb
-from service._proto.densemap.v1 import densemap_pb2_grpc as pb_grpc
+from densemap.service._proto.densemap.v1 import densemap_pb2 as pb
+from densemap.service._proto.densemap.v1 import densemap_pb2_grpc as pb_grpc
 from tests.support.hostile_clients import StalledCalls
 from tests.support.server_fakes import wait_until
 from tests.support.server_harness import (

@@ -11,10 +11,10 @@ import pytest
 import tritonclient.grpc.service_pb2 as kserve_pb
 import tritonclient.grpc.service_pb2_grpc as kserve_grpc
 
-from service._proto.densemap.v1 import densemap_pb2 as pb
-from service._proto.densemap.v1 import densemap_pb2_grpc as pb_grpc
-from service.server.status import ServerBusy, StreamIdle
-from service.server.streams import StreamLimits, idle_limited, peer_host
+from densemap.service._proto.densemap.v1 import densemap_pb2 as pb
+from densemap.service._proto.densemap.v1 import densemap_pb2_grpc as pb_grpc
+from densemap.service.server.status import ServerBusy, StreamIdle
+from densemap.service.server.streams import StreamLimits, idle_limited, peer_host
 from tests.support.server_fakes import wait_until
 from tests.support.server_harness import (
     HOST,

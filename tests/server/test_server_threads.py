@@ -9,10 +9,10 @@ import tritonclient.grpc.service_pb2 as kserve_pb
 import tritonclient.grpc.service_pb2_grpc as kserve_grpc
 from grpc_health.v1 import health
 
-from service._proto.densemap.v1 import densemap_pb2 as pb
-from service._proto.densemap.v1 import densemap_pb2_grpc as pb_grpc
-from service.server.densemap_servicer import DensemapServicer
-from service.server.kserve_servicer import KServeServicer
+from densemap.service._proto.densemap.v1 import densemap_pb2 as pb
+from densemap.service._proto.densemap.v1 import densemap_pb2_grpc as pb_grpc
+from densemap.service.server.densemap_servicer import DensemapServicer
+from densemap.service.server.kserve_servicer import KServeServicer
 from tests.support.server_harness import (
     HOST,
     SERVING,

@@ -8,9 +8,9 @@ import threading
 import grpc
 import pytest
 
-from service._proto.densemap.v1 import densemap_pb2_grpc as pb_grpc
-from service.engine import ModelRepository
-from service.errors import (
+from densemap.service._proto.densemap.v1 import densemap_pb2_grpc as pb_grpc
+from densemap.service.engine import ModelRepository
+from densemap.service.errors import (
     Cancelled,
     ConversionError,
     ImageTooLarge,
@@ -20,10 +20,10 @@ from service.errors import (
     ModelLoadError,
     ModelNotFound,
 )
-from service.server.app import create_server
-from service.server.config import ServerConfig
-from service.server.limits import Admission, ServingState
-from service.server.status import (
+from densemap.service.server.app import create_server
+from densemap.service.server.config import ServerConfig
+from densemap.service.server.limits import Admission, ServingState
+from densemap.service.server.status import (
     DeadlineExceeded,
     MalformedRequest,
     NotServing,

@@ -24,13 +24,13 @@ import grpc
 import numpy as np
 import pytest
 
-from service._proto.densemap.v1 import densemap_pb2 as pb
-from service._proto.densemap.v1 import densemap_pb2_grpc as pb_grpc
-from service.errors import ImageTooLarge
-from service.server import memory_budget
-from service.server.memory_budget import MemoryBudget
-from service.server.status import ServerBusy
-from service.server.uploads import Uploads
+from densemap.service._proto.densemap.v1 import densemap_pb2 as pb
+from densemap.service._proto.densemap.v1 import densemap_pb2_grpc as pb_grpc
+from densemap.service.errors import ImageTooLarge
+from densemap.service.server import memory_budget
+from densemap.service.server.memory_budget import MemoryBudget
+from densemap.service.server.status import ServerBusy
+from densemap.service.server.uploads import Uploads
 from tests.support.hostile_clients import StalledCalls, UploadCall, _Connection
 from tests.support.server_fakes import wait_until
 from tests.support.server_harness import (
@@ -188,8 +188,8 @@ def test_a_reservation_is_trued_up_to_the_size_it_turns_out_to_need():
 
 
 def test_the_grace_must_be_a_positive_number_of_seconds(tmp_path):
-    from service.errors import InvalidOption
-    from service.server.config import ServerConfig
+    from densemap.service.errors import InvalidOption
+    from densemap.service.server.config import ServerConfig
 
     for grace in (0.0, -1.0, float("inf"), float("nan")):
         with pytest.raises(InvalidOption, match="upload_grace_seconds must be finite and > 0"):

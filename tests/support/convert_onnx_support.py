@@ -19,8 +19,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from convert.export import export_classifier_onnx
-from convert.runtime import Float64Runner
+from densemap.convert.export import export_classifier_onnx
+from densemap.convert.runtime import Float64Runner
 
 ORT_IR_VERSION = 10  # onnxruntime 1.31 reads IR <= 10
 
@@ -35,7 +35,7 @@ BOTH_EXPORTERS = [
 
 def export_classifier(model: nn.Module, size, *, dynamo: bool, channels: int = 3, opset=None):
     """A fixed-size ONNX classifier (dynamic batch) from torch's legacy or dynamo exporter,
-    through convert.export; ``opset`` asks torch.onnx.export for an older opset directly."""
+    through densemap.convert.export; ``opset`` asks torch.onnx.export for an older opset directly."""
     size = (size, size) if isinstance(size, int) else tuple(size)
     if opset is None:
         return export_classifier_onnx(

@@ -28,7 +28,7 @@ import onnx
 import torch
 from torch import nn
 
-from service.contract import Geometry, Head, ModelMetadata, Preprocessing, Variant
+from densemap.service.contract import Geometry, Head, ModelMetadata, Preprocessing, Variant
 
 
 @dataclass(frozen=True)

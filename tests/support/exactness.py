@@ -7,10 +7,10 @@ import numpy as np
 import onnx
 import torch
 
-from convert.from_onnx.fc_head import rewrite_fc_head
-from convert.from_torch.fc import fully_convolutional
-from convert.geometry import compute_geometry
-from convert.runtime import Float64Runner
+from densemap.convert.from_onnx.fc_head import rewrite_fc_head
+from densemap.convert.from_torch.fc import fully_convolutional
+from densemap.convert.geometry import compute_geometry
+from densemap.convert.runtime import Float64Runner
 from tests.support.oracle import (
     FP64_TOLERANCE,
     cell_counts,

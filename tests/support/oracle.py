@@ -129,7 +129,7 @@ def torch_classifier(module, dtype: str = "float64") -> Callable[[np.ndarray], A
 def onnx_classifier(model, *, every_output: bool = False) -> Callable[[np.ndarray], Any]:
     """An ONNX classifier (a ModelProto) run in float64 by onnx.reference as ``classify``:
     its first output, or {output name: array} with ``every_output``."""
-    from convert.runtime import Float64Runner
+    from densemap.convert.runtime import Float64Runner
 
     run = Float64Runner(model)
     return run.outputs if every_output else run

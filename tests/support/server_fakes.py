@@ -5,8 +5,8 @@ from __future__ import annotations
 import threading
 import time
 
-from service.engine import ModelRepository, ScoreOptions
-from service.errors import Cancelled
+from densemap.service.engine import ModelRepository, ScoreOptions
+from densemap.service.errors import Cancelled
 
 BLOCK_LIMIT_SECONDS = 20.0  # a blocked engine call never waits longer than this
 

@@ -17,9 +17,9 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from service._proto.densemap.v1 import densemap_pb2 as pb
-from service.server.app import create_server
-from service.server.config import ServerConfig
+from densemap.service._proto.densemap.v1 import densemap_pb2 as pb
+from densemap.service.server.app import create_server
+from densemap.service.server.config import ServerConfig
 from tests.support.dense_models import build_dense_model
 
 HOST = "127.0.0.1"

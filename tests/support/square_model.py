@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from service.contract import Geometry, ModelMetadata, Preprocessing
+from densemap.service.contract import Geometry, ModelMetadata, Preprocessing
 from tests.support.oracle import crop_by_crop
 
 WINDOW = 8

@@ -33,12 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: 
 from head_variants import HEAD_VARIANTS, MULTI_HEAD  # noqa: E402
 from torchvision_zoo import CONVERTED, REFUSAL_WORDS, REFUSED  # noqa: E402
 
-import convert  # noqa: E402
-from convert.export import export_classifier_onnx, export_onnx  # noqa: E402
-from convert.from_torch.fc import convert_classifier  # noqa: E402
-from convert.heads import HeadOptions  # noqa: E402
-from convert.pipeline import finish_dense  # noqa: E402
-from service.errors import ConversionError  # noqa: E402
+import densemap.convert as convert  # noqa: E402
+from densemap.convert.export import export_classifier_onnx, export_onnx  # noqa: E402
+from densemap.convert.from_torch.fc import convert_classifier  # noqa: E402
+from densemap.convert.heads import HeadOptions  # noqa: E402
+from densemap.convert.pipeline import finish_dense  # noqa: E402
+from densemap.service.errors import ConversionError  # noqa: E402
 from tests.support.convert_onnx_support import export_classifier, ort32
 
 FP64_TOLERANCE = 1e-9

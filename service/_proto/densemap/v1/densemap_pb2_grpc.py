@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from service._proto.densemap.v1 import densemap_pb2 as service_dot___proto_dot_densemap_dot_v1_dot_densemap__pb2
+from densemap.service._proto.densemap.v1 import densemap_pb2 as densemap_dot_service_dot___proto_dot_densemap_dot_v1_dot_densemap__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in service/_proto/densemap/v1/densemap_pb2_grpc.py depends on'
+        + ' but the generated code in densemap/service/_proto/densemap/v1/densemap_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,23 +37,23 @@ class DensemapStub:
         """
         self.Score = channel.unary_unary(
                 '/densemap.v1.Densemap/Score',
-                request_serializer=service_dot___proto_dot_densemap_dot_v1_dot_densemap__pb2.ScoreRequest.SerializeToString,
-                response_deserializer=service_dot___proto_dot_densemap_dot_v1_dot_densemap__pb2.ScoreResponse.FromString,
+                request_serializer=densemap_dot_service_dot___proto_dot_densemap_dot_v1_dot_densemap__pb2.ScoreRequest.SerializeToString,
+                response_deserializer=densemap_dot_service_dot___proto_dot_densemap_dot_v1_dot_densemap__pb2.ScoreResponse.FromString,
                 _registered_method=True)
         self.ScoreStream = channel.stream_stream(
                 '/densemap.v1.Densemap/ScoreStream',
-                request_serializer=service_dot___proto_dot_densemap_dot_v1_dot_densemap__pb2.ScoreRequest.SerializeToString,
-                response_deserializer=service_dot___proto_dot_densemap_dot_v1_dot_densemap__pb2.ScoreResponse.FromString,
+                request_serializer=densemap_dot_service_dot___proto_dot_densemap_dot_v1_dot_densemap__pb2.ScoreRequest.SerializeToString,
+                response_deserializer=densemap_dot_service_dot___proto_dot_densemap_dot_v1_dot_densemap__pb2.ScoreResponse.FromString,
                 _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/densemap.v1.Densemap/ListModels',
-                request_serializer=service_dot___proto_dot_densemap_dot_v1_dot_densemap__pb2.ListModelsRequest.SerializeToString,
-                response_deserializer=service_dot___proto_dot_densemap_dot_v1_dot_densemap__pb2.ListModelsResponse.FromString,
+                request_serializer=densemap_dot_service_dot___proto_dot_densemap_dot_v1_dot_densemap__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=densemap_dot_service_dot___proto_dot_densemap_dot_v1_dot_densemap__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
         self.GetModel = channel.unary_unary(
                 '/densemap.v1.Densemap/GetModel',
-                request_serializer=service_dot___proto_dot_densemap_dot_v1_dot_densemap__pb2.GetModelRequest.SerializeToString,
-                response_deserializer=service_dot___proto_dot_densemap_dot_v1_dot_densemap__pb2.ModelInfo.FromString,
+                request_serializer=densemap_dot_service_dot___proto_dot_densemap_dot_v1_dot_densemap__pb2.GetModelRequest.SerializeToString,
+                response_deserializer=densemap_dot_service_dot___proto_dot_densemap_dot_v1_dot_densemap__pb2.ModelInfo.FromString,
                 _registered_method=True)
 
 
@@ -96,23 +96,23 @@ def add_DensemapServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Score': grpc.unary_unary_rpc_method_handler(
                     servicer.Score,
-                    request_deserializer=service_dot___proto_dot_densemap_dot_v1_dot_densemap__pb2.ScoreRequest.FromString,
-                    response_serializer=service_dot___proto_dot_densemap_dot_v1_dot_densemap__pb2.ScoreResponse.SerializeToString,
+                    request_deserializer=densemap_dot_service_dot___proto_dot_densemap_dot_v1_dot_densemap__pb2.ScoreRequest.FromString,
+                    response_serializer=densemap_dot_service_dot___proto_dot_densemap_dot_v1_dot_densemap__pb2.ScoreResponse.SerializeToString,
             ),
             'ScoreStream': grpc.stream_stream_rpc_method_handler(
                     servicer.ScoreStream,
-                    request_deserializer=service_dot___proto_dot_densemap_dot_v1_dot_densemap__pb2.ScoreRequest.FromString,
-                    response_serializer=service_dot___proto_dot_densemap_dot_v1_dot_densemap__pb2.ScoreResponse.SerializeToString,
+                    request_deserializer=densemap_dot_service_dot___proto_dot_densemap_dot_v1_dot_densemap__pb2.ScoreRequest.FromString,
+                    response_serializer=densemap_dot_service_dot___proto_dot_densemap_dot_v1_dot_densemap__pb2.ScoreResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
-                    request_deserializer=service_dot___proto_dot_densemap_dot_v1_dot_densemap__pb2.ListModelsRequest.FromString,
-                    response_serializer=service_dot___proto_dot_densemap_dot_v1_dot_densemap__pb2.ListModelsResponse.SerializeToString,
+                    request_deserializer=densemap_dot_service_dot___proto_dot_densemap_dot_v1_dot_densemap__pb2.ListModelsRequest.FromString,
+                    response_serializer=densemap_dot_service_dot___proto_dot_densemap_dot_v1_dot_densemap__pb2.ListModelsResponse.SerializeToString,
             ),
             'GetModel': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModel,
-                    request_deserializer=service_dot___proto_dot_densemap_dot_v1_dot_densemap__pb2.GetModelRequest.FromString,
-                    response_serializer=service_dot___proto_dot_densemap_dot_v1_dot_densemap__pb2.ModelInfo.SerializeToString,
+                    request_deserializer=densemap_dot_service_dot___proto_dot_densemap_dot_v1_dot_densemap__pb2.GetModelRequest.FromString,
+                    response_serializer=densemap_dot_service_dot___proto_dot_densemap_dot_v1_dot_densemap__pb2.ModelInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -141,8 +141,8 @@ class Densemap:
             request,
             target,
             '/densemap.v1.Densemap/Score',
-            service_dot___proto_dot_densemap_dot_v1_dot_densemap__pb2.ScoreRequest.SerializeToString,
-            service_dot___proto_dot_densemap_dot_v1_dot_densemap__pb2.ScoreResponse.FromString,
+            densemap_dot_service_dot___proto_dot_densemap_dot_v1_dot_densemap__pb2.ScoreRequest.SerializeToString,
+            densemap_dot_service_dot___proto_dot_densemap_dot_v1_dot_densemap__pb2.ScoreResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -168,8 +168,8 @@ class Densemap:
             request_iterator,
             target,
             '/densemap.v1.Densemap/ScoreStream',
-            service_dot___proto_dot_densemap_dot_v1_dot_densemap__pb2.ScoreRequest.SerializeToString,
-            service_dot___proto_dot_densemap_dot_v1_dot_densemap__pb2.ScoreResponse.FromString,
+            densemap_dot_service_dot___proto_dot_densemap_dot_v1_dot_densemap__pb2.ScoreRequest.SerializeToString,
+            densemap_dot_service_dot___proto_dot_densemap_dot_v1_dot_densemap__pb2.ScoreResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -195,8 +195,8 @@ class Densemap:
             request,
             target,
             '/densemap.v1.Densemap/ListModels',
-            service_dot___proto_dot_densemap_dot_v1_dot_densemap__pb2.ListModelsRequest.SerializeToString,
-            service_dot___proto_dot_densemap_dot_v1_dot_densemap__pb2.ListModelsResponse.FromString,
+            densemap_dot_service_dot___proto_dot_densemap_dot_v1_dot_densemap__pb2.ListModelsRequest.SerializeToString,
+            densemap_dot_service_dot___proto_dot_densemap_dot_v1_dot_densemap__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -222,8 +222,8 @@ class Densemap:
             request,
             target,
             '/densemap.v1.Densemap/GetModel',
-            service_dot___proto_dot_densemap_dot_v1_dot_densemap__pb2.GetModelRequest.SerializeToString,
-            service_dot___proto_dot_densemap_dot_v1_dot_densemap__pb2.ModelInfo.FromString,
+            densemap_dot_service_dot___proto_dot_densemap_dot_v1_dot_densemap__pb2.GetModelRequest.SerializeToString,
+            densemap_dot_service_dot___proto_dot_densemap_dot_v1_dot_densemap__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
             insecure,
