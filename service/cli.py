@@ -11,7 +11,9 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 
 from densemap.service import __version__
 from densemap.service.errors import DensemapError
@@ -98,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.debug else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    previous = signal.getsignal(signal.SIGINT)
+    _stop_at_second_interrupt(args.command)
     try:
         return int(args._run(args) or 0)
     except DensemapError as exc:
@@ -108,6 +112,33 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"densemap {args.command}: interrupted", file=sys.stderr)
         return INTERRUPTED
+    finally:
+        if threading.current_thread() is threading.main_thread() and previous is not None:
+            signal.signal(signal.SIGINT, previous)  # a host application's handler back
+
+
+def _stop_at_second_interrupt(command: str) -> None:
+    """The first Ctrl-C raises KeyboardInterrupt, as Python's own handler does, so the
+    command stops cleanly (outputs written whole, the summary closed); a second one during
+    that cleanup exits at once with 130. Python's handler would raise it again wherever the
+    main thread is, a weakref callback or a ``finally`` block, and print a traceback.
+    Left alone where SIGINT is ignored or handled by someone else (``serve`` installs its
+    own, and so may a host application calling :func:`main`)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return
+    interrupted = False
+
+    def handle(signum, frame) -> None:
+        nonlocal interrupted
+        if not interrupted:
+            interrupted = True
+            raise KeyboardInterrupt
+        os.write(2, f"densemap {command}: interrupted\n".encode())
+        os._exit(INTERRUPTED)
+
+    signal.signal(signal.SIGINT, handle)
 
 
 def entry() -> None:

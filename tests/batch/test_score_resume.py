@@ -109,6 +109,9 @@ def test_a_second_ctrl_c_stops_without_blaming_images(tmp_path):
         [sys.executable, "-m", "densemap.service.cli", "score", str(folder), "--out", str(out),
          "--models", str(repo), "--model", MODEL, "--heatmap", "--workers", "2"],
         cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # a suite started in the background (`make test &`) inherits SIGINT ignored, and
+        # Python then leaves it ignored: give the child the default a terminal would
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 120
