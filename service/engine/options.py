@@ -136,8 +136,8 @@ class EngineConfig:
     warmup: bool = True
     spin_wait: bool = True  # False: idle onnxruntime threads yield their core (batch decoding)
     # for requests that do not choose one. "tf32": TF32 convolutions on Ampere+ GPUs, faster,
-    # but maps then differ from the CPU's by about 3e-4 of the logit range (measured on an
-    # H200, README "GPU"), so exact fp32 is the default.
+    # but maps then differ from the CPU's (docs/engine.md "Precision"), so exact fp32 is the
+    # default.
     precision: str = DEFAULT_PRECISION
     # measured against fp32 at load (with warm-up), reported by GetModel; None: fp16 on
     # CUDA, none on CPU (where fp16 is rarely worth its load time)

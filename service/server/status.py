@@ -92,8 +92,7 @@ def drop_frames(exc: BaseException) -> None:
     failed call's request, image, maps. A failed call's frames stay referenced from
     cycles (the traceback and the scoring thread's future; gRPC's abort error and the
     call's state) that only Python's cyclic garbage collector frees, and big buffers do
-    not make it run: refused 192 MB requests stayed resident after their calls ended
-    (issue 19: 5 of them, 916 MiB, after 8 concurrent 8000² calls)."""
+    not make it run: refused requests stayed resident after their calls ended."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))

@@ -2,10 +2,9 @@
 
 gRPC receives a whole request message before a handler sees it, so every upload being
 received held up to twice its size outside the budget until its handler could reserve
-or refuse it: however many clients uploaded at once (issue 19, point 3; 8 concurrent raw
-8000² Score calls of 192 MB peaked at 1.13-1.14x a 4 GiB ``--memory-limit``, together
-with the refused requests that stayed resident: ``status.drop_frames``). Now, for Score
-and ModelInfer (the calls whose requests may be large):
+or refuse it, however many clients uploaded at once (docs/server.md "Memory,
+server-wide" has the measurements). Now, for Score and ModelInfer (the calls whose
+requests may be large):
 
 - they are registered request-streaming (``malformed.py``; a unary request is a stream of
   one message on the wire, so stock clients, tritonclient included, see no difference),
