@@ -16,8 +16,10 @@ requests may be large):
   (64 KiB: the server turns grpc's BDP probing off, with which the window of new streams
   grew to 4 MiB, measured), however large the message. Once the message is asked for,
   grpc opens the window 1 MiB at a time ahead of what arrived;
-- a call that finds no room is refused with RESOURCE_EXHAUSTED at once, its body unread
-  past that window (nothing waits for room holding a body: there is no queue);
+- a call that finds no room waits for one up to ADMIT_WAIT_SECONDS (an honest burst of
+  small requests frees room within milliseconds, as each message arrives and its room
+  shrinks to its size), then is refused with RESOURCE_EXHAUSTED, its body unread past that
+  window: a waiting call holds no body, only its headers;
 - once the message is in, the reservation shrinks to REQUEST_COPIES times its size, and
   the call goes on (its maps and response are reserved once their size is known);
 - a body still arriving ``--upload-grace-seconds`` (DEFAULT_UPLOAD_GRACE_SECONDS) after its
@@ -45,7 +47,7 @@ from densemap.service.server.config import DEFAULT_UPLOAD_GRACE_SECONDS
 from densemap.service.server.memory_budget import REQUEST_COPIES, MemoryBudget, Reservation
 from densemap.service.server.status import MalformedRequest, ServerBusy
 
-EVICT_WAIT_SECONDS = 2.0  # how long a newcomer waits for an ended upload's room
+ADMIT_WAIT_SECONDS = 1.0  # how long a call waits for an upload's room, before refusal
 POLL_SECONDS = 0.01
 
 
@@ -116,19 +118,17 @@ class Uploads:
 
     async def _admit(self) -> Reservation:
         """Reserve one upload's room; when there is none, end the oldest upload past its
-        grace and take its room, else refuse at once."""
+        grace (its room comes back when its call ends), and wait for room up to
+        ADMIT_WAIT_SECONDS; then refuse."""
         nbytes = self.upload_bytes()
-        give_up = time.monotonic() + EVICT_WAIT_SECONDS
-        ending: _Upload | None = None
+        give_up = time.monotonic() + ADMIT_WAIT_SECONDS
         while True:
             try:
                 return self.memory.reserve(nbytes, tell_shortage=False)
             except ServerBusy:
-                if ending is None:
-                    ending = self._stale()
-                if ending is None or time.monotonic() > give_up:
+                if time.monotonic() > give_up:
                     raise self._busy(nbytes) from None
-                ending.ended.set()  # once: then wait until its call ends and frees its room
+                self._end_oldest_stale()  # one past its grace that is not being ended yet
                 await asyncio.sleep(POLL_SECONDS)
 
     def _on_shortage(self) -> None:

@@ -28,6 +28,7 @@ from densemap.service._proto.densemap.v1 import densemap_pb2 as pb
 from densemap.service._proto.densemap.v1 import densemap_pb2_grpc as pb_grpc
 from densemap.service.errors import ImageTooLarge
 from densemap.service.server import memory_budget
+from densemap.service.server import uploads as uploads_module
 from densemap.service.server.memory_budget import MemoryBudget
 from densemap.service.server.status import ServerBusy
 from densemap.service.server.uploads import Uploads
@@ -96,6 +97,31 @@ def test_an_upload_without_room_is_refused_before_its_body_is_read(repo):
         for call in (held, upload, admitted):
             if call is not None:
                 call.close()
+        srv.stop()
+
+
+def test_a_call_without_room_waits_for_it_and_is_read_once_room_comes_back(repo, monkeypatch):
+    # a burst of honest requests is served, not refused: room comes back as calls end
+    monkeypatch.setattr(uploads_module, "ADMIT_WAIT_SECONDS", 10.0)  # a slow machine's margin
+    srv, port, fits = tight_server(repo)
+    held = StalledCalls(HOST, port, SCORE, fits)
+    waiting = None
+    try:
+        wait_until(lambda: srv.uploads.pending == fits, what="the held calls' reservations")
+        request = big_request()
+        waiting = UploadCall(HOST, port, SCORE, request)
+        time.sleep(0.5)
+        assert waiting.status()[0] is None, waiting.status()  # waiting, not refused
+        assert waiting.send_window() <= INITIAL_WINDOW < len(request)  # and its body unread
+        held.close()
+        wait_until(lambda: waiting.send_window() == len(request) + 5, what="the whole body")
+        wait_until(lambda: waiting.status()[0] is not None, timeout=60, what="the answer")
+        assert waiting.status()[0] == "0", waiting.status()
+        wait_until(lambda: srv.memory.reserved == 0, what="the reservations to be released")
+    finally:
+        held.close()
+        if waiting is not None:
+            waiting.close()
         srv.stop()
 
 
