@@ -50,7 +50,7 @@ MODELS_HELP = (
 def bundled_models_dir() -> Path:
     """The repository shipped with densemap (the ``digits`` model).
 
-    Installed from a wheel: ``service/bundled_models``; run from a checkout (or an editable
+    Installed from a wheel: ``densemap/service/bundled_models``; run from a checkout (or an editable
     install): the checkout's ``models/``, which holds the same files.
     """
     package = Path(service.__file__).resolve().parent
