@@ -11,7 +11,7 @@ every method with raw bytes in and out, and its wrapper:
 - reads a scoring call's request itself (the call is registered request-streaming, which
   the wire does not show), only once the room for it is reserved (:mod:`densemap.service.server.
   uploads`: a call that finds none is refused before its body is read), and drops the
-  received bytes once parsed;
+  received bytes once parsed; a scoring stream's (:data:`SCORING_STREAMS`) each message too;
 - reserves, for any other call, :data:`REQUEST_COPIES` times its request's size in the
   server's memory budget (:mod:`densemap.service.server.memory_budget`) before parsing it, held
   until the call is done (a stream's message: until the next one is read): a request that
@@ -48,6 +48,8 @@ CONTROL_METHODS = frozenset(
         "/densemap.v1.Densemap/GetModel",
     )
 )
+# streams whose messages are scoring requests: each read only once its room is reserved
+SCORING_STREAMS = frozenset(("/densemap.v1.Densemap/ScoreStream",))
 
 
 def _parser(method: str, deserialize: Callable[[bytes], object], memory: MemoryBudget | None):
@@ -114,12 +116,40 @@ async def _parse_each(raw_requests, parse, context) -> AsyncIterator[object]:
             reservation.release()
 
 
-def _wrap(behavior, parse, *, streaming_in: bool):
+async def _receive_each(uploads: Uploads, raw_requests, parse, context) -> AsyncIterator[object]:
+    """A scoring stream's requests, each read only once ``uploads`` has reserved room for
+    it (an idle stream holds that room while it waits: :meth:`Uploads.receive_next`); each
+    one's reservation is released once the next is asked for, or the stream ends."""
+    reservation = None
+    try:
+        while True:
+            if reservation is not None:
+                reservation.release()
+                reservation = None
+            try:
+                received = await uploads.receive_next(context, raw_requests)
+            except DensemapError as exc:
+                await abort(context, exc)
+            if received is None:
+                return
+            raw, reservation = received
+            request, _ = await parse(raw, context, reserve=False)
+            del raw, received
+            yield request
+    finally:
+        if reservation is not None:
+            reservation.release()
+
+
+def _wrap(behavior, parse, *, streaming_in: bool, uploads: Uploads | None = None):
     """``behavior`` with parsed requests: a coroutine (unary response or writer API) or an
-    async generator (streamed responses), as gRPC's aio server accepts them."""
+    async generator (streamed responses), as gRPC's aio server accepts them; a request
+    stream read through ``uploads`` when given (a scoring stream)."""
 
     async def request_of(raw, context):
         if streaming_in:
+            if uploads is not None:
+                return _receive_each(uploads, aiter(raw), parse, context)
             return _parse_each(raw, parse, context)
         request, reservation = await parse(raw, context)
         if reservation is not None:
@@ -187,7 +217,12 @@ def parsing_handler(
         + "_"
         + ("stream" if handler.response_streaming else "unary")
     )
-    behavior = _wrap(getattr(handler, kind), parse, streaming_in=handler.request_streaming)
+    behavior = _wrap(
+        getattr(handler, kind),
+        parse,
+        streaming_in=handler.request_streaming,
+        uploads=uploads if method in SCORING_STREAMS else None,
+    )
     factory = getattr(grpc, f"{kind}_rpc_method_handler")
     return factory(behavior, response_serializer=serializer)
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -88,12 +89,42 @@ class Uploads:
     async def receive(self, context) -> tuple[bytes, Reservation]:
         """The call's one request message, read only once its room is reserved; and that
         reservation, trued up to the message's size and released when the call is done."""
+        raw, reservation = await self._receive(context, context.read)
+        if raw is grpc.aio.EOF:
+            raise MalformedRequest("the call ended before its request was sent")
+        return raw, reservation
+
+    async def receive_next(
+        self, context, requests: AsyncIterator[bytes]
+    ) -> tuple[bytes, Reservation] | None:
+        """A stream's next raw request from ``requests`` (gRPC's iterator, which reads a
+        message only when asked, idle timeout included), taken only once its room is
+        reserved, and that reservation (release it when the message's work is done; the
+        call's end releases it too); None once the client has sent its last. An idle stream
+        holds the room while it waits: past the grace it is ended, like any upload, when
+        another call needs the room."""
+
+        async def read() -> object:
+            try:
+                return await anext(requests)
+            except StopAsyncIteration:
+                return grpc.aio.EOF
+
+        raw, reservation = await self._receive(context, read)
+        if raw is grpc.aio.EOF:
+            reservation.release()
+            return None
+        return raw, reservation
+
+    async def _receive(
+        self, context, read_message: Callable[[], Awaitable[object]]
+    ) -> tuple[object, Reservation]:
         self._loop = asyncio.get_running_loop()
         reservation = await self._admit()
         context.add_done_callback(lambda _context: reservation.release())
         upload = _Upload(time.monotonic())
         self._pending.append(upload)
-        read = asyncio.ensure_future(context.read())
+        read = asyncio.ensure_future(read_message())
         ended = asyncio.ensure_future(upload.ended.wait())
         try:
             await asyncio.wait({read, ended}, return_when=asyncio.FIRST_COMPLETED)
@@ -104,6 +135,7 @@ class Uploads:
             if cut:  # ended, or this call was cancelled: gRPC ends the read with the call
                 read.cancel()
         if cut:
+            reservation.release()
             raise ServerBusy(
                 f"the request had not arrived {time.monotonic() - upload.started:.1f} s after "
                 "the server reserved memory for it, and another call needed that memory "
@@ -111,9 +143,8 @@ class Uploads:
                 "and faster, or retry when the server is less busy"
             )
         raw = read.result()
-        if raw is grpc.aio.EOF:
-            raise MalformedRequest("the call ended before its request was sent")
-        reservation.resize(REQUEST_COPIES * len(raw))
+        if raw is not grpc.aio.EOF:
+            reservation.resize(REQUEST_COPIES * len(raw))
         return raw, reservation
 
     async def _admit(self) -> Reservation:

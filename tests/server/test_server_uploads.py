@@ -8,6 +8,8 @@ new call is refused RESOURCE_EXHAUSTED having sent no more than the stream's ini
 flow-control window of its body (the server never asked for the rest); with room, the
 same call's whole body is let in. A body still arriving after ``--upload-grace-seconds``
 gives its room to a call that needs it; one that is never sent ends INVALID_ARGUMENT.
+A ScoreStream's every message is received the same way, and an idle stream, which holds
+the room for its next message, gives it up past the grace like a stalled upload.
 And a refused request is freed when its call ends: it was kept alive by reference cycles
 (tracebacks, futures, gRPC's abort error) that only Python's cyclic garbage collector
 frees, which big buffers do not make run (8 concurrent 8000² calls: 916 MiB of refused
@@ -45,6 +47,7 @@ from tests.support.server_harness import (
 )
 
 SCORE = "/densemap.v1.Densemap/Score"
+SCORE_STREAM = "/densemap.v1.Densemap/ScoreStream"
 MESSAGE_BYTES = 64 << 20  # --max-message-mb 64: each upload reserves 128 MiB
 INITIAL_WINDOW = 65535  # HTTP/2's initial stream window, which the server keeps (no BDP)
 RESOURCE_EXHAUSTED = str(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
@@ -122,6 +125,48 @@ def test_a_call_without_room_waits_for_it_and_is_read_once_room_comes_back(repo,
         held.close()
         if waiting is not None:
             waiting.close()
+        srv.stop()
+
+
+def test_a_stream_message_without_room_is_refused_before_it_is_read(repo, monkeypatch):
+    monkeypatch.setattr(uploads_module, "ADMIT_WAIT_SECONDS", 0.2)
+    srv, port, fits = tight_server(repo)
+    held = StalledCalls(HOST, port, SCORE, fits)
+    upload = admitted = None
+    try:
+        wait_until(lambda: srv.uploads.pending == fits, what="the held calls' reservations")
+        request = big_request()  # a stream's message is framed as a unary request is
+        upload = UploadCall(HOST, port, SCORE_STREAM, request)
+        wait_until(lambda: upload.status()[0] is not None, what="the refusal")
+        code, message = upload.status()
+        assert code == RESOURCE_EXHAUSTED and "is received only once" in message, message
+        assert upload.send_window() <= INITIAL_WINDOW < len(request)  # the rest never asked for
+        held.close()
+        wait_until(lambda: srv.memory.reserved == 0, what="the held calls' room to come back")
+        admitted = UploadCall(HOST, port, SCORE_STREAM, request)
+        wait_until(lambda: admitted.send_window() == len(request) + 5, what="the whole message")
+    finally:
+        for call in (held, upload, admitted):
+            if call is not None:
+                call.close()
+        srv.stop()
+
+
+def test_an_idle_stream_past_its_grace_gives_its_room_to_a_waiting_call(repo):
+    grace = 2.0
+    srv, port, fits = tight_server(repo, upload_grace_seconds=grace)
+    idle = StalledCalls(HOST, port, SCORE_STREAM, fits)  # open streams that send nothing
+    try:
+        wait_until(lambda: srv.uploads.pending == fits, what="the idle streams' reservations")
+        time.sleep(grace + 0.2)
+        with channel(f"{HOST}:{port}") as chan:  # the newcomer ends the oldest idle stream
+            assert pb_grpc.DensemapStub(chan).Score(array_request(rgb_image()), timeout=30).maps
+        assert idle.ended() == 1 and srv.uploads.pending == fits - 1
+        ended = [s for s in idle.streams if idle.connection.status(s)[0] is not None]
+        code, message = idle.connection.status(ended[0])
+        assert code == RESOURCE_EXHAUSTED and "--upload-grace-seconds" in message
+    finally:
+        idle.close()
         srv.stop()
 
 
