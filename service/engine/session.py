@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -169,8 +170,11 @@ def _source(path: Path, config: EngineConfig, *, cuda: bool) -> str | bytes:
     )
 
 
-def _try_cuda(path: Path, config: EngineConfig, *, tf32: bool) -> ort.InferenceSession | None:
-    """A session on CUDA, or None (and remember why) when CUDA does not really load."""
+def _try_cuda(
+    source: Callable[[], str | bytes], config: EngineConfig, *, tf32: bool
+) -> ort.InferenceSession | None:
+    """A session on CUDA for what ``source()`` gives (a file name or model bytes, asked for
+    only when CUDA can be tried), or None (and remember why) when CUDA does not really load."""
     with _cuda_lock:
         if _cuda_state.get("usable") is False:
             return None
@@ -186,7 +190,7 @@ def _try_cuda(path: Path, config: EngineConfig, *, tf32: bool) -> ort.InferenceS
                     CUDA,
                     cuda_provider_options(tf32=tf32, search=config.cuda_conv_search),
                 )
-                session = _open(_source(path, config, cuda=True), config, [cuda, CPU])
+                session = _open(source(), config, [cuda, CPU])
             except Exception as exc:  # noqa: BLE001 - retried on CPU below, which reports
                 session, reason = None, f"CUDA session failed: {exc}"
             finally:
@@ -206,7 +210,7 @@ def create_session(path: Path, config: EngineConfig, *, tf32: bool = False) -> o
     if not path.is_file():
         raise ModelLoadError(f"model file {path} does not exist")
     if config.device in ("auto", "cuda"):
-        session = _try_cuda(path, config, tf32=tf32)
+        session = _try_cuda(lambda: _source(path, config, cuda=True), config, tf32=tf32)
         if session is not None:
             return session
         if config.device == "cuda":
@@ -243,6 +247,6 @@ def _probe_model() -> bytes:
 def cuda_problem(config: EngineConfig) -> str | None:
     """None when a CUDA session really opens in this process, else why not and which driver
     is needed (tried once per process, as for models: the outcome is remembered)."""
-    if _try_cuda(_probe_model(), config, tf32=False) is not None:
+    if _try_cuda(_probe_model, config, tf32=False) is not None:
         return None
     return f"{_cuda_state['reason']} ({describe_driver()})"
