@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from densemap.convert.from_onnx.canonical import runnable_classifier
+from densemap.convert.from_onnx.canonical import make_runnable
 from densemap.convert.from_onnx.graph import image_input
 from densemap.convert.runtime import Float64Runner, OrtRunner
 from densemap.service.contract import Geometry
@@ -115,13 +115,19 @@ def _torch_run(module):
     return run
 
 
-def _onnx_classifier(path: Path, dtype: np.dtype):
-    """Runs the ONNX classifier on a batch: its outputs as a list, in graph order."""
+def load_runnable_classifier(path: Path) -> onnx.ModelProto:
+    """The ONNX classifier at ``path`` as onnxruntime runs it (IR 3 weights as initializers,
+    opset < 7 upgraded: :func:`make_runnable`, on the loaded model itself)."""
     try:
         model = onnx.load(str(path))
     except Exception as exc:  # onnx raises DecodeError, OSError, ...
         raise ConversionError(f"cannot read the classifier {path}: {exc}") from None
-    model = runnable_classifier(model)  # IR 3 weights as initializers, opset < 7 upgraded
+    return make_runnable(model)
+
+
+def _onnx_classifier(path: Path, dtype: np.dtype):
+    """Runs the ONNX classifier on a batch: its outputs as a list, in graph order."""
+    model = load_runnable_classifier(path)
     batch_dim = image_input(model.graph).type.tensor_type.shape.dim[0]
     fixed_batch = batch_dim.dim_value if batch_dim.HasField("dim_value") else None
     if dtype == np.float64:

@@ -18,7 +18,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from densemap.convert.classifier_runner import CROP_BATCH, Classifier, by_head, run_in_batches
+from densemap.convert.classifier_runner import (
+    CROP_BATCH,
+    Classifier,
+    by_head,
+    load_runnable_classifier,
+    run_in_batches,
+)
 from densemap.convert.float64 import Float64Runner, detach_weights
 from densemap.convert.runtime import OrtRunner
 from densemap.convert.trunk_windows import Cut, TrunkNotDense, find_cut, split
@@ -111,7 +117,7 @@ class Reference:
         self._split = None
         self.cut: Cut | None = None
         if isinstance(classifier, (str, os.PathLike)):
-            model = _load(Path(classifier))
+            model = load_runnable_classifier(Path(classifier))
             try:
                 self._split, self.cut = _cut(model)
             except ConversionError as exc:
@@ -180,13 +186,6 @@ class _PartsClassifier:
     def float64_run(self):
         parts = self.reference.parts(np.float64)
         return lambda batch: by_head(parts.run(batch), self.names, "the classifier")
-
-
-def _load(path: Path) -> onnx.ModelProto:
-    try:
-        return onnx.load(str(path))
-    except Exception as exc:  # onnx raises DecodeError, OSError, ...
-        raise ConversionError(f"cannot read the classifier {path}: {exc}") from None
 
 
 def _cut(model: onnx.ModelProto) -> tuple[list, Cut]:

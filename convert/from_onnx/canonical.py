@@ -59,10 +59,16 @@ def canonical_classifier(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def runnable_classifier(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` that onnxruntime runs: weights as initializers (IR >= 4) and, for
-    a file older than opset 7 (onnxruntime's oldest), onnx's version converter to opset 9."""
+    """A copy of ``model`` that onnxruntime runs (:func:`make_runnable`)."""
     work = onnx.ModelProto()
     work.CopyFrom(model)
+    return make_runnable(work)
+
+
+def make_runnable(work: onnx.ModelProto) -> onnx.ModelProto:
+    """``work``, edited in place, or its upgrade: what onnxruntime runs. Weights become
+    initializers (IR >= 4) and a file older than opset 7 (onnxruntime's oldest) goes through
+    onnx's version converter to opset 9."""
     list_weights_as_initializers(work)
     opset = opset_version(work)
     if opset >= MIN_RUNTIME_OPSET:

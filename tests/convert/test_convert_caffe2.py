@@ -90,6 +90,15 @@ def test_caffe2_style_classifier_equals_crops_cell_by_cell(case, tmp_path):
     assert report.passed, report.table()
 
 
+def test_an_opset_6_classifier_verifies_in_float32_as_the_cli_does(tmp_path):
+    # verify's float32 rows run the classifier's own trunk and head on onnxruntime, which
+    # needs the file upgraded past opset 6 as conversion does
+    classifier, _window = opset6_classifier()
+    result = _convert(classifier, tmp_path)
+    report = convert.verify(tmp_path / "classifier.onnx", result.path)
+    assert report.passed, report.table()
+
+
 def test_googlenet_pool_is_a_six_by_six_average_not_the_seven_by_seven_it_is_written_as(
     tmp_path,
 ):
