@@ -27,8 +27,7 @@ SIMILAR_PEAK_RATIO = 1.5
 class ReleasePolicy:
     """Decides, request after request, whether to give memory back (thread-safe)."""
 
-    def __init__(self, ratio: float = SIMILAR_PEAK_RATIO) -> None:
-        self._ratio = ratio
+    def __init__(self) -> None:
         self._previous = 0  # peak bytes of the previous request; 0: none yet, or released
         self._lock = threading.Lock()
 
@@ -38,7 +37,7 @@ class ReleasePolicy:
             previous, self._previous = self._previous, int(peak_bytes)
         if max(peak_bytes, previous) <= keep_bytes:
             return False  # small requests after small ones: keep their buffers
-        similar = previous * self._ratio >= peak_bytes >= previous / self._ratio > 0
+        similar = previous * SIMILAR_PEAK_RATIO >= peak_bytes >= previous / SIMILAR_PEAK_RATIO > 0
         return not similar
 
 

@@ -34,7 +34,7 @@ from onnx import helper, numpy_helper
 log = logging.getLogger("densemap.engine")
 
 MIN_OPSET = 11  # Slice with steps and Pad with a pads input
-_PROTOBUF_LIMIT = 2**31 - 1
+PROTOBUF_LIMIT = 2**31 - 1  # bytes one serialized ModelProto can hold
 _TO_END = np.iinfo(np.int64).max
 
 
@@ -42,17 +42,18 @@ def _opset(model: onnx.ModelProto) -> int:
     return max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
 
 
-def _huge(node, weights: dict[str, np.ndarray], min_weights: int) -> bool:
+def _huge(node, weights: dict[str, onnx.TensorProto], min_weights: int) -> bool:
+    """Whether ``node`` is a conv to unfold: decided from its weight's shape (no copy)."""
     if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
         return False
     weight = weights.get(node.input[1])
+    shape = tuple(weight.dims) if weight is not None else ()
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     auto_pad = attrs.get("auto_pad", b"NOTSET")
     return (
-        weight is not None
-        and weight.ndim == 4
-        and weight.size >= min_weights
-        and weight.shape[2] * weight.shape[3] > 1
+        len(shape) == 4
+        and int(np.prod(shape)) >= min_weights
+        and shape[2] * shape[3] > 1
         and attrs.get("group", 1) == 1
         and auto_pad in (b"NOTSET", b"VALID", "NOTSET", "VALID")
         and (len(node.input) < 3 or not node.input[2] or node.input[2] in weights)
@@ -128,8 +129,7 @@ def unfold_huge_convs(model: onnx.ModelProto, *, min_weights: int) -> int:
     if _opset(model) < MIN_OPSET:
         return 0
     weights = {init.name: init for init in graph.initializer}
-    arrays = {name: numpy_helper.to_array(init) for name, init in weights.items()}
-    targets = {i for i, n in enumerate(graph.node) if _huge(n, arrays, min_weights)}
+    targets = {i for i, n in enumerate(graph.node) if _huge(n, weights, min_weights)}
     if not targets:
         return 0
     new_nodes, used = [], set()
@@ -137,8 +137,11 @@ def unfold_huge_convs(model: onnx.ModelProto, *, min_weights: int) -> int:
         if index not in targets:
             new_nodes.append(node)
             continue
-        bias = arrays[node.input[2]] if len(node.input) > 2 and node.input[2] else None
-        nodes, inits = _unfold_nodes(node, arrays[node.input[1]], bias, f"densemap_conv{index}")
+        bias = None
+        if len(node.input) > 2 and node.input[2]:
+            bias = numpy_helper.to_array(weights[node.input[2]])
+        weight = numpy_helper.to_array(weights[node.input[1]])
+        nodes, inits = _unfold_nodes(node, weight, bias, f"densemap_conv{index}")
         new_nodes += nodes
         graph.initializer.extend(inits)
     del graph.node[:]
@@ -162,14 +165,11 @@ def model_source(path: Path, *, mode: str, min_weights: int, cuda: bool) -> str 
     source = os.fspath(path)
     if not applies(mode, cuda=cuda):
         return source
-    header = onnx.load(source, load_external_data=False)
-    if _opset(header) < MIN_OPSET:
-        return source
     model = onnx.load(source)
-    count = unfold_huge_convs(model, min_weights=min_weights)
+    count = unfold_huge_convs(model, min_weights=min_weights)  # 0 below MIN_OPSET
     if count == 0:
         return source
-    if model.ByteSize() > _PROTOBUF_LIMIT:
+    if model.ByteSize() > PROTOBUF_LIMIT:
         log.warning("%s: over 2 GiB once unfolded: its huge convs stay convs", path.name)
         return source
     log.info("%s: %d huge-kernel conv(s) run as unfold + MatMul", path.name, count)

@@ -64,7 +64,7 @@ def check_choice(name: str, value, choices: tuple[str, ...]) -> str:
     return value
 
 
-def _items(name: str, value, what: str) -> tuple:
+def check_items(name: str, value, what: str) -> tuple:
     """``value`` as a tuple; a str or a non-sequence is refused (``what``: its items)."""
     if isinstance(value, (str, bytes)):
         raise InvalidOption(f"{name} must be a sequence of {what}, got {value!r}")
@@ -76,7 +76,7 @@ def _items(name: str, value, what: str) -> tuple:
 
 def check_scales(value) -> tuple[float, ...]:
     """1..MAX_SCALES finite image scales > 0."""
-    items = _items("scales", value, "numbers")
+    items = check_items("scales", value, "numbers")
     if any(isinstance(s, bool) or not isinstance(s, numbers.Real) for s in items):
         raise InvalidOption(f"scales must be a sequence of numbers, got {value!r}")
     if not 1 <= len(items) <= MAX_SCALES:
@@ -89,7 +89,7 @@ def check_scales(value) -> tuple[float, ...]:
 
 def check_indices(name: str, value) -> tuple[int, ...]:
     """A non-empty sequence of distinct class indices >= 0 (the model bounds them)."""
-    items = _items(name, value, "class indices")
+    items = check_items(name, value, "class indices")
     if not items:
         raise InvalidOption(f"{name} is empty: give at least one class index, or None")
     indices = tuple(check_int(f"{name} entries", v, minimum=0) for v in items)
@@ -100,7 +100,7 @@ def check_indices(name: str, value) -> tuple[int, ...]:
 
 def check_names(name: str, value, what: str = "names") -> tuple[str, ...]:
     """A sequence of distinct non-empty names (``()`` allowed)."""
-    items = _items(name, value, what)
+    items = check_items(name, value, what)
     if not all(isinstance(item, str) and item for item in items):
         raise InvalidOption(f"{name} must be a sequence of non-empty {what}, got {value!r}")
     if len(set(items)) != len(items):
@@ -110,7 +110,7 @@ def check_names(name: str, value, what: str = "names") -> tuple[str, ...]:
 
 def check_box_offsets(name: str, value) -> tuple[float, float, float, float]:
     """(dx1, dy1, dx2, dy2) in window sizes, |v| <= 10, leaving a box of positive size."""
-    items = _items(name, value, "4 numbers")
+    items = check_items(name, value, "4 numbers")
     offsets = tuple(check_number(name, v, -MAX_BOX_OFFSET, MAX_BOX_OFFSET) for v in items)
     if len(offsets) != 4 or 1 + offsets[2] - offsets[0] <= 0 or 1 + offsets[3] - offsets[1] <= 0:
         raise InvalidOption(
@@ -132,12 +132,12 @@ def check_precision(value, name: str = "precision") -> str:
 
 def check_pairs(name: str, value, *, limit: int) -> tuple[tuple[int, int], ...]:
     """At most ``limit`` (height, width) pairs of positive ints."""
-    items = _items(name, value, "(height, width) pairs")
+    items = check_items(name, value, "(height, width) pairs")
     if len(items) > limit:
         raise InvalidOption(f"{name} holds {len(items)} shapes, at most {limit} are allowed")
     pairs = []
     for item in items:
-        pair = _items(name, item, "ints")
+        pair = check_items(name, item, "ints")
         if len(pair) != 2:
             raise InvalidOption(f"each of {name} must be (height, width), got {item!r}")
         pairs.append(tuple(check_int(name, v, minimum=1) for v in pair))

@@ -173,14 +173,12 @@ class ActivationEstimator:
         graph = infer_at_size(self._skeleton, self._input_name, self._layout, height, width).graph
         sizes: dict[str, int] = {}
         for value in [*graph.input, *graph.value_info, *graph.output]:
-            tensor_type = value.type.tensor_type
-            dims = tensor_type.shape.dim
-            if dims and all(d.HasField("dim_value") for d in dims):
-                shape = [d.dim_value for d in dims]
+            shape = _dims(value)
+            if shape is not None:
                 if len(shape) == 4 and value.name in self._blocked:  # NCHWc padding
                     shape[1] = -(-shape[1] // self._channel_block) * self._channel_block
                 count = int(np.prod(shape, dtype=np.int64))
-                sizes[value.name] = count * _element_size(tensor_type.elem_type)
+                sizes[value.name] = count * _element_size(value.type.tensor_type.elem_type)
         return sizes, graph_macs(graph)
 
     def _activation_bytes(self, height: int, width: int) -> int:

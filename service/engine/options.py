@@ -10,6 +10,7 @@ from densemap.service.engine.field_checks import (
     check_flag,
     check_indices,
     check_int,
+    check_items,
     check_names,
     check_number,
     check_pairs,
@@ -75,12 +76,6 @@ TILING_SETTING = "turn tiling on (drop densemap serve --no-tiling; EngineConfig.
 def _set(instance, name: str, value) -> None:
     """Store the canonical form of a checked field of a frozen dataclass."""
     object.__setattr__(instance, name, value)
-
-
-def _sequence(name: str, value) -> tuple:
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-        raise InvalidOption(f"{name} must be a sequence, got {value!r}")
-    return tuple(value)
 
 
 def _check_detection_settings(instance, *, unset_allowed: bool) -> None:
@@ -181,8 +176,8 @@ class EngineConfig:
             _set(self, name, check_flag(f"EngineConfig.{name}", getattr(self, name)))
         _set(self, "precision", check_precision(self.precision, "EngineConfig.precision"))
         if self.report_precisions is not None:
-            chosen = _sequence("EngineConfig.report_precisions", self.report_precisions)
             name = "EngineConfig.report_precisions"
+            chosen = check_items(name, self.report_precisions, "precision names")
             _set(self, "report_precisions", tuple(check_precision(p, name) for p in chosen))
         shapes = check_pairs(
             "EngineConfig.warmup_shapes", self.warmup_shapes, limit=MAX_WARMUP_SHAPES

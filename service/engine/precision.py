@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from densemap.service.engine.fc_head_unfold import applies, unfold_huge_convs
+from densemap.service.engine.fc_head_unfold import PROTOBUF_LIMIT, applies, unfold_huge_convs
 from densemap.service.engine.field_checks import check_precision
 from densemap.service.engine.onnxruntime_package import ort
 from densemap.service.engine.options import AVAILABLE_PRECISIONS, EngineConfig
@@ -49,7 +49,6 @@ NO_INT8 = (
     "'densemap convert ... --int8-calibration IMAGES_DIR' (a few images like the ones it "
     "scores), or use fp32"
 )
-_PROTOBUF_LIMIT = 2**31 - 1
 # (channels-last, cuDNN search) of the fp16 session on CUDA, in the order tried: each failed
 # pass moves to the next. None = EngineConfig.cuda_conv_search.
 FP16_CUDA_SETTINGS = ((True, None), (True, "EXHAUSTIVE"), (False, "EXHAUSTIVE"))
@@ -64,7 +63,7 @@ def to_float16(path: Path, *, unfold_min_weights: int | None = None) -> bytes:
     if unfold_min_weights is not None:
         unfold_huge_convs(model, min_weights=unfold_min_weights)
     half = convert_float_to_float16(model, keep_io_types=False, disable_shape_infer=True)
-    if half.ByteSize() > _PROTOBUF_LIMIT:
+    if half.ByteSize() > PROTOBUF_LIMIT:
         raise ModelLoadError(
             f"{path.name}: its float16 copy is over protobuf's 2 GiB limit: use fp32 or tf32"
         )
