@@ -91,8 +91,9 @@ def as_pair(value, name: str) -> Pair:
 
 
 def default_preprocessing(layout: str, channels: int) -> Preprocessing:
-    """A torch module converted in Python without preprocessing: pixels / 255 (``unit``).
-    The ONNX path and the command line never get here: they refuse to guess."""
+    """Pixels / 255 (``unit``), for a direct :func:`finish_dense` call that names none (the
+    tests' small nets). ``convert_onnx``, ``convert_torch`` and the command line never get
+    here: they refuse to guess."""
     return preprocessing_preset("unit", layout=layout, channels=channels)
 
 
