@@ -52,7 +52,7 @@ CONTROL_METHODS = frozenset(
 SCORING_STREAMS = frozenset(("/densemap.v1.Densemap/ScoreStream",))
 
 
-def _parser(method: str, deserialize: Callable[[bytes], object], memory: MemoryBudget | None):
+def _parser(method: str, deserialize: Callable[[bytes], object], memory: MemoryBudget):
     control = method in CONTROL_METHODS
     limit = CONTROL_MESSAGE_BYTES if control else None
 
@@ -70,7 +70,7 @@ def _parser(method: str, deserialize: Callable[[bytes], object], memory: MemoryB
                 ),
             )
         reservation = None
-        if memory is not None and reserve and not control:
+        if reserve and not control:
             try:
                 reservation = memory.reserve(REQUEST_COPIES * len(raw))
             except DensemapError as exc:
@@ -119,13 +119,18 @@ async def _parse_each(raw_requests, parse, context) -> AsyncIterator[object]:
 async def _receive_each(uploads: Uploads, raw_requests, parse, context) -> AsyncIterator[object]:
     """A scoring stream's requests, each read only once ``uploads`` has reserved room for
     it (an idle stream holds that room while it waits: :meth:`Uploads.receive_next`); each
-    one's reservation is released once the next is asked for, or the stream ends."""
-    reservation = None
+    one's reservation is released once the next is asked for, or the stream ends (one
+    done-callback for the whole stream, whichever message it holds then)."""
+    held: list[Reservation] = []  # the reservation of the message being handled, if any
+
+    def release_held(_context=None) -> None:
+        while held:
+            held.pop().release()
+
+    context.add_done_callback(release_held)
     try:
         while True:
-            if reservation is not None:
-                reservation.release()
-                reservation = None
+            release_held()
             try:
                 received = await uploads.receive_next(context, raw_requests)
             except DensemapError as exc:
@@ -133,12 +138,12 @@ async def _receive_each(uploads: Uploads, raw_requests, parse, context) -> Async
             if received is None:
                 return
             raw, reservation = received
+            held.append(reservation)
             request, _ = await parse(raw, context, reserve=False)
-            del raw, received
+            del raw, received, reservation
             yield request
     finally:
-        if reservation is not None:
-            reservation.release()
+        release_held()
 
 
 def _wrap(behavior, parse, *, streaming_in: bool, uploads: Uploads | None = None):
@@ -170,26 +175,19 @@ def _wrap(behavior, parse, *, streaming_in: bool, uploads: Uploads | None = None
     return run
 
 
-def _read_in_handler(behavior, parse, uploads: Uploads | None):
+def _read_in_handler(behavior, parse, uploads: Uploads):
     """A unary call's behavior registered as request-streaming: it reads its one message
     itself (``context.read``), once ``uploads`` has reserved room for it, so no gRPC frame
     keeps the request's bytes alive once they are parsed (a unary handler's caller holds
     them for the whole call), and no body is received before its room is."""
 
     async def run(_requests, context):
-        if uploads is None:
-            raw = await context.read()
-            if raw is grpc.aio.EOF:
-                await abort(context, MalformedRequest("the call ended before its request was sent"))
-        else:
-            try:
-                raw, _reservation = await uploads.receive(context)  # released when done
-            except DensemapError as exc:
-                await abort(context, exc)
-        request, reservation = await parse(raw, context, reserve=uploads is None)
+        try:
+            raw, _reservation = await uploads.receive(context)  # released when done
+        except DensemapError as exc:
+            await abort(context, exc)
+        request, _ = await parse(raw, context, reserve=False)
         del raw
-        if reservation is not None:
-            context.add_done_callback(lambda _context: reservation.release())
         handled = behavior(request, context)
         del request  # held by the handler's frames only, which an error clears
         try:
@@ -204,8 +202,8 @@ def _read_in_handler(behavior, parse, uploads: Uploads | None):
 def parsing_handler(
     handler: grpc.RpcMethodHandler,
     method: str,
-    memory: MemoryBudget | None = None,
-    uploads: Uploads | None = None,
+    memory: MemoryBudget,
+    uploads: Uploads,
 ) -> grpc.RpcMethodHandler:
     parse = _parser(method, handler.request_deserializer, memory)
     serializer = _serializer(handler.response_serializer)
@@ -229,10 +227,10 @@ def parsing_handler(
 
 class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
     """Parse requests inside the handler, so undecodable bytes get INVALID_ARGUMENT, after
-    reserving their bytes in ``memory`` (None: no budget); a unary scoring call's body is
-    read only once ``uploads`` (None: no gate) has reserved room for it."""
+    reserving their bytes in ``memory``; a unary scoring call's body is
+    read only once ``uploads`` has reserved room for it."""
 
-    def __init__(self, memory: MemoryBudget | None = None, uploads: Uploads | None = None) -> None:
+    def __init__(self, memory: MemoryBudget, uploads: Uploads) -> None:
         self._memory = memory
         self._uploads = uploads
 

@@ -91,7 +91,9 @@ class Uploads:
         reservation, trued up to the message's size and released when the call is done."""
         raw, reservation = await self._receive(context, context.read)
         if raw is grpc.aio.EOF:
+            reservation.release()
             raise MalformedRequest("the call ended before its request was sent")
+        context.add_done_callback(lambda _context: reservation.release())
         return raw, reservation
 
     async def receive_next(
@@ -99,8 +101,8 @@ class Uploads:
     ) -> tuple[bytes, Reservation] | None:
         """A stream's next raw request from ``requests`` (gRPC's iterator, which reads a
         message only when asked, idle timeout included), taken only once its room is
-        reserved, and that reservation (release it when the message's work is done; the
-        call's end releases it too); None once the client has sent its last. An idle stream
+        reserved, and that reservation (the caller releases it when the message's work is
+        done or the call ends); None once the client has sent its last. An idle stream
         holds the room while it waits: past the grace it is ended, like any upload, when
         another call needs the room."""
 
@@ -119,9 +121,22 @@ class Uploads:
     async def _receive(
         self, context, read_message: Callable[[], Awaitable[object]]
     ) -> tuple[object, Reservation]:
+        """The next message (or EOF) read once its room is reserved, and that reservation:
+        the caller's to release, unless this raises (then it is released here)."""
         self._loop = asyncio.get_running_loop()
         reservation = await self._admit()
-        context.add_done_callback(lambda _context: reservation.release())
+        try:
+            raw = await self._read_within_grace(read_message)
+            if raw is not grpc.aio.EOF:
+                reservation.resize(REQUEST_COPIES * len(raw))  # ServerBusy when it grows
+        except BaseException:
+            reservation.release()
+            raise
+        return raw, reservation
+
+    async def _read_within_grace(self, read_message: Callable[[], Awaitable[object]]) -> object:
+        """``read_message()``, ended (ServerBusy) when another call needs its room past the
+        grace."""
         upload = _Upload(time.monotonic())
         self._pending.append(upload)
         read = asyncio.ensure_future(read_message())
@@ -135,17 +150,13 @@ class Uploads:
             if cut:  # ended, or this call was cancelled: gRPC ends the read with the call
                 read.cancel()
         if cut:
-            reservation.release()
             raise ServerBusy(
                 f"the request had not arrived {time.monotonic() - upload.started:.1f} s after "
                 "the server reserved memory for it, and another call needed that memory "
                 f"(--upload-grace-seconds {self.grace_seconds:g}): send the request at once "
                 "and faster, or retry when the server is less busy"
             )
-        raw = read.result()
-        if raw is not grpc.aio.EOF:
-            reservation.resize(REQUEST_COPIES * len(raw))
-        return raw, reservation
+        return read.result()
 
     async def _admit(self) -> Reservation:
         """Reserve one upload's room; when there is none, end the oldest upload past its
