@@ -151,7 +151,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=defaults.DEFAULT_SCORING_THREADS,
         type=int,
         env_alias={"old": "DENSEMAP_WORKERS"},
-        help="gRPC handler threads, in which requests are scored; at most this many - "
+        help="threads that score admitted requests, off the event loop; at most this many - "
         f"{defaults.RESERVED_SCORING_THREADS} scoring calls are admitted at once",
     )
     parser.add_argument(  # the spelling before 0.x; score --workers means other things

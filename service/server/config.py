@@ -20,7 +20,7 @@ DEFAULT_PORT = 50051
 DEFAULT_METRICS_PORT = 9090  # 0 turns the Prometheus endpoint off
 DEFAULT_METRICS_HOST = "127.0.0.1"  # plain HTTP: this host only, unless --metrics-host says
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # receive and send
-DEFAULT_SCORING_THREADS = 32  # gRPC handler threads (inference runs in them, off the event loop)
+DEFAULT_SCORING_THREADS = 32  # threads that score admitted calls, off the event loop
 DEFAULT_MAX_IN_FLIGHT = 2  # engine calls running at once, per model
 DEFAULT_MAX_QUEUE = 16  # requests waiting for a slot, per model; beyond: RESOURCE_EXHAUSTED
 DEFAULT_GRACE_SECONDS = 30.0  # drain time for in-flight calls on SIGTERM/SIGINT
@@ -29,11 +29,11 @@ DEFAULT_MAX_CONNECTION_AGE_SECONDS = 0.0  # 0: connections live forever
 DEFAULT_MAX_STREAMS = 16  # open streams (ScoreStream, health Watch, reflection) at once
 DEFAULT_MAX_STREAMS_PER_PEER = 4  # open streams from one client address
 DEFAULT_MAX_REQUEST_GMACS = 0.0  # 0: per model, from the pixel limit (compute_limit.py)
-DEFAULT_STREAM_IDLE_SECONDS = 60.0
+DEFAULT_STREAM_IDLE_SECONDS = 60.0  # a stream that sends nothing this long is closed
 DEFAULT_UPLOAD_GRACE_SECONDS = 5.0  # a request still arriving this long may be ended for another
-DEFAULT_WRITE_TIMEOUT_SECONDS = 30.0  # a connection that reads nothing this long is dropped  # a stream that sends nothing this long is closed
+DEFAULT_WRITE_TIMEOUT_SECONDS = 30.0  # a connection that reads nothing this long is dropped
 SERVER_BYTES_PER_PIXEL = 16  # decoded RGB uint8 (3) + its float32 copy (12), rounded up
-RESERVED_SCORING_THREADS = 4  # scoring threads beyond the admitted calls: refusals answer at once
+RESERVED_SCORING_THREADS = 4  # the admitted calls are at most scoring_threads - this
 
 
 def server_max_pixels(memory_budget: int) -> int:
@@ -58,11 +58,12 @@ class ServerConfig:
       token) listens; 127.0.0.1 by default, so only this host reads it (a pod scraped by
       Prometheus sets 0.0.0.0); port 0 = off.
     - ``max_message_bytes``: max receive and send message size.
-    - ``scoring_threads``: gRPC handler threads, in which requests are scored; at most
+    - ``scoring_threads``: the threads admitted requests are scored in (the gRPC calls
+      themselves wait on the event loop, holding no thread); at most
       ``scoring_threads - RESERVED_SCORING_THREADS`` scoring requests
       (unary calls and stream images being scored) are admitted, running or queued, at once.
     - ``max_streams``/``max_streams_per_peer``: open streams in all / from one client
-      address; they run on threads of their own. ``stream_idle_seconds``: a stream whose
+      address; an idle one holds no thread. ``stream_idle_seconds``: a stream whose
       client sends nothing for this long is closed.
     - ``max_in_flight``/``max_queue``: per model, engine calls running / waiting.
     - ``max_request_gmacs``: the compute one request may ask for, in GMAC (multiply-

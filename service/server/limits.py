@@ -43,7 +43,6 @@ class CallGuard:
         self._deadline = deadline  # time.monotonic() seconds
         self._state = state
         self._gone = threading.Event()
-        self._deadline_passed = False
 
     @classmethod
     def for_context(cls, context, state: ServingState | None = None) -> CallGuard:
@@ -62,7 +61,6 @@ class CallGuard:
         if self._state is not None and self._state.cut_message is not None:
             return True
         if time.monotonic() >= self._deadline:
-            self._deadline_passed = True
             return True
         return self._gone.is_set()
 
@@ -72,7 +70,7 @@ class CallGuard:
     def error(self) -> Cancelled | NotServing:
         if self._state is not None and self._state.cut_message is not None:
             return NotServing(self._state.cut_message)
-        if self._deadline_passed or self.remaining() <= 0:
+        if self.remaining() <= 0:  # once passed, a deadline stays passed
             return DeadlineExceeded(
                 "the call's deadline passed before scoring finished: allow a longer deadline, "
                 "send a smaller image, or retry when the server is less busy"

@@ -32,7 +32,7 @@ from densemap.service.errors import ImageTooLarge, ModelNotFound
 from densemap.service.server.client_paths import client_text
 from densemap.service.server.compute_limit import ComputeLimit
 from densemap.service.server.limits import Admission, CallGuard, ServingState
-from densemap.service.server.memory_budget import MemoryBudget, Reservation, default_memory_limit
+from densemap.service.server.memory_budget import MemoryBudget, Reservation
 from densemap.service.server.metrics import UNKNOWN_MODEL, ServerMetrics
 from densemap.service.server.status import (
     NotServing,
@@ -181,18 +181,18 @@ class ScoringCore:
         admission: Admission,
         metrics: ServerMetrics,
         max_response_bytes: int = 2**31 - 1,
-        compute: ComputeLimit | None = None,
-        pool: futures.Executor | None = None,
-        memory: MemoryBudget | None = None,
+        compute: ComputeLimit,
+        pool: futures.Executor,
+        memory: MemoryBudget,
     ) -> None:
         self.models = models
         self.state = state
         self.admission = admission
         self.metrics = metrics
         self.max_response_bytes = max_response_bytes
-        self.compute = compute or ComputeLimit()
-        self.pool = pool  # scoring threads (None: the loop's default executor)
-        self.memory = memory or MemoryBudget(default_memory_limit())
+        self.compute = compute
+        self.pool = pool  # the scoring threads
+        self.memory = memory
 
     def check_cost(self, cost: RequestCost, response_bytes: int, *, budget: int) -> None:
         """Refuse, before any work, a request whose response surely exceeds the message
