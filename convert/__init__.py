@@ -66,11 +66,11 @@ def convert_torch(
     from densemap.convert.from_torch.fc import convert_classifier
     from densemap.convert.heads import HeadOptions
     from densemap.convert.pipeline import finish_dense
-    from densemap.convert.preprocessing import MISSING
+    from densemap.convert.preprocessing import MISSING_ARGUMENT
     from densemap.service.errors import ConversionError
 
     if preprocessing is None:  # never guessed: say how pixels become the model's input
-        raise ConversionError(MISSING.replace("--preprocessing ", "preprocessing="))
+        raise ConversionError(MISSING_ARGUMENT)
     heads = heads or HeadOptions()
     conversion = convert_classifier(model, input_size=input_size, in_channels=in_channels)
     dense = export_onnx(
@@ -136,11 +136,11 @@ def convert_onnx(
     (:mod:`densemap.convert.int8`)."""
     from densemap.convert.from_onnx.fc_head import classifier_window, rewrite_fc_head
     from densemap.convert.pipeline import finish_dense
-    from densemap.convert.preprocessing import MISSING
+    from densemap.convert.preprocessing import MISSING_ARGUMENT
     from densemap.service.errors import ConversionError
 
     if preprocessing is None:  # an ONNX graph carries no normalisation: never guess it
-        raise ConversionError(MISSING.replace("--preprocessing ", "preprocessing="))
+        raise ConversionError(MISSING_ARGUMENT)
     model = load_onnx_classifier(path)
     window = classifier_window(model)
     dense = rewrite_fc_head(model, flatten_order=flatten_order)

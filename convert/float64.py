@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from densemap.convert.from_onnx.graph import graph_skeleton
+
 FLOAT32_WEIGHTS = 1 << 16  # elements: float64 runs keep weights this large in float32
 CAST_BLOCK = 256  # columns of a float32 weight cast to float64 at a time
 
@@ -27,7 +29,7 @@ def to_float64(model, keep: frozenset[str] = frozenset()):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    copy = _without_initializers(model, model.graph.input)
+    copy = graph_skeleton(model)
     graph = copy.graph
     listed = {value.name for value in graph.input}
     for init in model.graph.initializer:
@@ -222,8 +224,8 @@ def detach_weights(model) -> tuple[object, dict[str, np.ndarray]]:
     from onnx import TensorProto, helper, numpy_helper
 
     keep = _weights_kept_float32(model)
-    light = _without_initializers(
-        model, [value for value in model.graph.input if value.name not in keep]
+    light = graph_skeleton(
+        model, inputs=[value for value in model.graph.input if value.name not in keep]
     )
     graph = light.graph
     weights = {}
@@ -242,20 +244,3 @@ def _first_input(model, weights) -> str:
     """The image (or feature map) input: the first graph input that is not a weight."""
     constants = {init.name for init in model.graph.initializer} | set(weights)
     return next(value.name for value in model.graph.input if value.name not in constants)
-
-
-def _without_initializers(model, inputs):
-    """A copy of ``model``'s graph (nodes, ``inputs``, outputs, opsets, functions) with no
-    initializers yet, at IR >= 4 where initializers need not be graph inputs."""
-    import onnx
-
-    copy = onnx.ModelProto()
-    copy.ir_version = max(model.ir_version, 4)
-    copy.opset_import.extend(model.opset_import)
-    copy.functions.extend(model.functions)
-    graph = copy.graph
-    graph.name = model.graph.name
-    graph.node.extend(model.graph.node)
-    graph.input.extend(inputs)
-    graph.output.extend(model.graph.output)
-    return copy

@@ -250,10 +250,10 @@ def make_int8_copies(
     )
 
 
-def agreement_warning(copies: Int8Copies, floor: float | None = None) -> str | None:
-    """The warning for copies whose argmax agreement is under ``floor`` (None: at or over;
-    default :data:`DEFAULT_AGREEMENT_FLOOR`)."""
-    floor = DEFAULT_AGREEMENT_FLOOR if floor is None else floor
+def agreement_warning(copies: Int8Copies) -> str | None:
+    """The warning for copies whose argmax agreement is under :data:`DEFAULT_AGREEMENT_FLOOR`
+    (None: at or over)."""
+    floor = DEFAULT_AGREEMENT_FLOOR
     if copies.argmax_agreement >= floor:
         return None
     return (

@@ -35,6 +35,7 @@ MISSING = (
     "0-255 minus the mean), --preprocessing none (raw 0-255) or --preprocessing FILE.json "
     f"({FIELDS})"
 )
+MISSING_ARGUMENT = MISSING.replace("--preprocessing ", "preprocessing=")  # the Python API
 
 
 def preset(name: str, *, layout: str, channels: int) -> Preprocessing:

@@ -6,10 +6,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from densemap.convert.float64 import Float64Runner, to_float64
+from densemap.convert.float64 import Float64Runner
 from densemap.service.errors import ConversionError
 
-__all__ = ["Float64Runner", "OrtRunner", "cpu_session", "to_float64"]
+__all__ = ["Float64Runner", "OrtRunner", "cpu_session"]
 
 if TYPE_CHECKING:  # onnxruntime is imported when a session is made: `import densemap.convert as convert` stays light
     import onnxruntime as ort
@@ -53,11 +53,6 @@ def image_shape(*, layout: str, channels: int, size: tuple[int, int], batch: int
     if layout == "NCHW":
         return (batch, channels, *size)
     return (batch, *size, channels)
-
-
-def run_scores(session: ort.InferenceSession, image: np.ndarray) -> np.ndarray:
-    """The first output of one run, as an array."""
-    return next(iter(run_outputs(session, image).values()))
 
 
 def run_outputs(

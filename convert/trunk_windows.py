@@ -29,8 +29,10 @@ from onnx import TensorProto, helper
 
 from densemap.convert.from_onnx.graph import (
     META_OPS,
+    MIN_IR_VERSION,
     GraphIndex,
     attributes,
+    graph_skeleton,
     image_input,
     topological_nodes,
 )
@@ -38,7 +40,6 @@ from densemap.convert.geometry import detect_layout, trace_graph
 from densemap.service.errors import ConversionError
 
 Pair = tuple[int, int]
-MIN_IR_VERSION = 4  # initializers need not be graph inputs: the parts list none as inputs
 SMALL_TENSOR = 64  # elements: shape inference keeps the values of these (Reshape targets)
 
 
@@ -113,7 +114,7 @@ def _axes_through_transposes(model, index: GraphIndex, image: str) -> dict[str, 
 def _trunk_only(model: onnx.ModelProto, feature: str) -> onnx.ModelProto:
     """The nodes that compute ``feature``, F as the output, weights without data."""
     nodes, reads = _needed(topological_nodes(model.graph), [feature], stop=set())
-    trunk = _skeleton(model, nodes)
+    trunk = graph_skeleton(model, nodes)
     trunk.graph.output.append(helper.make_tensor_value_info(feature, TensorProto.FLOAT, None))
     trunk.graph.initializer.extend(
         TensorProto(name=init.name, data_type=init.data_type, dims=init.dims)
@@ -162,7 +163,7 @@ def _light_index(model: onnx.ModelProto) -> tuple[GraphIndex, dict[str, tuple]]:
     """A :class:`GraphIndex` of ``model`` and every tensor's shape at R with a batch of 1,
     both made without copying the weights' values (a VGG's 500 MB): shape inference runs on
     a copy whose large float initializers have their dims and no data."""
-    light, large = _skeleton(model), set()
+    light, large = graph_skeleton(model), set()
     for init in model.graph.initializer:
         if int(np.prod(init.dims)) <= SMALL_TENSOR or init.data_type != TensorProto.FLOAT:
             light.graph.initializer.append(init)
@@ -197,21 +198,6 @@ def _light_index(model: onnx.ModelProto) -> tuple[GraphIndex, dict[str, tuple]]:
     return graph_index, shapes
 
 
-def _skeleton(model: onnx.ModelProto, nodes=None, inputs=None) -> onnx.ModelProto:
-    """``model`` without initializers and value_info: its nodes (or ``nodes``), inputs (or
-    ``inputs``), outputs (unless others are given) and opsets."""
-    part = onnx.ModelProto()
-    part.ir_version = max(model.ir_version, MIN_IR_VERSION)
-    part.opset_import.extend(model.opset_import)
-    part.functions.extend(model.functions)
-    part.graph.name = model.graph.name
-    part.graph.node.extend(model.graph.node if nodes is None else nodes)
-    part.graph.input.extend(model.graph.input if inputs is None else inputs)
-    if nodes is None:
-        part.graph.output.extend(model.graph.output)
-    return part
-
-
 def split(model: onnx.ModelProto, cut: Cut) -> tuple[onnx.ModelProto, onnx.ModelProto]:
     """(trunk, head): image -> F with a dynamic height and width, and F -> the outputs.
     ``model`` itself becomes the head (its weights are not copied: a VGG's 500 MB)."""
@@ -237,7 +223,7 @@ def split(model: onnx.ModelProto, cut: Cut) -> tuple[onnx.ModelProto, onnx.Model
     ):
         trunk_input.type.tensor_type.shape.dim[axis].Clear()
         trunk_input.type.tensor_type.shape.dim[axis].dim_param = name
-    trunk = _skeleton(model, trunk_nodes, [trunk_input])
+    trunk = graph_skeleton(model, trunk_nodes, [trunk_input])
     batch = image.type.tensor_type.shape.dim[0]
     dims = [batch.dim_value if batch.HasField("dim_value") else "batch", *cut.dims[1:]]
     full = [("feature_height", "feature_width")[cut.axes.index(a)] if a in cut.axes else d

@@ -254,3 +254,21 @@ def remove_dead_nodes(graph: onnx.GraphProto) -> None:
     inputs = [value for value in graph.input if value.name in live]
     del graph.input[:]
     graph.input.extend(inputs)
+
+
+MIN_IR_VERSION = 4  # initializers need not be graph inputs
+
+
+def graph_skeleton(model: onnx.ModelProto, nodes=None, inputs=None) -> onnx.ModelProto:
+    """``model`` without initializers and value_info, at IR >= 4: its nodes (or ``nodes``),
+    inputs (or ``inputs``), outputs (unless other nodes are given), opsets and functions."""
+    part = onnx.ModelProto()
+    part.ir_version = max(model.ir_version, MIN_IR_VERSION)
+    part.opset_import.extend(model.opset_import)
+    part.functions.extend(model.functions)
+    part.graph.name = model.graph.name
+    part.graph.node.extend(model.graph.node if nodes is None else nodes)
+    part.graph.input.extend(model.graph.input if inputs is None else inputs)
+    if nodes is None:
+        part.graph.output.extend(model.graph.output)
+    return part
